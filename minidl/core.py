@@ -1,0 +1,352 @@
+"""The autograd engine: Tensor, Function and reverse-mode backward.
+
+A Tensor wraps an ndarray (NumPy or CuPy) and remembers the Function that made
+it. A Function computes on raw arrays: `forward(*arrays)` and
+`backward(*output_grads)`, both run with the inputs' device current. Calling a
+Function records the graph only when a gradient is wanted: the function keeps
+its inputs (strong references) and its outputs by weak reference, so the graph
+dies with the last tensor that uses it, without the garbage collector.
+
+`Tensor.backward()` walks the graph newest generation first (a function's
+generation is one more than its newest input's), so every output gradient is
+complete, summed over all its uses, before the function that made it runs.
+"""
+import contextlib
+import heapq
+import threading
+import weakref
+
+import numpy as np
+
+from minidl.device import device as as_device, device_of_array, is_array
+from minidl.errors import MinidlError
+
+_state = threading.local()
+
+
+def grad_enabled():
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Build no graph inside the block (per thread): for evaluation and updates."""
+    previous = grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
+
+
+def _as_array(data, dev):
+    """An ndarray on `dev` from an array, a list or a scalar (floats become float32)."""
+    if is_array(data):
+        array = data
+    else:
+        array = np.asarray(data)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)  # like PyTorch: Python floats are float32
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise MinidlError(f"a Tensor holds numbers, not dtype {array.dtype}")
+    if dev.is_cuda:
+        with dev:
+            return dev.xp.asarray(array)
+    if not isinstance(array, np.ndarray):
+        array = array.get()
+    return array
+
+
+class Tensor:
+    """An ndarray with a gradient and the Function that created it."""
+
+    __array_priority__ = 200  # so numpy_array * tensor calls Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, device=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        dev = as_device(device) if device is not None else (
+            device_of_array(data) if is_array(data) else as_device("cpu"))
+        self.data = _as_array(data, dev)
+        self.device = dev
+        self.requires_grad = requires_grad
+        self.grad = None
+        self.creator = None
+        self.generation = 0
+        self.name = None
+
+    # --- what the tensor is
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        body = str(self.numpy()).replace("\n", "\n       ")
+        return f"Tensor({body}, device='{self.device}'{', requires_grad=True' if self.requires_grad else ''})"
+
+    def numpy(self):
+        """A host (NumPy) copy of the data."""
+        data = self.data
+        return data.get() if self.device.is_cuda else data.copy()
+
+    def item(self):
+        return self.numpy().item()
+
+    def to(self, device):
+        """This tensor on another device, through `copy` so autograd sees the move."""
+        from minidl.functions import copy
+        return copy(self, device)
+
+    def detach(self):
+        return Tensor(self.data, device=self.device)
+
+    def astype(self, dtype):
+        from minidl.functions import astype
+        return astype(self, dtype)
+
+    # --- autograd
+    def set_creator(self, function):
+        self.creator = function
+        self.generation = function.generation + 1
+
+    def backward(self, grad=None, retain_grad=False):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad.
+
+        Intermediate gradients are freed as soon as they are used unless
+        `retain_grad`; each function's saved arrays are freed after its backward.
+        """
+        if grad is None:
+            if self.size != 1:
+                raise MinidlError(
+                    f"backward of a tensor of shape {self.shape} needs a gradient argument "
+                    "(only a scalar's gradient defaults to 1)")
+            grad = self.device.xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.device)
+            if grad.shape != self.shape:
+                raise MinidlError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+        self._accumulate(grad)
+        if self.creator is None:
+            return
+
+        heap, queued = [], set()
+        # tensors holding a gradient their creator has not consumed yet; kept alive
+        # here because the function that used them may already have released them
+        pending = {}
+
+        def enqueue(function):
+            if id(function) not in queued:
+                queued.add(id(function))
+                # id breaks ties so heapq never compares two Functions
+                heapq.heappush(heap, (-function.generation, id(function), function))
+
+        enqueue(self.creator)
+        while heap:
+            _, _, function = heapq.heappop(heap)
+            if function.released:
+                raise MinidlError("backward through the same graph twice: its saved arrays "
+                                  "were freed by the first backward; run the forward again")
+            outputs = [ref() for ref in function.outputs]
+            for y in outputs:
+                if y is not None:
+                    pending.pop(id(y), None)
+            output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
+            if all(g is None for g in output_grads):
+                continue
+            with function.device:
+                input_grads = function.backward(*output_grads)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for x, gx in zip(function.inputs, input_grads):
+                if gx is None or not x.requires_grad:
+                    continue
+                if gx.shape != x.shape:
+                    raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
+                                         f"shape {gx.shape} for an input of shape {x.shape}")
+                x._accumulate(gx)
+                if x.creator is not None:
+                    pending[id(x)] = x
+                    enqueue(x.creator)
+            if not retain_grad:
+                for y in outputs:
+                    if y is not None:
+                        y.grad = None
+            function.release()
+
+    def _accumulate(self, grad):
+        if self.grad is None:
+            self.grad = Tensor(grad, device=self.device)
+        else:
+            self.grad = Tensor(self.grad.data + grad, device=self.device)
+
+    def zero_grad(self):
+        self.grad = None
+
+    # --- operators (the functions live in minidl.functions)
+    def __add__(self, other):
+        return _functions().add(self, other)
+
+    def __radd__(self, other):
+        return _functions().add(other, self)
+
+    def __sub__(self, other):
+        return _functions().sub(self, other)
+
+    def __rsub__(self, other):
+        return _functions().sub(other, self)
+
+    def __mul__(self, other):
+        return _functions().mul(self, other)
+
+    def __rmul__(self, other):
+        return _functions().mul(other, self)
+
+    def __truediv__(self, other):
+        return _functions().div(self, other)
+
+    def __rtruediv__(self, other):
+        return _functions().div(other, self)
+
+    def __neg__(self):
+        return _functions().neg(self)
+
+    def __pow__(self, exponent):
+        return _functions().pow(self, exponent)
+
+    def __matmul__(self, other):
+        return _functions().matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return _functions().matmul(other, self)
+
+    def __getitem__(self, index):
+        return _functions().getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False):
+        return _functions().sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _functions().mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return _functions().max(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return _functions().reshape(self, shape)
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return _functions().transpose(self, axes or None)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def exp(self):
+        return _functions().exp(self)
+
+    def log(self):
+        return _functions().log(self)
+
+    def relu(self):
+        return _functions().relu(self)
+
+
+def _functions():
+    import minidl.functions as F  # the functions import this module, so import late
+    return F
+
+
+def as_tensor(value, like):
+    """A Tensor from a Tensor, an array or a scalar; scalars take `like`'s device and dtype."""
+    if isinstance(value, Tensor):
+        return value
+    if is_array(value):
+        return Tensor(value)
+    return Tensor(like.device.xp.asarray(value, dtype=like.dtype), device=like.device)
+
+
+class Function:
+    """One differentiable operation on arrays.
+
+    Subclasses implement `forward(*arrays) -> array or tuple` and
+    `backward(*output_grads) -> grad or tuple of grads` (None for an input that
+    needs none; `self.needs_grad[i]` says which do). Arrays needed by backward are
+    kept with `self.save(...)` and read from `self.saved`, so they are freed as
+    soon as the backward has run.
+    """
+
+    device = None  # set per call: the device whose arrays this function computes on
+    saved = None
+    released = False
+
+    def __call__(self, *inputs):
+        inputs = [as_tensor(x, like=_first_tensor(inputs)) for x in inputs]
+        self.device = self._device_of(inputs)
+        with self.device:
+            outputs = self.forward(*[x.data for x in inputs])
+        single = not isinstance(outputs, tuple)
+        outputs = [Tensor(y, device=self.output_device()) for y in ((outputs,) if single else outputs)]
+        if grad_enabled() and any(x.requires_grad for x in inputs):
+            self.needs_grad = [x.requires_grad for x in inputs]
+            self.generation = max(x.generation for x in inputs)
+            for y in outputs:
+                y.requires_grad = True
+                y.set_creator(self)
+            self.inputs = inputs
+            self.outputs = [weakref.ref(y) for y in outputs]
+        else:
+            self.saved = None  # nothing will call backward: free what forward saved
+        return outputs[0] if single else outputs
+
+    def _device_of(self, inputs):
+        devices = {x.device for x in inputs}
+        if len(devices) > 1:
+            names = " and ".join(sorted(str(d) for d in devices))
+            raise MinidlError(f"{type(self).__name__} got inputs on different devices ({names}); "
+                              "move one with minidl.functions.copy(x, device)")
+        return inputs[0].device
+
+    def output_device(self):
+        return self.device
+
+    def save(self, *arrays):
+        self.saved = arrays
+
+    def release(self):
+        """Drop what backward needed; called once backward has run."""
+        self.saved = None
+        self.inputs = ()
+        self.outputs = ()
+        self.released = True
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError
+
+
+def _first_tensor(values):
+    for v in values:
+        if isinstance(v, Tensor):
+            return v
+    raise MinidlError("a function needs at least one Tensor argument")

@@ -1,0 +1,174 @@
+"""Devices: where an array lives, which array module computes on it, which stream.
+
+A device is named `cpu` (NumPy) or `cuda:N` (CuPy). `cuda:N` is a *logical* device:
+the logical device map sends it to a physical GPU, so two-tower code written for
+`cuda:0` and `cuda:1` runs on one GPU when both map to GPU 0. The map is set with
+`set_device_map({"cuda:1": 0})` or the environment variable
+`MINIDL_DEVICE_MAP="cuda:1=0"`; by default `cuda:N` is GPU N.
+
+Each logical CUDA device owns a stream, so two logical devices on one GPU still
+run concurrently; `with device:` makes its GPU and its stream current, which is how
+every Function's forward and backward runs "under its arrays' device".
+"""
+import os
+import re
+
+import numpy as np
+
+from minidl.errors import DeviceError
+
+_cupy = None
+_device_map = None  # logical index -> physical GPU index; None = read the environment
+_devices = {}  # name -> Device, so each logical device has one stream
+
+
+def cupy():
+    """Import CuPy on first use: minidl runs without it on the CPU."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy as cp
+        except ImportError as e:
+            raise DeviceError(
+                f"a CUDA device needs CuPy, which is not importable ({e}); "
+                "install minidl[gpu] or use device 'cpu'") from None
+        _cupy = cp
+    return _cupy
+
+
+def gpu_count():
+    """Physical GPUs visible, 0 without CuPy or a driver."""
+    try:
+        return cupy().cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no GPU: all mean "none here"
+        return 0
+
+
+def _parse_map(text):
+    mapping = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"cuda:(\d+)\s*=\s*(\d+)", item)
+        if not m:
+            raise DeviceError(f"bad MINIDL_DEVICE_MAP entry {item!r}: expected 'cuda:L=P', "
+                              "for example 'cuda:1=0'")
+        mapping[int(m.group(1))] = int(m.group(2))
+    return mapping
+
+
+def set_device_map(mapping):
+    """Map logical CUDA devices onto physical GPUs: {"cuda:1": 0} or {1: 0}; None resets."""
+    global _device_map
+    if mapping is None:
+        _device_map = None
+    else:
+        _device_map = {int(str(k).removeprefix("cuda:")): int(v) for k, v in mapping.items()}
+    _devices.clear()
+
+
+def physical_index(logical):
+    mapping = _device_map if _device_map is not None else _parse_map(
+        os.environ.get("MINIDL_DEVICE_MAP", ""))
+    return mapping.get(logical, logical)
+
+
+class Device:
+    """A logical device. Use `device(name)` to get one."""
+
+    def __init__(self, name):
+        self.name = name
+        self.is_cuda = name != "cpu"
+        self.index = int(name.split(":")[1]) if self.is_cuda else None
+        self.physical = physical_index(self.index) if self.is_cuda else None
+        self._stream = None
+        self._entered = []
+
+    def __repr__(self):
+        if self.is_cuda and self.physical != self.index:
+            return f"device('{self.name}' on GPU {self.physical})"
+        return f"device('{self.name}')"
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def xp(self):
+        """The array module: numpy or cupy."""
+        return cupy() if self.is_cuda else np
+
+    @property
+    def stream(self):
+        if not self.is_cuda:
+            return None
+        if self._stream is None:
+            with cupy().cuda.Device(self.physical):
+                self._stream = cupy().cuda.Stream(non_blocking=True)
+        return self._stream
+
+    def __enter__(self):
+        if self.is_cuda:
+            cp = cupy()
+            gpu, stream = cp.cuda.Device(self.physical), self.stream
+            gpu.__enter__()
+            stream.__enter__()
+            self._entered.append((gpu, stream))
+        return self
+
+    def __exit__(self, *exc):
+        if self.is_cuda:
+            gpu, stream = self._entered.pop()
+            stream.__exit__(*exc)
+            gpu.__exit__(*exc)
+        return False
+
+    def synchronize(self):
+        if self.is_cuda:
+            self.stream.synchronize()
+
+
+CPU_NAME = "cpu"
+
+
+def device(name=None):
+    """Parse a device name ('cpu', 'cuda', 'cuda:N') or pass a Device through.
+
+    A CUDA device is checked when it is asked for, so a missing CuPy or GPU is
+    reported where the user named it, not deep inside a kernel launch.
+    """
+    if isinstance(name, Device):
+        return name
+    if name is None:
+        name = CPU_NAME
+    if not isinstance(name, str):
+        raise DeviceError(f"a device is named by a string like 'cpu' or 'cuda:0', got {name!r}")
+    text = name.strip().lower()
+    if text == "cuda":
+        text = "cuda:0"
+    if text != CPU_NAME and not re.fullmatch(r"cuda:\d+", text):
+        raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda:N'")
+    if text in _devices:
+        return _devices[text]
+    dev = Device(text)
+    if dev.is_cuda:
+        cupy()  # raises a clear error without CuPy
+        count = gpu_count()
+        if dev.physical >= count:
+            where = f" (mapped to GPU {dev.physical})" if dev.physical != dev.index else ""
+            raise DeviceError(
+                f"device {text}{where} is not there: this machine has {count} GPU(s); "
+                "to run two devices on one GPU map them, e.g. devices ('cuda:0', 'cuda:0') "
+                "or MINIDL_DEVICE_MAP='cuda:1=0'")
+    _devices[text] = dev
+    return dev
+
+
+def device_of_array(array):
+    """The device an array is on, for arrays that arrive without one (physical = logical)."""
+    if isinstance(array, np.ndarray) or np.isscalar(array):
+        return device(CPU_NAME)
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return device(f"cuda:{array.device.id}")
+    raise DeviceError(f"not an array minidl knows: {type(array).__name__}")
+
+
+def is_array(obj):
+    return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))

@@ -1,0 +1,48 @@
+"""Matrix products: matmul and the fully connected layer's linear map."""
+from minidl.core import Function
+from minidl.errors import MinidlError
+
+
+class MatMul(Function):
+    def forward(self, a, b):
+        if a.ndim < 1 or b.ndim < 1 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise MinidlError(f"matmul of incompatible shapes {a.shape} and {b.shape}")
+        if a.ndim != 2 or b.ndim != 2:
+            raise MinidlError(f"matmul supports 2-D operands, got {a.shape} and {b.shape}")
+        self.save(a, b)
+        return a @ b
+
+    def backward(self, gy):
+        a, b = self.saved
+        return (gy @ b.T if self.needs_grad[0] else None,
+                a.T @ gy if self.needs_grad[1] else None)
+
+
+class Linear(Function):
+    """y = x W^T + b, with W of shape (out, in) as in PyTorch and Chainer."""
+
+    def forward(self, x, W, b=None):
+        if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
+            raise MinidlError(f"linear wants x of shape (batch, {W.shape[1] if W.ndim == 2 else 'in'}) "
+                              f"for a weight of shape {W.shape}, got x of shape {x.shape}")
+        self.save(x, W)
+        y = x @ W.T
+        if b is not None:
+            y += b
+        return y
+
+    def backward(self, gy):
+        x, W = self.saved
+        gx = gy @ W if self.needs_grad[0] else None
+        gW = gy.T @ x if self.needs_grad[1] else None
+        if len(self.needs_grad) == 2:
+            return gx, gW
+        return gx, gW, gy.sum(axis=0) if self.needs_grad[2] else None
+
+
+def matmul(a, b):
+    return MatMul()(a, b)
+
+
+def linear(x, W, b=None):
+    return Linear()(x, W) if b is None else Linear()(x, W, b)

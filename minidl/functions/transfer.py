@@ -1,0 +1,84 @@
+"""Moving a tensor between devices or dtypes where autograd sees it.
+
+`copy(x, device)` is the only way a tensor crosses devices (Chainer's F.copy):
+its backward copies the gradient back to the source. On CUDA the two logical
+devices may share a GPU but never a stream, so each crossing is ordered by an
+event: the destination stream waits until the source stream has produced x,
+and the source stream waits until the copy has read x before its memory can be
+reused.
+"""
+from minidl.core import Function
+from minidl.device import device as as_device
+
+
+def copy_array(array, src, dst):
+    """`array` (on `src`) as a new array on `dst`, ordered on both devices' streams."""
+    if src is dst:
+        with dst:
+            return array.copy()
+    if not dst.is_cuda:
+        with src:
+            return array.get(stream=src.stream, blocking=True)
+    xp = dst.xp
+    ready = None
+    if src.is_cuda:
+        with src:
+            ready = src.stream.record()
+    with dst:
+        if ready is not None:
+            dst.stream.wait_event(ready)
+        if not src.is_cuda:
+            out = xp.asarray(array)  # host to device
+        elif src.physical == dst.physical:
+            out = array.copy()  # same GPU, but ordered on the destination's stream
+        else:
+            out = _peer_copy(xp, array)
+        done = dst.stream.record()
+    if src.is_cuda:
+        src.stream.wait_event(done)
+    return out
+
+
+def _peer_copy(xp, array):
+    """Copy between two GPUs (the current one receives); CUDA uses peer access if enabled."""
+    if not array.flags.c_contiguous:
+        with xp.cuda.Device(array.device.id):
+            array = xp.ascontiguousarray(array)
+    out = xp.empty(array.shape, dtype=array.dtype)
+    out.data.copy_from_device_async(array.data, array.nbytes, xp.cuda.get_current_stream())
+    return out
+
+
+class Copy(Function):
+    def __init__(self, dst):
+        self.dst = dst
+
+    def forward(self, x):
+        return copy_array(x, self.device, self.dst)
+
+    def output_device(self):
+        return self.dst
+
+    def backward(self, gy):
+        return copy_array(gy, self.dst, self.device)
+
+
+class AsType(Function):
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def forward(self, x):
+        self.in_dtype = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.in_dtype)
+
+
+def copy(x, device):
+    """x on `device` (a name or Device), with a backward that returns the gradient."""
+    return Copy(as_device(device))(x)
+
+
+def astype(x, dtype):
+    return AsType(dtype)(x)

@@ -1,0 +1,60 @@
+"""Numerical gradient checking: the test every Function must pass."""
+import numpy as np
+
+from minidl.core import Tensor, no_grad
+
+
+def _host(array):
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
+    """Compare fn's analytic gradients with central differences, for every input.
+
+    `fn(*inputs)` returns a Tensor of any shape; the check differentiates
+    sum(fn(*inputs) * w) for a fixed random w, so every output element counts.
+    Inputs that are Tensors with requires_grad are checked; use float64. Raises
+    AssertionError naming the input, the worst element and both values.
+    """
+    inputs = [x if isinstance(x, Tensor) else Tensor(x, requires_grad=True) for x in inputs]
+    checked = [i for i, x in enumerate(inputs) if x.requires_grad]
+    if not checked:
+        raise ValueError("gradcheck needs at least one input with requires_grad=True")
+    for i in checked:
+        if inputs[i].dtype != np.float64:
+            raise ValueError(f"gradcheck wants float64 inputs; input {i} is {inputs[i].dtype}")
+
+    out = fn(*inputs)
+    xp = out.device.xp
+    weights = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
+
+    def objective():
+        with no_grad():
+            return float((fn(*inputs).data * weights).sum())
+
+    for x in inputs:
+        x.grad = None
+    (out * Tensor(weights, device=out.device)).sum().backward()
+
+    for i in checked:
+        x = inputs[i]
+        analytic = _host(x.grad.data) if x.grad is not None else np.zeros(x.shape)
+        numeric = np.zeros(x.shape)
+        flat = x.data.reshape(-1)  # a view: writing it perturbs the input
+        for j in range(flat.size):
+            original = flat[j].item()
+            flat[j] = original + eps
+            plus = objective()
+            flat[j] = original - eps
+            minus = objective()
+            flat[j] = original
+            numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
+        error = np.abs(analytic - numeric)
+        bound = atol + rtol * np.abs(numeric)
+        if (error > bound).any() or not np.isfinite(analytic).all():
+            worst = np.unravel_index(np.argmax(error - bound), x.shape)
+            raise AssertionError(
+                f"gradient of input {i} (shape {x.shape}) is wrong at {worst}: analytic "
+                f"{analytic[worst]:.8g}, numeric {numeric[worst]:.8g}, |diff| {error[worst]:.3g} "
+                f"> {bound[worst]:.3g}; {int((error > bound).sum())} of {x.size} elements off")
+    return True

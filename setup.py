@@ -1,0 +1,15 @@
+from setuptools import setup
+
+setup(
+    name="minidl",
+    version="0.1.0",
+    description="A small deep-learning framework on NumPy and CuPy, built around a faithful AlexNet",
+    python_requires=">=3.9",
+    # cli/ is installed as minidl_cli: a bare top-level `cli` package would clash with others
+    packages=["minidl", "minidl.functions", "minidl.layers", "minidl.data", "minidl_cli"],
+    package_dir={"minidl_cli": "cli"},
+    package_data={"minidl.functions": ["*.cu"]},
+    install_requires=["numpy", "h5py", "pillow", "click"],
+    extras_require={"gpu": ["cupy-cuda12x"], "test": ["pytest"]},
+    entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},
+)
