@@ -108,7 +108,10 @@ class Tensor:
         return self.numpy().item()
 
     def to(self, device):
-        """This tensor on another device, through `copy` so autograd sees the move."""
+        """This tensor on `device`: itself if it is there, else a `copy` that autograd sees."""
+        device = as_device(device)
+        if device is self.device:
+            return self
         from minidl.functions import copy
         return copy(self, device)
 

@@ -172,3 +172,13 @@ def device_of_array(array):
 
 def is_array(obj):
     return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))
+
+
+def default_devices():
+    """The two towers' devices on this machine: two GPUs, one GPU twice, or the CPU twice."""
+    count = gpu_count()
+    if count >= 2:
+        return ("cuda:0", "cuda:1")
+    if count == 1:
+        return ("cuda:0", "cuda:0")
+    return ("cpu", "cpu")

@@ -1,0 +1,192 @@
+"""The `minidl` command: parses options, calls the library, prints for the user.
+
+This is the only place that prints or exits. A MinidlError (anything the user
+can cause) becomes one line on stderr and exit status 1; Ctrl-C exits 130.
+"""
+import functools
+import os
+import sys
+import time
+
+import click
+
+from minidl.errors import MinidlError
+
+
+def friendly_errors(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MinidlError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+    return run
+
+
+def parse_devices(text):
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return names * 2 if len(names) == 1 else names
+
+
+class ProgressLine:
+    """A progress bar redrawn in place on a terminal, a line per 10% elsewhere."""
+
+    def __init__(self, label):
+        self.label, self.tty, self.last_tenth, self.start = label, sys.stderr.isatty(), -1, time.time()
+
+    def __call__(self, done, total):
+        fraction = done / max(total, 1)
+        if self.tty:
+            bar = "#" * int(30 * fraction)
+            click.echo(f"\r{self.label} [{bar:<30}] {done}/{total}", nl=done >= total, err=True)
+        elif int(fraction * 10) > self.last_tenth:
+            self.last_tenth = int(fraction * 10)
+            click.echo(f"{self.label}: {done}/{total} ({time.time() - self.start:.0f} s)", err=True)
+
+
+@click.group()
+@click.version_option(package_name="minidl")
+def main():
+    """minidl: AlexNet from scratch on NumPy and CuPy."""
+
+
+@main.command()
+@click.argument("model_file", required=False)
+@click.option("--data", type=click.Path(), help="A dataset made by `minidl prepare-data` (default: built-in shapes).")
+@click.option("--devices", help="The two towers' devices, e.g. cuda:0,cuda:1 or cuda:0 or cpu (default: what is here).")
+@click.option("--epochs", type=int, help="Epochs to train (default: the model file's).")
+@click.option("--batch-size", type=int, help="Images per step (default: the model file's).")
+@click.option("--out", "out_dir", default="runs/alexnet", show_default=True, help="Folder for checkpoints and curves.")
+@click.option("--resume", type=click.Path(), help="Continue from this checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between progress lines.")
+@friendly_errors
+def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every):
+    """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional."""
+    from minidl.train import train as run_training
+    builtin_bar = ProgressLine("generating the built-in dataset")
+
+    def show(event):
+        kind = event["kind"]
+        if kind == "builtin-data":
+            builtin_bar(event["done"], event["total"])
+        elif kind == "start":
+            c = event["config"]
+            click.echo(f"training on {event['data']}: {event['train_images']} train / {event['val_images']} val "
+                       f"images, {event['classes']} classes; {event['params']:,} parameters on "
+                       f"{', '.join(event['devices'])}; batch {c['batch_size']}, {c['epochs']} epochs, "
+                       f"lr {c['lr']}, init {c['init']}")
+            if event["start_epoch"] or event["start_batch"]:
+                click.echo(f"resuming at epoch {event['start_epoch'] + 1}, batch {event['start_batch']}")
+        elif kind == "step":
+            click.echo(f"epoch {event['epoch'] + 1} batch {event['batch']}/{event['batches']}  "
+                       f"loss {event['loss']:.4f}  top-1 {100 * event['top1']:5.1f}%  "
+                       f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}")
+        elif kind == "epoch":
+            v = event["val"]
+            click.echo(f"epoch {event['epoch'] + 1} validation: loss {v['loss']:.4f}  top-1 {100 * v['top1']:.1f}%  "
+                       f"top-5 {100 * v['top5']:.1f}%  (next lr {event['next_lr']:g})")
+            if event["finished"]:
+                click.echo("validation stopped improving after the last learning-rate drop: done")
+
+    history = run_training(model_file, data=data, devices=parse_devices(devices), epochs=epochs,
+                           batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
+                           progress=show, log_every=log_every)
+    if history["val_top1"]:
+        click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}%; checkpoints in {out_dir}/ "
+                   f"(last.h5, best.h5), curves in {out_dir}/curves.png")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--data", required=True, type=click.Path(), help="A dataset made by `minidl prepare-data`.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
+@click.option("--model", "model_file", help="Model file to rebuild the network (default: the one the checkpoint names).")
+@click.option("--devices", help="Devices for the two towers (default: what is here).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@friendly_errors
+def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
+    """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
+    from minidl.checkpoint import load_checkpoint
+    from minidl.data import Loader
+    from minidl.device import default_devices
+    from minidl.evaluate import check_labels, evaluate as run_evaluation
+    from minidl.model_file import load_model_file
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.config()
+    loader = Loader(data, split=split, batch_size=batch_size, crop=config["input_size"], augment=False,
+                    ten_crop=ten_crop)
+    check_labels(ckpt["num_classes"], loader.num_classes, data)
+    model = load_model_file(model_file or ckpt["model_file"]).build(
+        ckpt["num_classes"], parse_devices(devices) or default_devices(), config["init"])
+    ckpt.load_into(model)
+    result = run_evaluation(model, loader)
+    crops = "10-crop" if ten_crop else "centre crop"
+    click.echo(f"{result['count']} {split} images, {crops}: top-1 {100 * result['top1']:.2f}%  "
+               f"top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}")
+
+
+@main.command("visualize-filters")
+@click.argument("checkpoint")
+@click.option("-o", "--output", default="filters.png", show_default=True, help="PNG to write.")
+@friendly_errors
+def visualize_filters(checkpoint, output):
+    """Draw conv1's kernels as RGB tiles, one block per tower (the paper's Figure 3)."""
+    import numpy as np
+
+    from minidl.checkpoint import load_checkpoint
+    from minidl.visualize import save_filter_grid
+    ckpt = load_checkpoint(checkpoint)
+    towers = sorted(name for name in ckpt.params if name.endswith("conv1.W"))
+    if not towers:
+        raise MinidlError(f"{checkpoint} has no conv1 weights (no parameter named '...conv1.W')")
+    kernels = np.concatenate([ckpt.params[name] for name in towers])
+    save_filter_grid(kernels, output, towers=len(towers))
+    click.echo(f"wrote {output}: {len(kernels)} conv1 kernels of {kernels.shape[2]}x{kernels.shape[3]}, "
+               f"{len(towers)} tower(s)")
+
+
+@main.command()
+@click.argument("model_file")
+@click.option("--classes", type=int, default=1000, show_default=True)
+@click.option("--devices", help="Devices for the two towers (default: cpu,cpu).")
+@friendly_errors
+def summary(model_file, classes, devices):
+    """Each layer of MODEL_FILE with its device, output shape and parameters."""
+    from minidl.layers import summary as layer_summary
+    from minidl.model_file import load_model_file
+    mf = load_model_file(model_file)
+    model = mf.build(classes, parse_devices(devices) or ("cpu", "cpu"))
+    size = mf.config["input_size"]
+    click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))
+
+
+@main.command("prepare-data")
+@click.argument("image_dir")
+@click.argument("out")
+@click.option("--workers", type=int, help="Decoding processes (default: all cores).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def prepare_data(image_dir, out, workers, val_fraction, seed):
+    """Turn IMAGE_DIR (one subfolder per class) into the HDF5 dataset OUT."""
+    from minidl.data import prepare_image_folder
+    result = prepare_image_folder(image_dir, out, workers=workers, val_fraction=val_fraction, seed=seed,
+                                  progress=ProgressLine("decoding images"))
+    click.echo(f"wrote {out}: {result.written} images in {len(result.class_counts)} classes")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unreadable image(s):", err=True)
+        for path, reason in result.skipped[:20]:
+            click.echo(f"  {path}: {reason}", err=True)
+
+
+if __name__ == "__main__":
+    main()

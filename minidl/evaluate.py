@@ -1,0 +1,49 @@
+"""Evaluation: loss, top-1 and top-5 over a loader, with centre or 10-crop input."""
+from minidl.core import Tensor, no_grad
+from minidl.errors import DataError
+from minidl.functions.loss import log_softmax_array
+
+
+def topk_correct(xp, scores, labels, k):
+    """How many rows have their label among the k highest scores."""
+    k = min(k, scores.shape[1])
+    top = xp.argsort(-scores, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1).sum()
+
+
+def check_labels(num_model_classes, num_data_classes, data_path):
+    if num_data_classes > num_model_classes:
+        raise DataError(f"{data_path} has {num_data_classes} classes but the model has only "
+                        f"{num_model_classes}: labels beyond the model's classes")
+
+
+def evaluate(model, loader, epoch=0):
+    """Mean loss, top-1 and top-5 accuracy of `model` on every batch of `loader`.
+
+    With a 10-crop loader (batches of shape (B, 10, 3, S, S)) the softmax outputs
+    of the ten crops are averaged, as in the paper.
+    """
+    device = model.input_device
+    xp = device.xp
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = 0
+    seen = 0
+    with no_grad():
+        for images, labels in loader.epoch_batches(epoch):
+            crops = images.shape[1] if images.ndim == 5 else 1
+            x = Tensor(images.reshape((-1,) + images.shape[-3:]), device=device)
+            logits = model(x)
+            with logits.device:
+                y = xp.asarray(labels)
+                log_p = log_softmax_array(xp, logits.data)
+                if crops > 1:  # average the probabilities of the crops, then back to logs
+                    log_p = xp.log(xp.exp(log_p).reshape(len(labels), crops, -1).mean(axis=1))
+                loss_sum += -log_p[xp.arange(len(labels)), y].sum()
+                top1 += topk_correct(xp, log_p, y, 1)
+                top5 += topk_correct(xp, log_p, y, 5)
+            seen += len(labels)
+    model.train(was_training)
+    if seen == 0:
+        raise DataError("no images to evaluate: the split is empty")
+    return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)

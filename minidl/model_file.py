@@ -1,0 +1,60 @@
+"""Model files: Python files that define a network and its recipe (see models/alexnet.py).
+
+A model file is loaded by path, not imported as a package, so `minidl train
+any/dir/my_model.py` works. It must define `build_model(num_classes, devices,
+init, seed)`; `CONFIG` (the recipe) and `BUILTIN_DATA` (overrides for the
+built-in dataset) are optional, with DEFAULT_CONFIG filling the gaps.
+"""
+import importlib.util
+import os
+
+from minidl.errors import MinidlError
+
+DEFAULT_CONFIG = dict(
+    input_size=227, batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
+    lr_drop_factor=10, lr_drops=3, plateau_patience=2, dropout=0.5, init="he",
+    devices=("cuda:0", "cuda:1"),
+)
+
+
+class ModelFile:
+    def __init__(self, path, module):
+        self.path = path
+        self.module = module
+        self.config = {**DEFAULT_CONFIG, **getattr(module, "CONFIG", {})}
+        self.builtin_overrides = dict(getattr(module, "BUILTIN_DATA", {}))
+        with open(path) as f:
+            self.source = f.read()
+
+    def build(self, num_classes, devices, init=None, seed=0):
+        try:
+            return self.module.build_model(num_classes=num_classes, devices=tuple(devices),
+                                           init=init or self.config["init"], seed=seed)
+        except ValueError as e:  # a bad option the model file rejects, e.g. an unknown init
+            raise MinidlError(f"{self.path}: {e}") from None
+
+
+def load_model_file(path):
+    """Run a model file and check that it defines a model."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise MinidlError(f"no such model file: {path}")
+    name = "minidl_model_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise MinidlError(f"{path} is not a Python model file (it must end in .py)")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise MinidlError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except OSError as e:
+        raise MinidlError(f"cannot read model file {path}: {e.strerror}") from None
+    except MinidlError:
+        raise
+    except Exception as e:
+        raise MinidlError(f"model file {path} failed while loading: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "build_model", None)):
+        raise MinidlError(f"{path} defines no model: a model file needs a build_model(num_classes, devices, "
+                          "init, seed) function")
+    return ModelFile(path, module)

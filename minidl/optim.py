@@ -1,0 +1,90 @@
+"""The paper's optimiser and learning-rate schedule.
+
+MomentumSGD is the update of Section 5, with the learning rate and the weight
+decay inside the velocity:
+
+    v <- momentum * v - weight_decay * lr * w - lr * dL/dw
+    w <- w + v
+
+(PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
+differs from this as soon as lr changes.)
+"""
+from minidl.core import no_grad
+
+
+class MomentumSGD:
+    def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=0.0005):
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.velocities = [None] * len(self.params)  # made on each parameter's device on first use
+
+    def step(self):
+        with no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                with p.device:
+                    w, g = p.data, p.grad.data
+                    if self.velocities[i] is None:
+                        self.velocities[i] = p.device.xp.zeros_like(w)
+                    v = self.velocities[i]
+                    v *= w.dtype.type(self.momentum)
+                    v -= w.dtype.type(self.weight_decay * self.lr) * w
+                    v -= w.dtype.type(self.lr) * g
+                    w += v
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def state(self):
+        """Velocities as host arrays (None where a parameter never had a gradient)."""
+        return [None if v is None else p.device.xp.asnumpy(v) if p.device.is_cuda else v.copy()
+                for p, v in zip(self.params, self.velocities)]
+
+    def load_state(self, velocities):
+        for i, (p, v) in enumerate(zip(self.params, velocities)):
+            if v is None:
+                self.velocities[i] = None
+                continue
+            with p.device:
+                self.velocities[i] = p.device.xp.asarray(v, dtype=p.dtype)
+
+
+class PlateauSchedule:
+    """Divide the learning rate by `factor` when validation error stops improving.
+
+    After `patience` epochs without a new best error the rate drops; after
+    `max_drops` drops, the next plateau ends training (the paper: three drops).
+    """
+
+    def __init__(self, lr, factor=10.0, patience=2, max_drops=3):
+        self.lr, self.factor, self.patience, self.max_drops = lr, factor, patience, max_drops
+        self.best = float("inf")
+        self.bad_epochs = 0
+        self.drops = 0
+        self.finished = False
+
+    def step(self, val_error):
+        """Record one epoch's validation error; returns the learning rate for the next epoch."""
+        if val_error < self.best:
+            self.best, self.bad_epochs = val_error, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.patience:
+                self.bad_epochs = 0
+                if self.drops == self.max_drops:
+                    self.finished = True
+                else:
+                    self.drops += 1
+                    self.lr /= self.factor
+        return self.lr
+
+    STATE_KEYS = ("lr", "factor", "patience", "max_drops", "best", "bad_epochs", "drops", "finished")
+
+    def state(self):
+        return {k: getattr(self, k) for k in self.STATE_KEYS}
+
+    def load_state(self, state):
+        for k in self.STATE_KEYS:
+            setattr(self, k, type(getattr(self, k))(state[k]))

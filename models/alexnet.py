@@ -1,0 +1,131 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its training recipe.
+
+A model file is what `minidl train MODEL_FILE` reads. Its contract:
+
+    CONFIG                  the training recipe (a dict; keys below)
+    BUILTIN_DATA            overrides of CONFIG for the built-in dataset (optional)
+    build_model(num_classes, devices, init, seed) -> Layer
+                            the network; its forward takes images (N, 3, S, S) with
+                            S = CONFIG["input_size"] and returns logits (N, num_classes)
+                            on `model.output_device`; `model.input_device` is where the
+                            trainer puts each batch.
+
+The network is the paper's two towers, one per device. The table below is the
+whole device split: each row is one layer in each tower; "own" reads only the
+tower's own maps, "both" reads both towers' maps, a crossing between devices
+(an explicit copy). fc8 is one layer on the first device reading both towers.
+
+Initialisation: `init="paper"` is the paper's N(0, 0.01^2) weights with biases 1
+in conv2, conv4, conv5, fc6, fc7 (0 elsewhere). It has a long flat start on small
+data (the loss sits at ln(classes) for tens of thousands of images), so the
+default is `init="he"`, He/Kaiming normal weights and zero biases, which learns
+the built-in data within minutes on a CPU. Train with `--init paper` to
+reproduce the paper exactly.
+"""
+from minidl.functions import concat
+from minidl.layers import LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential, init
+from minidl.layers.layer import make_rng
+
+CONFIG = dict(
+    input_size=227,          # the paper says 224; only 227 gives its 55x55 conv1 maps
+    batch_size=128,
+    epochs=90,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0005,
+    lr_drop_factor=10,       # divide the learning rate by this when validation stalls,
+    lr_drops=3,              # at most this many times, then stop
+    plateau_patience=2,      # epochs without a better validation error before a drop
+    dropout=0.5,
+    init="he",
+    devices=("cuda:0", "cuda:1"),
+)
+
+# The built-in shapes dataset on a 2-core CPU: a run that shows learning in minutes.
+BUILTIN_DATA = dict(batch_size=32, epochs=4)
+
+#  name     kind  per tower (x2)                                reads    then
+NETWORK = [
+    ("conv1", "conv", dict(out=48, ksize=11, stride=4, pad=0), "image", "relu lrn pool"),
+    ("conv2", "conv", dict(out=128, ksize=5, pad=2),           "own",   "relu lrn pool"),
+    ("conv3", "conv", dict(out=192, ksize=3, pad=1),           "both",  "relu"),
+    ("conv4", "conv", dict(out=192, ksize=3, pad=1),           "own",   "relu"),
+    ("conv5", "conv", dict(out=128, ksize=3, pad=1),           "own",   "relu pool flatten"),
+    ("fc6",   "fc",   dict(out=2048),                          "both",  "relu dropout"),
+    ("fc7",   "fc",   dict(out=2048),                          "both",  "relu dropout"),
+]
+CLASSIFIER_READS = "both"  # fc8: num_classes outputs on the first device
+BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}  # the paper's biases of 1
+POOLED_SIZE = 6  # conv5's maps after the last pool: 256 x 6 x 6 = 9216 inputs to fc6
+
+
+def initialisers(name, scheme):
+    """(W_init, b_init) for a layer under `scheme` ("paper" or "he")."""
+    if scheme == "paper":
+        return init.normal(0.01), init.constant(1.0 if name in BIAS_ONE else 0.0)
+    if scheme == "he":
+        return init.he_normal(), init.zeros
+    raise ValueError(f"unknown init {scheme!r}: use 'paper' or 'he'")
+
+
+def after_layers(ops, device, dropout):
+    makers = dict(relu=lambda: ReLU(device=device), lrn=lambda: LRN(device=device),
+                  pool=lambda: MaxPool2d(3, 2, device=device), flatten=lambda: Flatten(device=device),
+                  dropout=lambda: Dropout(dropout, device=device))
+    return Sequential(*[makers[op]() for op in ops.split()])
+
+
+class Tower(Layer):
+    """Half of every layer's filters, on one device."""
+
+    def __init__(self, device, scheme, rng, dropout, network, pooled_size):
+        super().__init__(device)
+        channels = 3
+        for name, kind, spec, reads, then in network:
+            fan_in = 2 * channels if reads == "both" else channels
+            W_init, b_init = initialisers(name, scheme)
+            if kind == "conv":
+                layer = Conv2d(fan_in, spec["out"], spec["ksize"], spec.get("stride", 1), spec.get("pad", 0),
+                               device=device, W_init=W_init, b_init=b_init, rng=rng)
+                channels = spec["out"]
+            else:
+                layer = Linear(fan_in, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng)
+                channels = spec["out"]
+            if "flatten" in then:
+                channels *= pooled_size * pooled_size
+            setattr(self, name, layer)
+            setattr(self, name + "_then", after_layers(then, device, dropout))
+        self.out_features = channels
+
+    def stage(self, name, x):
+        return getattr(self, name + "_then")(getattr(self, name)(x))
+
+
+class AlexNet(Layer):
+    """The two-tower network; `network` and `pooled_size` let tests build a small one."""
+
+    def __init__(self, num_classes=1000, devices=("cuda:0", "cuda:1"), init="he", seed=0, dropout=0.5,
+                 network=NETWORK, pooled_size=POOLED_SIZE):
+        super().__init__(device=None)
+        rng = make_rng(seed)
+        self.network = network
+        self.tower0 = Tower(devices[0], init, rng, dropout, network, pooled_size)
+        self.tower1 = Tower(devices[1], init, rng, dropout, network, pooled_size)
+        self.towers = (self.tower0, self.tower1)
+        W_init, b_init = initialisers("fc8", init)
+        self.fc8 = Linear(2 * self.tower0.out_features, num_classes, device=devices[0],
+                          W_init=W_init, b_init=b_init, rng=rng)
+        self.input_device = self.output_device = self.fc8.device
+
+    def forward(self, image):
+        # every crossing between the towers is one of these visible copies
+        xs = [image.to(t.device) for t in self.towers]  # both towers read the image
+        for name, _, _, reads, _ in self.network:
+            if reads == "both":
+                xs = [concat([x.to(t.device) for x in xs], axis=1) for t in self.towers]
+            xs = [t.stage(name, x) for t, x in zip(self.towers, xs)]
+        return self.fc8(concat([x.to(self.fc8.device) for x in xs], axis=1))
+
+
+def build_model(num_classes=1000, devices=("cuda:0", "cuda:1"), init="he", seed=0):
+    return AlexNet(num_classes, devices, init, seed, CONFIG["dropout"])

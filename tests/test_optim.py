@@ -1,0 +1,75 @@
+"""The paper's momentum update and the plateau schedule."""
+import numpy as np
+import pytest
+
+from minidl.layers import Parameter
+from minidl.optim import MomentumSGD, PlateauSchedule
+
+
+def test_momentum_sgd_follows_the_paper_formula(dev):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 3))
+    grads = [rng.standard_normal((4, 3)) for _ in range(3)]
+    lrs = [0.01, 0.01, 0.001]  # the paper's v keeps lr inside: a change of lr shows the difference
+    p = Parameter(w0.copy(), device=dev)
+    opt = MomentumSGD([p], lr=0.01, momentum=0.9, weight_decay=0.0005)
+    w, v = w0.copy(), np.zeros_like(w0)
+    for g, lr in zip(grads, lrs):
+        opt.lr = lr
+        p.grad = Parameter(g, device=dev)
+        opt.step()
+        v = 0.9 * v - 0.0005 * lr * w - lr * g
+        w = w + v
+        np.testing.assert_allclose(p.numpy(), w, rtol=1e-12, atol=1e-14)
+
+
+def test_momentum_sgd_differs_from_pytorch_style_after_lr_change():
+    p = Parameter(np.ones(1))
+    opt = MomentumSGD([p], lr=0.1, momentum=0.9, weight_decay=0.0)
+    for lr in (0.1, 0.01):
+        opt.lr = lr
+        p.grad = Parameter(np.ones(1))
+        opt.step()
+    # paper: v1 = -0.1, v2 = 0.9*-0.1 - 0.01 = -0.1 -> w = 0.8
+    # PyTorch: buf2 = 0.9 + 1 = 1.9, w = 1 - 0.1 - 0.01*1.9 = 0.881
+    np.testing.assert_allclose(p.data, [0.8])
+
+
+def test_parameters_without_gradient_are_left_alone():
+    a, b = Parameter(np.ones(2)), Parameter(np.ones(2))
+    opt = MomentumSGD([a, b])
+    a.grad = Parameter(np.ones(2))
+    opt.step()
+    assert np.array_equal(b.data, np.ones(2)) and opt.state()[1] is None
+
+
+def test_optimizer_state_round_trip():
+    p = Parameter(np.arange(3.0))
+    opt = MomentumSGD([p])
+    p.grad = Parameter(np.ones(3))
+    opt.step()
+    other = MomentumSGD([Parameter(np.arange(3.0))])
+    other.load_state(opt.state())
+    np.testing.assert_array_equal(other.velocities[0], opt.velocities[0])
+
+
+def test_plateau_schedule_drops_three_times_then_finishes():
+    s = PlateauSchedule(0.01, factor=10, patience=2, max_drops=3)
+    lrs = [s.step(e) for e in [0.9, 0.8, 0.8, 0.85]]  # best 0.8; two epochs without improvement
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    assert s.step(0.7) == pytest.approx(0.001) and s.drops == 1
+    for _ in range(4):
+        s.step(0.7)
+    assert s.drops == 3 and not s.finished and s.lr == pytest.approx(1e-5)
+    s.step(0.7)
+    s.step(0.7)
+    assert s.finished and s.drops == 3
+
+
+def test_plateau_schedule_state_round_trip():
+    s = PlateauSchedule(0.01, patience=1)
+    s.step(0.5)
+    s.step(0.6)
+    t = PlateauSchedule(1.0)
+    t.load_state(s.state())
+    assert t.state() == s.state()
