@@ -119,11 +119,11 @@ def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size)
     from minidl.data import Loader
     from minidl.device import default_devices
     from minidl.evaluate import check_labels, evaluate as run_evaluation
-    from minidl.model_file import load_model_file
+    from minidl.model_file import input_scale, load_model_file
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.config()
     loader = Loader(data, split=split, batch_size=batch_size, crop=config["input_size"], augment=False,
-                    ten_crop=ten_crop)
+                    ten_crop=ten_crop, scale=input_scale(config, config["init"]))
     check_labels(ckpt["num_classes"], loader.num_classes, data)
     model = load_model_file(model_file or ckpt["model_file"]).build(
         ckpt["num_classes"], parse_devices(devices) or default_devices(), config["init"])
@@ -167,6 +167,26 @@ def summary(model_file, classes, devices):
     model = mf.build(classes, parse_devices(devices) or ("cpu", "cpu"))
     size = mf.config["input_size"]
     click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))
+
+
+@main.command()
+@click.argument("model_file")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--devices", help="Devices for the two towers (default: what is here).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
+@friendly_errors
+def bench(model_file, batch_size, devices, steps):
+    """Time full training steps of MODEL_FILE on synthetic data."""
+    from minidl.bench import bench as run_bench
+    from minidl.device import default_devices
+    from minidl.model_file import load_model_file
+    if batch_size < 1 or steps < 1:
+        raise MinidlError("--batch-size and --steps must be at least 1")
+    result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps,
+                       devices=parse_devices(devices) or default_devices(), progress=ProgressLine("steps"))
+    click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "
+               f"median of {result['steps']} steps: {result['ms_per_step']:.1f} ms/step  "
+               f"{result['images_per_s']:.1f} images/s  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB")
 
 
 @main.command("prepare-data")

@@ -43,6 +43,8 @@ def _as_array(data, dev):
     """An ndarray on `dev` from an array, a list or a scalar (floats become float32)."""
     if is_array(data):
         array = data
+    elif isinstance(data, np.generic):
+        array = np.asarray(data)  # NumPy scalars (what 0-d arithmetic returns) keep their dtype
     else:
         array = np.asarray(data)
         if array.dtype == np.float64:
@@ -100,9 +102,11 @@ class Tensor:
         return f"Tensor({body}, device='{self.device}'{', requires_grad=True' if self.requires_grad else ''})"
 
     def numpy(self):
-        """A host (NumPy) copy of the data."""
-        data = self.data
-        return data.get() if self.device.is_cuda else data.copy()
+        """A host (NumPy) copy of the data, once the device's stream has produced it."""
+        if not self.device.is_cuda:
+            return self.data.copy()
+        with self.device:
+            return self.data.get()
 
     def item(self):
         return self.numpy().item()
@@ -138,12 +142,14 @@ class Tensor:
                 raise MinidlError(
                     f"backward of a tensor of shape {self.shape} needs a gradient argument "
                     "(only a scalar's gradient defaults to 1)")
-            grad = self.device.xp.ones_like(self.data)
+            with self.device:
+                grad = self.device.xp.ones_like(self.data)
         else:
             grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.device)
             if grad.shape != self.shape:
                 raise MinidlError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
-        self._accumulate(grad)
+        with self.device:
+            self._accumulate(grad)
         if self.creator is None:
             return
 
@@ -171,20 +177,23 @@ class Tensor:
             output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
             if all(g is None for g in output_grads):
                 continue
+            # the backward and the sums of its gradients run on the inputs' device and stream
             with function.device:
                 input_grads = function.backward(*output_grads)
-            if not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
-            for x, gx in zip(function.inputs, input_grads):
-                if gx is None or not x.requires_grad:
-                    continue
-                if gx.shape != x.shape:
-                    raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
-                                         f"shape {gx.shape} for an input of shape {x.shape}")
-                x._accumulate(gx)
-                if x.creator is not None:
-                    pending[id(x)] = x
-                    enqueue(x.creator)
+                if not isinstance(input_grads, tuple):
+                    input_grads = (input_grads,)
+                for x, gx in zip(function.inputs, input_grads):
+                    if gx is None or not x.requires_grad:
+                        continue
+                    if gx.shape != x.shape:
+                        raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
+                                             f"shape {gx.shape} for an input of shape {x.shape}")
+                    if gx.dtype != x.dtype and x.dtype.kind == "f":
+                        gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
+                    x._accumulate(gx)
+                    if x.creator is not None:
+                        pending[id(x)] = x
+                        enqueue(x.creator)
             if not retain_grad:
                 for y in outputs:
                     if y is not None:
@@ -284,7 +293,9 @@ def as_tensor(value, like):
         return value
     if is_array(value):
         return Tensor(value)
-    return Tensor(like.device.xp.asarray(value, dtype=like.dtype), device=like.device)
+    # a scalar takes `like`'s dtype, except a float next to integers (2 * 0.5 is not 0)
+    dtype = like.dtype if like.dtype.kind == "f" or np.asarray(value).dtype.kind in "biu" else np.float32
+    return Tensor(like.device.xp.asarray(value, dtype=dtype), device=like.device)
 
 
 class Function:

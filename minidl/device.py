@@ -12,6 +12,7 @@ every Function's forward and backward runs "under its arrays' device".
 """
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -62,7 +63,18 @@ def set_device_map(mapping):
         _device_map = None
     else:
         _device_map = {int(str(k).removeprefix("cuda:")): int(v) for k, v in mapping.items()}
-    _devices.clear()
+    # forget only the devices the new map moves: the cpu and unmoved GPUs stay the same
+    # objects, or tensors made before and after the call would be on "different devices"
+    for name, dev in list(_devices.items()):
+        if dev.is_cuda and _physical_or_none(dev.index) != dev.physical:
+            del _devices[name]
+
+
+def _physical_or_none(logical):
+    try:
+        return physical_index(logical)
+    except DeviceError:  # a bad MINIDL_DEVICE_MAP is reported when a device is asked for
+        return None
 
 
 def physical_index(logical):
@@ -80,7 +92,7 @@ class Device:
         self.index = int(name.split(":")[1]) if self.is_cuda else None
         self.physical = physical_index(self.index) if self.is_cuda else None
         self._stream = None
-        self._entered = []
+        self._local = threading.local()  # each thread enters and exits its own contexts
 
     def __repr__(self):
         if self.is_cuda and self.physical != self.index:
@@ -110,12 +122,17 @@ class Device:
             gpu, stream = cp.cuda.Device(self.physical), self.stream
             gpu.__enter__()
             stream.__enter__()
-            self._entered.append((gpu, stream))
+            self._entered().append((gpu, stream))
         return self
+
+    def _entered(self):
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     def __exit__(self, *exc):
         if self.is_cuda:
-            gpu, stream = self._entered.pop()
+            gpu, stream = self._entered().pop()
             stream.__exit__(*exc)
             gpu.__exit__(*exc)
         return False

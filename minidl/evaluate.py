@@ -24,7 +24,7 @@ def evaluate(model, loader, epoch=0):
     of the ten crops are averaged, as in the paper.
     """
     device = model.input_device
-    xp = device.xp
+    xp = model.output_device.xp
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = 0
@@ -34,7 +34,7 @@ def evaluate(model, loader, epoch=0):
             crops = images.shape[1] if images.ndim == 5 else 1
             x = Tensor(images.reshape((-1,) + images.shape[-3:]), device=device)
             logits = model(x)
-            with logits.device:
+            with model.output_device:
                 y = xp.asarray(labels)
                 log_p = log_softmax_array(xp, logits.data)
                 if crops > 1:  # average the probabilities of the crops, then back to logs
@@ -46,4 +46,5 @@ def evaluate(model, loader, epoch=0):
     model.train(was_training)
     if seen == 0:
         raise DataError("no images to evaluate: the split is empty")
-    return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)
+    with model.output_device:
+        return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)

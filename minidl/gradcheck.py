@@ -23,10 +23,14 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
     for i in checked:
         if inputs[i].dtype != np.float64:
             raise ValueError(f"gradcheck wants float64 inputs; input {i} is {inputs[i].dtype}")
+        if not inputs[i].data.flags.c_contiguous:
+            # the perturbation below writes through a flat view, which needs contiguous data
+            inputs[i].data = inputs[i].device.xp.ascontiguousarray(inputs[i].data)
 
     out = fn(*inputs)
     xp = out.device.xp
-    weights = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
+    with out.device:  # on out's GPU, not whichever is current
+        weights = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
 
     def objective():
         with no_grad():
@@ -51,7 +55,8 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
             numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
         error = np.abs(analytic - numeric)
         bound = atol + rtol * np.abs(numeric)
-        if (error > bound).any() or not np.isfinite(analytic).all():
+        # NaN compares False: without the isfinite checks a NaN gradient would pass
+        if (error > bound).any() or not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
             worst = np.unravel_index(np.argmax(error - bound), x.shape)
             raise AssertionError(
                 f"gradient of input {i} (shape {x.shape}) is wrong at {worst}: analytic "

@@ -12,9 +12,15 @@ from minidl.errors import MinidlError
 
 DEFAULT_CONFIG = dict(
     input_size=227, batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
-    lr_drop_factor=10, lr_drops=3, plateau_patience=2, dropout=0.5, init="he",
+    lr_drop_factor=10, lr_drops=3, plateau_patience=2, dropout=0.5, init="he", input_scale=1.0,
     devices=("cuda:0", "cuda:1"),
 )
+
+
+def input_scale(config, init):
+    """The factor on the loader's pixels: a number, or a dict by initialisation scheme."""
+    scale = config.get("input_scale", 1.0)
+    return float(scale[init]) if isinstance(scale, dict) else float(scale)
 
 
 class ModelFile:

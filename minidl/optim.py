@@ -9,7 +9,7 @@ decay inside the velocity:
 (PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
 differs from this as soon as lr changes.)
 """
-from minidl.core import no_grad
+from minidl.core import Tensor, no_grad
 
 
 class MomentumSGD:
@@ -39,7 +39,7 @@ class MomentumSGD:
 
     def state(self):
         """Velocities as host arrays (None where a parameter never had a gradient)."""
-        return [None if v is None else p.device.xp.asnumpy(v) if p.device.is_cuda else v.copy()
+        return [None if v is None else Tensor(v, device=p.device).numpy()
                 for p, v in zip(self.params, self.velocities)]
 
     def load_state(self, velocities):

@@ -21,7 +21,7 @@ from minidl.errors import MinidlError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import dropout as dropout_module
 from minidl.functions import softmax_cross_entropy
-from minidl.model_file import load_model_file
+from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.visualize import training_curves
 
@@ -67,10 +67,11 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
     data_path = data or builtin_dataset(progress=lambda done, total: report(
         dict(kind="builtin-data", done=done, total=total)))
 
-    train_loader = Loader(data_path, split="train", batch_size=config["batch_size"],
-                          crop=config["input_size"], augment=True, seed=seed, drop_last=True)
-    val_loader = Loader(data_path, split="val", batch_size=config["batch_size"],
-                        crop=config["input_size"], augment=False, seed=seed)
+    scale = input_scale(config, config["init"])
+    train_loader = Loader(data_path, split="train", batch_size=config["batch_size"], crop=config["input_size"],
+                          augment=True, seed=seed, drop_last=True, scale=scale)
+    val_loader = Loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
+                        augment=False, seed=seed, scale=scale)
     if len(train_loader) == 0:
         raise MinidlError(f"{data_path} has fewer training images ({train_loader.num_images}) "
                           f"than one batch ({config['batch_size']})")
@@ -136,7 +137,8 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
             finished_epoch = batch + 1 == len(train_loader)
             if step % log_every == 0 or finished_epoch or step == max_steps:
                 seen = interval["seen"]
-                loss_sum, correct = float(interval["loss"]), int(interval["correct"])
+                with model.output_device:  # the one read from the device per interval
+                    loss_sum, correct = float(interval["loss"]), int(interval["correct"])
                 elapsed = time.perf_counter() - interval["start"]
                 totals = dict(loss_sum=totals["loss_sum"] + loss_sum, correct=totals["correct"] + correct,
                               seen=totals["seen"] + seen)

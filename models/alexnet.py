@@ -38,6 +38,9 @@ CONFIG = dict(
     plateau_patience=2,      # epochs without a better validation error before a drop
     dropout=0.5,
     init="he",
+    # pixels are 0..255 minus the mean, as in the paper; He-initialised weights expect
+    # unit-scale input (at 0..255 the first steps blow the loss up), so they get x/255
+    input_scale=dict(paper=1.0, he=1 / 255),
     devices=("cuda:0", "cuda:1"),
 )
 

@@ -1,5 +1,6 @@
 """AlexNet's two towers: shape, parameters, initialisation, placement, and equivalence
 with the one-device network written with grouped convolutions."""
+import importlib
 import os
 
 import numpy as np
@@ -9,8 +10,8 @@ import minidl
 from minidl import Tensor
 from minidl.device import Device
 from minidl.errors import MinidlError
-from minidl.functions import softmax_cross_entropy
-from minidl.layers import (LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
+from minidl.functions import concat, local_response_norm, softmax_cross_entropy, split
+from minidl.layers import (Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            summary)
 from minidl.model_file import load_model_file
 
@@ -29,12 +30,21 @@ SMALL_NETWORK = [
 ]
 
 
+class TowerLRN(Layer):
+    """LRN within each tower's half of the channels: a tower normalises only its own maps
+    (Caffe's one-device `group: 2` net normalises across the halves, a slightly different net)."""
+
+    def forward(self, x):
+        return concat([local_response_norm(half) for half in split(x, 2, axis=1)], axis=1)
+
+
 def grouped_alexnet(num_classes, device="cpu"):
     """The same network on one device: groups=2 in conv2, conv4, conv5 (Caffe's `group: 2`)."""
     d = device
     return Sequential(
-        Conv2d(3, 96, 11, 4, 0, device=d), ReLU(device=d), LRN(device=d), MaxPool2d(3, 2, device=d),
-        Conv2d(96, 256, 5, 1, 2, groups=2, device=d), ReLU(device=d), LRN(device=d), MaxPool2d(3, 2, device=d),
+        Conv2d(3, 96, 11, 4, 0, device=d), ReLU(device=d), TowerLRN(device=d), MaxPool2d(3, 2, device=d),
+        Conv2d(96, 256, 5, 1, 2, groups=2, device=d), ReLU(device=d), TowerLRN(device=d),
+        MaxPool2d(3, 2, device=d),
         Conv2d(256, 384, 3, 1, 1, device=d), ReLU(device=d),
         Conv2d(384, 384, 3, 1, 1, groups=2, device=d), ReLU(device=d),
         Conv2d(384, 256, 3, 1, 1, groups=2, device=d), ReLU(device=d), MaxPool2d(3, 2, device=d),
@@ -142,7 +152,7 @@ def test_missing_gpu_is_reported():
 
 
 def test_missing_gpu_message_names_the_one_gpu_form(monkeypatch):
-    import minidl.device as device_module
+    device_module = importlib.import_module("minidl.device")  # the module, not minidl.device()
     monkeypatch.setattr(device_module, "cupy", lambda: object())
     monkeypatch.setattr(device_module, "gpu_count", lambda: 1)
     monkeypatch.setattr(device_module, "_devices", {})

@@ -32,7 +32,8 @@ class Transpose(Function):
     def backward(self, gy):
         if self.axes is None:
             return gy.transpose()
-        return gy.transpose(np.argsort(self.axes))
+        # normalize negative axes first: argsort of (-1, 0, 1) is not the inverse permutation
+        return gy.transpose(tuple(np.argsort([a % gy.ndim for a in self.axes]).tolist()))
 
 
 class GetItem(Function):

@@ -1,0 +1,114 @@
+"""AlexNet's data augmentation and test-time crops, in NumPy on batches of HWC images.
+
+A crop is described by `Crops(tops, lefts, flips)`, one entry per image, so the
+same window can be cut from the image and from the per-pixel mean image, and a
+test can check the coordinates. Every random function takes an explicit
+numpy.random.Generator: the caller decides where randomness comes from.
+
+A training batch (the paper, Section 4.1):
+
+    where = random_crops(rng, len(images), 256, 227)        # offsets + flip with p=1/2
+    x = subtract_mean(crop_and_flip(images, 227, where), mean, 227, where)
+    x = pca_lighting(x, np.sqrt(eigvals), eigvecs, rng)     # colour shift (why sqrt: loader.py)
+    x = to_nchw(x)                                          # float32 (N, 3, 227, 227)
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from minidl.errors import DataError
+
+
+class Crops(NamedTuple):
+    """Where to cut a crop x crop window from each image: top-left corner, and mirror or not."""
+    tops: np.ndarray
+    lefts: np.ndarray
+    flips: np.ndarray
+
+
+def check_crop(crop, image_size):
+    if crop > image_size:
+        raise DataError(f"crop {crop}x{crop} is larger than the stored {image_size}x{image_size} images")
+    if crop < 1:
+        raise DataError(f"crop size must be positive, got {crop}")
+
+
+def random_crops(rng, count, image_size, crop):
+    """Uniform random crop offsets and a horizontal flip with probability 1/2, per image."""
+    check_crop(crop, image_size)
+    tops = rng.integers(0, image_size - crop + 1, size=count)
+    lefts = rng.integers(0, image_size - crop + 1, size=count)
+    flips = rng.random(count) < 0.5
+    return Crops(tops, lefts, flips)
+
+
+def fixed_crops(count, top, left, flip=False):
+    """The same crop for every image."""
+    return Crops(np.full(count, top), np.full(count, left), np.full(count, flip))
+
+
+def centre_crops(count, image_size, crop):
+    check_crop(crop, image_size)
+    offset = (image_size - crop) // 2
+    return fixed_crops(count, offset, offset)
+
+
+TEN_CROP_ORDER = ("top-left", "top-right", "bottom-left", "bottom-right", "centre",
+                  "top-left mirrored", "top-right mirrored", "bottom-left mirrored",
+                  "bottom-right mirrored", "centre mirrored")
+
+
+def ten_crops(count, image_size, crop):
+    """The paper's 10 test crops as a list of Crops, in the order of TEN_CROP_ORDER."""
+    check_crop(crop, image_size)
+    far = image_size - crop
+    centre = far // 2
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
+    return [fixed_crops(count, top, left, flip) for flip in (False, True) for top, left in corners]
+
+
+def crop_and_flip(images, crop, where):
+    """Cut the window `where` describes out of each image of (N, H, W, C); mirrored where flips is set."""
+    check_crop(crop, min(images.shape[1], images.shape[2]))
+    out = np.empty((len(images), crop, crop) + images.shape[3:], dtype=images.dtype)
+    # a loop of slice copies: each is one contiguous block, faster than fancy indexing
+    for i, (top, left, flip) in enumerate(zip(where.tops, where.lefts, where.flips)):
+        window = images[i, top:top + crop, left:left + crop]
+        out[i] = window[:, ::-1] if flip else window
+    return out
+
+
+def subtract_mean(crops, mean, crop, where):
+    """float32 crops minus the training mean.
+
+    `mean` is the per-channel mean (3,) or the per-pixel mean image (S, S, 3); the
+    mean image is cut at each crop's place and mirrored with it, so each pixel
+    loses the mean of the pixel it came from.
+    """
+    crops = crops.astype(np.float32)  # a new array, so the in-place subtraction below is safe
+    if mean.ndim == 1:
+        crops -= mean.astype(np.float32)
+    else:
+        crops -= crop_and_flip(np.broadcast_to(mean.astype(np.float32), (len(crops),) + mean.shape), crop, where)
+    return crops
+
+
+def lighting_shift(alphas, eigvals, eigvecs):
+    """The colour shift per image, (N, 3): eigvecs @ (alpha * eigvals) for each row of alphas."""
+    return (alphas * eigvals) @ eigvecs.T
+
+
+def pca_lighting(images, eigvals, eigvecs, rng, sigma=0.1):
+    """Add to every pixel of each image of (N, H, W, 3) the shift [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T.
+
+    a_i ~ N(0, sigma^2) is drawn once per image; `eigvecs` holds the p_i as columns.
+    The result is float32.
+    """
+    alphas = rng.normal(0.0, sigma, size=(len(images), 3))
+    shift = lighting_shift(alphas, eigvals, eigvecs).astype(np.float32)
+    return images + shift[:, None, None, :]
+
+
+def to_nchw(images):
+    """(N, H, W, C) -> contiguous float32 (N, C, H, W), the layout the network takes."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -1,0 +1,229 @@
+"""The minidl dataset file: one HDF5 file holding images, labels, split and statistics.
+
+Layout (format version 1). N images, C classes, S = 256:
+
+    /images        uint8   (N, S, S, 3)  RGB, height x width x channel; chunked one
+                                         image per chunk, gzip level 4
+    /labels        int64   (N,)          class index in 0..C-1
+    /class_names   UTF-8 strings (C,)    name of each class index
+    /is_val        uint8   (N,)          1 = validation image, 0 = training image
+    /mean_image    float32 (S, S, 3)     per-pixel mean of the training images
+    /mean_rgb      float32 (3,)          per-channel mean of the training images
+    /pca_eigvals   float32 (3,)          eigenvalues, largest first, of the 3x3 covariance
+                                         of the training images' RGB values (0..255 scale,
+                                         divided by the number of pixels)
+    /pca_eigvecs   float32 (3, 3)        the matching unit eigenvectors, one per COLUMN
+
+    root attributes: format = "minidl-dataset", version = 1, image_size = S
+
+All statistics are over the training split only, so validation images stay unseen.
+The validation split is a seeded random choice of `val_fraction` of the images,
+drawn per class (each class gets its share) so that small classes are represented.
+"""
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from minidl.errors import DataError
+
+FORMAT = "minidl-dataset"
+VERSION = 1
+IMAGE_SIZE = 256
+GZIP_LEVEL = 4
+REQUIRED = ("images", "labels", "class_names", "is_val", "mean_image", "mean_rgb", "pca_eigvals", "pca_eigvecs")
+
+
+class _Moments:
+    """Running sums (float64) for the mean image and the RGB covariance.
+
+    Pixel values are integers, so the sums stay exact in float64 (below 2^53) up to
+    about two million 256x256 images, ImageNet included; so images can be
+    subtracted out again exactly.
+    """
+
+    def __init__(self, size):
+        self.count = 0
+        self.image_sum = np.zeros((size, size, 3))
+        self.rgb_products = np.zeros((3, 3))  # sum over pixels of rgb rgb^T
+
+    def add(self, image, sign=1):
+        """Add one uint8 image to the sums (sign=-1 takes it out again)."""
+        image = image.astype(np.float64)
+        pixels = image.reshape(-1, 3)
+        self.count += sign
+        self.image_sum += sign * image
+        self.rgb_products += sign * (pixels.T @ pixels)
+
+    def mean_image(self):
+        return self.image_sum / self.count
+
+    def mean_rgb(self):
+        return self.mean_image().mean(axis=(0, 1))
+
+    def rgb_covariance(self):
+        """E[rgb rgb^T] - E[rgb] E[rgb]^T over all pixels of the images added."""
+        mean = self.mean_rgb()
+        pixels = self.count * self.image_sum.shape[0] * self.image_sum.shape[1]
+        return self.rgb_products / pixels - np.outer(mean, mean)
+
+
+def choose_validation(labels, num_classes, val_fraction, seed):
+    """A boolean mask of the validation images: a seeded, per-class random choice.
+
+    Each class contributes about val_fraction of its images; the rounding left over
+    goes to randomly chosen classes so the total is round(val_fraction * N). At least
+    one training image always remains.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels, minlength=num_classes)
+    wanted = min(round(val_fraction * len(labels)), len(labels) - 1)
+    share = val_fraction * counts
+    per_class = np.floor(share).astype(np.int64)
+    # the classes with the largest remainders get one more; ties broken at random
+    shuffled = rng.permutation(num_classes)
+    by_remainder = shuffled[np.argsort(-(share - per_class)[shuffled], kind="stable")]
+    per_class[by_remainder[:max(wanted - per_class.sum(), 0)]] += 1
+    is_val = np.zeros(len(labels), dtype=bool)
+    for cls in range(num_classes):
+        members = np.flatnonzero(labels == cls)
+        is_val[rng.choice(members, size=min(per_class[cls], len(members)), replace=False)] = True
+    return is_val
+
+
+def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0, progress=None):
+    """Write `samples`, an iterable of (uint8 256x256x3 image, int label), to the dataset `path`.
+
+    Streams: one image is in memory at a time. `count` is the number expected (the
+    file is preallocated; if fewer arrive it is shrunk). The file is written under a
+    temporary name in the same folder and renamed onto `path` at the end, so an
+    existing file survives a failure and no half-written file ever carries the name.
+    `progress(done, count)` is called after each image. Returns the number written.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    folder = os.path.dirname(os.path.abspath(path))
+    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = h5py.File(temp_path, "w")
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err}") from None
+    try:
+        with f:
+            written = _write_contents(f, path, samples, list(class_names), count, val_fraction, seed, progress)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.remove(temp_path)
+        raise
+    return written
+
+
+def _write_contents(f, path, samples, class_names, count, val_fraction, seed, progress):
+    size = IMAGE_SIZE
+    images = f.create_dataset("images", shape=(count, size, size, 3), maxshape=(None, size, size, 3),
+                              dtype=np.uint8, chunks=(1, size, size, 3),
+                              compression="gzip", compression_opts=GZIP_LEVEL)
+    labels = np.zeros(count, dtype=np.int64)
+    moments = _Moments(size)  # over all images; the validation ones are taken out at the end
+    written = 0
+    for image, label in samples:
+        if written == count:
+            raise DataError(f"more images than the count={count} given for {path}")
+        if image.shape != (size, size, 3) or image.dtype != np.uint8:
+            raise DataError(f"image {written} is {image.dtype} {image.shape}, expected uint8 ({size}, {size}, 3)")
+        if not 0 <= label < len(class_names):
+            raise DataError(f"image {written} has label {label}, outside the {len(class_names)} classes")
+        images[written] = image
+        labels[written] = label
+        moments.add(image)
+        written += 1
+        if progress is not None:
+            progress(written, count)
+    if written == 0:
+        raise DataError(f"no images to write to {path}")
+    images.resize(written, axis=0)
+    labels = labels[:written]
+
+    is_val = choose_validation(labels, len(class_names), val_fraction, seed)
+    for index in np.flatnonzero(is_val):  # a second read of the validation images only
+        moments.add(images[index], sign=-1)
+    eigvals, eigvecs = np.linalg.eigh(moments.rgb_covariance())
+    largest_first = np.argsort(eigvals)[::-1]
+
+    f.create_dataset("labels", data=labels)
+    f.create_dataset("class_names", data=class_names, dtype=h5py.string_dtype("utf-8"))
+    f.create_dataset("is_val", data=is_val.astype(np.uint8))
+    f.create_dataset("mean_image", data=moments.mean_image().astype(np.float32))
+    f.create_dataset("mean_rgb", data=moments.mean_rgb().astype(np.float32))
+    f.create_dataset("pca_eigvals", data=eigvals[largest_first].astype(np.float32))
+    f.create_dataset("pca_eigvecs", data=eigvecs[:, largest_first].astype(np.float32))
+    f.attrs.update(format=FORMAT, version=VERSION, image_size=size)
+    return written
+
+
+def open_dataset(path):
+    """Open a minidl dataset read-only, after checking it is one; returns the h5py.File.
+
+    Use it as a context manager (`with open_dataset(p) as f:`). Raises DataError
+    naming the problem for a missing file, a non-HDF5 file or another HDF5 file.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"no such dataset file: {path}")
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path} is not an HDF5 file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
+    try:
+        _check_layout(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_layout(f, path):
+    if f.attrs.get("format") != FORMAT:
+        raise DataError(f"{path} is not a minidl dataset (no format attribute '{FORMAT}')")
+    if f.attrs.get("version", 0) > VERSION:
+        raise DataError(f"{path} is a version {f.attrs['version']} dataset; this minidl reads version {VERSION}")
+    for name in REQUIRED:
+        if name not in f:
+            raise DataError(f"{path} is not a minidl dataset (missing '{name}')")
+    images = f["images"]
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
+        raise DataError(f"{path} is corrupt: images have shape {images.shape}, expected (N, S, S, 3)")
+    if f["labels"].shape != images.shape[:1] or f["is_val"].shape != images.shape[:1]:
+        raise DataError(f"{path} is corrupt: {images.shape[0]} images but {f['labels'].shape[0]} labels "
+                        f"and {f['is_val'].shape[0]} split flags")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset file holds, for printing."""
+    path: str
+    num_images: int
+    num_train: int
+    num_val: int
+    class_names: tuple
+    image_size: int
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def read_class_names(f):
+    return tuple(name.decode("utf-8") if isinstance(name, bytes) else name for name in f["class_names"][()])
+
+
+def dataset_info(path):
+    """A DatasetInfo for the dataset file `path` (checked as open_dataset does)."""
+    with open_dataset(path) as f:
+        num_val = int(np.count_nonzero(f["is_val"][()]))
+        num_images = f["images"].shape[0]
+        return DatasetInfo(path=path, num_images=num_images, num_train=num_images - num_val, num_val=num_val,
+                           class_names=read_class_names(f), image_size=f["images"].shape[1])

@@ -1,0 +1,194 @@
+"""Batches from a minidl dataset file, prepared by a background thread while the caller trains.
+
+Reproducibility: every random choice is a pure function of where the run stands.
+The image order of epoch e comes from (seed, e) and the augmentation of batch i of
+epoch e from (seed, e, i), so the same seed gives the same batches, and
+`epoch_batches(e, start=k)` yields exactly the batches k, k+1, ... that an
+uninterrupted epoch would have yielded (a resumed run sees the same data).
+
+Reading: a batch's indices are sorted and its images read one by one in that
+order, a forward sweep through the file. (h5py's fancy indexing, which also needs
+increasing indices, is some 100x slower than these single reads on chunked
+images.) The images then stay in file order inside the batch: the shuffle decides
+which images share a batch, and their order within it does not change the step.
+
+PCA lighting scale: the shift is the paper's [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T with
+the eigenvalues l_i of the covariance of RGB values on the 0..1 scale, as in the
+common ports (fb.resnet.torch's 0.2175, 0.0188, 0.0045 for ImageNet, or the same
+times 255, 55.46, 4.794, 1.148, for 0..255 pixels). The file stores the
+eigenvalues of 0..255 values, so on 0..255 pixels the shift is
+eigvecs @ (alpha * eigvals / 255): eigenvalues taken on 0..255 directly would move
+pixels by hundreds of levels.
+"""
+import queue
+import threading
+
+import numpy as np
+
+from minidl.data.augment import (centre_crops, check_crop, crop_and_flip, pca_lighting, random_crops,
+                                 subtract_mean, ten_crops, to_nchw)
+from minidl.data.dataset import open_dataset, read_class_names
+
+SPLITS = ("train", "val", "all")
+MEANS = ("pixel", "channel")
+# SeedSequence treats [s, e] and [s, e, 0] alike, so each use gets its own non-zero tag
+ORDER_STREAM, AUGMENT_STREAM = 1, 2
+
+
+class Loader:
+    """Mini-batches (x float32 NCHW, y int64) of one split of a dataset file.
+
+    augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off).
+    augment=False: the centre crop, or with ten_crop the paper's 10 crops, giving
+    x of shape (B, 10, 3, crop, crop) in augment.TEN_CROP_ORDER.
+    mean="pixel" subtracts the training mean image, "channel" the mean RGB.
+    scale multiplies the result: 1 keeps the paper's 0..255 scale; He-initialised
+    weights want about 1/255 (on 0..255 their first steps at lr 0.01 diverge).
+    shuffle (default: as augment) draws a new image order each epoch.
+    """
+
+    def __init__(self, path, *, split="train", batch_size, crop=227, augment=True, pca_sigma=0.1, mean="pixel",
+                 ten_crop=False, seed=0, prefetch=2, drop_last=False, shuffle=None, scale=1.0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if mean not in MEANS:
+            raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError(f"batch_size and prefetch must be at least 1, got {batch_size} and {prefetch}")
+        if ten_crop and augment:
+            raise ValueError("ten_crop is a test-time view: use it with augment=False")
+        self.path, self.batch_size, self.crop, self.augment = path, batch_size, crop, augment
+        self.pca_sigma, self.ten_crop, self.seed, self.prefetch = pca_sigma, ten_crop, seed, prefetch
+        self.drop_last, self.scale = drop_last, scale
+        self.shuffle = augment if shuffle is None else shuffle
+        with open_dataset(path) as f:
+            is_val = f["is_val"][()].astype(bool)
+            chosen = {"train": ~is_val, "val": is_val, "all": np.ones_like(is_val)}[split]
+            self.indices = np.flatnonzero(chosen)  # file positions of this split's images
+            self.labels = f["labels"][()][self.indices]
+            self.class_names = read_class_names(f)
+            self.image_size = f["images"].shape[1]
+            self.mean = f["mean_image" if mean == "pixel" else "mean_rgb"][()]
+            self.lighting_scales = f["pca_eigvals"][()] / 255.0  # see the module docstring
+            self.eigvecs = f["pca_eigvecs"][()]
+        check_crop(crop, self.image_size)
+
+    @property
+    def num_images(self):
+        return len(self.indices)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def __len__(self):
+        full, rest = divmod(self.num_images, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def batch_positions(self, epoch):
+        """For each batch of `epoch`, the sorted positions (within this split) of its images."""
+        order = np.arange(self.num_images)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, ORDER_STREAM]).permutation(self.num_images)
+        return [np.sort(order[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(len(self))]
+
+    def epoch_batches(self, epoch, start=0):
+        """An iterator over the batches start, start+1, ... of `epoch`, prepared in a background thread.
+
+        Break out of it freely: the thread stops when the iterator is dropped or closed.
+        An error in the thread is raised here, in the caller.
+        """
+        return BackgroundIterator(lambda: self._read_batches(epoch, start), self.prefetch)
+
+    def _read_batches(self, epoch, start):
+        # runs in the background thread, which opens its own file: h5py objects stay in one thread
+        with open_dataset(self.path) as f:
+            images = f["images"]
+            for i, positions in enumerate(self.batch_positions(epoch)[start:], start=start):
+                rng = np.random.default_rng([self.seed, epoch, AUGMENT_STREAM, i])
+                batch = np.stack([images[index] for index in self.indices[positions]])
+                yield self.make_batch(batch, rng), self.labels[positions]
+
+    def make_batch(self, images, rng):
+        """uint8 (B, S, S, 3) images -> the network's float32 input, augmented or test crops."""
+        if self.augment:
+            where = random_crops(rng, len(images), self.image_size, self.crop)
+            x = self._crop(images, where)
+            if self.pca_sigma > 0:
+                x = pca_lighting(x, self.lighting_scales, self.eigvecs, rng, self.pca_sigma)
+            return self._to_input(x)
+        if self.ten_crop:
+            views = ten_crops(len(images), self.image_size, self.crop)
+            return np.stack([self._to_input(self._crop(images, where)) for where in views], axis=1)
+        return self._to_input(self._crop(images, centre_crops(len(images), self.image_size, self.crop)))
+
+    def _crop(self, images, where):
+        return subtract_mean(crop_and_flip(images, self.crop, where), self.mean, self.crop, where)
+
+    def _to_input(self, x):
+        x = to_nchw(x)
+        if self.scale != 1:
+            x *= np.float32(self.scale)
+        return x
+
+
+class BackgroundIterator:
+    """Runs a generator in a daemon thread, `depth` items ahead of the consumer.
+
+    The thread waits on a bounded queue and checks a stop event between waits, so
+    dropping or closing the iterator ends it promptly; the generator is closed
+    (its `with` blocks exit) in the thread. An exception there is re-raised here.
+    """
+
+    def __init__(self, make_generator, depth):
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        # the thread gets the queue and the event, not self: otherwise it would keep
+        # this object alive and dropping the iterator could never stop it
+        threading.Thread(target=_produce, args=(make_generator, self._queue, self._stop), daemon=True).start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self.close()
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self):
+        self._finished = True
+        self._stop.set()
+
+    def __del__(self):
+        self.close()
+
+
+def _produce(make_generator, messages, stop):
+    """The background thread: queue ("item", x) for each item, then ("end", None) or ("error", exc)."""
+    def put(message):  # waits for room; False once the consumer has stopped
+        while not stop.is_set():
+            try:
+                messages.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        items = make_generator()
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        finally:
+            items.close()
+        put(("end", None))
+    except BaseException as err:  # handed to the consumer, which re-raises it
+        put(("error", err))

@@ -1,0 +1,103 @@
+"""prepare-data: an ImageNet-style folder of images -> a minidl dataset file.
+
+The folder holds one subfolder per class (class names = the sorted subfolder
+names, labels their positions); every file below a class folder that Pillow can
+read is an image of that class. Each image is converted to RGB, its shorter side
+rescaled to 256 and its central 256x256 square kept (the paper's preprocessing).
+Worker processes decode; the parent writes the file in order (dataset.write_dataset).
+Files that cannot be decoded are skipped and listed in the result.
+"""
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from minidl.data.dataset import IMAGE_SIZE, write_dataset
+from minidl.errors import DataError
+
+
+@dataclass
+class PrepareResult:
+    path: str
+    written: int = 0
+    class_counts: dict = field(default_factory=dict)  # class name -> images written
+    skipped: list = field(default_factory=list)  # (file path, reason) of each unreadable file
+
+
+def square_image(image, size=IMAGE_SIZE):
+    """A PIL image -> uint8 (size, size, 3): shorter side rescaled to `size`, central square kept."""
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    # resize's box cuts the central square of the original and scales it in one resampling
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0))
+
+
+def decode_file(path):
+    """(image array, None) for a readable image file, (None, reason) otherwise. Runs in a worker."""
+    try:
+        with Image.open(path) as image:
+            return square_image(image), None
+    except Exception as err:  # any decoder failure on one user file skips that file, not the job
+        return None, f"{type(err).__name__}: {err}"
+
+
+def list_image_folder(image_dir):
+    """(class names, [(file path, label)]) of an ImageNet-style folder."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DataError(f"no such image folder: {image_dir}")
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: d.name)
+    if not class_dirs:
+        raise DataError(f"{image_dir} has no class subfolders (expected one folder of images per class)")
+    files = [(str(path), label) for label, class_dir in enumerate(class_dirs)
+             for path in sorted(class_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")]
+    if not files:
+        raise DataError(f"{image_dir} has class subfolders but no files in them")
+    return [d.name for d in class_dirs], files
+
+
+def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1, seed=0, progress=None):
+    """Decode every image under `image_dir` and write the dataset `out_path`; returns a PrepareResult.
+
+    workers: decoding processes (default: all cores; 1 decodes in this process).
+    progress(done, total) is called after each file, counting skipped ones too.
+    """
+    class_names, files = list_image_folder(image_dir)
+    result = PrepareResult(path=out_path, class_counts=dict.fromkeys(class_names, 0))
+    workers = workers or os.cpu_count() or 1
+
+    def decoded_samples(decoded):
+        for done, ((path, label), (image, reason)) in enumerate(zip(files, decoded), start=1):
+            if image is None:
+                result.skipped.append((path, reason))
+            else:
+                result.class_counts[class_names[label]] += 1
+                yield image, label
+            if progress is not None:
+                progress(done, len(files))
+
+    def write(decoded):
+        try:
+            result.written = write_dataset(out_path, decoded_samples(decoded), class_names, count=len(files),
+                                           val_fraction=val_fraction, seed=seed)
+        except DataError:
+            if len(result.skipped) == len(files):
+                raise DataError(f"no readable images in {image_dir}: all {len(files)} files failed to decode "
+                                f"(first: {result.skipped[0][0]}: {result.skipped[0][1]})") from None
+            raise
+
+    paths = [path for path, _ in files]
+    if workers == 1:
+        write(map(decode_file, paths))
+    else:
+        # spawn: workers start clean, whatever threads or GPU state the parent has
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            # chunks amortise the pipe traffic yet keep every worker busy to the end
+            write(pool.imap(decode_file, paths, chunksize=max(1, min(16, len(paths) // (8 * workers)))))
+    return result

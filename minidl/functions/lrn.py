@@ -1,0 +1,80 @@
+"""Local response normalization across channels (the paper's Section 3.3).
+
+    b[c] = a[c] / s[c]^beta,   s[c] = k + alpha' * sum_{|j-c| <= n//2} a[j]^2
+
+alpha' = alpha (the paper's convention, the default) or alpha/n (Caffe's and
+PyTorch's, with alpha_over_n=True). Backward, with the window symmetric:
+
+    da[j] = g[j] * s[j]^-beta - 2*alpha'*beta * a[j] * sum_{|i-j| <= n//2} g[i]*a[i]*s[i]^(-beta-1)
+
+CPU: NumPy, the window sum as n shifted slices. GPU: lrn.cu, one thread per
+pixel sliding a running window sum over the channels.
+"""
+import os
+
+import numpy as np
+
+from minidl import kernels
+from minidl.core import Function
+from minidl.errors import MinidlError
+
+CU_FILE = os.path.join(os.path.dirname(__file__), "lrn.cu")
+CU_KERNELS = ("lrn_forward", "lrn_backward")
+
+
+def window_sum(values, n):
+    """Sum over channels c-n//2 .. c+n//2 (clipped at the ends) of (N, C, H, W) values."""
+    half = n // 2
+    channels = values.shape[1]
+    padded = np.pad(values, ((0, 0), (half, half), (0, 0), (0, 0)))
+    total = padded[:, 0:channels].copy()
+    for offset in range(1, 2 * half + 1):
+        total += padded[:, offset:offset + channels]
+    return total
+
+
+class LocalResponseNorm(Function):
+    def __init__(self, n, k, alpha, beta, alpha_over_n):
+        if n < 1 or n % 2 == 0:
+            raise MinidlError(f"local_response_norm needs an odd window n >= 1, got {n}")
+        self.n, self.k, self.beta = n, k, beta
+        self.alpha = alpha / n if alpha_over_n else alpha
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
+        if isinstance(x, np.ndarray):
+            s = self.k + self.alpha * window_sum(x * x, self.n)
+            y = x * s ** -self.beta
+        else:
+            y, s = self._gpu("lrn_forward", x)
+        self.save(x, s)
+        return y
+
+    def backward(self, gy):
+        x, s = self.saved
+        if not isinstance(x, np.ndarray):
+            return self._gpu("lrn_backward", x, s, gy)
+        t = gy * x * s ** (-self.beta - 1)
+        return gy * s ** -self.beta - (2 * self.alpha * self.beta) * x * window_sum(t, self.n)
+
+    def _gpu(self, name, x, s=None, gy=None):
+        import cupy as cp
+        t = x.dtype.type
+        x = kernels.prepare(x, x.dtype)
+        n, c, h, w = x.shape
+        kernel = kernels.get_kernel(CU_FILE, name, x.dtype, CU_KERNELS)
+        pixels, i64 = n * h * w, np.int64
+        sizes = (i64(pixels), i64(c), i64(h * w), i64(self.n // 2), t(self.k), t(self.alpha), t(self.beta))
+        if name == "lrn_forward":
+            y, s = cp.empty_like(x), cp.empty_like(x)
+            kernels.launch(kernel, pixels, (x, y, s) + sizes)
+            return y, s
+        gx = cp.empty_like(x)
+        kernels.launch(kernel, pixels, (x, s, kernels.prepare(gy, x.dtype), gx) + sizes)
+        return gx
+
+
+def local_response_norm(x, n=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_n=False):
+    """LRN across channels; the paper's constants and convention by default."""
+    return LocalResponseNorm(n, k, alpha, beta, alpha_over_n)(x)

@@ -1,0 +1,72 @@
+// Max pooling for pooling.py; x (N, C, H, W), y and argmax (N, C, OH, OW).
+// argmax holds the window offset kh*K + kw of the maximum, the first in scan
+// order on ties (strict >), the same rule as the NumPy path.
+
+template <typename T>
+__global__ void max_pool_forward(const T* x, T* y, int* argmax, long long total, long long C, long long H,
+                                 long long W, long long OH, long long OW, long long K, long long stride,
+                                 long long pad) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long ow = i % OW;
+        long long oh = (i / OW) % OH;
+        long long nc = i / (OW * OH);
+        const T* plane = x + nc * H * W;
+        T best = T(0);
+        int best_offset = -1;
+        for (long long kh = 0; kh < K; ++kh) {
+            long long h = oh * stride - pad + kh;
+            for (long long kw = 0; kw < K; ++kw) {
+                long long w = ow * stride - pad + kw;
+                if (h < 0 || h >= H || w < 0 || w >= W) continue;  // padding: -infinity
+                T v = plane[h * W + w];
+                if (best_offset < 0 || v > best) {
+                    best = v;
+                    best_offset = (int)(kh * K + kw);
+                }
+            }
+        }
+        y[i] = best;
+        argmax[i] = best_offset;
+    }
+}
+
+// One thread per input element: it sums the gradients of the windows whose
+// maximum it is. Each output has exactly one such element, so this is the
+// scatter of the gradient, without atomics.
+template <typename T>
+__global__ void max_pool_backward(const T* gy, const int* argmax, T* gx, long long total, long long C,
+                                  long long H, long long W, long long OH, long long OW, long long K,
+                                  long long stride, long long pad) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long w = i % W + pad;  // in padded coordinates
+        long long h = (i / W) % H + pad;
+        long long nc = i / (W * H);
+        long long oh_lo = h < K ? 0 : (h - K) / stride + 1;
+        long long oh_hi = min(h / stride, OH - 1);
+        long long ow_lo = w < K ? 0 : (w - K) / stride + 1;
+        long long ow_hi = min(w / stride, OW - 1);
+        T sum = T(0);
+        for (long long oh = oh_lo; oh <= oh_hi; ++oh) {
+            for (long long ow = ow_lo; ow <= ow_hi; ++ow) {
+                long long o = (nc * OH + oh) * OW + ow;
+                if (argmax[o] == (int)((h - oh * stride) * K + (w - ow * stride))) sum += gy[o];
+            }
+        }
+        gx[i] = sum;
+    }
+}
+
+template __global__ void max_pool_forward<float>(const float*, float*, int*, long long, long long, long long,
+                                                 long long, long long, long long, long long, long long,
+                                                 long long);
+template __global__ void max_pool_forward<double>(const double*, double*, int*, long long, long long, long long,
+                                                  long long, long long, long long, long long, long long,
+                                                  long long);
+template __global__ void max_pool_backward<float>(const float*, const int*, float*, long long, long long,
+                                                  long long, long long, long long, long long, long long,
+                                                  long long, long long);
+template __global__ void max_pool_backward<double>(const double*, const int*, double*, long long, long long,
+                                                   long long, long long, long long, long long, long long,
+                                                   long long, long long);

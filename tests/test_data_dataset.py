@@ -1,0 +1,126 @@
+"""The dataset file: layout, statistics, split, atomic writing and the checks on opening."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from minidl.data.dataset import choose_validation, dataset_info, open_dataset, write_dataset
+from minidl.errors import DataError
+
+
+def random_samples(count, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), i % num_classes) for i in range(count)]
+
+
+def test_write_dataset_layout_and_statistics(tmp_path):
+    samples = random_samples(20, 3)
+    path = tmp_path / "d.h5"
+    calls = []
+    written = write_dataset(path, iter(samples), ["a", "b", "c"], count=20, val_fraction=0.25,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert written == 20 and calls[-1] == (20, 20) and len(calls) == 20
+    with open_dataset(path) as f:
+        assert dict(f.attrs) == {"format": "minidl-dataset", "version": 1, "image_size": 256}
+        images = f["images"]
+        assert images.dtype == np.uint8 and images.shape == (20, 256, 256, 3)
+        assert images.chunks == (1, 256, 256, 3) and images.compression == "gzip"
+        np.testing.assert_array_equal(images[()], np.stack([image for image, _ in samples]))
+        np.testing.assert_array_equal(f["labels"][()], [label for _, label in samples])
+        assert f["labels"].dtype == np.int64
+        assert [n.decode() for n in f["class_names"][()]] == ["a", "b", "c"]
+        is_val = f["is_val"][()].astype(bool)
+        train = np.stack([image for (image, _), val in zip(samples, is_val) if not val]).astype(np.float64)
+        np.testing.assert_allclose(f["mean_image"][()], train.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(f["mean_rgb"][()], train.mean(axis=(0, 1, 2)), rtol=1e-6)
+        covariance = np.cov(train.reshape(-1, 3).T, bias=True)
+        eigvals, eigvecs = f["pca_eigvals"][()], f["pca_eigvecs"][()]
+        assert eigvals[0] >= eigvals[1] >= eigvals[2]
+        # float32 storage: compare to the size of the covariance
+        np.testing.assert_allclose(eigvecs @ np.diag(eigvals) @ eigvecs.T, covariance, atol=1e-5 * covariance.max())
+        np.testing.assert_allclose(eigvecs.T @ eigvecs, np.eye(3), atol=1e-6)
+    assert is_val.sum() == 5
+
+
+def test_split_is_seeded_and_stratified():
+    labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+    is_val = choose_validation(labels, 4, 0.1, seed=3)
+    assert is_val.sum() == 10
+    assert list(np.bincount(labels[is_val], minlength=4)) == [1, 2, 3, 4]
+    np.testing.assert_array_equal(is_val, choose_validation(labels, 4, 0.1, seed=3))
+    assert not np.array_equal(is_val, choose_validation(labels, 4, 0.1, seed=4))
+    # uneven shares: the total stays round(fraction * N), one training image at least
+    assert choose_validation(np.arange(7) % 3, 3, 0.5, seed=0).sum() == 4
+    assert choose_validation(np.zeros(1, dtype=np.int64), 1, 0.9, seed=0).sum() == 0
+
+
+def test_fewer_samples_than_count_shrinks_the_file(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(5, 2), ["a", "b"], count=9, val_fraction=0.2)
+    info = dataset_info(path)
+    assert (info.num_images, info.num_train, info.num_val) == (5, 4, 1)
+    assert info.class_names == ("a", "b") and info.num_classes == 2 and info.image_size == 256
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(3, 1), ["a"], count=3)
+    before = path.read_bytes()
+
+    def broken_samples():
+        yield from random_samples(2, 1)
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_dataset(path, broken_samples(), ["a"], count=3)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["d.h5"]
+
+
+@pytest.mark.parametrize("samples, message", [
+    ([], "no images to write to"),
+    ([(np.zeros((256, 256, 3), np.uint8), 5)], "has label 5, outside the 2 classes"),
+    ([(np.zeros((200, 256, 3), np.uint8), 0)], r"expected uint8 \(256, 256, 3\)"),
+    ([(np.zeros((256, 256, 3), np.uint8), 0)] * 3, "more images than the count=2"),
+])
+def test_write_dataset_rejects_bad_samples(tmp_path, samples, message):
+    with pytest.raises(DataError, match=message):
+        write_dataset(tmp_path / "d.h5", samples, ["a", "b"], count=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_open_missing_file(tmp_path):
+    path = tmp_path / "nothing.h5"
+    with pytest.raises(DataError, match=f"^no such dataset file: {path}$"):
+        open_dataset(path)
+
+
+def test_open_non_hdf5_file(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("just some text")
+    with pytest.raises(DataError, match=f"^{path} is not an HDF5 file$"):
+        open_dataset(path)
+
+
+def test_open_hdf5_file_without_format(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = np.zeros(3)
+    with pytest.raises(DataError, match=f"^{path} is not a minidl dataset \\(no format attribute 'minidl-dataset'\\)$"):
+        open_dataset(path)
+
+
+def test_open_dataset_missing_a_part(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(2, 1), ["a"], count=2)
+    with h5py.File(path, "a") as f:
+        del f["pca_eigvecs"]
+    with pytest.raises(DataError, match=r"is not a minidl dataset \(missing 'pca_eigvecs'\)$"):
+        open_dataset(path)
+
+
+def test_unwritable_destination(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="^cannot write .*a_file/d.h5"):
+        write_dataset(tmp_path / "a_file" / "d.h5", random_samples(1, 1), ["a"], count=1)

@@ -1,0 +1,162 @@
+"""The loader: splits, labels, shapes, seeded order and augmentation, resuming, the background thread."""
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from minidl.data.dataset import open_dataset, write_dataset
+from minidl.data.loader import Loader
+from minidl.errors import DataError
+
+COUNT = 30
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Image n is filled with the value 8n and has label n % 3; 6 of the 30 are validation images."""
+    path = tmp_path_factory.mktemp("data") / "d.h5"
+    samples = ((np.full((256, 256, 3), 8 * n, dtype=np.uint8), n % 3) for n in range(COUNT))
+    write_dataset(path, samples, ["zero", "one", "two"], count=COUNT, val_fraction=0.2)
+    return path
+
+
+def image_numbers(path, x):
+    """Which image each row of a batch was cut from (constant images, channel mean, no lighting)."""
+    with open_dataset(path) as f:
+        mean_red = f["mean_rgb"][0]
+    return np.rint((x[:, 0, 0, 0] + mean_red) / 8).astype(int).tolist()
+
+
+def split_numbers(path, split):
+    with open_dataset(path) as f:
+        is_val = f["is_val"][()].astype(bool)
+    return set(np.flatnonzero({"train": ~is_val, "val": is_val, "all": np.ones(COUNT, bool)}[split]).tolist())
+
+
+def all_batches(loader, epoch, start=0):
+    return list(loader.epoch_batches(epoch, start=start))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+def test_split_sizes_and_class_names(dataset):
+    sizes = {split: Loader(dataset, split=split, batch_size=5).num_images for split in ("train", "val", "all")}
+    assert sizes == {"train": 24, "val": 6, "all": 30}
+    loader = Loader(dataset, batch_size=5)
+    assert loader.num_classes == 3 and loader.class_names == ("zero", "one", "two")
+    assert len(loader) == 5 and len(Loader(dataset, batch_size=5, drop_last=True)) == 4
+    assert len(Loader(dataset, batch_size=7, split="val")) == 1
+
+
+@pytest.mark.parametrize("split, augment", [("train", True), ("val", False), ("all", False)])
+def test_every_image_once_with_its_label(dataset, split, augment):
+    loader = Loader(dataset, split=split, batch_size=4, augment=augment, pca_sigma=0, mean="channel")
+    seen = []
+    for x, y in loader.epoch_batches(0):
+        assert x.dtype == np.float32 and x.shape == (len(y), 3, 227, 227) and y.dtype == np.int64
+        numbers = image_numbers(dataset, x)
+        assert numbers == sorted(numbers)  # file order inside a batch
+        assert y.tolist() == [n % 3 for n in numbers]
+        seen += numbers
+    assert sorted(seen) == sorted(split_numbers(dataset, split))
+
+
+def test_same_seed_same_batches_and_epochs_differ(dataset):
+    first = all_batches(Loader(dataset, batch_size=4, seed=5), epoch=2)
+    assert_same_batches(first, all_batches(Loader(dataset, batch_size=4, seed=5), epoch=2))
+    other_seed = all_batches(Loader(dataset, batch_size=4, seed=6), epoch=2)
+    assert not np.array_equal(first[0][0], other_seed[0][0])
+
+    loader = Loader(dataset, batch_size=4, seed=5, pca_sigma=0, mean="channel")
+    orders = [[image_numbers(dataset, x) for x, _ in loader.epoch_batches(epoch)] for epoch in (0, 1, 0)]
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+
+
+def test_resuming_at_a_batch_sees_what_an_uninterrupted_run_sees(dataset):
+    loader = Loader(dataset, batch_size=4, seed=1)
+    assert_same_batches(all_batches(loader, 3)[2:], all_batches(loader, 3, start=2))
+    assert all_batches(loader, 3, start=len(loader)) == []
+
+
+def test_validation_without_augmentation_is_deterministic(dataset):
+    loader = Loader(dataset, split="val", batch_size=4, augment=False)
+    assert_same_batches(all_batches(loader, 0), all_batches(loader, 7))
+    x, _ = all_batches(loader, 0)[0]
+    # the centre crop of a constant image minus the per-pixel mean is constant too
+    np.testing.assert_allclose(x, x[:, :, :1, :1] * np.ones_like(x))
+
+
+def test_scale_multiplies_the_input(dataset):
+    plain = all_batches(Loader(dataset, batch_size=4, seed=2), 0)[0][0]
+    scaled = all_batches(Loader(dataset, batch_size=4, seed=2, scale=1 / 255), 0)[0][0]
+    np.testing.assert_allclose(scaled, plain / 255, rtol=1e-6)
+
+
+def test_ten_crop(dataset):
+    loader = Loader(dataset, split="val", batch_size=4, augment=False, ten_crop=True, crop=200)
+    x, y = all_batches(loader, 0)[0]
+    assert x.shape == (4, 10, 3, 200, 200) and x.dtype == np.float32
+    centre, _ = all_batches(Loader(dataset, split="val", batch_size=4, augment=False, crop=200), 0)[0]
+    np.testing.assert_array_equal(x[:, 4], centre)  # the 5th view is the centre crop
+    with pytest.raises(ValueError, match="ten_crop"):
+        Loader(dataset, batch_size=4, ten_crop=True)
+
+
+def test_error_in_the_thread_reaches_the_caller(dataset, monkeypatch):
+    loader = Loader(dataset, batch_size=4)
+    calls = []
+
+    def failing(images, rng):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("augmentation broke")
+        return np.zeros(1)
+
+    monkeypatch.setattr(loader, "make_batch", failing)
+    batches = loader.epoch_batches(0)
+    next(batches)
+    with pytest.raises(RuntimeError, match="augmentation broke"):
+        next(batches)
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+def test_file_gone_after_construction(dataset, tmp_path):
+    path = tmp_path / "copy.h5"
+    path.write_bytes(dataset.read_bytes())
+    loader = Loader(path, batch_size=4)
+    path.unlink()
+    with pytest.raises(DataError, match="no such dataset file"):
+        all_batches(loader, 0)
+
+
+def wait_for_threads(count, seconds=5):
+    deadline = time.monotonic() + seconds
+    while threading.active_count() > count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return threading.active_count()
+
+
+def test_breaking_out_stops_the_thread(dataset):
+    before = threading.active_count()
+    loader = Loader(dataset, split="all", batch_size=1, prefetch=1)
+    for _ in loader.epoch_batches(0):
+        break
+    gc.collect()
+    assert wait_for_threads(before) == before
+    batches = loader.epoch_batches(0)
+    next(batches)
+    batches.close()
+    assert wait_for_threads(before) == before
+
+
+def test_crop_larger_than_the_images(dataset):
+    with pytest.raises(DataError, match=r"^crop 300x300 is larger than the stored 256x256 images$"):
+        Loader(dataset, batch_size=4, crop=300)
