@@ -13,7 +13,7 @@ import numpy as np
 from minidl.core import Tensor
 from minidl.device import device as as_device
 from minidl.functions import softmax_cross_entropy
-from minidl.functions import dropout as dropout_module
+from minidl.functions.dropout import seed as seed_dropout
 from minidl.optim import MomentumSGD
 
 
@@ -71,7 +71,7 @@ def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmu
     start, stop = _timer(model.output_device)
     times = []
     for i in range(warmup + steps):
-        dropout_module.seed(i)
+        seed_dropout(i)
         begin = start()
         loss = softmax_cross_entropy(model(x), y)
         optimizer.zero_grad()

@@ -18,7 +18,7 @@ TINY_MODEL = '''
 """A tiny model file: the same contract as models/alexnet.py."""
 from minidl.layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
 
-CONFIG = dict(input_size=19, batch_size=4, epochs=2, lr=0.01, plateau_patience=5)
+CONFIG = dict(input_size=19, batch_size=4, epochs=2, lr=0.01, plateau_patience=5, input_scale=1 / 255)
 
 
 class Tiny(Layer):
