@@ -57,7 +57,8 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
         bound = atol + rtol * np.abs(numeric)
         # NaN compares False: without the isfinite checks a NaN gradient would pass
         if (error > bound).any() or not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
-            worst = np.unravel_index(np.argmax(error - bound), x.shape)
+            # plain ints: NumPy 2 would print the index as (np.int64(1), np.int64(2))
+            worst = tuple(int(k) for k in np.unravel_index(np.argmax(error - bound), x.shape))
             raise AssertionError(
                 f"gradient of input {i} (shape {x.shape}) is wrong at {worst}: analytic "
                 f"{analytic[worst]:.8g}, numeric {numeric[worst]:.8g}, |diff| {error[worst]:.3g} "

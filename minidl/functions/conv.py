@@ -1,10 +1,11 @@
 """2-D convolution with groups, as im2col + one matrix product per group.
 
 x is NCHW, W is (out, in/groups, kh, kw). im2col lays the input patches out as
-cols (N, groups, in/groups*kh*kw, OH*OW); then y = W @ cols is a batched GEMM
-(NumPy's BLAS on the CPU, cuBLAS through CuPy on the GPU) that lands directly
-in NCHW order. Backward: gW = gy @ cols^T summed over the batch, and the input
-gradient goes back through col2im.
+cols (groups, in/groups*kh*kw, N*OH*OW): the batch sits inside the columns, so
+each group is ONE large GEMM, y_g = W_g @ cols_g (NumPy's BLAS on the CPU,
+cuBLAS through CuPy on the GPU), rather than N small ones. Backward:
+gW_g = gy_g @ cols_g^T and gcols_g = W_g^T @ gy_g, and the input gradient goes
+back through col2im.
 
 im2col and col2im: on the CPU a strided view and a loop over the kh*kw kernel
 offsets; on the GPU the kernels in conv.cu. col2im is a gather there (each
@@ -35,7 +36,7 @@ def output_size(size, ksize, stride, pad, what="convolution"):
 # --- im2col / col2im: CPU and GPU side by side
 
 def im2col(x, kh, kw, stride, pad, oh, ow):
-    """(N, C, H, W) -> (N, C, kh, kw, OH, OW) patches, contiguous."""
+    """(N, C, H, W) -> patches (C, kh, kw, N, OH, OW), contiguous."""
     if not isinstance(x, np.ndarray):
         return _im2col_gpu(x, kh, kw, stride, pad, oh, ow)
     if pad:
@@ -43,19 +44,20 @@ def im2col(x, kh, kw, stride, pad, oh, ow):
     n, c = x.shape[:2]
     sn, sc, sh, sw = x.strides
     view = np.lib.stride_tricks.as_strided(
-        x, (n, c, kh, kw, oh, ow), (sn, sc, sh, sw, sh * stride, sw * stride), writeable=False)
+        x, (c, kh, kw, n, oh, ow), (sc, sh, sw, sn, sh * stride, sw * stride), writeable=False)
     return np.ascontiguousarray(view)
 
 
 def col2im(cols, h, w, stride, pad):
-    """The adjoint of im2col: sum the (N, C, kh, kw, OH, OW) patches back into (N, C, H, W)."""
+    """The adjoint of im2col: sum the (C, kh, kw, N, OH, OW) patches back into (N, C, H, W)."""
     if not isinstance(cols, np.ndarray):
         return _col2im_gpu(cols, h, w, stride, pad)
-    n, c, kh, kw, oh, ow = cols.shape
+    c, kh, kw, n, oh, ow = cols.shape
     out = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    by_image = cols.transpose(3, 0, 1, 2, 4, 5)  # a view: (N, C, kh, kw, OH, OW)
     for i in range(kh):  # each kernel offset touches distinct pixels: plain strided adds
         for j in range(kw):
-            out[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += cols[:, :, i, j]
+            out[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += by_image[:, :, i, j]
     return out[:, :, pad:pad + h, pad:pad + w] if pad else out
 
 
@@ -63,24 +65,24 @@ def _im2col_gpu(x, kh, kw, stride, pad, oh, ow):
     import cupy as cp
     x = kernels.prepare(x, x.dtype)
     n, c, h, w = x.shape
-    cols = cp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    cols = cp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
     kernel = kernels.get_kernel(CU_FILE, "im2col", x.dtype, CU_KERNELS)
-    i64 = np.int64
-    kernels.launch(kernel, cols.size, (x, cols, i64(cols.size), i64(c), i64(h), i64(w), i64(kh), i64(kw),
-                                       i64(stride), i64(pad), i64(oh), i64(ow)))
+    kernels.launch(kernel, cols.size, (x, cols, *_sizes(cols.size, n, c, h, w, kh, kw, stride, pad, oh, ow)))
     return cols
 
 
 def _col2im_gpu(cols, h, w, stride, pad):
     import cupy as cp
     cols = kernels.prepare(cols, cols.dtype)
-    n, c, kh, kw, oh, ow = cols.shape
+    c, kh, kw, n, oh, ow = cols.shape
     out = cp.empty((n, c, h, w), dtype=cols.dtype)
     kernel = kernels.get_kernel(CU_FILE, "col2im", cols.dtype, CU_KERNELS)
-    i64 = np.int64
-    kernels.launch(kernel, out.size, (cols, out, i64(out.size), i64(c), i64(h), i64(w), i64(kh), i64(kw),
-                                      i64(stride), i64(pad), i64(oh), i64(ow)))
+    kernels.launch(kernel, out.size, (cols, out, *_sizes(out.size, n, c, h, w, kh, kw, stride, pad, oh, ow)))
     return out
+
+
+def _sizes(*values):
+    return tuple(np.int64(v) for v in values)
 
 
 # --- the function
@@ -105,11 +107,10 @@ class Conv2d(Function):
             raise MinidlError(f"conv2d: bias of shape {b.shape} for {out} output channels")
         oh = output_size(h, kh, self.stride, self.pad)
         ow = output_size(w, kw, self.stride, self.pad)
-        cols = im2col(x, kh, kw, self.stride, self.pad, oh, ow).reshape(n, g, cg * kh * kw, oh * ow)
-        Wg = W.reshape(g, out // g, cg * kh * kw)
-        y = (Wg @ cols).reshape(n, out, oh, ow)  # (N, G, out/G, L): already NCHW
-        if b is not None:
-            y += b.reshape(1, out, 1, 1)
+        cols = im2col(x, kh, kw, self.stride, self.pad, oh, ow).reshape(g, cg * kh * kw, n * oh * ow)
+        y = W.reshape(g, out // g, cg * kh * kw) @ cols  # (G, out/G, N*OH*OW)
+        y = y.reshape(out, n, oh, ow).transpose(1, 0, 2, 3)
+        y = y + b.reshape(1, out, 1, 1) if b is not None else y.copy()  # either way a new NCHW array
         self.save(cols, W)
         self.in_shape = x.shape
         return y
@@ -119,16 +120,16 @@ class Conv2d(Function):
         n, c, h, w = self.in_shape
         out, cg, kh, kw = W.shape
         g = self.groups
-        gy = gy.reshape(n, g, out // g, -1)
+        oh, ow = gy.shape[2:]
+        gy_groups = gy.transpose(1, 0, 2, 3).reshape(g, out // g, n * oh * ow)  # one copy, the batch inside
         gx = gW = gb = None
         if self.needs_grad[1]:
-            gW = (gy @ cols.swapaxes(-1, -2)).sum(axis=0).reshape(W.shape)
+            gW = (gy_groups @ cols.swapaxes(-1, -2)).reshape(W.shape)
         if self.needs_grad[0]:  # skipped for the first layer, whose input is the image
-            gcols = W.reshape(g, out // g, -1).swapaxes(-1, -2) @ gy  # (N, G, cg*kh*kw, L)
-            oh, ow = output_size(h, kh, self.stride, self.pad), output_size(w, kw, self.stride, self.pad)
-            gx = col2im(gcols.reshape(n, c, kh, kw, oh, ow), h, w, self.stride, self.pad)
+            gcols = W.reshape(g, out // g, -1).swapaxes(-1, -2) @ gy_groups  # (G, cg*kh*kw, N*L)
+            gx = col2im(gcols.reshape(c, kh, kw, n, oh, ow), h, w, self.stride, self.pad)
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = gy.sum(axis=(0, 3)).reshape(out)
+            gb = gy_groups.sum(axis=2).reshape(out)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
 
 

@@ -45,18 +45,21 @@ class LocalResponseNorm(Function):
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
         if isinstance(x, np.ndarray):
             s = self.k + self.alpha * window_sum(x * x, self.n)
-            y = x * s ** -self.beta
-        else:
-            y, s = self._gpu("lrn_forward", x)
+            s_pow = s ** -self.beta  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
+            self.save(x, s, s_pow)
+            return x * s_pow
+        y, s = self._gpu("lrn_forward", x)
         self.save(x, s)
         return y
 
     def backward(self, gy):
-        x, s = self.saved
-        if not isinstance(x, np.ndarray):
+        if not isinstance(gy, np.ndarray):
+            x, s = self.saved
             return self._gpu("lrn_backward", x, s, gy)
-        t = gy * x * s ** (-self.beta - 1)
-        return gy * s ** -self.beta - (2 * self.alpha * self.beta) * x * window_sum(t, self.n)
+        x, s, s_pow = self.saved
+        g_scaled = gy * s_pow
+        t = g_scaled * x / s
+        return g_scaled - (2 * self.alpha * self.beta) * x * window_sum(t, self.n)
 
     def _gpu(self, name, x, s=None, gy=None):
         import cupy as cp

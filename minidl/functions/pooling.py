@@ -55,10 +55,11 @@ class MaxPool2d(Function):
         _, first = next(windows)
         y = first.copy()
         argmax = np.zeros(y.shape, dtype=np.int32)
+        better = np.empty(y.shape, dtype=bool)
         for offset, view in windows:
-            better = view > y  # strict: on a tie the earlier offset stays
+            np.greater(view, y, out=better)  # strict: on a tie the earlier offset stays
             np.copyto(y, view, where=better)
-            argmax[better] = offset
+            np.copyto(argmax, offset, where=better)
         return y, argmax
 
     def _forward_gpu(self, x, oh, ow):
@@ -79,7 +80,7 @@ class MaxPool2d(Function):
             p = self.pad
             gx = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=gy.dtype)
             for offset, view in _windows(gx, self.ksize, self.stride, oh, ow):
-                view += np.where(argmax == offset, gy, 0)  # one offset's views never overlap
+                view += (argmax == offset) * gy  # one offset's views never overlap
             return gx[:, :, p:p + h, p:p + w] if p else gx
         import cupy as cp
         gx = cp.empty(self.in_shape, dtype=gy.dtype)
