@@ -62,7 +62,11 @@ def set_device_map(mapping):
     if mapping is None:
         _device_map = None
     else:
-        _device_map = {int(str(k).removeprefix("cuda:")): int(v) for k, v in mapping.items()}
+        try:
+            _device_map = {int(str(k).removeprefix("cuda:")): int(v) for k, v in mapping.items()}
+        except ValueError:
+            raise DeviceError(f"bad device map {mapping!r}: expected logical to physical, "
+                              "for example {'cuda:1': 0}") from None
     # forget only the devices the new map moves: the cpu and unmoved GPUs stay the same
     # objects, or tensors made before and after the call would be on "different devices"
     for name, dev in list(_devices.items()):
@@ -162,6 +166,8 @@ def device(name=None):
         text = "cuda:0"
     if text != CPU_NAME and not re.fullmatch(r"cuda:\d+", text):
         raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda:N'")
+    if text != CPU_NAME:
+        text = f"cuda:{int(text[5:])}"  # 'cuda:01' is 'cuda:1': one Device, one stream
     if text in _devices:
         return _devices[text]
     dev = Device(text)
