@@ -1,0 +1,72 @@
+"""Layer objects: parameter registry, names, modes, placement, initialisers."""
+import numpy as np
+import pytest
+
+from minidl import Tensor
+from minidl.atomic import atomic_path
+from minidl.layers import LRN, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, init
+
+
+def small_net():
+    return Sequential(Conv2d(3, 4, 3, pad=1, rng=0), ReLU(), LRN(), MaxPool2d(3, 2), Flatten(),
+                      Linear(4 * 3 * 3, 5, rng=1), Dropout(0.5))
+
+
+def test_params_and_stable_dotted_names():
+    net = small_net()
+    assert [n for n, _ in net.named_params()] == ["0.W", "0.b", "5.W", "5.b"]
+    assert net.num_params() == 4 * 3 * 9 + 4 + 36 * 5 + 5
+    assert all(p.requires_grad for p in net.params())
+
+
+def test_forward_backward_and_zero_grad():
+    net = small_net().eval()
+    y = net(Tensor(np.random.default_rng(0).standard_normal((2, 3, 7, 7)).astype(np.float32)))
+    assert y.shape == (2, 5)
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in net.params())
+    net.zero_grad()
+    assert all(p.grad is None for p in net.params())
+
+
+def test_train_and_eval_reach_every_layer():
+    net = small_net()
+    assert all(layer.training for _, layer in net.named_layers())
+    net.eval()
+    assert not any(layer.training for _, layer in net.named_layers())
+    x = Tensor(np.ones((1, 4)))
+    assert Dropout(0.5).eval()(x) is x
+
+
+def test_to_dtype_keeps_values():
+    net = small_net()
+    before = net.params()[0].numpy()
+    net.to(dtype=np.float64)
+    assert net.params()[0].dtype == np.float64
+    np.testing.assert_array_equal(net.params()[0].numpy(), before)
+
+
+def test_initialisers():
+    rng = np.random.default_rng(0)
+    w = init.normal(0.01)((200, 300), rng)
+    assert w.dtype == np.float32 and abs(w.std() - 0.01) < 2e-4
+    assert np.all(init.constant(1.0)((3,), rng) == 1.0)
+    he = init.he_normal()((64, 32, 3, 3), rng)
+    assert abs(he.std() - np.sqrt(2 / (32 * 9))) < 2e-3
+    layer = Linear(3, 2, W_init=init.constant(0.5), b_init=init.constant(1.0))
+    assert np.all(layer.W.data == 0.5) and np.all(layer.b.data == 1.0)
+
+
+def test_atomic_path_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "ckpt.h5"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt.h5"]
+    with atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new"
