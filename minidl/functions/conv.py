@@ -18,7 +18,6 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
-from minidl.cpu_threads import over_slices
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "conv.cu")
@@ -46,9 +45,7 @@ def im2col(x, kh, kw, stride, pad, oh, ow):
     sn, sc, sh, sw = x.strides
     view = np.lib.stride_tricks.as_strided(
         x, (c, kh, kw, n, oh, ow), (sc, sh, sw, sn, sh * stride, sw * stride), writeable=False)
-    cols = np.empty(view.shape, dtype=x.dtype)
-    over_slices(lambda a, b: np.copyto(cols[a:b], view[a:b]), c)
-    return cols
+    return np.ascontiguousarray(view)
 
 
 def col2im(cols, h, w, stride, pad):
@@ -58,12 +55,9 @@ def col2im(cols, h, w, stride, pad):
     c, kh, kw, n, oh, ow = cols.shape
     out = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     by_image = cols.transpose(3, 0, 1, 2, 4, 5)  # a view: (N, C, kh, kw, OH, OW)
-
-    def add_patches(a, b):  # images a..b
-        for i in range(kh):  # each kernel offset touches distinct pixels: plain strided adds
-            for j in range(kw):
-                out[a:b, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += by_image[a:b, :, i, j]
-    over_slices(add_patches, n)
+    for i in range(kh):  # each kernel offset touches distinct pixels: plain strided adds
+        for j in range(kw):
+            out[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += by_image[:, :, i, j]
     return out[:, :, pad:pad + h, pad:pad + w] if pad else out
 
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
-from minidl.cpu_threads import over_slices
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "lrn.cu")
@@ -45,15 +44,10 @@ class LocalResponseNorm(Function):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
         if isinstance(x, np.ndarray):
-            y, s, s_pow = (np.empty_like(x) for _ in range(3))
-
-            def normalize(a, b):  # images a..b
-                s[a:b] = self.k + self.alpha * window_sum(x[a:b] * x[a:b], self.n)
-                s_pow[a:b] = s[a:b] ** -self.beta  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
-                np.multiply(x[a:b], s_pow[a:b], out=y[a:b])
-            over_slices(normalize, len(x))
+            s = self.k + self.alpha * window_sum(x * x, self.n)
+            s_pow = s ** -self.beta  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
             self.save(x, s, s_pow)
-            return y
+            return x * s_pow
         y, s = self._gpu("lrn_forward", x)
         self.save(x, s)
         return y
@@ -63,14 +57,9 @@ class LocalResponseNorm(Function):
             x, s = self.saved
             return self._gpu("lrn_backward", x, s, gy)
         x, s, s_pow = self.saved
-        gx = np.empty_like(x)
-
-        def gradient(a, b):  # images a..b
-            g_scaled = gy[a:b] * s_pow[a:b]
-            t = g_scaled * x[a:b] / s[a:b]
-            gx[a:b] = g_scaled - (2 * self.alpha * self.beta) * x[a:b] * window_sum(t, self.n)
-        over_slices(gradient, len(x))
-        return gx
+        g_scaled = gy * s_pow
+        t = g_scaled * x / s
+        return g_scaled - (2 * self.alpha * self.beta) * x * window_sum(t, self.n)
 
     def _gpu(self, name, x, s=None, gy=None):
         import cupy as cp

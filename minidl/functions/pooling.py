@@ -13,7 +13,6 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
-from minidl.cpu_threads import over_slices
 from minidl.errors import MinidlError
 from minidl.functions.conv import output_size
 
@@ -52,19 +51,15 @@ class MaxPool2d(Function):
         p = self.pad
         if p:
             x = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf)
-        y = np.empty(x.shape[:2] + (oh, ow), dtype=x.dtype)
+        windows = _windows(x, self.ksize, self.stride, oh, ow)
+        _, first = next(windows)
+        y = first.copy()
         argmax = np.zeros(y.shape, dtype=np.int32)
-
-        def pool(a, b):  # images a..b
-            windows = _windows(x[a:b], self.ksize, self.stride, oh, ow)
-            _, first = next(windows)
-            y[a:b] = first
-            better = np.empty(y[a:b].shape, dtype=bool)
-            for offset, view in windows:
-                np.greater(view, y[a:b], out=better)  # strict: on a tie the earlier offset stays
-                np.copyto(y[a:b], view, where=better)
-                np.copyto(argmax[a:b], offset, where=better)
-        over_slices(pool, len(x))
+        better = np.empty(y.shape, dtype=bool)
+        for offset, view in windows:
+            np.greater(view, y, out=better)  # strict: on a tie the earlier offset stays
+            np.copyto(y, view, where=better)
+            np.copyto(argmax, offset, where=better)
         return y, argmax
 
     def _forward_gpu(self, x, oh, ow):
@@ -84,11 +79,8 @@ class MaxPool2d(Function):
         if isinstance(gy, np.ndarray):
             p = self.pad
             gx = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=gy.dtype)
-
-            def scatter(a, b):  # images a..b
-                for offset, view in _windows(gx[a:b], self.ksize, self.stride, oh, ow):
-                    view += (argmax[a:b] == offset) * gy[a:b]  # one offset's views never overlap
-            over_slices(scatter, n)
+            for offset, view in _windows(gx, self.ksize, self.stride, oh, ow):
+                view += (argmax == offset) * gy  # one offset's views never overlap
             return gx[:, :, p:p + h, p:p + w] if p else gx
         import cupy as cp
         gx = cp.empty(self.in_shape, dtype=gy.dtype)
