@@ -45,7 +45,7 @@ CONFIG = dict(
 )
 
 # The built-in shapes dataset on a 2-core CPU: a run that shows learning in minutes.
-BUILTIN_DATA = dict(batch_size=32, epochs=4)
+BUILTIN_DATA = dict(batch_size=32, epochs=3)
 
 #  name     kind  per tower (x2)                                reads    then
 NETWORK = [
