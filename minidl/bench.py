@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from minidl.core import Tensor
-from minidl.device import device as as_device
+from minidl.device import device as as_device, keep_freed_host_memory
 from minidl.functions import softmax_cross_entropy
 from minidl.functions.dropout import seed as seed_dropout
 from minidl.optim import MomentumSGD
@@ -60,6 +60,7 @@ def _note_pool(devices):
 def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmup=3, num_classes=1000,
           seed=0, progress=None):
     """Time `steps` training steps; returns a dict of medians and the peak memory."""
+    keep_freed_host_memory()
     devices = tuple(as_device(d) for d in devices)
     config = model_file.config
     model = model_file.build(num_classes, [d.name for d in devices], config["init"], seed)

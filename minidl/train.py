@@ -16,7 +16,7 @@ import time
 from minidl.checkpoint import HISTORY_KEYS, load_checkpoint, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
-from minidl.device import default_devices, device as as_device
+from minidl.device import default_devices, device as as_device, keep_freed_host_memory
 from minidl.errors import MinidlError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions.dropout import seed as seed_dropout
@@ -47,6 +47,7 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
           max_steps=None):
     """Train a model file's network; returns the history dict. See the module docstring."""
     report = progress or (lambda event: None)
+    keep_freed_host_memory()
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
         model_path = model_path or checkpoint["model_file"]
