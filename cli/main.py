@@ -62,7 +62,8 @@ def main():
 @click.option("--devices", help="The two towers' devices, e.g. cuda:0,cuda:1 or cuda:0 or cpu (default: what is here).")
 @click.option("--epochs", type=int, help="Epochs to train (default: the model file's).")
 @click.option("--batch-size", type=int, help="Images per step (default: the model file's).")
-@click.option("--out", "out_dir", default="runs/alexnet", show_default=True, help="Folder for checkpoints and curves.")
+@click.option("--out", "out_dir", help="Folder for checkpoints and curves (default: runs/alexnet, or the "
+              "folder of the --resume checkpoint).")
 @click.option("--resume", type=click.Path(), help="Continue from this checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
@@ -71,6 +72,7 @@ def main():
 def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every):
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional."""
     from minidl.train import train as run_training
+    out_dir = out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else os.path.join("runs", "alexnet"))
     builtin_bar = ProgressLine("generating the built-in dataset")
 
     def show(event):
@@ -96,9 +98,15 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
             if event["finished"]:
                 click.echo("validation stopped improving after the last learning-rate drop: done")
 
-    history = run_training(model_file, data=data, devices=parse_devices(devices), epochs=epochs,
-                           batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
-                           progress=show, log_every=log_every)
+    try:
+        history = run_training(model_file, data=data, devices=parse_devices(devices), epochs=epochs,
+                               batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
+                               progress=show, log_every=log_every)
+    except KeyboardInterrupt:
+        last = os.path.join(out_dir, "last.h5")
+        if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
+            raise MinidlError(f"interrupted; continue with: minidl train --resume {last} --out {out_dir}") from None
+        raise
     if history["val_top1"]:
         click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}%; checkpoints in {out_dir}/ "
                    f"(last.h5, best.h5), curves in {out_dir}/curves.png")
