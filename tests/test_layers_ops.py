@@ -145,6 +145,17 @@ def test_max_pool_ties_send_the_gradient_to_the_first_in_scan_order(dev):
     assert grad.sum() == y.size  # exactly one element per window gets the gradient
 
 
+@pytest.mark.parametrize("k, s, pad", [(3, 2, 0), (3, 2, 1), (2, 2, 0), (4, 3, 1)])
+def test_max_pool_with_many_ties_follows_the_scan_order_reference(dev, rng, k, s, pad):
+    x = rng.integers(0, 3, (2, 3, 9, 11)).astype(np.float64)  # three values: most windows tie
+    xt = t(dev, x)
+    y = max_pool2d(xt, k, s, pad)
+    y.sum().backward()
+    ref, ref_grad = pool_reference(x, k, s, pad)
+    np.testing.assert_array_equal(y.numpy(), ref)
+    np.testing.assert_array_equal(xt.grad.numpy(), ref_grad)
+
+
 def test_max_pool_errors():
     with pytest.raises(MinidlError, match=r"window 3 is larger than the padded input 2"):
         max_pool2d(Tensor(np.ones((1, 1, 2, 8))), 3, 2)
