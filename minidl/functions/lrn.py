@@ -24,12 +24,10 @@ CU_KERNELS = ("lrn_forward", "lrn_backward")
 
 def window_sum(values, n):
     """Sum over channels c-n//2 .. c+n//2 (clipped at the ends) of (N, C, H, W) values."""
-    half = n // 2
-    channels = values.shape[1]
-    padded = np.pad(values, ((0, 0), (half, half), (0, 0), (0, 0)))
-    total = padded[:, 0:channels].copy()
-    for offset in range(1, 2 * half + 1):
-        total += padded[:, offset:offset + channels]
+    total = values.copy()
+    for shift in range(1, n // 2 + 1):
+        total[:, shift:] += values[:, :-shift]
+        total[:, :-shift] += values[:, shift:]
     return total
 
 
@@ -44,8 +42,10 @@ class LocalResponseNorm(Function):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
         if isinstance(x, np.ndarray):
-            s = self.k + self.alpha * window_sum(x * x, self.n)
-            s_pow = s ** -self.beta  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
+            s = window_sum(x * x, self.n)
+            s *= x.dtype.type(self.alpha)  # in place: these arrays are the size of the layer's output
+            s += x.dtype.type(self.k)
+            s_pow = s ** x.dtype.type(-self.beta)  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
             self.save(x, s, s_pow)
             return x * s_pow
         y, s = self._gpu("lrn_forward", x)
@@ -58,8 +58,13 @@ class LocalResponseNorm(Function):
             return self._gpu("lrn_backward", x, s, gy)
         x, s, s_pow = self.saved
         g_scaled = gy * s_pow
-        t = g_scaled * x / s
-        return g_scaled - (2 * self.alpha * self.beta) * x * window_sum(t, self.n)
+        t = g_scaled * x
+        t /= s
+        through_s = window_sum(t, self.n)
+        through_s *= x
+        through_s *= x.dtype.type(2 * self.alpha * self.beta)
+        g_scaled -= through_s
+        return g_scaled
 
     def _gpu(self, name, x, s=None, gy=None):
         import cupy as cp
