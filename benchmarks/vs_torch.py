@@ -17,6 +17,8 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import minidl  # noqa: E402  before PyTorch can load NumPy: minidl sets OpenBLAS's thread timeout first
 
 
 def torch_alexnet(nn):
@@ -71,7 +73,6 @@ def bench_torch(device, batch_size, steps, warmup):
 
 
 def bench_minidl(device, batch_size, steps, warmup):
-    sys.path.insert(0, ROOT)
     from minidl.bench import bench
     from minidl.model_file import load_model_file
     devices = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:0")

@@ -9,7 +9,10 @@ decay inside the velocity:
 (PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
 differs from this as soon as lr changes.)
 """
+import numpy as np
+
 from minidl.core import Tensor, no_grad
+from minidl.cpu_parallel import in_parallel
 
 
 class MomentumSGD:
@@ -24,14 +27,23 @@ class MomentumSGD:
                 if p.grad is None:
                     continue
                 with p.device:
-                    w, g = p.data, p.grad.data
                     if self.velocities[i] is None:
-                        self.velocities[i] = p.device.xp.zeros_like(w)
-                    v = self.velocities[i]
-                    v *= w.dtype.type(self.momentum)
-                    v -= w.dtype.type(self.weight_decay * self.lr) * w
-                    v -= w.dtype.type(self.lr) * g
-                    w += v
+                        self.velocities[i] = p.device.xp.zeros_like(p.data)
+                    self._update(p.data, p.grad.data, self.velocities[i])
+
+    def _update(self, w, g, v):
+        momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr, self.lr))
+
+        def update(part):  # in place, and on the CPU a block at a time: for fc6 these arrays are 150 MB each
+            v_part, w_part = v[part], w[part]
+            v_part *= momentum
+            v_part -= decay * w_part
+            v_part -= lr * g[part]
+            w_part += v_part
+        if isinstance(w, np.ndarray) and w.ndim:
+            in_parallel(update, w, blocks=True)
+        else:
+            update(...)
 
     def zero_grad(self):
         for p in self.params:

@@ -8,7 +8,7 @@ gW_g = gy_g @ cols_g^T and gcols_g = W_g^T @ gy_g, and the input gradient goes
 back through col2im.
 
 im2col and col2im: on the CPU a strided view and a loop over the kh*kw kernel
-offsets; on the GPU the kernels in conv.cu. col2im is a gather there (each
+offsets, a share of the batch per core; on the GPU the kernels in conv.cu. col2im is a gather there (each
 thread sums the patches that cover its input element), so it needs no atomics
 and gives the same result on every run.
 """
@@ -18,6 +18,7 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
+from minidl.cpu_parallel import in_parallel
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "conv.cu")
@@ -45,7 +46,12 @@ def im2col(x, kh, kw, stride, pad, oh, ow):
     sn, sc, sh, sw = x.strides
     view = np.lib.stride_tricks.as_strided(
         x, (c, kh, kw, n, oh, ow), (sc, sh, sw, sn, sh * stride, sw * stride), writeable=False)
-    return np.ascontiguousarray(view)
+    cols = np.empty(view.shape, dtype=x.dtype)
+
+    def copy(images):
+        cols[:, :, :, images] = view[:, :, :, images]
+    in_parallel(copy, x)
+    return cols
 
 
 def col2im(cols, h, w, stride, pad):
@@ -55,9 +61,12 @@ def col2im(cols, h, w, stride, pad):
     c, kh, kw, n, oh, ow = cols.shape
     out = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     by_image = cols.transpose(3, 0, 1, 2, 4, 5)  # a view: (N, C, kh, kw, OH, OW)
-    for i in range(kh):  # each kernel offset touches distinct pixels: plain strided adds
-        for j in range(kw):
-            out[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += by_image[:, :, i, j]
+
+    def add(images):
+        for i in range(kh):  # each kernel offset touches distinct pixels: plain strided adds
+            for j in range(kw):
+                out[images, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += by_image[images, :, i, j]
+    in_parallel(add, out)
     return out[:, :, pad:pad + h, pad:pad + w] if pad else out
 
 

@@ -7,7 +7,7 @@ PyTorch's, with alpha_over_n=True). Backward, with the window symmetric:
 
     da[j] = g[j] * s[j]^-beta - 2*alpha'*beta * a[j] * sum_{|i-j| <= n//2} g[i]*a[i]*s[i]^(-beta-1)
 
-CPU: NumPy, the window sum as n shifted slices. GPU: lrn.cu, one thread per
+CPU: NumPy, the window sum as n shifted slices, a share of the batch per core. GPU: lrn.cu, one thread per
 pixel sliding a running window sum over the channels.
 """
 import os
@@ -16,19 +16,19 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
+from minidl.cpu_parallel import in_parallel
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "lrn.cu")
 CU_KERNELS = ("lrn_forward", "lrn_backward")
 
 
-def window_sum(values, n):
-    """Sum over channels c-n//2 .. c+n//2 (clipped at the ends) of (N, C, H, W) values."""
-    total = values.copy()
+def window_sum(values, n, out):
+    """out = the sum over channels c-n//2 .. c+n//2 (clipped at the ends) of (N, C, H, W) values."""
+    out[...] = values
     for shift in range(1, n // 2 + 1):
-        total[:, shift:] += values[:, :-shift]
-        total[:, :-shift] += values[:, shift:]
-    return total
+        out[:, shift:] += values[:, :-shift]
+        out[:, :-shift] += values[:, shift:]
 
 
 class LocalResponseNorm(Function):
@@ -42,14 +42,24 @@ class LocalResponseNorm(Function):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
         if isinstance(x, np.ndarray):
-            s = window_sum(x * x, self.n)
-            s *= x.dtype.type(self.alpha)  # in place: these arrays are the size of the layer's output
-            s += x.dtype.type(self.k)
-            s_pow = s ** x.dtype.type(-self.beta)  # kept: backward needs s^-beta and s^(-beta-1) = s^-beta / s
-            self.save(x, s, s_pow)
-            return x * s_pow
+            return self._forward_cpu(x)
         y, s = self._gpu("lrn_forward", x)
         self.save(x, s)
+        return y
+
+    def _forward_cpu(self, x):
+        y, s, s_pow = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        alpha, k, minus_beta = (x.dtype.type(v) for v in (self.alpha, self.k, -self.beta))
+
+        def normalize(images):  # in place where it can: these arrays are the size of the layer's output
+            x_part, s_part = x[images], s[images]
+            window_sum(x_part * x_part, self.n, out=s_part)
+            s_part *= alpha
+            s_part += k
+            np.power(s_part, minus_beta, out=s_pow[images])
+            np.multiply(x_part, s_pow[images], out=y[images])
+        in_parallel(normalize, x, blocks=True)
+        self.save(x, s, s_pow)  # backward needs s^-beta and s^(-beta-1) = s^-beta / s
         return y
 
     def backward(self, gy):
@@ -57,14 +67,21 @@ class LocalResponseNorm(Function):
             x, s = self.saved
             return self._gpu("lrn_backward", x, s, gy)
         x, s, s_pow = self.saved
-        g_scaled = gy * s_pow
-        t = g_scaled * x
-        t /= s
-        through_s = window_sum(t, self.n)
-        through_s *= x
-        through_s *= x.dtype.type(2 * self.alpha * self.beta)
-        g_scaled -= through_s
-        return g_scaled
+        gx = np.empty_like(gy)
+        scale = x.dtype.type(2 * self.alpha * self.beta)
+
+        def differentiate(images):
+            x_part, gx_part = x[images], gx[images]
+            np.multiply(gy[images], s_pow[images], out=gx_part)
+            t = gx_part * x_part
+            t /= s[images]
+            through_s = np.empty_like(t)
+            window_sum(t, self.n, out=through_s)
+            through_s *= x_part
+            through_s *= scale
+            gx_part -= through_s
+        in_parallel(differentiate, gy, blocks=True)
+        return gx
 
     def _gpu(self, name, x, s=None, gy=None):
         import cupy as cp

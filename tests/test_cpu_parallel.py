@@ -1,0 +1,137 @@
+"""The CPU paths split across cores: every index covered once, errors surfaced, and the
+results of each threaded operation bit for bit the same whatever the number of cores."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from minidl import Tensor, cpu_parallel
+from minidl.functions import conv2d, local_response_norm, max_pool2d
+from minidl.optim import MomentumSGD
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """cores(n): run as if on n cores; with n > 1 also in small cache blocks, to split the work every way."""
+    block_items = cpu_parallel.CACHE_BLOCK_ITEMS
+
+    def use(count):
+        monkeypatch.setattr(cpu_parallel, "core_count", lambda: count)
+        monkeypatch.setattr(cpu_parallel, "CACHE_BLOCK_ITEMS", block_items if count == 1 else 2000)
+    return use
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+@pytest.mark.parametrize("length", [0, 1, 4, 7, 100])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_every_index_is_covered_once(cores, count, length, blocks):
+    cores(count)
+    array = np.broadcast_to(np.float32(0), (length, 1000))
+    seen = np.zeros(length, dtype=int)
+    parts = []
+
+    def work(part):
+        parts.append(part)
+        seen[part] += 1
+    cpu_parallel.in_parallel(work, array, blocks=blocks)
+    assert (seen == 1).all()
+    assert all(p.stop > p.start for p in parts)
+    if blocks:
+        rows_per_block = max(1, cpu_parallel.CACHE_BLOCK_ITEMS // 1000)
+        assert all(p.stop - p.start <= rows_per_block for p in parts)
+        assert len(parts) >= length // rows_per_block
+    else:
+        assert len(parts) == min(count, length)
+
+
+def test_the_shares_run_at_the_same_time(cores):
+    cores(3)
+    all_running = threading.Barrier(3, timeout=10)  # broken, and the test failed, unless 3 threads meet here
+    cpu_parallel.in_parallel(lambda part: all_running.wait(), np.zeros(3))
+
+
+@pytest.mark.parametrize("failing_index", [0, 5])  # the caller's own share, and another thread's
+def test_an_error_in_any_share_is_raised_after_all_shares_end(cores, failing_index):
+    cores(2)
+    finished = []
+
+    def work(part):
+        if failing_index in range(part.start, part.stop):
+            raise ValueError("share failed")
+        finished.append(part)
+    with pytest.raises(ValueError, match="share failed"):
+        cpu_parallel.in_parallel(work, np.zeros(10))
+    assert len(finished) == 1
+
+
+def run_with_cores(cores, count, fn):
+    cores(count)
+    return fn()
+
+
+def conv_step(x, W, b, gy, stride, pad, groups):
+    xt, Wt, bt = (Tensor(a, requires_grad=True) for a in (x, W, b))
+    y = conv2d(xt, Wt, bt, stride=stride, pad=pad, groups=groups)
+    y.backward(Tensor(gy))
+    return y.data, xt.grad.data, Wt.grad.data, bt.grad.data
+
+
+def unary_step(fn, x, gy):
+    xt = Tensor(x, requires_grad=True)
+    y = fn(xt)
+    y.backward(Tensor(gy))
+    return y.data, xt.grad.data
+
+
+@pytest.mark.parametrize("op", ["conv stride 1", "conv stride 4", "lrn", "pool", "pool padded"])
+def test_threaded_operations_do_not_depend_on_the_core_count(cores, op):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 6, 13, 13)).astype(np.float32)  # batch 5: uneven shares for 2 and 3 cores
+    if op.startswith("conv"):
+        stride, pad = (1, 1) if op == "conv stride 1" else (4, 0)
+        W = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(8).astype(np.float32)
+        oh = (13 + 2 * pad - 3) // stride + 1
+        gy = rng.standard_normal((5, 8, oh, oh)).astype(np.float32)
+        fn = lambda: conv_step(x, W, b, gy, stride, pad, 2)  # noqa: E731
+    else:
+        forward = {"lrn": lambda t: local_response_norm(t, 5, 2.0, 1e-2, 0.75),
+                   "pool": lambda t: max_pool2d(t, 3, 2),
+                   "pool padded": lambda t: max_pool2d(t, 3, 2, pad=1)}[op]
+        gy = rng.standard_normal(forward(Tensor(x)).shape).astype(np.float32)
+        fn = lambda: unary_step(forward, x, gy)  # noqa: E731
+    one = run_with_cores(cores, 1, fn)
+    for count in (2, 3):
+        for single, split in zip(one, run_with_cores(cores, count, fn)):
+            np.testing.assert_array_equal(single, split)
+
+
+def test_optimizer_update_does_not_depend_on_the_core_count(cores):
+    shapes = [(100, 70), (3, 4, 5, 5), (7,), ()]
+
+    def two_steps():
+        rng = np.random.default_rng(8)
+        params = [Tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True) for s in shapes]
+        optimizer = MomentumSGD(params, lr=0.1)
+        for _ in range(2):
+            for p in params:
+                p.grad = Tensor(rng.standard_normal(p.shape).astype(np.float32))
+            optimizer.step()
+        return [p.data for p in params]
+    one = run_with_cores(cores, 1, two_steps)
+    three = run_with_cores(cores, 3, two_steps)
+    for single, split in zip(one, three):
+        np.testing.assert_array_equal(single, split)
+
+
+def test_importing_minidl_shortens_openblas_spinning_unless_the_user_set_it():
+    code = "import minidl, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == "4"
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "20"
