@@ -13,6 +13,7 @@ complete, summed over all its uses, before the function that made it runs.
 """
 import contextlib
 import heapq
+import math
 import threading
 import weakref
 
@@ -145,6 +146,8 @@ class Tensor:
             with self.device:
                 grad = self.device.xp.ones_like(self.data)
         else:
+            if isinstance(grad, Tensor) and grad.device is not self.device:
+                raise MinidlError(f"gradient on {grad.device} for a tensor on {self.device}")
             grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.device)
             if grad.shape != self.shape:
                 raise MinidlError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
@@ -239,6 +242,11 @@ class Tensor:
 
     def __pow__(self, exponent):
         return _functions().pow(self, exponent)
+
+    def __rpow__(self, base):
+        if not isinstance(base, (int, float)) or base <= 0:
+            raise MinidlError(f"base ** tensor needs a positive number as base, got {base!r}")
+        return _functions().exp(self * math.log(base))
 
     def __matmul__(self, other):
         return _functions().matmul(self, other)

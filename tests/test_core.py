@@ -233,6 +233,13 @@ def test_backward_with_an_explicit_gradient(dev):
     np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0, 2.0])
 
 
+@pytest.mark.gpu
+def test_backward_refuses_a_gradient_on_another_device():
+    x = T([1.0, 2.0], minidl.device("cpu"))
+    with pytest.raises(MinidlError, match="gradient on cuda:0 for a tensor on cpu"):
+        (x * 2.0).backward(T([1.0, 1.0], minidl.device("cuda:0"), requires_grad=False))
+
+
 def test_backward_of_a_non_scalar_needs_a_gradient(dev):
     y = T([1.0, 2.0], dev) * 2.0
     with pytest.raises(MinidlError, match=r"backward of a tensor of shape \(2,\) needs a gradient argument"):

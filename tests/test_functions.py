@@ -60,6 +60,26 @@ def test_unary_values(dev):
     np.testing.assert_array_equal((-x).numpy(), -v)
 
 
+def test_pow_zero_has_gradient_zero_also_at_zero(dev):
+    x = T([0.0, 1.5, -2.0], dev)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [0.0, 0.0, 0.0])
+
+
+def test_number_to_the_power_of_a_tensor(dev, rng):
+    x = T(rng.standard_normal((3, 4)), dev)
+    np.testing.assert_allclose((2.5 ** x).numpy(), 2.5 ** x.numpy())
+    assert gradcheck(lambda x: 2.5 ** x, x)
+    with pytest.raises(MinidlError, match="positive number as base"):
+        (-2.0) ** x
+
+
+def test_pow_refuses_a_tensor_exponent(dev):
+    x = T([1.0, 2.0], dev)
+    with pytest.raises(MinidlError, match="constant exponent"):
+        x ** x
+
+
 def test_relu_gradient_is_zero_below_zero(dev):
     x = T([-1.0, -0.1, 0.1, 2.0], dev)
     F.relu(x).sum().backward()
@@ -86,6 +106,12 @@ def test_linear_gradient_and_value(dev, rng, bias):
     else:
         np.testing.assert_allclose(F.linear(x, W).numpy(), x.numpy() @ W.numpy().T)
         assert gradcheck(F.linear, x, W)
+
+
+def test_linear_refuses_a_bias_of_the_wrong_shape(dev, rng):
+    x, W = T(rng.standard_normal((5, 4)), dev), T(rng.standard_normal((3, 4)), dev)
+    with pytest.raises(MinidlError, match=r"bias of shape \(1, 3\) for 3 outputs"):
+        F.linear(x, W, T(rng.standard_normal((1, 3)), dev))
 
 
 def test_linear_with_constant_input_gives_weight_gradients_only(dev, rng):

@@ -3,7 +3,8 @@
 Binary operations broadcast like NumPy; their backward sums each gradient back
 to its input's shape (`sum_to`), so a bias of shape (1, C) gets a (1, C) gradient.
 """
-from minidl.core import Function
+from minidl.core import Function, Tensor
+from minidl.errors import MinidlError
 
 
 def sum_to(grad, shape):
@@ -67,6 +68,8 @@ class Neg(Function):
 
 class Pow(Function):
     def __init__(self, exponent):
+        if isinstance(exponent, Tensor):
+            raise MinidlError("pow takes a constant exponent; for a tensor y, x ** y is exp(y * log(x))")
         self.exponent = exponent
 
     def forward(self, a):
@@ -75,6 +78,8 @@ class Pow(Function):
 
     def backward(self, gy):
         (a,) = self.saved
+        if self.exponent == 0:  # a ** -1 would be infinite at a = 0, and 0 * inf is NaN
+            return self.device.xp.zeros_like(gy)
         return gy * self.exponent * a ** (self.exponent - 1)
 
 

@@ -25,6 +25,8 @@ class Linear(Function):
         if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
             raise MinidlError(f"linear wants x of shape (batch, {W.shape[1] if W.ndim == 2 else 'in'}) "
                               f"for a weight of shape {W.shape}, got x of shape {x.shape}")
+        if b is not None and b.shape != W.shape[:1]:
+            raise MinidlError(f"linear: bias of shape {b.shape} for {W.shape[0]} outputs")
         self.save(x, W)
         y = x @ W.T
         if b is not None:
