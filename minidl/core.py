@@ -14,6 +14,7 @@ complete, summed over all its uses, before the function that made it runs.
 import contextlib
 import heapq
 import math
+import numbers
 import threading
 import weakref
 
@@ -244,7 +245,7 @@ class Tensor:
         return _functions().pow(self, exponent)
 
     def __rpow__(self, base):
-        if not isinstance(base, (int, float)) or base <= 0:
+        if not isinstance(base, numbers.Real) or base <= 0:
             raise MinidlError(f"base ** tensor needs a positive number as base, got {base!r}")
         return _functions().exp(self * math.log(base))
 

@@ -14,6 +14,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 _pool, _pool_threads = None, 0
 
 
+def _forget_pool():
+    global _pool, _pool_threads
+    _pool, _pool_threads = None, 0
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def core_count():
     """The cores this process may run on (respects taskset and container CPU sets)."""
     if hasattr(os, "sched_getaffinity"):
@@ -31,7 +40,7 @@ def in_parallel(work, array, blocks=False):
     time, so that the temporaries of elementwise work stay in the cache rather
     than streaming through memory. work must write its results into arrays made
     beforehand (each slice into its own part of them) and must not call
-    in_parallel itself.
+    in_parallel itself (it would wait on the pool it is running in).
     """
     global _pool, _pool_threads
     length = len(array)

@@ -43,7 +43,7 @@ class MomentumSGD:
         if isinstance(w, np.ndarray) and w.ndim:
             in_parallel(update, w, blocks=True)
         else:
-            update(...)
+            update(...)  # the whole array at once; v[...] is a view, so the in-place ops reach v
 
     def zero_grad(self):
         for p in self.params:

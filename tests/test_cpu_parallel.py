@@ -1,9 +1,11 @@
 """The CPU paths split across cores: every index covered once, errors surfaced, and the
 results of each threaded operation bit for bit the same whatever the number of cores."""
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +63,7 @@ def test_an_error_in_any_share_is_raised_after_all_shares_end(cores, failing_ind
     def work(part):
         if failing_index in range(part.start, part.stop):
             raise ValueError("share failed")
+        time.sleep(0.2)  # still running when the other share fails: in_parallel must wait for it
         finished.append(part)
     with pytest.raises(ValueError, match="share failed"):
         cpu_parallel.in_parallel(work, np.zeros(10))
@@ -125,6 +128,23 @@ def test_optimizer_update_does_not_depend_on_the_core_count(cores):
     three = run_with_cores(cores, 3, two_steps)
     for single, split in zip(one, three):
         np.testing.assert_array_equal(single, split)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_a_pool_of_its_own(cores):
+    cores(2)
+    cpu_parallel.in_parallel(lambda part: None, np.zeros(2))  # the parent's pool now has a thread
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool thread does not exist here
+        signal.alarm(10)  # a hang ends the child, and the test fails, instead of hanging the test run
+        seen = np.zeros(2)
+
+        def mark(part):
+            seen[part] = 1
+        cpu_parallel.in_parallel(mark, seen)
+        os._exit(0 if seen.all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_importing_minidl_shortens_openblas_spinning_unless_the_user_set_it():

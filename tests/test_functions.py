@@ -70,8 +70,15 @@ def test_number_to_the_power_of_a_tensor(dev, rng):
     x = T(rng.standard_normal((3, 4)), dev)
     np.testing.assert_allclose((2.5 ** x).numpy(), 2.5 ** x.numpy())
     assert gradcheck(lambda x: 2.5 ** x, x)
+    np.testing.assert_allclose((np.float32(2.5) ** x).numpy(), 2.5 ** x.numpy(), rtol=1e-6)
     with pytest.raises(MinidlError, match="positive number as base"):
         (-2.0) ** x
+
+
+def test_pow_with_an_array_of_exponents(dev):
+    x = T([1.5, 2.0, 3.0], dev)
+    (x ** np.array([2.0, 0.0, 1.0])).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [3.0, 0.0, 1.0])
 
 
 def test_pow_refuses_a_tensor_exponent(dev):

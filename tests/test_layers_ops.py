@@ -115,6 +115,11 @@ def test_lrn_paper_constants_are_the_default(rng):
     np.testing.assert_allclose(y, lrn_reference(x, 5, 2.0, 1e-4, 0.75), rtol=1e-12)
 
 
+def test_lrn_refuses_an_integer_tensor(dev):
+    with pytest.raises(MinidlError, match="local_response_norm needs floating-point x, got int32"):
+        local_response_norm(Tensor(np.arange(8, dtype=np.int32).reshape(1, 8, 1, 1), device=dev))
+
+
 # --- max pooling
 
 @pytest.mark.parametrize("shape, k, s, pad", [((2, 3, 7, 9), 3, 2, 0), ((1, 2, 6, 6), 3, 2, 1),

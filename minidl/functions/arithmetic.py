@@ -3,6 +3,8 @@
 Binary operations broadcast like NumPy; their backward sums each gradient back
 to its input's shape (`sum_to`), so a bias of shape (1, C) gets a (1, C) gradient.
 """
+import numpy as np
+
 from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
 
@@ -78,7 +80,7 @@ class Pow(Function):
 
     def backward(self, gy):
         (a,) = self.saved
-        if self.exponent == 0:  # a ** -1 would be infinite at a = 0, and 0 * inf is NaN
+        if np.ndim(self.exponent) == 0 and self.exponent == 0:  # a ** -1 is infinite at a = 0, and 0 * inf NaN
             return self.device.xp.zeros_like(gy)
         return gy * self.exponent * a ** (self.exponent - 1)
 

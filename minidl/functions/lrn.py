@@ -41,6 +41,8 @@ class LocalResponseNorm(Function):
     def forward(self, x):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
+        if x.dtype.kind != "f":
+            raise MinidlError(f"local_response_norm needs floating-point x, got {x.dtype}")
         if isinstance(x, np.ndarray):
             return self._forward_cpu(x)
         y, s = self._gpu("lrn_forward", x)
