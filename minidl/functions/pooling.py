@@ -2,7 +2,8 @@
 
 Forward keeps where each window's maximum was; backward sends each gradient to
 that one element. With ties the first element in row-major scan order wins,
-on both paths. Padding counts as -infinity.
+on both paths. Padding counts as -infinity. (With NaN in a window the two paths
+may choose different elements; a network with NaN activations has diverged.)
 
 GPU: one thread per output scans its window with a strict `>` and saves the
 offset; backward is a gather (each input element sums the outputs that chose
