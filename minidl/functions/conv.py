@@ -8,9 +8,9 @@ gW_g = gy_g @ cols_g^T and gcols_g = W_g^T @ gy_g, and the input gradient goes
 back through col2im.
 
 im2col and col2im: on the CPU a strided view and a loop over the kh*kw kernel
-offsets, a share of the batch per core; on the GPU the kernels in conv.cu. col2im is a gather there (each
-thread sums the patches that cover its input element), so it needs no atomics
-and gives the same result on every run.
+offsets, each core taking a share of the batch; on the GPU the kernels in
+conv.cu. col2im is a gather there (each thread sums the patches that cover its
+input element), so it needs no atomics and gives the same result on every run.
 """
 import os
 
