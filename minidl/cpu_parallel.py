@@ -40,9 +40,13 @@ def in_parallel(work, array, blocks=False):
     time, so that the temporaries of elementwise work stay in the cache rather
     than streaming through memory. work must write its results into arrays made
     beforehand (each slice into its own part of them) and must not call
-    in_parallel itself (it would wait on the pool it is running in).
+    in_parallel itself (it would wait on the pool it is running in). A 0-d
+    array has nothing to split: work(...) runs once, here.
     """
     global _pool, _pool_threads
+    if array.ndim == 0:
+        work(...)
+        return
     length = len(array)
     block = max(1, CACHE_BLOCK_ITEMS * length // max(1, array.size)) if blocks else length
     runs = max(1, min(core_count(), length))

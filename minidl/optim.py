@@ -40,7 +40,7 @@ class MomentumSGD:
             v_part -= decay * w_part
             v_part -= lr * g[part]
             w_part += v_part
-        if isinstance(w, np.ndarray) and w.ndim:
+        if isinstance(w, np.ndarray):
             in_parallel(update, w, blocks=True)
         else:
             update(...)  # the whole array at once; v[...] is a view, so the in-place ops reach v

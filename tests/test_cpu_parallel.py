@@ -49,6 +49,13 @@ def test_every_index_is_covered_once(cores, count, length, blocks):
         assert len(parts) == min(count, length)
 
 
+def test_a_0d_array_is_one_call_with_an_ellipsis(cores):
+    cores(2)
+    parts = []
+    cpu_parallel.in_parallel(parts.append, np.zeros(()))
+    assert parts == [...]
+
+
 def test_the_shares_run_at_the_same_time(cores):
     cores(3)
     all_running = threading.Barrier(3, timeout=10)  # broken, and the test failed, unless 3 threads meet here

@@ -115,9 +115,11 @@ def test_lrn_paper_constants_are_the_default(rng):
     np.testing.assert_allclose(y, lrn_reference(x, 5, 2.0, 1e-4, 0.75), rtol=1e-12)
 
 
-def test_lrn_refuses_an_integer_tensor(dev):
-    with pytest.raises(MinidlError, match="local_response_norm needs floating-point x, got int32"):
-        local_response_norm(Tensor(np.arange(8, dtype=np.int32).reshape(1, 8, 1, 1), device=dev))
+@pytest.mark.parametrize("name, fn", [("local_response_norm", local_response_norm),
+                                      ("max_pool2d", lambda x: max_pool2d(x, 3, 2, pad=1))])
+def test_integer_tensors_are_refused(dev, name, fn):
+    with pytest.raises(MinidlError, match=f"{name} needs floating-point x, got int32"):
+        fn(Tensor(np.arange(32, dtype=np.int32).reshape(1, 8, 2, 2), device=dev))
 
 
 # --- max pooling

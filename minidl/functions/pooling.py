@@ -67,6 +67,8 @@ class MaxPool2d(Function):
     def forward(self, x):
         if x.ndim != 4:
             raise MinidlError(f"max_pool2d wants x of shape (N, C, H, W), got {x.shape}")
+        if x.dtype.kind != "f":  # as in PyTorch; padding is -infinity, which no integer holds
+            raise MinidlError(f"max_pool2d needs floating-point x, got {x.dtype}")
         if self.pad * 2 >= self.ksize:
             raise MinidlError(f"max_pool2d padding {self.pad} must be less than half the window {self.ksize}")
         n, c, h, w = x.shape
