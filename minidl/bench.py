@@ -4,6 +4,7 @@ On synthetic data, after warm-up; each step is timed with device events on a
 GPU (the host clock after a synchronize on the CPU), and the median is
 reported, so one slow step (a page fault, a compile) does not move it.
 """
+import collections
 import resource
 import statistics
 import time
@@ -38,23 +39,58 @@ def _timer(device):
     return start, stop
 
 
-def peak_memory_bytes(devices):
-    """Peak device memory held by CuPy's pool on the GPUs, else the process's peak RSS."""
-    gpus = {d.physical for d in devices if d.is_cuda}
-    if gpus:
-        return max(_pool_peak.get(g, 0) for g in gpus)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class _PeakMemory:
+    """The high-water mark of CuPy's pool on each GPU during a run, from its allocation hooks.
+
+    The pool's used bytes after a step miss the activations, freed by then;
+    the hook sees every allocation and free as it happens.
+    """
+
+    def __init__(self, devices):
+        self.gpus = sorted({d.physical for d in devices if d.is_cuda})
+        self.hook = None
+        if self.gpus:
+            cp = next(d for d in devices if d.is_cuda).xp
+            tracker = self
+
+            class Hook(cp.cuda.MemoryHook):
+                name = "minidl-peak-memory"
+
+                def malloc_postprocess(self, device_id, mem_size, **kwargs):
+                    tracker.used[device_id] += mem_size
+                    tracker.peak[device_id] = max(tracker.peak[device_id], tracker.used[device_id])
+
+                def free_postprocess(self, device_id, mem_size, **kwargs):
+                    tracker.used[device_id] -= mem_size
+            self.hook = Hook()
+            self.used = collections.Counter()
+            for gpu in self.gpus:  # what the model already holds counts too
+                with cp.cuda.Device(gpu):
+                    self.used[gpu] = cp.get_default_memory_pool().used_bytes()
+            self.peak = collections.Counter(self.used)
+
+    def __enter__(self):
+        if self.hook is not None:
+            self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.hook is not None:
+            self.hook.__exit__(*exc)
+
+    def bytes(self):
+        """The largest GPU's peak; on the CPU the process's peak resident memory."""
+        if self.gpus:
+            return max(self.peak.values())
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-_pool_peak = {}
-
-
-def _note_pool(devices):
-    for d in devices:
-        if d.is_cuda:
-            with d:
-                used = d.xp.get_default_memory_pool().used_bytes()
-            _pool_peak[d.physical] = max(_pool_peak.get(d.physical, 0), used)
+def _device_work(devices):
+    """The emulator's count of device operations so far (None on real GPUs and the CPU)."""
+    cuda_devices = [d for d in devices if d.is_cuda]
+    if not cuda_devices or not getattr(cuda_devices[0].xp, "emulated", False):
+        return None
+    return dict(cuda_devices[0].xp.cuda.work)
 
 
 def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmup=3, num_classes=1000,
@@ -71,23 +107,30 @@ def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmu
     y = Tensor(rng.integers(0, num_classes, batch_size), device=model.output_device)
     start, stop = _timer(model.output_device)
     times = []
-    for i in range(warmup + steps):
-        seed_dropout(i)
-        begin = start()
-        loss = softmax_cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        for d in devices:  # the step ends when every tower's stream is done
-            d.synchronize()
-        elapsed = stop(begin)
-        _note_pool(devices)
-        del loss
-        if i >= warmup:
-            times.append(elapsed)
-        if progress:
-            progress(i + 1, warmup + steps)
+    peak = _PeakMemory(devices)
+    with peak:
+        for i in range(warmup + steps):
+            seed_dropout(i)
+            if i == warmup:
+                work_before = _device_work(devices)
+            begin = start()
+            loss = softmax_cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            for d in devices:  # the step ends when every tower's stream is done
+                d.synchronize()
+            elapsed = stop(begin)
+            del loss
+            if i >= warmup:
+                times.append(elapsed)
+            if progress:
+                progress(i + 1, warmup + steps)
     median = statistics.median(times)
-    return dict(batch_size=batch_size, devices=[d.name for d in devices], steps=steps,
-                ms_per_step=1000 * median, images_per_s=batch_size / median,
-                peak_memory_bytes=peak_memory_bytes(devices))
+    result = dict(batch_size=batch_size, devices=[d.name for d in devices], steps=steps,
+                  ms_per_step=1000 * median, images_per_s=batch_size / median, peak_memory_bytes=peak.bytes())
+    work_after = _device_work(devices)
+    if work_after is not None:  # on emulated GPUs: the device operations of one step, and their bytes
+        result["device_work_per_step"] = {kind: (work_after.get(kind, 0) - work_before.get(kind, 0)) / steps
+                                          for kind in work_after}
+    return result

@@ -57,7 +57,8 @@ def _as_array(data, dev):
         with dev:
             return dev.xp.asarray(array)
     if not isinstance(array, np.ndarray):
-        array = array.get()
+        with device_of_array(array):  # read on the array's own device and stream
+            array = array.get()
     return array
 
 
@@ -304,7 +305,9 @@ def as_tensor(value, like):
         return Tensor(value)
     # a scalar takes `like`'s dtype, except a float next to integers (2 * 0.5 is not 0)
     dtype = like.dtype if like.dtype.kind == "f" or np.asarray(value).dtype.kind in "biu" else np.float32
-    return Tensor(like.device.xp.asarray(value, dtype=dtype), device=like.device)
+    # made on like's device and stream, where the function that uses it runs: on the GPU's
+    # legacy default stream it would race with the device's own non-blocking stream
+    return Tensor(np.asarray(value, dtype=dtype), device=like.device)
 
 
 class Function:

@@ -25,9 +25,18 @@ _devices = {}  # name -> Device, so each logical device has one stream
 
 
 def cupy():
-    """Import CuPy on first use: minidl runs without it on the CPU."""
+    """Import CuPy on first use: minidl runs without it on the CPU.
+
+    With MINIDL_EMULATE_GPUS=N set, this is minidl.emulator's stand-in for CuPy
+    (N emulated GPUs on the CPU) instead, whether or not CuPy is installed.
+    """
     global _cupy
     if _cupy is None:
+        from minidl import emulator
+        gpus = emulator.requested_gpus()
+        if gpus is not None:
+            _cupy = emulator.cupy_module(gpus)
+            return _cupy
         try:
             import cupy as cp
         except ImportError as e:
@@ -186,11 +195,22 @@ def device(name=None):
 
 
 def device_of_array(array):
-    """The device an array is on, for arrays that arrive without one (physical = logical)."""
+    """The device an array is on, for arrays that arrive without one.
+
+    A CuPy array knows its physical GPU; under a device map that is the first
+    logical device mapped there (with {"cuda:1": 0}, an array on GPU 0 is on
+    cuda:0, and one on GPU 1 is on no logical device at all).
+    """
     if isinstance(array, np.ndarray) or np.isscalar(array):
         return device(CPU_NAME)
     if _cupy is not None and isinstance(array, _cupy.ndarray):
-        return device(f"cuda:{array.device.id}")
+        gpu = array.device.id
+        mapping = _device_map if _device_map is not None else _parse_map(os.environ.get("MINIDL_DEVICE_MAP", ""))
+        logical = [l for l, p in mapping.items() if p == gpu] + ([gpu] if gpu not in mapping else [])
+        if not logical:
+            raise DeviceError(f"an array on GPU {gpu}, which no logical device maps to "
+                              f"(device map {mapping}); give the Tensor a device")
+        return device(f"cuda:{min(logical)}")
     raise DeviceError(f"not an array minidl knows: {type(array).__name__}")
 
 

@@ -4,10 +4,6 @@ import numpy as np
 from minidl.core import Tensor, no_grad
 
 
-def _host(array):
-    return array if isinstance(array, np.ndarray) else array.get()
-
-
 def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
     """Compare fn's analytic gradients with central differences, for every input.
 
@@ -25,7 +21,8 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
             raise ValueError(f"gradcheck wants float64 inputs; input {i} is {inputs[i].dtype}")
         if not inputs[i].data.flags.c_contiguous:
             # the perturbation below writes through a flat view, which needs contiguous data
-            inputs[i].data = inputs[i].device.xp.ascontiguousarray(inputs[i].data)
+            with inputs[i].device:
+                inputs[i].data = inputs[i].device.xp.ascontiguousarray(inputs[i].data)
 
     out = fn(*inputs)
     xp = out.device.xp
@@ -34,7 +31,9 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
 
     def objective():
         with no_grad():
-            return float((fn(*inputs).data * weights).sum())
+            y = fn(*inputs)
+            with y.device:
+                return float((y.data * weights).sum())
 
     for x in inputs:
         x.grad = None
@@ -42,16 +41,21 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
 
     for i in checked:
         x = inputs[i]
-        analytic = _host(x.grad.data) if x.grad is not None else np.zeros(x.shape)
+        analytic = x.grad.numpy() if x.grad is not None else np.zeros(x.shape)
         numeric = np.zeros(x.shape)
         flat = x.data.reshape(-1)  # a view: writing it perturbs the input
+        host = x.numpy().reshape(-1)
+
+        def perturb(j, value):  # on the input's device and stream, ordered with the functions' work
+            with x.device:
+                flat[j] = value
         for j in range(flat.size):
-            original = flat[j].item()
-            flat[j] = original + eps
+            original = host[j].item()
+            perturb(j, original + eps)
             plus = objective()
-            flat[j] = original - eps
+            perturb(j, original - eps)
             minus = objective()
-            flat[j] = original
+            perturb(j, original)
             numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
         error = np.abs(analytic - numeric)
         bound = atol + rtol * np.abs(numeric)

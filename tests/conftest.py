@@ -1,21 +1,73 @@
-"""Shared fixtures: the devices a test runs on, and the GPU skip."""
+"""Shared fixtures: the devices a test runs on, the GPU skip, and emulated GPUs.
+
+`pytest --emulate-gpus 2` runs the GPU tests on two emulated GPUs (minidl.emulator),
+so they run on any machine; every test there also fails on a stream hazard.
+Without the option (and without MINIDL_EMULATE_GPUS) they run on real GPUs, or
+are skipped where there are none.
+"""
+import os
+
 import numpy as np
 import pytest
 
 import minidl
 
 
+def pytest_addoption(parser):
+    parser.addoption("--emulate-gpus", type=int, metavar="N",
+                     help="run the GPU tests on N emulated GPUs (sets MINIDL_EMULATE_GPUS=N)")
+
+
+def pytest_configure(config):
+    gpus = config.getoption("--emulate-gpus")
+    if gpus is not None:
+        os.environ["MINIDL_EMULATE_GPUS"] = str(gpus)  # subprocesses (the CLI tests) inherit it
+
+
+def emulated():
+    return bool(os.environ.get("MINIDL_EMULATE_GPUS"))
+
+
 def gpu_available():
     return minidl.gpu_count() > 0
 
 
+def pytest_report_header(config):
+    if emulated():
+        return f"GPUs: {os.environ['MINIDL_EMULATE_GPUS']} emulated (minidl.emulator)"
+    return f"GPUs: {minidl.gpu_count()} real"
+
+
 def pytest_collection_modifyitems(config, items):
-    if gpu_available():
+    if not gpu_available():
+        skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU (or --emulate-gpus 2)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if emulated():
+        from minidl.emulator.cuda import memory_limit
+        for item in items:
+            marker = item.get_closest_marker("gpu_memory")
+            if marker is not None and marker.args[0] * 2 ** 30 > memory_limit():
+                item.add_marker(pytest.mark.skip(
+                    reason=f"needs {marker.args[0]} GiB of GPU memory; an emulated GPU has "
+                           f"{memory_limit() / 2 ** 30:g} (MINIDL_EMULATE_GPU_MEMORY); runs on a real GPU"))
+
+
+@pytest.fixture(autouse=True)
+def no_stream_hazards():
+    """On emulated GPUs, a test fails on any stream hazard, even one its code caught or found at free."""
+    yield
+    if emulated():
+        import gc
+
+        from minidl.emulator import streams
+        gc.collect()  # frees found unreachable now are checked now, in this test
+        found = streams.take_hazards()
+        if found:
+            pytest.fail("stream hazards on the emulated GPUs:\n" + "\n".join(f"- {m} (at {w})" for m, w in found),
+                        pytrace=False)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])

@@ -26,7 +26,8 @@ def isolated_devices(monkeypatch):
     """Each test starts from the default map and leaves no (fake) CUDA device cached."""
     monkeypatch.delenv("MINIDL_DEVICE_MAP", raising=False)
     monkeypatch.setattr(dm, "_device_map", None)
-    monkeypatch.setattr(dm, "_devices", dict(dm._devices))  # a copy: the real cpu Device stays the same
+    # the cpu Device stays the same object; CUDA devices (real or emulated) are made afresh
+    monkeypatch.setattr(dm, "_devices", {name: d for name, d in dm._devices.items() if not d.is_cuda})
     yield
     minidl.set_device_map(None)
 
@@ -71,6 +72,7 @@ def fake_cupy(monkeypatch):
 @pytest.fixture
 def no_cupy(monkeypatch):
     # None in sys.modules makes `import cupy` raise ImportError, as on a machine without it
+    monkeypatch.delenv("MINIDL_EMULATE_GPUS", raising=False)
     monkeypatch.setattr(dm, "_cupy", None)
     monkeypatch.setitem(sys.modules, "cupy", None)
 

@@ -270,6 +270,7 @@ def test_gpu_float64_gradcheck(fn):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_memory(30)
 def test_gpu_kernel_beyond_two_to_the_31_elements():
     import cupy as cp
     n, c, h, w = 1, 96, 4736, 4736  # 2,153,… million elements > 2^31, about 8.6 GB of float32

@@ -75,6 +75,8 @@ class Pow(Function):
         self.exponent = exponent
 
     def forward(self, a):
+        if isinstance(self.exponent, np.ndarray):  # an array of exponents goes where a is
+            self.exponent = self.device.xp.asarray(self.exponent)
         self.save(a)
         return a ** self.exponent
 

@@ -39,8 +39,8 @@ class SoftmaxCrossEntropy(Function):
 
 
 def softmax_cross_entropy(logits, labels):
-    if not isinstance(labels, Tensor):
-        labels = Tensor(logits.device.xp.asarray(labels), device=logits.device)
+    if not isinstance(labels, Tensor):  # copied to the logits' device on its stream (Tensor does that)
+        labels = Tensor(labels, device=logits.device)
     return SoftmaxCrossEntropy()(logits, labels)
 
 

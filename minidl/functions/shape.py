@@ -42,6 +42,8 @@ class GetItem(Function):
 
     def forward(self, x):
         self.in_shape = x.shape
+        if not isinstance(x, np.ndarray):  # NumPy index arrays go to x's device, on its stream
+            self.index = _index_on(self.device.xp, self.index)
         return x[self.index]
 
     def backward(self, gy):
@@ -94,6 +96,14 @@ class Split(Function):
         # a piece nobody used has no gradient: it contributes zeros
         parts = [xp.zeros(shape, dtype) if g is None else g for g, shape in zip(gys, self.part_shapes)]
         return xp.concatenate(parts, axis=self.axis)
+
+
+def _index_on(xp, index):
+    if isinstance(index, np.ndarray):
+        return xp.asarray(index)
+    if isinstance(index, tuple):
+        return tuple(_index_on(xp, i) for i in index)
+    return index
 
 
 def _split_array(xp, x, sizes, axis):

@@ -23,6 +23,10 @@ def copy_array(array, src, dst):
     ready = None
     if src.is_cuda:
         with src:
+            if src.physical != dst.physical:
+                # a copy between GPUs moves raw bytes: make them contiguous first, on the
+                # source's stream and before `ready`, so the copy waits for them too
+                array = xp.ascontiguousarray(array)
             ready = src.stream.record()
     with dst:
         if ready is not None:
@@ -31,21 +35,14 @@ def copy_array(array, src, dst):
             out = xp.asarray(array)  # host to device
         elif src.physical == dst.physical:
             out = array.copy()  # same GPU, but ordered on the destination's stream
-        else:
-            out = _peer_copy(xp, array)
+        else:  # between GPUs (CUDA uses peer access where it is enabled)
+            out = xp.empty(array.shape, dtype=array.dtype)
+            out.data.copy_from_device_async(array.data, array.nbytes, dst.stream)
         done = dst.stream.record()
     if src.is_cuda:
+        # the source's memory (the contiguous temporary too, freed when this returns)
+        # goes back to its stream's pool: that stream must not reuse it before the copy read it
         src.stream.wait_event(done)
-    return out
-
-
-def _peer_copy(xp, array):
-    """Copy between two GPUs (the current one receives); CUDA uses peer access if enabled."""
-    if not array.flags.c_contiguous:
-        with xp.cuda.Device(array.device.id):
-            array = xp.ascontiguousarray(array)
-    out = xp.empty(array.shape, dtype=array.dtype)
-    out.data.copy_from_device_async(array.data, array.nbytes, xp.cuda.get_current_stream())
     return out
 
 

@@ -1,0 +1,43 @@
+"""Emulated CUDA GPUs: CuPy's API on the CPU, strict where GPU bugs hide.
+
+minidl's GPU path runs here, in every CI run, on machines without a GPU. It is
+never chosen silently: set MINIDL_EMULATE_GPUS=N (or run pytest with
+--emulate-gpus N) and `minidl.device.cupy()` returns this stand-in instead of
+CuPy. What it enforces, each where a real GPU would misbehave:
+
+- arrays are not NumPy arrays: mixing the two, or converting implicitly, is a
+  TypeError; an operand on another GPU is an error (no peer access) (xp.py);
+- RawModule compiles the project's unchanged .cu files with g++ and runs every
+  block and thread; each launch checks its arguments against the kernel's C
+  parameter types with CuPy's marshalling rules (raw.py, kernel_runner.py);
+- fresh device memory holds NaN or an integer sentinel, and each GPU has a
+  memory limit (cuda.py);
+- streams and events are modelled, and every access is checked against the
+  order they guarantee; a buffer freed while another stream may use it is
+  reported too (streams.py).
+
+What it cannot show: races inside a kernel (threads run one after another),
+real timing and memory use, and cuBLAS numerics (TF32, summation order).
+"""
+import os
+
+ENV = "MINIDL_EMULATE_GPUS"
+
+
+def requested_gpus():
+    """How many GPUs MINIDL_EMULATE_GPUS asks for: None when unset."""
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        from minidl.errors import DeviceError
+        raise DeviceError(f"{ENV}={text!r}: give the number of GPUs to emulate, e.g. {ENV}=2")
+    return int(text)
+
+
+def cupy_module(gpus):
+    """The emulated `cupy` namespace with `gpus` fresh GPUs."""
+    from minidl.emulator import cuda, raw, xp  # only when asked for: it compiles kernels with g++
+    xp.cuda, xp.RawModule, xp.RawKernel = cuda, raw.RawModule, raw.RawKernel
+    cuda.configure(gpus)
+    return xp

@@ -1,0 +1,360 @@
+"""`cupy.cuda` on emulated GPUs: devices, streams, events, the memory pool and its hooks.
+
+Like CuPy, the current device and each device's current stream are per thread,
+a stream belongs to the device that was current when it was made, and every
+operation runs on the current stream of the current device, reading arrays of
+that device only (no peer access). Device memory is counted against a limit
+per GPU (MINIDL_EMULATE_GPU_MEMORY, in GiB) and fresh memory is filled with
+NaN (floats) or a sentinel (integers), so a read of memory nobody wrote shows.
+"""
+import collections
+import itertools
+import os
+import threading
+import time
+
+import numpy as np
+
+from minidl.emulator import streams
+
+DEFAULT_MEMORY_GIB = 6.0
+_serial = itertools.count(1)
+_state = threading.local()
+_gpu_count = 0
+
+
+def configure(gpus):
+    """Start `gpus` fresh emulated GPUs (forgets streams, hazards and counts)."""
+    global _gpu_count
+    _gpu_count = gpus
+    streams.reset()
+    work.clear()
+    _used.clear()
+
+
+def memory_limit():
+    return int(float(os.environ.get("MINIDL_EMULATE_GPU_MEMORY", DEFAULT_MEMORY_GIB)) * 2 ** 30)
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serves
+    CUDARuntimeError = CUDARuntimeError
+
+    @staticmethod
+    def getDeviceCount():  # noqa: N802 -- CuPy's name
+        return _gpu_count
+
+
+# --- devices
+
+def current_device_id():
+    return getattr(_state, "device", 0)
+
+
+def _check_device(device_id):
+    if not 0 <= device_id < _gpu_count:
+        raise CUDARuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {device_id} "
+                               f"({_gpu_count} emulated GPU(s))")
+
+
+class Device:
+    def __init__(self, device=None):
+        self.id = current_device_id() if device is None else int(device)
+        self._previous = []
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id} (emulated)>"
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def use(self):
+        _check_device(self.id)
+        _state.device = self.id
+
+    def __enter__(self):
+        _check_device(self.id)
+        self._previous.append(current_device_id())
+        _state.device = self.id
+        return self
+
+    def __exit__(self, *exc):
+        _state.device = self._previous.pop()
+        return False
+
+    def synchronize(self):
+        for timeline in streams._timelines_of(self.id):
+            streams.host_waits_for(timeline.snapshot())
+
+
+# --- streams and events
+
+def _stream_stack(device_id):
+    stacks = getattr(_state, "streams", None)
+    if stacks is None:
+        stacks = _state.streams = {}
+    return stacks.setdefault(device_id, [])
+
+
+class Stream:
+    """A stream of the device current when it is made; Stream.null is each GPU's legacy default stream."""
+
+    null = None  # set below
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        if ptds:
+            raise NotImplementedError("the emulator models the legacy default stream, not per-thread ones")
+        self.is_null = null
+        self.non_blocking = non_blocking
+        self.device_id = -1 if null else current_device_id()
+        if not null:
+            _check_device(self.device_id)
+            self._timeline = streams.new_timeline(self.device_id, "non-blocking" if non_blocking else "blocking")
+        self.ptr = 0 if null else next(_serial)
+
+    @property
+    def timeline(self):
+        return streams.legacy_timeline(current_device_id()) if self.is_null else self._timeline
+
+    def __repr__(self):
+        return f"<Stream {self.ptr} (device {self.device_id}, emulated)>"
+
+    def __eq__(self, other):
+        return isinstance(other, Stream) and other.ptr == self.ptr
+
+    def __hash__(self):
+        return hash(self.ptr)
+
+    def __enter__(self):
+        device_id = current_device_id()
+        if not self.is_null and self.device_id != device_id:
+            raise RuntimeError(f"this stream belongs to device {self.device_id}, "
+                               f"but the current device is {device_id}")
+        _stream_stack(device_id).append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _stream_stack(current_device_id()).pop()
+        return False
+
+    def use(self):
+        stack = _stream_stack(current_device_id())
+        stack[:] = [self]
+        return self
+
+    def record(self, event=None):
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        if event._known is None:
+            return  # an event never recorded is complete, as in CUDA
+        with streams._lock:
+            self.timeline.enqueue()
+            streams._merge(self.timeline.known, event._known)
+
+    def synchronize(self):
+        streams.host_waits_for(self.timeline.snapshot())
+
+    @property
+    def done(self):
+        return True  # every operation ran when it was enqueued; ordering is what is checked
+
+
+Stream.null = Stream(null=True)
+
+
+def get_current_stream(device_id=None):
+    stack = _stream_stack(current_device_id() if device_id is None else device_id)
+    return stack[-1] if stack else Stream.null
+
+
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self._known = None
+        self._time = None
+        self.ptr = next(_serial)
+
+    def record(self, stream=None):
+        stream = stream or get_current_stream()
+        with streams._lock:
+            timeline = stream.timeline
+            timeline.enqueue()
+            self._known = timeline.snapshot()
+        self._time = time.perf_counter()
+
+    def synchronize(self):
+        if self._known is not None:
+            streams.host_waits_for(self._known)
+
+    @property
+    def done(self):
+        return True
+
+
+def get_elapsed_time(start_event, end_event):
+    """Milliseconds between two recorded events: host time, since the emulator runs work when it is enqueued."""
+    if start_event._time is None or end_event._time is None:
+        raise CUDARuntimeError("cudaErrorInvalidResourceHandle: an event was never recorded")
+    return 1000.0 * (end_event._time - start_event._time)
+
+
+# --- memory
+
+class OutOfMemoryError(MemoryError):
+    pass
+
+
+_used = collections.Counter()  # device id -> bytes allocated
+_hooks = []
+
+_SENTINEL = {"f": np.nan, "c": np.nan, "b": True}  # integers get their type's largest value
+
+
+def fill_uninitialised(array):
+    """What fresh device memory holds here: NaN, or an integer sentinel no computation expects."""
+    kind = array.dtype.kind
+    array.fill(_SENTINEL[kind] if kind in _SENTINEL else np.iinfo(array.dtype).max)
+
+
+class Allocation:
+    """One block of device memory: a host array standing in for it, its stream and its access record."""
+
+    def __init__(self, host, device_id):
+        nbytes = host.nbytes
+        if _used[device_id] + nbytes > memory_limit():
+            raise OutOfMemoryError(
+                f"Out of memory allocating {nbytes:,} bytes (allocated so far: {_used[device_id]:,} bytes) "
+                f"on emulated GPU {device_id}; its limit is MINIDL_EMULATE_GPU_MEMORY="
+                f"{memory_limit() / 2 ** 30:g} GiB")
+        _used[device_id] += nbytes
+        self.host = host
+        self.device_id = device_id
+        self.nbytes = nbytes
+        self.home = get_current_stream().timeline
+        self.access = streams.Access()
+        self.made_at = streams.caller()
+        for hook in list(_hooks):
+            hook.malloc_postprocess(device_id=device_id, size=nbytes, mem_size=nbytes,
+                                    mem_ptr=host.ctypes.data, pmem_id=id(self))
+
+    def __repr__(self):
+        return f"the {self.nbytes:,}-byte array made at {self.made_at}"
+
+    def __del__(self):
+        try:
+            _used[self.device_id] -= self.nbytes
+            streams.check_free(repr(self), self.home, self.access)
+            for hook in list(_hooks):
+                hook.free_postprocess(device_id=self.device_id, mem_size=self.nbytes,
+                                      mem_ptr=self.host.ctypes.data, pmem_id=id(self))
+        except Exception:  # noqa: BLE001 -- nothing may escape __del__; the interpreter may be shutting down
+            pass
+
+
+class MemoryPointer:
+    """`array.data`: an address, and the asynchronous copy CuPy offers on it."""
+
+    def __init__(self, array):
+        self._array = array
+        self.ptr = array._host.ctypes.data if array.size else 0
+        self.device = Device(array._allocation.device_id)
+        self.device_id = array._allocation.device_id
+
+    def copy_from_device_async(self, src, size, stream=None):
+        """Copy `size` bytes from `src` (a MemoryPointer, any device) into this memory on `stream`."""
+        dst_array, src_array = self._array, src._array
+        if size > dst_array.nbytes or size > src_array.nbytes:
+            raise ValueError(f"copy of {size} bytes between arrays of {src_array.nbytes} and {dst_array.nbytes}")
+        if not (dst_array.flags.c_contiguous and src_array.flags.c_contiguous):
+            raise ValueError("copy_from_device_async copies raw bytes: both arrays must be contiguous")
+        operation("copy", reads=[src_array], writes=[dst_array], stream=stream, any_device=True,
+                  nbytes=2 * size, what="a device-to-device copy")
+        dst = dst_array._host.reshape(-1).view(np.uint8)
+        dst[:size] = src_array._host.reshape(-1).view(np.uint8)[:size]
+
+
+class MemoryPool:
+    def used_bytes(self):
+        return _used[current_device_id()]
+
+    def total_bytes(self):
+        return _used[current_device_id()]
+
+    def free_bytes(self):
+        return 0
+
+    def free_all_blocks(self, stream=None):
+        pass
+
+
+_pool = MemoryPool()
+
+
+class MemoryHook:
+    """Subclass and override malloc_postprocess / free_postprocess; use as `with hook:`."""
+
+    name = "MemoryHook"
+
+    def __enter__(self):
+        _hooks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _hooks.remove(self)
+        return False
+
+    def malloc_postprocess(self, **kwargs):
+        pass
+
+    def free_postprocess(self, **kwargs):
+        pass
+
+
+class memory:  # noqa: N801 -- cupy.cuda.memory
+    OutOfMemoryError = OutOfMemoryError
+    MemoryPool = MemoryPool
+    MemoryPointer = MemoryPointer
+
+
+class memory_hook:  # noqa: N801 -- cupy.cuda.memory_hook (also cupy.cuda.MemoryHook)
+    MemoryHook = MemoryHook
+
+
+# --- the work: every operation goes through here
+
+work = collections.Counter()  # kind -> count, and "bytes": bytes read and written
+
+
+def operation(kind, reads=(), writes=(), stream=None, any_device=False, nbytes=None, what=None):
+    """Enqueue one device operation of `kind` on the current (or given) stream; check and count it.
+
+    Arrays must be on the current device, as in CuPy without peer access (a
+    peer copy passes any_device). Returns nothing: the caller then computes
+    the result on the host, which is when a real GPU would.
+    """
+    device_id = current_device_id()
+    arrays = list(reads) + list(writes)
+    if not any_device:
+        for array in arrays:
+            if array._allocation.device_id != device_id:
+                raise ValueError(f"The device where the array resides ({array._allocation.device_id}) is different "
+                                 f"from the current device ({device_id}). Peer access is unavailable between "
+                                 "these devices (emulated GPUs have none)")
+    stream = stream or get_current_stream()
+    with streams._lock:
+        timeline = stream.timeline
+        if timeline.device_id != device_id and not stream.is_null:
+            raise RuntimeError(f"a stream of device {timeline.device_id} used while device {device_id} is current")
+        number = timeline.enqueue()
+        streams.record(timeline, number, [a._allocation for a in reads], [a._allocation for a in writes],
+                       what or f"a {kind}")
+    work[kind] += 1
+    work["bytes"] += sum(a.nbytes for a in arrays) if nbytes is None else nbytes

@@ -1,0 +1,49 @@
+"""`cupy.RawModule` and `cupy.RawKernel` on emulated GPUs: the real .cu source, compiled by g++.
+
+A launch checks each argument against the kernel's C parameter type with
+CuPy's marshalling rules (kernel_runner.marshal), enqueues the kernel on the
+current stream (a `const T*` parameter is a read, a `T*` a read and write) and
+runs every block and thread on the host.
+"""
+from minidl.emulator.cuda import operation
+from minidl.emulator.xp import ndarray
+
+
+class RawKernel:
+    def __init__(self, code=None, name=None, options=(), *, _kernel=None):
+        from minidl.emulator import kernel_runner  # TEMP
+        if _kernel is None:  # cupy.RawKernel(code, name): a module of one kernel
+            _kernel = kernel_runner.compile_module(code, (name,)).kernel(name)
+        self._kernel = _kernel
+        self.name = _kernel.name
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        if shared_mem:
+            raise NotImplementedError("the emulator runs threads one after another: no shared memory")
+        from minidl.emulator import kernel_runner  # TEMP
+        values = kernel_runner.marshal(self._kernel, tuple(args), is_array=lambda a: isinstance(a, ndarray),
+                                       array_dtype=lambda a: a.dtype, array_address=lambda a: a.data.ptr)
+        reads, writes = [], []
+        for param, arg in zip(self._kernel.params, args):
+            if param.pointer:
+                (reads if param.const else writes).append(arg)
+        operation("kernel", reads=reads, writes=writes, stream=stream, what=f"kernel {self.name}")
+        self._kernel.run(_dims(grid), _dims(block), values)
+
+
+class RawModule:
+    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
+                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if code is None:
+            with open(path) as f:
+                code = f.read()
+        from minidl.emulator import kernel_runner  # TEMP
+        self._module = kernel_runner.compile_module(code, tuple(name_expressions or ()))
+
+    def get_function(self, name):
+        return RawKernel(_kernel=self._module.kernel(name))
+
+
+def _dims(value):
+    value = (value,) if isinstance(value, int) else tuple(value)
+    return value + (1,) * (3 - len(value))

@@ -1,0 +1,195 @@
+"""Stream ordering on emulated GPUs: what may run before what, and the hazards that follow.
+
+The emulator runs every operation at once, on the host, so results never show a
+race. Instead it keeps the order a real GPU would *guarantee* and checks each
+access against it. Every stream is a timeline: an operation enqueued on it gets
+the next number on its clock. A vector clock per stream says, for every other
+stream, up to which operation it is known to be complete (events carry a copy
+of it; `wait_event` merges it in; the host's own clock grows when it
+synchronizes, and a later operation inherits what the host knows). The legacy
+default stream waits for the blocking streams of its GPU and they wait for it;
+non-blocking streams order with nothing implicitly.
+
+Each allocation remembers its last write and the reads since. An access not
+ordered after a conflicting one (read after write, write after read or write)
+on another stream is a hazard, and so is an allocation going back to the pool of
+the stream it was made on while another stream may still use it (CuPy's pool
+hands it to that stream's next allocation at once). Hazards are reported with
+the file and line outside the emulator that did the access; they raise
+StreamHazard where the access happens and are also kept in `hazards`, so a
+test fixture can fail a test whose code swallowed the exception (or whose
+hazard was found when Python freed an array).
+"""
+import itertools
+import os
+import sys
+import threading
+import weakref
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_NUMPY = os.path.dirname(os.path.abspath(sys.modules["numpy"].__file__))
+
+hazards = []  # every hazard found, oldest first: (message, where)
+_lock = threading.RLock()
+_serial = itertools.count(1)
+
+
+class StreamHazard(RuntimeError):
+    """An access to device memory that no stream order protects."""
+
+
+class Timeline:
+    """One stream's operations, numbered, and what it knows of the others."""
+
+    def __init__(self, device_id, kind):
+        self.id = next(_serial)
+        self.device_id = device_id
+        self.kind = kind  # "legacy", "blocking" or "non-blocking"
+        self.clock = 0
+        self.known = {}  # other timeline -> the last of its operations known complete here
+
+    def __repr__(self):
+        return f"{self.kind} stream #{self.id} of GPU {self.device_id}"
+
+    def snapshot(self):
+        return {**self.known, self: self.clock}
+
+    def enqueue(self):
+        """A new operation on this stream: returns its number, after every implicit ordering."""
+        self.clock += 1
+        _merge(self.known, host_known)
+        if self.kind == "legacy":  # waits for all earlier work of the GPU's blocking streams
+            for other in _timelines_of(self.device_id):
+                if other.kind == "blocking":
+                    _merge(self.known, other.snapshot())
+        elif self.kind == "blocking":
+            legacy = legacy_timeline(self.device_id)
+            _merge(self.known, legacy.snapshot())
+        return self.clock
+
+    def orders(self, other, number):
+        """Is operation `number` of `other` complete before this stream's next operation?"""
+        return other is self or self.known.get(other, 0) >= number
+
+
+host_known = {}  # timeline -> the last operation the host has seen complete
+_all_timelines = weakref.WeakSet()
+_legacy = {}
+
+
+def _merge(into, known):
+    for timeline, number in known.items():
+        if into.get(timeline, 0) < number:
+            into[timeline] = number
+
+
+def _timelines_of(device_id):
+    return [t for t in list(_all_timelines) if t.device_id == device_id]
+
+
+def new_timeline(device_id, kind):
+    timeline = Timeline(device_id, kind)
+    _all_timelines.add(timeline)
+    return timeline
+
+
+def legacy_timeline(device_id):
+    if device_id not in _legacy:
+        _legacy[device_id] = new_timeline(device_id, "legacy")
+    return _legacy[device_id]
+
+
+def host_waits_for(known):
+    """The host blocked until everything in `known` finished (synchronize)."""
+    with _lock:
+        _merge(host_known, known)
+
+
+def reset():
+    """Forget all streams and hazards (a fresh set of emulated GPUs)."""
+    with _lock:
+        hazards.clear()
+        host_known.clear()
+        _legacy.clear()
+
+
+def take_hazards():
+    """The hazards found so far, clearing the list."""
+    with _lock:
+        found = list(hazards)
+        hazards.clear()
+    return found
+
+
+# --- accesses
+
+def caller():
+    """'file:line in function' of the innermost frame outside the emulator and NumPy."""
+    frame = sys._getframe(1)  # cheaper than traceback: this runs on every device operation
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not path.startswith(_HERE) and not path.startswith(_NUMPY):
+            return f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+class Access:
+    """Who last wrote an allocation and who read it since (one entry per stream, the latest)."""
+
+    __slots__ = ("write", "reads")
+
+    def __init__(self):
+        self.write = None  # (timeline, number, where)
+        self.reads = {}  # timeline -> (number, where)
+
+    def users(self):
+        if self.write is not None:
+            yield self.write
+        for timeline, (number, where) in self.reads.items():
+            yield timeline, number, where
+
+
+def _report(message):
+    where = caller()
+    hazards.append((message, where))
+    raise StreamHazard(f"{message} (at {where})")
+
+
+def record(timeline, number, reads=(), writes=(), what="an operation"):
+    """Check and record operation `number` of `timeline` reading and writing allocations."""
+    with _lock:
+        for allocation in reads:
+            write = allocation.access.write
+            if write is not None and not timeline.orders(write[0], write[1]):
+                _report(f"{what} on {timeline} reads {allocation} written by {write[0]} at {write[2]} "
+                        "with nothing ordering the two (wait on an event recorded after the write)")
+        for allocation in writes:
+            for other, other_number, where in allocation.access.users():
+                if not timeline.orders(other, other_number):
+                    _report(f"{what} on {timeline} writes {allocation} still used by {other} at {where} "
+                            "with nothing ordering the two (wait on an event recorded after that use)")
+        here = None
+        for allocation in reads:
+            if here is None:
+                here = caller()
+            allocation.access.reads[timeline] = (number, here)
+        for allocation in writes:
+            if here is None:
+                here = caller()
+            allocation.access.write = (timeline, number, here)
+            allocation.access.reads = {}
+
+
+def check_free(allocation_name, home, access):
+    """An allocation goes back to the pool of `home`: every other stream must be done with it."""
+    with _lock:
+        known = {**home.known}
+        _merge(known, host_known)
+        for other, number, where in access.users():
+            if other is not home and known.get(other, 0) < number:
+                message = (f"{allocation_name} went back to the memory pool of {home} while {other} "
+                           f"may still use it (used at {where}); keep it alive until that stream is done, "
+                           "or make its stream wait")
+                hazards.append((message, caller()))
+                return

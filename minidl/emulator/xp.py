@@ -1,0 +1,480 @@
+"""The `cupy` namespace on emulated GPUs: ndarray, its functions, ufuncs and random numbers.
+
+An emulated array is a NumPy array standing in for device memory, with the
+device it lives on and the allocation it is a view of. Every operation follows
+CuPy's rules where bugs hide: a NumPy array operand, or turning an array into
+a NumPy array implicitly, is a TypeError; operands must be on the current
+device; each operation is enqueued on the current stream, checked against the
+stream order and counted (`cuda.operation`). The arithmetic itself is NumPy's,
+so results equal the CPU path's, not cuBLAS's (no TF32, no other summation order).
+"""
+import numbers
+
+import numpy as np
+
+from minidl.emulator import cuda
+from minidl.emulator.cuda import Allocation, MemoryPointer, current_device_id, fill_uninitialised, operation
+
+_NOT_ALLOWED = ("Implicit conversion to a NumPy array is not allowed. "
+                "Please use `.get()` to construct a NumPy array explicitly.")
+
+
+def _is_host_array(value):
+    return isinstance(value, np.ndarray)
+
+
+def _unwrap(value, reads):
+    """Host views for emulated arrays (noted in `reads`), recursively through lists and tuples."""
+    if isinstance(value, ndarray):
+        reads.append(value)
+        return value._host
+    if _is_host_array(value):
+        raise TypeError(f"Unsupported type {type(value)}: a NumPy array cannot be an operand of a "
+                        "CuPy operation; move it to the device with cupy.asarray first")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v, reads) for v in value)
+    return value
+
+
+def _wrap(result, sources, made):
+    """An emulated array for a NumPy result: a view of a source's allocation, or new device memory (noted in `made`)."""
+    if isinstance(result, (list, tuple)):
+        return type(result)(_wrap(r, sources, made) for r in result)
+    if isinstance(result, np.generic):
+        result = np.asarray(result)  # CuPy returns 0-d arrays where NumPy returns scalars
+    if not isinstance(result, np.ndarray):
+        return result
+    for source in sources:
+        if np.may_share_memory(result, source._host):
+            return ndarray._view(result, source._allocation)
+    made.append(ndarray._new(result))
+    return made[-1]
+
+
+def _run(kind, fn, args, kwargs, writes=(), what=None):
+    """One device operation: unwrap, compute with NumPy, wrap, then check, enqueue and count it.
+
+    A result that is only a view of an input (reshape, transpose, basic
+    indexing) launches nothing on a GPU, so it is no operation here either.
+    """
+    reads = []
+    host_args = _unwrap(list(args), reads)
+    host_kwargs = {k: _unwrap(v, reads) for k, v in kwargs.items()}
+    out = kwargs.get("out")
+    if isinstance(out, ndarray):
+        writes = list(writes) + [out]
+    result = fn(*host_args, **host_kwargs)
+    made = []
+    result = out if isinstance(out, ndarray) else _wrap(result, reads, made)
+    if writes or made:
+        operation(kind, reads=reads, writes=list(writes) + made, what=what or getattr(fn, "__name__", kind))
+    return result
+
+
+class ndarray:  # noqa: N801 -- CuPy's name
+    """An array in an emulated GPU's memory."""
+
+    __array_priority__ = 100
+
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
+        if memptr is not None or strides is not None:
+            raise NotImplementedError("the emulator makes arrays from a shape and a dtype only")
+        host = np.empty(shape, dtype=dtype, order=order)
+        fill_uninitialised(host)
+        self._host, self._allocation = host, Allocation(host, current_device_id())
+
+    @classmethod
+    def _new(cls, host):
+        array = cls.__new__(cls)
+        array._host, array._allocation = host, Allocation(host, current_device_id())
+        return array
+
+    @classmethod
+    def _view(cls, host, allocation):
+        array = cls.__new__(cls)
+        array._host, array._allocation = host, allocation
+        return array
+
+    # --- what it is
+    shape = property(lambda self: self._host.shape)
+    dtype = property(lambda self: self._host.dtype)
+    ndim = property(lambda self: self._host.ndim)
+    size = property(lambda self: self._host.size)
+    nbytes = property(lambda self: self._host.nbytes)
+    itemsize = property(lambda self: self._host.itemsize)
+    strides = property(lambda self: self._host.strides)
+    flags = property(lambda self: self._host.flags)
+    device = property(lambda self: cuda.Device(self._allocation.device_id))
+    data = property(lambda self: MemoryPointer(self))
+    T = property(lambda self: self.transpose())
+
+    def __len__(self):
+        return len(self._host)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self):  # for debugging: reads the memory directly, outside any stream
+        return repr(self._host).replace("array(", "array(emulated GPU: ", 1)
+
+    def __str__(self):
+        return str(self._host)
+
+    # --- leaving the device: only explicitly
+    def __array__(self, *args, **kwargs):
+        raise TypeError(_NOT_ALLOWED)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        for value in inputs:
+            if _is_host_array(value):
+                raise TypeError(f"Unsupported type {type(value)}: NumPy's {ufunc.__name__} got a NumPy array and a "
+                                "CuPy array; move the NumPy array to the device with cupy.asarray")
+        return getattr(_Ufunc(ufunc), method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        mine = globals().get(func.__name__)
+        if mine is None or not callable(mine):
+            raise TypeError(f"numpy.{func.__name__} on a CuPy array: {_NOT_ALLOWED}")
+        return mine(*args, **kwargs)
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        """A host copy, copied on `stream` (default: the current stream of the array's device)."""
+        with cuda.Device(self._allocation.device_id):
+            stream = stream or cuda.get_current_stream()
+            operation("copy", reads=[self], stream=stream, what="a device-to-host copy")
+            if blocking:
+                stream.synchronize()
+            host = np.array(self._host, order=order)
+        if out is not None:
+            out[...] = host
+            return out
+        return host
+
+    def set(self, host, stream=None):
+        if not _is_host_array(host) or host.shape != self.shape:
+            raise ValueError(f"set() takes a NumPy array of shape {self.shape}")
+        operation("copy", writes=[self], stream=stream, what="a host-to-device copy")
+        self._host[...] = host
+
+    def item(self):
+        return self.get().item()
+
+    def tolist(self):
+        return self.get().tolist()
+
+    def __float__(self):
+        return float(self.get())
+
+    def __int__(self):
+        return int(self.get())
+
+    def __bool__(self):
+        return bool(self.get())
+
+    def __index__(self):
+        return self.get().__index__()
+
+    # --- methods: NumPy's, as device operations
+    def copy(self, order="C"):
+        return _run("copy", np.array, (self,), dict(order=order, copy=True), what="copy")
+
+    def astype(self, dtype, order="K", copy=True):
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        return _run("elementwise", lambda a: a.astype(dtype, order=order), (self,), {}, what="astype")
+
+    def reshape(self, *shape, order="C"):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return _run("copy", lambda a: a.reshape(shape, order=order), (self,), {}, what="reshape")
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return _run("copy", lambda a: a.transpose(*axes), (self,), {}, what="transpose")
+
+    def fill(self, value):
+        operation("elementwise", writes=[self], what="fill")
+        self._host.fill(value)
+
+    def __getitem__(self, index):
+        return _run("elementwise", lambda a, i: a[i], (self, index), {}, what="indexing")
+
+    def __setitem__(self, index, value):
+        reads = []
+        host_index, host_value = _unwrap(index, reads), _unwrap(value, reads)
+        operation("elementwise", reads=reads, writes=[self], what="assignment")
+        self._host[host_index] = host_value
+
+    def _binary(self, op, other, reflected=False):
+        if not isinstance(other, (ndarray, numbers.Number, np.generic)):
+            if _is_host_array(other):
+                raise TypeError(f"Unsupported type {type(other)}: a NumPy array cannot be an operand of a "
+                                "CuPy operation; move it to the device with cupy.asarray first")
+            return NotImplemented
+        args = (other, self) if reflected else (self, other)
+        return _run("gemm" if op is np.matmul else "elementwise", op, args, {})
+
+    def _inplace(self, op, other):
+        if _is_host_array(other):
+            raise TypeError(f"Unsupported type {type(other)}: a NumPy array cannot be an operand of a "
+                            "CuPy operation; move it to the device with cupy.asarray first")
+        if not isinstance(other, (ndarray, numbers.Number, np.generic)):
+            return NotImplemented
+        _run("elementwise", op, (self, other), dict(out=self))
+        return self
+
+
+def _method(name, kind):
+    def method(self, *args, **kwargs):
+        return _run(kind, getattr(np.ndarray, name), (self,) + args, kwargs, what=name)
+    method.__name__ = name
+    return method
+
+
+for _name in ("swapaxes", "ravel", "flatten", "squeeze", "repeat", "take", "clip", "dot", "argsort", "nonzero",
+              "view", "diagonal"):
+    setattr(ndarray, _name, _method(_name, "gemm" if _name == "dot" else "copy" if _name != "clip" else "elementwise"))
+for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "prod", "var", "std", "cumsum"):
+    setattr(ndarray, _name, _method(_name, "reduction"))
+
+_BINARY = dict(add=np.add, sub=np.subtract, mul=np.multiply, truediv=np.true_divide, floordiv=np.floor_divide,
+               mod=np.remainder, pow=np.power, matmul=np.matmul, and_=np.bitwise_and, or_=np.bitwise_or,
+               xor=np.bitwise_xor, lshift=np.left_shift, rshift=np.right_shift)
+for _name, _op in _BINARY.items():
+    _dunder = _name.rstrip("_")
+    setattr(ndarray, f"__{_dunder}__", lambda self, other, op=_op: self._binary(op, other))
+    setattr(ndarray, f"__r{_dunder}__", lambda self, other, op=_op: self._binary(op, other, reflected=True))
+    if _op is not np.matmul:
+        setattr(ndarray, f"__i{_dunder}__", lambda self, other, op=_op: self._inplace(op, other))
+for _name, _op in dict(eq=np.equal, ne=np.not_equal, lt=np.less, le=np.less_equal, gt=np.greater,
+                       ge=np.greater_equal).items():
+    setattr(ndarray, f"__{_name}__", lambda self, other, op=_op: self._binary(op, other))
+for _name, _op in dict(neg=np.negative, pos=np.positive, abs=np.absolute, invert=np.invert).items():
+    setattr(ndarray, f"__{_name}__", lambda self, op=_op: _run("elementwise", op, (self,), {}))
+ndarray.__hash__ = None
+
+
+class _Ufunc:
+    """A NumPy ufunc applied to emulated arrays, with its methods (add.at, maximum.reduce, ...)."""
+
+    def __init__(self, ufunc):
+        self.ufunc = ufunc
+        self.__name__ = ufunc.__name__
+
+    def __call__(self, *args, **kwargs):
+        return _run("elementwise", self.ufunc, args, kwargs, what=self.__name__)
+
+    def reduce(self, *args, **kwargs):
+        return _run("reduction", self.ufunc.reduce, args, kwargs, what=f"{self.__name__}.reduce")
+
+    def accumulate(self, *args, **kwargs):
+        return _run("reduction", self.ufunc.accumulate, args, kwargs, what=f"{self.__name__}.accumulate")
+
+    def outer(self, *args, **kwargs):
+        return _run("elementwise", self.ufunc.outer, args, kwargs, what=f"{self.__name__}.outer")
+
+    def at(self, target, index, values=None):
+        reads = []
+        host_index = _unwrap(index, reads)
+        args = (target._host, host_index) + (() if values is None else (_unwrap(values, reads),))
+        operation("elementwise", reads=reads, writes=[target], what=f"{self.__name__}.at")
+        self.ufunc.at(*args)
+
+
+# --- the namespace: ufuncs, functions, creation
+
+for _name in ("add", "subtract", "multiply", "divide", "true_divide", "floor_divide", "power", "remainder",
+              "negative", "absolute", "exp", "log", "log1p", "expm1", "sqrt", "square", "tanh", "sign",
+              "maximum", "minimum", "fmax", "fmin", "equal", "not_equal", "less", "less_equal", "greater",
+              "greater_equal", "logical_and", "logical_or", "logical_not", "isfinite", "isnan", "isinf",
+              "floor", "ceil", "sin", "cos", "bitwise_and", "bitwise_or"):
+    globals()[_name] = _Ufunc(getattr(np, _name))
+abs = absolute  # noqa: A001 -- cupy.abs
+
+
+def _function(name, kind):
+    numpy_function = getattr(np, name)
+
+    def function(*args, **kwargs):
+        return _run(kind, numpy_function, args, kwargs, what=name)
+    function.__name__ = name
+    return function
+
+
+for _name in ("sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "argsort", "sort", "prod", "any",
+              "all", "var", "std", "cumsum", "count_nonzero", "allclose", "array_equal"):
+    globals()[_name] = _function(_name, "reduction")
+for _name in ("concatenate", "stack", "split", "array_split", "broadcast_to", "where", "clip", "transpose",
+              "swapaxes", "reshape", "squeeze", "expand_dims", "moveaxis", "flip", "pad", "take", "repeat",
+              "tile", "zeros_like", "ones_like", "full_like", "einsum", "tensordot", "ravel", "diag", "tril",
+              "triu", "eye"):
+    globals()[_name] = _function(_name, "elementwise")
+for _name in ("matmul", "dot"):
+    globals()[_name] = _function(_name, "gemm")
+
+newaxis = None
+float16, float32, float64 = np.float16, np.float32, np.float64
+int8, int16, int32, int64 = np.int8, np.int16, np.int32, np.int64
+uint8, uint16, uint32, uint64 = np.uint8, np.uint16, np.uint32, np.uint64
+bool_, dtype, inf, nan, pi = np.bool_, np.dtype, np.inf, np.nan, np.pi
+float_ = np.float64
+
+
+def ndim(a):
+    return np.ndim(a._host) if isinstance(a, ndarray) else np.ndim(a)
+
+
+def shape(a):
+    return a.shape
+
+
+def empty(shape, dtype=float, order="C"):
+    return ndarray(shape, dtype, order=order)
+
+
+def empty_like(a, dtype=None, order="K", shape=None):
+    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def _created(host, what):
+    array = ndarray._new(host)
+    operation("elementwise", writes=[array], what=what)
+    return array
+
+
+def zeros(shape, dtype=float, order="C"):
+    return _created(np.zeros(shape, dtype, order=order), "zeros")
+
+
+def ones(shape, dtype=float, order="C"):
+    return _created(np.ones(shape, dtype, order=order), "ones")
+
+
+def full(shape, fill_value, dtype=None, order="C"):
+    return _created(np.full(shape, fill_value, dtype, order=order), "full")
+
+
+def arange(*args, **kwargs):
+    return _created(np.arange(*args, **kwargs), "arange")
+
+
+def linspace(*args, **kwargs):
+    return _created(np.linspace(*args, **kwargs), "linspace")
+
+
+def array(obj, dtype=None, copy=True, order="K", ndmin=0):
+    """A new device array; from host data it is a host-to-device copy on the current stream."""
+    if isinstance(obj, ndarray):
+        result = _run("copy", np.array, (obj,), dict(dtype=dtype, copy=True, order=order, ndmin=ndmin),
+                      what="array")
+        return result
+    host = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    if host.dtype == object:
+        raise ValueError(f"Unsupported dtype object: cannot make a device array from {type(obj).__name__}")
+    array_ = ndarray._new(host)
+    operation("copy", writes=[array_], what="a host-to-device copy")
+    return array_
+
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    if isinstance(a, ndarray):
+        return a.astype(dtype)
+    return array(a, dtype=dtype, order=order or "K")
+
+
+def ascontiguousarray(a, dtype=None):
+    if isinstance(a, ndarray):
+        if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return _run("copy", np.ascontiguousarray, (a,), dict(dtype=dtype), what="ascontiguousarray")
+    return array(a, dtype=dtype, order="C")
+
+
+def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    if isinstance(a, ndarray):
+        return a.get(stream=stream, order=order, out=out, blocking=blocking)
+    return np.asarray(a, order=order)
+
+
+def get_array_module(*args):
+    import sys
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
+
+
+def get_default_memory_pool():
+    return cuda._pool
+
+
+def get_default_pinned_memory_pool():
+    return cuda._pool
+
+
+# --- random: NumPy's generators, whose numbers land in device memory (not CuPy's sequences)
+
+class _Random:
+    """Draws on the host, then a host-to-device copy on the current stream."""
+
+    def __init__(self, generator):
+        self._generator = generator
+
+    def _draw(self, method, *args, dtype=None, **kwargs):
+        host = np.asarray(getattr(self._generator, method)(*args, **kwargs))
+        if dtype is not None:
+            host = host.astype(dtype)
+        return array(host)
+
+
+class RandomState(_Random):
+    def __init__(self, seed=None):
+        super().__init__(np.random.RandomState(None if seed is None else seed % 2 ** 32))
+
+    def random_sample(self, size=None, dtype=float):
+        return self._draw("random_sample", size, dtype=dtype)
+
+    def rand(self, *size, dtype=float):
+        return self._draw("random_sample", size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype=float):
+        return self._draw("standard_normal", size, dtype=dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None, dtype=float):
+        return self._draw("normal", loc, scale, size, dtype=dtype)
+
+    def uniform(self, low=0.0, high=1.0, size=None, dtype=float):
+        return self._draw("uniform", low, high, size, dtype=dtype)
+
+    def randint(self, low, high=None, size=None, dtype=int):
+        return self._draw("randint", low, high, size, dtype=dtype)
+
+
+class Generator(_Random):
+    def __init__(self, seed=None):
+        super().__init__(np.random.default_rng(seed))
+
+    def random(self, size=None, dtype=np.float64):
+        return self._draw("random", size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return self._draw("standard_normal", size, dtype=dtype)
+
+    def integers(self, low, high=None, size=None, dtype=np.int64):
+        return self._draw("integers", low, high, size, dtype=dtype)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self._draw("uniform", low, high, size)
+
+
+class random:  # noqa: N801 -- cupy.random
+    RandomState = RandomState
+    Generator = Generator
+
+    @staticmethod
+    def default_rng(seed=None):
+        return Generator(seed)
+
+    @staticmethod
+    def seed(seed=None):
+        random._global = RandomState(seed)
+
+    _global = None
