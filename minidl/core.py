@@ -13,8 +13,6 @@ complete, summed over all its uses, before the function that made it runs.
 """
 import contextlib
 import heapq
-import math
-import numbers
 import threading
 import weakref
 
@@ -114,20 +112,8 @@ class Tensor:
     def item(self):
         return self.numpy().item()
 
-    def to(self, device):
-        """This tensor on `device`: itself if it is there, else a `copy` that autograd sees."""
-        device = as_device(device)
-        if device is self.device:
-            return self
-        from minidl.functions import copy
-        return copy(self, device)
-
     def detach(self):
         return Tensor(self.data, device=self.device)
-
-    def astype(self, dtype):
-        from minidl.functions import astype
-        return astype(self, dtype)
 
     # --- autograd
     def set_creator(self, function):
@@ -214,87 +200,9 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
-    # --- operators (the functions live in minidl.functions)
-    def __add__(self, other):
-        return _functions().add(self, other)
-
-    def __radd__(self, other):
-        return _functions().add(other, self)
-
-    def __sub__(self, other):
-        return _functions().sub(self, other)
-
-    def __rsub__(self, other):
-        return _functions().sub(other, self)
-
-    def __mul__(self, other):
-        return _functions().mul(self, other)
-
-    def __rmul__(self, other):
-        return _functions().mul(other, self)
-
-    def __truediv__(self, other):
-        return _functions().div(self, other)
-
-    def __rtruediv__(self, other):
-        return _functions().div(other, self)
-
-    def __neg__(self):
-        return _functions().neg(self)
-
-    def __pow__(self, exponent):
-        return _functions().pow(self, exponent)
-
-    def __rpow__(self, base):
-        if not isinstance(base, numbers.Real) or base <= 0:
-            raise MinidlError(f"base ** tensor needs a positive number as base, got {base!r}")
-        return _functions().exp(self * math.log(base))
-
-    def __matmul__(self, other):
-        return _functions().matmul(self, other)
-
-    def __rmatmul__(self, other):
-        return _functions().matmul(other, self)
-
-    def __getitem__(self, index):
-        return _functions().getitem(self, index)
-
-    def sum(self, axis=None, keepdims=False):
-        return _functions().sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims=False):
-        return _functions().mean(self, axis, keepdims)
-
-    def max(self, axis=None, keepdims=False):
-        return _functions().max(self, axis, keepdims)
-
-    def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return _functions().reshape(self, shape)
-
-    def transpose(self, *axes):
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
-        return _functions().transpose(self, axes or None)
-
-    @property
-    def T(self):
-        return self.transpose()
-
-    def exp(self):
-        return _functions().exp(self)
-
-    def log(self):
-        return _functions().log(self)
-
-    def relu(self):
-        return _functions().relu(self)
-
-
-def _functions():
-    import minidl.functions as F  # the functions import this module, so import late
-    return F
+    # Operators (+, *, @, [...]) and methods such as to, astype, sum and reshape are the
+    # functions of minidl.functions, installed there (install_tensor_methods): the
+    # functions import this module, never the reverse.
 
 
 def as_tensor(value, like):
