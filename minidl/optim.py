@@ -19,17 +19,22 @@ class MomentumSGD:
     def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=0.0005):
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.velocities = [None] * len(self.params)  # made on each parameter's device on first use
+        self.velocities = [None] * len(self.params)  # Tensors, made on each parameter's device on first use
 
     def step(self):
         with no_grad():
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
+                v = self.velocities[i]
+                if v is None:
+                    with p.device:
+                        v = Tensor(p.device.xp.zeros_like(p.data), device=p.device)
+                elif v.device is not p.device or v.dtype != p.dtype:  # the layer was moved (Layer.to)
+                    v = Tensor(v.numpy().astype(p.dtype), device=p.device)
+                self.velocities[i] = v
                 with p.device:
-                    if self.velocities[i] is None:
-                        self.velocities[i] = p.device.xp.zeros_like(p.data)
-                    self._update(p.data, p.grad.data, self.velocities[i])
+                    self._update(p.data, p.grad.data, v.data)
 
     def _update(self, w, g, v):
         momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr, self.lr))
@@ -51,16 +56,14 @@ class MomentumSGD:
 
     def state(self):
         """Velocities as host arrays (None where a parameter never had a gradient)."""
-        return [None if v is None else Tensor(v, device=p.device).numpy()
-                for p, v in zip(self.params, self.velocities)]
+        return [None if v is None else v.numpy() for v in self.velocities]
 
     def load_state(self, velocities):
         for i, (p, v) in enumerate(zip(self.params, velocities)):
             if v is None:
                 self.velocities[i] = None
                 continue
-            with p.device:
-                self.velocities[i] = p.device.xp.asarray(v, dtype=p.dtype)
+            self.velocities[i] = Tensor(np.asarray(v, dtype=p.dtype), device=p.device)
 
 
 class PlateauSchedule:

@@ -19,7 +19,7 @@ from minidl.data import Loader, builtin_dataset
 from minidl.device import default_devices, device as as_device, keep_freed_host_memory
 from minidl.errors import MinidlError
 from minidl.evaluate import check_labels, evaluate, topk_correct
-from minidl.functions.dropout import seed as seed_dropout
+from minidl.layers import seed_dropout
 from minidl.functions import softmax_cross_entropy
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
@@ -121,7 +121,7 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
         interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
         batches = train_loader.epoch_batches(epoch, start=start_batch if epoch == start_epoch else 0)
         for batch, (images, labels) in enumerate(batches, start=start_batch if epoch == start_epoch else 0):
-            seed_dropout(step_seed(seed, epoch, batch))
+            seed_dropout(model, step_seed(seed, epoch, batch))
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels, device=model.output_device)
             logits = model(x)

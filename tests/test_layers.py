@@ -70,3 +70,56 @@ def test_atomic_path_keeps_the_old_file_on_error(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
     assert target.read_text() == "new"
+
+
+def test_to_moves_in_place_so_an_optimizer_made_before_follows(dev):
+    from minidl.functions import softmax_cross_entropy
+    from minidl.optim import MomentumSGD
+    net = small_net().eval()
+    params = net.params()
+    optimizer = MomentumSGD(params, lr=0.1)
+    x = np.random.default_rng(1).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    softmax_cross_entropy(net(Tensor(x)), np.array([0, 1])).backward()
+    optimizer.step()  # a velocity on the CPU
+    net.to(dev)
+    assert net.params() == params and all(p.device is dev for p in params)  # the same objects, moved
+    before = [p.numpy() for p in params]
+    softmax_cross_entropy(net(Tensor(x, device=dev)), np.array([0, 1])).backward()
+    optimizer.step()
+    assert all(not np.array_equal(p.numpy(), b) for p, b in zip(params, before))
+    assert all(v.device is dev for v in optimizer.velocities)
+
+
+def test_a_layer_can_be_called_from_another_thread():
+    import threading
+    from minidl.layers import summary
+    net, out, errors = small_net().eval(), [], []
+
+    def work():
+        try:
+            out.append(net(Tensor(np.ones((1, 3, 7, 7), np.float32))).shape)
+            out.append(summary(net, (1, 3, 7, 7)))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors and out[0] == (1, 5) and "Linear(36->5)" in out[1]
+
+
+def test_each_dropout_layer_draws_its_own_masks():
+    from minidl.layers import seed_dropout
+    x = Tensor(np.ones((50, 40), np.float32))
+    a, b = Dropout(0.5), Dropout(0.5)
+    first = a(x).numpy()
+    assert not np.array_equal(first, Dropout(0.5, seed=1)(x).numpy())
+    b(x)  # another layer drawing does not move a's stream
+    a.generator.seed(0)
+    np.testing.assert_array_equal(a(x).numpy(), first)
+    # seed_dropout reseeds per layer name: the same seed gives each layer its own masks, repeatably
+    net = Sequential(Dropout(0.5), Dropout(0.5))
+    seed_dropout(net, 3)
+    masks = [layer(x).numpy() for layer in net]
+    seed_dropout(net, 3)
+    assert not np.array_equal(masks[0], masks[1])
+    np.testing.assert_array_equal([layer(x).numpy() for layer in net][0], masks[0])

@@ -50,7 +50,7 @@ def test_optimizer_state_round_trip():
     opt.step()
     other = MomentumSGD([Parameter(np.arange(3.0))])
     other.load_state(opt.state())
-    np.testing.assert_array_equal(other.velocities[0], opt.velocities[0])
+    np.testing.assert_array_equal(other.state()[0], opt.state()[0])
 
 
 def test_plateau_schedule_drops_three_times_then_finishes():

@@ -2,48 +2,58 @@
 scale the survivors by 1/(1-p), so nothing changes at test time (the paper
 instead halved the outputs at test time; the expectation is the same).
 
-The masks come from one generator per device (NumPy's on the CPU, CuPy's on a
-GPU), all derived from `seed(n)`: the trainer reseeds every step from where the
-run stands, so a resumed run draws the same masks.
+Masks come from a MaskGenerator: NumPy's generator on the CPU, CuPy's on a GPU,
+made per device from one seed. Each Dropout layer owns one (so two models, or
+two towers, never share a stream of masks) and the trainer reseeds it every
+step from where the run stands, so a resumed run draws the same masks. The
+function without a generator uses a default one per device (`seed(n)`).
 """
 import numpy as np
 
 from minidl.core import Function
 from minidl.errors import MinidlError
 
-_seed = 0
-_generators = {}  # device name -> generator, made on first use after seed()
+
+class MaskGenerator:
+    """Keep-masks drawn from `seed` (an int or a list of ints), one generator per device."""
+
+    def __init__(self, seed=0):
+        self.seed(seed)
+
+    def seed(self, seed):
+        self._entropy = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
+        self._generators = {}
+
+    def keep(self, device, shape, p):
+        """A boolean array on `device` (the current one): True with probability 1 - p."""
+        if device.name not in self._generators:
+            # the device's name is part of the seed: one generator never repeats another's masks
+            entropy = self._entropy + [sum(device.name.encode())]
+            if device.is_cuda:
+                seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+                self._generators[device.name] = device.xp.random.RandomState(seed)
+            else:
+                self._generators[device.name] = np.random.default_rng(entropy)
+        generator = self._generators[device.name]
+        if device.is_cuda:
+            return generator.random_sample(shape, dtype=np.float32) >= p
+        return generator.random(shape, dtype=np.float32) >= p
+
+
+_default = MaskGenerator(0)
 
 
 def seed(n):
-    """Restart every device's dropout generator from `n`."""
-    global _seed
-    _seed = int(n)
-    _generators.clear()
-
-
-def generator(device):
-    if device.name not in _generators:
-        # the device's name is part of the seed: two towers draw different masks
-        stream = [_seed, sum(device.name.encode())]
-        if device.is_cuda:
-            seed_value = int(np.random.SeedSequence(stream).generate_state(1, np.uint64)[0] >> 1)
-            _generators[device.name] = device.xp.random.RandomState(seed_value)
-        else:
-            _generators[device.name] = np.random.default_rng(stream)
-    return _generators[device.name]
+    """Restart the default generator (the one dropout() uses without a generator) from `n`."""
+    _default.seed(n)
 
 
 class Dropout(Function):
-    def __init__(self, p):
-        self.p = p
+    def __init__(self, p, generator):
+        self.p, self.generator = p, generator
 
     def forward(self, x):
-        rng = generator(self.device)
-        if self.device.is_cuda:
-            keep = rng.random_sample(x.shape, dtype=np.float32) >= self.p
-        else:
-            keep = rng.random(x.shape, dtype=np.float32) >= self.p
+        keep = self.generator.keep(self.device, x.shape, self.p)
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
         self.save(mask)
         return x * mask
@@ -53,10 +63,10 @@ class Dropout(Function):
         return gy * mask
 
 
-def dropout(x, p=0.5, train=True):
+def dropout(x, p=0.5, train=True, generator=None):
     """Inverted dropout; the identity when not training or when p is 0."""
     if not 0.0 <= p < 1.0:
         raise MinidlError(f"dropout probability must be in [0, 1), got {p}")
     if not train or p == 0.0:
         return x
-    return Dropout(p)(x)
+    return Dropout(p, generator or _default)(x)

@@ -3,5 +3,5 @@ from minidl.layers import init
 from minidl.layers.conv import Conv2d
 from minidl.layers.layer import Layer, Parameter, Sequential
 from minidl.layers.linear import Linear
-from minidl.layers.simple import LRN, Dropout, Flatten, MaxPool2d, ReLU
+from minidl.layers.simple import LRN, Dropout, Flatten, MaxPool2d, ReLU, seed_dropout
 from minidl.layers.summary import summary

@@ -6,8 +6,6 @@ transfer is visible in the model's code). Attributes that are Parameters or
 Layers are registered in assignment order, which gives stable dotted names
 such as `tower0.conv1.W`.
 """
-import threading
-
 import numpy as np
 
 from minidl.core import Tensor
@@ -26,6 +24,7 @@ class Layer:
     def __init__(self, device="cpu"):
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_layers", {})
+        object.__setattr__(self, "_hooks", [])
         self.device = as_device(device) if device is not None else None
         self.training = True
 
@@ -69,19 +68,28 @@ class Layer:
         return self.train(False)
 
     def to(self, device=None, dtype=None):
-        """Move this layer (parameters and sub-layers) to a device and/or dtype, in place."""
+        """Move this layer (parameters and sub-layers) to a device and/or dtype, in place.
+
+        The Parameter objects stay the same, so an optimizer made before the move
+        updates the moved data (its velocities follow on the next step).
+        """
         target = as_device(device) if device is not None else None
-        for name, p in self._params.items():
+        for p in self._params.values():
             data = p.numpy() if target is not None else p.data
             if dtype is not None:
                 data = data.astype(dtype)
-            moved = Parameter(data, device=target or p.device)
-            setattr(self, name, moved)
+            moved = Tensor(data, device=target or p.device)
+            p.data, p.device, p.grad = moved.data, moved.device, None
         if target is not None and self.device is not None:
             self.device = target
         for layer in self._layers.values():
             layer.to(device, dtype)
         return self
+
+    def register_forward_hook(self, hook):
+        """Call hook(layer, inputs, output) after every forward of this layer; returns a remover."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook)
 
     # --- calling
     def __call__(self, *inputs):
@@ -92,8 +100,8 @@ class Layer:
                         f"{self.describe()} lives on {self.device} but got an input on {x.device}; "
                         f"move it explicitly with minidl.functions.copy(x, '{self.device}')")
         y = self.forward(*inputs)
-        if _recorder.layers is not None:
-            _recorder.layers.append((self, y.shape))
+        for hook in self._hooks:
+            hook(self, inputs, y)
         return y
 
     def forward(self, *inputs):
@@ -124,11 +132,6 @@ class Sequential(Layer):
         for layer in self._layers.values():
             x = layer(x)
         return x
-
-
-# summary() turns this on to learn each layer's output shape from one forward pass
-_recorder = threading.local()
-_recorder.layers = None
 
 
 def make_rng(rng):

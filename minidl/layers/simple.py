@@ -1,6 +1,8 @@
 """Layers without parameters: ReLU, LRN, MaxPool2d, Dropout, Flatten."""
+import zlib
+
 from minidl.functions import flatten, relu
-from minidl.functions.dropout import dropout
+from minidl.functions.dropout import MaskGenerator, dropout
 from minidl.functions.lrn import local_response_norm
 from minidl.functions.pooling import max_pool2d
 from minidl.layers.layer import Layer
@@ -38,14 +40,16 @@ class MaxPool2d(Layer):
 
 
 class Dropout(Layer):
-    """Inverted dropout: active in train(), the identity in eval()."""
+    """Inverted dropout: active in train(), the identity in eval(). It draws its masks from
+    its own generator; `seed_dropout(model, n)` reseeds every Dropout of a model."""
 
-    def __init__(self, p=0.5, device="cpu"):
+    def __init__(self, p=0.5, device="cpu", seed=0):
         super().__init__(device)
         self.p = p
+        self.generator = MaskGenerator(seed)
 
     def forward(self, x):
-        return dropout(x, self.p, train=self.training)
+        return dropout(x, self.p, train=self.training, generator=self.generator)
 
     def describe(self):
         return f"Dropout({self.p})"
@@ -54,3 +58,11 @@ class Dropout(Layer):
 class Flatten(Layer):
     def forward(self, x):
         return flatten(x)
+
+
+def seed_dropout(model, seed):
+    """Reseed every Dropout layer of `model` from `seed` and the layer's dotted name,
+    so the masks are a pure function of (seed, layer) and differ between layers."""
+    for name, layer in model.named_layers():
+        if isinstance(layer, Dropout):
+            layer.generator.seed([int(seed), zlib.crc32(name.encode())])

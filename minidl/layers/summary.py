@@ -2,7 +2,6 @@
 import numpy as np
 
 from minidl.core import Tensor, no_grad
-from minidl.layers import layer as layer_module
 
 
 def summary(model, input_shape, device=None):
@@ -12,13 +11,15 @@ def summary(model, input_shape, device=None):
     names = {id(l): name for name, l in model.named_layers()}
     x = Tensor(np.random.default_rng(0).standard_normal(input_shape).astype(np.float32), device=device)
     was_training = model.training
-    layer_module._recorder.layers = []
+    calls = []
+    removers = [layer.register_forward_hook(lambda l, inputs, y: calls.append((l, y.shape)))
+                for _, layer in model.named_layers()]
     try:
         with no_grad():
             model.eval()(x)
-        calls = layer_module._recorder.layers
     finally:
-        layer_module._recorder.layers = None
+        for remove in removers:
+            remove()
         model.train(was_training)
     rows = [(names.get(id(l), type(l).__name__), l.describe(), str(l.device), str(tuple(shape)),
              sum(p.size for p in l._params.values()))
