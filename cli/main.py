@@ -194,13 +194,17 @@ def bench(model_file, batch_size, devices, steps):
                        devices=parse_devices(devices) or default_devices(), progress=ProgressLine("steps"))
     click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "
                f"median of {result['steps']} steps: {result['ms_per_step']:.1f} ms/step  "
-               f"{result['images_per_s']:.1f} images/s  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB")
+               f"{result['images_per_s']:.1f} images/s  peak memory {_size(result['peak_memory_bytes'])}")
     work = result.get("device_work_per_step")
     if work is not None:
         kinds = ", ".join(f"{work.get(kind, 0):.0f} {kind}" for kind in ("kernel", "elementwise", "reduction",
                                                                         "gemm", "copy"))
         click.echo(f"device operations per step (emulated GPUs): {sum(v for k, v in work.items() if k != 'bytes'):.0f} "
-                   f"({kinds}), moving {work.get('bytes', 0) / 2**30:.2f} GiB")
+                   f"({kinds}), moving {_size(work.get('bytes', 0))}")
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 @main.command("prepare-data")

@@ -14,7 +14,7 @@ import numpy as np
 from minidl.core import Tensor
 from minidl.device import device as as_device, keep_freed_host_memory
 from minidl.functions import softmax_cross_entropy
-from minidl.functions.dropout import seed as seed_dropout
+from minidl.layers import seed_dropout
 from minidl.optim import MomentumSGD
 
 
@@ -110,7 +110,7 @@ def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmu
     peak = _PeakMemory(devices)
     with peak:
         for i in range(warmup + steps):
-            seed_dropout(i)
+            seed_dropout(model, i)
             if i == warmup:
                 work_before = _device_work(devices)
             begin = start()

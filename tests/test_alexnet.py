@@ -174,7 +174,8 @@ def test_train_mode_dropout_differs_between_towers_and_eval_is_deterministic():
 
 def _copy_weights(src, dst):
     for (_, a), (_, b) in zip(src.named_params(), dst.named_params()):
-        b.data[...] = b.device.xp.asarray(a.numpy())
+        with b.device:  # on the parameter's own stream, ordered with the work that reads it
+            b.data[...] = b.device.xp.asarray(a.numpy())
 
 
 @pytest.mark.gpu

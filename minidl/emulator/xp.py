@@ -15,6 +15,8 @@ import numpy as np
 from minidl.emulator import cuda
 from minidl.emulator.cuda import Allocation, MemoryPointer, current_device_id, fill_uninitialised, operation
 
+emulated = True  # how minidl tells this stand-in from CuPy (bench counts its operations)
+
 _NOT_ALLOWED = ("Implicit conversion to a NumPy array is not allowed. "
                 "Please use `.get()` to construct a NumPy array explicitly.")
 

@@ -19,6 +19,7 @@ import numpy as np
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
+from minidl.device import cupy
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "conv.cu")
@@ -71,7 +72,7 @@ def col2im(cols, h, w, stride, pad):
 
 
 def _im2col_gpu(x, kh, kw, stride, pad, oh, ow):
-    import cupy as cp
+    cp = cupy()
     x = kernels.prepare(x, x.dtype)
     n, c, h, w = x.shape
     cols = cp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
@@ -81,7 +82,7 @@ def _im2col_gpu(x, kh, kw, stride, pad, oh, ow):
 
 
 def _col2im_gpu(cols, h, w, stride, pad):
-    import cupy as cp
+    cp = cupy()
     cols = kernels.prepare(cols, cols.dtype)
     c, kh, kw, n, oh, ow = cols.shape
     out = cp.empty((n, c, h, w), dtype=cols.dtype)

@@ -17,6 +17,7 @@ import numpy as np
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
+from minidl.device import cupy
 from minidl.errors import MinidlError
 
 CU_FILE = os.path.join(os.path.dirname(__file__), "lrn.cu")
@@ -86,7 +87,7 @@ class LocalResponseNorm(Function):
         return gx
 
     def _gpu(self, name, x, s=None, gy=None):
-        import cupy as cp
+        cp = cupy()
         t = x.dtype.type
         x = kernels.prepare(x, x.dtype)
         n, c, h, w = x.shape

@@ -23,6 +23,7 @@ import numpy as np
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
+from minidl.device import cupy
 from minidl.errors import MinidlError
 from minidl.functions.conv import output_size
 
@@ -98,7 +99,7 @@ class MaxPool2d(Function):
         return y, (row, column)
 
     def _forward_gpu(self, x, oh, ow):
-        import cupy as cp
+        cp = cupy()
         x = kernels.prepare(x, x.dtype)
         n, c, h, w = x.shape
         y = cp.empty((n, c, oh, ow), dtype=x.dtype)
@@ -113,7 +114,7 @@ class MaxPool2d(Function):
         (argmax,) = self.saved
         n, c, h, w = self.in_shape
         oh, ow = gy.shape[2:]
-        import cupy as cp
+        cp = cupy()
         gx = cp.empty(self.in_shape, dtype=gy.dtype)
         kernel = kernels.get_kernel(CU_FILE, "max_pool_backward", gy.dtype, CU_KERNELS)
         kernels.launch(kernel, gx.size, (kernels.prepare(gy, gy.dtype), argmax, gx,

@@ -1,0 +1,99 @@
+"""End to end on GPUs: `minidl train` of a small two-tower AlexNet on cuda:0,cuda:1 takes the
+same steps as on the CPU, and evaluate, visualize-filters and bench work from its checkpoint.
+
+On emulated GPUs (`pytest --emulate-gpus 2`) the towers sit on two GPUs, so every crossing
+is a copy between GPUs, checked for stream hazards."""
+import os
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from minidl.checkpoint import load_checkpoint
+from minidl_cli.main import main
+
+ALEXNET = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py"))
+
+# the paper's table at a small scale: 35x35 input, 3x3 maps after the last pool; no dropout,
+# so the CPU and the GPUs draw no random masks and must take the same steps
+SMALL_ALEXNET = f'''
+from minidl.model_file import load_model_file
+
+alexnet = load_model_file({ALEXNET!r}).module
+CONFIG = dict(input_size=35, batch_size=4, epochs=1, lr=0.01, dropout=0.0, input_scale=1 / 255)
+NETWORK = [
+    ("conv1", "conv", dict(out=8, ksize=3, stride=1, pad=0), "image", "relu lrn pool"),
+    ("conv2", "conv", dict(out=12, ksize=3, pad=1), "own", "relu lrn pool"),
+    ("conv3", "conv", dict(out=12, ksize=3, pad=1), "both", "relu"),
+    ("conv4", "conv", dict(out=12, ksize=3, pad=1), "own", "relu"),
+    ("conv5", "conv", dict(out=8, ksize=3, pad=1), "own", "relu pool flatten"),
+    ("fc6", "fc", dict(out=16), "both", "relu dropout"),
+    ("fc7", "fc", dict(out=16), "both", "relu dropout"),
+]
+
+
+def build_model(num_classes, devices, init, seed):
+    return alexnet.AlexNet(num_classes, devices, init, seed, CONFIG["dropout"], network=NETWORK, pooled_size=3)
+'''
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["red", "green", "blue"]):
+        os.makedirs(root / name)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+            pixels[..., c] = 255
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    out = tmp_path_factory.mktemp("data") / "small.h5"
+    code, output = run("prepare-data", root, out, "--val-fraction", "0.25", "--workers", "1")
+    assert code == 0, output
+    return out
+
+
+def _losses(output):
+    return [float(x) for x in re.findall(r"batch \d+/\d+  loss (\d+\.\d+)", output)]
+
+
+@pytest.mark.gpu
+def test_train_on_two_gpus_equals_the_cpu_then_evaluate_visualize_bench(dataset, tmp_path):
+    model = tmp_path / "small_alexnet.py"
+    model.write_text(SMALL_ALEXNET)
+    runs = {}
+    for devices in ("cpu,cpu", "cuda:0,cuda:1"):
+        out = tmp_path / devices.replace(",", "_").replace(":", "")
+        code, output = run("train", model, "--data", dataset, "--devices", devices, "--out", out, "--log-every", "1")
+        assert code == 0, output
+        runs[devices] = out, _losses(output)
+    (cpu_out, cpu_losses), (gpu_out, gpu_losses) = runs["cpu,cpu"], runs["cuda:0,cuda:1"]
+    assert len(gpu_losses) == len(cpu_losses) >= 3
+    np.testing.assert_allclose(gpu_losses, cpu_losses, atol=2e-4)  # printed to 4 decimals
+    cpu_ckpt, gpu_ckpt = load_checkpoint(cpu_out / "last.h5"), load_checkpoint(gpu_out / "last.h5")
+    assert gpu_ckpt.attrs["devices"] == '["cuda:0", "cuda:1"]'
+    for name, weights in cpu_ckpt.params.items():
+        np.testing.assert_allclose(gpu_ckpt.params[name], weights, rtol=1e-4, atol=1e-6, err_msg=name)
+
+    code, output = run("evaluate", gpu_out / "last.h5", "--data", dataset, "--devices", "cuda:0,cuda:1",
+                       "--ten-crop")
+    assert code == 0 and "10-crop: top-1" in output, output
+    code, cpu_output = run("evaluate", gpu_out / "last.h5", "--data", dataset, "--devices", "cpu", "--ten-crop")
+    assert code == 0 and cpu_output.split("loss")[1][:6] == output.split("loss")[1][:6], (output, cpu_output)
+
+    png = tmp_path / "filters.png"
+    code, output = run("visualize-filters", gpu_out / "last.h5", "-o", png)
+    assert code == 0 and "16 conv1 kernels" in output, output
+    assert Image.open(png).size[0] > 20
+
+    code, output = run("bench", model, "--devices", "cuda:0,cuda:1", "--batch-size", "4", "--steps", "2")
+    assert code == 0 and "ms/step" in output, output
+    if os.environ.get("MINIDL_EMULATE_GPUS"):
+        assert re.search(r"device operations per step \(emulated GPUs\): \d+ \(\d+ kernel", output), output
