@@ -10,6 +10,8 @@ setup(
     package_dir={"minidl_cli": "cli"},
     package_data={"minidl.functions": ["*.cu"]},
     install_requires=["numpy", "h5py", "pillow", "click"],
-    extras_require={"gpu": ["cupy-cuda12x"], "test": ["pytest"]},
+    # nvidia-cuda-nvrtc-cu12: the NVRTC of CUDA 12 (what cupy-cuda12x compiles with), so the
+    # tests compile every kernel as CuPy would on a machine with no GPU and no CUDA toolkit
+    extras_require={"gpu": ["cupy-cuda12x"], "test": ["pytest", "nvidia-cuda-nvrtc-cu12"]},
     entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},
 )

@@ -1,0 +1,79 @@
+"""Every CUDA source compiles with NVRTC exactly as cupy.RawModule compiles it, and every
+name expression minidl launches resolves to its kernel, on a machine with no GPU and no
+CuPy (NVRTC from the nvidia-cuda-nvrtc-cu12 wheel of the `test` extra; skipped without it)."""
+import importlib
+import os
+import pkgutil
+
+import pytest
+
+import minidl.functions
+from minidl import kernels, nvrtc_check
+from minidl.nvrtc_check import NvrtcCompileError, NvrtcUnavailable, compile_like_cupy
+
+try:
+    LIBNVRTC = nvrtc_check.find_libnvrtc()
+except NvrtcUnavailable as e:
+    pytestmark = pytest.mark.skip(reason=str(e))
+
+# -arch=sm_XX is CuPy's default (a cubin); -arch=compute_XX its CUPY_COMPILE_WITH_PTX=1 path
+ARCHS = ("sm_80", "sm_90", "compute_80", "compute_90")
+MANGLED_TYPE = {"float": "f", "double": "d"}
+
+
+def launched_kernels():
+    """{.cu path: kernel names} from every minidl.functions module with CU_FILE and CU_KERNELS."""
+    found = {}
+    for info in pkgutil.iter_modules(minidl.functions.__path__):
+        module = importlib.import_module(f"minidl.functions.{info.name}")
+        if hasattr(module, "CU_KERNELS"):
+            found[os.path.abspath(module.CU_FILE)] = tuple(module.CU_KERNELS)
+    return found
+
+
+def name_expressions(names):
+    """The name expressions kernels.get_kernel hands RawModule for a module's CU_KERNELS."""
+    return tuple(f"{n}<{t}>" for n in names for t in kernels._CUDA_TYPES.values())
+
+
+def test_every_source_is_launched_and_every_launcher_has_a_source():
+    launched = launched_kernels()
+    assert {"conv.cu", "lrn.cu", "pooling.cu"} <= {os.path.basename(p) for p in launched}
+    assert set(launched) == {os.path.abspath(p) for p in kernels.kernel_sources()}
+
+
+def test_options_are_cupys():
+    # cupy/_core/core.pyx assemble_cupy_compiler_options, cupy/cuda/compiler.py
+    # _compile_with_cache_cuda and _compile_using_nvrtc_no_warning (without the -I paths)
+    assert nvrtc_check.cupy_options("sm_90") == (
+        "--std=c++14", "-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", kernels.kernel_sources(), ids=os.path.basename)
+def test_kernel_compiles_like_cupy(source, arch):
+    names = launched_kernels()[os.path.abspath(source)]
+    expressions = name_expressions(names)
+    lowered = compile_like_cupy(source, expressions, arch=arch)
+    assert set(lowered) == set(expressions)
+    for n in names:
+        for t, code in MANGLED_TYPE.items():
+            # the Itanium mangling of a template instance n<T>: _Z <len(n)> n I <T> E ...
+            assert lowered[f"{n}<{t}>"].startswith(f"_Z{len(n)}{n}I{code}E"), (source, arch, lowered)
+
+
+def test_a_broken_source_raises_with_the_nvrtc_log(tmp_path):
+    source = tmp_path / "broken.cu"
+    source.write_text("template <typename T>\n__global__ void k(T* x) { x[0] = undefined_thing; }\n")
+    with pytest.raises(NvrtcCompileError) as raised:
+        compile_like_cupy(str(source), ("k<float>",), arch="sm_90")
+    message = str(raised.value)
+    assert "broken.cu" in message and "undefined_thing" in message and "error" in message
+
+
+def test_a_name_expression_without_a_kernel_raises(tmp_path):
+    source = tmp_path / "one.cu"
+    source.write_text("template <typename T>\n__global__ void k(T* x) { x[0] = T(1); }\n")
+    assert compile_like_cupy(str(source), ("k<double>",))["k<double>"].startswith("_Z1kIdE")
+    with pytest.raises(NvrtcCompileError, match="no_such_kernel"):
+        compile_like_cupy(str(source), ("no_such_kernel<float>",))
