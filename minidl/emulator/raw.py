@@ -5,13 +5,13 @@ CuPy's marshalling rules (kernel_runner.marshal), enqueues the kernel on the
 current stream (a `const T*` parameter is a read, a `T*` a read and write) and
 runs every block and thread on the host.
 """
+from minidl.emulator import kernel_runner
 from minidl.emulator.cuda import operation
 from minidl.emulator.xp import ndarray
 
 
 class RawKernel:
     def __init__(self, code=None, name=None, options=(), *, _kernel=None):
-        from minidl.emulator import kernel_runner  # TEMP
         if _kernel is None:  # cupy.RawKernel(code, name): a module of one kernel
             _kernel = kernel_runner.compile_module(code, (name,)).kernel(name)
         self._kernel = _kernel
@@ -20,7 +20,6 @@ class RawKernel:
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if shared_mem:
             raise NotImplementedError("the emulator runs threads one after another: no shared memory")
-        from minidl.emulator import kernel_runner  # TEMP
         values = kernel_runner.marshal(self._kernel, tuple(args), is_array=lambda a: isinstance(a, ndarray),
                                        array_dtype=lambda a: a.dtype, array_address=lambda a: a.data.ptr)
         reads, writes = [], []
@@ -37,7 +36,6 @@ class RawModule:
         if code is None:
             with open(path) as f:
                 code = f.read()
-        from minidl.emulator import kernel_runner  # TEMP
         self._module = kernel_runner.compile_module(code, tuple(name_expressions or ()))
 
     def get_function(self, name):
