@@ -2,10 +2,16 @@
 
 Kernels are C++ templates in `.cu` files beside the Python module that launches
 them, with explicit instantiations for float and double (so `nvcc` compiles
-every one of them in CI, and float64 gradient checks can run on the GPU). They
-are compiled by CuPy's NVRTC once per (file, kernel, dtype, GPU) and cached.
-Every kernel uses a 64-bit grid-stride loop, so the launch size is capped and
-tensors beyond 2^31 elements still work.
+every one of them in CI, and float64 gradient checks can run on the GPU). Each
+file is compiled by CuPy's NVRTC once per GPU, all its kernels for both types
+at once (the name expressions), and cached. Every kernel uses a 64-bit
+grid-stride loop, so the launch size is capped and tensors beyond 2^31
+elements still work.
+
+CuPy compiles RawKernels with -ftz=true: in float32, denormal inputs and
+results (|x| < 1.2e-38) are flushed to zero on the GPU, where NumPy and the
+emulated GPUs keep them. Results that differ only in such tiny values are
+within every test's tolerance; float64 is not flushed.
 """
 import functools
 import os

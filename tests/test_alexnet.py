@@ -179,9 +179,15 @@ def _copy_weights(src, dst):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")])
-def test_gpu_alexnet_matches_cpu(devices):
-    minidl.set_device_map({"cuda:1": 0})
+@pytest.mark.parametrize("devices, device_map", [
+    (("cuda:0", "cuda:0"), None),  # both towers on one GPU, one stream
+    (("cuda:0", "cuda:1"), {"cuda:1": 0}),  # two logical devices (two streams) on one GPU
+    (("cuda:0", "cuda:1"), None),  # two GPUs: every crossing a copy between them
+], ids=["one-device", "two-streams-one-gpu", "two-gpus"])
+def test_gpu_alexnet_matches_cpu(devices, device_map):
+    if device_map is None and len(set(devices)) == 2 and minidl.gpu_count() < 2:
+        pytest.skip("needs two GPUs")
+    minidl.set_device_map(device_map)
     try:
         cpu = alexnet.build_model(1000, ("cpu", "cpu"), seed=2).eval()
         gpu = alexnet.build_model(1000, devices, seed=9).eval()
