@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from minidl.atomic import atomic_path
+from minidl.hdf5 import open_minidl_file
 from minidl.errors import CheckpointError
 
 FORMAT = "minidl-checkpoint"
@@ -92,14 +93,8 @@ class Checkpoint:
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no such checkpoint: {path}")
-    if not h5py.is_hdf5(path):
-        raise CheckpointError(f"{path} is not a minidl checkpoint (not an HDF5 file)")
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a minidl checkpoint (no '{FORMAT}' format mark)")
+        with open_minidl_file(path, "checkpoint", FORMAT, CheckpointError) as f:
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
             params = {n: d[()] for n, d in f["params"].items()}
             momentum = {n: d[()] for n, d in f["momentum"].items()}

@@ -99,7 +99,7 @@ def test_open_missing_file(tmp_path):
 def test_open_non_hdf5_file(tmp_path):
     path = tmp_path / "notes.h5"
     path.write_text("just some text")
-    with pytest.raises(DataError, match=f"^{path} is not an HDF5 file$"):
+    with pytest.raises(DataError, match=f"^{path} is not a minidl dataset \\(not an HDF5 file\\)$"):
         open_dataset(path)
 
 
@@ -107,7 +107,7 @@ def test_open_hdf5_file_without_format(tmp_path):
     path = tmp_path / "other.h5"
     with h5py.File(path, "w") as f:
         f["images"] = np.zeros(3)
-    with pytest.raises(DataError, match=f"^{path} is not a minidl dataset \\(no format attribute 'minidl-dataset'\\)$"):
+    with pytest.raises(DataError, match=f"^{path} is not a minidl dataset \\(no 'minidl-dataset' format mark\\)$"):
         open_dataset(path)
 
 

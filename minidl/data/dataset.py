@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from minidl.atomic import atomic_path
 from minidl.errors import DataError
+from minidl.hdf5 import open_minidl_file
 
 FORMAT = "minidl-dataset"
 VERSION = 1
@@ -104,20 +106,14 @@ def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     folder = os.path.dirname(os.path.abspath(path))
-    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
-        f = h5py.File(temp_path, "w")
     except OSError as err:
-        raise DataError(f"cannot write {path}: {err}") from None
-    try:
-        with f:
-            written = _write_contents(f, path, samples, list(class_names), count, val_fraction, seed, progress)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.remove(temp_path)
-        raise
-    return written
+        raise DataError(f"cannot write {path}: {err.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"cannot write {path}: the folder {folder} is not writable")
+    with atomic_path(path) as temp_path, h5py.File(temp_path, "w") as f:
+        return _write_contents(f, path, samples, list(class_names), count, val_fraction, seed, progress)
 
 
 def _write_contents(f, path, samples, class_names, count, val_fraction, seed, progress):
@@ -169,14 +165,7 @@ def open_dataset(path):
     Use it as a context manager (`with open_dataset(p) as f:`). Raises DataError
     naming the problem for a missing file, a non-HDF5 file or another HDF5 file.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"no such dataset file: {path}")
-    if not h5py.is_hdf5(path):
-        raise DataError(f"{path} is not an HDF5 file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path} is not a readable HDF5 file ({err})") from None
+    f = open_minidl_file(path, "dataset", FORMAT, DataError)
     try:
         _check_layout(f, path)
     except BaseException:
@@ -186,8 +175,6 @@ def open_dataset(path):
 
 
 def _check_layout(f, path):
-    if f.attrs.get("format") != FORMAT:
-        raise DataError(f"{path} is not a minidl dataset (no format attribute '{FORMAT}')")
     if f.attrs.get("version", 0) > VERSION:
         raise DataError(f"{path} is a version {f.attrs['version']} dataset; this minidl reads version {VERSION}")
     for name in REQUIRED:
