@@ -27,13 +27,6 @@ def friendly_errors(command):
     return run
 
 
-def parse_devices(text):
-    if text is None:
-        return None
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    return names * 2 if len(names) == 1 else names
-
-
 class ProgressLine:
     """A progress bar redrawn in place on a terminal, a line per 10% elsewhere."""
 
@@ -65,7 +58,7 @@ def main():
 @click.option("--out", "out_dir", help="Folder for checkpoints and curves (default: runs/alexnet, or the "
               "folder of the --resume checkpoint).")
 @click.option("--resume", type=click.Path(), help="Continue from this checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Steps between progress lines.")
 @friendly_errors
@@ -99,7 +92,7 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
                 click.echo("validation stopped improving after the last learning-rate drop: done")
 
     try:
-        history = run_training(model_file, data=data, devices=parse_devices(devices), epochs=epochs,
+        history = run_training(model_file, data=data, devices=devices, epochs=epochs,
                                batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
                                progress=show, log_every=log_every)
     except KeyboardInterrupt:
@@ -118,24 +111,17 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the one the checkpoint names).")
-@click.option("--devices", help="Devices for the two towers (default: what is here).")
+@click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @friendly_errors
 def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
-    from minidl.checkpoint import load_checkpoint
-    from minidl.data import Loader
-    from minidl.device import default_devices
     from minidl.evaluate import check_labels, evaluate as run_evaluation
-    from minidl.model_file import input_scale, load_model_file
-    ckpt = load_checkpoint(checkpoint)
-    config = ckpt.config()
-    loader = Loader(data, split=split, batch_size=batch_size, crop=config["input_size"], augment=False,
-                    ten_crop=ten_crop, scale=input_scale(config, config["init"]))
-    check_labels(ckpt["num_classes"], loader.num_classes, data)
-    model = load_model_file(model_file or ckpt["model_file"]).build(
-        ckpt["num_classes"], parse_devices(devices) or default_devices(), config["init"])
-    ckpt.load_into(model)
+    from minidl.restore import Restored
+    restored = Restored(checkpoint, model_file, devices)
+    loader = restored.loader(data, split=split, batch_size=batch_size, ten_crop=ten_crop)
+    check_labels(restored.checkpoint["num_classes"], loader.num_classes, data)
+    model = restored.model
     result = run_evaluation(model, loader)
     crops = "10-crop" if ten_crop else "centre crop"
     click.echo(f"{result['count']} {split} images, {crops}: top-1 {100 * result['top1']:.2f}%  "
@@ -153,9 +139,10 @@ def visualize_filters(checkpoint, output):
     from minidl.checkpoint import load_checkpoint
     from minidl.visualize import save_filter_grid
     ckpt = load_checkpoint(checkpoint)
-    towers = sorted(name for name in ckpt.params if name.endswith("conv1.W"))
+    # the kernels that see the image: 4-D weights over its 3 colour channels, one set per tower
+    towers = sorted(name for name, w in ckpt.params.items() if w.ndim == 4 and w.shape[1] == 3)
     if not towers:
-        raise MinidlError(f"{checkpoint} has no conv1 weights (no parameter named '...conv1.W')")
+        raise MinidlError(f"{checkpoint} has no first-layer convolution (no weights of shape (out, 3, k, k))")
     kernels = np.concatenate([ckpt.params[name] for name in towers])
     save_filter_grid(kernels, output, towers=len(towers))
     click.echo(f"wrote {output}: {len(kernels)} conv1 kernels of {kernels.shape[2]}x{kernels.shape[3]}, "
@@ -165,14 +152,15 @@ def visualize_filters(checkpoint, output):
 @main.command()
 @click.argument("model_file")
 @click.option("--classes", type=int, default=1000, show_default=True)
-@click.option("--devices", help="Devices for the two towers (default: cpu,cpu).")
+@click.option("--devices", help="Devices for the two towers (default: the model file's, fitted to this machine).")
 @friendly_errors
 def summary(model_file, classes, devices):
     """Each layer of MODEL_FILE with its device, output shape and parameters."""
     from minidl.layers import summary as layer_summary
     from minidl.model_file import load_model_file
+    from minidl.device import resolve_devices
     mf = load_model_file(model_file)
-    model = mf.build(classes, parse_devices(devices) or ("cpu", "cpu"))
+    model = mf.build(classes, [d.name for d in resolve_devices(devices, mf.config["devices"])])
     size = mf.config["input_size"]
     click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))
 
@@ -186,12 +174,11 @@ def summary(model_file, classes, devices):
 def bench(model_file, batch_size, devices, steps):
     """Time full training steps of MODEL_FILE on synthetic data."""
     from minidl.bench import bench as run_bench
-    from minidl.device import default_devices
     from minidl.model_file import load_model_file
     if batch_size < 1 or steps < 1:
         raise MinidlError("--batch-size and --steps must be at least 1")
-    result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps,
-                       devices=parse_devices(devices) or default_devices(), progress=ProgressLine("steps"))
+    result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps, devices=devices,
+                       progress=ProgressLine("steps"))
     click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "
                f"median of {result['steps']} steps: {result['ms_per_step']:.1f} ms/step  "
                f"{result['images_per_s']:.1f} images/s  peak memory {_size(result['peak_memory_bytes'])}")
@@ -212,7 +199,7 @@ def _size(nbytes):
 @click.argument("out")
 @click.option("--workers", type=int, help="Decoding processes (default: all cores).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, help="Seed of every random choice (default: 0, or the resumed run's).")
 @friendly_errors
 def prepare_data(image_dir, out, workers, val_fraction, seed):
     """Turn IMAGE_DIR (one subfolder per class) into the HDF5 dataset OUT."""

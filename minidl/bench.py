@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from minidl.core import Tensor
-from minidl.device import device as as_device, keep_freed_host_memory
+from minidl.device import keep_freed_host_memory, resolve_devices
 from minidl.functions import softmax_cross_entropy
 from minidl.layers import seed_dropout
 from minidl.optim import MomentumSGD
@@ -93,12 +93,12 @@ def _device_work(devices):
     return dict(cuda_devices[0].xp.cuda.work)
 
 
-def bench(model_file, *, batch_size=128, devices=("cpu", "cpu"), steps=20, warmup=3, num_classes=1000,
+def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_classes=1000,
           seed=0, progress=None):
     """Time `steps` training steps; returns a dict of medians and the peak memory."""
     keep_freed_host_memory()
-    devices = tuple(as_device(d) for d in devices)
     config = model_file.config
+    devices = resolve_devices(devices, config["devices"])
     model = model_file.build(num_classes, [d.name for d in devices], config["init"], seed)
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
     rng = np.random.default_rng(seed)

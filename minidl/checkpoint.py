@@ -21,7 +21,9 @@ Layout (readable by any HDF5 tool; nothing in it is ever executed):
     epoch_totals     attrs: running loss sum, correct and seen count of the
                      unfinished epoch (so a resumed epoch reports the same numbers)
     history/KEY      one value per finished epoch: train_loss, train_top1,
-                     val_loss, val_top1, val_top5, lr
+                     val_loss, val_top1, val_top5, lr; and one per logging
+                     interval: interval_step (the step it ended at) and
+                     interval_loss (its mean training loss)
 """
 import json
 import os
@@ -35,7 +37,9 @@ from minidl.errors import CheckpointError
 
 FORMAT = "minidl-checkpoint"
 VERSION = 1
-HISTORY_KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
+EPOCH_KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
+INTERVAL_KEYS = ("interval_step", "interval_loss")
+HISTORY_KEYS = EPOCH_KEYS + INTERVAL_KEYS
 
 
 def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals):
@@ -70,11 +74,8 @@ class Checkpoint:
     def config(self):
         return json.loads(self.attrs["config"])
 
-    def class_names(self):
-        return json.loads(self.attrs["class_names"])
-
-    def load_into(self, model, optimizer=None):
-        """Copy the parameters (and velocities) into a model built from the same model file."""
+    def load_into(self, model):
+        """Copy the parameters into a model built from the same model file."""
         names = [n for n, _ in model.named_params()]
         missing = [n for n in names if n not in self.params]
         extra = [n for n in self.params if n not in names]
@@ -88,8 +89,10 @@ class Checkpoint:
                                       f"{saved.shape} in the checkpoint and {p.shape} in the model")
             with p.device:
                 p.data[...] = p.device.xp.asarray(saved, dtype=p.dtype)
-        if optimizer is not None:
-            optimizer.load_state([self.momentum.get(n) for n in names])
+
+    def velocities(self, model):
+        """The optimizer's velocities in the order of model.params() (None where there is none yet)."""
+        return [self.momentum.get(name) for name, _ in model.named_params()]
 
 
 def load_checkpoint(path):
@@ -100,7 +103,8 @@ def load_checkpoint(path):
             momentum = {n: d[()] for n, d in f["momentum"].items()}
             schedule = dict(f["schedule"].attrs)
             epoch_totals = {k: v.item() for k, v in f["epoch_totals"].attrs.items()}
-            history = {k: f["history"][k][()].tolist() for k in HISTORY_KEYS}
+            # checkpoints from before the interval keys have none: an empty list
+            history = {k: f["history"][k][()].tolist() if k in f["history"] else [] for k in HISTORY_KEYS}
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError) as e:

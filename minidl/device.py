@@ -167,17 +167,7 @@ def device(name=None):
     """
     if isinstance(name, Device):
         return name
-    if name is None:
-        name = CPU_NAME
-    if not isinstance(name, str):
-        raise DeviceError(f"a device is named by a string like 'cpu' or 'cuda:0', got {name!r}")
-    text = name.strip().lower()
-    if text == "cuda":
-        text = "cuda:0"
-    if text != CPU_NAME and not re.fullmatch(r"cuda:\d+", text):
-        raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda:N'")
-    if text != CPU_NAME:
-        text = f"cuda:{int(text[5:])}"  # 'cuda:01' is 'cuda:1': one Device, one stream
+    text = canonical_name(name)
     if text in _devices:
         return _devices[text]
     dev = Device(text)
@@ -192,6 +182,20 @@ def device(name=None):
                 "or MINIDL_DEVICE_MAP='cuda:1=0'")
     _devices[text] = dev
     return dev
+
+
+def canonical_name(name):
+    """'cpu' or 'cuda:N' for a device name ('CPU', 'cuda', 'cuda:01', None for the CPU); checks the form only."""
+    if name is None:
+        return CPU_NAME
+    if not isinstance(name, str):
+        raise DeviceError(f"a device is named by a string like 'cpu' or 'cuda:0', got {name!r}")
+    text = name.strip().lower()
+    if text == "cuda":
+        text = "cuda:0"
+    if text != CPU_NAME and not re.fullmatch(r"cuda:\d+", text):
+        raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda:N'")
+    return text if text == CPU_NAME else f"cuda:{int(text[5:])}"  # 'cuda:01' is 'cuda:1': one Device, one stream
 
 
 def device_of_array(array):
@@ -218,14 +222,33 @@ def is_array(obj):
     return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))
 
 
-def default_devices():
-    """The two towers' devices on this machine: two GPUs, one GPU twice, or the CPU twice."""
-    count = gpu_count()
-    if count >= 2:
-        return ("cuda:0", "cuda:1")
-    if count == 1:
-        return ("cuda:0", "cuda:0")
-    return ("cpu", "cpu")
+def resolve_devices(requested=None, preferred=("cuda:0", "cuda:1")):
+    """The devices of a model's parts (AlexNet's two towers): the one place they are decided.
+
+    `requested` (names the user gave; one name serves every part) wins. Otherwise
+    `preferred` (the model file's CONFIG["devices"], or the devices a checkpoint
+    was trained on) is fitted to this machine: a GPU that is not here becomes
+    cuda:0 (so two towers share one GPU), and without any GPU every part is on
+    the CPU. Returns Devices, each checked to exist.
+    """
+    if isinstance(requested, str):
+        requested = [n.strip() for n in requested.split(",") if n.strip()]
+    parts = len(preferred)
+    if requested:
+        names = list(requested) * parts if len(requested) == 1 else list(requested)
+        if len(names) != parts:
+            raise DeviceError(f"give {parts} devices, one per tower (e.g. cpu,cpu or cuda:0,cuda:1), "
+                              f"or one for all; got {','.join(requested)}")
+    else:
+        count = gpu_count()
+        names = [_fit(canonical_name(n), count) for n in preferred]
+    return tuple(device(n) for n in names)
+
+
+def _fit(name, gpus):
+    if name == CPU_NAME or gpus == 0:
+        return CPU_NAME
+    return name if physical_index(int(name[5:])) < gpus else "cuda:0"
 
 
 def keep_freed_host_memory():

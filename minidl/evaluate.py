@@ -17,7 +17,7 @@ def check_labels(num_model_classes, num_data_classes, data_path):
                         f"{num_model_classes}: labels beyond the model's classes")
 
 
-def evaluate(model, loader, epoch=0):
+def evaluate(model, loader):
     """Mean loss, top-1 and top-5 accuracy of `model` on every batch of `loader`.
 
     With a 10-crop loader (batches of shape (B, 10, 3, S, S)) the softmax outputs
@@ -30,7 +30,7 @@ def evaluate(model, loader, epoch=0):
     loss_sum = top1 = top5 = 0
     seen = 0
     with no_grad():
-        for images, labels in loader.epoch_batches(epoch):
+        for images, labels in loader.epoch_batches(0):
             crops = images.shape[1] if images.ndim == 5 else 1
             x = Tensor(images.reshape((-1,) + images.shape[-3:]), device=device)
             logits = model(x)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from minidl.checkpoint import load_checkpoint
+from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
 from minidl.train import train
 from minidl_cli.main import main
 
@@ -96,7 +96,7 @@ def test_train_resume_equals_uninterrupted_run(dataset, tiny_model, tmp_path):
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
         np.testing.assert_array_equal(a.momentum[name], b.momentum[name], err_msg=name)
-    for key in a.history:
+    for key in EPOCH_KEYS:  # the interval losses depend on where each run logged
         np.testing.assert_allclose(a.history[key], b.history[key], rtol=1e-12, err_msg=key)
     assert len(straight["val_top1"]) == 2 and a["epoch"] == 2
 
@@ -122,7 +122,7 @@ def test_train_evaluate_visualize_alexnet(dataset, tmp_path):
 
 
 def test_summary_command():
-    code, output = run("summary", ALEXNET)
+    code, output = run("summary", ALEXNET, "--devices", "cpu")
     assert code == 0, output
     assert "60,965,224" in output and "cpu" in output
 
@@ -172,3 +172,27 @@ def test_truncated_checkpoint_and_labels_beyond_classes(dataset, tiny_model, tmp
         dst["class_names"] = np.array(["a", "b", "c", "d"], dtype=h5py.string_dtype())
     code, output = run("evaluate", ckpt, "--data", bigger, "--split", "all")
     assert code != 0 and "labels beyond the model's classes" in output
+
+
+def test_resume_refuses_what_would_make_another_run(dataset, tiny_model, tmp_path):
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    last = tmp_path / "last.h5"
+    for option, message in ((["--batch-size", "8"], "--batch-size 8 differs from the resumed run's (4)"),
+                            (["--init", "paper"], "--init paper differs from the resumed run's (he)"),
+                            (["--seed", "5"], "--seed 5 differs from the resumed run's (0)"),
+                            (["--data", tmp_path / "last.h5"], "differs from the resumed run's")):
+        code, output = run("train", "--resume", last, "--out", tmp_path, *option)
+        lines = output.strip().splitlines()
+        assert code != 0 and lines[-1].startswith("error: ") and message in lines[-1], output
+        assert "Traceback" not in output
+    # what may change: the number of epochs, and where it runs
+    code, output = run("train", "--resume", last, "--out", tmp_path, "--epochs", "1", "--batch-size", "4",
+                       "--devices", "cpu")
+    assert code == 0 and "resuming at epoch 1, batch 1" in output and "1 epochs" in output, output
+
+
+@pytest.mark.gpu
+def test_resume_runs_on_the_devices_it_was_trained_on(dataset, tiny_model, tmp_path):
+    train(tiny_model, data=dataset, devices=("cuda:0", "cuda:0"), out_dir=tmp_path, max_steps=1)
+    code, output = run("train", "--resume", tmp_path / "last.h5", "--out", tmp_path, "--epochs", "1")
+    assert code == 0 and "on cuda:0, cuda:0" in output, output

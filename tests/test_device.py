@@ -126,7 +126,7 @@ def test_cuda_without_cupy(no_cupy):
     with pytest.raises(DeviceError, match=r"needs CuPy"):
         Tensor(np.ones(2), device="cuda:0")
     assert minidl.gpu_count() == 0
-    assert dm.default_devices() == ("cpu", "cpu")
+    assert [d.name for d in dm.resolve_devices()] == ["cpu", "cpu"]
     assert minidl.device("cpu").xp is np  # the CPU never needs CuPy
 
 
@@ -155,9 +155,20 @@ def test_gpu_count_is_zero_when_the_driver_fails(fake_cupy):
 
 @pytest.mark.parametrize("count,expected", [(0, ("cpu", "cpu")), (1, ("cuda:0", "cuda:0")),
                                             (2, ("cuda:0", "cuda:1")), (4, ("cuda:0", "cuda:1"))])
-def test_default_devices(monkeypatch, count, expected):
-    monkeypatch.setattr(dm, "gpu_count", lambda: count)
-    assert dm.default_devices() == expected
+def test_preferred_devices_are_fitted_to_the_machine(fake_cupy, count, expected):
+    fake_cupy(count)
+    assert tuple(d.name for d in dm.resolve_devices(None, ("cuda:0", "cuda:1"))) == expected
+    assert tuple(d.name for d in dm.resolve_devices(None, ("cpu", "cpu"))) == ("cpu", "cpu")  # the model's word
+
+
+def test_requested_devices_win_and_one_serves_both(fake_cupy):
+    fake_cupy(2)
+    assert [d.name for d in dm.resolve_devices("cuda:1", ("cpu", "cpu"))] == ["cuda:1", "cuda:1"]
+    assert [d.name for d in dm.resolve_devices(["cpu", "cuda:0"])] == ["cpu", "cuda:0"]
+    with pytest.raises(DeviceError, match="give 2 devices, one per tower"):
+        dm.resolve_devices("cpu,cpu,cpu")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        dm.resolve_devices(None, ("tpu", "cpu"))
 
 
 def test_cuda_devices_with_a_fake_cupy(fake_cupy):
