@@ -11,9 +11,10 @@ A model file is what `minidl train MODEL_FILE` reads. Its contract:
                             trainer puts each batch.
 
 The network is the paper's two towers, one per device. The table below is the
-whole device split: each row is one layer in each tower; "own" reads only the
-tower's own maps, "both" reads both towers' maps, a crossing between devices
-(an explicit copy). fc8 is one layer on the first device reading both towers.
+whole device split: each row is one layer in each tower, and "reads" says what
+its input is: "image" the input image (each tower gets its own copy), "own" only
+the tower's own maps, "both" both towers' maps, a crossing between devices (an
+explicit copy). fc8 is one layer on the first device reading both towers.
 
 Initialisation: `init="paper"` is the paper's N(0, 0.01^2) weights with biases 1
 in conv2, conv4, conv5, fc6, fc7 (0 elsewhere). It has a long flat start on small
@@ -85,15 +86,14 @@ class Tower(Layer):
         super().__init__(device)
         channels = 3
         for name, kind, spec, reads, then in network:
-            fan_in = 2 * channels if reads == "both" else channels
+            in_channels = 2 * channels if reads == "both" else channels  # features, for a fully connected layer
             W_init, b_init = initialisers(name, scheme)
             if kind == "conv":
-                layer = Conv2d(fan_in, spec["out"], spec["ksize"], spec.get("stride", 1), spec.get("pad", 0),
+                layer = Conv2d(in_channels, spec["out"], spec["ksize"], spec.get("stride", 1), spec.get("pad", 0),
                                device=device, W_init=W_init, b_init=b_init, rng=rng)
-                channels = spec["out"]
             else:
-                layer = Linear(fan_in, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng)
-                channels = spec["out"]
+                layer = Linear(in_channels, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng)
+            channels = spec["out"]
             if "flatten" in then:
                 channels *= pooled_size * pooled_size
             setattr(self, name, layer)
