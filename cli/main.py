@@ -9,6 +9,7 @@ import sys
 import time
 
 import click
+import numpy as np
 
 from minidl.errors import MinidlError
 
@@ -17,7 +18,9 @@ def friendly_errors(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            # overflow in a diverging run is reported by minidl in one line, not as NumPy warnings
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return command(*args, **kwargs)
         except MinidlError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
@@ -61,8 +64,13 @@ def main():
 @click.option("--seed", type=int, help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Steps between progress lines.")
+@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True,
+              help="Also write last.h5 within an epoch when this long has passed since the last one.")
+@click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
+              "(a rare bad batch) instead of stopping; the count is printed at the end.")
 @friendly_errors
-def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every):
+def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every, checkpoint_seconds,
+          skip_nonfinite):
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional."""
     from minidl.train import train as run_training
     out_dir = out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else os.path.join("runs", "alexnet"))
@@ -90,11 +98,14 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
                        f"top-5 {100 * v['top5']:.1f}%  (next lr {event['next_lr']:g})")
             if event["finished"]:
                 click.echo("validation stopped improving after the last learning-rate drop: done")
+        elif kind == "end" and event["skipped"]:
+            click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
 
     try:
         history = run_training(model_file, data=data, devices=devices, epochs=epochs,
                                batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
-                               progress=show, log_every=log_every)
+                               progress=show, log_every=log_every, checkpoint_seconds=checkpoint_seconds,
+                               skip_nonfinite=skip_nonfinite)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole

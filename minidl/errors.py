@@ -20,3 +20,7 @@ class DataError(MinidlError):
 
 class CheckpointError(MinidlError):
     """A checkpoint that is missing, corrupt or does not fit the model."""
+
+
+class NonFiniteError(MinidlError):
+    """A loss, gradient or output that is NaN or infinite: the run diverged."""

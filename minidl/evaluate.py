@@ -1,6 +1,6 @@
 """Evaluation: loss, top-1 and top-5 over a loader, with centre or 10-crop input."""
 from minidl.core import Tensor, no_grad
-from minidl.errors import DataError
+from minidl.errors import DataError, NonFiniteError
 from minidl.functions.loss import log_softmax_array
 
 
@@ -27,7 +27,7 @@ def evaluate(model, loader):
     xp = model.output_device.xp
     was_training = model.training
     model.eval()
-    loss_sum = top1 = top5 = 0
+    loss_sum = top1 = top5 = nonfinite = 0
     seen = 0
     with no_grad():
         for images, labels in loader.epoch_batches(0):
@@ -39,6 +39,8 @@ def evaluate(model, loader):
                 log_p = log_softmax_array(xp, logits.data)
                 if crops > 1:  # average the probabilities of the crops, then back to logs
                     log_p = xp.log(xp.exp(log_p).reshape(len(labels), crops, -1).mean(axis=1))
+                # argmax of NaN is no prediction: rows with a non-finite output are counted, and refused below
+                nonfinite += (~xp.isfinite(log_p)).any(axis=1).sum()
                 loss_sum += -log_p[xp.arange(len(labels)), y].sum()
                 top1 += topk_correct(xp, log_p, y, 1)
                 top5 += topk_correct(xp, log_p, y, 5)
@@ -47,4 +49,8 @@ def evaluate(model, loader):
     if seen == 0:
         raise DataError("no images to evaluate: the split is empty")
     with model.output_device:
+        nonfinite = int(nonfinite)
+        if nonfinite:
+            raise NonFiniteError(f"the model's outputs are NaN or infinite for {nonfinite} of {seen} images: "
+                                 "its weights diverged, so no accuracy can be reported")
         return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)

@@ -9,6 +9,8 @@ decay inside the velocity:
 (PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
 differs from this as soon as lr changes.)
 """
+import math
+
 import numpy as np
 
 from minidl.core import Tensor, no_grad
@@ -49,6 +51,20 @@ class MomentumSGD:
             in_parallel(update, w, blocks=True)
         else:
             update(...)  # the whole array at once; v[...] is a view, so the in-place ops reach v
+
+    def grad_norm(self):
+        """The L2 norm of all gradients, NaN or infinite if any gradient is: one read per device."""
+        squares = {}  # device -> sum of squares, kept on the device until the read
+        for p in self.params:
+            if p.grad is not None:
+                with p.device, np.errstate(over="ignore", invalid="ignore"):  # overflow is the answer, not a warning
+                    g = p.grad.data.reshape(-1)
+                    squares[p.device] = squares.get(p.device, 0) + g.dot(g)  # BLAS: cheaper than isfinite
+        total = 0.0
+        for device, square in squares.items():
+            with device:
+                total += float(square)
+        return math.sqrt(total)
 
     def zero_grad(self):
         for p in self.params:

@@ -16,6 +16,7 @@ augmentation, and the dropout masks (reseeded each step). So a run resumed from
 a checkpoint, which records where it stood, takes the same steps as one that
 never stopped.
 """
+import math
 import os
 import time
 
@@ -23,7 +24,7 @@ from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
 from minidl.device import keep_freed_host_memory, resolve_devices
-from minidl.errors import MinidlError
+from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
 from minidl.layers import seed_dropout
@@ -65,8 +66,10 @@ def refuse_changes(checkpoint, *, batch_size, init, seed, data):
 class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step)."""
 
-    def __init__(self, model_path, *, data, devices, epochs, batch_size, out_dir, resume, seed, init, report):
+    def __init__(self, model_path, *, data, devices, epochs, batch_size, out_dir, resume, seed, init, report,
+                 skip_nonfinite=False):
         self.report = report
+        self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         restored = None
         if resume:
             restored = Restored(resume, model_path, devices)
@@ -148,6 +151,10 @@ class Run:
             loss = softmax_cross_entropy(logits, y)
             self.optimizer.zero_grad()
             loss.backward()
+            if self._diverged(loss):  # a skipped batch: no update, nothing counted
+                self.batch += 1
+                del logits, loss
+                continue
             self.optimizer.step()
             self.step, self.batch = self.step + 1, self.batch + 1
             with model.output_device:
@@ -165,7 +172,30 @@ class Run:
                 if time.monotonic() - last_save > checkpoint_seconds and not finished_epoch:
                     self.save(self.last_path)
                     last_save = time.monotonic()
+        if interval["seen"]:  # the epoch's last batches were skipped after the last log
+            self._log(interval)
         return True
+
+    def _diverged(self, loss):
+        """True to skip this batch; raises NonFiniteError to stop, before the update touches the weights.
+
+        One read of the loss and the gradient norm per step: a non-finite value
+        must stop the run before it reaches the weights, so that no checkpoint
+        ever holds it (the last one written stays the last good state).
+        """
+        loss_value, grad_norm = loss.item(), self.optimizer.grad_norm()
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            return False
+        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
+        if self.skip_nonfinite:
+            self.skipped += 1
+            self.optimizer.zero_grad()
+            return True
+        kept = (f"{self.last_path} holds the last good state (continue with --resume, at a lower rate)"
+                if os.path.exists(self.last_path) else "no checkpoint was written")
+        raise NonFiniteError(
+            f"training stopped at epoch {self.epoch + 1}, batch {self.batch + 1}: the {what}; the learning rate "
+            f"({self.optimizer.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
     def _log(self, interval):
         seen = interval["seen"]
@@ -198,20 +228,29 @@ class Run:
             self.save(self.best_path)
         training_curves(self.history, self.curves_path)
         self.report(dict(kind="epoch", epoch=finished, val=val, history=self.history, next_lr=self.schedule.lr,
-                         finished=self.schedule.finished))
+                         finished=self.schedule.finished, skipped=self.skipped))
 
 
 def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=None, out_dir="runs/alexnet",
           resume=None, seed=None, init=None, progress=None, log_every=10, checkpoint_seconds=300.0,
-          max_steps=None):
-    """Train a model file's network (or resume a checkpoint); returns the history dict."""
+          max_steps=None, skip_nonfinite=False):
+    """Train a model file's network (or resume a checkpoint); returns the history dict.
+
+    A non-finite loss or gradient stops the run (NonFiniteError) before the
+    update; with skip_nonfinite the batch is skipped instead, and counted
+    (the "epoch" and "end" events carry the count).
+    """
+    if log_every < 1:
+        raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
     run = Run(model_path, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
-              resume=resume, seed=seed, init=init, report=progress or (lambda event: None))
+              resume=resume, seed=seed, init=init, report=progress or (lambda event: None),
+              skip_nonfinite=skip_nonfinite)
     while run.epoch < run.config["epochs"] and not run.schedule.finished:
         if max_steps is not None and run.step >= max_steps:
             break
         if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):
             break
         run.end_epoch()
+    run.report(dict(kind="end", skipped=run.skipped))
     return run.history

@@ -1,0 +1,109 @@
+"""Training never lies and never loses work: non-finite values stop a run before they reach
+the weights or a checkpoint; kills mid-write never leave a broken checkpoint; problems that
+would end a long run are reported before its first step."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
+from minidl.train import train
+from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
+
+# the tiny model, poisoned: its output is NaN on the training calls listed in NAN_CALLS
+POISONED = TINY_MODEL + '''
+import math
+NAN_CALLS = {nan_calls}
+_calls = [0]
+_plain_build = build_model
+
+
+def build_model(num_classes, devices, init, seed):
+    model = _plain_build(num_classes, devices, init, seed)
+    forward = model.forward
+
+    def poisoned(x):
+        y = forward(x)
+        if model.training:
+            _calls[0] += 1
+            if _calls[0] in NAN_CALLS:
+                return y * math.nan
+        return y
+    model.forward = poisoned
+    return model
+'''
+
+
+def _model(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_diverging_learning_rate_stops_with_one_line_and_no_nan_checkpoint(dataset, tmp_path):
+    hot = _model(tmp_path, "hot.py", TINY_MODEL.replace("lr=0.01", "lr=1e6").replace("epochs=2", "epochs=8"))
+    out = tmp_path / "run"
+    code, output = run("train", hot, "--data", dataset, "--devices", "cpu", "--out", out, "--log-every", "1")
+    lines = output.strip().splitlines()
+    assert code == 1 and lines[-1].startswith("error: training stopped at epoch "), output
+    assert "learning rate (1e+06) is likely too high" in lines[-1] and "Traceback" not in output
+    assert "loss nan" not in output
+    for name in ("last.h5", "best.h5"):  # whatever was saved is whole and finite (the reader checks)
+        if (out / name).exists():
+            for weights in load_checkpoint(out / name).params.values():
+                assert np.isfinite(weights).all()
+
+
+def test_stop_leaves_the_last_checkpoint_as_it_was(dataset, tmp_path):
+    out = tmp_path / "run"
+    code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
+                       "--out", out, "--epochs", "1")
+    assert code == 0, output
+    before = {name: (out / name).read_bytes() for name in ("last.h5", "best.h5")}
+    poisoned = _model(tmp_path, "poisoned.py", POISONED.format(nan_calls={1}))
+    code, output = run("train", poisoned, "--resume", out / "last.h5", "--out", out, "--epochs", "2")
+    assert code == 1 and "training stopped at epoch 2, batch 1: the loss is nan" in output, output
+    assert f"{out / 'last.h5'} holds the last good state" in output
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_skip_nonfinite_skips_the_bad_batch_and_counts_it(dataset, tmp_path):
+    poisoned = _model(tmp_path, "poisoned.py", POISONED.format(nan_calls={3}))
+    code, output = run("train", poisoned, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "stop")
+    assert code == 1 and "training stopped at epoch 1, batch 3" in output, output
+    code, output = run("train", poisoned, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "skip",
+                       "--skip-nonfinite")
+    assert code == 0 and "skipped 1 batch(es) with a NaN or infinite loss or gradient" in output, output
+    for weights in load_checkpoint(tmp_path / "skip" / "last.h5").params.values():
+        assert np.isfinite(weights).all()
+
+
+def test_validation_refuses_nan_outputs(dataset, tmp_path):
+    from minidl.errors import NonFiniteError
+    from minidl.evaluate import evaluate
+    from minidl.restore import Restored
+    train(_model(tmp_path, "tiny.py", TINY_MODEL), data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    restored = Restored(tmp_path / "last.h5", tmp_path / "tiny.py", "cpu")
+    with restored.model.fc.W.device:
+        restored.model.fc.W.data[0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match=r"outputs are NaN or infinite for \d+ of \d+ images"):
+        evaluate(restored.model, restored.loader(dataset))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset, tmp_path):
+    tiny = _model(tmp_path, "tiny.py", TINY_MODEL)
+    train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "a", log_every=1)
+    train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "b", log_every=1, epochs=1)
+    code, output = run("train", "--resume", tmp_path / "b" / "last.h5", "--epochs", "2", "--log-every", "1")
+    assert code == 0, output
+    a, b = load_checkpoint(tmp_path / "a" / "last.h5"), load_checkpoint(tmp_path / "b" / "last.h5")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+        np.testing.assert_array_equal(a.momentum[name], b.momentum[name], err_msg=name)
+    for key in a.history:  # epoch values and every logged interval loss, bit for bit
+        assert a.history[key] == b.history[key], key
+    assert len(a.history["val_top1"]) == 2 and len(a.history["interval_loss"]) > 4
