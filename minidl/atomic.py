@@ -1,10 +1,14 @@
-"""Write a file so that nothing already on disk is lost.
+"""Write a file so that nothing already on disk is lost, even if the process is killed.
 
 The new content goes to a temporary file in the same folder (the same file
-system, so the rename is atomic) and replaces the target only once it is
-complete; on any error the temporary file is removed and the old file stays.
+system, so the rename is atomic), is flushed to disk, and only then replaces
+the target; the folder is flushed too, so the rename survives a power cut. On
+an error the temporary file is removed and the old file stays. A writer killed
+outright (SIGKILL) leaves its temporary behind: its name carries the writer's
+process id, and `remove_stale_temporaries` deletes those whose writer is gone.
 """
 import contextlib
+import glob
 import os
 import tempfile
 
@@ -15,15 +19,49 @@ def atomic_path(path, suffix=None):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=suffix + ".tmp",
+                               dir=folder)
     os.close(fd)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _fsync(path, flags):
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporaries of `path` whose writing process no longer exists; returns how many."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = 0
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        pid = os.path.basename(tmp)[len(name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+                removed += 1
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -20,6 +20,7 @@ import math
 import os
 import time
 
+from minidl.atomic import remove_stale_temporaries
 from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
@@ -119,6 +120,8 @@ class Run:
         os.makedirs(out_dir, exist_ok=True)
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
+        for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
+            remove_stale_temporaries(path)
         self.meta = dict(model_file=model_file.path, model_source=model_file.source, config=config,
                          class_names=list(self.train_loader.class_names), num_classes=num_classes,
                          devices=[d.name for d in self.devices],

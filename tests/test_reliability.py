@@ -107,3 +107,66 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset, tmp_path):
     for key in a.history:  # epoch values and every logged interval loss, bit for bit
         assert a.history[key] == b.history[key], key
     assert len(a.history["val_top1"]) == 2 and len(a.history["interval_loss"]) > 4
+
+
+# --- kills: SIGKILL while a checkpoint is being written
+
+WRITER = r'''
+import sys
+import numpy as np
+from minidl.atomic import atomic_path
+import h5py
+
+path, = sys.argv[1:]
+rng = np.random.default_rng()
+print("ready", flush=True)
+version = 0
+while True:  # write ever newer versions, as a long run writes last.h5
+    version += 1
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["version"] = version
+        f["weights"] = np.full(1_000_000, version, dtype=np.float32)  # 4 MB: a write takes a while
+'''
+
+
+def test_sigkill_while_writing_never_leaves_a_broken_file(tmp_path):
+    from minidl.atomic import remove_stale_temporaries
+    import h5py
+    path, rng, versions = tmp_path / "last.h5", np.random.default_rng(0), []
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    for kill in range(12):
+        child = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.05, 0.4))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if path.exists():  # a complete file, one of the versions, whatever the moment of the kill
+            with h5py.File(path, "r") as f:
+                version = int(f.attrs["version"])
+                assert (f["weights"][()] == version).all()
+            versions.append(version)
+    assert versions, "no write ever finished: the test proved nothing"
+    leftovers = list(tmp_path.glob(".last.h5.*.tmp"))
+    assert remove_stale_temporaries(path) == len(leftovers)
+    assert not list(tmp_path.glob(".last.h5.*.tmp"))
+
+
+def test_a_killed_training_run_resumes_and_its_temporaries_are_cleaned(dataset, tmp_path):
+    tiny = _model(tmp_path, "tiny.py", TINY_MODEL.replace("epochs=2", "epochs=1000"))
+    out, rng = tmp_path / "run", np.random.default_rng(1)
+    command = [sys.executable, "-m", "minidl_cli.main", "train", str(tiny), "--data", str(dataset), "--devices", "cpu",
+               "--out", str(out), "--log-every", "1", "--checkpoint-seconds", "0"]
+    for kill in range(3):
+        child = subprocess.Popen(command if kill == 0 else command + ["--resume", str(out / "last.h5")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in child.stdout:  # kill once it is training and writing checkpoints
+            if b"batch" in line:
+                break
+        time.sleep(rng.uniform(0.2, 0.8))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert load_checkpoint(out / "last.h5")["step"] > 0  # whole, and resumable
+    (out / f".last.h5.{2 ** 22 + 12345}.abcd.h5.tmp").write_bytes(b"half")  # a dead writer's leftover
+    train(tiny, out_dir=out, resume=out / "last.h5", epochs=load_checkpoint(out / "last.h5")["epoch"] + 1)
+    assert not list(out.glob(".*.tmp"))
