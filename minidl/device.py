@@ -251,6 +251,21 @@ def _fit(name, gpus):
     return name if physical_index(int(name[5:])) < gpus else "cuda:0"
 
 
+def available_memory(dev):
+    """Bytes a new allocation on `dev` can still get: the GPU's free memory plus what CuPy's pool
+    holds unused, or the host's available memory (Linux's MemAvailable); None where unknown."""
+    if dev.is_cuda:
+        cp = cupy()
+        with cp.cuda.Device(dev.physical):
+            return cp.cuda.runtime.memGetInfo()[0] + cp.get_default_memory_pool().free_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def keep_freed_host_memory():
     """Let glibc reuse freed host memory rather than hand it back to the kernel.
 

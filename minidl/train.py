@@ -18,17 +18,20 @@ never stopped.
 """
 import math
 import os
+import shutil
+import tempfile
 import time
 
 from minidl.atomic import remove_stale_temporaries
 from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
-from minidl.device import keep_freed_host_memory, resolve_devices
+from minidl.device import available_memory, keep_freed_host_memory, resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
 from minidl.layers import seed_dropout
+from minidl.layers.summary import training_memory
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.restore import Restored
@@ -62,6 +65,35 @@ def refuse_changes(checkpoint, *, batch_size, init, seed, data):
             shown = "the built-in data" if saved is None else saved
             raise MinidlError(f"{option} {given} differs from the resumed run's ({shown}): "
                               "a resumed run keeps it; start a new run to change it")
+
+
+def check_before_training(model, out_dir, batch_size, input_size):
+    """What would end a long run late, reported before its first step: an --out that cannot be
+    written or has no room for the checkpoints, and a batch that does not fit in memory."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise MinidlError(f"cannot write checkpoints to {out_dir}: {e.strerror}") from None
+    # a checkpoint holds the weights and the velocities; replacing one needs room for a second
+    checkpoint_bytes = 2 * sum(p.data.nbytes for p in model.params())
+    free = shutil.disk_usage(out_dir).free
+    if free < 2 * checkpoint_bytes + 2 ** 24:
+        raise MinidlError(f"{out_dir} has {free / 2**20:,.0f} MiB free; its checkpoints need about "
+                          f"{(2 * checkpoint_bytes + 2 ** 24) / 2**20:,.0f} MiB (two of {checkpoint_bytes / 2**20:,.0f} MiB)")
+    places = {}  # logical devices on one GPU share its memory
+    for dev, (per_image, fixed) in training_memory(model, (3, input_size, input_size)).items():
+        place = places.setdefault(dev.physical if dev.is_cuda else "cpu", [dev, 0, 0])
+        place[1] += per_image
+        place[2] += fixed
+    for dev, per_image, fixed in places.values():
+        need, have = fixed + batch_size * per_image, available_memory(dev)
+        if have is not None and need > have:
+            where = f"GPU {dev.physical}" if dev.is_cuda else "the CPU"
+            raise MinidlError(f"a batch of {batch_size} needs about {need / 2**30:.1f} GiB on {where}, which has "
+                              f"{have / 2**30:.1f} GiB available: use --batch-size "
+                              f"{max(1, int((have - fixed) // max(per_image, 1)))} or less")
 
 
 class Run:
@@ -117,7 +149,7 @@ class Run:
             self.epoch, self.batch, self.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
             self.totals.update(checkpoint.epoch_totals)
 
-        os.makedirs(out_dir, exist_ok=True)
+        check_before_training(self.model, out_dir, config["batch_size"], config["input_size"])
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
         for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed

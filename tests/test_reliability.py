@@ -170,3 +170,47 @@ def test_a_killed_training_run_resumes_and_its_temporaries_are_cleaned(dataset, 
     (out / f".last.h5.{2 ** 22 + 12345}.abcd.h5.tmp").write_bytes(b"half")  # a dead writer's leftover
     train(tiny, out_dir=out, resume=out / "last.h5", epochs=load_checkpoint(out / "last.h5")["epoch"] + 1)
     assert not list(out.glob(".*.tmp"))
+
+
+# --- before the long work starts
+
+
+def test_an_unwritable_out_is_reported_before_the_first_step(dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
+                       "--out", blocker / "run")
+    assert code == 1 and output.strip().splitlines()[-1].startswith(f"error: cannot write checkpoints to {blocker}")
+    assert "batch" not in output  # no step was taken
+
+
+def test_a_full_disk_is_reported_before_the_first_step(dataset, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    from minidl.errors import MinidlError
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 2 ** 20, 2 ** 20))
+    steps = []
+    with pytest.raises(MinidlError, match=r"has 1 MiB free; its checkpoints need about"):
+        train(_model(tmp_path, "tiny.py", TINY_MODEL), data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "o",
+              progress=lambda e: steps.append(e) if e["kind"] == "step" else None)
+    assert not steps
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(dataset, tmp_path, monkeypatch):
+    import minidl.train
+    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 10)  # 1 KiB left
+    code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
+                       "--out", tmp_path / "o", "--batch-size", "6")
+    last = output.strip().splitlines()[-1]
+    assert code == 1 and "error: a batch of 6 needs about" in last and "on the CPU, which has 0.0 GiB" in last, output
+    assert "use --batch-size" in last
+
+
+def test_the_estimate_for_alexnet_is_close_to_the_measured_peak():
+    from minidl.layers.summary import training_memory
+    from minidl.model_file import load_model_file
+    model = load_model_file(os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py")).build(
+        1000, ["cpu", "cpu"])
+    (per_image, fixed), = training_memory(model, (3, 227, 227)).values()
+    assert 1.8 * 2 ** 30 < fixed + 32 * per_image < 2.6 * 2 ** 30  # measured: 2.15 GiB peak at batch 32

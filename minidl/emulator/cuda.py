@@ -47,6 +47,10 @@ class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serve
     def getDeviceCount():  # noqa: N802 -- CuPy's name
         return _gpu_count
 
+    @staticmethod
+    def memGetInfo():  # noqa: N802 -- CuPy's name: (free, total) bytes of the current device
+        return memory_limit() - _used[current_device_id()], memory_limit()
+
 
 # --- devices
 
