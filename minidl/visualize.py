@@ -1,21 +1,21 @@
-"""Pictures, drawn with NumPy and Pillow only.
+"""Pictures: conv1's filters (NumPy and Pillow) and the training curves (matplotlib).
 
 filter_grid / save_filter_grid -- conv1's kernels as enlarged colour tiles, the
 paper's Figure 3: the first tower's kernels in one block over the second
 tower's in another (with the defaults, 96 kernels of 11x11 give two blocks of
 3 rows x 16 tiles of 44x44 pixels, a 738 x 288 picture).
 
-training_curves -- loss and accuracy per epoch, two panels side by side.
+training_curves -- loss per logging interval and per epoch, and accuracy per
+epoch, two panels side by side.
 
 Both writers replace their PNG atomically: the picture goes to a temporary
 file in the same folder first and is renamed over the target only when it is
 complete, so a reader never sees half a file.
 """
-import math
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from minidl.atomic import atomic_path
 from minidl.errors import MinidlError
@@ -145,186 +145,159 @@ def save_filter_grid(kernels, path, **layout):
 TRAIN_COLOUR = (31, 119, 180)   # blue
 VAL_COLOUR = (230, 110, 0)      # orange
 TOP5_COLOUR = (44, 160, 44)     # green
-INK = (0, 0, 0)
-GRID = (225, 225, 225)
+LR_COLOUR = (120, 120, 120)     # grey
+EPOCH_KEYS = ("train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr")
 
 
 def training_curves(history, path, size=CURVES_SIZE):
-    """Write a PNG of the training curves; returns the image.
+    """Write a PNG of the training curves to `path` (atomically), drawn with matplotlib.
 
-    history: dict of per-epoch lists -- train_loss, val_loss, train_top1, val_top1,
-    val_top5 (accuracies as fractions 0..1). Any key may be missing and any entry
-    None (or NaN): those points are skipped and the line is broken there. Other keys
-    (e.g. lr) are ignored. Two panels side by side: loss vs epoch, and accuracy (%)
-    vs epoch, each with tick labels and a legend. A single epoch is drawn as a dot.
+    history: dict of lists, as the trainer keeps it. Per epoch: train_loss, val_loss,
+    train_top1, val_top1, val_top5 (accuracies as fractions 0..1) and lr. Per logging
+    interval: interval_step (the global step at the interval's end) and interval_loss
+    (the mean training loss over it). Any key may be missing (old checkpoints) and any
+    entry None or NaN (the line is broken there).
+
+    Left: the interval losses against step as a thin line, with each epoch's train and
+    val loss as markers at the step that ended it (an "epoch" axis on top); without
+    intervals, the epoch losses against epoch. Right: train top-1, val top-1 and val
+    top-5 (%) per epoch, with a dotted line where the learning rate changed.
     size: (width, height) in pixels, default 1000 x 400.
     """
     if not isinstance(history, dict):
-        raise MinidlError(f"training_curves: history must be a dict of per-epoch lists, "
-                          f"got {type(history).__name__}")
+        raise MinidlError(f"training_curves: history must be a dict of lists, got {type(history).__name__}")
     width, height = (int(v) for v in size)
     if width < 300 or height < 150:
         raise MinidlError(f"training_curves: size {width}x{height} is too small (at least 300x150)")
-    panels = [
-        ("Loss", False, [("train", _series(history, "train_loss", 1.0), TRAIN_COLOUR),
-                         ("val", _series(history, "val_loss", 1.0), VAL_COLOUR)]),
-        ("Accuracy (%)", True, [("train top-1", _series(history, "train_top1", 100.0), TRAIN_COLOUR),
-                                ("val top-1", _series(history, "val_top1", 100.0), VAL_COLOUR),
-                                ("val top-5", _series(history, "val_top5", 100.0), TOP5_COLOUR)]),
-    ]
-    epochs = max((len(values) for _, _, series in panels for _, values, _ in series), default=0)
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    font = _font()
-    half = width // 2
-    for i, (title, percent, series) in enumerate(panels):
-        _panel(draw, font, (i * half, 0, (i + 1) * half, height), title, percent, series, epochs)
-    _save_png(image, path)
-    return image
+    s = {key: _series(history, key) for key in EPOCH_KEYS + ("interval_step", "interval_loss")}
+    count = min(len(s["interval_step"]), len(s["interval_loss"]))
+    steps, losses = s["interval_step"][:count], s["interval_loss"][:count]
+    epochs = max(len(s[key]) for key in EPOCH_KEYS)
+
+    # Imported here, not at the top: matplotlib takes most of a second to load and only
+    # this function needs it. The Figure API with the Agg canvas draws off-screen
+    # without touching pyplot's global backend, so no display is ever needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    _loss_panel(loss_ax, s, steps, losses, epochs)
+    _accuracy_panel(acc_ax, s, epochs)
+    title = f"{epochs} epoch{'s' * (epochs != 1)}"
+    if count and np.isfinite(steps[-1]):
+        title += f", {int(steps[-1])} steps"
+    if len(s["lr"]) and np.isfinite(s["lr"][0]):
+        title += f", lr {s['lr'][0]:g}"
+    fig.suptitle(f"Training curves ({title})")
+    with atomic_path(os.fspath(path), suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
-def _series(history, key, factor):
+def _loss_panel(ax, s, steps, losses, epochs):
+    ax.set_title("Loss")
+    ax.set_ylabel("loss")
+    ends = _epoch_steps(steps, epochs)
+    epoch_ax = ax  # where the per-epoch markers go
+    if len(steps):
+        from matplotlib.ticker import MaxNLocator
+        dots = "." if len(steps) <= 50 else ""  # a short run's few points stay visible
+        ax.plot(steps, losses, dots + "-", color=_rgb(TRAIN_COLOUR), linewidth=0.8, markersize=3, alpha=0.6,
+                label="train (interval)")
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 1.25
+    if ends is not None:
+        x_of = lambda values: ends[:len(values)]  # noqa: E731
+        per_epoch = ends[0]
+        top = ax.secondary_xaxis("top", functions=(lambda step: step / per_epoch, lambda e: e * per_epoch))
+        top.set_xlabel("epoch")
+        top.set_xticks(_epoch_ticks(epochs, first=0))
+    else:
+        # an old checkpoint (no intervals), or intervals that do not tell where the
+        # epochs ended: the markers get an epoch axis of their own
+        x_of = lambda values: np.arange(1, len(values) + 1)  # noqa: E731
+        if not len(steps):
+            _epoch_axis(ax, epochs, "epoch")
+        elif epochs:
+            epoch_ax = ax.twiny()
+            _epoch_axis(epoch_ax, epochs, "epoch (markers)")
+    epoch_ax.plot(x_of(s["train_loss"]), s["train_loss"], "o", color=_rgb(TRAIN_COLOUR), label="train (epoch)")
+    epoch_ax.plot(x_of(s["val_loss"]), s["val_loss"], "s-", color=_rgb(VAL_COLOUR), label="val")
+    _legend(ax, epoch_ax)
+
+
+def _accuracy_panel(ax, s, epochs):
+    ax.set_title("Accuracy")
+    ax.set_ylabel("accuracy (%)")
+    for key, label, colour, style in (("train_top1", "train top-1", TRAIN_COLOUR, "o-"),
+                                      ("val_top1", "val top-1", VAL_COLOUR, "s-"),
+                                      ("val_top5", "val top-5", TOP5_COLOUR, "^-")):
+        ax.plot(np.arange(1, len(s[key]) + 1), 100 * s[key], style, color=_rgb(colour), label=label)
+    _epoch_axis(ax, epochs, "epoch")
+    ax.set_ylim(bottom=0)
+    if not epochs:
+        ax.text(0.5, 0.5, "no epoch finished yet", transform=ax.transAxes, ha="center", color="grey")
+    lr = s["lr"]
+    for e in range(1, len(lr)):
+        if lr[e] != lr[e - 1] and np.isfinite(lr[e]) and np.isfinite(lr[e - 1]):
+            # lr[e] is the rate epoch e + 1 trained with: mark the boundary before it
+            ax.axvline(e + 0.5, color=_rgb(LR_COLOUR), linestyle=":", linewidth=1)
+            ax.annotate(f"lr {lr[e]:g}", (e + 0.5, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        xytext=(2, -3), textcoords="offset points", va="top", fontsize=8, color=_rgb(LR_COLOUR))
+    _legend(ax)
+
+
+def _epoch_steps(steps, epochs):
+    """The global step at which each epoch ended, or None if the intervals do not tell.
+
+    Every epoch has the same number of steps and ends with a logging interval, and the
+    trainer draws the curves just after an epoch ended, so the last interval ends epoch
+    `epochs` and epoch e ends at e * steps[-1] / epochs. Checked: each such step within
+    the recorded intervals must be one of their ends (a resumed old run may have
+    intervals for its later epochs only).
+    """
+    if not epochs or not len(steps) or not np.isfinite(steps[-1]) or steps[-1] <= 0 or steps[-1] % epochs:
+        return None
+    ends = np.arange(1, epochs + 1) * (steps[-1] // epochs)
+    recorded = ends[ends >= np.nanmin(steps)]
+    return ends if np.isin(recorded, steps).all() else None
+
+
+def _epoch_ticks(epochs, first=1):
+    # whole epochs, about ten ticks at most: matplotlib's own ticks would show 0.2, 0.4... for one epoch
+    return np.arange(first, max(epochs, 1) + 1, max(1, -(-epochs // 10)))
+
+
+def _epoch_axis(ax, epochs, label):
+    ax.set_xlabel(label)
+    ax.set_xticks(_epoch_ticks(epochs))
+    ax.set_xlim(0.5, max(epochs, 1) + 0.5)
+
+
+def _rgb(colour):
+    return tuple(c / 255 for c in colour)
+
+
+def _legend(*axes):
+    # one legend for axes that share a panel; none (and no warning) when nothing was drawn
+    axes = list(dict.fromkeys(axes))
+    lines = [line for ax in axes for line in ax.get_lines()
+             if not line.get_label().startswith("_") and np.isfinite(np.asarray(line.get_ydata(), float)).any()]
+    if lines:
+        axes[0].legend(lines, [line.get_label() for line in lines], fontsize=8)
+
+
+def _series(history, key):
+    """history[key] as a float array, None -> NaN; a one-line error for non-numbers."""
     values = history.get(key)
     if values is None:
-        return []
-    out = []
-    for v in values:
-        try:
-            f = float(v) * factor if v is not None else math.nan
-        except (TypeError, ValueError):
-            raise MinidlError(f"training_curves: history[{key!r}] holds a non-number {v!r}") from None
-        out.append(f if math.isfinite(f) else math.nan)
-    return out
-
-
-def _font():
+        return np.zeros(0)
     try:
-        return ImageFont.load_default(size=13)  # Pillow >= 10.1 with FreeType
-    except (TypeError, OSError, AttributeError, ImportError):
-        return ImageFont.load_default()
-
-
-def _text_size(draw, text, font):
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _nice_step(span, target):
-    """A step from {1, 2, 2.5, 5} x 10^k giving about `target` intervals over `span`."""
-    raw = span / max(target, 1)
-    power = 10.0 ** math.floor(math.log10(raw))
-    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if m * power >= raw * (1 - 1e-9):
-            return m * power
-    return 10.0 * power
-
-
-def _format_tick(value, step):
-    if abs(value) < step * 1e-6:
-        value = 0.0
-    if step >= 1 and float(value).is_integer():
-        return str(int(round(value)))
-    power = math.floor(math.log10(step))
-    decimals = max(0, -power + (1 if round(step / 10 ** power, 6) == 2.5 else 0))  # 0.25 needs one more digit
-    return f"{value:.{decimals}f}"
-
-
-def _value_range(series, percent):
-    if percent:
-        return 0.0, 100.0, 20.0
-    finite = [v for _, values, _ in series for v in values if not math.isnan(v)]
-    low, high = min(finite, default=0.0), max(finite, default=1.0)
-    low = min(low, 0.0)  # losses are drawn from zero up
-    if high - low <= 0:
-        high = low + 1.0
-    step = _nice_step(high - low, 5)
-    return math.floor(low / step + 1e-9) * step, math.ceil(high / step - 1e-9) * step, step
-
-
-def _panel(draw, font, area, title, percent, series, epochs):
-    x0, y0, x1, y1 = area
-    _, line_h = _text_size(draw, "0123456789", font)
-    left, right = x0 + 64, x1 - 24
-    title_y = y0 + 10
-    legend_y = title_y + line_h + 18  # centre line of the legend row
-    top, bottom = legend_y + line_h + 10, y1 - 2 * line_h - 22
-    plot_w, plot_h = right - left, bottom - top
-
-    # title, centred over the plot
-    tw, _ = _text_size(draw, title, font)
-    draw.text((left + (plot_w - tw) / 2, title_y), title, fill=INK, font=font)
-
-    # y axis: range, grid lines and labels
-    low, high, step = _value_range(series, percent)
-
-    def y_of(value):
-        y = bottom - plot_h * (value - low) / (high - low)
-        return min(max(y, top), bottom)  # out-of-range values (e.g. accuracy > 100%) stay inside the box
-
-    ticks = int(round((high - low) / step))
-    for t in range(ticks + 1):
-        value = low + t * step
-        y = round(y_of(value))
-        if 0 < t < ticks:
-            draw.line((left + 1, y, right - 1, y), fill=GRID)
-        draw.line((left - 5, y, left, y), fill=INK)
-        label = _format_tick(value, step)
-        lw, lh = _text_size(draw, label, font)
-        draw.text((left - 8 - lw, y - lh / 2 - 2), label, fill=INK, font=font)
-
-    # x axis: epochs 1..n, with half an epoch (or 2%) of padding each side
-    n = max(epochs, 1)
-    pad = max(0.5, 0.02 * n)
-    ex_lo, ex_hi = 1 - pad, n + pad
-
-    def x_of(epoch):
-        return left + plot_w * (epoch - ex_lo) / (ex_hi - ex_lo)
-
-    if epochs:
-        max_labels = max(2, plot_w // (_text_size(draw, str(n), font)[0] + 20))
-        estep = 1
-        while n / estep > max_labels:
-            estep = int(_nice_step(estep * 1.5, 1))  # 1, 2, 5, 10, 20, 50, ...
-        if estep <= 5:
-            labels = list(range(1, n + 1, estep))
-        else:  # 1, then the round multiples that are not too close to it
-            labels = [1] + [e for e in range(estep, n + 1, estep) if e - 1 >= 0.6 * estep]
-        for epoch in labels:
-            x = round(x_of(epoch))
-            draw.line((x, bottom, x, bottom + 5), fill=INK)
-            lw, _ = _text_size(draw, str(epoch), font)
-            draw.text((x - lw / 2, bottom + 8), str(epoch), fill=INK, font=font)
-    xl, _ = _text_size(draw, "epoch", font)
-    draw.text((left + (plot_w - xl) / 2, bottom + line_h + 16), "epoch", fill=INK, font=font)
-    draw.rectangle((left, top, right, bottom), outline=INK)
-
-    # curves: lines broken at missing points, dots when there are few epochs
-    dots = epochs <= 40
-    for _, values, colour in series:
-        points = [(x_of(e + 1), y_of(v)) if not math.isnan(v) else None for e, v in enumerate(values)]
-        run = []
-        for p in points + [None]:
-            if p is not None:
-                run.append(p)
-                continue
-            if len(run) > 1:
-                draw.line(run, fill=colour, width=2, joint="curve")
-            if len(run) == 1 or dots:
-                for x, y in run:
-                    draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            run = []
-
-    # legend: one row between the title and the plot
-    present = [(name, colour) for name, values, colour in series if any(not math.isnan(v) for v in values)]
-    widths = [22 + _text_size(draw, name, font)[0] for name, _ in present]
-    total = sum(widths) + 18 * max(len(present) - 1, 0)
-    x = left + (plot_w - total) / 2
-    y = legend_y
-    for (name, colour), w in zip(present, widths):
-        draw.line((x, y, x + 16, y), fill=colour, width=3)
-        draw.ellipse((x + 5, y - 3, x + 11, y + 3), fill=colour)
-        draw.text((x + 22, y - line_h / 2 - 2), name, fill=INK, font=font)
-        x += w + 18
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MinidlError(f"training_curves: history[{key!r}] holds a non-number") from None
 
 
 def _save_png(image, path):

@@ -1,12 +1,15 @@
 """Figure 3 (conv1's kernels as tiles) and the training curves."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from minidl.errors import MinidlError
-from minidl.visualize import filter_grid, save_filter_grid, training_curves
+from minidl.visualize import (TOP5_COLOUR, TRAIN_COLOUR, VAL_COLOUR, _epoch_steps, filter_grid,
+                              save_filter_grid, training_curves)
 
 WHITE = 255
 # the documented defaults: 16 tiles per row, 11x11 kernels enlarged 4x, 2 px between tiles
@@ -122,37 +125,87 @@ def test_a_failed_save_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["filters.png"]
 
 
-def history(epochs, seed=9):
+def history(epochs, steps_per_epoch=50, log_every=10, seed=9):
+    """A trainer-like history: per-epoch values, and a decaying loss every log_every steps."""
     rng = np.random.default_rng(seed)
+    steps = list(range(log_every, epochs * steps_per_epoch + 1, log_every))
     return dict(train_loss=list(rng.uniform(0.5, 6.9, epochs)), val_loss=list(rng.uniform(0.5, 6.9, epochs)),
                 train_top1=list(rng.uniform(0, 1, epochs)), val_top1=list(rng.uniform(0, 1, epochs)),
-                val_top5=list(rng.uniform(0, 1, epochs)), lr=[0.01] * epochs)
+                val_top5=list(rng.uniform(0, 1, epochs)), lr=[0.01] * (epochs - epochs // 2) + [0.001] * (epochs // 2),
+                interval_step=steps, interval_loss=[6.9 * np.exp(-s / 100) + rng.uniform(0, 0.3) for s in steps])
+
+
+def draw(tmp_path, h, name="curves.png", **kwargs):
+    path = tmp_path / name
+    training_curves(h, path, **kwargs)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
 
 
 @pytest.mark.parametrize("epochs", [1, 10])
-def test_training_curves_writes_a_png(tmp_path, epochs):
-    path = tmp_path / "curves.png"
-    training_curves(history(epochs), path)
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (1000, 400)
-        colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
-    assert {(31, 119, 180), (230, 110, 0), (44, 160, 44)} <= colours  # three distinct series colours
-    assert os.listdir(tmp_path) == ["curves.png"]
+def test_training_curves_writes_a_png_atomically(tmp_path, epochs):
+    (tmp_path / "curves.png").write_bytes(b"old")
+    pixels = draw(tmp_path, history(epochs))
+    assert pixels.shape == (400, 1000, 3)
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)}
+    assert {TRAIN_COLOUR, VAL_COLOUR, TOP5_COLOUR} <= colours and len(colours) > 50  # markers, text, lines
+    assert (pixels == 255).all(axis=2).mean() > 0.5  # mostly white background, not a black or noisy picture
+    assert os.listdir(tmp_path) == ["curves.png"]  # replaced, no temporary file left
 
 
-def test_training_curves_with_gaps_missing_keys_and_a_custom_size(tmp_path):
-    h = history(12)
-    h["val_loss"][3] = None
-    del h["val_top5"]
-    training_curves(h, tmp_path / "a.png", size=(640, 300))
-    training_curves({}, tmp_path / "b.png")
-    training_curves({"train_loss": [2.3, 2.1]}, tmp_path / "c.png")
-    with Image.open(tmp_path / "a.png") as image:
-        assert image.size == (640, 300)
-    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png", "c.png"]
+def test_the_interval_curve_is_drawn_in_the_loss_panel(tmp_path):
+    h = history(3)
+    per_epoch = {k: v for k, v in h.items() if not k.startswith("interval")}
+    with_intervals, without = draw(tmp_path, h, "a.png"), draw(tmp_path, per_epoch, "b.png")
+    left = slice(0, 500)
+    assert not np.array_equal(with_intervals[:, left], without[:, left])
+    # zero epochs but some intervals: the loss panel shows a curve where the empty history has none
+    only_intervals = dict(interval_step=h["interval_step"][:4], interval_loss=h["interval_loss"][:4])
+    empty, curve = draw(tmp_path, {}, "c.png"), draw(tmp_path, only_intervals, "d.png")
+    assert blue(curve[:, left]) > 100 and blue(empty[:, left]) == 0
 
 
-def test_training_curves_rejects_non_numbers(tmp_path):
+def blue(pixels):
+    """How many pixels are the train colour, faded or not: black text, grey, orange and green are not."""
+    pixels = pixels.astype(int)
+    return int((pixels[..., 2] - pixels[..., 0] > 40).sum())
+
+
+def test_epoch_ends_are_derived_from_the_interval_steps():
+    steps = list(range(10, 151, 10))  # 3 epochs of 50 steps, logged every 10
+    assert list(_epoch_steps(steps, 3)) == [50, 100, 150]
+    assert list(_epoch_steps([7, 14, 20, 27, 34, 40], 2)) == [20, 40]  # 20 steps per epoch, logged every 7
+    assert list(_epoch_steps(steps[10:], 3)) == [50, 100, 150]  # an old run resumed: late intervals only
+    assert _epoch_steps(steps[:-2], 3) is None  # not ended by an epoch: 130 is not 3 epochs of whole steps
+    assert _epoch_steps([10, 20, 30, 45], 3) is None  # 15 and 30 would end epochs, but 15 was not logged
+    assert _epoch_steps([], 3) is None and _epoch_steps(steps, 0) is None
+
+
+@pytest.mark.parametrize("h", [
+    {},                                                          # nothing yet
+    {"train_loss": [2.3, 2.1]},                                  # one key
+    {**history(12), "interval_step": [], "interval_loss": []},  # an old checkpoint: empty interval lists
+    {k: v for k, v in history(4).items() if not k.startswith("interval")},  # ...or none at all
+    {**history(1), "val_loss": [None], "val_top5": [float("nan")]},        # gaps
+    {"interval_step": [10, 20], "interval_loss": [6.9, 6.5]},             # zero epochs, some intervals
+    {**history(3), "interval_step": [10, 20, 35], "interval_loss": [6.9, 6.5, 6.1]},  # epochs not derivable
+], ids=["empty", "one-key", "empty-intervals", "no-intervals", "gaps", "zero-epochs", "epochs-not-derivable"])
+def test_training_curves_draw_any_history(tmp_path, h):
+    pixels = draw(tmp_path, h, size=(640, 300))
+    assert pixels.shape == (300, 640, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2
+
+
+def test_training_curves_rejects_bad_input_and_writes_nothing(tmp_path):
     with pytest.raises(MinidlError, match="train_loss"):
         training_curves({"train_loss": ["oops"]}, tmp_path / "c.png")
+    with pytest.raises(MinidlError, match="dict"):
+        training_curves([1.0], tmp_path / "c.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_matplotlib_loads_only_when_drawing_and_leaves_pyplot_alone(tmp_path):
+    code = ("import sys, minidl.visualize as v; assert 'matplotlib' not in sys.modules; "
+            f"v.training_curves({{'train_loss': [1.0]}}, {str(tmp_path / 'c.png')!r}); "
+            "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
