@@ -160,6 +160,145 @@ def visualize_filters(checkpoint, output):
                f"{len(towers)} tower(s)")
 
 
+def _writable_output(path):
+    """Refuse an output that cannot be written before the work, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise MinidlError(f"cannot write {path}: {folder} is not a writable folder")
+
+
+def _what_the_run_saw(restored, data):
+    """(class names, mean image) of a checkpoint; from --data for older checkpoints that lack them.
+
+    A --data given must have as many classes as the checkpoint's model."""
+    import json
+
+    from minidl.data import open_dataset
+    from minidl.data.dataset import read_class_names
+    ckpt = restored.checkpoint
+    names, mean = json.loads(ckpt.attrs.get("class_names", "[]")), ckpt.mean_image
+    if data is not None:
+        with open_dataset(data) as f:
+            data_names, data_mean = read_class_names(f), f["mean_image"][()]
+        if len(data_names) != ckpt["num_classes"]:
+            raise MinidlError(f"{data} has {len(data_names)} classes; the checkpoint's model has "
+                              f"{ckpt['num_classes']}")
+        if len(names) != ckpt["num_classes"] or mean is None:
+            names, mean = data_names, data_mean
+    if len(names) != ckpt["num_classes"] or mean is None:
+        raise MinidlError(f"{ckpt.path} does not carry its class names and training mean (it is older than "
+                          "this minidl): pass --data with the dataset it was trained on")
+    return names, mean
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", default="predictions.png", show_default=True, help="PNG to write.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
+@click.option("--ten-crop", is_flag=True, help="Average the softmax over the paper's 10 crops.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+@click.option("--data", type=click.Path(), help="The training dataset, for the class names and mean of an older "
+              "checkpoint.")
+@click.option("--model", "model_file", help="Model file (default: the one the checkpoint names).")
+@click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
+@friendly_errors
+def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file, devices):
+    """The top classes of IMAGES (files or folders) under CHECKPOINT, drawn as the paper's Figure 4 (left)."""
+    import json
+
+    import numpy as np
+
+    from minidl.predict import TestInput, find_images, probabilities, read_image, top_k, true_label
+    from minidl.restore import Restored
+    from minidl.visualize import draw_predictions
+    _writable_output(output)
+    restored = Restored(checkpoint, model_file, devices)
+    class_names, mean = _what_the_run_saw(restored, data)
+    paths = find_images(images)
+    pictures = np.stack([read_image(path) for path in paths])
+    prepare = TestInput(mean, restored.config["input_size"], restored.input_scale)
+    p = np.concatenate([probabilities(restored.model, prepare(pictures[i:i + 32], ten_crop))
+                        for i in range(0, len(pictures), 32)])
+    classes, probs = top_k(p, top)
+    truths = [true_label(path, class_names) for path in paths]
+    rows = [dict(image=path, true=None if t is None else class_names[t],
+                 top=[dict(label=class_names[c], probability=round(float(q), 6)) for c, q in zip(cs, qs)])
+            for path, t, cs, qs in zip(paths, truths, classes, probs)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            best = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in row["top"])
+            click.echo(f"{row['image']}: {best}" + (f"  (true: {row['true']})" if row["true"] else ""))
+    draw_predictions(pictures, [os.path.basename(p) for p in paths], classes, probs, class_names, truths, output)
+    click.echo(f"wrote {output}", err=as_json)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--data", required=True, type=click.Path(), help="The dataset whose training images are searched.")
+@click.option("--queries", type=click.IntRange(1), help="Query with N validation images, spread over the split "
+              "(default: 4 unless --query is given).")
+@click.option("--query", "query_images", multiple=True, help="Query with this image file (repeatable).")
+@click.option("-k", type=click.IntRange(1), default=6, show_default=True, help="Neighbours per query.")
+@click.option("-o", "--output", default="neighbours.png", show_default=True, help="PNG to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print indices, labels and distances as JSON.")
+@click.option("--model", "model_file", help="Model file (default: the one the checkpoint names).")
+@click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@friendly_errors
+def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_file, devices, batch_size):
+    """The training images nearest to each query in the last hidden layer (fc7): the paper's Figure 4 (right)."""
+    import json
+
+    import numpy as np
+
+    from minidl.predict import (TestInput, dataset_features, dataset_images, features, find_images, nearest,
+                                read_image)
+    from minidl.restore import Restored
+    from minidl.visualize import draw_neighbours
+    _writable_output(output)
+    restored = Restored(checkpoint, model_file, devices)
+    class_names, mean = _what_the_run_saw(restored, data)
+    loader = restored.loader(data, split="train", batch_size=batch_size)  # checks the crop fits its images
+    if k > loader.num_images:
+        raise MinidlError(f"-k {k} is larger than the training set of {data} ({loader.num_images} images)")
+    base, base_labels, base_positions = dataset_features(restored, data, "train", batch_size,
+                                                         progress=ProgressLine("fc7 features of the training set"))
+    if query_images:
+        paths = find_images(query_images)
+        pictures = np.stack([read_image(path) for path in paths])
+        prepare = TestInput(mean, restored.config["input_size"], restored.input_scale)
+        q = features(restored.model, prepare(pictures))
+        names, q_labels = [os.path.basename(p) for p in paths], [None] * len(paths)
+    else:
+        val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size)
+        count = min(queries or 4, len(val))
+        chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
+        q, q_labels = val[chosen], [int(val_labels[i]) for i in chosen]
+        pictures = dataset_images(data, val_positions[chosen])
+        names = [f"val #{int(i)}" for i in chosen]
+    indices, distances = nearest(q, base, k)
+    rows = [dict(query=name, label=None if label is None else class_names[label],
+                 neighbours=[dict(index=int(base_positions[i]), label=class_names[int(base_labels[i])],
+                                  distance=round(float(d), 4)) for i, d in zip(row_i, row_d)])
+            for name, label, row_i, row_d in zip(names, q_labels, indices, distances)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            same = "" if row["label"] is None else \
+                f"  ({sum(n['label'] == row['label'] for n in row['neighbours'])}/{k} of its class)"
+            click.echo(f"{row['query']}" + (f" [{row['label']}]" if row["label"] else "") + ": " +
+                       ", ".join(f"{n['label']} {n['distance']:.1f}" for n in row["neighbours"]) + same)
+    neighbour_pictures = dataset_images(data, base_positions[indices.reshape(-1)]).reshape(
+        indices.shape + (loader.image_size, loader.image_size, 3))
+    draw_neighbours(pictures, names, neighbour_pictures, [[class_names[int(base_labels[i])] for i in row]
+                                                          for row in indices], output)
+    click.echo(f"wrote {output}", err=as_json)
+
+
 @main.command()
 @click.argument("model_file")
 @click.option("--classes", type=int, default=1000, show_default=True)

@@ -17,6 +17,7 @@ Layout (readable by any HDF5 tool; nothing in it is ever executed):
                           also the random generators' state
     params/NAME      float arrays by dotted parameter name (tower0.conv1.W, ...)
     momentum/NAME    the optimizer's velocities (absent before the first step)
+    mean_image       the training set's mean image (S, S, 3), which predict subtracts
     schedule         attrs: the learning-rate schedule's state
     epoch_totals     attrs: running loss sum, correct and seen count of the
                      unfinished epoch (so a resumed epoch reports the same numbers)
@@ -42,7 +43,7 @@ INTERVAL_KEYS = ("interval_step", "interval_loss")
 HISTORY_KEYS = EPOCH_KEYS + INTERVAL_KEYS
 
 
-def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals):
+def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals, mean_image=None):
     """Write atomically: a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"], f.attrs["version"] = FORMAT, VERSION
@@ -54,6 +55,8 @@ def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_to
             params[name] = p.numpy()
             if v is not None:
                 momentum[name] = v
+        if mean_image is not None:
+            f["mean_image"] = mean_image
         f.create_group("schedule").attrs.update(schedule.state())
         f.create_group("epoch_totals").attrs.update(epoch_totals)
         hist = f.create_group("history")
@@ -64,8 +67,9 @@ def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_to
 class Checkpoint:
     """A loaded checkpoint: attributes plus arrays, all in host memory."""
 
-    def __init__(self, path, attrs, params, momentum, schedule, epoch_totals, history):
+    def __init__(self, path, attrs, params, momentum, schedule, epoch_totals, history, mean_image=None):
         self.path, self.attrs, self.params, self.momentum = path, attrs, params, momentum
+        self.mean_image = mean_image  # None in checkpoints older than predict/retrieve
         self.schedule, self.epoch_totals, self.history = schedule, epoch_totals, history
 
     def __getitem__(self, key):
@@ -104,10 +108,11 @@ def load_checkpoint(path):
             schedule = dict(f["schedule"].attrs)
             epoch_totals = {k: v.item() for k, v in f["epoch_totals"].attrs.items()}
             # checkpoints from before the interval keys have none: an empty list
+            mean_image = f["mean_image"][()] if "mean_image" in f else None
             history = {k: f["history"][k][()].tolist() if k in f["history"] else [] for k in HISTORY_KEYS}
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
-    return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history)
+    return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history, mean_image)
 

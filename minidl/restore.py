@@ -31,7 +31,11 @@ class Restored:
         self.checkpoint.load_into(model)
         return model
 
+    @property
+    def input_scale(self):
+        return input_scale(self.config, self.config["init"])
+
     def loader(self, data, split="val", batch_size=64, ten_crop=False):
         """Evaluation batches of `data` as the run saw them: its crop size and input scale, centre or 10 crops."""
         return Loader(data, split=split, batch_size=batch_size, crop=self.config["input_size"], augment=False,
-                      ten_crop=ten_crop, scale=input_scale(self.config, self.config["init"]))
+                      ten_crop=ten_crop, scale=self.input_scale)

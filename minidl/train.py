@@ -166,7 +166,7 @@ class Run:
     def save(self, path):
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                         meta={**self.meta, "epoch": self.epoch, "batch": self.batch, "step": self.step},
-                        history=self.history, epoch_totals=self.totals)
+                        history=self.history, epoch_totals=self.totals, mean_image=self.train_loader.mean)
         self.report(dict(kind="checkpoint", path=path, epoch=self.epoch, batch=self.batch))
 
     def train_epoch(self, *, log_every, checkpoint_seconds, max_steps):

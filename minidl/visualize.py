@@ -1,4 +1,5 @@
-"""Pictures: conv1's filters (NumPy and Pillow) and the training curves (matplotlib).
+"""Pictures: conv1's filters (NumPy and Pillow), the training curves and the paper's Figure 4
+(matplotlib).
 
 filter_grid / save_filter_grid -- conv1's kernels as enlarged colour tiles, the
 paper's Figure 3: the first tower's kernels in one block over the second
@@ -8,7 +9,10 @@ tower's in another (with the defaults, 96 kernels of 11x11 give two blocks of
 training_curves -- loss per logging interval and per epoch, and accuracy per
 epoch, two panels side by side.
 
-Both writers replace their PNG atomically: the picture goes to a temporary
+draw_predictions, draw_neighbours -- Figure 4: images with their top classes as
+bars, and query images with their nearest training images in fc7.
+
+Every writer replaces its PNG atomically: the picture goes to a temporary
 file in the same folder first and is renamed over the target only when it is
 complete, so a reader never sees half a file.
 """
@@ -304,3 +308,75 @@ def _save_png(image, path):
     """Write `image` as a PNG so that an existing file is replaced only by a complete one."""
     with atomic_path(os.fspath(path), suffix=".png") as tmp:
         image.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+def _canvas(width_in, height_in):
+    """A matplotlib Figure drawn off-screen (Agg), as training_curves makes it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path):
+    with atomic_path(os.fspath(path), suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def draw_predictions(images, names, classes, probabilities, class_names, truths, path, columns=4):
+    """The paper's Figure 4 (left): each image above its top-k classes as bars, the true class's bar red.
+
+    images: uint8 (N, H, W, 3); classes, probabilities: (N, k); truths: the true label
+    of each image or None. Returns the bar lengths drawn, (N, k), for checking.
+    """
+    count, k = np.shape(classes)
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    fig = _canvas(2.8 * columns, (2.4 + 0.28 * k) * rows)
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[2.4, 0.28 * k] * rows)
+    drawn = np.zeros((count, k))
+    for i in range(count):
+        row, column = divmod(i, columns)
+        picture = fig.add_subplot(grid[2 * row, column])
+        picture.imshow(images[i])
+        picture.set_axis_off()
+        picture.set_title(names[i], fontsize=8)
+        bars_ax = fig.add_subplot(grid[2 * row + 1, column])
+        colours = ["tab:red" if c == truths[i] else "tab:blue" for c in classes[i]]
+        bars = bars_ax.barh(range(k), probabilities[i], color=colours, height=0.7)
+        drawn[i] = [bar.get_width() for bar in bars]
+        bars_ax.set_yticks(range(k), [class_names[c] for c in classes[i]], fontsize=7)
+        bars_ax.invert_yaxis()  # the most probable class on top
+        bars_ax.set_xlim(0, 1)
+        bars_ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle("Top classes (red: the true class)", fontsize=10)
+    _save_figure(fig, path)
+    return drawn
+
+
+def draw_neighbours(queries, names, neighbours, neighbour_labels, path):
+    """The paper's Figure 4 (right): one row per query image, then its k nearest training images.
+
+    queries: uint8 (Q, H, W, 3); neighbours: uint8 (Q, k, H, W, 3), nearest first.
+    Returns the number of image tiles drawn.
+    """
+    count, k = np.shape(neighbours)[:2]
+    fig = _canvas(1.5 * (k + 1), 1.65 * count)
+    axes = np.asarray(fig.subplots(count, k + 1, squeeze=False))
+    for q in range(count):
+        for j in range(k + 1):
+            ax = axes[q, j]
+            ax.imshow(queries[q] if j == 0 else neighbours[q, j - 1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(names[q] if j == 0 else neighbour_labels[q][j - 1], fontsize=7,
+                         fontweight="bold" if j == 0 else "normal")
+        for spine in axes[q, 0].spines.values():  # the query framed, its neighbours not
+            spine.set_edgecolor("tab:red")
+            spine.set_linewidth(2)
+    fig.suptitle(f"Query (left) and its {k} nearest training images in fc7", fontsize=10)
+    _save_figure(fig, path)
+    return count * (k + 1)

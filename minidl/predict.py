@@ -1,0 +1,192 @@
+"""What the network sees: its top-k classes for images, and the training images nearest to a
+query in its last hidden layer (fc7, 4096 values): the paper's Figure 4.
+
+Images are prepared as evaluation prepares them: shorter side 256, the central
+256x256 square, the training mean subtracted from the centre crop (or the ten
+crops, whose probabilities are averaged), the run's input scale.
+
+The features of an image are the input of the model's last Linear layer, taken
+in eval mode: for AlexNet that is fc8's input, both towers' fc7 after ReLU
+(dropout is the identity in eval mode). Nearest neighbours are found in blocks
+of matrix products, |q|^2 + |x|^2 - 2 q.x, never an N x N matrix.
+"""
+import contextlib
+import hashlib
+import json
+import os
+
+import h5py
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from minidl.atomic import atomic_path
+from minidl.core import Tensor, no_grad
+from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
+from minidl.data.dataset import IMAGE_SIZE
+from minidl.data.prepare import square_image
+from minidl.errors import DataError, MinidlError
+from minidl.layers import Linear
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+# --- images in
+
+
+def find_images(paths):
+    """Image files from files and folders (a folder: every image file below it, sorted)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                            if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+            if not inside:
+                raise DataError(f"{path} has no images (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+            found += inside
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise DataError(f"no such image or folder: {path}")
+    return found
+
+
+def read_image(path):
+    """uint8 (256, 256, 3): the paper's preprocessing of one image file."""
+    try:
+        with Image.open(path) as image:
+            return square_image(image, IMAGE_SIZE)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
+
+
+def true_label(path, class_names):
+    """The class a file's folder names, as in an ImageNet-style folder; None if it names none."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return class_names.index(folder) if folder in class_names else None
+
+
+class TestInput:
+    """uint8 (N, 256, 256, 3) images -> the network's input: centre crop or the paper's ten."""
+
+    def __init__(self, mean, crop, scale):
+        self.mean, self.crop, self.scale = mean, crop, np.float32(scale)
+
+    def __call__(self, images, ten_crop=False):
+        views = ten_crops(len(images), images.shape[1], self.crop) if ten_crop else \
+            [centre_crops(len(images), images.shape[1], self.crop)]
+        x = np.stack([to_nchw(subtract_mean(crop_and_flip(images, self.crop, where), self.mean, self.crop, where))
+                      for where in views], axis=1) * self.scale
+        return x if ten_crop else x[:, 0]
+
+
+# --- predictions
+
+
+def probabilities(model, x):
+    """Softmax outputs (N, classes) as a NumPy array; x (N, 10, 3, S, S) averages the ten crops'."""
+    crops = x.shape[1] if x.ndim == 5 else 1
+    with no_grad(), _eval_mode(model):
+        logits = model(Tensor(x.reshape((-1,) + x.shape[-3:]), device=model.input_device))
+        scores = logits.numpy().astype(np.float64)
+    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    p = scores / scores.sum(axis=1, keepdims=True)
+    return p.reshape(len(x), crops, -1).mean(axis=1)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def top_k(p, k):
+    """(classes, probabilities), each (N, k), highest first."""
+    k = min(k, p.shape[1])
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(p, order, axis=1)
+
+
+# --- features and neighbours
+
+
+def features(model, x):
+    """The input of the model's last Linear layer for x (N, 3, S, S), as float32 (N, D), in eval mode."""
+    last = [layer for _, layer in model.named_layers() if isinstance(layer, Linear)]
+    if not last:
+        raise MinidlError("the model has no Linear layer: no last hidden layer to take features from")
+    captured = []
+    remove = last[-1].register_forward_hook(lambda layer, inputs, y: captured.append(inputs[0].numpy()))
+    try:
+        with no_grad(), _eval_mode(model):
+            model(Tensor(x, device=model.input_device))
+    finally:
+        remove()
+    return captured[0].astype(np.float32)
+
+
+def nearest(queries, base, k, block=1024):
+    """For each row of queries, the k rows of base nearest in Euclidean distance: (indices, distances).
+
+    Blocks of `block` base rows at a time: the work is matrix products and the
+    memory (queries x block), never (queries x N) or N x N.
+    """
+    if not 1 <= k <= len(base):
+        raise MinidlError(f"-k {k} is out of range: the training set has {len(base)} images")
+    q = queries.astype(np.float64)
+    q2 = (q * q).sum(axis=1, keepdims=True)
+    best_d = np.full((len(q), k), np.inf)
+    best_i = np.zeros((len(q), k), dtype=np.int64)
+    for start in range(0, len(base), block):
+        x = base[start:start + block].astype(np.float64)
+        d = np.maximum(q2 + (x * x).sum(axis=1) - 2 * q @ x.T, 0)  # rounding can make 0 slightly negative
+        d_all = np.concatenate([best_d, d], axis=1)
+        i_all = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(x)), d.shape)], axis=1)
+        keep = np.argsort(d_all, axis=1, kind="stable")[:, :k]  # stable: ties go to the earlier image
+        best_d, best_i = np.take_along_axis(d_all, keep, axis=1), np.take_along_axis(i_all, keep, axis=1)
+    return best_i, np.sqrt(best_d)
+
+
+def _file_key(path):
+    """What identifies a file's content cheaply: its path, size and modification time."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def dataset_features(restored, data, split="train", batch_size=64, progress=None):
+    """(features (N, D), labels, file positions) of a split of `data`, cached beside the checkpoint.
+
+    The cache is reused while the checkpoint and the dataset are unchanged
+    (same path, size and modification time) and recomputed when either changes.
+    """
+    ckpt_path = restored.checkpoint.path
+    key = hashlib.sha256(json.dumps([_file_key(ckpt_path), _file_key(data)]).encode()).hexdigest()
+    cache = f"{os.path.splitext(ckpt_path)[0]}.fc7-{split}.h5"
+    if os.path.isfile(cache):
+        try:
+            with h5py.File(cache, "r") as f:
+                if f.attrs.get("key") == key:
+                    return f["features"][()], f["labels"][()], f["positions"][()]
+        except (OSError, KeyError):
+            pass  # a damaged cache is recomputed
+    loader = restored.loader(data, split=split, batch_size=batch_size)
+    prepared = []
+    for i, (x, _) in enumerate(loader.epoch_batches(0)):
+        prepared.append(features(restored.model, x))
+        if progress:
+            progress(i + 1, len(loader))
+    result = np.concatenate(prepared), loader.labels, loader.indices
+    with atomic_path(cache) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["key"] = key
+        for name, array in zip(("features", "labels", "positions"), result):
+            f[name] = array
+    return result
+
+
+def dataset_images(data, positions):
+    """The stored 256x256 images at these file positions."""
+    with open_dataset(data) as f:
+        return np.stack([f["images"][int(i)] for i in positions])
