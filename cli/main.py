@@ -274,6 +274,10 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         names, q_labels = [os.path.basename(p) for p in paths], [None] * len(paths)
     else:
         val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size)
+        every, _ = nearest(val, base, k)  # the whole validation set's neighbours, for the agreement
+        agreement = float((base_labels[every] == val_labels[:, None]).mean())
+        click.echo(f"label agreement: {100 * agreement:.1f}% of the {k} nearest training images share the "
+                   f"query's class, over all {len(val)} validation images", err=as_json)
         count = min(queries or 4, len(val))
         chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
         q, q_labels = val[chosen], [int(val_labels[i]) for i in chosen]
