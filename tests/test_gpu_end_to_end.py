@@ -8,11 +8,10 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from minidl.checkpoint import load_checkpoint
-from minidl_cli.main import main
+from test_cli import dataset, image_dir, run  # noqa: F401 -- the CLI runner and the 3-class dataset fixtures
 
 ALEXNET = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py"))
 
@@ -37,27 +36,6 @@ NETWORK = [
 def build_model(num_classes, devices, init, seed):
     return alexnet.AlexNet(num_classes, devices, init, seed, CONFIG["dropout"], network=NETWORK, pooled_size=3)
 '''
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["red", "green", "blue"]):
-        os.makedirs(root / name)
-        for i in range(6):
-            pixels = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
-            pixels[..., c] = 255
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    out = tmp_path_factory.mktemp("data") / "small.h5"
-    code, output = run("prepare-data", root, out, "--val-fraction", "0.25", "--workers", "1")
-    assert code == 0, output
-    return out
 
 
 def _losses(output):
