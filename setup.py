@@ -8,7 +8,7 @@ setup(
     # cli/ is installed as minidl_cli: a bare top-level `cli` package would clash with others
     packages=["minidl", "minidl.functions", "minidl.layers", "minidl.data", "minidl.emulator", "minidl_cli"],
     package_dir={"minidl_cli": "cli"},
-    package_data={"minidl.functions": ["*.cu"], "minidl.emulator": ["*.h"]},
+    package_data={"minidl.functions": ["*.cu", "*.cuh"], "minidl.emulator": ["*.h"]},
     install_requires=["numpy", "h5py", "pillow", "click", "matplotlib"],
     # nvidia-cuda-nvrtc-cu12: the NVRTC of CUDA 12 (what cupy-cuda12x compiles with), so the
     # tests compile every kernel as CuPy would on a machine with no GPU and no CUDA toolkit

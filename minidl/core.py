@@ -76,7 +76,6 @@ class Tensor:
         self.grad = None
         self.creator = None
         self.generation = 0
-        self.name = None
 
     # --- what the tensor is
     @property
@@ -221,11 +220,16 @@ def as_tensor(value, like):
 class Function:
     """One differentiable operation on arrays.
 
-    Subclasses implement `forward(*arrays) -> array or tuple` and
-    `backward(*output_grads) -> grad or tuple of grads` (None for an input that
-    needs none; `self.needs_grad[i]` says which do). Arrays needed by backward are
-    kept with `self.save(...)` and read from `self.saved`, so they are freed as
-    soon as the backward has run.
+    `forward(*arrays) -> array or tuple` computes the outputs and
+    `backward(*output_grads) -> grad or tuple of grads` the input gradients (None
+    for an input that needs none; `self.needs_grad[i]` says which do). The
+    CPU/GPU choice is made here, in one place: by default `forward` runs
+    `forward_cpu` or `forward_gpu` by the device of the inputs, and `backward`
+    likewise `backward_cpu` or `backward_gpu`. An operation whose one
+    array-module path (`xp = self.device.xp`) serves both devices overrides
+    `forward` and `backward` instead. Arrays needed by backward are kept with
+    `self.save(...)` and read from `self.saved`, so they are freed as soon as
+    the backward has run.
     """
 
     device = None  # set per call: the device whose arrays this function computes on
@@ -273,10 +277,22 @@ class Function:
         self.released = True
 
     def forward(self, *xs):
-        raise NotImplementedError
+        return self.forward_gpu(*xs) if self.device.is_cuda else self.forward_cpu(*xs)
 
     def backward(self, *gys):
-        raise NotImplementedError
+        return self.backward_gpu(*gys) if self.device.is_cuda else self.backward_cpu(*gys)
+
+    def forward_cpu(self, *xs):
+        raise NotImplementedError(f"{type(self).__name__} has no forward_cpu (nor forward)")
+
+    def forward_gpu(self, *xs):
+        raise NotImplementedError(f"{type(self).__name__} has no forward_gpu (nor forward)")
+
+    def backward_cpu(self, *gys):
+        raise NotImplementedError(f"{type(self).__name__} has no backward_cpu (nor backward)")
+
+    def backward_gpu(self, *gys):
+        raise NotImplementedError(f"{type(self).__name__} has no backward_gpu (nor backward)")
 
 
 def _first_tensor(values):

@@ -1,12 +1,16 @@
-"""The tiny loader for minidl's CUDA kernels.
+"""The tiny loader and launcher for minidl's CUDA kernels.
 
 Kernels are C++ templates in `.cu` files beside the Python module that launches
 them, with explicit instantiations for float and double (so `nvcc` compiles
 every one of them in CI, and float64 gradient checks can run on the GPU). Each
 file is compiled by CuPy's NVRTC once per GPU, all its kernels for both types
-at once (the name expressions), and cached. Every kernel uses a 64-bit
+at once (the name expressions), and cached; its own folder is on the include
+path, for the headers the files share (window.cuh). Every kernel uses a 64-bit
 grid-stride loop, so the launch size is capped and tensors beyond 2^31
 elements still work.
+
+`launch` is the one way a kernel is run: it packs every argument as the exact
+C type of its parameter, so no module packs sizes on its own.
 
 CuPy compiles RawKernels with -ftz=true: in float32, denormal inputs and
 results (|x| < 1.2e-38) are flushed to zero on the GPU, where NumPy and the
@@ -15,33 +19,59 @@ within every test's tolerance; float64 is not flushed.
 """
 import functools
 import os
+from typing import NamedTuple
 
 import numpy as np
 
+from minidl.device import cupy
 from minidl.errors import MinidlError
 
 _CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
 _THREADS = 256
 _MAX_BLOCKS = 65535 * 8  # enough to fill any GPU; the grid-stride loop covers the rest
 
 
+class KernelFile(NamedTuple):
+    """A .cu file and the kernels launched from it (all compiled together, for float and double)."""
+    path: str
+    names: tuple
+
+    @classmethod
+    def beside(cls, module_file, cu_name, names):
+        """The .cu file `cu_name` in the folder of the Python module `module_file`."""
+        return cls(os.path.join(os.path.dirname(os.path.abspath(module_file)), cu_name), tuple(names))
+
+    def name_expressions(self):
+        """What RawModule compiles: every kernel for every type, `im2col<float>` and so on."""
+        return tuple(f"{n}<{t}>" for n in self.names for t in _CUDA_TYPES.values())
+
+
+def compile_options(cu_path):
+    """RawModule's options for a .cu file: C++14, and the file's folder on the include path."""
+    return ("--std=c++14",) + include_options(cu_path)
+
+
+def include_options(cu_path):
+    """-I the .cu file's folder: NVRTC has no "folder of the including file", so a shared header needs it."""
+    return (f"-I{os.path.dirname(os.path.abspath(cu_path))}",)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(cu_path, physical_gpu, name_expressions):
-    from minidl.device import cupy
+def _module(cu_file, physical_gpu):
     cp = cupy()
-    with open(cu_path) as f:
+    with open(cu_file.path) as f:
         source = f.read()
     with cp.cuda.Device(physical_gpu):
-        return cp.RawModule(code=source, options=("--std=c++14",), name_expressions=name_expressions)
+        return cp.RawModule(code=source, options=compile_options(cu_file.path),
+                            name_expressions=cu_file.name_expressions())
 
 
-def get_kernel(cu_path, name, dtype, all_names):
-    """The kernel `name<T>` from `cu_path` for the current GPU, T from `dtype`."""
-    from minidl.device import cupy
-    type_name = cuda_type(dtype)
-    expressions = tuple(f"{n}<{t}>" for n in all_names for t in _CUDA_TYPES.values())
-    gpu = cupy().cuda.Device().id
-    return _module(os.path.abspath(cu_path), gpu, expressions).get_function(f"{name}<{type_name}>")
+def get_kernel(cu_file, name, dtype):
+    """The kernel `name<T>` of the KernelFile `cu_file` for the current GPU, T from `dtype`."""
+    if name not in cu_file.names:
+        raise MinidlError(f"{os.path.basename(cu_file.path)} has no kernel {name!r} among {cu_file.names}")
+    return _module(cu_file, cupy().cuda.Device().id).get_function(f"{name}<{cuda_type(dtype)}>")
 
 
 def cuda_type(dtype):
@@ -51,18 +81,37 @@ def cuda_type(dtype):
     return _CUDA_TYPES[dtype]
 
 
-def launch(kernel, total, args):
-    """Run `kernel` over `total` work items on the current stream (CuPy launches there)."""
+def empty(shape, dtype):
+    """A kernel's output array on the current GPU, C-contiguous as `launch` needs it."""
+    return cupy().empty(shape, dtype=dtype)
+
+
+def launch(cu_file, name, dtype, total, *args):
+    """Run `name<T>` (T from `dtype`) over `total` work items on the current stream (CuPy launches there).
+
+    Each argument is packed as its C parameter's exact type, by one rule: a
+    device array is passed C-contiguous and must hold T, or int32 for an index
+    array; a Python int is a long long (np.int64); a Python float is a T. (A
+    float64 array into a float* would be read as garbage, not converted; a
+    non-contiguous array is copied, so an output must come from `empty`, or
+    the kernel would write into the copy.)
+    """
+    dtype = np.dtype(dtype)
+    kernel = get_kernel(cu_file, name, dtype)
+    packed = tuple(_pack(arg, dtype, f"{name} argument {i}") for i, arg in enumerate(args))
     blocks = max(1, min((total + _THREADS - 1) // _THREADS, _MAX_BLOCKS))
-    kernel((blocks,), (_THREADS,), args)
+    kernel((blocks,), (_THREADS,), packed)
 
 
-def prepare(array, dtype):
-    """A C-contiguous array of `dtype` for a kernel argument: never a float64 into a float*."""
-    if array.dtype != dtype:
-        raise MinidlError(f"kernel argument of dtype {array.dtype} where {np.dtype(dtype)} is needed")
-    from minidl.device import cupy
-    return cupy().ascontiguousarray(array)
+def _pack(arg, dtype, what):
+    cp = cupy()
+    if isinstance(arg, cp.ndarray):
+        if arg.dtype not in (dtype, _INDEX_TYPE):
+            raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} (or int32 indices) is needed")
+        return cp.ascontiguousarray(arg)
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):  # bool: an int, but never meant as one
+        raise MinidlError(f"kernel {what}: a device array, int or float is needed, got {type(arg).__name__}")
+    return np.int64(arg) if isinstance(arg, int) else dtype.type(arg)
 
 
 def kernel_sources():

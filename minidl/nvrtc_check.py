@@ -1,11 +1,12 @@
 """Compile a kernel source with NVRTC exactly as CuPy's RawModule would, without a GPU.
 
-minidl loads its kernels with `cupy.RawModule(code=source, options=("--std=c++14",),
-name_expressions=...)` (minidl/kernels.py). For that call CuPy (v14, cupy/_core/core.pyx
-and cupy/cuda/compiler.py) hands NVRTC these options, in this order:
+minidl loads its kernels with `cupy.RawModule(code=source, options=("--std=c++14",
+"-I<the .cu file's folder>"), name_expressions=...)` (minidl/kernels.py). For that call CuPy
+(v14, cupy/_core/core.pyx and cupy/cuda/compiler.py) hands NVRTC these options, in this order:
 
     -I<cupy>/_core/include/cupy/_cccl/{cub,thrust,libcudacxx}   assemble_cupy_compiler_options
     --std=c++14                       ours; CuPy adds --std=c++17 only when no -std is given
+    -I<the .cu file's folder>         ours, for the headers minidl's kernels share (window.cuh)
     -I<cupy>/_core/include            assemble_cupy_compiler_options
     -I<CUDA include dir>              assemble_cupy_compiler_options (cudart headers)
     -ftz=true                         _compile_with_cache_cuda: always, for every kernel
@@ -16,9 +17,11 @@ and cupy/cuda/compiler.py) hands NVRTC these options, in this order:
 
 RawModule prepends no CuPy header to the source (prepend_cupy_headers=False), adds each
 name expression with nvrtcAddNameExpression before compiling and reads the mangled
-names back with nvrtcGetLoweredName (compiler._NVRTCProgram.compile). Left out here:
-the -I paths, since minidl's kernels include no header at all (add them back the day
-one does), and the options CuPy adds only on request (--device-debug
+names back with nvrtcGetLoweredName (compiler._NVRTCProgram.compile). Our -I names the
+caller's folder, so the caller passes it (compile_like_cupy's extra_options, which go
+last: where an -I stands among the options does not change what NVRTC builds). Left out
+here: CuPy's own -I paths, since minidl's kernels include none of CuPy's or CUDA's headers
+(add them back the day one does), and the options CuPy adds only on request (--device-debug
 --generate-line-info under CUPY_CUDA_COMPILE_WITH_DEBUG=1, --pch under CUPY_NVRTC_USE_PCH=1).
 
 libnvrtc comes from the PyPI wheel nvidia-cuda-nvrtc-cu12 (the `test` extra), the NVRTC
@@ -31,7 +34,7 @@ import os
 
 from minidl.errors import MinidlError
 
-# the options of cupy.RawModule(code=..., options=CUPY_USER_OPTIONS); see the module docstring
+# minidl's options for cupy.RawModule (kernels.compile_options) less the -I of its own folder
 CUPY_USER_OPTIONS = ("--std=c++14",)
 CUPY_ADDED_OPTIONS = ("-ftz=true",)
 CUPY_AFTER_ARCH_OPTIONS = ("--device-as-default-execution-space",)
@@ -101,7 +104,7 @@ def nvrtc_version():
 
 
 def cupy_options(arch):
-    """The NVRTC options of cupy.RawModule(code=..., options=("--std=c++14",)), less the -I paths."""
+    """The NVRTC options of cupy.RawModule(code=..., options=("--std=c++14", ...)), less the -I paths."""
     return CUPY_USER_OPTIONS + CUPY_ADDED_OPTIONS + (f"-arch={arch}",) + CUPY_AFTER_ARCH_OPTIONS
 
 
@@ -125,6 +128,9 @@ def _log(prog):
 
 def compile_like_cupy(source_path, name_expressions, arch="compute_90", extra_options=()):
     """Compile `source_path` as cupy.RawModule does; {name expression: lowered (mangled) name}.
+
+    `extra_options` follow CuPy's: minidl passes the source's include folder there
+    (kernels.include_options).
 
     `arch` is what follows -arch=: CuPy passes "sm_XX" (a cubin, its default) or
     "compute_XX" (PTX, under CUPY_COMPILE_WITH_PTX=1); both are accepted. Raises

@@ -8,21 +8,22 @@ import os
 import numpy as np
 import pytest
 
+from minidl import kernels
 from minidl.emulator import kernel_runner as kr
 from minidl.functions import conv, lrn, pooling
-from minidl.kernels import kernel_sources
 
 ARRAYS = dict(is_array=lambda a: isinstance(a, np.ndarray), array_dtype=lambda a: a.dtype,
               array_address=lambda a: a.ctypes.data)
 CUDA = {np.float32: "float", np.float64: "double"}
-KERNELS = {"conv.cu": conv.CU_KERNELS, "lrn.cu": lrn.CU_KERNELS, "pooling.cu": pooling.CU_KERNELS}
+SOURCES = {os.path.basename(m.CU.path): m.CU for m in (conv, lrn, pooling)}
+KERNELS = {file: cu.names for file, cu in SOURCES.items()}
 
 
 def module(file):
     """A .cu file of minidl compiled as kernels.get_kernel compiles it: each kernel for float and double."""
-    (path,) = [p for p in kernel_sources() if os.path.basename(p) == file]
-    with open(path) as f:
-        return kr.compile_module(f.read(), tuple(f"{n}<{t}>" for n in KERNELS[file] for t in CUDA.values()))
+    cu = SOURCES[file]
+    with open(cu.path) as f:
+        return kr.compile_module(f.read(), cu.name_expressions(), kernels.compile_options(cu.path))
 
 
 def launch(file, name, dtype, args, grid=(3, 1, 1), block=(4, 1, 1)):
@@ -59,11 +60,11 @@ def test_im2col_and_col2im_match_numpy(dtype, grid, block, rng):
     sizes = lambda total: [np.int64(v) for v in (total, 2, 3, 7, 6, kh, kw, stride, pad, oh, ow)]  # noqa: E731
     cols = np.full((3, kh, kw, 2, oh, ow), np.nan, dtype=dtype)
     launch("conv.cu", "im2col", dtype, [x, cols, *sizes(cols.size)], grid, block)
-    np.testing.assert_array_equal(cols, conv.im2col(x, kh, kw, stride, pad, oh, ow))
+    np.testing.assert_array_equal(cols, conv.im2col_cpu(x, kh, kw, stride, pad, oh, ow))
 
     back = np.full(x.shape, np.nan, dtype=dtype)
     launch("conv.cu", "col2im", dtype, [cols, back, *sizes(x.size)], grid, block)
-    np.testing.assert_allclose(back, conv.col2im(cols, 7, 6, stride, pad), **TOLERANCE[dtype])
+    np.testing.assert_allclose(back, conv.col2im_cpu(cols, 7, 6, stride, pad), **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -71,9 +72,9 @@ def test_lrn_matches_numpy(dtype, rng):
     x = rng.standard_normal((2, 7, 3, 4)).astype(dtype)
     gy = rng.standard_normal(x.shape).astype(dtype)
     function = lrn.LocalResponseNorm(n=5, k=2.0, alpha=1e-2, beta=0.75, alpha_over_n=False)
-    expected_y = function.forward(x)
+    expected_y = function.forward_cpu(x)
     expected_s = function.saved[1]
-    expected_gx = function.backward(gy)
+    expected_gx = function.backward_cpu(gy)
 
     t = dtype
     sizes = [np.int64(2 * 3 * 4), np.int64(7), np.int64(3 * 4), np.int64(2), t(2.0), t(1e-2), t(0.75)]
@@ -88,7 +89,7 @@ def test_lrn_matches_numpy(dtype, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_max_pool_forward_matches_numpy(dtype, rng):
     x = rng.standard_normal((2, 3, 7, 7)).astype(dtype)
-    expected = pooling.MaxPool2d(ksize=3, stride=2, pad=1).forward(x)
+    expected = pooling.MaxPool2d(ksize=3, stride=2, pad=1).forward_cpu(x)
     y = np.full(expected.shape, np.nan, dtype=dtype)
     argmax = np.full(expected.shape, -7, dtype=np.int32)
     sizes = [np.int64(v) for v in (y.size, 3, 7, 7, 4, 4, 3, 2, 1)]
@@ -254,7 +255,7 @@ def test_a_compile_error_shows_gccs_diagnostics():
 
 
 def test_an_unknown_name_expression_is_a_compile_error_naming_it():
-    with open(next(p for p in kernel_sources() if p.endswith("lrn.cu"))) as f:
+    with open(lrn.CU.path) as f:
         source = f.read()
     with pytest.raises(kr.CompileError, match=r"name expression lrn_forward<half>:.*error: .half. was not declared"):
         kr.compile_module(source, ("lrn_forward<float>", "lrn_forward<half>"))
@@ -290,6 +291,28 @@ def test_a_second_compile_takes_the_cached_library(tmp_path, monkeypatch):
     assert kernel.params[0].ctype == "int*"
     assert [p.name for p in (tmp_path / "emulator").iterdir()] == [library.name]  # no partial files left
     assert library.stat().st_mtime_ns == built
+
+
+TWICE = '#include "twice.cuh"\n__global__ void k(long long* x) {\n    x[0] = twice(x[0]);\n}\n'
+
+
+def test_include_folders_come_from_the_options_and_an_edited_header_recompiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kr, "_modules", {})
+    header = tmp_path / "include" / "twice.cuh"
+    header.parent.mkdir()
+    header.write_text("__device__ inline long long twice(long long v) { return 2 * v; }\n")
+    with pytest.raises(kr.CompileError, match="twice.cuh"):  # as with NVRTC: only the folders named are searched
+        kr.compile_module(TWICE, ("k",))
+
+    def run():
+        x = np.array([21], dtype=np.int64)
+        kernel = kr.compile_module(TWICE, ("k",), ("--std=c++14", f"-I{header.parent}")).kernel("k")
+        kernel.run((1, 1, 1), (1, 1, 1), kr.marshal(kernel, (x,), **ARRAYS))
+        return x[0]
+    assert run() == 42
+    header.write_text("__device__ inline long long twice(long long v) { return 3 * v; }\n")
+    assert run() == 63  # the same source, but a new library: the header is part of the cache key
 
 
 MATH = r"""

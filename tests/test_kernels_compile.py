@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from minidl.kernels import kernel_sources
+from minidl.kernels import include_options, kernel_sources
 
 NVCC = shutil.which("nvcc")
 
@@ -19,6 +19,6 @@ def test_there_are_kernels():
 @pytest.mark.parametrize("source", kernel_sources(), ids=lambda p: p.rsplit("/", 1)[-1])
 def test_kernel_compiles(source, tmp_path):
     for arch in ("sm_80", "sm_90"):
-        result = subprocess.run([NVCC, "-c", "-std=c++14", f"-arch={arch}", "-o", str(tmp_path / f"{arch}.o"),
-                                 source], capture_output=True, text=True)
+        result = subprocess.run([NVCC, "-c", "-std=c++14", *include_options(source), f"-arch={arch}",
+                                 "-o", str(tmp_path / f"{arch}.o"), source], capture_output=True, text=True)
         assert result.returncode == 0, f"nvcc -arch={arch} {source}:\n{result.stderr}"

@@ -22,18 +22,13 @@ MANGLED_TYPE = {"float": "f", "double": "d"}
 
 
 def launched_kernels():
-    """{.cu path: kernel names} from every minidl.functions module with CU_FILE and CU_KERNELS."""
+    """{.cu path: its KernelFile} from every minidl.functions module that launches kernels (its CU)."""
     found = {}
     for info in pkgutil.iter_modules(minidl.functions.__path__):
         module = importlib.import_module(f"minidl.functions.{info.name}")
-        if hasattr(module, "CU_KERNELS"):
-            found[os.path.abspath(module.CU_FILE)] = tuple(module.CU_KERNELS)
+        if isinstance(getattr(module, "CU", None), kernels.KernelFile):
+            found[module.CU.path] = module.CU
     return found
-
-
-def name_expressions(names):
-    """The name expressions kernels.get_kernel hands RawModule for a module's CU_KERNELS."""
-    return tuple(f"{n}<{t}>" for n in names for t in kernels._CUDA_TYPES.values())
 
 
 def test_every_source_is_launched_and_every_launcher_has_a_source():
@@ -47,16 +42,26 @@ def test_options_are_cupys():
     # _compile_with_cache_cuda and _compile_using_nvrtc_no_warning (without the -I paths)
     assert nvrtc_check.cupy_options("sm_90") == (
         "--std=c++14", "-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
+    # and minidl's own options are those plus the -I that compile_like_cupy's callers pass
+    source = kernels.kernel_sources()[0]
+    assert kernels.compile_options(source) == nvrtc_check.CUPY_USER_OPTIONS + kernels.include_options(source)
+
+
+def test_a_shared_header_is_not_found_without_its_include_folder():
+    source = next(s for s in kernels.kernel_sources() if os.path.basename(s) == "conv.cu")
+    with pytest.raises(NvrtcCompileError, match="window.cuh"):
+        compile_like_cupy(source, launched_kernels()[source].name_expressions())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", kernels.kernel_sources(), ids=os.path.basename)
 def test_kernel_compiles_like_cupy(source, arch):
-    names = launched_kernels()[os.path.abspath(source)]
-    expressions = name_expressions(names)
-    lowered = compile_like_cupy(source, expressions, arch=arch)
+    cu = launched_kernels()[os.path.abspath(source)]
+    expressions = cu.name_expressions()
+    # the source's folder on the include path, as kernels._module gives it to RawModule (window.cuh)
+    lowered = compile_like_cupy(source, expressions, arch=arch, extra_options=kernels.include_options(source))
     assert set(lowered) == set(expressions)
-    for n in names:
+    for n in cu.names:
         for t, code in MANGLED_TYPE.items():
             # the Itanium mangling of a template instance n<T>: _Z <len(n)> n I <T> E ...
             assert lowered[f"{n}<{t}>"].startswith(f"_Z{len(n)}{n}I{code}E"), (source, arch, lowered)

@@ -4,7 +4,8 @@ real shapes, batch 128."""
 import numpy as np
 import pytest
 
-from minidl import Tensor, gradcheck
+from minidl import Tensor, device, gradcheck, kernels
+from minidl.device import cupy
 from minidl.errors import MinidlError
 from minidl.functions import conv2d, dropout, local_response_norm, max_pool2d
 from minidl.functions.dropout import seed as seed_dropout
@@ -272,7 +273,7 @@ def test_gpu_float64_gradcheck(fn):
 @pytest.mark.gpu
 @pytest.mark.gpu_memory(30)
 def test_gpu_kernel_beyond_two_to_the_31_elements():
-    import cupy as cp
+    cp = cupy()
     n, c, h, w = 1, 96, 4736, 4736  # 2,153,… million elements > 2^31, about 8.6 GB of float32
     assert n * c * h * w > 2 ** 31
     x = cp.random.default_rng(7).random((n, c, h, w), dtype=cp.float32) + 0.5
@@ -280,3 +281,22 @@ def test_gpu_kernel_beyond_two_to_the_31_elements():
     for row in (0, h // 2, h - 1):  # compare whole rows at the start, middle and far end
         ref = lrn_reference(cp.asnumpy(x[:, :, row:row + 1, :]).astype(np.float64), 5, 2.0, 1e-4, 0.75)
         np.testing.assert_allclose(cp.asnumpy(y[:, :, row:row + 1, :]), ref, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_launch_packs_every_argument_by_one_rule(rng):
+    from minidl.functions.conv import CU, im2col_cpu
+    dev = device("cuda:0")
+    x = rng.standard_normal((3, 2, 5, 4)).astype(np.float32).transpose(1, 0, 2, 3)  # (N, C, H, W) = (2, 3, 5, 4)
+    sizes = (2, 3, 5, 4, 3, 3, 2, 1, 3, 2)  # N, C, H, W, KH, KW, stride, pad, OH, OW: Python ints, long longs
+    with dev:
+        x_gpu = dev.xp.asarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)  # not C-contiguous: passed as a copy
+        cols = kernels.empty((3, 3, 3, 2, 3, 2), np.float32)
+        kernels.launch(CU, "im2col", np.float32, cols.size, x_gpu, cols, cols.size, *sizes)
+        np.testing.assert_array_equal(cols.get(), im2col_cpu(x, 3, 3, 2, 1, 3, 2))
+        with pytest.raises(MinidlError, match="an array of float64 where float32"):
+            kernels.launch(CU, "im2col", np.float32, cols.size, x_gpu.astype(np.float64), cols, cols.size, *sizes)
+        with pytest.raises(MinidlError, match="a device array, int or float is needed, got int64"):
+            kernels.launch(CU, "im2col", np.float32, cols.size, x_gpu, cols, np.int64(cols.size), *sizes)
+        with pytest.raises(MinidlError, match="conv.cu has no kernel 'im2row'"):
+            kernels.launch(CU, "im2row", np.float32, 1)

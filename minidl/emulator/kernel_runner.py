@@ -1,12 +1,14 @@
 """Compile a CUDA source with g++ and run its kernels on the CPU, every block and thread.
 
-compile_module(source, name_expressions) builds the source, with
-cuda_emulation.h force-included, into a shared library. For each name
-expression (`im2col<float>`) a generated epilogue takes `&(expression)`, so
-the compiler resolves it exactly as C++ (and NVRTC) does, and adds two
-`extern "C"` functions: a launcher, which runs the grid one thread after
-another, and a describer, which reports the kernel's parameter types as the
-compiler sees them. So the Python side never parses C++ text.
+compile_module(source, name_expressions, options) builds the source, with
+cuda_emulation.h force-included, into a shared library. Of RawModule's
+options it takes the include folders (`-I<dir>`), so `#include "window.cuh"`
+is found only where NVRTC would find it; g++'s other flags are fixed (FLAGS).
+For each name expression (`im2col<float>`) a generated epilogue takes
+`&(expression)`, so the compiler resolves it exactly as C++ (and NVRTC) does,
+and adds two `extern "C"` functions: a launcher, which runs the grid one
+thread after another, and a describer, which reports the kernel's parameter
+types as the compiler sees them. So the Python side never parses C++ text.
 
 marshal(kernel, args, ...) applies CuPy's rules for kernel arguments (a Python
 int is a long long, a Python float a double, an array a pointer to its dtype)
@@ -208,8 +210,12 @@ _modules = {}  # library path -> CompiledModule: each library is loaded once per
 _lock = threading.Lock()
 
 
-def compile_module(source, name_expressions):
-    """Compile `source` (CUDA C++) with g++, or take it from the cache; a CompileError if g++ fails."""
+def compile_module(source, name_expressions, options=()):
+    """Compile `source` (CUDA C++) with g++, or take it from the cache; a CompileError if g++ fails.
+
+    `options` are RawModule's: its `-I<dir>` include folders are passed to g++.
+    """
+    include_dirs = _include_dirs(options)
     name_expressions = tuple(dict.fromkeys(name_expressions))  # in order, once each
     for expression in name_expressions:
         if not isinstance(expression, str) or not expression.strip() or "\n" in expression:
@@ -219,19 +225,40 @@ def compile_module(source, name_expressions):
         for k, e in enumerate(name_expressions))
     with open(HEADER) as f:
         header = f.read()
-    key = hashlib.sha256("\0".join((code, header, _compiler_version(), *FLAGS)).encode()).hexdigest()
+    # the included headers are part of what is built: a library built before one was edited is stale
+    key = hashlib.sha256("\0".join((code, header, _compiler_version(), *FLAGS, *include_dirs,
+                                     *_headers(include_dirs))).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"{key[:40]}.so")
     with _lock:  # one build at a time in this process; other processes are safe through the rename
         if path not in _modules:
             if not os.path.exists(path):
-                _build(code, path)
+                _build(code, path, include_dirs)
             try:
                 library = ctypes.CDLL(path)
             except OSError:  # a damaged cache entry: build it again
-                _build(code, path)
+                _build(code, path, include_dirs)
                 library = ctypes.CDLL(path)
             _modules[path] = CompiledModule(library, name_expressions)
         return _modules[path]
+
+
+def _include_dirs(options):
+    """The absolute folders of the `-I<dir>` options (CuPy passes each option as one string)."""
+    return tuple(os.path.abspath(o[2:]) for o in options if o.startswith("-I") and len(o) > 2)
+
+
+HEADER_SUFFIXES = (".h", ".cuh", ".hpp")
+
+
+def _headers(include_dirs):
+    """Every header under the include folders, as "path\0contents" strings: for the cache key."""
+    found = []
+    for root in include_dirs:
+        for folder, _, files in sorted(os.walk(root)):
+            for name in sorted(f for f in files if f.endswith(HEADER_SUFFIXES)):
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    found.append(f"{os.path.join(folder, name)}\0{f.read()}")
+    return found
 
 
 def cache_dir():
@@ -240,7 +267,7 @@ def cache_dir():
     return os.path.join(default_cache_dir(), "emulator")
 
 
-def _build(code, path):
+def _build(code, path, include_dirs):
     """g++ into a temporary file beside `path`, then a rename: a reader never sees half a library."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=os.path.dirname(path))
@@ -250,7 +277,8 @@ def _build(code, path):
             with open(os.path.join(work, "source.cu"), "w") as f:
                 f.write(code)
             # Run in `work` so the diagnostics say `source.cu:12:5: error: ...`, in plain ASCII (LC_ALL=C).
-            result = _gxx(*FLAGS, "-x", "c++", "-include", HEADER, "source.cu", "-o", partial, cwd=work)
+            includes = [f"-I{d}" for d in include_dirs]
+            result = _gxx(*FLAGS, *includes, "-x", "c++", "-include", HEADER, "source.cu", "-o", partial, cwd=work)
         if result.returncode != 0:
             raise CompileError(f"g++ could not compile the CUDA source for the emulator:\n{result.stderr.strip()}")
         os.replace(partial, path)

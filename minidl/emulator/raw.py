@@ -13,7 +13,7 @@ from minidl.emulator.xp import ndarray
 class RawKernel:
     def __init__(self, code=None, name=None, options=(), *, _kernel=None):
         if _kernel is None:  # cupy.RawKernel(code, name): a module of one kernel
-            _kernel = kernel_runner.compile_module(code, (name,)).kernel(name)
+            _kernel = kernel_runner.compile_module(code, (name,), options).kernel(name)
         self._kernel = _kernel
         self.name = _kernel.name
 
@@ -36,7 +36,7 @@ class RawModule:
         if code is None:
             with open(path) as f:
                 code = f.read()
-        self._module = kernel_runner.compile_module(code, tuple(name_expressions or ()))
+        self._module = kernel_runner.compile_module(code, tuple(name_expressions or ()), options)
 
     def get_function(self, name):
         return RawKernel(_kernel=self._module.kernel(name))

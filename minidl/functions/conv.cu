@@ -2,6 +2,8 @@
 // the batch inside the columns so each group of the convolution is one GEMM.
 // Indices are 64-bit and every kernel is a grid-stride loop, so any size works.
 
+#include "window.cuh"
+
 template <typename T>
 __global__ void im2col(const T* x, T* cols, long long total, long long N, long long C, long long H,
                        long long W, long long KH, long long KW, long long stride, long long pad, long long OH,
@@ -32,15 +34,12 @@ __global__ void col2im(const T* cols, T* x, long long total, long long N, long l
         long long h = (i / W) % H + pad;
         long long c = (i / (W * H)) % C;
         long long n = i / (W * H * C);
-        // output rows whose window covers h: oh*stride <= h < oh*stride + KH
-        long long oh_lo = h < KH ? 0 : (h - KH) / stride + 1;
-        long long oh_hi = min(h / stride, OH - 1);
-        long long ow_lo = w < KW ? 0 : (w - KW) / stride + 1;
-        long long ow_hi = min(w / stride, OW - 1);
+        CoveringOutputs rows = covering_outputs(h, KH, stride, OH);
+        CoveringOutputs columns = covering_outputs(w, KW, stride, OW);
         T sum = T(0);
-        for (long long oh = oh_lo; oh <= oh_hi; ++oh) {
+        for (long long oh = rows.first; oh <= rows.last; ++oh) {
             long long kh = h - oh * stride;
-            for (long long ow = ow_lo; ow <= ow_hi; ++ow) {
+            for (long long ow = columns.first; ow <= columns.last; ++ow) {
                 long long kw = w - ow * stride;
                 sum += cols[((((c * KH + kh) * KW + kw) * N + n) * OH + oh) * OW + ow];
             }

@@ -7,23 +7,20 @@ cuBLAS through CuPy on the GPU), rather than N small ones. Backward:
 gW_g = gy_g @ cols_g^T and gcols_g = W_g^T @ gy_g, and the input gradient goes
 back through col2im.
 
-im2col and col2im: on the CPU a strided view and a loop over the kh*kw kernel
+The GEMMs are the same code on both devices; only im2col and col2im differ,
+as the pairs below: on the CPU a strided view and a loop over the kh*kw kernel
 offsets, each core taking a share of the batch; on the GPU the kernels in
 conv.cu. col2im is a gather there (each thread sums the patches that cover its
 input element), so it needs no atomics and gives the same result on every run.
 """
-import os
-
 import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
-from minidl.device import cupy
 from minidl.errors import MinidlError
 
-CU_FILE = os.path.join(os.path.dirname(__file__), "conv.cu")
-CU_KERNELS = ("im2col", "col2im")
+CU = kernels.KernelFile.beside(__file__, "conv.cu", ("im2col", "col2im"))
 
 
 def output_size(size, ksize, stride, pad, what="convolution"):
@@ -35,12 +32,9 @@ def output_size(size, ksize, stride, pad, what="convolution"):
     return (size + 2 * pad - ksize) // stride + 1
 
 
-# --- im2col / col2im: CPU and GPU side by side
+# --- im2col: (N, C, H, W) -> patches (C, kh, kw, N, OH, OW), contiguous
 
-def im2col(x, kh, kw, stride, pad, oh, ow):
-    """(N, C, H, W) -> patches (C, kh, kw, N, OH, OW), contiguous."""
-    if not isinstance(x, np.ndarray):
-        return _im2col_gpu(x, kh, kw, stride, pad, oh, ow)
+def im2col_cpu(x, kh, kw, stride, pad, oh, ow):
     if pad:
         x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     n, c = x.shape[:2]
@@ -55,10 +49,16 @@ def im2col(x, kh, kw, stride, pad, oh, ow):
     return cols
 
 
-def col2im(cols, h, w, stride, pad):
-    """The adjoint of im2col: sum the (C, kh, kw, N, OH, OW) patches back into (N, C, H, W)."""
-    if not isinstance(cols, np.ndarray):
-        return _col2im_gpu(cols, h, w, stride, pad)
+def im2col_gpu(x, kh, kw, stride, pad, oh, ow):
+    n, c, h, w = x.shape
+    cols = kernels.empty((c, kh, kw, n, oh, ow), x.dtype)
+    kernels.launch(CU, "im2col", x.dtype, cols.size, x, cols, cols.size, n, c, h, w, kh, kw, stride, pad, oh, ow)
+    return cols
+
+
+# --- col2im, the adjoint of im2col: sum the (C, kh, kw, N, OH, OW) patches back into (N, C, H, W)
+
+def col2im_cpu(cols, h, w, stride, pad):
     c, kh, kw, n, oh, ow = cols.shape
     out = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     by_image = cols.transpose(3, 0, 1, 2, 4, 5)  # a view: (N, C, kh, kw, OH, OW)
@@ -71,37 +71,34 @@ def col2im(cols, h, w, stride, pad):
     return out[:, :, pad:pad + h, pad:pad + w] if pad else out
 
 
-def _im2col_gpu(x, kh, kw, stride, pad, oh, ow):
-    cp = cupy()
-    x = kernels.prepare(x, x.dtype)
-    n, c, h, w = x.shape
-    cols = cp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    kernel = kernels.get_kernel(CU_FILE, "im2col", x.dtype, CU_KERNELS)
-    kernels.launch(kernel, cols.size, (x, cols, *_sizes(cols.size, n, c, h, w, kh, kw, stride, pad, oh, ow)))
-    return cols
-
-
-def _col2im_gpu(cols, h, w, stride, pad):
-    cp = cupy()
-    cols = kernels.prepare(cols, cols.dtype)
+def col2im_gpu(cols, h, w, stride, pad):
     c, kh, kw, n, oh, ow = cols.shape
-    out = cp.empty((n, c, h, w), dtype=cols.dtype)
-    kernel = kernels.get_kernel(CU_FILE, "col2im", cols.dtype, CU_KERNELS)
-    kernels.launch(kernel, out.size, (cols, out, *_sizes(out.size, n, c, h, w, kh, kw, stride, pad, oh, ow)))
+    out = kernels.empty((n, c, h, w), cols.dtype)
+    kernels.launch(CU, "col2im", cols.dtype, out.size, cols, out, out.size, n, c, h, w, kh, kw, stride, pad, oh, ow)
     return out
-
-
-def _sizes(*values):
-    return tuple(np.int64(v) for v in values)
 
 
 # --- the function
 
 class Conv2d(Function):
+    """Both paths are the same GEMMs around their own im2col and col2im, and save the same (cols, W)."""
+
     def __init__(self, stride, pad, groups):
         self.stride, self.pad, self.groups = stride, pad, groups
 
-    def forward(self, x, W, b=None):
+    def forward_cpu(self, x, W, b=None):
+        return self._forward(im2col_cpu, x, W, b)
+
+    def forward_gpu(self, x, W, b=None):
+        return self._forward(im2col_gpu, x, W, b)
+
+    def backward_cpu(self, gy):
+        return self._backward(col2im_cpu, gy)
+
+    def backward_gpu(self, gy):
+        return self._backward(col2im_gpu, gy)
+
+    def _forward(self, im2col, x, W, b):
         if x.ndim != 4 or W.ndim != 4:
             raise MinidlError(f"conv2d wants x of shape (N, C, H, W) and W of shape (out, in/groups, kh, kw), "
                               f"got {x.shape} and {W.shape}")
@@ -125,7 +122,7 @@ class Conv2d(Function):
         self.in_shape = x.shape
         return y
 
-    def backward(self, gy):
+    def _backward(self, col2im, gy):
         cols, W = self.saved
         n, c, h, w = self.in_shape
         out, cg, kh, kw = W.shape

@@ -2,11 +2,12 @@
 scale the survivors by 1/(1-p), so nothing changes at test time (the paper
 instead halved the outputs at test time; the expectation is the same).
 
-Masks come from a MaskGenerator: NumPy's generator on the CPU, CuPy's on a GPU,
-made per device from one seed. Each Dropout layer owns one (so two models, or
-two towers, never share a stream of masks) and the trainer reseeds it every
-step from where the run stands, so a resumed run draws the same masks. The
-function without a generator uses a default one per device (`seed(n)`).
+Masks come from a MaskGenerator: NumPy's generator on the CPU (keep_cpu),
+CuPy's on a GPU (keep_gpu), made per device from one seed. Each Dropout layer
+owns one (so two models, or two towers, never share a stream of masks) and the
+trainer reseeds it every step from where the run stands, so a resumed run
+draws the same masks. The function without a generator uses a default one per
+device (`seed(n)`).
 """
 import numpy as np
 
@@ -24,20 +25,22 @@ class MaskGenerator:
         self._entropy = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
         self._generators = {}
 
-    def keep(self, device, shape, p):
+    def keep_cpu(self, device, shape, p):
+        """A NumPy boolean array: True with probability 1 - p."""
+        return self._generator(device, np.random.default_rng).random(shape, dtype=np.float32) >= p
+
+    def keep_gpu(self, device, shape, p):
         """A boolean array on `device` (the current one): True with probability 1 - p."""
+        def make(entropy):  # CuPy's RandomState takes one integer seed, not a list of entropy
+            seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1
+            return device.xp.random.RandomState(int(seed))
+        return self._generator(device, make).random_sample(shape, dtype=np.float32) >= p
+
+    def _generator(self, device, make):
         if device.name not in self._generators:
             # the device's name is part of the seed: one generator never repeats another's masks
-            entropy = self._entropy + [sum(device.name.encode())]
-            if device.is_cuda:
-                seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-                self._generators[device.name] = device.xp.random.RandomState(seed)
-            else:
-                self._generators[device.name] = np.random.default_rng(entropy)
-        generator = self._generators[device.name]
-        if device.is_cuda:
-            return generator.random_sample(shape, dtype=np.float32) >= p
-        return generator.random(shape, dtype=np.float32) >= p
+            self._generators[device.name] = make(self._entropy + [sum(device.name.encode())])
+        return self._generators[device.name]
 
 
 _default = MaskGenerator(0)
@@ -49,11 +52,18 @@ def seed(n):
 
 
 class Dropout(Function):
+    """Only the masks' generators differ between the devices; applying a mask is one path."""
+
     def __init__(self, p, generator):
         self.p, self.generator = p, generator
 
-    def forward(self, x):
-        keep = self.generator.keep(self.device, x.shape, self.p)
+    def forward_cpu(self, x):
+        return self._apply(x, self.generator.keep_cpu(self.device, x.shape, self.p))
+
+    def forward_gpu(self, x):
+        return self._apply(x, self.generator.keep_gpu(self.device, x.shape, self.p))
+
+    def _apply(self, x, keep):
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
         self.save(mask)
         return x * mask

@@ -10,18 +10,14 @@ PyTorch's, with alpha_over_n=True). Backward, with the window symmetric:
 CPU: NumPy, the window sum as n shifted slices, a share of the batch per core. GPU: lrn.cu, one thread per
 pixel sliding a running window sum over the channels.
 """
-import os
-
 import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
-from minidl.device import cupy
 from minidl.errors import MinidlError
 
-CU_FILE = os.path.join(os.path.dirname(__file__), "lrn.cu")
-CU_KERNELS = ("lrn_forward", "lrn_backward")
+CU = kernels.KernelFile.beside(__file__, "lrn.cu", ("lrn_forward", "lrn_backward"))
 
 
 def window_sum(values, n, out):
@@ -33,24 +29,26 @@ def window_sum(values, n, out):
 
 
 class LocalResponseNorm(Function):
+    """Both paths save x and s for backward. The CPU also keeps s^-beta, which its forward
+    computed anyway and its backward would otherwise compute again (NumPy's power is slow);
+    the GPU kernels compute their powers from s per element, in registers, rather than
+    write and read one more array the size of the layer's output."""
+
     def __init__(self, n, k, alpha, beta, alpha_over_n):
         if n < 1 or n % 2 == 0:
             raise MinidlError(f"local_response_norm needs an odd window n >= 1, got {n}")
         self.n, self.k, self.beta = n, k, beta
         self.alpha = alpha / n if alpha_over_n else alpha
 
-    def forward(self, x):
+    @staticmethod
+    def _check(x):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
         if x.dtype.kind != "f":
             raise MinidlError(f"local_response_norm needs floating-point x, got {x.dtype}")
-        if isinstance(x, np.ndarray):
-            return self._forward_cpu(x)
-        y, s = self._gpu("lrn_forward", x)
-        self.save(x, s)
-        return y
 
-    def _forward_cpu(self, x):
+    def forward_cpu(self, x):
+        self._check(x)
         y, s, s_pow = np.empty_like(x), np.empty_like(x), np.empty_like(x)
         alpha, k, minus_beta = (x.dtype.type(v) for v in (self.alpha, self.k, -self.beta))
 
@@ -65,10 +63,16 @@ class LocalResponseNorm(Function):
         self.save(x, s, s_pow)  # backward needs s^-beta and s^(-beta-1) = s^-beta / s
         return y
 
-    def backward(self, gy):
-        if not isinstance(gy, np.ndarray):
-            x, s = self.saved
-            return self._gpu("lrn_backward", x, s, gy)
+    def forward_gpu(self, x):
+        self._check(x)
+        x = self.device.xp.ascontiguousarray(x)  # here, so the x saved for backward is copied once at most
+        y, s = kernels.empty(x.shape, x.dtype), kernels.empty(x.shape, x.dtype)
+        args = self._kernel_args(x)
+        kernels.launch(CU, "lrn_forward", x.dtype, args[0], x, y, s, *args)
+        self.save(x, s)
+        return y
+
+    def backward_cpu(self, gy):
         x, s, s_pow = self.saved
         gx = np.empty_like(gy)
         scale = x.dtype.type(2 * self.alpha * self.beta)
@@ -86,21 +90,18 @@ class LocalResponseNorm(Function):
         in_parallel(differentiate, gy, blocks=True)
         return gx
 
-    def _gpu(self, name, x, s=None, gy=None):
-        cp = cupy()
-        t = x.dtype.type
-        x = kernels.prepare(x, x.dtype)
-        n, c, h, w = x.shape
-        kernel = kernels.get_kernel(CU_FILE, name, x.dtype, CU_KERNELS)
-        pixels, i64 = n * h * w, np.int64
-        sizes = (i64(pixels), i64(c), i64(h * w), i64(self.n // 2), t(self.k), t(self.alpha), t(self.beta))
-        if name == "lrn_forward":
-            y, s = cp.empty_like(x), cp.empty_like(x)
-            kernels.launch(kernel, pixels, (x, y, s) + sizes)
-            return y, s
-        gx = cp.empty_like(x)
-        kernels.launch(kernel, pixels, (x, s, kernels.prepare(gy, x.dtype), gx) + sizes)
+    def backward_gpu(self, gy):
+        x, s = self.saved
+        gx = kernels.empty(x.shape, x.dtype)
+        args = self._kernel_args(x)
+        kernels.launch(CU, "lrn_backward", x.dtype, args[0], x, s, gy, gx, *args)
         return gx
+
+    def _kernel_args(self, x):
+        """What both kernels take after the arrays: the pixels (one thread each), C, H*W, the window's
+        half, and k, alpha, beta as floats (each a T in C, even where k was given as an int)."""
+        n, c, h, w = x.shape
+        return n * h * w, c, h * w, self.n // 2, float(self.k), float(self.alpha), float(self.beta)
 
 
 def local_response_norm(x, n=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_n=False):

@@ -2,6 +2,8 @@
 // argmax holds the window offset kh*K + kw of the maximum, the first in scan
 // order on ties (strict >), the same rule as the NumPy path.
 
+#include "window.cuh"
+
 template <typename T>
 __global__ void max_pool_forward(const T* x, T* y, int* argmax, long long total, long long C, long long H,
                                  long long W, long long OH, long long OW, long long K, long long stride,
@@ -43,13 +45,11 @@ __global__ void max_pool_backward(const T* gy, const int* argmax, T* gx, long lo
         long long w = i % W + pad;  // in padded coordinates
         long long h = (i / W) % H + pad;
         long long nc = i / (W * H);
-        long long oh_lo = h < K ? 0 : (h - K) / stride + 1;
-        long long oh_hi = min(h / stride, OH - 1);
-        long long ow_lo = w < K ? 0 : (w - K) / stride + 1;
-        long long ow_hi = min(w / stride, OW - 1);
+        CoveringOutputs rows = covering_outputs(h, K, stride, OH);
+        CoveringOutputs columns = covering_outputs(w, K, stride, OW);
         T sum = T(0);
-        for (long long oh = oh_lo; oh <= oh_hi; ++oh) {
-            for (long long ow = ow_lo; ow <= ow_hi; ++ow) {
+        for (long long oh = rows.first; oh <= rows.last; ++oh) {
+            for (long long ow = columns.first; ow <= columns.last; ++ow) {
                 long long o = (nc * OH + oh) * OW + ow;
                 if (argmax[o] == (int)((h - oh * stride) * K + (w - ow * stride))) sum += gy[o];
             }

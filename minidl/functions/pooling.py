@@ -16,19 +16,15 @@ maximum, then first column in that row, is first in scan order. This is 2(k-1)
 whole-array operations instead of k*k - 1, about 7x faster for AlexNet's pools,
 and each core takes a share of the batch.
 """
-import os
-
 import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
-from minidl.device import cupy
 from minidl.errors import MinidlError
 from minidl.functions.conv import output_size
 
-CU_FILE = os.path.join(os.path.dirname(__file__), "pooling.cu")
-CU_KERNELS = ("max_pool_forward", "max_pool_backward")
+CU = kernels.KernelFile.beside(__file__, "pooling.cu", ("max_pool_forward", "max_pool_backward"))
 
 
 def _strided(array, axis, ksize, stride, count):
@@ -62,28 +58,28 @@ def _route_back(g_out, chosen, axis, g_in, ksize, stride):
 
 
 class MaxPool2d(Function):
+    """Each path saves for backward where the maxima were, in the form its backward reads
+    fastest: the CPU the first-max choices of its two separable passes (row, column),
+    the GPU each window's offset of its maximum (argmax), which the gather kernel compares."""
+
     def __init__(self, ksize, stride, pad):
         self.ksize, self.stride, self.pad = ksize, stride, pad
 
-    def forward(self, x):
+    def _output_size(self, x):
+        """(OH, OW) for x, checked as both paths need it."""
         if x.ndim != 4:
             raise MinidlError(f"max_pool2d wants x of shape (N, C, H, W), got {x.shape}")
         if x.dtype.kind != "f":  # as in PyTorch; padding is -infinity, which no integer holds
             raise MinidlError(f"max_pool2d needs floating-point x, got {x.dtype}")
         if self.pad * 2 >= self.ksize:
             raise MinidlError(f"max_pool2d padding {self.pad} must be less than half the window {self.ksize}")
-        n, c, h, w = x.shape
         self.in_shape = x.shape
-        oh = output_size(h, self.ksize, self.stride, self.pad, "max_pool2d")
-        ow = output_size(w, self.ksize, self.stride, self.pad, "max_pool2d")
-        if isinstance(x, np.ndarray):
-            y, where = self._forward_cpu(x, oh, ow)
-        else:
-            y, where = self._forward_gpu(x, oh, ow)
-        self.save(*where)
-        return y
+        h, w = x.shape[2:]
+        return (output_size(h, self.ksize, self.stride, self.pad, "max_pool2d"),
+                output_size(w, self.ksize, self.stride, self.pad, "max_pool2d"))
 
-    def _forward_cpu(self, x, oh, ow):
+    def forward_cpu(self, x):
+        oh, ow = self._output_size(x)
         n, c, h, w = x.shape
         p, k, stride = self.pad, self.ksize, self.stride
         index_type = np.min_scalar_type(k - 1)
@@ -96,33 +92,22 @@ class MaxPool2d(Function):
             column_max, column[images] = _first_max(_strided(padded, 3, k, stride, ow))  # (n, C, H+2p, OW)
             y[images], row[images] = _first_max(_strided(column_max, 2, k, stride, oh))
         in_parallel(pool, x, blocks=True)
-        return y, (row, column)
+        self.save(row, column)
+        return y
 
-    def _forward_gpu(self, x, oh, ow):
-        cp = cupy()
-        x = kernels.prepare(x, x.dtype)
+    def forward_gpu(self, x):
+        oh, ow = self._output_size(x)
         n, c, h, w = x.shape
-        y = cp.empty((n, c, oh, ow), dtype=x.dtype)
-        argmax = cp.empty((n, c, oh, ow), dtype=cp.int32)
-        kernel = kernels.get_kernel(CU_FILE, "max_pool_forward", x.dtype, CU_KERNELS)
-        kernels.launch(kernel, y.size, (x, y, argmax, *self._sizes(y.size, h, w, oh, ow)))
-        return y, (argmax,)
+        y = kernels.empty((n, c, oh, ow), x.dtype)
+        argmax = kernels.empty(y.shape, np.int32)
+        kernels.launch(CU, "max_pool_forward", x.dtype, y.size,
+                       x, y, argmax, y.size, c, h, w, oh, ow, self.ksize, self.stride, self.pad)
+        self.save(argmax)
+        return y
 
-    def backward(self, gy):
-        if isinstance(gy, np.ndarray):
-            return self._backward_cpu(gy, *self.saved)
-        (argmax,) = self.saved
-        n, c, h, w = self.in_shape
-        oh, ow = gy.shape[2:]
-        cp = cupy()
-        gx = cp.empty(self.in_shape, dtype=gy.dtype)
-        kernel = kernels.get_kernel(CU_FILE, "max_pool_backward", gy.dtype, CU_KERNELS)
-        kernels.launch(kernel, gx.size, (kernels.prepare(gy, gy.dtype), argmax, gx,
-                                         *self._sizes(gx.size, h, w, oh, ow)))
-        return gx
-
-    def _backward_cpu(self, gy, row, column):
+    def backward_cpu(self, gy):
         """The forward's two passes in reverse: to the chosen row of column maxima, then to the chosen column."""
+        row, column = self.saved
         n, c, h, w = self.in_shape
         p, k, stride = self.pad, self.ksize, self.stride
         gx = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=gy.dtype)
@@ -134,9 +119,14 @@ class MaxPool2d(Function):
         in_parallel(route, gx, blocks=True)
         return gx[:, :, p:p + h, p:p + w] if p else gx
 
-    def _sizes(self, total, h, w, oh, ow):
-        c = self.in_shape[1]
-        return tuple(np.int64(v) for v in (total, c, h, w, oh, ow, self.ksize, self.stride, self.pad))
+    def backward_gpu(self, gy):
+        (argmax,) = self.saved
+        n, c, h, w = self.in_shape
+        oh, ow = gy.shape[2:]
+        gx = kernels.empty(self.in_shape, gy.dtype)
+        kernels.launch(CU, "max_pool_backward", gy.dtype, gx.size,
+                       gy, argmax, gx, gx.size, c, h, w, oh, ow, self.ksize, self.stride, self.pad)
+        return gx
 
 
 def max_pool2d(x, ksize=3, stride=2, pad=0):

@@ -42,8 +42,7 @@ class GetItem(Function):
 
     def forward(self, x):
         self.in_shape = x.shape
-        if not isinstance(x, np.ndarray):  # NumPy index arrays go to x's device, on its stream
-            self.index = _index_on(self.device.xp, self.index)
+        self.index = _index_on(self.device.xp, self.index)  # NumPy index arrays go to x's device, on its stream
         return x[self.index]
 
     def backward(self, gy):
