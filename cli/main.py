@@ -282,7 +282,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
         q, q_labels = val[chosen], [int(val_labels[i]) for i in chosen]
         pictures = dataset_images(data, val_positions[chosen])
-        names = [f"val #{int(i)}" for i in chosen]
+        names = [f"val #{int(i)}: {class_names[label]}" for i, label in zip(chosen, q_labels)]
     indices, distances = nearest(q, base, k)
     rows = [dict(query=name, label=None if label is None else class_names[label],
                  neighbours=[dict(index=int(base_positions[i]), label=class_names[int(base_labels[i])],
@@ -294,7 +294,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         for row in rows:
             same = "" if row["label"] is None else \
                 f"  ({sum(n['label'] == row['label'] for n in row['neighbours'])}/{k} of its class)"
-            click.echo(f"{row['query']}" + (f" [{row['label']}]" if row["label"] else "") + ": " +
+            click.echo(f"{row['query']}: " +
                        ", ".join(f"{n['label']} {n['distance']:.1f}" for n in row["neighbours"]) + same)
     neighbour_pictures = dataset_images(data, base_positions[indices.reshape(-1)]).reshape(
         indices.shape + (loader.image_size, loader.image_size, 3))
