@@ -214,3 +214,24 @@ def test_the_estimate_for_alexnet_is_close_to_the_measured_peak():
         1000, ["cpu", "cpu"])
     (per_image, fixed), = training_memory(model, (3, 227, 227)).values()
     assert 1.8 * 2 ** 30 < fixed + 32 * per_image < 2.6 * 2 ** 30  # measured: 2.15 GiB peak at batch 32
+
+
+def test_the_temporary_and_the_folder_are_flushed_around_the_rename(tmp_path, monkeypatch):
+    from minidl.atomic import atomic_path
+    events = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+    opened = {}
+
+    def recording_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = str(path)
+        return fd
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", opened[fd])), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    target = tmp_path / "last.h5"
+    with atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1] == tmp and events[1][1] == str(target) and events[2][1] == str(tmp_path)
