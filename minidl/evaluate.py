@@ -17,11 +17,13 @@ def check_labels(num_model_classes, num_data_classes, data_path):
                         f"{num_model_classes}: labels beyond the model's classes")
 
 
-def evaluate(model, loader):
+def evaluate(model, loader, reduce=None):
     """Mean loss, top-1 and top-5 accuracy of `model` on every batch of `loader`.
 
     With a 10-crop loader (batches of shape (B, 10, 3, S, S)) the softmax outputs
-    of the ten crops are averaged, as in the paper.
+    of the ten crops are averaged, as in the paper. `reduce` sums a list of
+    numbers over the ranks of a data-parallel run, whose loaders each give a shard
+    of the split: the figures are then the whole split's, the same on every rank.
     """
     device = model.input_device
     xp = model.output_device.xp
@@ -46,11 +48,15 @@ def evaluate(model, loader):
                 top5 += topk_correct(xp, log_p, y, 5)
             seen += len(labels)
     model.train(was_training)
+    with model.output_device:  # the one read from the device
+        totals = [float(loss_sum), int(top1), int(top5), int(nonfinite), seen]
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, top1, top5, nonfinite, seen = totals
+    seen, nonfinite = int(seen), int(nonfinite)
     if seen == 0:
         raise DataError("no images to evaluate: the split is empty")
-    with model.output_device:
-        nonfinite = int(nonfinite)
-        if nonfinite:
-            raise NonFiniteError(f"the model's outputs are NaN or infinite for {nonfinite} of {seen} images: "
-                                 "its weights diverged, so no accuracy can be reported")
-        return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)
+    if nonfinite:
+        raise NonFiniteError(f"the model's outputs are NaN or infinite for {nonfinite} of {seen} images: "
+                             "its weights diverged, so no accuracy can be reported")
+    return dict(loss=float(loss_sum) / seen, top1=float(top1) / seen, top5=float(top5) / seen, count=seen)

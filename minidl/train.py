@@ -15,6 +15,13 @@ Every random choice derives from (seed, epoch, batch): the loader's order and
 augmentation, and the dropout masks (reseeded each step). So a run resumed from
 a checkpoint, which records where it stood, takes the same steps as one that
 never stopped.
+
+Data parallelism (`data_parallel`, under mpirun; minidl.parallel): every rank
+holds a replica, trains on its shard of each global batch, and averages the
+gradients before the same update. Only rank 0 reports and writes; the loss,
+accuracy and validation figures it reports are sums over all ranks, so the
+history and the checkpoints are the same as one process's, and a run resumes
+with any number of ranks.
 """
 import math
 import os
@@ -34,6 +41,7 @@ from minidl.layers import seed_dropout
 from minidl.layers.summary import training_memory
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
+from minidl.parallel import ShardedLoader, Solo, World, rank_device_map
 from minidl.restore import Restored
 from minidl.visualize import training_curves
 
@@ -100,8 +108,11 @@ class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step)."""
 
     def __init__(self, model_path, *, data, devices, epochs, batch_size, out_dir, resume, seed, init, report,
-                 skip_nonfinite=False):
-        self.report = report
+                 skip_nonfinite=False, data_parallel=False):
+        self.world = world = World() if data_parallel else Solo()
+        if data_parallel:  # before any device is resolved: cuda:N names a GPU of this rank's slice
+            rank_device_map(world, devices if devices is None or isinstance(devices, str) else ",".join(devices))
+        self.report = report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         restored = None
         if resume:
@@ -118,15 +129,23 @@ class Run:
             seed = 0 if seed is None else seed
             config = resolve_config(model_file, data is None, dict(epochs=epochs, batch_size=batch_size, init=init))
         self.config, self.seed = config, seed
+        if config["batch_size"] % world.size:
+            raise MinidlError(f"--batch-size {config['batch_size']} (the global batch) does not divide among "
+                              f"{world.size} ranks: use a multiple of {world.size}")
         self.devices = restored.devices if restored else resolve_devices(devices, config["devices"])
+        if data is None and world.rank != 0:  # rank 0 generates the built-in data once; the others then read it
+            world.barrier()
         data_path = data or builtin_dataset(progress=lambda done, total: report(
             dict(kind="builtin-data", done=done, total=total)))
+        if data is None and world.rank == 0:
+            world.barrier()
 
         scale = input_scale(config, config["init"])
-        self.train_loader = Loader(data_path, split="train", batch_size=config["batch_size"],
-                                   crop=config["input_size"], augment=True, seed=seed, drop_last=True, scale=scale)
-        self.val_loader = Loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
-                                 augment=False, seed=seed, scale=scale)
+        loader, shard = (ShardedLoader, dict(rank=world.rank, size=world.size)) if data_parallel else (Loader, {})
+        self.train_loader = loader(data_path, split="train", batch_size=config["batch_size"], crop=config["input_size"],
+                                   augment=True, seed=seed, drop_last=True, scale=scale, **shard)
+        self.val_loader = loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
+                                 augment=False, seed=seed, scale=scale, **shard)
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({config['batch_size']})")
@@ -135,6 +154,8 @@ class Run:
 
         self.model = restored.model if restored else model_file.build(
             num_classes, [d.name for d in self.devices], config["init"], seed)
+        world.broadcast_params(self.model.params())
+        self.buckets = world.gradient_buckets(self.model.params())  # None in a single process
         self.optimizer = MomentumSGD(self.model.params(), config["lr"], config["momentum"], config["weight_decay"])
         self.schedule = PlateauSchedule(config["lr"], config["lr_drop_factor"], config["plateau_patience"],
                                         config["lr_drops"])
@@ -149,11 +170,12 @@ class Run:
             self.epoch, self.batch, self.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
             self.totals.update(checkpoint.epoch_totals)
 
-        check_before_training(self.model, out_dir, config["batch_size"], config["input_size"])
+        check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
-        for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
-            remove_stale_temporaries(path)
+        if world.rank == 0:  # the one writer
+            for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
+                remove_stale_temporaries(path)
         self.meta = dict(model_file=model_file.path, model_source=model_file.source, config=config,
                          class_names=list(self.train_loader.class_names), num_classes=num_classes,
                          devices=[d.name for d in self.devices],
@@ -164,6 +186,8 @@ class Run:
                     start_batch=self.batch))
 
     def save(self, path):
+        if self.world.rank != 0:  # the replicas are identical: one writer
+            return
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                         meta={**self.meta, "epoch": self.epoch, "batch": self.batch, "step": self.step},
                         history=self.history, epoch_totals=self.totals, mean_image=self.train_loader.mean)
@@ -179,13 +203,16 @@ class Run:
         last_save = time.monotonic()
         batches = self.train_loader.epoch_batches(self.epoch, start=self.batch)
         for images, labels in batches:
-            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch))
+            # each rank its own masks for its own rows; one process (rank 0 of 1) keeps the plain step seed
+            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch) * self.world.size + self.world.rank)
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels, device=model.output_device)
             logits = model(x)
             loss = softmax_cross_entropy(logits, y)
             self.optimizer.zero_grad()
             loss.backward()
+            if self.buckets:
+                self.buckets.average()
             if self._diverged(loss):  # a skipped batch: no update, nothing counted
                 self.batch += 1
                 del logits, loss
@@ -219,9 +246,15 @@ class Run:
         ever holds it (the last one written stays the last good state).
         """
         loss_value, grad_norm = loss.item(), self.optimizer.grad_norm()
-        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        # the ranks decide together: one that skipped or stopped alone would leave the others waiting
+        if not self.world.any(not (math.isfinite(loss_value) and math.isfinite(grad_norm))):
             return False
-        what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
+        if not math.isfinite(loss_value):
+            what = f"loss is {loss_value}"
+        elif not math.isfinite(grad_norm):
+            what = f"gradient norm is {grad_norm}"
+        else:
+            what = "loss of another rank's shard is not finite"
         if self.skip_nonfinite:
             self.skipped += 1
             self.optimizer.zero_grad()
@@ -233,9 +266,10 @@ class Run:
             f"({self.optimizer.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
     def _log(self, interval):
-        seen = interval["seen"]
         with self.model.output_device:  # the one read from the device per interval
-            loss_sum, correct = float(interval["loss"]), int(interval["correct"])
+            local = [float(interval["loss"]), int(interval["correct"]), interval["seen"]]
+        loss_sum, correct, seen = self.world.sum(local)  # over the ranks: the figures of the global batches
+        loss_sum, correct, seen = float(loss_sum), int(correct), int(seen)
         elapsed = time.perf_counter() - interval["start"]
         self.totals = dict(loss_sum=self.totals["loss_sum"] + loss_sum, correct=self.totals["correct"] + correct,
                            seen=self.totals["seen"] + seen)
@@ -247,7 +281,7 @@ class Run:
 
     def end_epoch(self):
         """Validate, record the epoch, step the schedule, write the checkpoints and the curves."""
-        val = evaluate(self.model, self.val_loader)
+        val = evaluate(self.model, self.val_loader, reduce=self.world.sum)
         previous_best = max(self.history["val_top1"], default=-1.0)
         seen = max(self.totals["seen"], 1)
         for key, value in (("train_loss", self.totals["loss_sum"] / seen), ("train_top1", self.totals["correct"] / seen),
@@ -261,31 +295,33 @@ class Run:
         self.save(self.last_path)
         if val["top1"] > previous_best:
             self.save(self.best_path)
-        training_curves(self.history, self.curves_path)
+        if self.world.rank == 0:
+            training_curves(self.history, self.curves_path)
         self.report(dict(kind="epoch", epoch=finished, val=val, history=self.history, next_lr=self.schedule.lr,
                          finished=self.schedule.finished, skipped=self.skipped))
 
 
 def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=None, out_dir="runs/alexnet",
           resume=None, seed=None, init=None, progress=None, log_every=10, checkpoint_seconds=300.0,
-          max_steps=None, skip_nonfinite=False):
+          max_steps=None, skip_nonfinite=False, data_parallel=False):
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError) before the
     update; with skip_nonfinite the batch is skipped instead, and counted
-    (the "epoch" and "end" events carry the count).
+    (the "epoch" and "end" events carry the count). With data_parallel, this
+    process is one rank of an mpirun job (see minidl.parallel).
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
     run = Run(model_path, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
               resume=resume, seed=seed, init=init, report=progress or (lambda event: None),
-              skip_nonfinite=skip_nonfinite)
+              skip_nonfinite=skip_nonfinite, data_parallel=data_parallel)
     while run.epoch < run.config["epochs"] and not run.schedule.finished:
         if max_steps is not None and run.step >= max_steps:
             break
         if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):
             break
         run.end_epoch()
-    run.report(dict(kind="end", skipped=run.skipped))
+    run.report(dict(kind="end", skipped=run.skipped, history=run.history))
     return run.history

@@ -1,0 +1,146 @@
+"""Data-parallel training under mpirun: two ranks against one process, replicas in step, a dead rank.
+
+Each test starts `mpirun -n 2` (as root Open MPI wants --allow-run-as-root, and
+two ranks on fewer cores --oversubscribe). The ranks run RANK_SCRIPT, which
+trains through minidl.train.train and then saves its replica's weights, so a
+test can compare the ranks with each other and with one process.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minidl.checkpoint import load_checkpoint
+from minidl.device import gpu_count
+from minidl.train import train
+from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
+
+MPIRUN = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+
+RANK_SCRIPT = '''
+import json, os, sys, threading, time
+import numpy as np
+import minidl.train as T
+from mpi4py import MPI
+
+options = json.loads(sys.argv[1])
+signal = options.pop("signal_rank1_after_checkpoint", None)
+runs = []
+made = T.Run.__init__
+def remember(self, *args, **kwargs):
+    made(self, *args, **kwargs)
+    runs.append(self)
+T.Run.__init__ = remember
+rank = MPI.COMM_WORLD.Get_rank()
+if signal and rank == 1:  # rank 1 killed (9) or frozen (19) once rank 0 has written a checkpoint
+    def killer():
+        while not os.path.exists(os.path.join(options["out_dir"], "last.h5")):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal)
+    threading.Thread(target=killer, daemon=True).start()
+T.train(data_parallel=True, **options)
+weights = [p.numpy() for p in runs[0].model.params()]
+np.savez(os.path.join(options["out_dir"], f"rank{rank}.npz"), *weights)
+'''
+
+
+def mpirun(tmp_path, options, timeout=120, env=None):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    return subprocess.run(MPIRUN + [sys.executable, str(script), json.dumps(options)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_MODEL)
+    return str(path)
+
+
+def weights(path):
+    with np.load(path) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
+    """The heart of data parallelism: the same weights and losses as one process with the same global batch.
+
+    The ranks shard each global batch of 8 and augment their rows as the single
+    process does (ShardedLoader), so only the summation order differs. Three steps
+    cross an epoch: the sharded validation must give the single process's figures.
+    """
+    common = dict(data=str(dataset), devices="cpu", batch_size=8, max_steps=3, log_every=1)
+    one = train(tiny_model, out_dir=str(tmp_path / "one"), **common)
+    done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common))
+    assert done.returncode == 0, done.stdout + done.stderr
+    two = load_checkpoint(str(tmp_path / "two" / "last.h5"))
+    single = load_checkpoint(str(tmp_path / "one" / "last.h5"))
+    assert two["step"] == single["step"] == 3
+    for name, w in single.params.items():
+        np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(two.history["interval_loss"], one["interval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(two.history["val_loss"], one["val_loss"], rtol=1e-5)
+    assert two.history["val_top1"] == one["val_top1"]
+    # the replicas never drift: bit for bit the same weights on both ranks
+    for a, b in zip(weights(tmp_path / "two" / "rank0.npz"), weights(tmp_path / "two" / "rank1.npz")):
+        assert np.array_equal(a, b)
+    # and each resumes its own checkpoint in step (the dead-rank test resumes two ranks' on one process)
+    train(resume=str(tmp_path / "one" / "last.h5"), devices="cpu", max_steps=4, out_dir=str(tmp_path / "one"))
+    done = mpirun(tmp_path, dict(resume=str(tmp_path / "two" / "last.h5"), devices="cpu", max_steps=4,
+                                 out_dir=str(tmp_path / "two")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    single, two = (load_checkpoint(str(tmp_path / run / "last.h5")) for run in ("one", "two"))
+    assert two["step"] == single["step"] == 4
+    for name, w in single.params.items():
+        np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_replicas_stay_identical_over_nccl(tmp_path, tiny_model, dataset):
+    """On GPUs the gradients go through NCCL (the emulated one, over MPI, in CI); the replicas stay bit-identical,
+    and the run still matches one process."""
+    if gpu_count() < 2:
+        pytest.skip("two ranks on one host need a GPU each")
+    common = dict(data=str(dataset), devices="cuda:0", batch_size=8, max_steps=4, log_every=2)
+    one = train(tiny_model, out_dir=str(tmp_path / "one"), **common)
+    done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = [weights(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1)]
+    for a, b in zip(*ranks):
+        assert np.array_equal(a, b)
+    two = load_checkpoint(str(tmp_path / "two" / "last.h5"))
+    np.testing.assert_allclose(two.history["interval_loss"], one["interval_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("signal, said", [(9, "prterun noticed that process rank 1"),  # Open MPI ends the job
+                                           (19, "error: rank 0: no answer from the other ranks for 3 s")])
+def test_a_dead_or_hung_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path, tiny_model, dataset, signal, said):
+    """A killed rank is reported by mpirun, which ends the job; a frozen one (SIGSTOP), which MPI cannot see,
+    by the survivors' bounded wait. Either way the last checkpoint is whole, and resumes (here on one process)."""
+    out = tmp_path / "run"
+    start = time.monotonic()
+    done = mpirun(tmp_path, dict(model_path=tiny_model, data=str(dataset), devices="cpu", batch_size=8, epochs=50,
+                                 log_every=1, checkpoint_seconds=0, out_dir=str(out),
+                                 signal_rank1_after_checkpoint=signal),
+                  env={**os.environ, "MINIDL_PARALLEL_TIMEOUT": "3"})
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60  # bounded: the survivor does not wait forever
+    assert said in done.stdout + done.stderr, done.stdout + done.stderr
+    assert not (out / "rank0.npz").exists()
+    stopped = load_checkpoint(str(out / "last.h5"))["step"]
+    history = train(resume=str(out / "last.h5"), devices="cpu", out_dir=str(out), max_steps=stopped + 1)
+    assert history["interval_step"][-1] == stopped + 1
+
+
+def test_the_global_batch_must_divide_among_the_ranks(tmp_path, tiny_model, dataset):
+    done = subprocess.run(MPIRUN + [sys.executable, "-m", "minidl_cli.main", "train", tiny_model, "--data-parallel",
+                                    "--data", str(dataset), "--devices", "cpu", "--batch-size", "7",
+                                    "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error: --batch-size 7 (the global batch) does not divide among 2 ranks" in done.stderr
