@@ -73,13 +73,17 @@ class World(Solo):
             raise MinidlError(f"{TIMEOUT_ENV}={text!r}: give seconds, e.g. 600") from None
 
     def wait(self, request, what):
-        """Wait for a nonblocking collective, at most `timeout` seconds: a hung rank must not hang the job.
+        """Wait for a nonblocking MPI collective, at most `timeout` seconds."""
+        self.wait_until(request.Test, what)
+
+    def wait_until(self, done, what):
+        """Poll `done()` for at most `timeout` seconds, then end the job: a hung rank must not hang the others.
 
         Polls with a growing sleep: a step's reduce usually completes within
         microseconds of the last rank arriving, and an idle rank should not burn a core.
         """
         deadline, pause = time.monotonic() + self.timeout, 1e-5
-        while not request.Test():
+        while not done():
             if time.monotonic() > deadline:
                 sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks for {self.timeout:g} s "
                                  f"during {what}: a rank died or hangs; stopping the job (the last checkpoint "
@@ -193,6 +197,7 @@ class GradientBuckets:
     def average(self):
         """Replace each parameter's gradient by its mean over the ranks (a missing one counts as zero)."""
         scale = 1.0 / self.world.size
+        reduced = []  # (device, event after its last bucket)
         for dev, flat, members in self.buckets:
             with dev:
                 for p, offset in members:
@@ -207,6 +212,12 @@ class GradientBuckets:
                     if p.grad is None:  # another rank may have one: this rank must update alike
                         p.grad = Tensor(dev.xp.zeros_like(p.data), device=dev)
                     p.grad.data[...] = flat[offset:offset + p.size].reshape(p.shape)
+                if dev.is_cuda:
+                    reduced.append((dev, dev.stream.record()))
+        # NCCL waits on the device for a peer that never comes: the host bounds that wait here,
+        # where the next step (the gradient norm) would block on the stream anyway
+        for dev, event in reduced:
+            self.world.wait_until(lambda: event.done, f"averaging the gradients on {dev}")
 
 
 def reducer_for(dev, world):
