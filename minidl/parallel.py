@@ -13,8 +13,10 @@ Transports, chosen per bucket by the device it lives on:
   without NCCL, MPI on a host copy of the bucket.
 
 A rank that dies makes Open MPI end the job (mpirun reports which rank); a rank
-that hangs is caught by the bounded wait of every host-side collective here
-(MINIDL_PARALLEL_TIMEOUT seconds, default 600), which aborts the job in one line.
+that hangs is caught by the bounded wait of every MPI collective here and of the
+NCCL reduce (MINIDL_PARALLEL_TIMEOUT seconds, default 600), which aborts the job
+in one line. (The emulated NCCL blocks in MPI instead: under emulation only a
+dead rank, not a hung one, ends a reduce early.)
 """
 import os
 import sys
