@@ -190,11 +190,20 @@ class Tensor:
                         y.grad = None
             function.release()
 
+    # Callables hook(tensor), run each time backward has added a gradient into this tensor's .grad
+    # (once per use of the tensor in the graph). A class-level empty tuple: a tensor without hooks
+    # pays one truth test. Parameters get a list (minidl.layers.Parameter); data parallelism uses
+    # them to start reducing a bucket of gradients while the backward pass goes on.
+    grad_hooks = ()
+
     def _accumulate(self, grad):
         if self.grad is None:
             self.grad = Tensor(grad, device=self.device)
         else:
             self.grad = Tensor(self.grad.data + grad, device=self.device)
+        if self.grad_hooks:
+            for hook in self.grad_hooks:
+                hook(self)
 
     def zero_grad(self):
         self.grad = None

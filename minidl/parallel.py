@@ -4,10 +4,12 @@
 replica of the model on its own devices (the design of ChainerMN and of PyTorch
 DDP). Each step every rank trains on its shard of the global batch, the
 gradients are averaged across ranks in a few large flat buckets, and every rank
-applies the same update to the same weights, so the replicas never drift.
+applies the same update to the same weights, so the replicas never drift. A
+bucket's reduce starts during the backward pass, from the parameters' grad
+hooks, as soon as all its gradients are in (see GradientBuckets).
 
 Transports, chosen per bucket by the device it lives on:
-- CPU: MPI Allreduce on the NumPy bucket;
+- CPU: MPI Iallreduce on the NumPy bucket, waited for after backward;
 - GPU: NCCL (cupy.cuda.nccl, the unique id broadcast over MPI) on the device's
   stream; on emulated GPUs minidl.emulator.nccl, the same interface over MPI;
   without NCCL, MPI on a host copy of the bucket.
@@ -178,9 +180,30 @@ class ShardedLoader(Loader):
 
 
 class GradientBuckets:
-    """The gradients of a replica, packed into a few flat buffers per device and averaged over the ranks."""
+    """The gradients of a replica, packed into a few flat buffers per device and averaged over the ranks.
 
-    def __init__(self, params, world, bucket_bytes=BUCKET_BYTES):
+    The reduce overlaps the backward pass, as in DDP: each parameter's grad hook
+    counts its gradient in; once every parameter of a bucket has its gradients, the
+    bucket is packed and its sum started without waiting (MPI Iallreduce on the CPU,
+    NCCL's allReduce enqueued on the device's stream on a GPU). `average()`, after
+    backward, starts whatever the hooks did not (a parameter without a gradient
+    counts as zero), waits for all of it with the bounded wait, and unpacks the means.
+
+    Buckets start in one fixed order, the reverse of the parameters' (backward
+    reaches the last layers first): every rank must issue its collectives in the
+    same order, and two ranks' backward passes may finish independent branches in
+    different orders. A bucket ready early waits for the ones before it.
+
+    A parameter used twice in the forward gets its gradient in two parts. A
+    bucket waits for as many arrivals as the parameter had uses in an earlier step
+    (one at first); a step that brings more (the first step, for a shared weight)
+    makes every rank reduce that parameter's bucket once more after backward, from
+    the final gradients (the counts are the same on every rank, so the extra
+    collectives are too), and the bucket waits for the new count from then on.
+    Every backward must be followed by `average()`: it ends the step.
+    """
+
+    def __init__(self, params, world, bucket_bytes=BUCKET_BYTES, overlap=True):
         self.world = world
         groups = []  # [device, dtype, bytes, [(param, offset in elements)]]: consecutive parameters alike
         for p in params:
@@ -195,20 +218,69 @@ class GradientBuckets:
                 self.buckets.append((dev, dev.xp.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype), members))
         # in the same order on every rank: making a NCCL communicator is a collective call
         self.reducers = {dev: reducer_for(dev, world) for dev, _, _ in self.buckets}
+        self.order = list(reversed(range(len(self.buckets))))  # the start order, the same on every rank
+        self.bucket_of = {id(p): k for k, (_, _, members) in enumerate(self.buckets) for p, _ in members}
+        self.uses = dict.fromkeys(self.bucket_of, 1)  # gradient arrivals that complete a parameter
+        self.overlap = overlap
+        if overlap:
+            for _, _, members in self.buckets:
+                for p, _ in members:
+                    p.grad_hooks.append(self._arrived)
+        self._new_step()
+
+    def _new_step(self):
+        self.arrivals = dict.fromkeys(self.bucket_of, 0)
+        self.missing = [len(members) for _, _, members in self.buckets]  # parameters short of their uses
+        self.waits = {}  # bucket -> the function that waits for its sum, in the order started
+        self.next = 0  # the position in self.order of the next bucket to start
+
+    def _arrived(self, p):
+        """The grad hook: count the gradient in; start the buckets that are complete, in order."""
+        key = id(p)
+        self.arrivals[key] += 1
+        if self.arrivals[key] == self.uses[key]:
+            k = self.bucket_of[key]
+            self.missing[k] -= 1
+            while self.next < len(self.order) and self.missing[self.order[self.next]] == 0:
+                self._start(self.order[self.next])
+                self.next += 1
+
+    def _start(self, k):
+        """Pack bucket k from its parameters' gradients and start its sum over the ranks."""
+        dev, flat, members = self.buckets[k]
+        with dev:
+            for p, offset in members:
+                part = flat[offset:offset + p.size]
+                if p.grad is None:
+                    part.fill(0)
+                else:
+                    part[...] = p.grad.data.reshape(-1)
+            self.waits[k] = self.reducers[dev](flat)
 
     def average(self):
         """Replace each parameter's gradient by its mean over the ranks (a missing one counts as zero)."""
+        try:
+            while self.next < len(self.order):  # what the hooks did not start, in the same order
+                self._start(self.order[self.next])
+                self.next += 1
+            extra = {key for key, n in self.arrivals.items() if n > self.uses[key]}  # a weight used more often
+            for key in extra:
+                self.uses[key] = self.arrivals[key]
+            again = [k for k in self.order if any(id(p) in extra for p, _ in self.buckets[k][2])]
+            for k in list(self.waits):  # every rank started the same buckets in the same order
+                self.waits.pop(k)()
+            for k in again:  # packed before its last gradient arrived, maybe: once more, from the final ones
+                self._start(k)
+                self.waits.pop(k)()
+            self._unpack()
+        finally:
+            self._new_step()
+
+    def _unpack(self):
         scale = 1.0 / self.world.size
         reduced = []  # (device, event after its last bucket)
         for dev, flat, members in self.buckets:
             with dev:
-                for p, offset in members:
-                    part = flat[offset:offset + p.size]
-                    if p.grad is None:
-                        part.fill(0)
-                    else:
-                        part[...] = p.grad.data.reshape(-1)
-                self.reducers[dev](flat)
                 flat *= flat.dtype.type(scale)
                 for p, offset in members:
                     if p.grad is None:  # another rank may have one: this rank must update alike
@@ -223,14 +295,27 @@ class GradientBuckets:
 
 
 def reducer_for(dev, world):
-    """A function summing a flat buffer on `dev` over the ranks, in place: the transport of the device."""
+    """A function starting the sum of a flat buffer on `dev` over the ranks, in place: the transport of the device.
+
+    It returns a function that waits (bounded) until the sum is in the buffer, or, for NCCL,
+    until it is ordered on the device's stream (the host bounds that wait after unpacking).
+    """
+    what = "averaging the gradients"
     if not dev.is_cuda:
-        return lambda flat: world.allreduce(flat, what="averaging the gradients")
+        def over_mpi(flat):
+            request = world.comm.Iallreduce(world.MPI.IN_PLACE, flat, world.MPI.SUM)
+            return lambda: world.wait(request, what)
+        return over_mpi
     nccl = nccl_module()
     if nccl is None:  # MPI on a host copy: slower, but the job runs
         def over_host(flat):
-            host = world.allreduce(flat.get(), what="averaging the gradients")
-            flat.set(host)
+            host = flat.get()
+            request = world.comm.Iallreduce(world.MPI.IN_PLACE, host, world.MPI.SUM)
+
+            def done():
+                world.wait(request, what)
+                flat.set(host)
+            return done
         return over_host
     unique_id = world.comm.bcast(nccl.get_unique_id() if world.rank == 0 else None, root=0)
     with dev:  # the communicator binds to the current GPU
@@ -238,7 +323,9 @@ def reducer_for(dev, world):
     kinds = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
 
     def over_nccl(flat):  # enqueued on the device's stream: ordered after the packing, before the unpacking
+        # (the emulated NCCL computes it here, blocking, as the emulator computes every operation when enqueued)
         comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kinds[flat.dtype], nccl.NCCL_SUM, dev.stream.ptr)
+        return lambda: None
     return over_nccl
 
 

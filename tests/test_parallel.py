@@ -144,3 +144,75 @@ def test_the_global_batch_must_divide_among_the_ranks(tmp_path, tiny_model, data
                                     "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "error: --batch-size 7 (the global batch) does not divide among 2 ranks" in done.stderr
+
+
+OVERLAP_SCRIPT = '''
+import json, sys
+import numpy as np
+from minidl.core import Tensor
+from minidl.layers import Layer, Linear, ReLU
+from minidl.parallel import GradientBuckets, World
+
+
+class Net(Layer):  # fc2 is used twice: its gradient arrives in two parts
+    def __init__(self):
+        super().__init__(device=None)
+        self.fc1, self.fc2, self.fc3 = (Linear(i, o, device="cpu", rng=seed)
+                                        for i, o, seed in ((6, 8, 1), (8, 8, 2), (8, 3, 3)))
+        self.relu = ReLU(device="cpu")
+
+    def forward(self, x):
+        return self.fc3(self.relu(self.fc2(self.relu(self.fc2(self.relu(self.fc1(x)))))))
+
+
+world = World()
+overlapped, plain = Net(), Net()
+events = []
+buckets = GradientBuckets(overlapped.params(), world, bucket_bytes=1)  # one bucket per parameter
+after = GradientBuckets(plain.params(), world, bucket_bytes=1, overlap=False)  # everything after backward
+start = buckets._start
+buckets._start = lambda k: (events.append(["start", k]), start(k))
+steps = []
+for step in range(3):
+    x = np.random.default_rng([step, world.rank]).normal(size=(5, 6)).astype(np.float32)
+    for model, b in ((overlapped, buckets), (plain, after)):
+        model.zero_grad()
+        ((model(Tensor(x)) ** 2).sum()).backward()
+        if b is buckets:
+            events.append(["backward returned"])
+            local = [p.grad.numpy() for p in model.params()]
+        b.average()
+    every = world.comm.allgather(local)
+    steps.append(dict(
+        events=events[:],
+        same=all(np.array_equal(p.grad.data, q.grad.data) for p, q in zip(overlapped.params(), plain.params())),
+        mean=all(np.allclose(p.grad.data, (a + b) / 2, rtol=1e-6, atol=1e-7)
+                 for p, a, b in zip(overlapped.params(), *every))))
+    del events[:]
+    for model in (overlapped, plain):  # a step, so the next one has other weights
+        for p in model.params():
+            p.data -= 0.1 * p.grad.data
+with open(sys.argv[1] + f".{world.rank}.json", "w") as f:
+    json.dump(steps, f)
+'''
+
+
+def test_buckets_start_during_backward_and_match_the_reduce_after_it(tmp_path):
+    """The buckets' reduces start from the grad hooks, before backward returns, in the reverse parameter order
+    on every rank; the means are bit for bit those of packing and reducing everything after backward. A
+    weight used twice is reduced once more after the first step's backward, then waited for in full."""
+    script = tmp_path / "overlap.py"
+    script.write_text(OVERLAP_SCRIPT)
+    done = subprocess.run(MPIRUN + [sys.executable, str(script), str(tmp_path / "steps")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rank in (0, 1):
+        steps = json.loads((tmp_path / f"steps.{rank}.json").read_text())
+        backward_done = ["backward returned"]
+        # six buckets (fc1.W, fc1.b, fc2.W, fc2.b, fc3.W, fc3.b): all started during backward, last first;
+        # at the first step fc2's buckets started after the first of its two gradients, so they go again
+        assert steps[0]["events"] == [["start", k] for k in (5, 4, 3, 2, 1, 0)] + [backward_done] + \
+            [["start", 3], ["start", 2]]
+        for step in steps[1:]:  # fc2's count learnt: every bucket once, all during backward
+            assert step["events"] == [["start", k] for k in (5, 4, 3, 2, 1, 0)] + [backward_done]
+        assert all(step["same"] and step["mean"] for step in steps), steps

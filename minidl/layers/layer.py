@@ -18,6 +18,7 @@ class Parameter(Tensor):
 
     def __init__(self, data, device=None):
         super().__init__(data, requires_grad=True, device=device)
+        self.grad_hooks = []  # called with the parameter after backward adds to its .grad (see Tensor.grad_hooks)
 
 
 class Layer:
