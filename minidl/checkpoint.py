@@ -25,22 +25,64 @@ Layout (readable by any HDF5 tool; nothing in it is ever executed):
                      val_loss, val_top1, val_top5, lr; and one per logging
                      interval: interval_step (the step it ended at) and
                      interval_loss (its mean training loss)
+
+`load_checkpoint` trusts none of it: every attribute, recipe entry and array is
+checked (type, range, shape, finite values) before it is read or used, and a
+checkpoint that fails is refused in one line naming the file and the problem;
+weights with NaN or infinity in them are refused as a diverged run's.
 """
 import json
-import os
+import math
 
 import h5py
 import numpy as np
 
 from minidl.atomic import atomic_path
-from minidl.hdf5 import open_minidl_file
 from minidl.errors import CheckpointError
+from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, STRING, FileCheck, Rule,
+                         open_minidl_file, show, whole)
+from minidl.model_file import input_scale
 
 FORMAT = "minidl-checkpoint"
 VERSION = 1
 EPOCH_KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
 INTERVAL_KEYS = ("interval_step", "interval_loss")
 HISTORY_KEYS = EPOCH_KEYS + INTERVAL_KEYS
+
+MAX_PARAMETERS = 10 ** 9  # values over all parameters: 16x AlexNet, and 4 GB of float32
+MAX_HISTORY = 10 ** 7     # values per history key: one per epoch or logging interval
+MAX_DEVICES = 64
+
+POSITIVE = Rule(lambda v: FINITE.ok(v) and v > 0, "a positive number")
+NOT_NAN = Rule(lambda v: FINITE.ok(v) or (isinstance(v, float) and v == math.inf), "a number")  # no best yet: inf
+
+
+def _all_strings(values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _json(kind, ok=lambda value: True, expected=""):
+    """A Rule for JSON text that parses to a `kind` (list, dict) and passes `ok`."""
+    def parses(text):
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError, RecursionError):  # deep nesting in crafted text: RecursionError
+            return False
+        return isinstance(value, kind) and ok(value)
+    return Rule(parses, f"JSON {'list' if kind is list else 'object'}{expected}")
+
+
+# what restore, evaluate and a resumed run read: the attributes, the recipe in `config`, the schedule's state
+ATTRS = dict(model_file=STRING, model_source=STRING, data=STRING, config=_json(dict),
+             class_names=_json(list, _all_strings, " of strings"),
+             devices=_json(list, lambda names: 1 <= len(names) <= MAX_DEVICES and _all_strings(names),
+                           f" of 1 to {MAX_DEVICES} device names"),
+             num_classes=whole(1, MAX_CLASSES), seed=whole(), epoch=whole(), batch=whole(), step=whole())
+CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
+              weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING)
+SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
+                drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
+EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
 
 
 def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals, mean_image=None):
@@ -100,19 +142,62 @@ class Checkpoint:
 
 
 def load_checkpoint(path):
-    try:
-        with open_minidl_file(path, "checkpoint", FORMAT, CheckpointError) as f:
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-            params = {n: d[()] for n, d in f["params"].items()}
-            momentum = {n: d[()] for n, d in f["momentum"].items()}
-            schedule = dict(f["schedule"].attrs)
-            epoch_totals = {k: v.item() for k, v in f["epoch_totals"].attrs.items()}
-            # checkpoints from before the interval keys have none: an empty list
-            mean_image = f["mean_image"][()] if "mean_image" in f else None
-            history = {k: f["history"][k][()].tolist() if k in f["history"] else [] for k in HISTORY_KEYS}
-    except CheckpointError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+    """The checkpoint `path`, every part checked before it is read or trusted; else CheckpointError in one line."""
+    check = FileCheck(path, "checkpoint", CheckpointError)
+    with open_minidl_file(path, "checkpoint", FORMAT, VERSION, CheckpointError) as f, check.reading():
+        # checkpoints older than predict and retrieve have neither class names nor mean image
+        attrs = check.fields(f.attrs, ATTRS, optional=("class_names",))
+        _check_config(check, json.loads(attrs["config"]))
+        names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
+        if names is not None and len(names) != attrs["num_classes"]:
+            raise check.corrupt(f"it has {len(names)} class names for {attrs['num_classes']} classes")
+        params = _weights(check, f, "params", "parameter", None)
+        momentum = _weights(check, f, "momentum", "the velocity of", params)
+        mean_image = check.array(f, "mean_image", FLOAT, (IMAGE_SIZES, IMAGE_SIZES, 3), required=False)
+        if mean_image is not None and mean_image.shape[0] != mean_image.shape[1]:
+            raise check.corrupt(f"'mean_image' is {mean_image.shape[0]}x{mean_image.shape[1]}, not square")
+        schedule = check.fields(check.member(f, "schedule", h5py.Group).attrs, SCHEDULE, "schedule attribute ")
+        epoch_totals = check.fields(check.member(f, "epoch_totals", h5py.Group).attrs, EPOCH_TOTALS,
+                                    "epoch_totals attribute ")
+        history = _history(check, check.member(f, "history", h5py.Group))
     return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history, mean_image)
 
+
+def _check_config(check, config):
+    check.fields(config, CONFIG, "config entry ")
+    try:  # a number, or one per initialisation scheme: then one for the run's
+        scale_ok = math.isfinite(input_scale(config, config["init"]))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        scale_ok = False
+    if not scale_ok:
+        raise check.corrupt(f"config entry 'input_scale' is {show(config.get('input_scale'))}, expected a finite "
+                            f"number, or one per init including {config['init']!r}")
+
+
+def _weights(check, f, group_name, what, params):
+    """{name: array} of the group `group_name`, floating and finite, their sizes bounded before any is
+    read. Velocities (`params` given) must each belong to a parameter and have its shape."""
+    group = check.member(f, group_name, h5py.Group)
+    names = sorted(group)
+    strays = [n for n in names if params is not None and n not in params]
+    if strays:
+        raise check.corrupt(f"it has a velocity for {strays[0]}, which is no parameter")
+    datasets = {n: check.dataset(group, n, FLOAT, None if params is None else params[n].shape) for n in names}
+    if sum(d.size for d in datasets.values()) > MAX_PARAMETERS:
+        raise check.corrupt(f"its {group_name} claim more than {MAX_PARAMETERS:,} values")
+    arrays = {}
+    for name, d in datasets.items():
+        arrays[name] = d[()]
+        if not np.isfinite(arrays[name]).all():
+            raise check.error(f"{check.path} holds NaN or infinity in {what} {name}: the run it came from diverged")
+    return arrays
+
+
+def _history(check, group):
+    """{key: list} for every history key; a key older checkpoints lack is an empty list."""
+    arrays = {key: check.array(group, key, INTEGER + FLOAT, (range(MAX_HISTORY + 1),), required=False)
+              for key in HISTORY_KEYS}
+    for keys in (EPOCH_KEYS, INTERVAL_KEYS):  # values appended together: as many of each
+        if len({len(arrays[k]) for k in keys if arrays[k] is not None}) > 1:
+            raise check.corrupt(f"its history of {', '.join(keys)} differ in length")
+    return {key: [] if values is None else values.tolist() for key, values in arrays.items()}

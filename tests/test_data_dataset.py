@@ -1,5 +1,6 @@
 """The dataset file: layout, statistics, split, atomic writing and the checks on opening."""
 import os
+import re
 
 import h5py
 import numpy as np
@@ -124,3 +125,86 @@ def test_unwritable_destination(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match="^cannot write .*a_file/d.h5"):
         write_dataset(tmp_path / "a_file" / "d.h5", random_samples(1, 1), ["a"], count=1)
+
+
+def _replace(name, data=None, **create):
+    def change(f):
+        del f[name]
+        f.create_dataset(name, data=data, **create)
+    return change
+
+
+def _set(name, index, value):
+    def change(f):
+        f[name][index] = value
+    return change
+
+
+def _instead(name, make):
+    """name replaced by what make(f, name) puts there (a group, a link)."""
+    def change(f):
+        del f[name]
+        make(f, name)
+    return change
+
+
+def _set_attr(key, value):
+    def change(f):
+        f.attrs[key] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    # headers that claim more than any memory holds are refused before anything is read
+    (lambda f: f["images"].resize(10 ** 12, axis=0), "is corrupt: 'images' is uint8 of shape (1000000000000, 256, "
+     "256, 3), expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
+    (_replace("class_names", shape=(10 ** 12,), dtype=h5py.string_dtype(), chunks=(1,)),
+     "is corrupt: 'class_names' is strings of shape (1000000000000,), expected string of shape (1..1000000,)"),
+    (_replace("labels", shape=(10 ** 12,), dtype=np.int64, chunks=(1,)),
+     "is corrupt: 'labels' is int64 of shape (1000000000000,), expected integer of shape (4,)"),
+    (_replace("images", np.zeros((4, 256, 200, 3), np.uint8)), "is corrupt: images are 256x200, not square"),
+    (_replace("images", np.zeros((4, 256, 256, 3), np.float32)), "is corrupt: 'images' is float32 of shape "
+     "(4, 256, 256, 3), expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
+    (_set("labels", 1, 2), "is corrupt: image 1 has label 2, outside the 2 classes (0..1)"),
+    (_set("labels", 3, -1), "is corrupt: image 3 has label -1, outside the 2 classes (0..1)"),
+    (_replace("labels", np.zeros(4)), "is corrupt: 'labels' is float64 of shape (4,), expected integer of shape (4,)"),
+    (_replace("labels", np.zeros(3, np.int64)), "is corrupt: 'labels' is int64 of shape (3,), expected integer of "
+     "shape (4,)"),
+    (_replace("class_names", [1, 2]), "is corrupt: 'class_names' is int64 of shape (2,), expected string of shape "
+     "(1..1000000,)"),
+    (_replace("class_names", np.array([b"a", b"\xff"])), "is corrupt: 'class_names' are not UTF-8 text"),
+    (_set("is_val", 0, 2), "is corrupt: 'is_val' holds values other than 0 and 1"),
+    (_replace("mean_image", np.zeros((256, 256))), "is corrupt: 'mean_image' is float64 of shape (256, 256), "
+     "expected floating of shape (256, 256, 3)"),
+    (_replace("mean_image", np.zeros((256, 256, 3), np.int32)), "is corrupt: 'mean_image' is int32 of shape "
+     "(256, 256, 3), expected floating of shape (256, 256, 3)"),
+    (_set("mean_rgb", 1, np.nan), "is corrupt: 'mean_rgb' holds NaN or infinity"),
+    (_replace("pca_eigvals", np.array(["1", "2", "3"], dtype=object), dtype=h5py.string_dtype()),
+     "is corrupt: 'pca_eigvals' is strings of shape (3,), expected floating of shape (3,)"),
+    (_replace("pca_eigvecs", np.eye(3)[0]), "is corrupt: 'pca_eigvecs' is float64 of shape (3,), expected floating "
+     "of shape (3, 3)"),
+    (_set("pca_eigvecs", (0, 0), np.inf), "is corrupt: 'pca_eigvecs' holds NaN or infinity"),
+    (_replace("pca_eigvals", h5py.Empty("f4")), "is corrupt: 'pca_eigvals' is an empty dataspace, expected floating "
+     "of shape (3,)"),
+    (_set_attr("image_size", 128), "is corrupt: attribute 'image_size' is 128, expected a whole number in 256..256"),
+    (_set_attr("version", "one"), "is corrupt: attribute 'version' is 'one', expected a whole number >= 1"),
+    (_set_attr("version", 2), "is a version 2 dataset; this minidl reads version 1"),
+    (_instead("mean_rgb", lambda f, name: f.create_group(name)), "is corrupt: 'mean_rgb' is not a dataset"),
+    (_instead("labels", lambda f, name: f.__setitem__(name, h5py.ExternalLink("other.h5", "/labels"))),
+     "is corrupt: 'labels' is a link, not stored in the file"),
+])
+def test_a_crafted_or_damaged_dataset_is_refused_in_one_line(tmp_path, change, message):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(4, 2), ["a", "b"], count=4, val_fraction=0.25)
+    with h5py.File(path, "a") as f:
+        change(f)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} {re.escape(message)}$"):
+        dataset_info(path)
+
+
+def test_a_truncated_dataset_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(2, 1), ["a"], count=2)
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} is not a readable HDF5 file \\(.*truncated file"):
+        open_dataset(path)

@@ -1,8 +1,10 @@
 """The loader: splits, labels, shapes, seeded order and augmentation, resuming, the background thread."""
 import gc
+import re
 import threading
 import time
 
+import h5py
 import numpy as np
 import pytest
 
@@ -135,6 +137,30 @@ def test_file_gone_after_construction(dataset, tmp_path):
     path.unlink()
     with pytest.raises(DataError, match="no such dataset file"):
         all_batches(loader, 0)
+
+
+def test_a_damaged_image_is_refused_in_one_line(dataset, tmp_path):
+    path = tmp_path / "copy.h5"
+    path.write_bytes(dataset.read_bytes())
+    with h5py.File(path, "r") as f:  # where image 5's compressed bytes lie in the file
+        chunk = f["images"].id.get_chunk_info(5)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(b"\xff" * chunk.size)
+    loader = Loader(path, split="all", batch_size=4, augment=False)  # labels and statistics are intact
+    batches = loader.epoch_batches(0)
+    next(batches)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} is damaged or truncated \\(.*\\)$"):
+        next(batches)
+
+
+def test_labels_beyond_the_classes_are_refused_before_loading(dataset, tmp_path):
+    path = tmp_path / "copy.h5"
+    path.write_bytes(dataset.read_bytes())
+    with h5py.File(path, "a") as f:
+        f["labels"][7] = 3
+    with pytest.raises(DataError, match=r"is corrupt: image 7 has label 3, outside the 3 classes \(0\.\.2\)$"):
+        Loader(path, batch_size=4)
 
 
 def wait_for_threads(count, seconds=5):

@@ -16,24 +16,31 @@ Layout (format version 1). N images, C classes, S = 256:
 
     root attributes: format = "minidl-dataset", version = 1, image_size = S
 
+Readers trust none of it: `read_contents` checks every part's type and shape
+before reading it (at most 10^8 images of at most 4096x4096, at most 10^6
+classes), the labels against the classes and the statistics for NaN, and
+refuses anything else in one line naming the file and the problem.
+
 All statistics are over the training split only, so validation images stay unseen.
 The validation split is a seeded random choice of `val_fraction` of the images,
 drawn per class (each class gets its share) so that small classes are represented.
 """
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from minidl.atomic import atomic_path
 from minidl.errors import DataError
-from minidl.hdf5 import open_minidl_file
+from minidl.hdf5 import FLAG, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, TEXT, FileCheck, open_minidl_file, whole
 
 FORMAT = "minidl-dataset"
 VERSION = 1
 IMAGE_SIZE = 256
 GZIP_LEVEL = 4
+MAX_IMAGES = 10 ** 8  # far beyond ImageNet's 1.3 million: a header claiming more is crafted or damaged
 REQUIRED = ("images", "labels", "class_names", "is_val", "mean_image", "mean_rgb", "pca_eigvals", "pca_eigvecs")
 
 
@@ -159,33 +166,75 @@ def _write_contents(f, path, samples, class_names, count, val_fraction, seed, pr
     return written
 
 
+class Contents(NamedTuple):
+    """Everything in a dataset file but the image pixels, checked."""
+    num_images: int
+    image_size: int
+    labels: np.ndarray       # int64 (N,), each in 0..C-1
+    is_val: np.ndarray       # bool (N,)
+    class_names: tuple       # C strings
+    mean_image: np.ndarray   # floating (S, S, 3)
+    mean_rgb: np.ndarray     # floating (3,)
+    pca_eigvals: np.ndarray  # floating (3,)
+    pca_eigvecs: np.ndarray  # floating (3, 3)
+
+
 def open_dataset(path):
     """Open a minidl dataset read-only, after checking it is one; returns the h5py.File.
 
-    Use it as a context manager (`with open_dataset(p) as f:`). Raises DataError
-    naming the problem for a missing file, a non-HDF5 file or another HDF5 file.
+    Use it as a context manager (`with open_dataset(p) as f:`). Everything but the
+    pixels is checked on every opening (see read_contents), so what a caller reads
+    next is sane; a problem raises DataError naming the file and the problem.
     """
-    f = open_minidl_file(path, "dataset", FORMAT, DataError)
+    f = open_minidl_file(path, "dataset", FORMAT, VERSION, DataError)
     try:
-        _check_layout(f, path)
+        read_contents(f, path)
     except BaseException:
         f.close()
         raise
     return f
 
 
-def _check_layout(f, path):
-    if f.attrs.get("version", 0) > VERSION:
-        raise DataError(f"{path} is a version {f.attrs['version']} dataset; this minidl reads version {VERSION}")
-    for name in REQUIRED:
-        if name not in f:
-            raise DataError(f"{path} is not a minidl dataset (missing '{name}')")
-    images = f["images"]
-    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
-        raise DataError(f"{path} is corrupt: images have shape {images.shape}, expected (N, S, S, 3)")
-    if f["labels"].shape != images.shape[:1] or f["is_val"].shape != images.shape[:1]:
-        raise DataError(f"{path} is corrupt: {images.shape[0]} images but {f['labels'].shape[0]} labels "
-                        f"and {f['is_val'].shape[0]} split flags")
+def read_dataset(path):
+    """The checked Contents of the dataset file `path`."""
+    with open_minidl_file(path, "dataset", FORMAT, VERSION, DataError) as f:
+        return read_contents(f, path)
+
+
+def read_contents(f, path):
+    """The Contents of the open dataset file `f`, each part checked before it is read or trusted."""
+    check = FileCheck(path, "dataset", DataError)
+    with check.reading():
+        for name in REQUIRED:  # a file missing parts is named as not a dataset, before any part is judged
+            check.member(f, name)
+        images = check.dataset(f, "images", np.dtype(np.uint8), (range(MAX_IMAGES + 1), IMAGE_SIZES, IMAGE_SIZES, 3))
+        count, size = images.shape[:2]
+        if images.shape[2] != size:
+            raise check.corrupt(f"images are {size}x{images.shape[2]}, not square")
+        check.fields(f.attrs, {"image_size": whole(size, size)})
+        class_names = _class_names(f, check)
+        labels = check.array(f, "labels", INTEGER, (count,))
+        outside = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+        if len(outside):
+            raise check.corrupt(f"image {outside[0]} has label {labels[outside[0]]}, outside the "
+                                f"{len(class_names)} classes (0..{len(class_names) - 1})")
+        is_val = check.array(f, "is_val", FLAG, (count,))
+        if not np.isin(is_val, (0, 1)).all():
+            raise check.corrupt("'is_val' holds values other than 0 and 1")
+        return Contents(num_images=count, image_size=size, labels=labels.astype(np.int64),
+                        is_val=is_val.astype(bool), class_names=class_names,
+                        mean_image=check.array(f, "mean_image", FLOAT, (size, size, 3)),
+                        mean_rgb=check.array(f, "mean_rgb", FLOAT, (3,)),
+                        pca_eigvals=check.array(f, "pca_eigvals", FLOAT, (3,)),
+                        pca_eigvecs=check.array(f, "pca_eigvecs", FLOAT, (3, 3)))
+
+
+def _class_names(f, check):
+    names = check.array(f, "class_names", TEXT, (range(1, MAX_CLASSES + 1),))
+    try:
+        return tuple(name.decode("utf-8") if isinstance(name, bytes) else name for name in names)
+    except UnicodeDecodeError:
+        raise check.corrupt("'class_names' are not UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -204,13 +253,15 @@ class DatasetInfo:
 
 
 def read_class_names(f):
-    return tuple(name.decode("utf-8") if isinstance(name, bytes) else name for name in f["class_names"][()])
+    """The class names of the dataset `f` (from open_dataset), checked."""
+    check = FileCheck(f.filename, "dataset", DataError)
+    with check.reading():
+        return _class_names(f, check)
 
 
 def dataset_info(path):
     """A DatasetInfo for the dataset file `path` (checked as open_dataset does)."""
-    with open_dataset(path) as f:
-        num_val = int(np.count_nonzero(f["is_val"][()]))
-        num_images = f["images"].shape[0]
-        return DatasetInfo(path=path, num_images=num_images, num_train=num_images - num_val, num_val=num_val,
-                           class_names=read_class_names(f), image_size=f["images"].shape[1])
+    contents = read_dataset(path)
+    num_val = int(np.count_nonzero(contents.is_val))
+    return DatasetInfo(path=path, num_images=contents.num_images, num_train=contents.num_images - num_val,
+                       num_val=num_val, class_names=contents.class_names, image_size=contents.image_size)

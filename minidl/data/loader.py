@@ -27,7 +27,9 @@ import numpy as np
 
 from minidl.data.augment import (centre_crops, check_crop, crop_and_flip, pca_lighting, random_crops,
                                  subtract_mean, ten_crops, to_nchw)
-from minidl.data.dataset import open_dataset, read_class_names
+from minidl.data.dataset import open_dataset, read_dataset
+from minidl.errors import DataError
+from minidl.hdf5 import FileCheck
 
 SPLITS = ("train", "val", "all")
 MEANS = ("pixel", "channel")
@@ -61,16 +63,15 @@ class Loader:
         self.pca_sigma, self.ten_crop, self.seed, self.prefetch = pca_sigma, ten_crop, seed, prefetch
         self.drop_last, self.scale = drop_last, scale
         self.shuffle = augment if shuffle is None else shuffle
-        with open_dataset(path) as f:
-            is_val = f["is_val"][()].astype(bool)
-            chosen = {"train": ~is_val, "val": is_val, "all": np.ones_like(is_val)}[split]
-            self.indices = np.flatnonzero(chosen)  # file positions of this split's images
-            self.labels = f["labels"][()][self.indices]
-            self.class_names = read_class_names(f)
-            self.image_size = f["images"].shape[1]
-            self.mean = f["mean_image" if mean == "pixel" else "mean_rgb"][()]
-            self.lighting_scales = f["pca_eigvals"][()] / 255.0  # see the module docstring
-            self.eigvecs = f["pca_eigvecs"][()]
+        contents = read_dataset(path)
+        chosen = {"train": ~contents.is_val, "val": contents.is_val, "all": np.ones_like(contents.is_val)}[split]
+        self.indices = np.flatnonzero(chosen)  # file positions of this split's images
+        self.labels = contents.labels[self.indices]
+        self.class_names = contents.class_names
+        self.image_size = contents.image_size
+        self.mean = contents.mean_image if mean == "pixel" else contents.mean_rgb
+        self.lighting_scales = contents.pca_eigvals / 255.0  # see the module docstring
+        self.eigvecs = contents.pca_eigvecs
         check_crop(crop, self.image_size)
 
     @property
@@ -98,7 +99,7 @@ class Loader:
         Break out of it freely: the thread stops when the iterator is dropped or closed.
         An error in the thread is raised here, in the caller.
         """
-        return BackgroundIterator(lambda: self._read_batches(epoch, start), self.prefetch)
+        return BackgroundIterator(lambda: _reported(self.path, self._read_batches(epoch, start)), self.prefetch)
 
     def _read_batches(self, epoch, start):
         # runs in the background thread, which opens its own file: h5py objects stay in one thread
@@ -130,6 +131,15 @@ class Loader:
         if self.scale != 1:
             x *= np.float32(self.scale)
         return x
+
+
+def _reported(path, batches):
+    """`batches`, with an image that cannot be read from a damaged file refused in one line naming it.
+
+    Only h5py's OSError for unreadable data: the thread also augments, and an error there is a bug.
+    """
+    with FileCheck(path, "dataset", DataError).reading(errors=OSError):
+        yield from batches
 
 
 class BackgroundIterator:
