@@ -13,12 +13,15 @@ offsets, each core taking a share of the batch; on the GPU the kernels in
 conv.cu. col2im is a gather there (each thread sums the patches that cover its
 input element), so it needs no atomics and gives the same result on every run.
 """
+import os
+
 import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
 from minidl.cpu_parallel import in_parallel
 from minidl.errors import MinidlError
+from minidl.functions import winograd
 
 CU = kernels.KernelFile.beside(__file__, "conv.cu", ("im2col", "col2im"))
 
@@ -80,40 +83,86 @@ def col2im_gpu(cols, h, w, stride, pad):
 
 # --- the function
 
-class Conv2d(Function):
-    """Both paths are the same GEMMs around their own im2col and col2im, and save the same (cols, W)."""
+def check_arguments(x, W, b, stride, pad, groups):
+    """(OH, OW) of conv2d(x, W, b, stride, pad, groups), or a one-line MinidlError saying what does not fit."""
+    if x.ndim != 4 or W.ndim != 4:
+        raise MinidlError(f"conv2d wants x of shape (N, C, H, W) and W of shape (out, in/groups, kh, kw), "
+                          f"got {x.shape} and {W.shape}")
+    n, c, h, w = x.shape
+    out, cg, kh, kw = W.shape
+    if groups < 1 or out % groups:
+        raise MinidlError(f"conv2d: {out} output channels cannot be split into {groups} groups")
+    if cg * groups != c:
+        raise MinidlError(f"conv2d: the input has {c} channels but W of shape {W.shape} with groups={groups} "
+                          f"expects {cg * groups}")
+    if b is not None and b.shape != (out,):
+        raise MinidlError(f"conv2d: bias of shape {b.shape} for {out} output channels")
+    return output_size(h, kh, stride, pad), output_size(w, kw, stride, pad)
 
-    def __init__(self, stride, pad, groups):
+
+ALGORITHMS = ("auto", "direct", "winograd")
+ALGORITHM_VARIABLE = "MINIDL_CONV_ALGORITHM"
+
+
+def requested_algorithm(algorithm=None):
+    """`algorithm`, else the environment's MINIDL_CONV_ALGORITHM, else "auto"; checked against ALGORITHMS."""
+    where = "conv2d algorithm"
+    if algorithm is None:
+        algorithm, where = os.environ.get(ALGORITHM_VARIABLE) or "auto", ALGORITHM_VARIABLE
+    if algorithm not in ALGORITHMS:
+        raise MinidlError(f"{where} must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+    return algorithm
+
+
+class Conv2d(Function):
+    """The direct path: the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
+
+    On the CPU a 3x3 stride-1 convolution goes through Winograd's algorithm
+    (winograd.py) when the algorithm is "auto" (the default) or "winograd"; the
+    direct path stays selectable with "direct". "auto" takes the direct path
+    wherever Winograd does not apply; "winograd" refuses to. The GPU takes the
+    direct path (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions",
+    says why).
+    """
+
+    def __init__(self, stride, pad, groups, algorithm=None):
         self.stride, self.pad, self.groups = stride, pad, groups
+        self.algorithm = requested_algorithm(algorithm)
+        self.uses_winograd = False  # whether forward took the Winograd path; backward follows it
 
     def forward_cpu(self, x, W, b=None):
-        return self._forward(im2col_cpu, x, W, b)
+        applies = W.shape[2:] == (3, 3) and self.stride == 1
+        if self.algorithm == "winograd" and not applies:
+            raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 stride-1 convolutions, got W of shape "
+                              f"{W.shape} with stride {self.stride}; use algorithm 'auto' or 'direct'")
+        self.uses_winograd = applies and self.algorithm != "direct"
+        if not self.uses_winograd:
+            return self._forward(im2col_cpu, x, W, b)
+        y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups)
+        self.save(saved, W.shape)
+        return y
 
     def forward_gpu(self, x, W, b=None):
+        if self.algorithm == "winograd":
+            raise MinidlError("conv2d: the Winograd algorithm runs on the CPU only; on a GPU use 'auto' or 'direct'")
         return self._forward(im2col_gpu, x, W, b)
 
     def backward_cpu(self, gy):
-        return self._backward(col2im_cpu, gy)
+        if not self.uses_winograd:
+            return self._backward(col2im_cpu, gy)
+        saved, W_shape = self.saved
+        needs = (*self.needs_grad, False)[:3]  # the bias, when there is one, is the third input
+        gx, gW, gb = winograd.winograd_conv_backward(gy, W_shape, saved, needs)
+        return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
 
     def backward_gpu(self, gy):
         return self._backward(col2im_gpu, gy)
 
     def _forward(self, im2col, x, W, b):
-        if x.ndim != 4 or W.ndim != 4:
-            raise MinidlError(f"conv2d wants x of shape (N, C, H, W) and W of shape (out, in/groups, kh, kw), "
-                              f"got {x.shape} and {W.shape}")
+        oh, ow = check_arguments(x, W, b, self.stride, self.pad, self.groups)
         n, c, h, w = x.shape
         out, cg, kh, kw = W.shape
         g = self.groups
-        if g < 1 or out % g:
-            raise MinidlError(f"conv2d: {out} output channels cannot be split into {g} groups")
-        if cg * g != c:
-            raise MinidlError(f"conv2d: the input has {c} channels but W of shape {W.shape} with groups={g} "
-                              f"expects {cg * g}")
-        if b is not None and b.shape != (out,):
-            raise MinidlError(f"conv2d: bias of shape {b.shape} for {out} output channels")
-        oh = output_size(h, kh, self.stride, self.pad)
-        ow = output_size(w, kw, self.stride, self.pad)
         cols = im2col(x, kh, kw, self.stride, self.pad, oh, ow).reshape(g, cg * kh * kw, n * oh * ow)
         y = W.reshape(g, out // g, cg * kh * kw) @ cols  # (G, out/G, N*OH*OW)
         y = y.reshape(out, n, oh, ow).transpose(1, 0, 2, 3)
@@ -140,7 +189,13 @@ class Conv2d(Function):
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
 
 
-def conv2d(x, W, b=None, stride=1, pad=0, groups=1):
-    """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel."""
-    f = Conv2d(stride, pad, groups)
+def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
+    """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
+
+    algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU,
+    im2col + GEMM otherwise), "direct" (im2col + GEMM always) or "winograd"
+    (a MinidlError where it does not apply); None reads the environment
+    variable MINIDL_CONV_ALGORITHM, and "auto" when that is unset.
+    """
+    f = Conv2d(stride, pad, groups, algorithm)
     return f(x, W) if b is None else f(x, W, b)

@@ -6,8 +6,9 @@ from minidl.layers.layer import Layer, Parameter, make_rng
 
 class Conv2d(Layer):
     def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0, groups=1, bias=True,
-                 device="cpu", W_init=None, b_init=init.zeros, rng=None):
+                 device="cpu", W_init=None, b_init=init.zeros, rng=None, algorithm=None):
         super().__init__(device)
+        self.algorithm = algorithm  # None: MINIDL_CONV_ALGORITHM, else "auto" (see minidl.functions.conv2d)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.ksize, self.stride, self.pad = ksize, stride, pad
         rng = make_rng(rng)
@@ -16,7 +17,8 @@ class Conv2d(Layer):
         self.b = Parameter(b_init((out_channels,), rng), device=self.device) if bias else None
 
     def forward(self, x):
-        return conv2d(x, self.W, self.b, stride=self.stride, pad=self.pad, groups=self.groups)
+        return conv2d(x, self.W, self.b, stride=self.stride, pad=self.pad, groups=self.groups,
+                      algorithm=self.algorithm)
 
     def describe(self):
         groups = f", groups={self.groups}" if self.groups > 1 else ""
