@@ -8,13 +8,19 @@ decay inside the velocity:
 
 (PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
 differs from this as soon as lr changes.)
+
+On a GPU each parameter's update is one kernel (optim.cu), not six elementwise
+operations; on the CPU it is NumPy's in-place operations, a block per core.
 """
 import math
 
 import numpy as np
 
+from minidl import kernels
 from minidl.core import Tensor, no_grad
 from minidl.cpu_parallel import in_parallel
+
+CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update",))
 
 
 class MomentumSGD:
@@ -39,18 +45,20 @@ class MomentumSGD:
                     self._update(p.data, p.grad.data, v.data)
 
     def _update(self, w, g, v):
+        if not isinstance(w, np.ndarray):
+            # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type below
+            kernels.launch(CU, "momentum_update", w.dtype, w.size, w, g, v, w.size,
+                           float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
+            return
         momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr, self.lr))
 
-        def update(part):  # in place, and on the CPU a block at a time: for fc6 these arrays are 150 MB each
+        def update(part):  # in place, a block at a time: for fc6 these arrays are 150 MB each
             v_part, w_part = v[part], w[part]
             v_part *= momentum
             v_part -= decay * w_part
             v_part -= lr * g[part]
             w_part += v_part
-        if isinstance(w, np.ndarray):
-            in_parallel(update, w, blocks=True)
-        else:
-            update(...)  # the whole array at once; v[...] is a view, so the in-place ops reach v
+        in_parallel(update, w, blocks=True)
 
     def grad_norm(self):
         """The L2 norm of all gradients, NaN or infinite if any gradient is: one read per device."""

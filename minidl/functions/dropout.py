@@ -3,16 +3,24 @@ scale the survivors by 1/(1-p), so nothing changes at test time (the paper
 instead halved the outputs at test time; the expectation is the same).
 
 Masks come from a MaskGenerator: NumPy's generator on the CPU (keep_cpu),
-CuPy's on a GPU (keep_gpu), made per device from one seed. Each Dropout layer
+CuPy's on a GPU (uniform_gpu, the uniforms a mask is drawn from), made per
+device from one seed. Each Dropout layer
 owns one (so two models, or two towers, never share a stream of masks) and the
 trainer reseeds it every step from where the run stands, so a resumed run
 draws the same masks. The function without a generator uses a default one per
 device (`seed(n)`).
+
+On a GPU the mask is applied by one kernel (dropout.cu) straight from the
+uniforms, forward and backward, where CuPy would launch four operations to
+build and scale a mask and one to apply it; backward keeps the uniforms.
 """
 import numpy as np
 
+from minidl import kernels
 from minidl.core import Function
 from minidl.errors import MinidlError
+
+CU = kernels.KernelFile.beside(__file__, "dropout.cu", ("dropout_apply",))
 
 
 class MaskGenerator:
@@ -29,12 +37,12 @@ class MaskGenerator:
         """A NumPy boolean array: True with probability 1 - p."""
         return self._generator(device, np.random.default_rng).random(shape, dtype=np.float32) >= p
 
-    def keep_gpu(self, device, shape, p):
-        """A boolean array on `device` (the current one): True with probability 1 - p."""
+    def uniform_gpu(self, device, shape):
+        """float32 uniforms in [0, 1) on `device` (the current one); keep where u >= p."""
         def make(entropy):  # CuPy's RandomState takes one integer seed, not a list of entropy
             seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1
             return device.xp.random.RandomState(int(seed))
-        return self._generator(device, make).random_sample(shape, dtype=np.float32) >= p
+        return self._generator(device, make).random_sample(shape, dtype=np.float32)
 
     def _generator(self, device, make):
         if device.name not in self._generators:
@@ -52,25 +60,35 @@ def seed(n):
 
 
 class Dropout(Function):
-    """Only the masks' generators differ between the devices; applying a mask is one path."""
+    """The CPU saves the scaled mask, the GPU the uniforms its kernel draws the mask from."""
 
     def __init__(self, p, generator):
         self.p, self.generator = p, generator
 
     def forward_cpu(self, x):
-        return self._apply(x, self.generator.keep_cpu(self.device, x.shape, self.p))
-
-    def forward_gpu(self, x):
-        return self._apply(x, self.generator.keep_gpu(self.device, x.shape, self.p))
-
-    def _apply(self, x, keep):
+        keep = self.generator.keep_cpu(self.device, x.shape, self.p)
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
         self.save(mask)
         return x * mask
 
-    def backward(self, gy):
+    def backward_cpu(self, gy):
         (mask,) = self.saved
         return gy * mask
+
+    def forward_gpu(self, x):
+        # the kernel takes T arrays only; float64 (gradient checks) pays one conversion, exact
+        u = self.generator.uniform_gpu(self.device, x.shape).astype(x.dtype, copy=False)
+        self.save(u)
+        return self._apply_gpu(x, u)
+
+    def backward_gpu(self, gy):
+        (u,) = self.saved
+        return self._apply_gpu(gy.astype(u.dtype, copy=False), u)
+
+    def _apply_gpu(self, x, u):
+        y = kernels.empty(x.shape, x.dtype)
+        kernels.launch(CU, "dropout_apply", x.dtype, x.size, x, u, y, x.size, float(self.p), 1.0 / (1.0 - self.p))
+        return y
 
 
 def dropout(x, p=0.5, train=True, generator=None):

@@ -1,6 +1,20 @@
-"""Softmax cross-entropy, the network's loss."""
+"""Softmax cross-entropy, the network's loss.
+
+On a GPU the loss is two kernels (loss.cu), forward and backward, one thread
+per row, instead of about twenty whole-array operations. Labels given as a host
+array are checked on the host, before they are copied to the device; labels
+already on a GPU are checked there, which reads two numbers back to the host
+(a wait for the device every step), so a caller that holds the labels on the
+host passes them as they are.
+"""
+import numpy as np
+
+from minidl import kernels
 from minidl.core import Function, Tensor
+from minidl.device import is_array
 from minidl.errors import MinidlError
+
+CU = kernels.KernelFile.beside(__file__, "loss.cu", ("log_softmax_nll", "softmax_nll_backward"))
 
 
 def log_softmax_array(xp, logits):
@@ -9,39 +23,72 @@ def log_softmax_array(xp, logits):
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _check(logits, labels, read_labels):
+    """Shapes and dtypes; the label range too when `read_labels` (a read from the device for device labels)."""
+    if logits.ndim != 2:
+        raise MinidlError(f"softmax_cross_entropy wants logits of shape (batch, classes), got {logits.shape}")
+    if labels.shape != (logits.shape[0],):
+        raise MinidlError(f"labels of shape {labels.shape} for logits of shape {logits.shape}: "
+                          "want one integer label per row")
+    if labels.dtype.kind not in "iu":
+        raise MinidlError(f"labels must be integers, got dtype {labels.dtype}")
+    n, classes = logits.shape
+    if read_labels and n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise MinidlError(f"a label is outside 0..{classes - 1}: labels range "
+                          f"{int(labels.min())}..{int(labels.max())}")
+
+
 class SoftmaxCrossEntropy(Function):
     """Mean over the batch of -log softmax(logits)[label]."""
 
-    def forward(self, logits, labels):
-        xp = self.device.xp
-        if logits.ndim != 2:
-            raise MinidlError(f"softmax_cross_entropy wants logits of shape (batch, classes), got {logits.shape}")
-        if labels.shape != (logits.shape[0],):
-            raise MinidlError(f"labels of shape {labels.shape} for logits of shape {logits.shape}: "
-                              "want one integer label per row")
-        if labels.dtype.kind not in "iu":
-            raise MinidlError(f"labels must be integers, got dtype {labels.dtype}")
-        n, classes = logits.shape
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise MinidlError(f"a label is outside 0..{classes - 1}: labels range "
-                              f"{int(labels.min())}..{int(labels.max())}")
-        log_p = log_softmax_array(xp, logits)
-        self.save(log_p, labels)
-        return -log_p[xp.arange(n), labels].mean()
+    def __init__(self, labels_checked=False):
+        self.labels_checked = labels_checked
 
-    def backward(self, gy):
-        xp = self.device.xp
+    def forward_cpu(self, logits, labels):
+        _check(logits, labels, read_labels=not self.labels_checked)
+        n = logits.shape[0]
+        log_p = log_softmax_array(np, logits)
+        self.save(log_p, labels)
+        return -log_p[np.arange(n), labels].mean()
+
+    def backward_cpu(self, gy):
         log_p, labels = self.saved
         n = log_p.shape[0]
-        grad = xp.exp(log_p)
-        grad[xp.arange(n), labels] -= 1
+        grad = np.exp(log_p)
+        grad[np.arange(n), labels] -= 1
         return grad * (gy / n), None
+
+    def forward_gpu(self, logits, labels):
+        _check(logits, labels, read_labels=not self.labels_checked)
+        n, classes = logits.shape
+        labels = labels.astype(np.int32, copy=False)  # checked to be in 0..classes-1: they fit
+        log_p = kernels.empty(logits.shape, logits.dtype)
+        row_loss = kernels.empty((n,), logits.dtype)
+        kernels.launch(CU, "log_softmax_nll", logits.dtype, n, logits, labels, log_p, row_loss, n, classes)
+        self.save(log_p, labels)
+        return row_loss.mean()
+
+    def backward_gpu(self, gy):
+        log_p, labels = self.saved
+        gx = kernels.empty(log_p.shape, log_p.dtype)
+        kernels.launch(CU, "softmax_nll_backward", log_p.dtype, log_p.size, log_p, labels,
+                       gy.astype(log_p.dtype, copy=False), gx, log_p.size, log_p.shape[1], log_p.shape[0])
+        return gx, None
 
 
 def softmax_cross_entropy(logits, labels):
-    if not isinstance(labels, Tensor):  # copied to the logits' device on its stream (Tensor does that)
-        labels = Tensor(labels, device=logits.device)
-    return SoftmaxCrossEntropy()(logits, labels)
+    """The loss of `logits` (N, C) for integer `labels` (N,): a Tensor or device array (checked on
+    its device), or a host array or list (checked here on the host, before its copy to the device)."""
+    if isinstance(labels, Tensor):
+        return SoftmaxCrossEntropy()(logits, labels)
+    if is_array(labels) and not isinstance(labels, np.ndarray):
+        return SoftmaxCrossEntropy()(logits, Tensor(labels, device=logits.device))
+    labels = np.asarray(labels)
+    _check(logits.data, labels, read_labels=True)
+    if logits.device.is_cuda:
+        labels = labels.astype(np.int32)  # what the kernels read: in range, so they fit
+    # copied to the logits' device on its stream (Tensor does that)
+    return SoftmaxCrossEntropy(labels_checked=True)(logits, Tensor(labels, device=logits.device))
 
 
 def softmax(logits):

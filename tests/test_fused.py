@@ -1,0 +1,193 @@
+"""The fused GPU kernels (optim.cu, activation.cu, dropout.cu, loss.cu) against the unfused
+NumPy paths they replace, on fresh random inputs without zeros or ties, in float32 and
+float64; and, on emulated GPUs, the number of device operations each one saves."""
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+import minidl.functions as F
+from minidl import MinidlError, Tensor
+from minidl.functions.dropout import MaskGenerator
+from minidl.layers import Parameter
+from minidl.optim import MomentumSGD
+
+pytestmark = pytest.mark.gpu
+
+GPU = "cuda:0"
+DTYPES = [np.float32, np.float64]
+# float32 on a real GPU may differ in the last bits (NVRTC contracts a*b+c into FMAs)
+TOLERANCE = {np.float32: dict(rtol=1e-6, atol=1e-7), np.float64: dict(rtol=1e-13, atol=1e-15)}
+
+
+def away_from_zero(rng, shape, dtype, low=0.1, high=2.0):
+    return (rng.uniform(low, high, shape) * rng.choice([-1.0, 1.0], shape)).astype(dtype)
+
+
+def emulated():
+    return bool(os.environ.get("MINIDL_EMULATE_GPUS"))
+
+
+@contextlib.contextmanager
+def operations(expected):
+    """On emulated GPUs: the block enqueues exactly `expected` ({kind: count}) device operations."""
+    if expected is None or not emulated():
+        yield
+        return
+    from minidl.emulator.cuda import work
+    before = dict(work)
+    yield
+    done = {k: work.get(k, 0) - before.get(k, 0) for k in work if k != "bytes"}
+    assert {k: n for k, n in done.items() if n} == expected
+
+
+# --- the momentum update: one kernel per parameter
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_momentum_kernel_matches_the_numpy_update(rng, dtype):
+    shapes = [(7, 5), (300,), (2, 3, 4, 5)]
+    ws = [away_from_zero(rng, s, dtype) for s in shapes]
+    steps = [[away_from_zero(rng, s, dtype) for s in shapes] for _ in range(3)]
+    optimizers = {}
+    for dev in ("cpu", GPU):
+        params = [Parameter(w.copy(), device=dev) for w in ws]
+        opt = MomentumSGD(params, lr=0.03, momentum=0.9, weight_decay=0.01)
+        for i, (step, lr) in enumerate(zip(steps, (0.03, 0.03, 0.007))):  # lr changes: it is inside v
+            opt.lr = lr
+            for p, g in zip(params, step):
+                p.grad = Tensor(g, device=dev)
+            # after the first step, which makes the velocities, one kernel per parameter
+            with operations({"kernel": len(params)} if dev == GPU and i else None):
+                opt.step()
+        optimizers[dev] = opt, params
+    (cpu_opt, cpu_params), (gpu_opt, gpu_params) = optimizers["cpu"], optimizers[GPU]
+    for p, q, v, u in zip(cpu_params, gpu_params, cpu_opt.state(), gpu_opt.state()):
+        assert q.dtype == dtype and u.dtype == dtype
+        np.testing.assert_allclose(q.numpy(), p.numpy(), **TOLERANCE[dtype])
+        np.testing.assert_allclose(u, v, **TOLERANCE[dtype])
+
+
+# --- ReLU: forward into a C-contiguous array, backward one kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_matches_numpy_and_its_backward_is_one_kernel(rng, dtype):
+    x_host = away_from_zero(rng, (3, 4, 5, 6), dtype)
+    gy_host = away_from_zero(rng, x_host.shape, dtype)
+    x = Tensor(x_host, requires_grad=True, device=GPU)
+    y = F.relu(x)
+    np.testing.assert_array_equal(y.numpy(), np.maximum(x_host, 0))
+    gy = Tensor(gy_host, device=GPU)
+    with operations({"kernel": 1}):
+        y.backward(gy)
+    np.testing.assert_array_equal(x.grad.numpy(), gy_host * (x_host > 0))
+
+
+def test_relu_of_a_transposed_view_is_c_contiguous(rng):
+    """A convolution's output is a transposed view: ReLU's y is a plain array, so what reads it copies nothing."""
+    x_host = away_from_zero(rng, (4, 3, 5, 5), np.float32)
+    leaf = Tensor(x_host, requires_grad=True, device=GPU)
+    x = leaf.transpose(1, 0, 2, 3)
+    assert not x.data.flags.c_contiguous
+    with operations({"elementwise": 1}):
+        y = F.relu(x)
+    assert y.data.flags.c_contiguous
+    np.testing.assert_array_equal(y.numpy(), np.maximum(x_host.transpose(1, 0, 2, 3), 0))
+    gy_host = away_from_zero(rng, y.shape, np.float32)
+    y.backward(Tensor(gy_host, device=GPU))
+    np.testing.assert_array_equal(leaf.grad.numpy(), (gy_host * (y.numpy() > 0)).transpose(1, 0, 2, 3))
+
+
+# --- dropout: the mask applied from the uniforms, forward and backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_dropout_kernel_matches_the_numpy_mask(rng, dtype, p):
+    x_host = away_from_zero(rng, (16, 256), dtype)
+    gy_host = away_from_zero(rng, x_host.shape, dtype)
+    x = Tensor(x_host, requires_grad=True, device=GPU)
+    # the uniforms (on the emulator a copy from the host, on a GPU cuRAND's kernel), in float64 only
+    # their conversion to T, and the kernel
+    with operations({"copy": 1, "kernel": 1, **({"elementwise": 1} if dtype == np.float64 else {})}):
+        y = F.dropout(x, p, generator=MaskGenerator(3))
+    (u,) = y.creator.saved
+    with y.device:  # read on the device's stream, after the kernel that wrote it
+        u = u.get()
+    # the NumPy path's mask from the same uniforms: float32 u >= p, then the 0/1 mask times 1/(1-p) in T
+    mask = (u.astype(np.float32) >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
+    assert 0 < (mask == 0).mean() < 1
+    np.testing.assert_array_equal(y.numpy(), x_host * mask)
+    gy = Tensor(gy_host, device=GPU)
+    with operations({"kernel": 1}):
+        y.backward(gy)
+    np.testing.assert_array_equal(x.grad.numpy(), gy_host * mask)
+
+
+def test_dropout_keeps_about_one_minus_p():
+    x = Tensor(np.ones((200, 500), np.float32), device=GPU)
+    y = F.dropout(x, 0.3, generator=MaskGenerator(1)).numpy()
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.7)}
+    assert abs((y > 0).mean() - 0.7) < 0.01
+
+
+# --- softmax cross-entropy: a kernel each way
+
+
+def numpy_loss_and_gradient(logits, labels):
+    """The CPU path written out: log softmax, the mean of -log p[label], and (softmax - onehot) / n."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    n = len(labels)
+    grad = np.exp(log_p)
+    grad[np.arange(n), labels] -= 1
+    return -log_p[np.arange(n), labels].mean(), grad / n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("labels_on", ["host", "device"])
+def test_softmax_cross_entropy_kernels_match_numpy(rng, dtype, labels_on):
+    n, classes = 9, 37
+    logits_host = (rng.standard_normal((n, classes)) * 5).astype(dtype)
+    labels = rng.integers(0, classes, n)
+    logits = Tensor(logits_host, requires_grad=True, device=GPU)
+    host = labels_on == "host"
+    if not host:
+        labels = Tensor(labels, device=GPU)
+    # host labels: checked on the host, copied as int32; device labels: min and max read back, int32 made there
+    expected = ({"copy": 1, "kernel": 1, "reduction": 1} if host else
+                {"copy": 2, "reduction": 3, "elementwise": 1, "kernel": 1})
+    with operations(expected):
+        loss = F.softmax_cross_entropy(logits, labels)
+    with operations({"elementwise": 1, "kernel": 1}):  # the gradient 1 of the loss, and the kernel
+        loss.backward()
+    value, grad = numpy_loss_and_gradient(logits_host, labels if host else labels.numpy())
+    assert loss.dtype == dtype
+    np.testing.assert_allclose(loss.item(), value, rtol=10 * TOLERANCE[dtype]["rtol"])
+    np.testing.assert_allclose(logits.grad.numpy(), grad, **TOLERANCE[dtype])
+
+
+def test_device_labels_out_of_range_are_refused_on_the_gpu():
+    logits = Tensor(np.ones((2, 3), np.float32), device=GPU)
+    with pytest.raises(MinidlError, match=r"a label is outside 0\.\.2: labels range 0\.\.3"):
+        F.softmax_cross_entropy(logits, Tensor(np.array([0, 3]), device=GPU))
+
+
+def test_a_training_step_of_a_small_net_matches_the_cpu(rng):
+    """ReLU, the loss and the update together, GPU against CPU, in float64."""
+    x_host = away_from_zero(rng, (5, 12), np.float64)
+    labels = rng.integers(0, 4, 5)
+    W1, W2 = away_from_zero(rng, (12, 8), np.float64), away_from_zero(rng, (8, 4), np.float64)
+    results = {}
+    for dev in ("cpu", GPU):
+        w1, w2 = Parameter(W1.copy(), device=dev), Parameter(W2.copy(), device=dev)
+        opt = MomentumSGD([w1, w2], lr=0.1)
+        x = Tensor(x_host, device=dev)
+        loss = F.softmax_cross_entropy(F.relu(x @ w1) @ w2, labels)
+        loss.backward()
+        opt.step()
+        results[dev] = loss.item(), w1.numpy(), w2.numpy()
+    for cpu, gpu in zip(results["cpu"], results[GPU]):
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-12, atol=1e-14)
