@@ -56,15 +56,15 @@ def main():
 @click.argument("model_file", required=False)
 @click.option("--data", type=click.Path(), help="A dataset made by `minidl prepare-data` (default: built-in shapes).")
 @click.option("--devices", help="The two towers' devices, e.g. cuda:0,cuda:1 or cuda:0 or cpu (default: what is here).")
-@click.option("--epochs", type=int, help="Epochs to train (default: the model file's).")
-@click.option("--batch-size", type=int, help="Images per step (default: the model file's).")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs to train (default: the model file's).")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per step (default: the model file's).")
 @click.option("--out", "out_dir", help="Folder for checkpoints and curves (default: runs/alexnet, or the "
               "folder of the --resume checkpoint).")
 @click.option("--resume", type=click.Path(), help="Continue from this checkpoint.")
-@click.option("--seed", type=int, help="Seed of every random choice (default: 0, or the resumed run's).")
+@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between progress lines.")
-@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True,
+@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True, help="Steps between progress lines.")
+@click.option("--checkpoint-seconds", type=click.FloatRange(0), default=300.0, show_default=True,
               help="Also write last.h5 within an epoch when this long has passed since the last one.")
 @click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
               "(a rare bad batch) instead of stopping; the count is printed at the end.")
@@ -130,7 +130,7 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the one the checkpoint names).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @friendly_errors
 def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
@@ -280,6 +280,8 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         q = features(restored.model, prepare(pictures))
         names, q_labels = [os.path.basename(p) for p in paths], [None] * len(paths)
     else:
+        if restored.loader(data, split="val").num_images == 0:
+            raise MinidlError(f"{data} has no validation images to query: give --query IMAGE")
         val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size)
         every, _ = nearest(val, base, k)  # the whole validation set's neighbours, for the agreement
         agreement = float((base_labels[every] == val_labels[:, None]).mean())
@@ -312,7 +314,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 
 @main.command()
 @click.argument("model_file")
-@click.option("--classes", type=int, default=1000, show_default=True)
+@click.option("--classes", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--devices", help="Devices for the two towers (default: the model file's, fitted to this machine).")
 @friendly_errors
 def summary(model_file, classes, devices):
@@ -328,16 +330,14 @@ def summary(model_file, classes, devices):
 
 @main.command()
 @click.argument("model_file")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--devices", help="Devices for the two towers (default: what is here).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
 @friendly_errors
 def bench(model_file, batch_size, devices, steps):
     """Time full training steps of MODEL_FILE on synthetic data."""
     from minidl.bench import bench as run_bench
     from minidl.model_file import load_model_file
-    if batch_size < 1 or steps < 1:
-        raise MinidlError("--batch-size and --steps must be at least 1")
     result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps, devices=devices,
                        progress=ProgressLine("steps"))
     click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "
@@ -358,9 +358,9 @@ def _size(nbytes):
 @main.command("prepare-data")
 @click.argument("image_dir")
 @click.argument("out")
-@click.option("--workers", type=int, help="Decoding processes (default: all cores).")
+@click.option("--workers", type=click.IntRange(1), help="Decoding processes (default: all cores).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, help="Seed of every random choice (default: 0, or the resumed run's).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the train/val split.")
 @friendly_errors
 def prepare_data(image_dir, out, workers, val_fraction, seed):
     """Turn IMAGE_DIR (one subfolder per class) into the HDF5 dataset OUT."""

@@ -8,6 +8,7 @@ outright (SIGKILL) leaves its temporary behind: its name carries the writer's
 process id, and `remove_stale_temporaries` deletes those whose writer is gone.
 """
 import contextlib
+import errno
 import glob
 import os
 import tempfile
@@ -29,7 +30,11 @@ def atomic_path(path, suffix=None):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
         _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
         os.replace(tmp, path)
-        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
+        try:
+            _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
+        except OSError as e:  # some file systems (network, FUSE) cannot flush a folder: the rename stands
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -49,6 +49,8 @@ def cupy():
 
 def gpu_count():
     """Physical GPUs visible, 0 without CuPy or a driver."""
+    from minidl import emulator
+    emulator.requested_gpus()  # a malformed MINIDL_EMULATE_GPUS is an error, not "no GPU"
     try:
         return cupy().cuda.runtime.getDeviceCount()
     except Exception:  # no CuPy, no driver, no GPU: all mean "none here"

@@ -11,6 +11,13 @@ def topk_correct(xp, scores, labels, k):
     return (top == labels[:, None]).any(axis=1).sum()
 
 
+def mean_of_probabilities(xp, log_p):
+    """log(mean over axis 1 of exp(log_p)), shifted by the maximum so that a confident
+    model's tiny probabilities do not underflow to log(0) = -inf."""
+    top = log_p.max(axis=1, keepdims=True)
+    return xp.log(xp.exp(log_p - top).mean(axis=1)) + top[:, 0]
+
+
 def check_labels(num_model_classes, num_data_classes, data_path):
     if num_data_classes > num_model_classes:
         raise DataError(f"{data_path} has {num_data_classes} classes but the model has only "
@@ -38,11 +45,12 @@ def evaluate(model, loader, reduce=None):
             logits = model(x)
             with model.output_device:
                 y = xp.asarray(labels)
+                # argmax of NaN is no prediction: images with a non-finite output are counted, and refused below
+                outputs_finite = xp.isfinite(logits.data).all(axis=1).reshape(len(labels), crops).all(axis=1)
+                nonfinite += (~outputs_finite).sum()
                 log_p = log_softmax_array(xp, logits.data)
-                if crops > 1:  # average the probabilities of the crops, then back to logs
-                    log_p = xp.log(xp.exp(log_p).reshape(len(labels), crops, -1).mean(axis=1))
-                # argmax of NaN is no prediction: rows with a non-finite output are counted, and refused below
-                nonfinite += (~xp.isfinite(log_p)).any(axis=1).sum()
+                if crops > 1:
+                    log_p = mean_of_probabilities(xp, log_p.reshape(len(labels), crops, -1))
                 loss_sum += -log_p[xp.arange(len(labels)), y].sum()
                 top1 += topk_correct(xp, log_p, y, 1)
                 top5 += topk_correct(xp, log_p, y, 5)

@@ -173,6 +173,8 @@ def dataset_features(restored, data, split="train", batch_size=64, progress=None
         except (OSError, KeyError):
             pass  # a damaged cache is recomputed
     loader = restored.loader(data, split=split, batch_size=batch_size)
+    if loader.num_images == 0:
+        raise DataError(f"{data} has no {'validation' if split == 'val' else split} images")
     prepared = []
     for i, (x, _) in enumerate(loader.epoch_batches(0)):
         prepared.append(features(restored.model, x))

@@ -36,6 +36,8 @@ class Restored:
         return input_scale(self.config, self.config["init"])
 
     def loader(self, data, split="val", batch_size=64, ten_crop=False):
-        """Evaluation batches of `data` as the run saw them: its crop size and input scale, centre or 10 crops."""
+        """Evaluation batches of `data` as the run saw them: its crop size, input scale and training mean
+        (the dataset's for checkpoints older than the mean's being saved), centre or 10 crops."""
+        mean = "pixel" if self.checkpoint.mean_image is None else self.checkpoint.mean_image
         return Loader(data, split=split, batch_size=batch_size, crop=self.config["input_size"], augment=False,
-                      ten_crop=ten_crop, scale=self.input_scale)
+                      ten_crop=ten_crop, scale=self.input_scale, mean=mean)

@@ -99,9 +99,11 @@ def check_before_training(model, out_dir, batch_size, input_size):
         need, have = fixed + batch_size * per_image, available_memory(dev)
         if have is not None and need > have:
             where = f"GPU {dev.physical}" if dev.is_cuda else "the CPU"
+            fits = int((have - fixed) // max(per_image, 1))
+            advice = (f"use --batch-size {fits} or less" if fits >= 1 else
+                      f"the parameters alone need {fixed / 2**30:.1f} GiB: place the layers on more devices")
             raise MinidlError(f"a batch of {batch_size} needs about {need / 2**30:.1f} GiB on {where}, which has "
-                              f"{have / 2**30:.1f} GiB available: use --batch-size "
-                              f"{max(1, int((have - fixed) // max(per_image, 1)))} or less")
+                              f"{have / 2**30:.1f} GiB available: {advice}")
 
 
 class Run:
@@ -170,12 +172,12 @@ class Run:
             self.epoch, self.batch, self.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
             self.totals.update(checkpoint.epoch_totals)
 
-        check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
-        if world.rank == 0:  # the one writer
+        if world.rank == 0:  # the one writer; before the free-space check, which they would fail
             for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
                 remove_stale_temporaries(path)
+        check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
         self.meta = dict(model_file=model_file.path, model_source=model_file.source, config=config,
                          class_names=list(self.train_loader.class_names), num_classes=num_classes,
                          devices=[d.name for d in self.devices],

@@ -152,6 +152,21 @@ def test_bad_input_gives_one_line(dataset, tiny_model, tmp_path, make_args, mess
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("args, option", [
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--resume", "last.h5", "--epochs", "-3"], "--epochs"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--log-every", "0"], "--log-every"),
+    (["evaluate", "last.h5", "--data", "d.h5", "--batch-size", "0"], "--batch-size"),
+    (["bench", "m.py", "--steps", "0"], "--steps"),
+    (["prepare-data", "images", "out.h5", "--workers", "0"], "--workers"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(args, option):
+    code, output = run(*args)
+    assert code == 2 and f"Invalid value for '{option}'" in output and "Traceback" not in output, output
+
+
 def test_truncated_checkpoint_and_labels_beyond_classes(dataset, tiny_model, tmp_path):
     train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
     ckpt = tmp_path / "last.h5"

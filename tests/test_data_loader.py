@@ -183,6 +183,20 @@ def test_breaking_out_stops_the_thread(dataset):
     assert wait_for_threads(before) == before
 
 
+def test_after_close_the_file_can_be_rewritten_at_once(dataset, tmp_path):
+    """close() waits for the thread, so its read-only handle is gone: h5py would refuse to
+    open the file for writing while this process still has it open for reading."""
+    import shutil
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(dataset, copy)
+    for _ in range(5):
+        batches = Loader(copy, split="all", batch_size=1, prefetch=1).epoch_batches(0)
+        next(batches)
+        batches.close()
+        with h5py.File(copy, "a") as f:
+            f.attrs["touched"] = 1
+
+
 def test_crop_larger_than_the_images(dataset):
     with pytest.raises(DataError, match=r"^crop 300x300 is larger than the stored 256x256 images$"):
         Loader(dataset, batch_size=4, crop=300)

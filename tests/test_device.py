@@ -323,3 +323,10 @@ def test_gpu_two_logical_devices_on_one_gpu():
     assert x.grad.device is d0
     np.testing.assert_array_equal(x.grad.numpy(), [3.0] * 4)
     assert minidl.gradcheck(lambda x: F.copy(x * x, d1), x)
+
+
+@pytest.mark.parametrize("text", ["two", "0", "-1"])
+def test_a_malformed_emulated_gpu_count_is_an_error_not_the_cpu(monkeypatch, text):
+    monkeypatch.setenv("MINIDL_EMULATE_GPUS", text)
+    with pytest.raises(DeviceError, match="MINIDL_EMULATE_GPUS=.*give the number of GPUs to emulate"):
+        dm.gpu_count()

@@ -236,3 +236,25 @@ def test_array_on_a_mapped_gpu_is_named_by_its_logical_device(cp):
             device_of_array(on_gpu1)
     finally:
         minidl.set_device_map(None)
+
+
+def test_a_numpy_ufunc_writing_through_out_is_a_checked_write(cp, hazards):
+    from minidl.emulator.streams import StreamHazard
+    s1, s2 = _streams(cp)
+    with s1:
+        x, y = cp.ones(4), cp.ones(4)
+    s2.wait_event(s1.record())
+    with s2:
+        x + 1  # s2 reads x
+    with s1, pytest.raises(StreamHazard, match="writes .* still used by"):
+        np.multiply(y, 2, out=x)  # NumPy hands out= to __array_ufunc__ as a tuple
+
+
+def test_memory_freed_on_the_legacy_stream_after_a_blocking_stream_used_it_is_no_hazard(cp, hazards):
+    from minidl.emulator import streams
+    x = cp.ones(4)  # on the legacy default stream
+    with cp.cuda.Stream():  # a blocking stream: the legacy stream's next work waits for it
+        x * 2
+    del x
+    gc.collect()
+    assert streams.take_hazards() == []

@@ -112,10 +112,13 @@ def test_each_dropout_layer_draws_its_own_masks():
     x = Tensor(np.ones((50, 40), np.float32))
     a, b = Dropout(0.5), Dropout(0.5)
     first = a(x).numpy()
+    assert not np.array_equal(first, b(x).numpy())  # unseeded layers draw different masks
     assert not np.array_equal(first, Dropout(0.5, seed=1)(x).numpy())
-    b(x)  # another layer drawing does not move a's stream
-    a.generator.seed(0)
-    np.testing.assert_array_equal(a(x).numpy(), first)
+    seeded = Dropout(0.5, seed=7)
+    first = seeded(x).numpy()
+    b(x)  # another layer drawing does not move this one's stream
+    seeded.generator.seed(7)
+    np.testing.assert_array_equal(seeded(x).numpy(), first)
     # seed_dropout reseeds per layer name: the same seed gives each layer its own masks, repeatably
     net = Sequential(Dropout(0.5), Dropout(0.5))
     seed_dropout(net, 3)
@@ -123,3 +126,18 @@ def test_each_dropout_layer_draws_its_own_masks():
     seed_dropout(net, 3)
     assert not np.array_equal(masks[0], masks[1])
     np.testing.assert_array_equal([layer(x).numpy() for layer in net][0], masks[0])
+
+
+@pytest.mark.gpu
+def test_to_dtype_casts_on_the_layers_own_gpu():
+    """A layer on cuda:1 cast while cuda:0 is current: the cast runs under cuda:1, as CuPy requires."""
+    import minidl
+    if minidl.gpu_count() < 2:
+        pytest.skip("needs two GPUs (or --emulate-gpus 2)")
+    from minidl.device import device
+    net = small_net().to("cuda:1")
+    before = net.params()[0].numpy()
+    with device("cuda:0"):
+        net.to(dtype=np.float64)
+    assert all(p.dtype == np.float64 and p.device is device("cuda:1") for p in net.params())
+    np.testing.assert_array_equal(net.params()[0].numpy(), before)

@@ -110,6 +110,19 @@ def test_draw_neighbours_draws_a_row_per_query(tmp_path):
     assert tiles == 3 * 6 and Image.open(tmp_path / "n.png").size[0] > 300
 
 
+def test_the_training_mean_of_the_checkpoint_is_subtracted_from_any_dataset(trained, dataset, tmp_path):
+    checkpoint, model = trained
+    restored = Restored(checkpoint, model)
+    shifted = tmp_path / "shifted.h5"  # the same images, but a dataset whose own mean differs
+    with h5py.File(dataset) as src, h5py.File(shifted, "w") as dst:
+        for key in src:
+            src.copy(key, dst)
+        dst.attrs.update(src.attrs)
+        dst["mean_image"][...] = dst["mean_image"][()] + 50
+    (same, _), (other, _) = (next(restored.loader(d).epoch_batches(0)) for d in (dataset, shifted))
+    np.testing.assert_array_equal(same, other)
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda c, d, t: ["predict", c, t / "not-an-image.jpg"], "is not an image"),
     (lambda c, d, t: ["predict", c, t / "empty"], "has no images"),
@@ -118,6 +131,7 @@ def test_draw_neighbours_draws_a_row_per_query(tmp_path):
     (lambda c, d, t: ["predict", t / "old.h5", t / "ok.png"], "pass --data with the dataset it was trained on"),
     (lambda c, d, t: ["retrieve", c, "--data", d, "-k", "1000"], "larger than the training set"),
     (lambda c, d, t: ["retrieve", c, "--data", t / "four.h5"], "has 4 classes"),
+    (lambda c, d, t: ["retrieve", c, "--data", t / "noval.h5"], "has no validation images to query: give --query"),
 ])
 def test_bad_input_gives_one_line(trained, dataset, tmp_path, make_args, message):
     checkpoint, _ = trained
@@ -135,6 +149,11 @@ def test_bad_input_gives_one_line(trained, dataset, tmp_path, make_args, message
         dst.attrs.update(src.attrs)
         del dst["class_names"]
         dst["class_names"] = np.array(["a", "b", "c", "d"], dtype=h5py.string_dtype())
+    with h5py.File(dataset) as src, h5py.File(tmp_path / "noval.h5", "w") as dst:
+        for key in src:
+            src.copy(key, dst)
+        dst.attrs.update(src.attrs)
+        dst["is_val"][...] = 0
     code, output = run(*make_args(checkpoint, dataset, tmp_path))
     lines = output.strip().splitlines()
     assert code != 0 and lines[-1].startswith("error:") and message in lines[-1], output

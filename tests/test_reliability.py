@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
+from minidl.core import Tensor
 from minidl.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 
@@ -163,6 +164,9 @@ def test_a_killed_training_run_resumes_and_its_temporaries_are_cleaned(dataset, 
         for line in child.stdout:  # kill once it is training and writing checkpoints
             if b"batch" in line:
                 break
+        deadline = time.monotonic() + 60
+        while not (out / "last.h5").exists() and time.monotonic() < deadline:  # a slow machine
+            time.sleep(0.05)
         time.sleep(rng.uniform(0.2, 0.8))
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -199,12 +203,21 @@ def test_a_full_disk_is_reported_before_the_first_step(dataset, tmp_path, monkey
 
 def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(dataset, tmp_path, monkeypatch):
     import minidl.train
-    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 10)  # 1 KiB left
+    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 16)  # 64 KiB left: room for 2 images
     code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
                        "--out", tmp_path / "o", "--batch-size", "6")
     last = output.strip().splitlines()[-1]
     assert code == 1 and "error: a batch of 6 needs about" in last and "on the CPU, which has 0.0 GiB" in last, output
-    assert "use --batch-size" in last
+    assert "use --batch-size 2 or less" in last
+
+
+def test_when_not_even_the_parameters_fit_no_batch_size_is_suggested(tmp_path, monkeypatch):
+    import minidl.train
+    from minidl.layers import Flatten, Linear, Sequential
+    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 10)
+    model = Sequential(Flatten(), Linear(3 * 7 * 7, 100, rng=0))  # 58 KiB of weights
+    with pytest.raises(minidl.train.MinidlError, match="the parameters alone need .* GiB: place the layers"):
+        minidl.train.check_before_training(model, tmp_path, batch_size=4, input_size=7)
 
 
 def test_the_estimate_for_alexnet_is_close_to_the_measured_peak():
@@ -235,3 +248,77 @@ def test_the_temporary_and_the_folder_are_flushed_around_the_rename(tmp_path, mo
             f.write("new")
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
     assert events[0][1] == tmp and events[1][1] == str(target) and events[2][1] == str(tmp_path)
+
+
+def test_a_folder_that_cannot_be_flushed_does_not_fail_the_write(tmp_path, monkeypatch):
+    import errno
+    from minidl.atomic import atomic_path
+    real_fsync = os.fsync
+
+    def folder_refuses(fd):  # as on some network and FUSE file systems
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", folder_refuses)
+    target = tmp_path / "last.h5"
+    with atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["last.h5"]
+
+
+def test_the_memory_check_counts_layers_that_name_no_device(tmp_path):
+    from minidl.layers import Conv2d, Flatten, Layer, Linear, Sequential
+    from minidl.train import check_before_training
+
+    class Twice(Layer):  # a user's layer with no device of its own: it runs where its input is
+        def __init__(self):
+            super().__init__(device=None)
+
+        def forward(self, x):
+            return x * 2
+    model = Sequential(Conv2d(3, 4, 3, rng=0), Twice(), Flatten(), Linear(4 * 5 * 5, 2, rng=0))
+    check_before_training(model, tmp_path, batch_size=4, input_size=7)
+
+
+def test_stale_temporaries_are_removed_before_the_free_space_check(dataset, tmp_path, monkeypatch):
+    import minidl.train
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / ".last.h5.999999999.abc.h5.tmp"  # a dead writer's
+    stale.write_bytes(b"x")
+    seen = []
+    monkeypatch.setattr(minidl.train, "check_before_training", lambda *a: seen.append(stale.exists()))
+    train(_model(tmp_path, "tiny.py", TINY_MODEL), data=dataset, devices=("cpu", "cpu"), out_dir=out, max_steps=1)
+    assert seen == [False]
+
+
+def test_ten_crop_evaluation_of_a_confident_model_is_finite():
+    """A confident model's probabilities underflow to 0 for most classes; averaging the
+    ten crops must not turn that into log(0) = -inf and a false 'diverged' refusal."""
+    from minidl.device import device
+    from minidl.evaluate import evaluate
+
+    class Confident:  # logits 1000 apart: exp underflows for every class but the top one
+        input_device = output_device = device("cpu")
+        training = False
+
+        def __call__(self, x):
+            rows = x.data.reshape(len(x.data), -1)[:, :3].astype(np.float64)
+            return Tensor(rows * 1000.0, device=self.input_device)
+
+        def eval(self):
+            pass
+
+        def train(self, mode=True):
+            pass
+
+    class TenCrops:
+        def epoch_batches(self, epoch):
+            rng = np.random.default_rng(0)
+            images = rng.uniform(0.5, 1.0, (4, 10, 3, 2, 2))
+            images[..., 0, 0, 0] += 2.0  # every crop is sure of class 0, by about 1000 logits or more
+            yield images, np.array([1, 2, 0, 0])  # and half the labels disagree
+
+    result = evaluate(Confident(), TenCrops())
+    assert np.isfinite(result["loss"]) and result["count"] == 4

@@ -43,7 +43,8 @@ class Loader:
     augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off).
     augment=False: the centre crop, or with ten_crop the paper's 10 crops, giving
     x of shape (B, 10, 3, crop, crop) in augment.TEN_CROP_ORDER.
-    mean="pixel" subtracts the training mean image, "channel" the mean RGB.
+    mean="pixel" subtracts the dataset's mean image, "channel" its mean RGB; an array
+    (S, S, 3) is subtracted instead (a checkpoint's training mean, on another dataset).
     scale multiplies the result: 1 keeps the paper's 0..255 scale; He-initialised
     weights want about 1/255 (on 0..255 their first steps at lr 0.01 diverge).
     shuffle (default: as augment) draws a new image order each epoch.
@@ -53,8 +54,8 @@ class Loader:
                  ten_crop=False, seed=0, prefetch=2, drop_last=False, shuffle=None, scale=1.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if mean not in MEANS:
-            raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
+        if isinstance(mean, str) and mean not in MEANS:
+            raise ValueError(f"mean must be one of {MEANS} or a mean image, got {mean!r}")
         if batch_size < 1 or prefetch < 1:
             raise ValueError(f"batch_size and prefetch must be at least 1, got {batch_size} and {prefetch}")
         if ten_crop and augment:
@@ -69,7 +70,13 @@ class Loader:
         self.labels = contents.labels[self.indices]
         self.class_names = contents.class_names
         self.image_size = contents.image_size
-        self.mean = contents.mean_image if mean == "pixel" else contents.mean_rgb
+        if isinstance(mean, str):
+            self.mean = contents.mean_image if mean == "pixel" else contents.mean_rgb
+        elif np.shape(mean) != contents.mean_image.shape:
+            raise DataError(f"{path} holds {self.image_size}x{self.image_size} images, but the mean image "
+                            f"to subtract is {np.shape(mean)[0]}x{np.shape(mean)[1]}")
+        else:  # another set's mean: a trained model's inputs are centred on its training set's
+            self.mean = np.asarray(mean, dtype=contents.mean_image.dtype)
         self.lighting_scales = contents.pca_eigvals / 255.0  # see the module docstring
         self.eigvecs = contents.pca_eigvecs
         check_crop(crop, self.image_size)
@@ -147,7 +154,8 @@ class BackgroundIterator:
 
     The thread waits on a bounded queue and checks a stop event between waits, so
     dropping or closing the iterator ends it promptly; the generator is closed
-    (its `with` blocks exit) in the thread. An exception there is re-raised here.
+    (its `with` blocks exit) in the thread, and close() waits for that. An
+    exception there is re-raised here.
     """
 
     def __init__(self, make_generator, depth):
@@ -156,7 +164,8 @@ class BackgroundIterator:
         self._finished = False
         # the thread gets the queue and the event, not self: otherwise it would keep
         # this object alive and dropping the iterator could never stop it
-        threading.Thread(target=_produce, args=(make_generator, self._queue, self._stop), daemon=True).start()
+        self._thread = threading.Thread(target=_produce, args=(make_generator, self._queue, self._stop), daemon=True)
+        self._thread.start()
 
     def __iter__(self):
         return self
@@ -173,11 +182,15 @@ class BackgroundIterator:
         raise StopIteration
 
     def close(self):
+        """Stop the thread and wait for it, so the file it read is closed when this returns
+        (the caller may rewrite it at once)."""
+        self.__del__()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __del__(self):  # dropped: tell the thread to stop, without waiting (this may run anywhere)
         self._finished = True
         self._stop.set()
-
-    def __del__(self):
-        self.close()
 
 
 def _produce(make_generator, messages, stop):

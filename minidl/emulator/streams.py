@@ -57,15 +57,21 @@ class Timeline:
     def enqueue(self):
         """A new operation on this stream: returns its number, after every implicit ordering."""
         self.clock += 1
-        _merge(self.known, host_known)
+        self.known = self.known_to_next()
+        return self.clock
+
+    def known_to_next(self):
+        """What the next operation on this stream will be ordered after: what it knows, what the
+        host has seen complete, and the legacy default stream's implicit synchronisation."""
+        known = {**self.known}
+        _merge(known, host_known)
         if self.kind == "legacy":  # waits for all earlier work of the GPU's blocking streams
             for other in _timelines_of(self.device_id):
                 if other.kind == "blocking":
-                    _merge(self.known, other.snapshot())
+                    _merge(known, other.snapshot())
         elif self.kind == "blocking":
-            legacy = legacy_timeline(self.device_id)
-            _merge(self.known, legacy.snapshot())
-        return self.clock
+            _merge(known, legacy_timeline(self.device_id).snapshot())
+        return known
 
     def orders(self, other, number):
         """Is operation `number` of `other` complete before this stream's next operation?"""
@@ -184,8 +190,7 @@ def record(timeline, number, reads=(), writes=(), what="an operation"):
 def check_free(allocation_name, home, access):
     """An allocation goes back to the pool of `home`: every other stream must be done with it."""
     with _lock:
-        known = {**home.known}
-        _merge(known, host_known)
+        known = home.known_to_next()  # the pool hands the memory out only to later work of `home`
         for other, number, where in access.users():
             if other is not home and known.get(other, 0) < number:
                 message = (f"{allocation_name} went back to the memory pool of {home} while {other} "

@@ -63,6 +63,8 @@ def _run(kind, fn, args, kwargs, writes=(), what=None):
     host_args = _unwrap(list(args), reads)
     host_kwargs = {k: _unwrap(v, reads) for k, v in kwargs.items()}
     out = kwargs.get("out")
+    if isinstance(out, tuple) and len(out) == 1:  # how NumPy passes out= to __array_ufunc__
+        out = out[0]
     if isinstance(out, ndarray):
         writes = list(writes) + [out]
     result = fn(*host_args, **host_kwargs)

@@ -78,7 +78,8 @@ class Layer:
         for p in self._params.values():
             data = p.numpy() if target is not None else p.data
             if dtype is not None:
-                data = data.astype(dtype)
+                with p.device:  # a cast on the GPU runs on its own device's stream
+                    data = data.astype(dtype)
             moved = Tensor(data, device=target or p.device)
             p.data, p.device, p.grad = moved.data, moved.device, None
         if target is not None and self.device is not None:

@@ -1,4 +1,5 @@
 """Layers without parameters: ReLU, LRN, MaxPool2d, Dropout, Flatten."""
+import itertools
 import zlib
 
 from minidl.functions import flatten, relu
@@ -39,14 +40,20 @@ class MaxPool2d(Layer):
         return f"MaxPool2d({self.ksize}, stride {self.stride})"
 
 
+UNSEEDED = 0x5EED  # a tag in the entropy: an unseeded layer never draws Dropout(seed=n)'s masks
+_unseeded_layers = itertools.count()
+
+
 class Dropout(Layer):
     """Inverted dropout: active in train(), the identity in eval(). It draws its masks from
-    its own generator; `seed_dropout(model, n)` reseeds every Dropout of a model."""
+    its own generator; `seed_dropout(model, n)` reseeds every Dropout of a model. Without
+    a seed, the layers take distinct ones in the order they are made, so two layers never
+    draw the same masks and a script that builds its model the same way draws the same."""
 
-    def __init__(self, p=0.5, device="cpu", seed=0):
+    def __init__(self, p=0.5, device="cpu", seed=None):
         super().__init__(device)
         self.p = p
-        self.generator = MaskGenerator(seed)
+        self.generator = MaskGenerator([UNSEEDED, next(_unseeded_layers)] if seed is None else seed)
 
     def forward(self, x):
         return dropout(x, self.p, train=self.training, generator=self.generator)

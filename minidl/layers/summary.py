@@ -14,13 +14,14 @@ TRAINING_BYTES_PER_OUTPUT_BYTE = 6
 
 
 def leaf_outputs(model, input_shape, device=None):
-    """[(leaf layer, output shape, output bytes)] from one eval-mode forward pass of random input."""
+    """[(leaf layer, output, output bytes)] from one eval-mode forward pass of random input
+    (the output as a Tensor: its shape, and the device it is on, even for a layer that names none)."""
     if device is None:
         device = next((l.device for _, l in model.named_layers() if l.device is not None), "cpu")
     x = Tensor(np.random.default_rng(0).standard_normal(input_shape).astype(np.float32), device=device)
     was_training = model.training
     calls = []
-    removers = [layer.register_forward_hook(lambda l, inputs, y: calls.append((l, y.shape, y.data.nbytes)))
+    removers = [layer.register_forward_hook(lambda l, inputs, y: calls.append((l, y, y.data.nbytes)))
                 for _, layer in model.named_layers()]
     try:
         with no_grad():
@@ -37,8 +38,8 @@ def training_memory(model, image_shape):
     activations estimated from a batch-1 pass, and each parameter three times (weights,
     gradient, velocity)."""
     per_image, fixed = collections.Counter(), collections.Counter()
-    for layer, _, nbytes in leaf_outputs(model, (1,) + tuple(image_shape)):
-        per_image[layer.device] += TRAINING_BYTES_PER_OUTPUT_BYTE * nbytes
+    for _, output, nbytes in leaf_outputs(model, (1,) + tuple(image_shape)):
+        per_image[output.device] += TRAINING_BYTES_PER_OUTPUT_BYTE * nbytes
     for p in model.params():
         fixed[p.device] += 3 * p.data.nbytes
     return {dev: (per_image[dev], fixed[dev]) for dev in per_image.keys() | fixed.keys()}
@@ -47,9 +48,9 @@ def training_memory(model, image_shape):
 def summary(model, input_shape, device=None):
     """The table as a string, from one forward pass of a random batch of `input_shape`."""
     names = {id(l): name for name, l in model.named_layers()}
-    rows = [(names.get(id(l), type(l).__name__), l.describe(), str(l.device), str(tuple(shape)),
+    rows = [(names.get(id(l), type(l).__name__), l.describe(), str(l.device), str(tuple(y.shape)),
              sum(p.size for p in l._params.values()))
-            for l, shape, _ in leaf_outputs(model, input_shape, device)]
+            for l, y, _ in leaf_outputs(model, input_shape, device)]
     header = ("layer", "type", "device", "output", "params")
     table = [header] + [r[:4] + (f"{r[4]:,}",) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
