@@ -115,14 +115,17 @@ def calls_to_winograd(monkeypatch):
     return calls
 
 
-def test_auto_takes_winograd_for_3x3_stride_1_and_direct_otherwise(rng, monkeypatch):
+def test_auto_takes_winograd_for_3x3_stride_1_with_enough_channels(rng, monkeypatch):
     monkeypatch.delenv("MINIDL_CONV_ALGORITHM", raising=False)
     calls = calls_to_winograd(monkeypatch)
-    x = Tensor(rng.standard_normal((1, 2, 9, 9)))
-    conv2d(x, Tensor(rng.standard_normal((3, 2, 3, 3))), pad=1)
-    conv2d(x, Tensor(rng.standard_normal((3, 2, 3, 3))), stride=2)
-    conv2d(x, Tensor(rng.standard_normal((3, 2, 5, 5))))
-    assert calls == [(3, 2, 3, 3)]
+    x = Tensor(rng.standard_normal((1, 32, 9, 9)))
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), pad=1)
+    conv2d(x, Tensor(rng.standard_normal((32, 16, 3, 3))), groups=2)
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), stride=2)         # stride 2: direct
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))))                   # 5x5: direct
+    conv2d(x, Tensor(rng.standard_normal((8, 32, 3, 3))))                    # 8 outputs: direct
+    conv2d(x[:, :8], Tensor(rng.standard_normal((16, 8, 3, 3))))             # 8 inputs: direct
+    assert calls == [(16, 32, 3, 3), (32, 16, 3, 3)]
 
 
 @pytest.mark.parametrize("how", ["argument", "environment", "layer"])
@@ -141,6 +144,19 @@ def test_the_direct_path_stays_selectable(rng, monkeypatch, how):
         y = layer(x)
     y.sum().backward()
     assert calls == [] and x.grad is not None
+
+
+def test_results_do_not_depend_on_the_core_count(rng, monkeypatch):
+    from minidl import cpu_parallel
+    x, W, gy = rng.standard_normal((5, 6, 13, 13)), rng.standard_normal((8, 3, 3, 3)), rng.standard_normal((5, 8, 13, 13))
+    x, W, gy = (a.astype(np.float32) for a in (x, W, gy))
+
+    def step(cores):
+        monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)  # batch 5: uneven shares
+        y, saved = winograd_conv_forward(x, W, None, 1, 2)
+        return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, True))
+    for single, split in zip(step(1), step(3)):
+        np.testing.assert_array_equal(single, split)
 
 
 @pytest.mark.parametrize("kwargs, W_shape, message", [

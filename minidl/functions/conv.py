@@ -118,9 +118,10 @@ class Conv2d(Function):
     """The direct path: the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
 
     On the CPU a 3x3 stride-1 convolution goes through Winograd's algorithm
-    (winograd.py) when the algorithm is "auto" (the default) or "winograd"; the
-    direct path stays selectable with "direct". "auto" takes the direct path
-    wherever Winograd does not apply; "winograd" refuses to. The GPU takes the
+    (winograd.py) when the algorithm is "winograd", or "auto" (the default)
+    and it has enough channels to pay (winograd.pays); the direct path stays
+    selectable with "direct". "auto" takes the direct path wherever Winograd
+    does not apply; "winograd" refuses to. The GPU takes the
     direct path (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions",
     says why).
     """
@@ -131,11 +132,13 @@ class Conv2d(Function):
         self.uses_winograd = False  # whether forward took the Winograd path; backward follows it
 
     def forward_cpu(self, x, W, b=None):
+        check_arguments(x, W, b, self.stride, self.pad, self.groups)  # before the choice reads W's shape
         applies = W.shape[2:] == (3, 3) and self.stride == 1
         if self.algorithm == "winograd" and not applies:
             raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 stride-1 convolutions, got W of shape "
                               f"{W.shape} with stride {self.stride}; use algorithm 'auto' or 'direct'")
-        self.uses_winograd = applies and self.algorithm != "direct"
+        self.uses_winograd = self.algorithm == "winograd" or (
+            self.algorithm == "auto" and applies and winograd.pays(W.shape, self.groups))
         if not self.uses_winograd:
             return self._forward(im2col_cpu, x, W, b)
         y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups)
@@ -192,8 +195,8 @@ class Conv2d(Function):
 def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
     """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
 
-    algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU,
-    im2col + GEMM otherwise), "direct" (im2col + GEMM always) or "winograd"
+    algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU with
+    16 or more channels in and out per group, im2col + GEMM otherwise), "direct" (im2col + GEMM always) or "winograd"
     (a MinidlError where it does not apply); None reads the environment
     variable MINIDL_CONV_ALGORITHM, and "auto" when that is unset.
     """
