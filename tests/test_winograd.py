@@ -3,7 +3,7 @@ reference and the direct path, float64 gradient checks, float32 error, and the a
 import numpy as np
 import pytest
 
-from minidl import Tensor, gradcheck
+from minidl import Tensor, cpu_parallel, gradcheck
 from minidl.errors import MinidlError
 from minidl.functions import conv2d, winograd
 from minidl.functions.winograd import TRANSFORMS, winograd_conv_backward, winograd_conv_forward
@@ -146,14 +146,14 @@ def test_the_direct_path_stays_selectable(rng, monkeypatch, how):
     assert calls == [] and x.grad is not None
 
 
-def test_results_do_not_depend_on_the_core_count(rng, monkeypatch):
-    from minidl import cpu_parallel
-    x, W, gy = rng.standard_normal((5, 6, 13, 13)), rng.standard_normal((8, 3, 3, 3)), rng.standard_normal((5, 8, 13, 13))
-    x, W, gy = (a.astype(np.float32) for a in (x, W, gy))
+@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
+def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, tile):
+    shapes = (5, 6, 13, 13), (8, 3, 3, 3), (5, 8, 13, 13)
+    x, W, gy = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
 
     def step(cores):
         monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)  # batch 5: uneven shares
-        y, saved = winograd_conv_forward(x, W, None, 1, 2)
+        y, saved = winograd_conv_forward(x, W, None, 1, 2, tile)
         return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, True))
     for single, split in zip(step(1), step(3)):
         np.testing.assert_array_equal(single, split)

@@ -39,20 +39,22 @@ Backward. Every step above is linear, so the gradients are its adjoints, in
 reverse order: gM = A gY A^T per tile; the weight gradient
 gU[p] = gM[p] @ V[p]^T summed over the tiles, then gW = G^T gU G; the input
 gradient gV[p] = U[p]^T @ gM[p], then gd = B gV B^T per tile, summed back
-into the input where tiles overlap (conv.py's col2im). They are the exact
+into the input where tiles overlap (scatter_tiles). They are the exact
 adjoints of the forward: float64 gradient checks pass.
 
 Error. The transforms multiply and add values of different sizes (F(4x4)'s
 B^T has entries 4 and -5, its A^T up to 8, its G 1/6 and 1/24), so rounding
-errors grow: in float32, against a float64 direct convolution, F(2x2) is about
-as accurate as the direct float32 path and F(4x4) several times less (see
-tests/test_winograd.py and benchmarks/NOTES.md for the numbers), still far
-below what training notices.
+errors grow. In float32, against a float64 direct convolution at AlexNet's
+conv4 shape, the direct path is off by about 3e-7 of the output's size (rms),
+F(2x2) by 4e-7 and F(4x4) by 3e-6 (largest errors 4e-7, 7e-7 and 1e-5 of the
+largest output): the gradients likewise (tests/test_winograd.py,
+benchmarks/NOTES.md). Far below what training notices, and F(4x4) is used
+where it saves the most multiplications (fastest_tile).
 """
 import numpy as np
 
 from minidl.cpu_parallel import in_parallel
-# conv imports this module for Conv2d and this module uses conv's im2col and col2im:
+# conv imports this module for Conv2d, and this module checks arguments with conv's check:
 # a module import (attributes looked up at call time) works whichever is imported first
 from minidl.functions import conv
 from minidl.errors import MinidlError
@@ -181,7 +183,8 @@ def winograd_conv_backward(gy, W_shape, saved, needs=(True, True, False)):
     gM = (f.output.T.astype(gy.dtype) @ gy_blocks).reshape(positions, V.shape[1], -1)  # A gY A^T
     del gy_blocks
     if needs[1]:
-        gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)  # (t*t, G, out/G, C/G), summed over tiles
+        # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the product
+        gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
         gW = (gU.reshape(positions, -1).T @ f.filter.astype(gU.dtype)).reshape(W_shape)  # G^T gU G
     if needs[0]:
         gV = np.empty_like(V)
