@@ -10,7 +10,9 @@ grid-stride loop, so the launch size is capped and tensors beyond 2^31
 elements still work.
 
 `launch` is the one way a kernel is run: it packs every argument as the exact
-C type of its parameter, so no module packs sizes on its own.
+C type of its parameter, so no module packs sizes on its own. A kernel over
+many arrays at once (the optimiser's, one launch per device) takes tables of
+pointers, `T* const*`, made by `address_table`.
 
 CuPy compiles RawKernels with -ftz=true: in float32, denormal inputs and
 results (|x| < 1.2e-38) are flushed to zero on the GPU, where NumPy and the
@@ -28,6 +30,7 @@ from minidl.errors import MinidlError
 
 _CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
+_TABLE_TYPE = np.dtype(np.uint64)  # address_table's rows: T* const* (device addresses) or unsigned long long*
 _THREADS = 256
 _MAX_BLOCKS = 65535 * 8  # enough to fill any GPU; the grid-stride loop covers the rest
 
@@ -91,7 +94,8 @@ def launch(cu_file, name, dtype, total, *args):
 
     Each argument is packed as its C parameter's exact type, by one rule: a
     device array is passed C-contiguous and must hold T, or int32 for an index
-    array; a Python int is a long long (np.int64); a Python float is a T. (A
+    array, or uint64 for a row of an address_table; a Python int is a long long
+    (np.int64); a Python float is a T. (A
     float64 array into a float* would be read as garbage, not converted; a
     non-contiguous array is copied, so an output must come from `empty`, or
     the kernel would write into the copy.)
@@ -106,12 +110,33 @@ def launch(cu_file, name, dtype, total, *args):
 def _pack(arg, dtype, what):
     cp = cupy()
     if isinstance(arg, cp.ndarray):
-        if arg.dtype not in (dtype, _INDEX_TYPE):
-            raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} (or int32 indices) is needed")
+        if arg.dtype not in (dtype, _INDEX_TYPE, _TABLE_TYPE):
+            raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} "
+                              "(or int32 indices, or a uint64 table) is needed")
         return cp.ascontiguousarray(arg)
     if isinstance(arg, bool) or not isinstance(arg, (int, float)):  # bool: an int, but never meant as one
         raise MinidlError(f"kernel {what}: a device array, int or float is needed, got {type(arg).__name__}")
     return np.int64(arg) if isinstance(arg, int) else dtype.type(arg)
+
+
+def address_table(rows):
+    """A uint64 array on the current GPU, one row per list in `rows`, in one copy from the host.
+
+    A row of device arrays holds their addresses, for a `T* const*` parameter
+    (pass `table[i]`); a row of ints holds the ints, for an `unsigned long long*`.
+    The arrays must be C-contiguous (the kernel indexes them flat) and the
+    caller keeps them alive until the kernel has run.
+    """
+    cp = cupy()
+    host = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=_TABLE_TYPE)
+    for i, row in enumerate(rows):
+        for j, item in enumerate(row):
+            if isinstance(item, cp.ndarray):
+                if not item.flags.c_contiguous:
+                    raise MinidlError(f"address_table: row {i} item {j} is not C-contiguous")
+                item = item.data.ptr
+            host[i, j] = item
+    return cp.asarray(host)
 
 
 def kernel_sources():

@@ -1,18 +1,33 @@
-// The momentum update of optim.py, fused: one pass over a parameter instead of
-// six elementwise operations (each a launch and a full read or write of w, g or v).
-// The order of the arithmetic is the NumPy path's, (m*v - decay*w) - lr*g, so
-// results agree (up to NVRTC's contraction into FMAs on a real GPU).
+// The momentum update of optim.py, fused: one launch updates every parameter of a
+// device, where the elementwise path takes six operations per parameter (each a
+// launch and a full read or write of w, g or v). The parameters come as tables of
+// pointers (w, g, v: one entry per parameter) and `ends`, the running total of
+// their sizes: element i of the concatenation is element i - ends[k-1] of
+// parameter k, the first k with i < ends[k]. The order of the arithmetic is the
+// NumPy path's, (m*v - decay*w) - lr*g, so results agree (up to NVRTC's
+// contraction into FMAs on a real GPU).
 
 template <typename T>
-__global__ void momentum_update(T* w, const T* g, T* v, long long total, T momentum, T decay, T lr) {
+__global__ void momentum_update(T* const* w, const T* const* g, T* const* v, const unsigned long long* ends,
+                                long long count, long long total, T momentum, T decay, T lr) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        T velocity = momentum * v[i] - decay * w[i] - lr * g[i];
-        v[i] = velocity;
-        w[i] += velocity;
+        long long lo = 0, hi = count - 1;  // binary search: a device has tens of parameters
+        while (lo < hi) {
+            long long mid = (lo + hi) / 2;
+            if ((unsigned long long)i < ends[mid]) hi = mid;
+            else lo = mid + 1;
+        }
+        long long j = i - (lo ? (long long)ends[lo - 1] : 0);
+        T velocity = momentum * v[lo][j] - decay * w[lo][j] - lr * g[lo][j];
+        v[lo][j] = velocity;
+        w[lo][j] += velocity;
     }
 }
 
-template __global__ void momentum_update<float>(float*, const float*, float*, long long, float, float, float);
-template __global__ void momentum_update<double>(double*, const double*, double*, long long, double, double,
+template __global__ void momentum_update<float>(float* const*, const float* const*, float* const*,
+                                                const unsigned long long*, long long, long long, float, float,
+                                                float);
+template __global__ void momentum_update<double>(double* const*, const double* const*, double* const*,
+                                                 const unsigned long long*, long long, long long, double, double,
                                                  double);

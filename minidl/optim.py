@@ -9,8 +9,9 @@ decay inside the velocity:
 (PyTorch's SGD keeps lr outside the buffer, v <- m*v + g; w <- w - lr*v, which
 differs from this as soon as lr changes.)
 
-On a GPU each parameter's update is one kernel (optim.cu), not six elementwise
-operations; on the CPU it is NumPy's in-place operations, a block per core.
+On a GPU one kernel (optim.cu) updates all parameters of a device (of one
+dtype), where the elementwise path takes six operations per parameter; on the
+CPU the update is NumPy's in-place operations, a block per core.
 """
 import math
 
@@ -31,6 +32,7 @@ class MomentumSGD:
 
     def step(self):
         with no_grad():
+            on_gpus = {}  # (device, dtype) -> launches, each [(w, g, v), ...]: made after the loop
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
@@ -41,15 +43,22 @@ class MomentumSGD:
                 elif v.device is not p.device or v.dtype != p.dtype:  # the layer was moved (Layer.to)
                     v = Tensor(v.numpy().astype(p.dtype), device=p.device)
                 self.velocities[i] = v
-                with p.device:
-                    self._update(p.data, p.grad.data, v.data)
+                if p.device.is_cuda:
+                    launches = on_gpus.setdefault((p.device, p.dtype), [[]])
+                    if any(w is p.data for w, _, _ in launches[-1]):
+                        # listed twice (a shared layer): updated twice, as on the CPU, so in a second launch,
+                        # not by two threads of one writing the same weight
+                        launches.append([])
+                    launches[-1].append((p.data, p.grad.data, v.data))
+                else:
+                    with p.device:
+                        self._update_cpu(p.data, p.grad.data, v.data)
+            for (device, dtype), launches in on_gpus.items():
+                with device:
+                    for arrays in launches:
+                        self._update_gpu(device.xp, dtype, arrays)
 
-    def _update(self, w, g, v):
-        if not isinstance(w, np.ndarray):
-            # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type below
-            kernels.launch(CU, "momentum_update", w.dtype, w.size, w, g, v, w.size,
-                           float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
-            return
+    def _update_cpu(self, w, g, v):
         momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr, self.lr))
 
         def update(part):  # in place, a block at a time: for fc6 these arrays are 150 MB each
@@ -59,6 +68,19 @@ class MomentumSGD:
             v_part -= lr * g[part]
             w_part += v_part
         in_parallel(update, w, blocks=True)
+
+    def _update_gpu(self, xp, dtype, arrays):
+        """One kernel over every (w, g, v) of the current GPU, all of `dtype`."""
+        ws, gs, vs = zip(*arrays)
+        # the kernel reads each array flat: a gradient may be a view (copied here, kept alive by `gs`),
+        # while w and v are whole arrays (address_table refuses a non-contiguous one)
+        gs = [xp.ascontiguousarray(g) for g in gs]
+        ends = np.cumsum([w.size for w in ws]).tolist()
+        table = kernels.address_table([ws, gs, vs, ends])
+        # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in _update_cpu
+        kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2], table[3],
+                       len(ends), ends[-1], float(self.momentum), float(self.weight_decay * self.lr),
+                       float(self.lr))
 
     def grad_norm(self):
         """The L2 norm of all gradients, NaN or infinite if any gradient is: one read per device."""

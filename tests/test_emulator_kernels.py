@@ -230,6 +230,39 @@ def test_bool_int_and_byte_parameters():
         kernel.run((1, 1, 1), (1, 1, 1), kr.marshal(kernel, args, **ARRAYS)[:4] + [np.int64(4)])
 
 
+TABLES = r"""
+__global__ void gather(const float* const* in, float* const* out, const unsigned long long* sizes, int n) {
+    for (int k = 0; k < n; ++k)
+        for (unsigned long long i = 0; i < sizes[k]; ++i) out[k][i] = 2 * in[k][i];
+}
+"""
+
+
+def test_tables_of_pointers_are_arrays_of_addresses():
+    kernel = kr.compile_module(TABLES, ("gather",)).kernel("gather")
+    assert [p.ctype for p in kernel.params] == ["const float* const*", "float* const*",
+                                                "const unsigned long long*", "int"]
+    # a table's `const` is that of the arrays it points to: the first only read, the second written
+    assert [(p.table, p.const) for p in kernel.params[:2]] == [(True, True), (True, False)]
+    ins = [np.arange(3, dtype=np.float32), np.arange(5, dtype=np.float32)]
+    outs = [np.zeros_like(a) for a in ins]
+    table = lambda arrays: np.array([a.ctypes.data for a in arrays], dtype=np.uint64)  # noqa: E731
+    args = (table(ins), table(outs), np.array([3, 5], dtype=np.uint64), np.int32(2))
+    kernel.run((1, 1, 1), (1, 1, 1), kr.marshal(kernel, args, **ARRAYS))
+    for a, b in zip(ins, outs):
+        np.testing.assert_array_equal(b, 2 * a)
+    with pytest.raises(TypeError, match=r"argument 0: the C parameter is const float\* const\*, but an array of "
+                                        r"float32 is passed as float\*"):
+        kr.marshal(kernel, (ins[0],) + args[1:], **ARRAYS)
+
+
+def test_a_writable_table_is_refused_at_kernel():
+    """float** would let the kernel change the table itself; minidl's tables are T* const*."""
+    compiled = kr.compile_module("__global__ void k(float** x) {}\n", ("k",))
+    with pytest.raises(TypeError, match="kernel k: parameter 0 has a type the emulator does not support"):
+        compiled.kernel("k")
+
+
 def test_an_unsupported_parameter_type_is_refused_at_kernel():
     compiled = kr.compile_module("struct S { int a; };\n__global__ void k(float* x, S s) {}\n", ("k",))
     with pytest.raises(TypeError, match="kernel k: parameter 1 has a type the emulator does not support"):

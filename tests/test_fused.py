@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import minidl
 import minidl.functions as F
 from minidl import MinidlError, Tensor
 from minidl.functions.dropout import MaskGenerator
@@ -42,7 +43,7 @@ def operations(expected):
     assert {k: n for k, n in done.items() if n} == expected
 
 
-# --- the momentum update: one kernel per parameter
+# --- the momentum update: one kernel per device, over tables of pointers
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,8 +59,8 @@ def test_momentum_kernel_matches_the_numpy_update(rng, dtype):
             opt.lr = lr
             for p, g in zip(params, step):
                 p.grad = Tensor(g, device=dev)
-            # after the first step, which makes the velocities, one kernel per parameter
-            with operations({"kernel": len(params)} if dev == GPU and i else None):
+            # after the first step, which makes the velocities: the table's copy and one kernel
+            with operations({"copy": 1, "kernel": 1} if dev == GPU and i else None):
                 opt.step()
         optimizers[dev] = opt, params
     (cpu_opt, cpu_params), (gpu_opt, gpu_params) = optimizers["cpu"], optimizers[GPU]
@@ -67,6 +68,86 @@ def test_momentum_kernel_matches_the_numpy_update(rng, dtype):
         assert q.dtype == dtype and u.dtype == dtype
         np.testing.assert_allclose(q.numpy(), p.numpy(), **TOLERANCE[dtype])
         np.testing.assert_allclose(u, v, **TOLERANCE[dtype])
+
+
+def test_momentum_update_is_one_launch_per_device_and_dtype(rng):
+    """Parameters on two GPUs and in two dtypes, a transposed gradient and one without a gradient."""
+    hosts = [away_from_zero(rng, s, t) for s, t in [((3, 4), np.float32), ((5,), np.float32), ((2, 2), np.float64),
+                                                     ((6,), np.float32), ((4, 3), np.float32)]]
+    devices = ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:0"]
+    grads = [away_from_zero(rng, w.shape[::-1], w.dtype).T for w in hosts]  # views: copied for the kernel
+    results = {}
+    for placement in (["cpu"] * 5, devices):
+        params = [Parameter(w.copy(), device=d) for w, d in zip(hosts, placement)]
+        opt = MomentumSGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+        for _ in range(2):
+            for p, g in zip(params[:-1], grads):  # the last has no gradient: left alone
+                p.grad = Tensor(g, device=p.device)
+            opt.step()
+        results[placement[0]] = [p.numpy() for p in params]
+    for cpu, gpu, w in zip(results["cpu"], results["cuda:0"], hosts):
+        np.testing.assert_allclose(gpu, cpu, **TOLERANCE[w.dtype.type])
+    np.testing.assert_array_equal(results["cuda:0"][-1], hosts[-1])
+    if emulated():
+        from minidl.emulator.cuda import work
+        before = dict(work)
+        opt.step()
+        # cuda:0 float32, cuda:0 float64, cuda:1 float32: a table and a kernel each; and a copy of
+        # each of the two 2-D gradients, views (transposed), which the kernel reads flat
+        assert work["kernel"] - before["kernel"] == 3 and work["copy"] - before["copy"] == 3 + 2
+
+
+def test_a_parameter_listed_twice_is_updated_twice_as_on_the_cpu(rng):
+    w, g = away_from_zero(rng, (3, 5), np.float64), away_from_zero(rng, (3, 5), np.float64)
+    results = []
+    for dev in ("cpu", GPU):
+        p = Parameter(w.copy(), device=dev)
+        opt = MomentumSGD([p, p], lr=0.1)
+        for _ in range(2):
+            p.grad = Tensor(g, device=dev)
+            opt.step()
+        results.append(p.numpy())
+    np.testing.assert_allclose(results[1], results[0], **TOLERANCE[np.float64])
+
+
+@pytest.fixture
+def table_kernel():
+    """The momentum kernel of optim.cu for float32 on the current emulated GPU."""
+    from minidl import kernels
+    from minidl.optim import CU
+    return lambda *args: kernels.launch(CU, "momentum_update", np.float32, 4, *args, 1, 4, 0.5, 0.0, 1.0)
+
+
+@pytest.mark.skipif(not emulated(), reason="checks the GPU emulator: run with --emulate-gpus 2")
+def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
+    """A table's arrays are checked as the kernel's own arguments: written on another stream
+    without an event, a hazard; freed, or on another GPU, refused."""
+    from minidl import kernels
+    from minidl.device import cupy
+    from minidl.emulator import streams
+    from minidl.emulator.streams import StreamHazard
+    cp = cupy()
+    other = cp.cuda.Stream(non_blocking=True)
+    w, v = cp.ones(4, dtype=cp.float32), cp.zeros(4, dtype=cp.float32)
+    with other:
+        g = cp.full(4, 2.0, dtype=cp.float32)  # written on another stream
+    table = kernels.address_table([[w], [g], [v], [4]])
+    with pytest.raises(StreamHazard, match=r"kernel momentum_update<float> on .* reads .* written by"):
+        table_kernel(table[0], table[1], table[2], table[3])
+    streams.take_hazards()
+    cp.cuda.get_current_stream().wait_event(other.record())
+    table_kernel(table[0], table[1], table[2], table[3])
+    np.testing.assert_array_equal(w.get(), 1 - 2)  # v = 0.5 * 0 - 1 * 2; w += v
+    address = g.data.ptr
+    del g
+    stale = kernels.address_table([[w], [address], [v], [4]])
+    with pytest.raises(ValueError, match=r"argument 1: the table holds address 0x[0-9a-f]+, which is in no live"):
+        table_kernel(stale[0], stale[1], stale[2], stale[3])
+    with cp.cuda.Device(1):
+        foreign = cp.ones(4, dtype=cp.float32)
+    with pytest.raises(ValueError, match=r"resides \(1\) is different from the current device \(0\)"):
+        table = kernels.address_table([[w], [foreign], [v], [4]])
+        table_kernel(table[0], table[1], table[2], table[3])
 
 
 # --- ReLU: forward into a C-contiguous array, backward one kernel
@@ -100,7 +181,16 @@ def test_relu_of_a_transposed_view_is_c_contiguous(rng):
     np.testing.assert_array_equal(leaf.grad.numpy(), (gy_host * (y.numpy() > 0)).transpose(1, 0, 2, 3))
 
 
-# --- dropout: the mask applied from the uniforms, forward and backward
+# --- dropout: the mask made and applied in one kernel, forward and backward
+
+
+def splitmix64_uniforms(key, size):
+    """dropout.cu's uniforms written out in NumPy: splitmix64 at key + (i+1) * gamma, the top 24 bits."""
+    z = np.uint64(key) + (np.arange(size, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,15 +199,13 @@ def test_dropout_kernel_matches_the_numpy_mask(rng, dtype, p):
     x_host = away_from_zero(rng, (16, 256), dtype)
     gy_host = away_from_zero(rng, x_host.shape, dtype)
     x = Tensor(x_host, requires_grad=True, device=GPU)
-    # the uniforms (on the emulator a copy from the host, on a GPU cuRAND's kernel), in float64 only
-    # their conversion to T, and the kernel
-    with operations({"copy": 1, "kernel": 1, **({"elementwise": 1} if dtype == np.float64 else {})}):
+    with operations({"kernel": 1}):  # the key is drawn on the host
         y = F.dropout(x, p, generator=MaskGenerator(3))
-    (u,) = y.creator.saved
-    with y.device:  # read on the device's stream, after the kernel that wrote it
-        u = u.get()
+    key = y.creator.key
+    assert key == MaskGenerator(3).key_gpu(minidl.device(GPU))  # the generator's, reproducibly
     # the NumPy path's mask from the same uniforms: float32 u >= p, then the 0/1 mask times 1/(1-p) in T
-    mask = (u.astype(np.float32) >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
+    u = splitmix64_uniforms(key, x_host.size).reshape(x_host.shape)
+    mask = (u >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
     assert 0 < (mask == 0).mean() < 1
     np.testing.assert_array_equal(y.numpy(), x_host * mask)
     gy = Tensor(gy_host, device=GPU)
@@ -126,11 +214,18 @@ def test_dropout_kernel_matches_the_numpy_mask(rng, dtype, p):
     np.testing.assert_array_equal(x.grad.numpy(), gy_host * mask)
 
 
-def test_dropout_keeps_about_one_minus_p():
+def test_dropout_masks_keep_about_one_minus_p_and_differ_between_calls():
     x = Tensor(np.ones((200, 500), np.float32), device=GPU)
-    y = F.dropout(x, 0.3, generator=MaskGenerator(1)).numpy()
-    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.7)}
-    assert abs((y > 0).mean() - 0.7) < 0.01
+    generator = MaskGenerator(1)
+    first, second = (F.dropout(x, 0.3, generator=generator).numpy() for _ in range(2))
+    assert set(np.unique(first)) == {0.0, np.float32(1 / 0.7)}
+    for y in (first, second):
+        assert abs((y > 0).mean() - 0.7) < 0.01
+    # independent masks: both keep about 0.7 * 0.7 of the elements
+    assert abs(((first > 0) & (second > 0)).mean() - 0.49) < 0.01
+    # neighbouring elements are not correlated (the hash of consecutive indices)
+    kept = (first > 0).reshape(-1).astype(float)
+    assert abs(np.corrcoef(kept[:-1], kept[1:])[0, 1]) < 0.02
 
 
 # --- softmax cross-entropy: a kernel each way

@@ -13,7 +13,9 @@ types as the compiler sees them. So the Python side never parses C++ text.
 marshal(kernel, args, ...) applies CuPy's rules for kernel arguments (a Python
 int is a long long, a Python float a double, an array a pointer to its dtype)
 and checks them against those types: where a real GPU would read the wrong
-bytes and compute garbage, the emulator raises a TypeError.
+bytes and compute garbage, the emulator raises a TypeError. A table of
+pointers (`T* const*`, one kernel over many arrays) is an array of uint64
+device addresses; which arrays they name is the caller's (raw.py's) to check.
 """
 import ctypes
 import functools
@@ -44,6 +46,8 @@ DTYPES = {
     "float": np.float32, "double": np.float64,
 }
 DTYPES = {name: np.dtype(t) for name, t in DTYPES.items()}
+# The element type of an array passed for a table of pointers (`float* const*`): device addresses.
+TABLE_DTYPE = np.dtype(np.uint64)
 # How a marshalled value is named in messages: the C type CuPy passes it as.
 C_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the last wins: int64 is long long, not long
 
@@ -63,7 +67,8 @@ MINIDL_EMU_SCALAR(long) MINIDL_EMU_SCALAR(unsigned long) MINIDL_EMU_SCALAR(long 
 MINIDL_EMU_SCALAR(unsigned long long) MINIDL_EMU_SCALAR(float) MINIDL_EMU_SCALAR(double)
 #undef MINIDL_EMU_SCALAR
 
-// A parameter's element type name and flags: 1 = a pointer, 2 = to const.
+// A parameter's element type name and flags: 1 = a pointer, 2 = to const, 4 = a table of
+// pointers (T* const*, the table read-only), 8 = the arrays it points to are const.
 template <typename T> struct param {
     static const char* name() { return scalar<T>::name(); }
     static int flags() { return 0; }
@@ -71,6 +76,10 @@ template <typename T> struct param {
 template <typename T> struct param<T*> {
     static const char* name() { return scalar<typename std::remove_cv<T>::type>::name(); }
     static int flags() { return 1 | (std::is_const<T>::value ? 2 : 0); }
+};
+template <typename T> struct param<T* const*> {
+    static const char* name() { return scalar<typename std::remove_cv<T>::type>::name(); }
+    static int flags() { return 1 | 2 | 4 | (std::is_const<T>::value ? 8 : 0); }
 };
 
 // Writes up to `capacity` parameter descriptions; returns the parameter count.
@@ -136,10 +145,11 @@ class CompileError(RuntimeError):
 
 
 class Param(NamedTuple):
-    ctype: str  # as C spells it, e.g. "const float*", "long long"
-    dtype: np.dtype  # of the value, or of the element a pointer points to
+    ctype: str  # as C spells it, e.g. "const float*", "long long", "float* const*"
+    dtype: np.dtype  # of the value, or of the element a pointer (or a table's pointers) points to
     pointer: bool
-    const: bool  # a pointer to const: the kernel only reads there
+    const: bool  # a pointer to const: the kernel only reads there (for a table: where its pointers point)
+    table: bool = False  # a table of pointers, `T* const*`: an array of device addresses (uint64)
 
 
 class Kernel:
@@ -197,9 +207,10 @@ class CompiledModule:
             if names[i] is None:
                 raise TypeError(f"kernel {name_expression}: parameter {i} has a type the emulator does not "
                                 f"support; it runs bool, integer, float and double parameters, and pointers to them")
-            name, pointer, const = names[i].decode(), bool(flags[i] & 1), bool(flags[i] & 2)
-            ctype = ("const " if const else "") + name + ("*" if pointer else "")
-            params.append(Param(ctype, DTYPES[name], pointer, const))
+            name, pointer, table = names[i].decode(), bool(flags[i] & 1), bool(flags[i] & 4)
+            const = bool(flags[i] & 8) if table else bool(flags[i] & 2)
+            ctype = ("const " if const else "") + name + ("* const*" if table else "*" if pointer else "")
+            params.append(Param(ctype, DTYPES[name], pointer, const, table))
         launcher = getattr(self._library, f"minidl_launch_{k}")
         launcher.restype = None
         launcher.argtypes = [ctypes.c_void_p] * 3
@@ -333,7 +344,8 @@ def marshal(kernel, args, is_array, array_dtype, array_address):
         if is_array(arg):
             dtype = np.dtype(array_dtype(arg))
             passed_as = f"{C_NAMES.get(dtype, dtype.name)}*"
-            if not param.pointer or dtype != param.dtype:
+            # a table of pointers is an array of 64-bit device addresses
+            if not param.pointer or dtype != (TABLE_DTYPE if param.table else param.dtype):
                 raise mismatch(f"an array of {dtype}", passed_as)
             values.append(int(array_address(arg)))
             continue

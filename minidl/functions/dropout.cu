@@ -1,22 +1,32 @@
-// Inverted dropout for dropout.py, from the uniforms u the mask is drawn from:
-// an element is kept where u >= p (compared in float, as NumPy compares the
-// float32 uniforms) and then scaled by `scale` = 1/(1-p). Forward and backward
-// each apply the mask in one pass, so the mask is never stored: backward keeps
-// the uniforms instead. The product x * (scale or 0), not a select, is the
-// NumPy path's x * mask exactly (a NaN stays NaN where dropped).
+// Inverted dropout for dropout.py: y = x * mask, mask = scale (1/(1-p)) where the
+// element's uniform u >= p, else 0. The uniforms are not stored anywhere: each
+// is a counter-based hash of the call's key and the element's index, so forward
+// and backward (the same kernel on gy) recompute the same mask, and one launch
+// does what otherwise takes a random draw into memory, a comparison, a scaling
+// and a product. The product x * (scale or 0), not a select, is the NumPy path's
+// x * mask exactly (a NaN stays NaN where dropped).
 
-template <typename T>
-__device__ inline T dropout_mask(T u, T p, T scale) {
-    return static_cast<float>(u) >= static_cast<float>(p) ? scale : T(0);
+// splitmix64's output function at key + (i + 1) * its increment (the golden
+// ratio): a well-mixed 64-bit value per element and key, of which the top 24
+// bits make a float uniform in [0, 1), as exact as a float32 draw.
+__device__ inline float dropout_uniform(unsigned long long key, long long i) {
+    unsigned long long z = key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
+// key: a long long (how a Python int is passed), used as its 64 bits. The
+// comparison is in float, as NumPy compares float32 uniforms with p.
 template <typename T>
-__global__ void dropout_apply(const T* x, const T* u, T* y, long long total, T p, T scale) {
+__global__ void dropout_apply(const T* x, T* y, long long total, long long key, T p, T scale) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        y[i] = x[i] * dropout_mask(u[i], p, scale);
+        T mask = dropout_uniform((unsigned long long)key, i) >= (float)p ? scale : T(0);
+        y[i] = x[i] * mask;
     }
 }
 
-template __global__ void dropout_apply<float>(const float*, const float*, float*, long long, float, float);
-template __global__ void dropout_apply<double>(const double*, const double*, double*, long long, double, double);
+template __global__ void dropout_apply<float>(const float*, float*, long long, long long, float, float);
+template __global__ void dropout_apply<double>(const double*, double*, long long, long long, double, double);

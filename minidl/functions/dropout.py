@@ -2,17 +2,15 @@
 scale the survivors by 1/(1-p), so nothing changes at test time (the paper
 instead halved the outputs at test time; the expectation is the same).
 
-Masks come from a MaskGenerator: NumPy's generator on the CPU (keep_cpu),
-CuPy's on a GPU (uniform_gpu, the uniforms a mask is drawn from), made per
-device from one seed. Each Dropout layer
-owns one (so two models, or two towers, never share a stream of masks) and the
-trainer reseeds it every step from where the run stands, so a resumed run
-draws the same masks. The function without a generator uses a default one per
-device (`seed(n)`).
-
-On a GPU the mask is applied by one kernel (dropout.cu) straight from the
-uniforms, forward and backward, where CuPy would launch four operations to
-build and scale a mask and one to apply it; backward keeps the uniforms.
+Masks come from a MaskGenerator, per device from one seed: on the CPU NumPy's
+generator draws float32 uniforms (keep_cpu); on a GPU it draws one 63-bit key
+per call (key_gpu) and the kernel (dropout.cu) hashes the key and each
+element's index into that element's uniform, so the mask is applied in one
+launch each way and never stored. Each Dropout layer owns a generator (so two
+models, or two towers, never share a stream of masks) and the trainer reseeds
+it every step from where the run stands, so a resumed run draws the same
+masks. The function without a generator uses a default one per device
+(`seed(n)`).
 """
 import numpy as np
 
@@ -35,19 +33,16 @@ class MaskGenerator:
 
     def keep_cpu(self, device, shape, p):
         """A NumPy boolean array: True with probability 1 - p."""
-        return self._generator(device, np.random.default_rng).random(shape, dtype=np.float32) >= p
+        return self._generator(device).random(shape, dtype=np.float32) >= p
 
-    def uniform_gpu(self, device, shape):
-        """float32 uniforms in [0, 1) on `device` (the current one); keep where u >= p."""
-        def make(entropy):  # CuPy's RandomState takes one integer seed, not a list of entropy
-            seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1
-            return device.xp.random.RandomState(int(seed))
-        return self._generator(device, make).random_sample(shape, dtype=np.float32)
+    def key_gpu(self, device):
+        """The key of the GPU kernel's uniforms for one call on `device` (a host draw: no device work)."""
+        return int(self._generator(device).integers(0, 2 ** 63))
 
-    def _generator(self, device, make):
+    def _generator(self, device):
+        """NumPy's generator of `device`: the device's name is part of its seed, so it never repeats another's."""
         if device.name not in self._generators:
-            # the device's name is part of the seed: one generator never repeats another's masks
-            self._generators[device.name] = make(self._entropy + [sum(device.name.encode())])
+            self._generators[device.name] = np.random.default_rng(self._entropy + [sum(device.name.encode())])
         return self._generators[device.name]
 
 
@@ -60,7 +55,7 @@ def seed(n):
 
 
 class Dropout(Function):
-    """The CPU saves the scaled mask, the GPU the uniforms its kernel draws the mask from."""
+    """The CPU saves the scaled mask; the GPU keeps only the key its kernel makes the mask from."""
 
     def __init__(self, p, generator):
         self.p, self.generator = p, generator
@@ -76,18 +71,17 @@ class Dropout(Function):
         return gy * mask
 
     def forward_gpu(self, x):
-        # the kernel takes T arrays only; float64 (gradient checks) pays one conversion, exact
-        u = self.generator.uniform_gpu(self.device, x.shape).astype(x.dtype, copy=False)
-        self.save(u)
-        return self._apply_gpu(x, u)
+        self.key = self.generator.key_gpu(self.device)
+        return self._apply_gpu(x)
 
     def backward_gpu(self, gy):
-        (u,) = self.saved
-        return self._apply_gpu(gy.astype(u.dtype, copy=False), u)
+        return self._apply_gpu(gy)
 
-    def _apply_gpu(self, x, u):
+    def _apply_gpu(self, x):
+        """x times the mask of this call's key."""
         y = kernels.empty(x.shape, x.dtype)
-        kernels.launch(CU, "dropout_apply", x.dtype, x.size, x, u, y, x.size, float(self.p), 1.0 / (1.0 - self.p))
+        kernels.launch(CU, "dropout_apply", x.dtype, x.size, x, y, x.size, self.key, float(self.p),
+                       1.0 / (1.0 - self.p))
         return y
 
 
