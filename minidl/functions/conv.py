@@ -12,6 +12,12 @@ as the pairs below: on the CPU a strided view and a loop over the kh*kw kernel
 offsets, each core taking a share of the batch; on the GPU the kernels in
 conv.cu. col2im is a gather there (each thread sums the patches that cover its
 input element), so it needs no atomics and gives the same result on every run.
+
+On the CPU, 3x3 stride-1 convolutions with enough channels take Winograd's
+algorithm instead (winograd.py: about 0.55x the direct path's time for
+AlexNet's conv3-conv5); the `algorithm` argument of conv2d, or the
+environment variable MINIDL_CONV_ALGORITHM, chooses ("auto", "direct",
+"winograd").
 """
 import os
 
