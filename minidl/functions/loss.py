@@ -1,7 +1,7 @@
 """Softmax cross-entropy, the network's loss.
 
-On a GPU the loss is two kernels (loss.cu), forward and backward, one thread
-per row, instead of about twenty whole-array operations. Labels given as a host
+On a GPU the loss is two kernels (loss.cu), forward (a thread per row) and
+backward (a thread per element), instead of about twenty whole-array operations. Labels given as a host
 array are checked on the host, before they are copied to the device; labels
 already on a GPU are checked there, which reads two numbers back to the host
 (a wait for the device every step), so a caller that holds the labels on the
