@@ -121,15 +121,14 @@ def requested_algorithm(algorithm=None):
 
 
 class Conv2d(Function):
-    """The direct path: the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
+    """The direct path is the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
 
-    On the CPU a 3x3 stride-1 convolution goes through Winograd's algorithm
-    (winograd.py) when the algorithm is "winograd", or "auto" (the default)
-    and it has enough channels to pay (winograd.pays); the direct path stays
-    selectable with "direct". "auto" takes the direct path wherever Winograd
-    does not apply; "winograd" refuses to. The GPU takes the
-    direct path (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions",
-    says why).
+    On the CPU a 3x3 stride-1 convolution takes Winograd's algorithm
+    (winograd.py) instead when the algorithm is "winograd", or "auto" (the
+    default) and it has the channels to pay (winograd.pays); "direct" keeps
+    the direct path. Where Winograd does not apply "auto" takes the direct
+    path and "winograd" refuses. The GPU takes the direct path
+    (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions", says why).
     """
 
     def __init__(self, stride, pad, groups, algorithm=None):
@@ -201,10 +200,11 @@ class Conv2d(Function):
 def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
     """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
 
-    algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU with
-    16 or more channels in and out per group, im2col + GEMM otherwise), "direct" (im2col + GEMM always) or "winograd"
-    (a MinidlError where it does not apply); None reads the environment
-    variable MINIDL_CONV_ALGORITHM, and "auto" when that is unset.
+    algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU
+    with 16 or more channels in and out per group, im2col + GEMM otherwise),
+    "direct" (im2col + GEMM always) or "winograd" (a MinidlError where it
+    does not apply); None reads the environment variable
+    MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
     """
     f = Conv2d(stride, pad, groups, algorithm)
     return f(x, W) if b is None else f(x, W, b)
