@@ -242,7 +242,7 @@ def numpy_loss_and_gradient(logits, labels):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("labels_on", ["host", "device"])
+@pytest.mark.parametrize("labels_on", ["host", "device", "device, checked"])
 def test_softmax_cross_entropy_kernels_match_numpy(rng, dtype, labels_on):
     n, classes = 9, 37
     logits_host = (rng.standard_normal((n, classes)) * 5).astype(dtype)
@@ -251,11 +251,13 @@ def test_softmax_cross_entropy_kernels_match_numpy(rng, dtype, labels_on):
     host = labels_on == "host"
     if not host:
         labels = Tensor(labels, device=GPU)
-    # host labels: checked on the host, copied as int32; device labels: min and max read back, int32 made there
-    expected = ({"copy": 1, "kernel": 1, "reduction": 1} if host else
-                {"copy": 2, "reduction": 3, "elementwise": 1, "kernel": 1})
+    # host labels: checked on the host, copied as int32; device labels: int32 made there, and
+    # unless vouched for, min and max read back; then the kernel and the mean of its rows
+    expected = {"copy": 1, "kernel": 1, "reduction": 1} if host else (
+        {"elementwise": 1, "kernel": 1, "reduction": 1} if "checked" in labels_on else
+        {"copy": 2, "reduction": 3, "elementwise": 1, "kernel": 1})
     with operations(expected):
-        loss = F.softmax_cross_entropy(logits, labels)
+        loss = F.softmax_cross_entropy(logits, labels, checked="checked" in labels_on)
     with operations({"elementwise": 1, "kernel": 1}):  # the gradient 1 of the loss, and the kernel
         loss.backward()
     value, grad = numpy_loss_and_gradient(logits_host, labels if host else labels.numpy())
@@ -264,10 +266,16 @@ def test_softmax_cross_entropy_kernels_match_numpy(rng, dtype, labels_on):
     np.testing.assert_allclose(logits.grad.numpy(), grad, **TOLERANCE[dtype])
 
 
-def test_device_labels_out_of_range_are_refused_on_the_gpu():
-    logits = Tensor(np.ones((2, 3), np.float32), device=GPU)
-    with pytest.raises(MinidlError, match=r"a label is outside 0\.\.2: labels range 0\.\.3"):
-        F.softmax_cross_entropy(logits, Tensor(np.array([0, 3]), device=GPU))
+def test_device_labels_out_of_range_are_refused_on_the_gpu_or_give_nan_where_vouched_for():
+    logits = Tensor(np.ones((3, 3), np.float32), device=GPU)
+    bad = Tensor(np.array([0, 3, -1]), device=GPU)
+    with pytest.raises(MinidlError, match=r"a label is outside 0\.\.2: labels range -1\.\.3"):
+        F.softmax_cross_entropy(logits, bad)
+    # the caller's word taken: no read back, and the kernel reads nothing outside a row
+    assert np.isnan(F.softmax_cross_entropy(logits, bad, checked=True).item())
+    # host labels are checked on the host whatever the caller says: it costs no wait
+    with pytest.raises(MinidlError, match=r"a label is outside 0\.\.2"):
+        F.softmax_cross_entropy(logits, np.array([0, 3, 1]), checked=True)
 
 
 def test_a_training_step_of_a_small_net_matches_the_cpu(rng):

@@ -18,7 +18,10 @@ __global__ void log_softmax_nll(const T* logits, const int* labels, T* log_p, T*
         for (long long c = 0; c < classes; ++c) sum += exp(x[c] - top);
         T log_sum = log(sum);
         for (long long c = 0; c < classes; ++c) out[c] = (x[c] - top) - log_sum;
-        row_loss[r] = -out[labels[r]];
+        // a label outside 0..C-1 (possible only where the caller vouched for labels it did not
+        // check) gives a NaN loss, never a read outside the row
+        int label = labels[r];
+        row_loss[r] = label >= 0 && label < classes ? -out[label] : T(nan(""));
     }
 }
 

@@ -1,11 +1,12 @@
 """Softmax cross-entropy, the network's loss.
 
 On a GPU the loss is two kernels (loss.cu), forward (a thread per row) and
-backward (a thread per element), instead of about twenty whole-array operations. Labels given as a host
-array are checked on the host, before they are copied to the device; labels
-already on a GPU are checked there, which reads two numbers back to the host
-(a wait for the device every step), so a caller that holds the labels on the
-host passes them as they are.
+backward (a thread per element), instead of about twenty whole-array
+operations. Labels given as a host array are checked on the host, before they
+are copied to the device. Labels already on a GPU are checked there, which
+reads two numbers back to the host (a wait for the device every step), unless
+the caller vouches for them (`checked=True`, as for labels the loader checked
+when it read them); a label out of range then gives a NaN loss.
 """
 import numpy as np
 
@@ -42,10 +43,10 @@ class SoftmaxCrossEntropy(Function):
     """Mean over the batch of -log softmax(logits)[label]."""
 
     def __init__(self, labels_checked=False):
-        self.labels_checked = labels_checked
+        self.labels_checked = labels_checked  # on a GPU: whether to skip reading the labels back
 
     def forward_cpu(self, logits, labels):
-        _check(logits, labels, read_labels=not self.labels_checked)
+        _check(logits, labels, read_labels=True)  # host memory: a check costs no wait
         n = logits.shape[0]
         log_p = log_softmax_array(np, logits)
         self.save(log_p, labels)
@@ -61,7 +62,7 @@ class SoftmaxCrossEntropy(Function):
     def forward_gpu(self, logits, labels):
         _check(logits, labels, read_labels=not self.labels_checked)
         n, classes = logits.shape
-        labels = labels.astype(np.int32, copy=False)  # checked to be in 0..classes-1: they fit
+        labels = labels.astype(np.int32, copy=False)  # in 0..classes-1 (checked or vouched for): they fit
         log_p = kernels.empty(logits.shape, logits.dtype)
         row_loss = kernels.empty((n,), logits.dtype)
         kernels.launch(CU, "log_softmax_nll", logits.dtype, n, logits, labels, log_p, row_loss, n, classes)
@@ -76,13 +77,17 @@ class SoftmaxCrossEntropy(Function):
         return gx, None
 
 
-def softmax_cross_entropy(logits, labels):
-    """The loss of `logits` (N, C) for integer `labels` (N,): a Tensor or device array (checked on
-    its device), or a host array or list (checked here on the host, before its copy to the device)."""
+def softmax_cross_entropy(logits, labels, checked=False):
+    """The loss of `logits` (N, C) for integer `labels` (N,).
+
+    Labels are a host array or list (checked here, on the host), or a Tensor or
+    device array, checked on its device unless `checked` says they are known to
+    be in 0..C-1 already: a GPU then computes without reading them back.
+    """
     if isinstance(labels, Tensor):
-        return SoftmaxCrossEntropy()(logits, labels)
+        return SoftmaxCrossEntropy(checked)(logits, labels)
     if is_array(labels) and not isinstance(labels, np.ndarray):
-        return SoftmaxCrossEntropy()(logits, Tensor(labels, device=logits.device))
+        return SoftmaxCrossEntropy(checked)(logits, Tensor(labels, device=logits.device))
     labels = np.asarray(labels)
     _check(logits.data, labels, read_labels=True)
     if logits.device.is_cuda:
