@@ -29,6 +29,8 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
+
 from minidl.atomic import remove_stale_temporaries
 from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
 from minidl.core import Tensor
@@ -208,9 +210,11 @@ class Run:
             # each rank its own masks for its own rows; one process (rank 0 of 1) keeps the plain step seed
             seed_dropout(model, step_seed(self.seed, self.epoch, self.batch) * self.world.size + self.world.rank)
             x = Tensor(images, device=model.input_device)
-            y = Tensor(labels, device=model.output_device)
+            y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
             logits = model(x)
-            loss = softmax_cross_entropy(logits, y)
+            # the dataset's reader checked every label against its classes, and check_labels those against
+            # the model's: no per-step check, which on a GPU would wait for a read back
+            loss = softmax_cross_entropy(logits, y, checked=True)
             self.optimizer.zero_grad()
             loss.backward()
             if self.buckets:

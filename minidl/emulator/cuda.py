@@ -7,11 +7,13 @@ that device only (no peer access). Device memory is counted against a limit
 per GPU (MINIDL_EMULATE_GPU_MEMORY, in GiB) and fresh memory is filled with
 NaN (floats) or a sentinel (integers), so a read of memory nobody wrote shows.
 """
+import bisect
 import collections
 import itertools
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -228,6 +230,44 @@ def fill_uninitialised(array):
     array.fill(_SENTINEL[kind] if kind in _SENTINEL else np.iinfo(array.dtype).max)
 
 
+class _LiveAllocations:
+    """Every live allocation by its start address, to find the one an address points into
+    (a kernel's table of pointers names arrays by address only)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._starts = []  # sorted start addresses
+        self._by_start = {}  # start address -> weak reference to its Allocation
+
+    def add(self, allocation):
+        start = allocation.host.ctypes.data
+        with self._lock:
+            if start not in self._by_start:
+                bisect.insort(self._starts, start)
+            self._by_start[start] = weakref.ref(allocation)
+
+    def remove(self, allocation):
+        start = allocation.host.ctypes.data
+        with self._lock:
+            ref = self._by_start.get(start)
+            if ref is not None and ref() in (None, allocation):  # not a newer allocation at the same address
+                del self._by_start[start]
+                del self._starts[bisect.bisect_left(self._starts, start)]
+
+    def at(self, address):
+        """The live allocation holding `address`, or None."""
+        with self._lock:
+            k = bisect.bisect_right(self._starts, address) - 1
+            ref = self._by_start.get(self._starts[k]) if k >= 0 else None
+        allocation = ref() if ref is not None else None
+        if allocation is None or address >= allocation.host.ctypes.data + max(allocation.nbytes, 1):
+            return None
+        return allocation
+
+
+live_allocations = _LiveAllocations()
+
+
 class Allocation:
     """One block of device memory: a host array standing in for it, its stream and its access record."""
 
@@ -245,6 +285,7 @@ class Allocation:
         self.home = get_current_stream().timeline
         self.access = streams.Access()
         self.made_at = streams.caller()
+        live_allocations.add(self)
         for hook in list(_hooks):
             hook.malloc_postprocess(device_id=device_id, size=nbytes, mem_size=nbytes,
                                     mem_ptr=host.ctypes.data, pmem_id=id(self))
@@ -255,6 +296,7 @@ class Allocation:
     def __del__(self):
         try:
             _used[self.device_id] -= self.nbytes
+            live_allocations.remove(self)
             streams.check_free(repr(self), self.home, self.access)
             for hook in list(_hooks):
                 hook.free_postprocess(device_id=self.device_id, mem_size=self.nbytes,

@@ -9,14 +9,9 @@ A table of pointers (`T* const*`, an array of device addresses) is a read of
 the table and, through it, of every array it names (a write for `T* const*`,
 a read for `const T* const*`): each address must lie in live memory of the
 current device, as a real kernel would otherwise read freed or foreign memory.
-The addresses are mapped back to their allocations by a memory hook that sees
-every allocation made (`_Addresses`).
+The addresses are mapped back to their allocations through the emulator's
+register of live allocations (cuda.live_allocations).
 """
-import bisect
-import ctypes
-import threading
-import weakref
-
 from minidl.emulator import cuda, kernel_runner
 from minidl.emulator.cuda import operation
 from minidl.emulator.xp import ndarray
@@ -38,61 +33,23 @@ class RawKernel:
         for i, (param, arg) in enumerate(zip(self._kernel.params, args)):
             if param.table:
                 reads.append(arg)
-                (reads if param.const else writes).extend(_ADDRESSES.arrays(arg, f"kernel {self.name} argument {i}"))
+                (reads if param.const else writes).extend(_arrays_named_by(arg, f"kernel {self.name} argument {i}"))
             elif param.pointer:
                 (reads if param.const else writes).append(arg)
         operation("kernel", reads=reads, writes=writes, stream=stream, what=f"kernel {self.name}")
         self._kernel.run(_dims(grid), _dims(block), values)
 
 
-class _Addresses(cuda.MemoryHook):
-    """The allocation each live device address lies in, for the arrays a table of pointers names."""
-
-    name = "minidl-emulator-addresses"
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._starts = []  # sorted start addresses of live allocations
-        self._allocations = {}  # start address -> weak reference to its cuda.Allocation
-
-    def malloc_postprocess(self, mem_ptr, pmem_id, **kwargs):
-        # pmem_id is id() of the Allocation (emulator/cuda.py), alive while this hook runs from its __init__
-        allocation = ctypes.cast(pmem_id, ctypes.py_object).value
-        with self._lock:
-            if mem_ptr not in self._allocations:
-                bisect.insort(self._starts, mem_ptr)
-            self._allocations[mem_ptr] = weakref.ref(allocation)
-
-    def free_postprocess(self, mem_ptr, pmem_id, **kwargs):
-        with self._lock:
-            ref = self._allocations.get(mem_ptr)
-            if ref is not None and (ref() is None or id(ref()) == pmem_id):
-                del self._allocations[mem_ptr]
-                del self._starts[bisect.bisect_left(self._starts, mem_ptr)]
-
-    def arrays(self, table, what):
-        """Emulated arrays standing for the whole allocations the addresses in `table` point into."""
-        found = []
-        for address in table._host.reshape(-1).tolist():
-            allocation = self._find(address)
-            if allocation is None:
-                raise ValueError(f"{what}: the table holds address {address:#x}, which is in no live array of "
-                                 "an emulated GPU (freed, or never device memory)")
-            found.append(ndarray._view(allocation.host, allocation))
-        return found
-
-    def _find(self, address):
-        with self._lock:
-            k = bisect.bisect_right(self._starts, address) - 1
-            ref = self._allocations.get(self._starts[k]) if k >= 0 else None
-        allocation = ref() if ref is not None else None
-        if allocation is None or address >= allocation.host.ctypes.data + max(allocation.nbytes, 1):
-            return None
-        return allocation
-
-
-_ADDRESSES = _Addresses()
-cuda._hooks.append(_ADDRESSES)  # for the life of the process: every allocation from here on
+def _arrays_named_by(table, what):
+    """Emulated arrays standing for the whole allocations the addresses in `table` point into."""
+    found = []
+    for address in table._host.reshape(-1).tolist():
+        allocation = cuda.live_allocations.at(address)
+        if allocation is None:
+            raise ValueError(f"{what}: the table holds address {address:#x}, which is in no live array of "
+                             "an emulated GPU (freed, or never device memory)")
+        found.append(ndarray._view(allocation.host, allocation))
+    return found
 
 
 class RawModule:
