@@ -3,11 +3,11 @@
 Every operation has one shape. Function.forward and Function.backward make the
 CPU/GPU choice, by the device of the inputs: they run `forward_cpu` or
 `forward_gpu` (and `backward_cpu` or `backward_gpu`), matching pairs side by
-side in conv, pooling and LRN, and for dropout's forward (its masks' generator).
-Where one array-module path (`xp = self.device.xp`) serves both devices, as
-for the arithmetic, reduction, shape, linear, loss, activation and transfer
-operations (and dropout's backward), the operation overrides `forward` or
-`backward` itself.
+side in conv, pooling, LRN, ReLU, dropout and the loss, whose GPU halves are
+kernels in the .cu file beside each (fused: one pass where NumPy takes
+several). Where one array-module path (`xp = self.device.xp`) serves both
+devices, as for the arithmetic, reduction, shape, linear and transfer
+operations, the operation overrides `forward` or `backward` itself.
 GPU kernels run through minidl.kernels.launch.
 
 Each module holds one kind of operation. The Tensor's operators (+, *, @, [...])
