@@ -186,13 +186,30 @@ def test_winograd_refuses_bad_input(W_shape, kwargs, message):
 
 
 @pytest.mark.gpu
-def test_gpus_take_the_direct_path(rng, monkeypatch):
+def test_auto_keeps_gpus_on_the_direct_path(rng, monkeypatch):
+    monkeypatch.delenv("MINIDL_CONV_ALGORITHM", raising=False)
     calls = calls_to_winograd(monkeypatch)
-    x = rng.standard_normal((2, 4, 7, 7))
-    W = rng.standard_normal((6, 2, 3, 3))
-    y_gpu = conv2d(Tensor(x, device="cuda:0"), Tensor(W, device="cuda:0"), pad=1, groups=2)
-    y_cpu = conv2d(Tensor(x), Tensor(W), pad=1, groups=2, algorithm="winograd")
-    np.testing.assert_allclose(y_gpu.numpy(), y_cpu.numpy(), rtol=1e-10, atol=1e-10)
-    assert len(calls) == 1  # the CPU's
-    with pytest.raises(MinidlError, match="Winograd algorithm runs on the CPU only"):
-        conv2d(Tensor(x, device="cuda:0"), Tensor(W, device="cuda:0"), groups=2, algorithm="winograd")
+    x = Tensor(rng.standard_normal((2, 32, 7, 7)), device="cuda:0")
+    W = Tensor(rng.standard_normal((16, 32, 3, 3)), device="cuda:0")
+    conv2d(x, W, pad=1)
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
+@pytest.mark.parametrize("shape, out, pad, groups", [((2, 4, 7, 6), 6, 1, 2), ((3, 2, 6, 5), 3, 0, 1)])
+def test_on_a_gpu_matches_the_cpu_and_passes_gradcheck(rng, monkeypatch, tile, shape, out, pad, groups):
+    monkeypatch.setattr(winograd, "fastest_tile", lambda oh, ow: tile)
+    arrays = [rng.standard_normal(shape), rng.standard_normal((out, shape[1] // groups, 3, 3)),
+              rng.standard_normal(out)]
+    gy = rng.standard_normal((shape[0], out, shape[2] + 2 * pad - 2, shape[3] + 2 * pad - 2))
+    results = []
+    for dev in ("cpu", "cuda:0"):
+        inputs = [Tensor(a, requires_grad=True, device=dev) for a in arrays]
+        y = conv2d(*inputs, pad=pad, groups=groups, algorithm="winograd")
+        y.backward(Tensor(gy, device=dev))
+        results.append([y.numpy()] + [t.grad.numpy() for t in inputs])
+    for on_cpu, on_gpu in zip(*results):
+        np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-10, atol=1e-10)
+    inputs = [Tensor(a, requires_grad=True, device="cuda:0") for a in arrays]
+    gradcheck(lambda *a: conv2d(*a, pad=pad, groups=groups, algorithm="winograd"), *inputs)

@@ -17,7 +17,7 @@ On the CPU, 3x3 stride-1 convolutions with enough channels take Winograd's
 algorithm instead (winograd.py: about 0.55x the direct path's time for
 AlexNet's conv3-conv5); the `algorithm` argument of conv2d, or the
 environment variable MINIDL_CONV_ALGORITHM, chooses ("auto", "direct",
-"winograd").
+"winograd"; on a GPU only "winograd" takes it).
 """
 import os
 
@@ -123,12 +123,13 @@ def requested_algorithm(algorithm=None):
 class Conv2d(Function):
     """The direct path is the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
 
-    On the CPU a 3x3 stride-1 convolution takes Winograd's algorithm
-    (winograd.py) instead when the algorithm is "winograd", or "auto" (the
-    default) and it has the channels to pay (winograd.pays); "direct" keeps
-    the direct path. Where Winograd does not apply "auto" takes the direct
-    path and "winograd" refuses. The GPU takes the direct path
-    (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions", says why).
+    A 3x3 stride-1 convolution takes Winograd's algorithm (winograd.py)
+    instead when the algorithm is "winograd", or on the CPU when it is "auto"
+    (the default) and there are the channels to pay (winograd.pays);
+    "direct" keeps the direct path. Where Winograd does not apply "auto"
+    takes the direct path and "winograd" refuses. On a GPU "auto" takes the
+    direct path (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions",
+    says why).
     """
 
     def __init__(self, stride, pad, groups, algorithm=None):
@@ -137,34 +138,37 @@ class Conv2d(Function):
         self.uses_winograd = False  # whether forward took the Winograd path; backward follows it
 
     def forward_cpu(self, x, W, b=None):
+        return self._forward_by_algorithm(im2col_cpu, x, W, b, auto_winograd=True)
+
+    def forward_gpu(self, x, W, b=None):
+        # "auto" keeps the GPU on the direct path: Winograd there is unmeasured (see NOTES.md)
+        return self._forward_by_algorithm(im2col_gpu, x, W, b, auto_winograd=False)
+
+    def backward_cpu(self, gy):
+        return self._winograd_backward(gy) if self.uses_winograd else self._backward(col2im_cpu, gy)
+
+    def backward_gpu(self, gy):
+        return self._winograd_backward(gy) if self.uses_winograd else self._backward(col2im_gpu, gy)
+
+    def _forward_by_algorithm(self, im2col, x, W, b, auto_winograd):
         check_arguments(x, W, b, self.stride, self.pad, self.groups)  # before the choice reads W's shape
         applies = W.shape[2:] == (3, 3) and self.stride == 1
         if self.algorithm == "winograd" and not applies:
             raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 stride-1 convolutions, got W of shape "
                               f"{W.shape} with stride {self.stride}; use algorithm 'auto' or 'direct'")
         self.uses_winograd = self.algorithm == "winograd" or (
-            self.algorithm == "auto" and applies and winograd.pays(W.shape, self.groups))
+            self.algorithm == "auto" and auto_winograd and applies and winograd.pays(W.shape, self.groups))
         if not self.uses_winograd:
-            return self._forward(im2col_cpu, x, W, b)
+            return self._forward(im2col, x, W, b)
         y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups)
         self.save(saved, W.shape)
         return y
 
-    def forward_gpu(self, x, W, b=None):
-        if self.algorithm == "winograd":
-            raise MinidlError("conv2d: the Winograd algorithm runs on the CPU only; on a GPU use 'auto' or 'direct'")
-        return self._forward(im2col_gpu, x, W, b)
-
-    def backward_cpu(self, gy):
-        if not self.uses_winograd:
-            return self._backward(col2im_cpu, gy)
+    def _winograd_backward(self, gy):
         saved, W_shape = self.saved
         needs = (*self.needs_grad, False)[:3]  # the bias, when there is one, is the third input
         gx, gW, gb = winograd.winograd_conv_backward(gy, W_shape, saved, needs)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
-
-    def backward_gpu(self, gy):
-        return self._backward(col2im_gpu, gy)
 
     def _forward(self, im2col, x, W, b):
         oh, ow = check_arguments(x, W, b, self.stride, self.pad, self.groups)
@@ -202,9 +206,9 @@ def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
 
     algorithm: "auto" (Winograd for 3x3 stride-1 convolutions on the CPU
     with 16 or more channels in and out per group, im2col + GEMM otherwise),
-    "direct" (im2col + GEMM always) or "winograd" (a MinidlError where it
-    does not apply); None reads the environment variable
-    MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
+    "direct" (im2col + GEMM always) or "winograd" (on either device; a
+    MinidlError where it does not apply); None reads the environment
+    variable MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
     """
     f = Conv2d(stride, pad, groups, algorithm)
     return f(x, W) if b is None else f(x, W, b)

@@ -1,4 +1,4 @@
-"""Winograd minimal filtering for 3x3 stride-1 convolutions on the CPU.
+"""Winograd minimal filtering for 3x3 stride-1 convolutions (conv2d's choice on the CPU).
 
 Why. A direct 3x3 convolution spends 9 multiplications per output pixel and
 (input, output) channel pair. Winograd's F(m x m, 3 x 3) (Lavin & Gray 2016,
@@ -42,6 +42,13 @@ gradient gV[p] = U[p]^T @ gM[p], then gd = B gV B^T per tile, summed back
 into the input where tiles overlap (scatter_tiles). They are the exact
 adjoints of the forward: float64 gradient checks pass.
 
+Devices. Everything but the tile copies is matrix products, the same code
+for NumPy and CuPy arrays. The copies are a pair per device: on the CPU
+NumPy copies in a channels-last layout, each core taking a share of the
+batch; on a GPU the two kernels of winograd.cu (the scatter a gather per
+pixel, as conv.cu's col2im, so no atomics). conv2d's "auto" takes this path
+on the CPU only (benchmarks/NOTES.md says why); "winograd" takes it anywhere.
+
 Error. The transforms multiply and add values of different sizes (F(4x4)'s
 B^T has entries 4 and -5, its A^T up to 8, its G 1/6 and 1/24), so rounding
 errors grow. In float32, against a float64 direct convolution at AlexNet's
@@ -53,7 +60,9 @@ where it saves the most multiplications (fastest_tile).
 """
 import numpy as np
 
+from minidl import kernels
 from minidl.cpu_parallel import in_parallel
+from minidl.device import cupy
 # conv imports this module for Conv2d, and this module checks arguments with conv's check:
 # a module import (attributes looked up at call time) works whichever is imported first
 from minidl.functions import conv
@@ -69,6 +78,10 @@ class Transform:
         self.input = np.kron(self.BT, self.BT)    # (t*t, t*t): flattened d -> flattened B^T d B
         self.filter = np.kron(self.G, self.G)     # (t*t, 9):   flattened g -> flattened G g G^T
         self.output = np.kron(self.AT, self.AT)   # (m*m, t*t): flattened M -> flattened A^T M A
+
+    def matrix(self, name, xp, dtype):
+        """The Kronecker matrix `name` ("input", "filter" or "output") as an array of xp (a copy to the GPU)."""
+        return xp.asarray(getattr(self, name), dtype=dtype)
 
 
 # Lavin & Gray 2016, section 4.1 (F(2x2)) and 4.2 (F(4x4)); interpolation points 0, +-1 (, +-2), infinity
@@ -133,7 +146,8 @@ class Saved:
 def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
     """conv2d(x, W, b, stride=1, pad, groups) for 3x3 W by F(tile x tile, 3x3): (y, Saved for the backward).
 
-    tile: 2 or 4, or None for fastest_tile's choice.
+    tile: 2 or 4, or None for fastest_tile's choice. NumPy arrays run on the
+    CPU, CuPy arrays on their GPU (the tile copies as winograd.cu's kernels).
     """
     oh, ow = conv.check_arguments(x, W, b, 1, pad, groups)
     if W.shape[2:] != (3, 3):
@@ -143,31 +157,29 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
     if tile not in TRANSFORMS:
         raise MinidlError(f"winograd tile must be one of {sorted(TRANSFORMS)}, got {tile}")
     f = TRANSFORMS[tile]
-    n, c, h, w = x.shape
+    xp, gather, scatter = _device_parts(x)
+    n, c = x.shape[:2]
     out = W.shape[0]
     tiles_h, tiles_w = -(-oh // f.m), -(-ow // f.m)
     positions = f.t * f.t
 
-    # the overlapping t x t input tiles, with zeros where they pass the (padded) input
-    x_last = to_channels_last(x, pad, tiles_h * f.m + 2, tiles_w * f.m + 2)
-    d = gather_tiles(x_last, f.t, f.m, tiles_h, tiles_w)  # (t*t, tiles*C)
-    del x_last
-    V = (f.input.astype(x.dtype) @ d).reshape(positions, -1, c)  # (t*t, tiles, C): B^T d B of every tile
+    d = gather(x, f.t, f.m, pad, tiles_h, tiles_w)  # (t*t, tiles*C): the overlapping input tiles
+    V = (f.matrix("input", xp, x.dtype) @ d).reshape(positions, -1, c)  # (t*t, tiles, C): B^T d B of every tile
     del d
-    U = transform_filters(f, W, groups)
-    M = np.empty((positions, V.shape[1], out), dtype=x.dtype)
+    U = transform_filters(f, W, groups, xp)
+    M = xp.empty((positions, V.shape[1], out), dtype=x.dtype)
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
-    np.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
-    y_blocks = f.output.astype(x.dtype) @ M.reshape(positions, -1)  # (m*m, tiles*out): A^T M A
+    xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
+    y_blocks = f.matrix("output", xp, x.dtype) @ M.reshape(positions, -1)  # (m*m, tiles*out): A^T M A
     del M
-    y_last = scatter_tiles(y_blocks, f.m, n, tiles_h, tiles_w)
-    return from_channels_last(y_last, 0, oh, ow, b), Saved(V, U, x.shape, pad, groups, tile)
+    y = scatter(y_blocks, f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)  # the overhang cut off
+    return y, Saved(V, U, x.shape, pad, groups, tile)
 
 
 def winograd_conv_backward(gy, W_shape, saved, needs=(True, True, False)):
     """(gx, gW, gb) of winograd_conv_forward, each None unless `needs` asks for it."""
     f = TRANSFORMS[saved.tile]
-    n, c, h, w = saved.x_shape
+    xp, gather, scatter = _device_parts(gy)
     oh, ow = gy.shape[2:]
     tiles_h, tiles_w = -(-oh // f.m), -(-ow // f.m)
     positions = f.t * f.t
@@ -176,30 +188,34 @@ def winograd_conv_backward(gy, W_shape, saved, needs=(True, True, False)):
     gx = gW = gb = None
     if needs[2]:
         gb = gy.sum(axis=(0, 2, 3))
-    # the adjoint of cutting the overhang off is zeros there; then gy's m x m blocks, tile by tile
-    gy_last = to_channels_last(gy, 0, tiles_h * f.m, tiles_w * f.m)
-    gy_blocks = gather_tiles(gy_last, f.m, f.m, tiles_h, tiles_w)  # (m*m, tiles*out)
-    del gy_last
-    gM = (f.output.T.astype(gy.dtype) @ gy_blocks).reshape(positions, V.shape[1], -1)  # A gY A^T
+    # gy's m x m blocks, tile by tile, with zeros on the overhang (the adjoint of cutting it off)
+    gy_blocks = gather(gy, f.m, f.m, 0, tiles_h, tiles_w)  # (m*m, tiles*out)
+    gM = (f.matrix("output", xp, gy.dtype).T @ gy_blocks).reshape(positions, V.shape[1], -1)  # A gY A^T
     del gy_blocks
     if needs[1]:
         # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the product
         gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
-        gW = (gU.reshape(positions, -1).T @ f.filter.astype(gU.dtype)).reshape(W_shape)  # G^T gU G
+        gW = (gU.reshape(positions, -1).T @ f.matrix("filter", xp, gU.dtype)).reshape(W_shape)  # G^T gU G
     if needs[0]:
-        gV = np.empty_like(V)
-        np.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
-        gd = f.input.T.astype(gV.dtype) @ gV.reshape(positions, -1)  # (t*t, tiles*C): B gV B^T
+        gV = xp.empty_like(V)
+        xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
+        gd = f.matrix("input", xp, gV.dtype).T @ gV.reshape(positions, -1)  # (t*t, tiles*C): B gV B^T
         del gV
-        gx_last = scatter_tiles(gd, f.m, n, tiles_h, tiles_w)
-        gx = from_channels_last(gx_last, saved.pad, h, w)
+        gx = scatter(gd, f.t, f.m, saved.pad, saved.x_shape, tiles_h, tiles_w)  # overlaps summed
     return gx, gW, gb
 
 
-def transform_filters(f, W, groups):
+def _device_parts(array):
+    """(array module, gather, scatter) for the array's device: NumPy's, or CuPy's and winograd.cu's kernels."""
+    if isinstance(array, np.ndarray):
+        return np, gather_cpu, scatter_cpu
+    return cupy(), gather_gpu, scatter_gpu
+
+
+def transform_filters(f, W, groups, xp=np):
     """U = G g G^T of every filter, as (t*t, groups, out/groups, in/groups)."""
     out, cg = W.shape[:2]
-    U = f.filter.astype(W.dtype) @ W.reshape(out * cg, 9).T  # (t*t, out*C/G), contiguous
+    U = f.matrix("filter", xp, W.dtype) @ W.reshape(out * cg, 9).T  # (t*t, out*C/G), contiguous
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
@@ -209,7 +225,41 @@ def by_group(a, groups):
     return a.reshape(positions, tiles, groups, channels // groups).transpose(0, 2, 1, 3)
 
 
-# --- Layouts. The tile work runs with the channels last (N, H, W, C): every copy and add then
+# --- The tile copies: gather (N, C, H, W) maps into (t*t, tiles*C) tiles, and scatter (sum) them back
+
+CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatter_tiles"))
+
+
+def gather_cpu(x, t, m, pad, tiles_h, tiles_w):
+    """The t x t windows at stride m of x padded by `pad` (zeros past its edges), as (t*t, tiles*C)."""
+    x_last = to_channels_last(x, pad, (tiles_h - 1) * m + t, (tiles_w - 1) * m + t)
+    return gather_tiles(x_last, t, m, tiles_h, tiles_w)
+
+
+def scatter_cpu(tiles, t, m, pad, shape, tiles_h, tiles_w, b=None):
+    """The adjoint of gather_cpu: maps of `shape` (N, C, H, W), each pixel the sum of the tiles holding it; + b."""
+    n, c, h, w = shape
+    return from_channels_last(scatter_tiles(tiles, m, n, tiles_h, tiles_w), pad, h, w, b)
+
+
+def gather_gpu(x, t, m, pad, tiles_h, tiles_w):
+    n, c, h, w = x.shape
+    tiles = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
+    kernels.launch(CU, "gather_tiles", x.dtype, tiles.size, x, tiles, tiles.size, n, c, h, w, t, m, pad,
+                   tiles_h, tiles_w)
+    return tiles
+
+
+def scatter_gpu(tiles, t, m, pad, shape, tiles_h, tiles_w, b=None):
+    out = kernels.empty(shape, tiles.dtype)
+    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, tiles, out, out.size, *shape, t, m, pad,
+                   tiles_h, tiles_w)
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1)
+    return out
+
+
+# --- The CPU's layouts. The tile work runs with the channels last (N, H, W, C): every copy and add then
 # moves whole rows of channels, where in NCHW it would move runs of 2 to 7 pixels, which NumPy
 # does at a fraction of the speed. Tiles are numbered (image, tile row, tile column).
 
