@@ -1,4 +1,4 @@
-"""Winograd 3x3 convolution (minidl/functions/winograd.py): its matrices, values against a NumPy
+"""Winograd 3x3 and 5x5 convolution (minidl/functions/winograd.py): its matrices, values against a NumPy
 reference and the direct path, float64 gradient checks, float32 error, and the algorithm choice."""
 import numpy as np
 import pytest
@@ -6,7 +6,9 @@ import pytest
 from minidl import Tensor, cpu_parallel, gradcheck
 from minidl.errors import MinidlError
 from minidl.functions import conv2d, winograd
-from minidl.functions.winograd import TRANSFORMS, winograd_conv_backward, winograd_conv_forward
+from minidl.functions.winograd import TRANSFORMS, Transform, toom_cook, winograd_conv_backward, winograd_conv_forward
+
+KEYS = sorted(TRANSFORMS, key=lambda key: key[::-1])  # (m, r): F(m x m, r x r), the 3x3 ones first
 
 
 def reference_conv(x, W, b, pad, groups):
@@ -34,26 +36,71 @@ def direct(x, W, b, pad, groups, gy):
     return [y.data] + [t.grad.data for t in inputs]
 
 
-@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
-def test_the_matrices_compute_a_one_dimensional_correlation(tile, rng):
-    f = TRANSFORMS[tile]
-    d, g = rng.standard_normal(f.t), rng.standard_normal(3)
-    expected = [d[i:i + 3] @ g for i in range(f.m)]
+@pytest.mark.parametrize("m, r", KEYS)
+def test_the_matrices_compute_a_one_dimensional_correlation(m, r, rng):
+    f = TRANSFORMS[m, r]
+    assert (f.m, f.r, f.t) == (m, r, m + r - 1)
+    d, g = rng.standard_normal(f.t), rng.standard_normal(r)
+    expected = [d[i:i + r] @ g for i in range(m)]
     np.testing.assert_allclose(f.AT @ ((f.G @ g) * (f.BT @ d)), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
-@pytest.mark.parametrize("shape, out, pad, groups, bias", [
-    ((2, 3, 7, 7), 5, 1, 1, True),     # odd size, padded
-    ((3, 4, 8, 6), 6, 0, 2, False),    # even sizes, no padding, groups
-    ((2, 6, 13, 13), 4, 1, 2, True),   # AlexNet's map size
-    ((1, 2, 3, 5), 2, 0, 1, True),     # one output row: tiles mostly overhang
-])
-def test_matches_the_reference_and_the_direct_path(rng, tile, shape, out, pad, groups, bias):
+# Lavin & Gray 2016, sections 4.1 and 4.2: the hand-written 3x3 matrices minidl used before toom_cook
+LAVIN_GRAY = {
+    (2, 3): ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+             [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+             [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    (4, 3): ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+              [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+             [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+             [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(LAVIN_GRAY))
+def test_the_generated_3x3_matrices_are_lavin_and_grays(key):
+    """The same matrices up to the signs of some positions' rows and columns, which cancel in each position's
+    product A^T[:, j] (G g)_j (B^T d)_j: the same arithmetic, bit for bit. F(4x4) is equal outright."""
+    f = TRANSFORMS[key]
+    ours, theirs = (f.BT, f.G, f.AT), [np.array(matrix, dtype=np.float64) for matrix in LAVIN_GRAY[key]]
+    for got, want in zip(ours, theirs):
+        np.testing.assert_array_equal(np.abs(got), np.abs(want))
+    for j in range(f.t):
+        np.testing.assert_array_equal(np.einsum("i,k,l->ikl", f.AT[:, j], f.G[j], f.BT[j]),
+                                      np.einsum("i,k,l->ikl", theirs[2][:, j], theirs[1][j], theirs[0][j]))
+    if key == (4, 3):
+        for got, want in zip(ours, theirs):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_bad_points_or_matrices_are_refused():
+    with pytest.raises(ValueError, match=r"F\(2, 3\) needs 3 distinct finite points"):
+        toom_cook(2, 3, (0, 1, 1))
+    BT, G, AT = toom_cook(2, 3, (0, 1, -1))
+    G[1][0] *= 2
+    with pytest.raises(ValueError, match=r"F\(2, 3\): the matrices are off the correlation by 5.0e-01"):
+        Transform(BT, G, AT)
+
+
+def cases(r):
+    """(shape, out, pad, groups, bias) for r x r filters: sizes odd and even, pad 0 and (r - 1) / 2, groups 1 and 2."""
+    same = r // 2
+    return [
+        ((2, 3, 7, 7), 5, same, 1, True),          # odd size, padded
+        ((3, 4, 8, 6 + r - 3), 6, 0, 2, False),    # even and odd sizes, no padding, groups
+        ((2, 6, 13, 13), 4, same, 2, True),        # AlexNet's conv3-conv5 map size
+        ((1, 2, r, r + 2), 2, 0, 1, True),         # one output row: tiles mostly overhang
+    ] + ([((2, 4, 27, 27), 6, same, 1, True)] if r == 5 else [])  # conv2's: 9 tiles of F(3x3) exactly
+
+
+@pytest.mark.parametrize("m, r, shape, out, pad, groups, bias",
+                         [(m, r) + case for m, r in KEYS for case in cases(r)])
+def test_matches_the_reference_and_the_direct_path(rng, m, r, shape, out, pad, groups, bias):
     x = rng.standard_normal(shape)
-    W = rng.standard_normal((out, shape[1] // groups, 3, 3))
+    W = rng.standard_normal((out, shape[1] // groups, r, r))
     b = rng.standard_normal(out) if bias else None
-    y, saved = winograd_conv_forward(x, W, b, pad, groups, tile)
+    y, saved = winograd_conv_forward(x, W, b, pad, groups, m)
     np.testing.assert_allclose(y, reference_conv(x, W, b, pad, groups), rtol=1e-10, atol=1e-10)
     gy = rng.standard_normal(y.shape)
     gx, gW, gb = winograd_conv_backward(gy, W.shape, saved, (True, True, bias))
@@ -63,12 +110,13 @@ def test_matches_the_reference_and_the_direct_path(rng, tile, shape, out, pad, g
     assert y.flags.c_contiguous and y.dtype == x.dtype
 
 
-@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
-@pytest.mark.parametrize("shape, out, pad, groups", [((2, 4, 5, 6), 6, 1, 2), ((3, 2, 6, 5), 3, 0, 1)])
-def test_gradients_pass_gradcheck(rng, monkeypatch, tile, shape, out, pad, groups):
-    monkeypatch.setattr(winograd, "fastest_tile", lambda oh, ow: tile)  # conv2d's choice, fixed for the check
+@pytest.mark.parametrize("m, r", KEYS)
+@pytest.mark.parametrize("shape, out, same_pad, groups", [((2, 4, 5, 6), 6, True, 2), ((3, 2, 6, 5), 3, False, 1)])
+def test_gradients_pass_gradcheck(rng, monkeypatch, m, r, shape, out, same_pad, groups):
+    monkeypatch.setattr(winograd, "fastest_tile", lambda oh, ow, r: m)  # conv2d's choice, fixed for the check
+    pad = r // 2 if same_pad else 0
     x = Tensor(rng.standard_normal(shape), requires_grad=True)
-    W = Tensor(rng.standard_normal((out, shape[1] // groups, 3, 3)), requires_grad=True)
+    W = Tensor(rng.standard_normal((out, shape[1] // groups, r, r)), requires_grad=True)
     b = Tensor(rng.standard_normal(out), requires_grad=True)
     gradcheck(lambda *a: conv2d(*a, pad=pad, groups=groups, algorithm="winograd"), x, W, b)
 
@@ -82,26 +130,32 @@ def test_only_the_wanted_gradients_are_computed(rng):
     assert winograd_conv_backward(np.ones((2, 4, 6, 6)), W.shape, saved, (False, True, False))[::2] == (None, None)
 
 
-@pytest.mark.parametrize("tile, bound", [(2, 3e-6), (4, 5e-5)])
-def test_float32_error_against_float64_direct(rng, tile, bound):
-    """Relative to the largest value, at AlexNet conv4's shape (batch 4): F(2x2) is close to the direct
-    float32 path (about 4e-7 here), F(4x4) some 10x worse (about 1e-5), from its larger matrix entries."""
-    x = rng.standard_normal((4, 192, 13, 13))
-    W = rng.standard_normal((192, 192, 3, 3)) * np.sqrt(2 / (192 * 9))  # He's scale: outputs about 1
-    gy = rng.standard_normal((4, 192, 13, 13))
-    exact = direct(x, W, None, 1, 1, gy)
-    y, saved = winograd_conv_forward(x.astype(np.float32), W.astype(np.float32), None, 1, 1, tile)
+@pytest.mark.parametrize("m, r, bound", [(2, 3, 3e-6), (4, 3, 5e-5), (2, 5, 2e-5), (3, 5, 5e-5), (4, 5, 5e-5)])
+def test_float32_error_against_float64_direct(rng, m, r, bound):
+    """Relative to the largest value, at AlexNet's shapes (batch 4): for 3x3 conv4's, where F(2x2) is close
+    to the direct float32 path (about 4e-7 here), F(4x4) some 10x worse (about 1e-5), from its larger matrix
+    entries; for 5x5 conv2's (48 -> 128, 27x27), where F(2x2) is off by about 5e-6 and F(3x3) and F(4x4) by
+    about 1.5e-5 (the direct path 4e-7)."""
+    c, out, size = (192, 192, 13) if r == 3 else (48, 128, 27)
+    x = rng.standard_normal((4, c, size, size))
+    W = rng.standard_normal((out, c, r, r)) * np.sqrt(2 / (c * r * r))  # He's scale: outputs about 1
+    gy = rng.standard_normal((4, out, size, size))
+    exact = direct(x, W, None, r // 2, 1, gy)
+    y, saved = winograd_conv_forward(x.astype(np.float32), W.astype(np.float32), None, r // 2, 1, m)
     gx, gW, _ = winograd_conv_backward(gy.astype(np.float32), W.shape, saved, (True, True, False))
     for name, got, want in zip(("y", "gx", "gW"), (y, gx, gW), exact):
         assert got.dtype == np.float32
         error = np.abs(got - want).max() / np.abs(want).max()
-        assert error < bound, f"{name}: relative error {error:.2e} with F({tile}x{tile}, 3x3)"
+        assert error < bound, f"{name}: relative error {error:.2e} with F({m}x{m}, {r}x{r})"
 
 
 def test_tile_choice_counts_multiplications():
     assert winograd.fastest_tile(13, 13) == 4  # 36 * 4*4 = 576 against 16 * 7*7 = 784
     assert winograd.fastest_tile(6, 6) == 2    # 144 each: the tie goes to the more accurate
     assert winograd.fastest_tile(1, 1) == 2
+    assert winograd.fastest_tile(27, 27, 5) == 4  # conv2: 64 * 7*7 = 3136, 49 * 9*9 = 3969, 36 * 14*14 = 7056
+    assert winograd.fastest_tile(6, 6, 5) == 3    # 49 * 2*2 = 196, 64 * 2*2 = 256, 36 * 3*3 = 324
+    assert winograd.fastest_tile(2, 2, 5) == 2
 
 
 def calls_to_winograd(monkeypatch):
@@ -115,17 +169,20 @@ def calls_to_winograd(monkeypatch):
     return calls
 
 
-def test_auto_takes_winograd_for_3x3_stride_1_with_enough_channels(rng, monkeypatch):
+def test_auto_takes_winograd_for_3x3_and_5x5_stride_1_with_enough_channels(rng, monkeypatch):
     monkeypatch.delenv("MINIDL_CONV_ALGORITHM", raising=False)
     calls = calls_to_winograd(monkeypatch)
     x = Tensor(rng.standard_normal((1, 32, 9, 9)))
     conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), pad=1)
     conv2d(x, Tensor(rng.standard_normal((32, 16, 3, 3))), groups=2)
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))), pad=2)
     conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), stride=2)         # stride 2: direct
-    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))))                   # 5x5: direct
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))), stride=2)         # stride 2: direct
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 7, 7))))                   # 7x7: direct
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 5))))                   # not square: direct
     conv2d(x, Tensor(rng.standard_normal((8, 32, 3, 3))))                    # 8 outputs: direct
-    conv2d(x[:, :8], Tensor(rng.standard_normal((16, 8, 3, 3))))             # 8 inputs: direct
-    assert calls == [(16, 32, 3, 3), (32, 16, 3, 3)]
+    conv2d(x[:, :8], Tensor(rng.standard_normal((16, 8, 5, 5))))             # 8 inputs: direct
+    assert calls == [(16, 32, 3, 3), (32, 16, 3, 3), (16, 32, 5, 5)]
 
 
 @pytest.mark.parametrize("how", ["argument", "environment", "layer"])
@@ -146,14 +203,14 @@ def test_the_direct_path_stays_selectable(rng, monkeypatch, how):
     assert calls == [] and x.grad is not None
 
 
-@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
-def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, tile):
-    shapes = (5, 6, 13, 13), (8, 3, 3, 3), (5, 8, 13, 13)
+@pytest.mark.parametrize("m, r", KEYS)
+def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, m, r):
+    shapes = (5, 6, 13, 13), (8, 3, r, r), (5, 8, 13, 13)
     x, W, gy = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
 
     def step(cores):
         monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)  # batch 5: uneven shares
-        y, saved = winograd_conv_forward(x, W, None, 1, 2, tile)
+        y, saved = winograd_conv_forward(x, W, None, r // 2, 2, m)
         return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, True))
     for single, split in zip(step(1), step(3)):
         np.testing.assert_array_equal(single, split)
@@ -161,8 +218,8 @@ def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, tile):
 
 @pytest.mark.parametrize("kwargs, W_shape, message", [
     (dict(algorithm="fast"), (2, 3, 3, 3), r"conv2d algorithm must be one of auto, direct, winograd; got 'fast'"),
-    (dict(algorithm="winograd"), (2, 3, 5, 5), r"Winograd algorithm is for 3x3 stride-1 convolutions"),
-    (dict(algorithm="winograd", stride=2), (2, 3, 3, 3), r"Winograd algorithm is for 3x3 stride-1 convolutions"),
+    (dict(algorithm="winograd"), (2, 3, 7, 7), r"Winograd algorithm is for 3x3 or 5x5 stride-1 convolutions"),
+    (dict(algorithm="winograd", stride=2), (2, 3, 5, 5), r"Winograd algorithm is for 3x3 or 5x5 stride-1"),
 ])
 def test_bad_choices_are_refused(kwargs, W_shape, message):
     with pytest.raises(MinidlError, match=message):
@@ -176,8 +233,10 @@ def test_a_bad_environment_variable_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("W_shape, kwargs, message", [
-    ((2, 3, 5, 5), {}, r"winograd convolution is for 3x3 filters, got W of shape \(2, 3, 5, 5\)"),
-    ((2, 3, 3, 3), {"tile": 3}, r"winograd tile must be one of \[2, 4\], got 3"),
+    ((2, 3, 7, 7), {}, r"winograd convolution is for 3x3 or 5x5 filters, got W of shape \(2, 3, 7, 7\)"),
+    ((2, 3, 3, 5), {}, r"winograd convolution is for 3x3 or 5x5 filters, got W of shape \(2, 3, 3, 5\)"),
+    ((2, 3, 3, 3), {"tile": 3}, r"winograd tile for 3x3 filters must be one of \[2, 4\], got 3"),
+    ((2, 3, 5, 5), {"tile": 5}, r"winograd tile for 5x5 filters must be one of \[2, 3, 4\], got 5"),
     ((2, 4, 3, 3), {}, r"input has 3 channels but W of shape \(2, 4, 3, 3\)"),
 ])
 def test_winograd_refuses_bad_input(W_shape, kwargs, message):
@@ -196,13 +255,14 @@ def test_auto_keeps_gpus_on_the_direct_path(rng, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", sorted(TRANSFORMS))
-@pytest.mark.parametrize("shape, out, pad, groups", [((2, 4, 7, 6), 6, 1, 2), ((3, 2, 6, 5), 3, 0, 1)])
-def test_on_a_gpu_matches_the_cpu_and_passes_gradcheck(rng, monkeypatch, tile, shape, out, pad, groups):
-    monkeypatch.setattr(winograd, "fastest_tile", lambda oh, ow: tile)
-    arrays = [rng.standard_normal(shape), rng.standard_normal((out, shape[1] // groups, 3, 3)),
+@pytest.mark.parametrize("m, r", KEYS)
+@pytest.mark.parametrize("shape, out, same_pad, groups", [((2, 4, 7, 6), 6, True, 2), ((3, 2, 6, 5), 3, False, 1)])
+def test_on_a_gpu_matches_the_cpu_and_passes_gradcheck(rng, monkeypatch, m, r, shape, out, same_pad, groups):
+    monkeypatch.setattr(winograd, "fastest_tile", lambda oh, ow, r: m)
+    pad = r // 2 if same_pad else 0  # for 5x5 the input tiles overlap by 4: up to 4 tiles a pixel per side
+    arrays = [rng.standard_normal(shape), rng.standard_normal((out, shape[1] // groups, r, r)),
               rng.standard_normal(out)]
-    gy = rng.standard_normal((shape[0], out, shape[2] + 2 * pad - 2, shape[3] + 2 * pad - 2))
+    gy = rng.standard_normal((shape[0], out, shape[2] + 2 * pad - r + 1, shape[3] + 2 * pad - r + 1))
     results = []
     for dev in ("cpu", "cuda:0"):
         inputs = [Tensor(a, requires_grad=True, device=dev) for a in arrays]

@@ -1,8 +1,9 @@
 // The tile copies of winograd.py on the GPU. Layouts: maps x (N, C, H, W); tiles
 // (t, t, N, TH, TW, C), the position in the tile first, so that each position's
 // products are one GEMM, as on the CPU. Tile (i, j) covers the rows i*m - pad ..
-// i*m - pad + t - 1 of x and the columns likewise; t = m + 2 for input tiles, t = m
-// for output blocks. Indices are 64-bit and every kernel is a grid-stride loop.
+// i*m - pad + t - 1 of x and the columns likewise; t = m + r - 1 for input tiles of
+// r x r filters (neighbours overlap by r - 1), t = m for output blocks. Indices are
+// 64-bit and every kernel is a grid-stride loop.
 
 #include "window.cuh"
 

@@ -1,27 +1,30 @@
-"""Winograd minimal filtering for 3x3 stride-1 convolutions (conv2d's choice on the CPU).
+"""Winograd minimal filtering for 3x3 and 5x5 stride-1 convolutions (conv2d's choice on the CPU).
 
-Why. A direct 3x3 convolution spends 9 multiplications per output pixel and
-(input, output) channel pair. Winograd's F(m x m, 3 x 3) (Lavin & Gray 2016,
-"Fast Algorithms for Convolutional Neural Networks") computes an m x m block
-of outputs from a t x t input tile, t = m + 2, with t*t multiplications
-instead of 9*m*m: 16 instead of 36 for F(2x2, 3x3) (2.25x fewer), 36 instead
-of 144 for F(4x4, 3x3) (4x fewer). The channel sums stay matrix products.
+Why. A direct r x r convolution spends r*r multiplications per output pixel
+and (input, output) channel pair. Winograd's F(m x m, r x r) (Lavin & Gray
+2016, "Fast Algorithms for Convolutional Neural Networks") computes an m x m
+block of outputs from a t x t input tile, t = m + r - 1, with t*t
+multiplications instead of r*r*m*m: 16 instead of 36 for F(2x2, 3x3) (2.25x
+fewer), 36 instead of 144 for F(4x4, 3x3) (4x fewer), 64 instead of 400 for
+F(4x4, 5x5) (6.25x fewer). The channel sums stay matrix products.
 
-How. In one dimension, F(m, 3) gives m outputs of the correlation of an input
-d (t values) with a filter g (3 values) as
+How. In one dimension, F(m, r) gives m outputs of the correlation of an input
+d (t values) with a filter g (r values) as
 
     y = A^T [(G g) * (B^T d)]          (* elementwise, t products)
 
-and in two dimensions, for a t x t input tile d and a 3x3 filter g,
+and in two dimensions, for a t x t input tile d and an r x r filter g,
 
     Y = A^T [(G g G^T) * (B^T d B)] A.
 
-B^T (t x t), G (t x 3) and A^T (m x t) come from polynomial interpolation
-at t points (0, +-1, +-2, ... and infinity); they are the matrices below. For a
-convolution layer, U = G g G^T is the transformed filter for each (output,
-input) channel pair and V = B^T d B the transformed input for each (input
-channel, tile) pair. The sum over input channels commutes with the transforms,
-so for each of the t*t transform positions p the layer is ONE matrix product
+B^T (t x t), G (t x r) and A^T (m x t) come from polynomial interpolation
+at t points (0, +-1, +-2, +-1/2, ... and infinity): toom_cook builds them
+exactly from the points in POINTS, and Transform checks that they compute the
+correlation. For a convolution layer, U = G g G^T is the transformed filter
+for each (output, input) channel pair and V = B^T d B the transformed input
+for each (input channel, tile) pair. The sum over input channels commutes
+with the transforms, so for each of the t*t transform positions p the layer
+is ONE matrix product
 
     M[p] = U[p] @ V[p]      (out, in) @ (in, tiles)  ->  (out, tiles)
 
@@ -30,8 +33,8 @@ Y = A^T M A per tile gives the output. The transforms are written as products
 with Kronecker matrices (kron(B^T, B^T) maps a flattened tile to its flattened
 transform), so they too run in the BLAS.
 
-Tiles. Output tiles are m x m; input tiles overlap by 2. The input is padded
-with zeros on the right and bottom so that whole tiles cover the output
+Tiles. Output tiles are m x m; input tiles overlap by r - 1. The input is
+padded with zeros on the right and bottom so that whole tiles cover the output
 (13x13 maps take 7x7 tiles of F(2x2) = 14x14 outputs, or 4x4 tiles of F(4x4)
 = 16x16); the outputs past the real map are cut off.
 
@@ -49,15 +52,21 @@ batch; on a GPU the two kernels of winograd.cu (the scatter a gather per
 pixel, as conv.cu's col2im, so no atomics). conv2d's "auto" takes this path
 on the CPU only (benchmarks/NOTES.md says why); "winograd" takes it anywhere.
 
-Error. The transforms multiply and add values of different sizes (F(4x4)'s
+Error. The transforms multiply and add values of different sizes (F(4x4, 3x3)'s
 B^T has entries 4 and -5, its A^T up to 8, its G 1/6 and 1/24), so rounding
 errors grow. In float32, against a float64 direct convolution at AlexNet's
 conv4 shape, the direct path is off by about 3e-7 of the output's size (rms),
-F(2x2) by 4e-7 and F(4x4) by 3e-6 (largest errors 4e-7, 7e-7 and 1e-5 of the
-largest output): the gradients likewise (tests/test_winograd.py,
-benchmarks/NOTES.md). Far below what training notices, and F(4x4) is used
-where it saves the most multiplications (fastest_tile).
+F(2x2, 3x3) by 4e-7 and F(4x4, 3x3) by 3e-6 (largest errors 4e-7, 7e-7 and
+1e-5 of the largest output): the gradients likewise. At conv2's shape the
+5x5 transforms are off by 1e-6 (F(2x2)) to 4e-6 (F(4x4)) rms, largest errors
+up to 1.5e-5 (tests/test_winograd.py, benchmarks/NOTES.md), with the points
+in POINTS chosen among a few sets by that error (+-1/2 and +-2 rather than,
+say, 1/4, which makes it 10-30x larger). Far below what training
+notices, so the tile with the fewest multiplications is used (fastest_tile).
 """
+from fractions import Fraction
+from math import prod
+
 import numpy as np
 
 from minidl import kernels
@@ -69,14 +78,54 @@ from minidl.functions import conv
 from minidl.errors import MinidlError
 
 
+def polynomial(roots):
+    """The coefficients (lowest degree first) of prod (x - a) over the roots, exactly."""
+    coefficients = [Fraction(1)]
+    for a in roots:
+        coefficients = [Fraction(0)] + coefficients  # times x ...
+        for i in range(len(coefficients) - 1):
+            coefficients[i] -= a * coefficients[i + 1]  # ... minus a times
+    return coefficients
+
+
+def toom_cook(m, r, points):
+    """(B^T, G, A^T) of F(m, r) for the t - 1 finite interpolation `points` and infinity, t = m + r - 1.
+
+    Lavin & Gray 2016 (and their wincnn tool): evaluate at the points (A^T's
+    columns, G's rows), multiply, interpolate back. The correlation is the
+    transpose of the linear convolution s = V^-1 [(V_r g) * (V_m d)], V the
+    Vandermonde matrices at the points (infinity: the leading coefficient),
+    so B^T = V^-T; with G's rows scaled by 1 / prod_{l != j}(a_j - a_l),
+    B^T's rows become the products prod_{l != j}(x - a_l) (and prod_l(x - a_l)
+    for infinity), whose coefficients are exact in Fractions.
+    """
+    t = m + r - 1
+    points = [Fraction(a) for a in points]
+    if len(set(points)) != t - 1:
+        raise ValueError(f"F({m}, {r}) needs {t - 1} distinct finite points, got {points}")
+    AT = [[a ** i for a in points] + [int(i == m - 1)] for i in range(m)]
+    G = [[a ** k / prod(a - b for b in points if b != a) for k in range(r)] for a in points]
+    G.append([int(k == r - 1) for k in range(r)])
+    BT = [polynomial([b for b in points if b != a]) + [0] for a in points] + [polynomial(points)]
+    return BT, G, AT
+
+
 class Transform:
-    """F(m x m, 3 x 3): its 1-D matrices and their 2-D Kronecker forms."""
+    """F(m x m, r x r): its 1-D matrices and their 2-D Kronecker forms, checked exact when built."""
 
     def __init__(self, BT, G, AT):
         self.BT, self.G, self.AT = (np.array(matrix, dtype=np.float64) for matrix in (BT, G, AT))
         self.m, self.t = self.AT.shape  # outputs and inputs per tile side
+        self.r = self.G.shape[1]        # the filter's side
+        # y_i = sum_j A^T[i, j] (G g)_j (B^T d)_j must be sum_k g_k d_(i+k) for every d and g: the
+        # coefficient of g_k d_l is [l == i + k]. Rounding of the float64 entries leaves ~1e-15.
+        products = np.einsum("ij,jk,jl->ikl", self.AT, self.G, self.BT)
+        correlation = np.array([[np.eye(self.t)[i + k] for k in range(self.r)] for i in range(self.m)])
+        error = np.abs(products - correlation).max()
+        if error > 1e-12:
+            raise ValueError(f"F({self.m}, {self.r}): the matrices are off the correlation by {error:.1e}")
         self.input = np.kron(self.BT, self.BT)    # (t*t, t*t): flattened d -> flattened B^T d B
-        self.filter = np.kron(self.G, self.G)     # (t*t, 9):   flattened g -> flattened G g G^T
+        self.filter = np.kron(self.G, self.G)     # (t*t, r*r): flattened g -> flattened G g G^T
         self.output = np.kron(self.AT, self.AT)   # (m*m, t*t): flattened M -> flattened A^T M A
 
     def matrix(self, name, xp, dtype):
@@ -84,79 +133,81 @@ class Transform:
         return xp.asarray(getattr(self, name), dtype=dtype)
 
 
-# Lavin & Gray 2016, section 4.1 (F(2x2)) and 4.2 (F(4x4)); interpolation points 0, +-1 (, +-2), infinity
-TRANSFORMS = {
-    2: Transform(BT=[[1, 0, -1, 0],
-                     [0, 1, 1, 0],
-                     [0, -1, 1, 0],
-                     [0, 1, 0, -1]],
-                 G=[[1, 0, 0],
-                    [1 / 2, 1 / 2, 1 / 2],
-                    [1 / 2, -1 / 2, 1 / 2],
-                    [0, 0, 1]],
-                 AT=[[1, 1, 1, 0],
-                     [0, 1, -1, -1]]),
-    4: Transform(BT=[[4, 0, -5, 0, 1, 0],
-                     [0, -4, -4, 1, 1, 0],
-                     [0, 4, -4, -1, 1, 0],
-                     [0, -2, -1, 2, 1, 0],
-                     [0, 2, -1, -2, 1, 0],
-                     [0, 4, 0, -5, 0, 1]],
-                 G=[[1 / 4, 0, 0],
-                    [-1 / 6, -1 / 6, -1 / 6],
-                    [-1 / 6, 1 / 6, -1 / 6],
-                    [1 / 24, 1 / 12, 1 / 6],
-                    [1 / 24, -1 / 12, 1 / 6],
-                    [0, 0, 1]],
-                 AT=[[1, 1, 1, 1, 1, 0],
-                     [0, 1, -1, 2, -2, 0],
-                     [0, 1, 1, 4, 4, 0],
-                     [0, 1, -1, 8, -8, 1]]),
+# The finite interpolation points of F(m x m, r x r), keyed (m, r); infinity is always the last. For
+# 3x3 Lavin & Gray's (the matrices equal theirs up to the sign of a position, tests/test_winograd.py);
+# for 5x5 the sets with the smallest float32 error of those tried (benchmarks/NOTES.md).
+POINTS = {
+    (2, 3): (0, 1, -1),
+    (4, 3): (0, 1, -1, 2, -2),
+    (2, 5): (0, 1, -1, 2, -Fraction(1, 2)),
+    (3, 5): (0, 1, -1, Fraction(1, 2), -Fraction(1, 2), 2),
+    (4, 5): (0, 1, -1, Fraction(1, 2), -Fraction(1, 2), 2, -2),
 }
+TRANSFORMS = {key: Transform(*toom_cook(*key, points)) for key, points in POINTS.items()}
+
+
+def tiles_for(r):
+    """The output tile sizes m with a transform for r x r filters (empty when there is none)."""
+    return sorted(m for m, size in TRANSFORMS if size == r)
+
 
 # Below this many input or output channels per group the transforms, whose work grows with
 # in + out, outweigh the saving in the products, which grows with in * out. Measured on one core:
 # 3 -> 16 channels (32x32 maps) 2-3x slower than direct, 16 -> 16 (13x13) a tie, 192 -> 128 2x faster.
+# 5x5 filters save more per tile: 8 -> 16 (27x27) is already 1.3x faster, 3 -> 16 (32x32) 1.25x slower;
+# one threshold for both keeps the choice simple.
 MIN_CHANNELS = 16
 
 
+def applies(W_shape, stride):
+    """Whether Winograd can compute a convolution: stride 1, square filters of a size with transforms."""
+    return stride == 1 and W_shape[2] == W_shape[3] and bool(tiles_for(W_shape[2]))
+
+
 def pays(W_shape, groups):
-    """Whether Winograd is expected to beat the direct path for filters W_shape (out, in/groups, 3, 3)."""
+    """Whether Winograd is expected to beat the direct path for filters W_shape (out, in/groups, r, r)."""
     return min(W_shape[0] // groups, W_shape[1]) >= MIN_CHANNELS
 
 
-def fastest_tile(oh, ow):
+def fastest_tile(oh, ow, r=3):
     """The tile size with the fewest multiplications for (oh, ow) output maps: t*t per tile, whole tiles.
 
-    On 13x13 maps (AlexNet's conv3-conv5) F(4x4) takes 36 * 4*4 = 576 per
-    channel pair, F(2x2) 16 * 7*7 = 784, direct 9 * 13*13 = 1521. A tie goes
-    to F(2x2), the more accurate.
+    On 13x13 maps (AlexNet's conv3-conv5) F(4x4, 3x3) takes 36 * 4*4 = 576
+    per channel pair, F(2x2, 3x3) 16 * 7*7 = 784, direct 9 * 13*13 = 1521; on
+    27x27 (conv2) F(4x4, 5x5) 64 * 7*7 = 3136, F(3x3, 5x5) 49 * 9*9 = 3969,
+    F(2x2, 5x5) 36 * 14*14 = 7056, direct 25 * 27*27 = 18225. A tie goes to
+    the smaller tile, the more accurate.
     """
-    return min(TRANSFORMS, key=lambda m: (TRANSFORMS[m].t ** 2 * -(-oh // m) * -(-ow // m), m))
+    def multiplications(m):
+        return TRANSFORMS[m, r].t ** 2 * -(-oh // m) * -(-ow // m), m
+    return min(tiles_for(r), key=multiplications)
 
 
 class Saved:
     """What the backward needs: the transformed input and filters, and the shapes."""
 
-    def __init__(self, V, U, x_shape, pad, groups, tile):
+    def __init__(self, V, U, x_shape, pad, groups, transform):
         self.V, self.U = V, U  # (t*t, tiles, C) and (t*t, groups, out/groups, C/groups)
-        self.x_shape, self.pad, self.groups, self.tile = x_shape, pad, groups, tile
+        self.x_shape, self.pad, self.groups, self.transform = x_shape, pad, groups, transform
 
 
 def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
-    """conv2d(x, W, b, stride=1, pad, groups) for 3x3 W by F(tile x tile, 3x3): (y, Saved for the backward).
+    """conv2d(x, W, b, stride=1, pad, groups) for r x r W by F(tile x tile, r x r): (y, Saved for the backward).
 
-    tile: 2 or 4, or None for fastest_tile's choice. NumPy arrays run on the
-    CPU, CuPy arrays on their GPU (the tile copies as winograd.cu's kernels).
+    W's side r: 3 or 5 (a size in POINTS). tile: one of tiles_for(r) (2 or 4
+    for 3x3, 2, 3 or 4 for 5x5), or None for fastest_tile's choice. NumPy arrays run on the CPU, CuPy arrays
+    on their GPU (the tile copies as winograd.cu's kernels).
     """
     oh, ow = conv.check_arguments(x, W, b, 1, pad, groups)
-    if W.shape[2:] != (3, 3):
-        raise MinidlError(f"winograd convolution is for 3x3 filters, got W of shape {W.shape}")
+    r = W.shape[2]
+    if not applies(W.shape, 1):
+        sizes = " or ".join(f"{side}x{side}" for side in sorted({side for _, side in TRANSFORMS}))
+        raise MinidlError(f"winograd convolution is for {sizes} filters, got W of shape {W.shape}")
     if tile is None:
-        tile = fastest_tile(oh, ow)
-    if tile not in TRANSFORMS:
-        raise MinidlError(f"winograd tile must be one of {sorted(TRANSFORMS)}, got {tile}")
-    f = TRANSFORMS[tile]
+        tile = fastest_tile(oh, ow, r)
+    if tile not in tiles_for(r):
+        raise MinidlError(f"winograd tile for {r}x{r} filters must be one of {tiles_for(r)}, got {tile}")
+    f = TRANSFORMS[tile, r]
     xp, gather, scatter = _device_parts(x)
     n, c = x.shape[:2]
     out = W.shape[0]
@@ -173,12 +224,12 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
     y_blocks = f.matrix("output", xp, x.dtype) @ M.reshape(positions, -1)  # (m*m, tiles*out): A^T M A
     del M
     y = scatter(y_blocks, f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)  # the overhang cut off
-    return y, Saved(V, U, x.shape, pad, groups, tile)
+    return y, Saved(V, U, x.shape, pad, groups, f)
 
 
 def winograd_conv_backward(gy, W_shape, saved, needs=(True, True, False)):
     """(gx, gW, gb) of winograd_conv_forward, each None unless `needs` asks for it."""
-    f = TRANSFORMS[saved.tile]
+    f = saved.transform
     xp, gather, scatter = _device_parts(gy)
     oh, ow = gy.shape[2:]
     tiles_h, tiles_w = -(-oh // f.m), -(-ow // f.m)
@@ -215,7 +266,7 @@ def _device_parts(array):
 def transform_filters(f, W, groups, xp=np):
     """U = G g G^T of every filter, as (t*t, groups, out/groups, in/groups)."""
     out, cg = W.shape[:2]
-    U = f.matrix("filter", xp, W.dtype) @ W.reshape(out * cg, 9).T  # (t*t, out*C/G), contiguous
+    U = f.matrix("filter", xp, W.dtype) @ W.reshape(out * cg, f.r * f.r).T  # (t*t, out*C/G), contiguous
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
@@ -311,7 +362,7 @@ def scatter_tiles(tiles, m, n, tiles_h, tiles_w):
     """The adjoint of gather_tiles: (N, tiles_h*m + t - m, tiles_w*m + t - m, C), overlapping tiles summed."""
     t = round(len(tiles) ** 0.5)
     tiles = tiles.reshape(t, t, n, tiles_h, tiles_w, -1)
-    overlap = t - m  # 0 for the output blocks, 2 for the input tiles
+    overlap = t - m  # 0 for the output blocks, r - 1 for the input tiles
     out = np.empty((n, tiles_h * m + overlap, tiles_w * m + overlap, tiles.shape[-1]), dtype=tiles.dtype)
 
     def add(images):
