@@ -57,7 +57,8 @@ B^T has entries 4 and -5, its A^T up to 8, its G 1/6 and 1/24), so rounding
 errors grow. In float32, against a float64 direct convolution at AlexNet's
 conv4 shape, the direct path is off by about 3e-7 of the output's size (rms),
 F(2x2, 3x3) by 4e-7 and F(4x4, 3x3) by 3e-6 (largest errors 4e-7, 7e-7 and
-1e-5 of the largest output): the gradients likewise. At conv2's shape the
+1e-5 of the largest output; F(5x5, 3x3), with seven points, 1.4e-5): the
+gradients likewise. At conv2's shape the
 5x5 transforms are off by 1e-6 (F(2x2)) to 4e-6 (F(4x4)) rms, largest errors
 up to 1.5e-5 (tests/test_winograd.py, benchmarks/NOTES.md), with the points
 in POINTS chosen among a few sets by that error (+-1/2 and +-2 rather than,
@@ -139,6 +140,7 @@ class Transform:
 POINTS = {
     (2, 3): (0, 1, -1),
     (4, 3): (0, 1, -1, 2, -2),
+    (5, 3): (0, 1, -1, Fraction(1, 2), -Fraction(1, 2), 2),
     (2, 5): (0, 1, -1, 2, -Fraction(1, 2)),
     (3, 5): (0, 1, -1, Fraction(1, 2), -Fraction(1, 2), 2),
     (4, 5): (0, 1, -1, Fraction(1, 2), -Fraction(1, 2), 2, -2),
@@ -172,8 +174,10 @@ def pays(W_shape, groups):
 def fastest_tile(oh, ow, r=3):
     """The tile size with the fewest multiplications for (oh, ow) output maps: t*t per tile, whole tiles.
 
-    On 13x13 maps (AlexNet's conv3-conv5) F(4x4, 3x3) takes 36 * 4*4 = 576
-    per channel pair, F(2x2, 3x3) 16 * 7*7 = 784, direct 9 * 13*13 = 1521; on
+    On 13x13 maps (AlexNet's conv3-conv5) F(5x5, 3x3) takes 49 * 3*3 = 441
+    per channel pair, F(4x4, 3x3) 36 * 4*4 = 576, F(2x2, 3x3) 16 * 7*7 = 784,
+    direct 9 * 13*13 = 1521 (F(7x7, 3x3), 81 * 2*2 = 324, was tried: its nine
+    points make float32 errors of 3e-4 or more, against 1.4e-5 for F(5x5)); on
     27x27 (conv2) F(4x4, 5x5) 64 * 7*7 = 3136, F(3x3, 5x5) 49 * 9*9 = 3969,
     F(2x2, 5x5) 36 * 14*14 = 7056, direct 25 * 27*27 = 18225. A tie goes to
     the smaller tile, the more accurate.
