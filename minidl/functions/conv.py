@@ -151,7 +151,7 @@ class Conv2d(Function):
         return self._winograd_backward(gy) if self.uses_winograd else self._backward(col2im_gpu, gy)
 
     def _forward_by_algorithm(self, im2col, x, W, b, auto_winograd):
-        check_arguments(x, W, b, self.stride, self.pad, self.groups)  # before the choice reads W's shape
+        oh, ow = check_arguments(x, W, b, self.stride, self.pad, self.groups)  # before the choice reads W's shape
         applies = winograd.applies(W.shape, self.stride)
         if self.algorithm == "winograd" and not applies:
             raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 or 5x5 stride-1 convolutions, got W of "
@@ -159,7 +159,7 @@ class Conv2d(Function):
         self.uses_winograd = self.algorithm == "winograd" or (
             self.algorithm == "auto" and auto_winograd and applies and winograd.pays(W.shape, self.groups))
         if not self.uses_winograd:
-            return self._forward(im2col, x, W, b)
+            return self._forward(im2col, x, W, b, oh, ow)
         y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups)
         self.save(saved, W.shape)
         return y
@@ -170,8 +170,7 @@ class Conv2d(Function):
         gx, gW, gb = winograd.winograd_conv_backward(gy, W_shape, saved, needs)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
 
-    def _forward(self, im2col, x, W, b):
-        oh, ow = check_arguments(x, W, b, self.stride, self.pad, self.groups)
+    def _forward(self, im2col, x, W, b, oh, ow):
         n, c, h, w = x.shape
         out, cg, kh, kw = W.shape
         g = self.groups
