@@ -126,7 +126,8 @@ def test_integer_tensors_are_refused(dev, name, fn):
 # --- max pooling
 
 @pytest.mark.parametrize("shape, k, s, pad", [((2, 3, 7, 9), 3, 2, 0), ((1, 2, 6, 6), 3, 2, 1),
-                                              ((2, 1, 5, 5), 2, 1, 0), ((1, 2, 13, 13), 3, 2, 0)])
+                                              ((2, 1, 5, 5), 2, 1, 0), ((1, 2, 13, 13), 3, 2, 0),
+                                              ((2, 2, 10, 11), 2, 3, 0)])  # gaps between the windows
 def test_max_pool_matches_loops_and_passes_gradcheck(dev, rng, shape, k, s, pad):
     x = t(dev, rng.permutation(int(np.prod(shape))).reshape(shape) * 0.01)  # distinct: no ties
     y = max_pool2d(x, k, s, pad)

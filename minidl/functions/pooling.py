@@ -41,20 +41,37 @@ def _first_max(views):
     y = views[0]
     for view in views[1:]:
         y = np.maximum(y, view)
-    first = np.zeros(y.shape, dtype=np.min_scalar_type(len(views) - 1))
-    not_yet = np.ones(y.shape, dtype=bool)
-    for view in views[:-1]:
+    # the first index holding the max = how many views in a row before it do not
+    not_yet = views[0] != y
+    first = not_yet.astype(np.min_scalar_type(len(views) - 1))
+    for view in views[1:-1]:
         not_yet &= view != y
         first += not_yet
     return y, first
 
 
 def _route_back(g_out, chosen, axis, g_in, ksize, stride):
-    """The adjoint of _first_max over _strided views: adds each gradient into the view of g_in that was chosen."""
-    routed = np.empty_like(g_out)
-    for t, view in enumerate(_strided(g_in, axis, ksize, stride, g_out.shape[axis])):
-        np.multiply(chosen == t, g_out, out=routed)
-        view += routed  # the views of one t never overlap
+    """The adjoint of _first_max over _strided views: each gradient into the view of g_in that was chosen.
+
+    g_in needs no zeros beforehand. When windows touch or overlap (ksize >=
+    stride) the views of the first `stride` offsets tile the axis up to
+    stride * count, so they are written rather than added, the rest of the
+    axis is zeroed, and the later offsets are added; with gaps between windows
+    all of g_in is zeroed first.
+    """
+    count = g_out.shape[axis]
+    tiled = ksize >= stride
+    if not tiled:
+        g_in[...] = 0
+    for t, view in enumerate(_strided(g_in, axis, ksize, stride, count)):
+        if tiled and t < stride:
+            np.multiply(chosen == t, g_out, out=view)
+        else:
+            view += (chosen == t) * g_out
+        if tiled and t == stride - 1:
+            index = [slice(None)] * 4
+            index[axis] = slice(stride * count, None)
+            g_in[tuple(index)] = 0
 
 
 class MaxPool2d(Function):
@@ -110,10 +127,10 @@ class MaxPool2d(Function):
         row, column = self.saved
         n, c, h, w = self.in_shape
         p, k, stride = self.pad, self.ksize, self.stride
-        gx = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=gy.dtype)
+        gx = np.empty((n, c, h + 2 * p, w + 2 * p), dtype=gy.dtype)  # _route_back writes all of it
 
         def route(images):
-            g_column_max = np.zeros(column[images].shape, dtype=gy.dtype)
+            g_column_max = np.empty(column[images].shape, dtype=gy.dtype)
             _route_back(gy[images], row[images], 2, g_column_max, k, stride)
             _route_back(g_column_max, column[images], 3, gx[images], k, stride)
         in_parallel(route, gx, blocks=True)
