@@ -10,14 +10,19 @@ dies with the last tensor that uses it, without the garbage collector.
 `Tensor.backward()` walks the graph newest generation first (a function's
 generation is one more than its newest input's), so every output gradient is
 complete, summed over all its uses, before the function that made it runs.
+Functions of one generation never feed each other, so they run as one wave:
+on the CPU side by side, one core each (AlexNet's two towers), and their
+gradients are then summed in a fixed order, so results do not depend on it.
 """
 import contextlib
+import functools
 import heapq
 import threading
 import weakref
 
 import numpy as np
 
+from minidl import cpu_parallel
 from minidl.device import device as as_device, device_of_array, is_array
 from minidl.errors import MinidlError
 
@@ -29,14 +34,36 @@ def grad_enabled():
 
 
 @contextlib.contextmanager
-def no_grad():
-    """Build no graph inside the block (per thread): for evaluation and updates."""
+def grad_mode(enabled):
+    """Build a graph inside the block or not (per thread)."""
     previous = grad_enabled()
-    _state.grad_enabled = False
+    _state.grad_enabled = enabled
     try:
         yield
     finally:
         _state.grad_enabled = previous
+
+
+def no_grad():
+    """Build no graph inside the block (per thread): for evaluation and updates."""
+    return grad_mode(False)
+
+
+def side_by_side(calls, devices):
+    """Results of independent calls, run at once, one core each, when all their `devices` are the CPU.
+
+    For a model's parallel branches (AlexNet's towers): cpu_parallel.side_by_side,
+    with each call in the caller's grad mode. On GPUs the calls run in turn:
+    they only queue work on the devices' streams.
+    """
+    if any(d.is_cuda for d in devices):
+        return [call() for call in calls]
+    enabled = grad_enabled()
+
+    def in_callers_mode(call):
+        with grad_mode(enabled):
+            return call()
+    return cpu_parallel.side_by_side([functools.partial(in_callers_mode, call) for call in calls])
 
 
 def _as_array(data, dev):
@@ -156,39 +183,44 @@ class Tensor:
 
         enqueue(self.creator)
         while heap:
-            _, _, function = heapq.heappop(heap)
-            if function.released:
-                raise MinidlError("backward through the same graph twice: its saved arrays "
-                                  "were freed by the first backward; run the forward again")
-            outputs = [ref() for ref in function.outputs]
-            for y in outputs:
-                if y is not None:
-                    pending.pop(id(y), None)
-            output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
-            if all(g is None for g in output_grads):
-                continue
-            # the backward and the sums of its gradients run on the inputs' device and stream
-            with function.device:
-                input_grads = function.backward(*output_grads)
-                if not isinstance(input_grads, tuple):
-                    input_grads = (input_grads,)
-                for x, gx in zip(function.inputs, input_grads):
-                    if gx is None or not x.requires_grad:
-                        continue
-                    if gx.shape != x.shape:
-                        raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
-                                             f"shape {gx.shape} for an input of shape {x.shape}")
-                    if gx.dtype != x.dtype and x.dtype.kind == "f":
-                        gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
-                    x._accumulate(gx)
-                    if x.creator is not None:
-                        pending[id(x)] = x
-                        enqueue(x.creator)
-            if not retain_grad:
+            wave = [heapq.heappop(heap)[2]]  # the newest generation: none of these feeds another
+            while heap and heap[0][0] == -wave[0].generation:
+                wave.append(heapq.heappop(heap)[2])
+            work = []
+            for function in wave:
+                if function.released:
+                    raise MinidlError("backward through the same graph twice: its saved arrays "
+                                      "were freed by the first backward; run the forward again")
+                outputs = [ref() for ref in function.outputs]
                 for y in outputs:
                     if y is not None:
-                        y.grad = None
-            function.release()
+                        pending.pop(id(y), None)
+                output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
+                if any(g is not None for g in output_grads):
+                    work.append((function, outputs, output_grads))
+            all_input_grads = side_by_side([functools.partial(_input_grads, function, output_grads)
+                                            for function, _, output_grads in work],
+                                           [function.device for function, _, _ in work])
+            for (function, outputs, _), input_grads in zip(work, all_input_grads):
+                # the sums of its gradients run on the inputs' device and stream
+                with function.device:
+                    for x, gx in zip(function.inputs, input_grads):
+                        if gx is None or not x.requires_grad:
+                            continue
+                        if gx.shape != x.shape:
+                            raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
+                                                 f"shape {gx.shape} for an input of shape {x.shape}")
+                        if gx.dtype != x.dtype and x.dtype.kind == "f":
+                            gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
+                        x._accumulate(gx)
+                        if x.creator is not None:
+                            pending[id(x)] = x
+                            enqueue(x.creator)
+                if not retain_grad:
+                    for y in outputs:
+                        if y is not None:
+                            y.grad = None
+                function.release()
 
     # Callables hook(tensor), run each time backward has added a gradient into this tensor's .grad
     # (once per use of the tensor in the graph). A class-level empty tuple: a tensor without hooks
@@ -211,6 +243,13 @@ class Tensor:
     # Operators (+, *, @, [...]) and methods such as to, astype, sum and reshape are the
     # functions of minidl.functions, installed there (install_tensor_methods): the
     # functions import this module, never the reverse.
+
+
+def _input_grads(function, output_grads):
+    """function.backward as a tuple, run on the function's device and stream."""
+    with function.device:
+        input_grads = function.backward(*output_grads)
+    return input_grads if isinstance(input_grads, tuple) else (input_grads,)
 
 
 def as_tensor(value, like):

@@ -4,14 +4,23 @@ NumPy runs matrix products on every core (its BLAS does), but elementwise work
 on one. In AlexNet's CPU step that elementwise work (im2col and col2im,
 pooling, LRN, the optimizer) is about a third of the time. NumPy releases the
 GIL inside such loops, so the CPU paths run the same code on one slice of the
-batch per core, in threads. Each output element is computed by the same
-operations in the same order however the batch is split, so results do not
-depend on the number of cores.
+batch per core, in threads (in_parallel). Each output element is computed by
+the same operations in the same order however the batch is split, so results
+do not depend on the number of cores.
+
+Independent pieces of work, such as AlexNet's two towers, go further
+(side_by_side): each runs whole on a core of its own, with its NumPy loops and
+its BLAS on one thread, so the cores never wait for each other inside an
+operation. On 2 cores this makes the AlexNet step about 20% faster than
+splitting every operation (benchmarks/NOTES.md).
 """
+import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 _pool, _pool_threads = None, 0
+_branch = threading.local()  # .alone: this thread runs one of side_by_side's calls, on one core
 
 
 def _forget_pool():
@@ -43,25 +52,102 @@ def in_parallel(work, array, blocks=False):
     in_parallel itself (it would wait on the pool it is running in). A 0-d
     array has nothing to split: work(...) runs once, here.
     """
-    global _pool, _pool_threads
     if array.ndim == 0:
         work(...)
         return
     length = len(array)
     block = max(1, CACHE_BLOCK_ITEMS * length // max(1, array.size)) if blocks else length
-    runs = max(1, min(core_count(), length))
+    cores = 1 if getattr(_branch, "alone", False) else core_count()  # inside side_by_side: this core only
+    runs = max(1, min(cores, length))
     bounds = [length * i // runs for i in range(runs + 1)]
     shares = [range(start, stop, max(1, min(block, stop - start))) for start, stop in zip(bounds, bounds[1:])]
 
     def run(share):
         for start in share:
             work(slice(start, min(start + share.step, share.stop)))
-    if runs - 1 > _pool_threads:
-        _pool, _pool_threads = ThreadPoolExecutor(runs - 1, thread_name_prefix="minidl-cpu"), runs - 1
-    others = [_pool.submit(run, share) for share in shares[1:]]
+    others = [_workers(runs - 1).submit(run, share) for share in shares[1:]]
     try:
         run(shares[0])  # this thread takes the first share rather than waiting idle
     finally:
         wait(others)  # no thread may still be writing when this returns, even after an error
     for done in others:
         done.result()  # re-raises an error from that thread
+
+
+def _workers(count):
+    """The thread pool, grown to at least `count` threads."""
+    global _pool, _pool_threads
+    if count > _pool_threads:
+        _pool, _pool_threads = ThreadPoolExecutor(count, thread_name_prefix="minidl-cpu"), count
+    return _pool
+
+
+def side_by_side(calls):
+    """Run independent calls at once, each on a core of its own; their results, in order.
+
+    Inside each call in_parallel runs in the calling thread and BLAS on one
+    thread (set back afterwards), so each call has one core and the calls run
+    in parallel instead of each operation being split. Calls must not write to
+    the same arrays. They run one after another where there is one core, where
+    the BLAS's thread count cannot be set (blas_threads), or inside another
+    side_by_side call. An error from any call is raised once all have ended.
+    """
+    blas = blas_threads()
+    if len(calls) < 2 or core_count() < 2 or blas is None or getattr(_branch, "alone", False):
+        return [call() for call in calls]
+
+    def alone(call):
+        _branch.alone = True
+        try:
+            return call()
+        finally:
+            _branch.alone = False
+    get_threads, set_threads = blas
+    threads = get_threads()
+    set_threads(1)  # the calls' matrix products run in their own threads, one core each
+    try:
+        others = [_workers(min(len(calls), core_count()) - 1).submit(alone, call) for call in calls[1:]]
+        try:
+            first = alone(calls[0])
+        finally:
+            wait(others)
+    finally:
+        set_threads(threads)
+    return [first] + [done.result() for done in others]
+
+
+_blas = []  # [] until looked up, then [(get, set)] or [None]
+
+
+def blas_threads():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux).
+
+    NumPy has no call for it, so the library is found among those mapped into
+    the process (/proc/self/maps) and called through ctypes, as threadpoolctl
+    does. Looked up once, on first use (NumPy is loaded by then).
+    """
+    if not _blas:
+        _blas.append(_find_openblas())
+    return _blas[0]
+
+
+def _find_openblas():
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        # NumPy's wheels carry scipy-openblas, with prefixed 64-bit-integer symbols; a system OpenBLAS has neither
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+            set_ = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                return get, set_
+    return None

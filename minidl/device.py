@@ -281,8 +281,11 @@ def keep_freed_host_memory():
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_MAX, 0)  # every allocation from the heap, which is reused
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and never shrunk back below 1 GiB of free space
+        # one heap for all threads: a thread's own arena (as the towers' threads of cpu_parallel.side_by_side
+        # would get) grows in 64 MB pieces mapped and unmapped as it goes, page faults every few steps
+        libc.mallopt(_M_ARENA_MAX, 1)
     except (OSError, AttributeError):
         pass
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameter numbers

@@ -23,6 +23,9 @@ default is `init="he"`, He/Kaiming normal weights and zero biases, which learns
 the built-in data within minutes on a CPU. Train with `--init paper` to
 reproduce the paper exactly.
 """
+from functools import partial
+
+from minidl.core import side_by_side
 from minidl.functions import concat
 from minidl.layers import LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential, init
 from minidl.layers.layer import make_rng
@@ -126,7 +129,9 @@ class AlexNet(Layer):
         for name, _, _, reads, _ in self.network:
             if reads == "both":
                 xs = [concat([x.to(t.device) for x in xs], axis=1) for t in self.towers]
-            xs = [t.stage(name, x) for t, x in zip(self.towers, xs)]
+            # on the CPU each tower takes a core (on GPUs the towers' work is queued in turn)
+            xs = side_by_side([partial(t.stage, name, x) for t, x in zip(self.towers, xs)],
+                              [t.device for t in self.towers])
         return self.fc8(concat([x.to(self.fc8.device) for x in xs], axis=1))
 
 

@@ -1,17 +1,22 @@
 """The CPU paths split across cores: every index covered once, errors surfaced, and the
-results of each threaded operation bit for bit the same whatever the number of cores."""
+results of each threaded operation bit for bit the same whatever the number of cores;
+independent calls (AlexNet's towers) side by side, one core each, in forward and backward."""
 import os
 import signal
 import subprocess
 import sys
+import functools
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
-from minidl import Tensor, cpu_parallel
-from minidl.functions import conv2d, local_response_norm, max_pool2d
+from minidl import Function, Tensor, cpu_parallel, no_grad
+from minidl.core import side_by_side
+from minidl.functions import conv2d, local_response_norm, max_pool2d, softmax_cross_entropy
+from minidl.layers import seed_dropout
 from minidl.optim import MomentumSGD
 
 
@@ -162,3 +167,122 @@ def test_importing_minidl_shortens_openblas_spinning_unless_the_user_set_it():
     chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
                             capture_output=True, text=True, check=True)
     assert chosen.stdout.strip() == "20"
+
+
+# --- side_by_side: independent calls, each whole on one core
+
+def test_side_by_side_runs_the_calls_at_once_each_on_one_core(cores):
+    cores(2)
+    blas = cpu_parallel.blas_threads()
+    threads_before = blas[0]() if blas else None
+    both_running = threading.Barrier(2, timeout=10)  # broken, and the test failed, unless both calls meet
+    seen = []
+
+    def call(name):
+        both_running.wait()
+        parts = []
+        cpu_parallel.in_parallel(parts.append, np.zeros(10))
+        seen.append((name, parts, blas[0]() if blas else None, threading.get_ident()))
+        return name
+    if blas is None:  # a BLAS whose threads cannot be set: the calls run in turn, and would never meet
+        assert cpu_parallel.side_by_side([lambda: "a", lambda: "b"]) == ["a", "b"]
+        return
+    assert cpu_parallel.side_by_side([functools.partial(call, "a"), functools.partial(call, "b")]) == ["a", "b"]
+    assert sorted(s[:3] for s in seen) == [("a", [slice(0, 10)], 1), ("b", [slice(0, 10)], 1)]  # one core each
+    assert len({s[3] for s in seen}) == 2
+    assert blas[0]() == threads_before  # BLAS has its threads back
+    parts = []
+    cpu_parallel.in_parallel(parts.append, np.zeros(10))
+    assert len(parts) == 2  # and in_parallel splits again
+
+
+@pytest.mark.parametrize("failing", [0, 1])  # the caller's own call, and the other thread's
+def test_side_by_side_raises_an_error_once_all_calls_end(cores, failing):
+    cores(2)
+    blas = cpu_parallel.blas_threads()
+    threads_before = blas[0]() if blas else None
+    finished = []
+
+    def fail():
+        raise ValueError("call failed")
+
+    def slow():
+        time.sleep(0.2)  # still running when the other fails: side_by_side must wait for it
+        finished.append(True)
+    calls = [slow, slow]
+    calls[failing] = fail
+    with pytest.raises(ValueError, match="call failed"):
+        cpu_parallel.side_by_side(calls)
+    assert finished == [True]
+    if blas:
+        assert blas[0]() == threads_before
+
+
+def test_side_by_side_runs_in_turn_on_one_core_without_blas_control_and_when_nested(cores, monkeypatch):
+    def thread_of_each(count):
+        return cpu_parallel.side_by_side([threading.get_ident] * count)
+    cores(1)
+    assert set(thread_of_each(2)) == {threading.get_ident()}
+    cores(2)
+    monkeypatch.setattr(cpu_parallel, "_blas", [None])  # a BLAS that cannot be held to one thread
+    assert set(thread_of_each(2)) == {threading.get_ident()}
+    monkeypatch.undo()
+    cores(2)
+    if cpu_parallel.blas_threads() is not None:
+        inner = cpu_parallel.side_by_side([lambda: set(thread_of_each(2))] * 2)
+        assert all(len(threads) == 1 for threads in inner)  # a call's own calls stay on its core
+
+
+def test_branches_build_a_graph_only_in_the_callers_grad_mode(cores):
+    cores(2)
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    calls = [lambda: x * 2, lambda: x * 3]
+    with no_grad():
+        assert all(y.creator is None for y in side_by_side(calls, [x.device, x.device]))
+    assert all(y.creator is not None for y in side_by_side(calls, [x.device, x.device]))
+
+
+def test_side_by_side_on_gpus_runs_the_calls_in_turn(cores):
+    cores(2)
+    gpu = types.SimpleNamespace(is_cuda=True)  # only its kind is read
+    assert set(side_by_side([threading.get_ident] * 2, [gpu, gpu])) == {threading.get_ident()}
+
+
+class Meet(Function):
+    """Identity whose backward waits for another's: the test fails unless both backwards run at once."""
+
+    def __init__(self, barrier):
+        self.barrier = barrier
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        self.barrier.wait()
+        return gy
+
+
+def test_backward_runs_a_generation_side_by_side(cores):
+    cores(2)
+    if cpu_parallel.blas_threads() is None:
+        pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
+    x = Tensor(np.arange(4, dtype=np.float32), requires_grad=True)
+    both = threading.Barrier(2, timeout=10)
+    (Meet(both)(x) * 2 + Meet(both)(x) * 3).sum().backward()
+    np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
+
+
+def test_alexnet_step_does_not_depend_on_the_core_count(cores):
+    """The towers side by side (forward and backward) give the same bits as every operation split."""
+    from test_alexnet import SMALL_NETWORK, alexnet
+
+    def step():
+        model = alexnet.AlexNet(4, ("cpu", "cpu"), seed=3, network=SMALL_NETWORK, pooled_size=1)
+        seed_dropout(model, 0)
+        x = Tensor(np.random.default_rng(3).standard_normal((4, 3, 19, 19)).astype(np.float32))
+        loss = softmax_cross_entropy(model(x), np.array([0, 1, 2, 3]))
+        loss.backward()
+        return [loss.data] + [p.grad.data for p in model.params()]
+    one = run_with_cores(cores, 1, step)
+    for single, split in zip(one, run_with_cores(cores, 2, step)):
+        np.testing.assert_array_equal(single, split)
