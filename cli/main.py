@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import minidl  # noqa: F401  before NumPy: minidl shortens OpenBLAS's spinning, read once as NumPy loads it
 import click
 import numpy as np
 

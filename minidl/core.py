@@ -12,7 +12,7 @@ generation is one more than its newest input's), so every output gradient is
 complete, summed over all its uses, before the function that made it runs.
 Functions of one generation never feed each other, so they run as one wave:
 on the CPU side by side, one core each (AlexNet's two towers), and their
-gradients are then summed in a fixed order, so results do not depend on it.
+gradients are then summed in a fixed order, whichever finished first.
 """
 import contextlib
 import functools

@@ -91,6 +91,9 @@ def side_by_side(calls):
     the same arrays. They run one after another where there is one core, where
     the BLAS's thread count cannot be set (blas_threads), or inside another
     side_by_side call. An error from any call is raised once all have ended.
+    A product on one BLAS thread may round differently from the same product
+    on several (OpenBLAS splits long sums by its thread count), as between
+    machines with different core counts.
     """
     blas = blas_threads()
     if len(calls) < 2 or core_count() < 2 or blas is None or getattr(_branch, "alone", False):

@@ -15,6 +15,9 @@ whole device split: each row is one layer in each tower, and "reads" says what
 its input is: "image" the input image (each tower gets its own copy), "own" only
 the tower's own maps, "both" both towers' maps, a crossing between devices (an
 explicit copy). fc8 is one layer on the first device reading both towers.
+With both towers on one device, the two conv1 layers run as one convolution
+over the image (stacked_conv2d), and on the CPU the towers' layers run side
+by side, a core each (minidl.core.side_by_side).
 
 Initialisation: `init="paper"` is the paper's N(0, 0.01^2) weights with biases 1
 in conv2, conv4, conv5, fc6, fc7 (0 elsewhere). It has a long flat start on small
@@ -27,7 +30,8 @@ from functools import partial
 
 from minidl.core import side_by_side
 from minidl.functions import concat
-from minidl.layers import LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential, init
+from minidl.layers import (LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential, init,
+                           stacked_conv2d)
 from minidl.layers.layer import make_rng
 
 CONFIG = dict(
@@ -104,7 +108,11 @@ class Tower(Layer):
         self.out_features = channels
 
     def stage(self, name, x):
-        return getattr(self, name + "_then")(getattr(self, name)(x))
+        return self.after(name, getattr(self, name)(x))
+
+    def after(self, name, y):
+        """What follows layer `name` (its "then" column) applied to its output y."""
+        return getattr(self, name + "_then")(y)
 
 
 class AlexNet(Layer):
@@ -125,13 +133,19 @@ class AlexNet(Layer):
 
     def forward(self, image):
         # every crossing between the towers is one of these visible copies
-        xs = [image.to(t.device) for t in self.towers]  # both towers read the image
-        for name, _, _, reads, _ in self.network:
+        devices = [t.device for t in self.towers]
+        xs = [image.to(d) for d in devices]  # both towers read the image
+        for name, kind, _, reads, _ in self.network:
             if reads == "both":
-                xs = [concat([x.to(t.device) for x in xs], axis=1) for t in self.towers]
-            # on the CPU each tower takes a core (on GPUs the towers' work is queued in turn)
-            xs = side_by_side([partial(t.stage, name, x) for t, x in zip(self.towers, xs)],
-                              [t.device for t in self.towers])
+                xs = [concat([x.to(d) for x in xs], axis=1) for d in devices]
+            if kind == "conv" and reads == "image" and len(set(devices)) == 1:
+                # one device: both towers' filters over the image as one convolution (its patches
+                # gathered once, one product twice as tall; benchmarks/NOTES.md)
+                ys = stacked_conv2d([getattr(t, name) for t in self.towers], xs[0])
+                xs = side_by_side([partial(t.after, name, y) for t, y in zip(self.towers, ys)], devices)
+            else:
+                # on the CPU each tower takes a core (on GPUs the towers' work is queued in turn)
+                xs = side_by_side([partial(t.stage, name, x) for t, x in zip(self.towers, xs)], devices)
         return self.fc8(concat([x.to(self.fc8.device) for x in xs], axis=1))
 
 

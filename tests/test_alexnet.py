@@ -201,9 +201,15 @@ def test_gpu_alexnet_matches_cpu(devices, device_map):
         assert rel < 1e-3
         softmax_cross_entropy(out_cpu, labels).backward()
         softmax_cross_entropy(out_gpu, labels).backward()
-        for (name, a), (_, b) in zip(cpu.named_params(), gpu.named_params()):
-            ga, gb = a.grad.numpy(), b.grad.numpy()
-            assert np.linalg.norm(gb - ga) <= 2e-3 * np.linalg.norm(ga) + 1e-7, name
+        # conv1's weight gradient sums 16 x 55 x 55 products that mostly cancel: float32 is ~2e-3 off
+        # float64 there on the CPU itself (and differs that much with the BLAS's thread count), so each
+        # gradient may differ from the CPU's by its own float32 error on top of the common 2e-3
+        exact = alexnet.build_model(1000, ("cpu", "cpu"), seed=2).eval().to(dtype=np.float64)
+        softmax_cross_entropy(exact(Tensor(x.astype(np.float64))), labels).backward()
+        for (name, a), (_, b), (_, e) in zip(cpu.named_params(), gpu.named_params(), exact.named_params()):
+            ga, gb, ge = a.grad.numpy(), b.grad.numpy(), e.grad.numpy()
+            cpu_error = np.linalg.norm(ga - ge)
+            assert np.linalg.norm(gb - ga) <= 2e-3 * np.linalg.norm(ga) + 3 * cpu_error + 1e-7, name
     finally:
         minidl.set_device_map(None)
 

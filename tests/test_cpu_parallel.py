@@ -272,8 +272,9 @@ def test_backward_runs_a_generation_side_by_side(cores):
     np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
 
 
-def test_alexnet_step_does_not_depend_on_the_core_count(cores):
-    """The towers side by side (forward and backward) give the same bits as every operation split."""
+def test_alexnet_towers_side_by_side_give_the_bits_of_the_towers_in_turn(cores):
+    """Forward and backward, at a size where the BLAS runs every product on one thread either way (at
+    AlexNet's size its thread count changes the rounding of long sums, as it does between machines)."""
     from test_alexnet import SMALL_NETWORK, alexnet
 
     def step():
@@ -286,3 +287,30 @@ def test_alexnet_step_does_not_depend_on_the_core_count(cores):
     one = run_with_cores(cores, 1, step)
     for single, split in zip(one, run_with_cores(cores, 2, step)):
         np.testing.assert_array_equal(single, split)
+
+
+def test_summary_lists_layers_in_model_order_though_the_towers_run_side_by_side(cores):
+    from minidl.layers import summary
+    from test_alexnet import SMALL_NETWORK, alexnet
+    cores(2)
+    net = alexnet.AlexNet(4, ("cpu", "cpu"), network=SMALL_NETWORK, pooled_size=1)
+    leaves = [name for name, layer in net.named_layers() if not layer._layers]
+    for _ in range(5):  # the towers' hooks fire in any order; the table's order must not follow them
+        rows = summary(net, (1, 3, 19, 19)).splitlines()[2:2 + len(leaves)]
+        assert [row.split()[0] for row in rows] == leaves
+
+
+def test_the_command_imports_minidl_before_numpy():
+    """OpenBLAS reads its spinning time once, as NumPy loads it; spinning workers would take the core
+    that the other tower needs (side_by_side holds the BLAS to one thread, not its idle workers)."""
+    code = ("import sys\n"
+            "first = []\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('minidl', 'numpy') and name not in first:\n"
+            "            first.append(name)\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "import minidl_cli.main\n"
+            "print(first)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['minidl', 'numpy']"

@@ -141,3 +141,42 @@ def test_to_dtype_casts_on_the_layers_own_gpu():
         net.to(dtype=np.float64)
     assert all(p.dtype == np.float64 and p.device is device("cuda:1") for p in net.params())
     np.testing.assert_array_equal(net.params()[0].numpy(), before)
+
+
+def test_stacked_convolutions_equal_one_call_each(dev):
+    from minidl.layers import stacked_conv2d
+    rng = np.random.default_rng(4)
+    convs = [Conv2d(3, out, 5, 2, 1, device=dev, rng=rng, b_init=init.normal(0.5)).to(dtype=np.float64)
+             for out in (4, 6)]
+    x = rng.standard_normal((2, 3, 11, 11))
+    gys = [rng.standard_normal((2, out, 5, 5)) for out in (4, 6)]
+    hooked = []
+    convs[1].register_forward_hook(lambda layer, inputs, y: hooked.append((layer, y.shape)))
+
+    def run(stacked):
+        for conv in convs:
+            conv.zero_grad()
+        xt = Tensor(x, requires_grad=True, device=dev)
+        ys = stacked_conv2d(convs, xt) if stacked else [conv(xt) for conv in convs]
+        sum((y * Tensor(g, device=dev)).sum() for y, g in zip(ys, gys)).backward()
+        return [y.numpy() for y in ys] + [xt.grad.numpy()] + [p.grad.numpy() for c in convs for p in c.params()]
+    for stacked, separate in zip(run(True), run(False)):
+        np.testing.assert_allclose(stacked, separate, rtol=1e-12, atol=1e-12)
+    assert hooked == [(convs[1], (2, 6, 5, 5))] * 2  # the layer's hook saw its own output both ways
+
+
+def test_stacked_convolutions_of_other_geometries_are_called_one_by_one():
+    from minidl.layers import stacked_conv2d
+    x = Tensor(np.ones((1, 3, 9, 9), np.float32))
+    ys = stacked_conv2d([Conv2d(3, 2, 3), Conv2d(3, 4, 5)], x)  # two kernel sizes: no one convolution
+    assert [y.shape for y in ys] == [(1, 2, 7, 7), (1, 4, 5, 5)]
+    grouped = [Conv2d(4, 2, 3, groups=2), Conv2d(4, 2, 3, groups=2)]
+    assert [y.shape for y in stacked_conv2d(grouped, Tensor(np.ones((1, 4, 5, 5), np.float32)))] == [(1, 2, 3, 3)] * 2
+
+
+@pytest.mark.gpu
+def test_stacked_convolutions_refuse_an_input_on_another_device():
+    from minidl.errors import MinidlError
+    from minidl.layers import stacked_conv2d
+    with pytest.raises(MinidlError, match="lives on cuda:0 but got an input on cpu"):
+        stacked_conv2d([Conv2d(3, 2, 3, device="cuda:0")] * 2, Tensor(np.ones((1, 3, 9, 9), np.float32)))

@@ -1,6 +1,6 @@
 """Layer objects: parameters, device placement, train/eval."""
 from minidl.layers import init
-from minidl.layers.conv import Conv2d
+from minidl.layers.conv import Conv2d, stacked_conv2d
 from minidl.layers.layer import Layer, Parameter, Sequential
 from minidl.layers.linear import Linear
 from minidl.layers.simple import LRN, Dropout, Flatten, MaxPool2d, ReLU, seed_dropout

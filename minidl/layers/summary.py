@@ -14,8 +14,9 @@ TRAINING_BYTES_PER_OUTPUT_BYTE = 6
 
 
 def leaf_outputs(model, input_shape, device=None):
-    """[(leaf layer, output, output bytes)] from one eval-mode forward pass of random input
-    (the output as a Tensor: its shape, and the device it is on, even for a layer that names none)."""
+    """[(leaf layer, output, output bytes)] from one eval-mode forward pass of random input, in the order
+    of model.named_layers() (the output as a Tensor: its shape, and the device it is on, even for a layer
+    that names none)."""
     if device is None:
         device = next((l.device for _, l in model.named_layers() if l.device is not None), "cpu")
     x = Tensor(np.random.default_rng(0).standard_normal(input_shape).astype(np.float32), device=device)
@@ -30,6 +31,9 @@ def leaf_outputs(model, input_shape, device=None):
         for remove in removers:
             remove()
         model.train(was_training)
+    # in the model's order: branches that run side by side (AlexNet's towers on the CPU) call their hooks in any order
+    order = {id(layer): i for i, (_, layer) in enumerate(model.named_layers())}
+    calls.sort(key=lambda call: order.get(id(call[0]), len(order)))
     return [call for call in calls if not call[0]._layers]  # leaves only: containers repeat their children
 
 
