@@ -110,6 +110,45 @@ def test_matches_the_reference_and_the_direct_path(rng, m, r, shape, out, pad, g
     assert y.flags.c_contiguous and y.dtype == x.dtype
 
 
+# strided: (x shape, W shape, stride, pad, groups); the filters' side in stride x stride blocks is 3 or 5
+STRIDED = [((2, 3, 31, 31), (6, 3, 11, 11), 4, 0, 1),   # AlexNet's conv1, smaller: 3x3 in 4x4 blocks
+           ((2, 3, 30, 29), (6, 3, 11, 11), 4, 2, 1),   # padded, sizes not multiples of the stride
+           ((2, 4, 13, 12), (4, 2, 5, 5), 2, 1, 2),     # 5x5 at stride 2: 3x3 over 4x the channels; groups
+           ((2, 3, 19, 19), (4, 3, 6, 6), 2, 1, 1),     # 6x6 at stride 2: 3x3, no padding of the filters
+           ((1, 2, 23, 23), (3, 2, 10, 10), 2, 0, 1)]   # 10x10 at stride 2: 5x5 blocks
+
+
+@pytest.mark.parametrize("x_shape, W_shape, stride, pad, groups", STRIDED)
+def test_strided_convolutions_match_the_direct_path(rng, x_shape, W_shape, stride, pad, groups):
+    x, W, b = rng.standard_normal(x_shape), rng.standard_normal(W_shape), rng.standard_normal(W_shape[0])
+    y, saved = winograd_conv_forward(x, W, b, pad, groups, stride=stride)
+    gy = rng.standard_normal(y.shape)
+    gx, gW, gb = winograd_conv_backward(gy, W.shape, saved, (True, True, True))
+    inputs = [Tensor(a, requires_grad=True) for a in (x, W, b)]
+    y_direct = conv2d(*inputs, stride=stride, pad=pad, groups=groups, algorithm="direct")
+    y_direct.backward(Tensor(gy))
+    for got, want in zip((y, gx, gW, gb), [y_direct.data] + [t.grad.data for t in inputs]):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_strided_convolutions_pass_gradcheck(rng):
+    x = Tensor(rng.standard_normal((2, 2, 14, 13)), requires_grad=True)
+    W = Tensor(rng.standard_normal((3, 2, 7, 7)), requires_grad=True)  # 3x3 in blocks of 3x3 pixels
+    b = Tensor(rng.standard_normal(3), requires_grad=True)
+    gradcheck(lambda *a: conv2d(*a, stride=3, pad=1, algorithm="winograd"), x, W, b)
+
+
+def test_conv1s_blocks_hold_each_pixel_once(rng):
+    """11x11 at stride 4 over 227x227: 57x57 blocks of 4x4 pixels as 48 channels, padded with zeros past 227."""
+    x = rng.standard_normal((1, 3, 227, 227))
+    blocks = winograd.to_blocks(x, 4, 0, 57, 57)
+    assert blocks.shape == (1, 48, 57, 57)
+    assert blocks[0, 1 * 16 + 2 * 4 + 3, 10, 20] == x[0, 1, 42, 83]  # channel 1, offset (2, 3) in block (10, 20)
+    assert np.count_nonzero(blocks) == x.size and np.isclose(blocks.sum(), x.sum())
+    np.testing.assert_array_equal(winograd.from_blocks(blocks, 4, 0, x.shape), x)
+
+
 @pytest.mark.parametrize("m, r", KEYS)
 @pytest.mark.parametrize("shape, out, same_pad, groups", [((2, 4, 5, 6), 6, True, 2), ((3, 2, 6, 5), 3, False, 1)])
 def test_gradients_pass_gradcheck(rng, monkeypatch, m, r, shape, out, same_pad, groups):
@@ -170,20 +209,24 @@ def calls_to_winograd(monkeypatch):
     return calls
 
 
-def test_auto_takes_winograd_for_3x3_and_5x5_stride_1_with_enough_channels(rng, monkeypatch):
+def test_auto_takes_winograd_for_3x3_and_5x5_in_blocks_with_enough_channels(rng, monkeypatch):
     monkeypatch.delenv("MINIDL_CONV_ALGORITHM", raising=False)
     calls = calls_to_winograd(monkeypatch)
     x = Tensor(rng.standard_normal((1, 32, 9, 9)))
     conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), pad=1)
     conv2d(x, Tensor(rng.standard_normal((32, 16, 3, 3))), groups=2)
     conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))), pad=2)
-    conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), stride=2)         # stride 2: direct
-    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))), stride=2)         # stride 2: direct
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 5, 5))), stride=2)         # 3x3 in 2x2 blocks of pixels
+    conv2d(Tensor(rng.standard_normal((1, 3, 27, 27))), Tensor(rng.standard_normal((16, 3, 11, 11))), stride=4)
+    conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 3))), stride=2)         # 2x2 in blocks: direct
     conv2d(x, Tensor(rng.standard_normal((16, 32, 7, 7))))                   # 7x7: direct
     conv2d(x, Tensor(rng.standard_normal((16, 32, 3, 5))))                   # not square: direct
     conv2d(x, Tensor(rng.standard_normal((8, 32, 3, 3))))                    # 8 outputs: direct
     conv2d(x[:, :8], Tensor(rng.standard_normal((16, 8, 5, 5))))             # 8 inputs: direct
-    assert calls == [(16, 32, 3, 3), (32, 16, 3, 3), (16, 32, 5, 5)]
+    conv2d(x[:, :3], Tensor(rng.standard_normal((16, 3, 6, 6))), stride=2)   # 12 inputs in blocks: direct
+    # a strided convolution is computed by a second call, on its blocks
+    assert calls == [(16, 32, 3, 3), (32, 16, 3, 3), (16, 32, 5, 5), (16, 32, 5, 5), (16, 128, 3, 3),
+                     (16, 3, 11, 11), (16, 48, 3, 3)]
 
 
 @pytest.mark.parametrize("how", ["argument", "environment", "layer"])
@@ -219,8 +262,8 @@ def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, m, r):
 
 @pytest.mark.parametrize("kwargs, W_shape, message", [
     (dict(algorithm="fast"), (2, 3, 3, 3), r"conv2d algorithm must be one of auto, direct, winograd; got 'fast'"),
-    (dict(algorithm="winograd"), (2, 3, 7, 7), r"Winograd algorithm is for 3x3 or 5x5 stride-1 convolutions"),
-    (dict(algorithm="winograd", stride=2), (2, 3, 5, 5), r"Winograd algorithm is for 3x3 or 5x5 stride-1"),
+    (dict(algorithm="winograd"), (2, 3, 7, 7), r"Winograd algorithm is for 3x3 or 5x5 filters, or strided ones"),
+    (dict(algorithm="winograd", stride=2), (2, 3, 3, 3), r"got W of shape \(2, 3, 3, 3\) with stride 2"),
 ])
 def test_bad_choices_are_refused(kwargs, W_shape, message):
     with pytest.raises(MinidlError, match=message):
@@ -234,8 +277,9 @@ def test_a_bad_environment_variable_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("W_shape, kwargs, message", [
-    ((2, 3, 7, 7), {}, r"winograd convolution is for 3x3 or 5x5 filters, got W of shape \(2, 3, 7, 7\)"),
-    ((2, 3, 3, 5), {}, r"winograd convolution is for 3x3 or 5x5 filters, got W of shape \(2, 3, 3, 5\)"),
+    ((2, 3, 7, 7), {}, r"winograd convolution is for 3x3 or 5x5 filters, .* got W of shape \(2, 3, 7, 7\) at stride 1"),
+    ((2, 3, 3, 5), {}, r"winograd convolution is for 3x3 or 5x5 filters, .* got W of shape \(2, 3, 3, 5\)"),
+    ((2, 3, 3, 3), {"stride": 2}, r"or strided ones that are 3x3 or 5x5 in stride x stride blocks; .* at stride 2"),
     ((2, 3, 3, 3), {"tile": 3}, r"winograd tile for 3x3 filters must be one of \[2, 4, 5\], got 3"),
     ((2, 3, 5, 5), {"tile": 5}, r"winograd tile for 5x5 filters must be one of \[2, 3, 4\], got 5"),
     ((2, 4, 3, 3), {}, r"input has 3 channels but W of shape \(2, 4, 3, 3\)"),
@@ -274,3 +318,34 @@ def test_on_a_gpu_matches_the_cpu_and_passes_gradcheck(rng, monkeypatch, m, r, s
         np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-10, atol=1e-10)
     inputs = [Tensor(a, requires_grad=True, device="cuda:0") for a in arrays]
     gradcheck(lambda *a: conv2d(*a, pad=pad, groups=groups, algorithm="winograd"), *inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_shape, W_shape, stride, pad, groups", STRIDED[1:3])
+def test_strided_on_a_gpu_matches_the_cpu(rng, x_shape, W_shape, stride, pad, groups):
+    arrays = [rng.standard_normal(x_shape), rng.standard_normal(W_shape), rng.standard_normal(W_shape[0])]
+    results = []
+    for dev in ("cpu", "cuda:0"):
+        inputs = [Tensor(a, requires_grad=True, device=dev) for a in arrays]
+        y = conv2d(*inputs, stride=stride, pad=pad, groups=groups, algorithm="winograd")
+        y.backward(Tensor(np.cos(np.arange(y.size)).reshape(y.shape), device=dev))
+        results.append([y.numpy()] + [t.grad.numpy() for t in inputs])
+    for on_cpu, on_gpu in zip(*results):
+        np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-10, atol=1e-10)
+
+
+def test_conv1s_float32_error_against_float64_direct(rng):
+    """AlexNet's conv1 (11x11 at stride 4, 3 -> 48, 227x227, batch 2) by F(5x5, 3x3) over 4x4 blocks of pixels:
+    about 1e-5 of the largest value, as F(5x5, 3x3) at stride 1."""
+    x = rng.standard_normal((2, 3, 227, 227))
+    W = rng.standard_normal((48, 3, 11, 11)) * np.sqrt(2 / 363)
+    gy = rng.standard_normal((2, 48, 55, 55))
+    inputs = [Tensor(x, requires_grad=True), Tensor(W, requires_grad=True)]
+    exact = conv2d(*inputs, stride=4, algorithm="direct")
+    exact.backward(Tensor(gy))
+    y, saved = winograd_conv_forward(x.astype(np.float32), W.astype(np.float32), stride=4)
+    gx, gW, _ = winograd_conv_backward(gy.astype(np.float32), W.shape, saved, (True, True, False))
+    for name, got, want in zip(("y", "gx", "gW"), (y, gx, gW), [exact.data] + [t.grad.data for t in inputs]):
+        assert got.dtype == np.float32
+        error = np.abs(got - want).max() / np.abs(want).max()
+        assert error < 5e-5, f"{name}: relative error {error:.2e}"

@@ -13,9 +13,11 @@ offsets, each core taking a share of the batch; on the GPU the kernels in
 conv.cu. col2im is a gather there (each thread sums the patches that cover its
 input element), so it needs no atomics and gives the same result on every run.
 
-On the CPU, 3x3 and 5x5 stride-1 convolutions with enough channels take
-Winograd's algorithm instead (winograd.py: about 0.55x the direct path's time
-for AlexNet's conv3-conv5, 0.4x for conv2); the `algorithm` argument of
+On the CPU, 3x3 and 5x5 convolutions with enough channels take Winograd's
+algorithm instead (winograd.py: about 0.55x the direct path's time for
+AlexNet's conv3-conv5, 0.4x for conv2), and so do strided ones that are 3x3
+or 5x5 in stride x stride blocks of pixels (conv1, 11x11 at stride 4, about
+0.8x); the `algorithm` argument of
 conv2d, or the environment variable MINIDL_CONV_ALGORITHM, chooses ("auto",
 "direct", "winograd"; on a GPU only "winograd" takes it).
 """
@@ -123,8 +125,8 @@ def requested_algorithm(algorithm=None):
 class Conv2d(Function):
     """The direct path is the same GEMMs on both devices around their own im2col and col2im, saving (cols, W).
 
-    A 3x3 or 5x5 stride-1 convolution takes Winograd's algorithm (winograd.py)
-    instead when the algorithm is "winograd", or on the CPU when it is "auto"
+    A 3x3 or 5x5 convolution (or a strided one that is 3x3 or 5x5 in blocks of
+    pixels) takes Winograd's algorithm (winograd.py) instead when the algorithm is "winograd", or on the CPU when it is "auto"
     (the default) and there are the channels to pay (winograd.pays);
     "direct" keeps the direct path. Where Winograd does not apply "auto"
     takes the direct path and "winograd" refuses. On a GPU "auto" takes the
@@ -154,13 +156,15 @@ class Conv2d(Function):
         oh, ow = check_arguments(x, W, b, self.stride, self.pad, self.groups)  # before the choice reads W's shape
         applies = winograd.applies(W.shape, self.stride)
         if self.algorithm == "winograd" and not applies:
-            raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 or 5x5 stride-1 convolutions, got W of "
-                              f"shape {W.shape} with stride {self.stride}; use algorithm 'auto' or 'direct'")
+            raise MinidlError(f"conv2d: the Winograd algorithm is for 3x3 or 5x5 filters, or strided ones that are "
+                              f"3x3 or 5x5 in stride x stride blocks (11x11 at stride 4), got W of shape {W.shape} "
+                              f"with stride {self.stride}; use algorithm 'auto' or 'direct'")
         self.uses_winograd = self.algorithm == "winograd" or (
-            self.algorithm == "auto" and auto_winograd and applies and winograd.pays(W.shape, self.groups))
+            self.algorithm == "auto" and auto_winograd and applies
+            and winograd.pays(W.shape, self.groups, self.stride))
         if not self.uses_winograd:
             return self._forward(im2col, x, W, b, oh, ow)
-        y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups)
+        y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups, stride=self.stride)
         self.save(saved, W.shape)
         return y
 
@@ -203,8 +207,9 @@ class Conv2d(Function):
 def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
     """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
 
-    algorithm: "auto" (Winograd for 3x3 and 5x5 stride-1 convolutions on the CPU
-    with 16 or more channels in and out per group, im2col + GEMM otherwise),
+    algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for
+    strided ones that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16
+    or more channels in and out per group, im2col + GEMM otherwise),
     "direct" (im2col + GEMM always) or "winograd" (on either device; a
     MinidlError where it does not apply); None reads the environment
     variable MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.

@@ -1,4 +1,4 @@
-"""Winograd minimal filtering for 3x3 and 5x5 stride-1 convolutions (conv2d's choice on the CPU).
+"""Winograd minimal filtering for 3x3 and 5x5 convolutions, and strided ones (conv2d's choice on the CPU).
 
 Why. A direct r x r convolution spends r*r multiplications per output pixel
 and (input, output) channel pair. Winograd's F(m x m, r x r) (Lavin & Gray
@@ -37,6 +37,14 @@ Tiles. Output tiles are m x m; input tiles overlap by r - 1. The input is
 padded with zeros on the right and bottom so that whole tiles cover the output
 (13x13 maps take 7x7 tiles of F(2x2) = 14x14 outputs, or 4x4 tiles of F(4x4)
 = 16x16); the outputs past the real map are cut off.
+
+Strides. A convolution with stride s is a stride-1 one over s x s blocks of
+pixels taken as channels (space to depth): pixel (s*i + a, s*j + b) of
+channel c becomes pixel (i, j) of channel (c, a, b), and the k x k filters,
+padded with zeros to a multiple of s, become ceil(k/s) x ceil(k/s) filters
+over those channels. AlexNet's conv1, 11x11 at stride 4 over 3 channels, is
+so a 3x3 convolution over 48 channels, which F(5x5, 3x3) computes with 4x
+fewer multiplications than its direct path (to_blocks, filters_to_blocks).
 
 Backward. Every step above is linear, so the gradients are its adjoints, in
 reverse order: gM = A gY A^T per tile; the weight gradient
@@ -161,14 +169,20 @@ def tiles_for(r):
 MIN_CHANNELS = 16
 
 
+def block_side(k, stride):
+    """The side of k x k filters at `stride` once stride x stride blocks of pixels are channels."""
+    return -(-k // stride)
+
+
 def applies(W_shape, stride):
-    """Whether Winograd can compute a convolution: stride 1, square filters of a size with transforms."""
-    return stride == 1 and W_shape[2] == W_shape[3] and bool(tiles_for(W_shape[2]))
+    """Whether Winograd can compute a convolution: square filters of a size with transforms, at stride 1
+    or, over stride x stride blocks of pixels, at their stride (11x11 at stride 4: 3x3 blocks)."""
+    return W_shape[2] == W_shape[3] and bool(tiles_for(block_side(W_shape[2], stride)))
 
 
-def pays(W_shape, groups):
-    """Whether Winograd is expected to beat the direct path for filters W_shape (out, in/groups, r, r)."""
-    return min(W_shape[0] // groups, W_shape[1]) >= MIN_CHANNELS
+def pays(W_shape, groups, stride=1):
+    """Whether Winograd is expected to beat the direct path for filters W_shape (out, in/groups, k, k)."""
+    return min(W_shape[0] // groups, W_shape[1] * stride * stride) >= MIN_CHANNELS
 
 
 def fastest_tile(oh, ow, r=3):
@@ -193,20 +207,29 @@ class Saved:
     def __init__(self, V, U, x_shape, pad, groups, transform):
         self.V, self.U = V, U  # (t*t, tiles, C) and (t*t, groups, out/groups, C/groups)
         self.x_shape, self.pad, self.groups, self.transform = x_shape, pad, groups, transform
+        self.blocks = None  # for a strided convolution: (stride, pad, x's shape), to map the gradients back
 
 
-def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
-    """conv2d(x, W, b, stride=1, pad, groups) for r x r W by F(tile x tile, r x r): (y, Saved for the backward).
+def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
+    """conv2d(x, W, b, stride, pad, groups) for r x r W by F(tile x tile, r x r): (y, Saved for the backward).
 
-    W's side r: 3 or 5 (a size in POINTS). tile: one of tiles_for(r) (2 or 4
-    for 3x3, 2, 3 or 4 for 5x5), or None for fastest_tile's choice. NumPy arrays run on the CPU, CuPy arrays
+    W's side r: 3 or 5 (a size in POINTS), or at stride s > 1 its side in s x s
+    blocks, ceil(k/s). tile: one of tiles_for(r) (2, 4 or 5 for 3x3, 2, 3 or 4
+    for 5x5), or None for fastest_tile's choice. NumPy arrays run on the CPU, CuPy arrays
     on their GPU (the tile copies as winograd.cu's kernels).
     """
-    oh, ow = conv.check_arguments(x, W, b, 1, pad, groups)
-    r = W.shape[2]
-    if not applies(W.shape, 1):
+    oh, ow = conv.check_arguments(x, W, b, stride, pad, groups)
+    if not applies(W.shape, stride):
         sizes = " or ".join(f"{side}x{side}" for side in sorted({side for _, side in TRANSFORMS}))
-        raise MinidlError(f"winograd convolution is for {sizes} filters, got W of shape {W.shape}")
+        raise MinidlError(f"winograd convolution is for {sizes} filters, or strided ones that are {sizes} in "
+                          f"stride x stride blocks; got W of shape {W.shape} at stride {stride}")
+    if stride > 1:
+        r = block_side(W.shape[2], stride)
+        blocks = to_blocks(x, stride, pad, oh + r - 1, ow + r - 1)
+        y, saved = winograd_conv_forward(blocks, filters_to_blocks(W, stride), b, 0, groups, tile)
+        saved.blocks = (stride, pad, x.shape)
+        return y, saved
+    r = W.shape[2]
     if tile is None:
         tile = fastest_tile(oh, ow, r)
     if tile not in tiles_for(r):
@@ -233,6 +256,17 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None):
 
 def winograd_conv_backward(gy, W_shape, saved, needs=(True, True, False)):
     """(gx, gW, gb) of winograd_conv_forward, each None unless `needs` asks for it."""
+    if saved.blocks is not None:  # a strided convolution: the gradients of the blocks, mapped back
+        stride, pad, x_shape = saved.blocks
+        side = block_side(W_shape[2], stride)
+        blocks_W_shape = (W_shape[0], W_shape[1] * stride * stride, side, side)
+        gx, gW, gb = _stride_1_backward(gy, blocks_W_shape, saved, needs)
+        return (None if gx is None else from_blocks(gx, stride, pad, x_shape),
+                None if gW is None else filters_from_blocks(gW, stride, W_shape), gb)
+    return _stride_1_backward(gy, W_shape, saved, needs)
+
+
+def _stride_1_backward(gy, W_shape, saved, needs):
     f = saved.transform
     xp, gather, scatter = _device_parts(gy)
     oh, ow = gy.shape[2:]
@@ -278,6 +312,73 @@ def by_group(a, groups):
     """(t*t, tiles, channels) as a view (t*t, groups, tiles, channels/groups): one matrix per product."""
     positions, tiles, channels = a.shape
     return a.reshape(positions, tiles, groups, channels // groups).transpose(0, 2, 1, 3)
+
+
+# --- Strided convolutions as stride-1 ones over blocks of pixels (space to depth)
+
+def to_blocks(x, s, pad, rows, cols):
+    """x (N, C, H, W), padded by `pad`, as (N, C*s*s, rows, cols): pixel (s*i + a, s*j + b) as pixel (i, j)
+    of channel c*s*s + a*s + b, zeros past the padded input. The same copies on both devices; on the CPU
+    each core takes a share of the batch."""
+    xp = cupy() if not isinstance(x, np.ndarray) else np
+    n, c, h, w = x.shape
+    blocks = xp.zeros((n, c, s, s, rows, cols), dtype=x.dtype)
+
+    def copy(images):
+        for a, (i0, i1, first_row) in enumerate(_block_spans(s, pad, h, rows)):
+            for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
+                blocks[images, :, a, b, i0:i1, j0:j1] = x[images, :, first_row::s, first_col::s][:, :, :i1 - i0, :j1 - j0]
+    if xp is np:
+        in_parallel(copy, blocks)
+    else:
+        copy(slice(None))
+    return blocks.reshape(n, c * s * s, rows, cols)
+
+
+def from_blocks(blocks, s, pad, shape):
+    """The adjoint of to_blocks, (N, C*s*s, rows, cols) -> (N, C, H, W) of `shape`: each pixel from its one
+    place among the blocks (zeros for pixels no block holds)."""
+    xp = cupy() if not isinstance(blocks, np.ndarray) else np
+    n, c, h, w = shape
+    rows, cols = blocks.shape[2:]
+    blocks = blocks.reshape(n, c, s, s, rows, cols)
+    x = xp.zeros(shape, dtype=blocks.dtype)
+    for a, (i0, i1, first_row) in enumerate(_block_spans(s, pad, h, rows)):
+        for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
+            x[:, :, first_row:first_row + s * (i1 - i0):s, first_col:first_col + s * (j1 - j0):s] = \
+                blocks[:, :, a, b, i0:i1, j0:j1]
+    return x
+
+
+def _block_spans(s, pad, size, count):
+    """For each offset a in a block: (first, end, source) such that blocks first..end-1 at offset a hold the input
+    pixels source, source + s, ... (padded position s*i + a is input pixel s*i + a - pad)."""
+    spans = []
+    for a in range(s):
+        first = max(0, -(-(pad - a) // s))  # the first block whose pixel a is inside the input
+        end = min(count, (size + pad - a + s - 1) // s)  # one past the last
+        spans.append((first, max(first, end), s * first + a - pad))
+    return spans
+
+
+def filters_to_blocks(W, s):
+    """W (out, C, k, k), padded with zeros to a multiple of s, as (out, C*s*s, k', k'), k' = ceil(k/s): tap
+    (s*u + a, s*v + b) as tap (u, v) of channel c*s*s + a*s + b, matching to_blocks."""
+    xp = cupy() if not isinstance(W, np.ndarray) else np
+    out, c, k = W.shape[:3]
+    side = block_side(k, s)
+    padded = xp.zeros((out, c, side * s, side * s), dtype=W.dtype)
+    padded[:, :, :k, :k] = W
+    return padded.reshape(out, c, side, s, side, s).transpose(0, 1, 3, 5, 2, 4).reshape(out, c * s * s, side, side)
+
+
+def filters_from_blocks(gW, s, W_shape):
+    """The adjoint of filters_to_blocks: (out, C*s*s, k', k') -> W_shape (out, C, k, k), the padding dropped."""
+    xp = cupy() if not isinstance(gW, np.ndarray) else np
+    out, c, k = W_shape[:3]
+    side = gW.shape[2]
+    full = gW.reshape(out, c, s, s, side, side).transpose(0, 1, 4, 2, 5, 3).reshape(out, c, side * s, side * s)
+    return xp.ascontiguousarray(full[:, :, :k, :k])
 
 
 # --- The tile copies: gather (N, C, H, W) maps into (t*t, tiles*C) tiles, and scatter (sum) them back
