@@ -11,8 +11,9 @@ dies with the last tensor that uses it, without the garbage collector.
 generation is one more than its newest input's), so every output gradient is
 complete, summed over all its uses, before the function that made it runs.
 Functions of one generation never feed each other, so they run as one wave:
-on the CPU side by side, one core each (AlexNet's two towers), and their
-gradients are then summed in a fixed order, whichever finished first.
+on the CPU side by side, one core each (AlexNet's two towers), each going on
+up its chain of functions until the graph forks or joins; the gradients
+they leave there are summed in a fixed order, whichever finished first.
 """
 import contextlib
 import functools
@@ -186,47 +187,35 @@ class Tensor:
             wave = [heapq.heappop(heap)[2]]  # the newest generation: none of these feeds another
             while heap and heap[0][0] == -wave[0].generation:
                 wave.append(heapq.heappop(heap)[2])
-            work = []
+            starts = []
             for function in wave:
-                if function.released:
-                    raise MinidlError("backward through the same graph twice: its saved arrays "
-                                      "were freed by the first backward; run the forward again")
+                _check_not_released(function)
                 outputs = [ref() for ref in function.outputs]
                 for y in outputs:
                     if y is not None:
                         pending.pop(id(y), None)
                 output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
                 if any(g is not None for g in output_grads):
-                    work.append((function, outputs, output_grads))
-            all_input_grads = side_by_side([functools.partial(_input_grads, function, output_grads)
-                                            for function, _, output_grads in work],
-                                           [function.device for function, _, _ in work])
-            for (function, outputs, _), input_grads in zip(work, all_input_grads):
-                # the sums of its gradients run on the inputs' device and stream
-                with function.device:
-                    for x, gx in zip(function.inputs, input_grads):
-                        if gx is None or not x.requires_grad:
-                            continue
-                        if gx.shape != x.shape:
-                            raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
-                                                 f"shape {gx.shape} for an input of shape {x.shape}")
-                        if gx.dtype != x.dtype and x.dtype.kind == "f":
-                            gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
-                        x._accumulate(gx)
-                        if x.creator is not None:
-                            pending[id(x)] = x
-                            enqueue(x.creator)
-                if not retain_grad:
-                    for y in outputs:
-                        if y is not None:
-                            y.grad = None
-                function.release()
+                    starts.append((function, output_grads))
+            # each runs on up its own chain (_backward_chain), side by side on the CPU; the gradients
+            # they leave for tensors with other uses are summed here, in the wave's order
+            left = side_by_side([functools.partial(_backward_chain, function, output_grads, retain_grad)
+                                 for function, output_grads in starts], [function.device for function, _ in starts])
+            for x, gx in (pair for pairs in left for pair in pairs):
+                with x.device:  # on the inputs' device and stream
+                    x._accumulate(gx)
+                if x.creator is not None:
+                    pending[id(x)] = x
+                    enqueue(x.creator)
 
     # Callables hook(tensor), run each time backward has added a gradient into this tensor's .grad
     # (once per use of the tensor in the graph). A class-level empty tuple: a tensor without hooks
     # pays one truth test. Parameters get a list (minidl.layers.Parameter); data parallelism uses
     # them to start reducing a bucket of gradients while the backward pass goes on.
     grad_hooks = ()
+
+    # How many recorded functions take this tensor as an input (a class-level 0 until one does).
+    uses = 0
 
     def _accumulate(self, grad):
         if self.grad is None:
@@ -245,11 +234,64 @@ class Tensor:
     # functions import this module, never the reverse.
 
 
-def _input_grads(function, output_grads):
-    """function.backward as a tuple, run on the function's device and stream."""
-    with function.device:
-        input_grads = function.backward(*output_grads)
-    return input_grads if isinstance(input_grads, tuple) else (input_grads,)
+def _check_not_released(function):
+    if function.released:
+        raise MinidlError("backward through the same graph twice: its saved arrays "
+                          "were freed by the first backward; run the forward again")
+
+
+def _complete_after(x, function):
+    """Whether x's gradient is complete once `function`, its one use, has run: x is its creator's one output,
+    has no hooks (they run in the caller), and both functions are on the CPU (GPU work stays in the caller's thread)."""
+    return (x.uses == 1 and len(x.creator.outputs) == 1 and not x.grad_hooks
+            and not function.device.is_cuda and not x.creator.device.is_cuda)
+
+
+def _backward_chain(function, output_grads, retain_grad):
+    """Run function's backward, then on up its chain; the gradients left for the caller, [(input, gradient)].
+
+    The chain goes on, here, to the creator of the function's one input that
+    has a creator (the others leaves, such as weights) when that input had no
+    other use and is its creator's one output: its gradient is complete now.
+    It stops where the graph forks or joins, at tensors with hooks and on
+    GPUs: those gradients are left to the caller, which sums them in a fixed
+    order and runs what they lead to in the next wave, side by side. So
+    chains never write the same tensor.
+    """
+    left = []
+    while True:
+        _check_not_released(function)
+        with function.device:
+            input_grads = function.backward(*output_grads)
+        if not isinstance(input_grads, tuple):
+            input_grads = (input_grads,)
+        pairs = []
+        for x, gx in zip(function.inputs, input_grads):
+            if gx is None or not x.requires_grad:
+                continue
+            if gx.shape != x.shape:
+                raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
+                                     f"shape {gx.shape} for an input of shape {x.shape}")
+            if gx.dtype != x.dtype and x.dtype.kind == "f":
+                with function.device:
+                    gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
+            pairs.append((x, gx))
+        made = [x for x, _ in pairs if x.creator is not None]
+        follow = made[0] if len(made) == 1 and _complete_after(made[0], function) else None
+        for x, gx in pairs:
+            if x is follow:
+                x._accumulate(gx)  # nothing else reaches x: no other chain writes it
+            else:
+                left.append((x, gx))
+        if not retain_grad:
+            for ref in function.outputs:
+                y = ref()
+                if y is not None:
+                    y.grad = None
+        function.release()
+        if follow is None:
+            return left
+        function, output_grads = follow.creator, [follow.grad.data]
 
 
 def as_tensor(value, like):
@@ -297,6 +339,8 @@ class Function:
             for y in outputs:
                 y.requires_grad = True
                 y.set_creator(self)
+            for x in inputs:
+                x.uses += 1  # lets backward know when x's gradient is complete (_backward_chain)
             self.inputs = inputs
             self.outputs = [weakref.ref(y) for y in outputs]
         else:

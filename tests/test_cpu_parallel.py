@@ -272,6 +272,30 @@ def test_backward_runs_a_generation_side_by_side(cores):
     np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
 
 
+def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(cores, monkeypatch):
+    from minidl import core
+    cores(2)
+    if cpu_parallel.blas_threads() is None:
+        pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
+    calls = []
+    real = core.side_by_side
+
+    def counting(functions, devices):
+        calls.append(len(functions))
+        return real(functions, devices)
+    monkeypatch.setattr(core, "side_by_side", counting)
+    x = Tensor(np.arange(4, dtype=np.float32), requires_grad=True)
+    both = threading.Barrier(2, timeout=10)
+    branches = [Meet(both)(x) * 2, Meet(both)(x) * 3]
+    for i, branch in enumerate(branches):
+        for _ in range(3):  # a chain of functions of one input each
+            branch = branch.reshape(2, 2).reshape(4)
+        branches[i] = branch
+    (branches[0] + branches[1]).sum().backward()
+    np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
+    assert calls == [1, 2]  # the sum and the add (the fork), then each branch whole, at once
+
+
 def test_alexnet_towers_side_by_side_give_the_bits_of_the_towers_in_turn(cores):
     """Forward and backward, at a size where the BLAS runs every product on one thread either way (at
     AlexNet's size its thread count changes the rounding of long sums, as it does between machines)."""
