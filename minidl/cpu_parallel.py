@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 _pool, _pool_threads = None, 0
 _branch = threading.local()  # .alone: this thread runs one of side_by_side's calls, on one core
+_holding_blas = threading.Lock()  # one side_by_side at a time sets the BLAS's thread count
 
 
 def _forget_pool():
-    global _pool, _pool_threads
+    global _pool, _pool_threads, _holding_blas
     _pool, _pool_threads = None, 0
+    _holding_blas = threading.Lock()  # a lock held by a thread of the parent would never be released
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
@@ -106,16 +108,17 @@ def side_by_side(calls):
         finally:
             _branch.alone = False
     get_threads, set_threads = blas
-    threads = get_threads()
-    set_threads(1)  # the calls' matrix products run in their own threads, one core each
-    try:
-        others = [_workers(min(len(calls), core_count()) - 1).submit(alone, call) for call in calls[1:]]
+    with _holding_blas:  # calls from two threads at once would each restore the other's setting
+        threads = get_threads()
+        set_threads(1)  # the calls' matrix products run in their own threads, one core each
         try:
-            first = alone(calls[0])
+            others = [_workers(min(len(calls), core_count()) - 1).submit(alone, call) for call in calls[1:]]
+            try:
+                first = alone(calls[0])
+            finally:
+                wait(others)
         finally:
-            wait(others)
-    finally:
-        set_threads(threads)
+            set_threads(threads)
     return [first] + [done.result() for done in others]
 
 

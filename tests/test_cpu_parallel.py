@@ -218,6 +218,28 @@ def test_side_by_side_raises_an_error_once_all_calls_end(cores, failing):
         assert blas[0]() == threads_before
 
 
+def test_side_by_side_from_two_threads_at_once_leaves_the_blas_as_it_was(cores):
+    cores(2)
+    blas = cpu_parallel.blas_threads()
+    before = blas[0]() if blas else None
+    results, errors = [], []
+
+    def user(k):
+        try:
+            for _ in range(20):
+                results.append(tuple(cpu_parallel.side_by_side([lambda: k, lambda: k + 1])))
+        except Exception as error:  # noqa: BLE001 -- reported below
+            errors.append(error)
+    users = [threading.Thread(target=user, args=(k,)) for k in (0, 10)]
+    for thread in users:
+        thread.start()
+    for thread in users:
+        thread.join()
+    assert not errors and sorted(results) == [(0, 1)] * 20 + [(10, 11)] * 20
+    if blas:
+        assert blas[0]() == before
+
+
 def test_side_by_side_runs_in_turn_on_one_core_without_blas_control_and_when_nested(cores, monkeypatch):
     def thread_of_each(count):
         return cpu_parallel.side_by_side([threading.get_ident] * count)
