@@ -10,10 +10,11 @@ dies with the last tensor that uses it, without the garbage collector.
 `Tensor.backward()` walks the graph newest generation first (a function's
 generation is one more than its newest input's), so every output gradient is
 complete, summed over all its uses, before the function that made it runs.
-Functions of one generation never feed each other, so they run as one wave:
-on the CPU side by side, one core each (AlexNet's two towers), each going on
-up its chain of functions until the graph forks or joins; the gradients
-they leave there are summed in a fixed order, whichever finished first.
+Functions of one generation never feed each other, so they run as one wave,
+each going on up its chain of functions until the graph forks or joins; the
+gradients they leave there are summed in the wave's order, whichever finished
+first. On the CPU, branches that mirror each other (AlexNet's two towers: the
+same functions on arrays of the same shapes) run side by side, a core each.
 """
 import contextlib
 import functools
@@ -28,6 +29,7 @@ from minidl.device import device as as_device, device_of_array, is_array
 from minidl.errors import MinidlError
 
 _state = threading.local()
+_counting_uses = threading.Lock()
 
 
 def grad_enabled():
@@ -197,10 +199,12 @@ class Tensor:
                 output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
                 if any(g is not None for g in output_grads):
                     starts.append((function, output_grads))
-            # each runs on up its own chain (_backward_chain), side by side on the CPU; the gradients
-            # they leave for tensors with other uses are summed here, in the wave's order
-            left = side_by_side([functools.partial(_backward_chain, function, output_grads, retain_grad)
-                                 for function, output_grads in starts], [function.device for function, _ in starts])
+            # each runs on up its own chain (_backward_chain), mirrored branches side by side on the
+            # CPU; the gradients they leave for tensors with other uses are summed here, in the wave's order
+            chains = [functools.partial(_backward_chain, function, output_grads, retain_grad)
+                      for function, output_grads in starts]
+            left = (side_by_side(chains, [function.device for function, _ in starts]) if _mirrored(starts)
+                    else [chain() for chain in chains])
             for x, gx in (pair for pairs in left for pair in pairs):
                 with x.device:  # on the inputs' device and stream
                     x._accumulate(gx)
@@ -238,6 +242,23 @@ def _check_not_released(function):
     if function.released:
         raise MinidlError("backward through the same graph twice: its saved arrays "
                           "were freed by the first backward; run the forward again")
+
+
+# Below this many elements in the inputs of a wave's functions a thread handoff (tens of microseconds)
+# costs more than running the branches in turn
+MIRRORED_MIN_ITEMS = 1 << 15
+
+
+def _mirrored(starts):
+    """Whether a wave's functions start branches worth a core each: two or more, on the CPU, alike (one kind
+    of function, inputs of the same shapes: AlexNet's towers), and not tiny. Branches unlike each other
+    would give a long one a single core beside a short one."""
+    functions = [function for function, _ in starts]
+    first = functions[0] if functions else None
+    return (len(functions) >= 2 and not any(f.device.is_cuda for f in functions)
+            and all(type(f) is type(first) and [x.shape for x in f.inputs] == [x.shape for x in first.inputs]
+                    for f in functions)
+            and sum(x.size for x in first.inputs) >= MIRRORED_MIN_ITEMS)
 
 
 def _complete_after(x, function):
@@ -278,6 +299,8 @@ def _backward_chain(function, output_grads, retain_grad):
             pairs.append((x, gx))
         made = [x for x, _ in pairs if x.creator is not None]
         follow = made[0] if len(made) == 1 and _complete_after(made[0], function) else None
+        if any(x.grad_hooks for x, _ in pairs):
+            follow = None  # the caller runs the hooks as soon as the gradient is in (data parallelism's reduces)
         for x, gx in pairs:
             if x is follow:
                 x._accumulate(gx)  # nothing else reaches x: no other chain writes it
@@ -339,8 +362,9 @@ class Function:
             for y in outputs:
                 y.requires_grad = True
                 y.set_creator(self)
-            for x in inputs:
-                x.uses += 1  # lets backward know when x's gradient is complete (_backward_chain)
+            with _counting_uses:  # functions recorded side by side may share an input
+                for x in inputs:
+                    x.uses += 1  # lets backward know when x's gradient is complete (_backward_chain)
             self.inputs = inputs
             self.outputs = [weakref.ref(y) for y in outputs]
         else:

@@ -8,11 +8,14 @@ batch per core, in threads (in_parallel). Each output element is computed by
 the same operations in the same order however the batch is split, so results
 do not depend on the number of cores.
 
-Independent pieces of work, such as AlexNet's two towers, go further
-(side_by_side): each runs whole on a core of its own, with its NumPy loops and
-its BLAS on one thread, so the cores never wait for each other inside an
-operation. On 2 cores this makes the AlexNet step about 20% faster than
-splitting every operation (benchmarks/NOTES.md).
+Independent pieces of work, as many as there are cores, such as AlexNet's two
+towers on 2 cores, go further (side_by_side): each runs whole on a core of its
+own, with its NumPy loops and its BLAS on one thread, so the cores never wait
+for each other inside an operation. On 2 cores this makes the AlexNet step
+about 20% faster than splitting every operation (benchmarks/NOTES.md). With
+more cores than pieces the pieces run in turn, each operation split over all
+the cores (one BLAS thread per piece would leave cores idle, and several BLAS
+threads per piece were not measured).
 """
 import ctypes
 import os
@@ -50,9 +53,10 @@ def in_parallel(work, array, blocks=False):
     With blocks=True each core goes through its share a few MB of `array` at a
     time, so that the temporaries of elementwise work stay in the cache rather
     than streaming through memory. work must write its results into arrays made
-    beforehand (each slice into its own part of them) and must not call
-    in_parallel itself (it would wait on the pool it is running in). A 0-d
-    array has nothing to split: work(...) runs once, here.
+    beforehand (each slice into its own part of them); an in_parallel or
+    side_by_side inside work runs in work's thread (waiting on the pool it
+    runs in would never end). A 0-d array has nothing to split: work(...) runs
+    once, here.
     """
     if array.ndim == 0:
         work(...)
@@ -65,8 +69,13 @@ def in_parallel(work, array, blocks=False):
     shares = [range(start, stop, max(1, min(block, stop - start))) for start, stop in zip(bounds, bounds[1:])]
 
     def run(share):
-        for start in share:
-            work(slice(start, min(start + share.step, share.stop)))
+        alone = getattr(_branch, "alone", False)
+        _branch.alone = True  # a side_by_side inside work runs its calls in turn: the pool is busy with this
+        try:
+            for start in share:
+                work(slice(start, min(start + share.step, share.stop)))
+        finally:
+            _branch.alone = alone
     others = [_workers(runs - 1).submit(run, share) for share in shares[1:]]
     try:
         run(shares[0])  # this thread takes the first share rather than waiting idle
@@ -90,15 +99,16 @@ def side_by_side(calls):
     Inside each call in_parallel runs in the calling thread and BLAS on one
     thread (set back afterwards), so each call has one core and the calls run
     in parallel instead of each operation being split. Calls must not write to
-    the same arrays. They run one after another where there is one core, where
-    the BLAS's thread count cannot be set (blas_threads), or inside another
-    side_by_side call. An error from any call is raised once all have ended.
+    the same arrays. They run one after another where there are fewer than two
+    cores or more cores than calls, where the BLAS's thread count cannot be set
+    (blas_threads), and inside another side_by_side call or in_parallel's work.
+    An error from any call is raised once all have ended.
     A product on one BLAS thread may round differently from the same product
     on several (OpenBLAS splits long sums by its thread count), as between
     machines with different core counts.
     """
     blas = blas_threads()
-    if len(calls) < 2 or core_count() < 2 or blas is None or getattr(_branch, "alone", False):
+    if not 2 <= core_count() <= len(calls) or blas is None or getattr(_branch, "alone", False):
         return [call() for call in calls]
 
     def alone(call):

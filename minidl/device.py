@@ -275,7 +275,10 @@ def keep_freed_host_memory():
     default glibc maps each large array fresh and unmaps it on free, so every
     step pays page faults to zero the memory again (half the CPU time went to the
     kernel on a 2-core machine). This is the host's counterpart of CuPy's memory
-    pool. Best effort: a no-op where the C library is not glibc.
+    pool. It also keeps every thread on the one heap (M_ARENA_MAX=1): the threads
+    of cpu_parallel.side_by_side would otherwise each grow an arena of their own.
+    For the whole process; train and bench call it. Best effort: a no-op where
+    the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -284,7 +284,9 @@ class Meet(Function):
         return gy
 
 
-def test_backward_runs_a_generation_side_by_side(cores):
+def test_backward_runs_a_generation_side_by_side(cores, monkeypatch):
+    from minidl import core
+    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # these branches are tiny
     cores(2)
     if cpu_parallel.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
@@ -296,6 +298,7 @@ def test_backward_runs_a_generation_side_by_side(cores):
 
 def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(cores, monkeypatch):
     from minidl import core
+    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # these branches are tiny
     cores(2)
     if cpu_parallel.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
@@ -315,13 +318,15 @@ def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(co
         branches[i] = branch
     (branches[0] + branches[1]).sum().backward()
     np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
-    assert calls == [1, 2]  # the sum and the add (the fork), then each branch whole, at once
+    assert calls == [2]  # the sum and the add (the fork) in turn, then each branch whole, at once
 
 
-def test_alexnet_towers_side_by_side_give_the_bits_of_the_towers_in_turn(cores):
+def test_alexnet_towers_side_by_side_give_the_bits_of_the_towers_in_turn(cores, monkeypatch):
     """Forward and backward, at a size where the BLAS runs every product on one thread either way (at
     AlexNet's size its thread count changes the rounding of long sums, as it does between machines)."""
+    from minidl import core
     from test_alexnet import SMALL_NETWORK, alexnet
+    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # the backward's towers side by side too, though small
 
     def step():
         model = alexnet.AlexNet(4, ("cpu", "cpu"), seed=3, network=SMALL_NETWORK, pooled_size=1)
@@ -360,3 +365,60 @@ def test_the_command_imports_minidl_before_numpy():
             "print(first)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['minidl', 'numpy']"
+
+
+def test_side_by_side_runs_in_turn_with_more_cores_than_calls_and_inside_in_parallel(cores):
+    cores(3)  # two calls on three cores: each operation split over all three instead
+    assert set(cpu_parallel.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()}
+    cores(2)
+    seen = []
+
+    def work(part):  # a side_by_side inside in_parallel's work: in turn, in work's thread (no deadlock)
+        seen.append(set(cpu_parallel.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()})
+    cpu_parallel.in_parallel(work, np.zeros(2))
+    assert seen == [True, True]
+
+
+def test_backward_runs_unlike_or_tiny_branches_in_turn(cores, monkeypatch):
+    from minidl import core
+    cores(2)
+    calls = []
+    real = core.side_by_side
+
+    def counting(functions, devices):
+        calls.append(len(functions))
+        return real(functions, devices)
+    monkeypatch.setattr(core, "side_by_side", counting)
+    x = Tensor(np.ones((200, 200), dtype=np.float32), requires_grad=True)
+    (x.reshape(40000) * 2).sum().backward()  # one branch
+    ((x * 2).sum() + (x * 3).sum()).backward()  # two alike, 40000 elements each: side by side
+    ((x[:10] * 2).sum() + (x * 3).sum()).backward()  # unlike: a long branch would get one core
+    ((x[:10] * 2).sum() + (x[10:20] * 3).sum()).backward()  # alike but tiny
+    assert calls == [2]
+
+
+class Record(Function):
+    """Identity that notes when its backward runs."""
+
+    def __init__(self, events, name):
+        self.events, self.name = events, name
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        self.events.append(self.name)
+        return gy
+
+
+def test_a_chain_stops_where_a_gradient_has_hooks_so_they_run_at_once(cores):
+    cores(2)
+    events = []
+    weights = [Tensor(np.ones((3, 3), dtype=np.float32), requires_grad=True) for _ in range(2)]
+    for i, w in enumerate(weights):
+        w.grad_hooks = [lambda t, i=i: events.append(f"hook {i}")]
+    h = Tensor(np.ones((2, 3), dtype=np.float32), requires_grad=True)
+    for i, w in enumerate(weights):
+        h = Record(events, f"backward {i}")(h @ w)
+    h.sum().backward()
+    assert events == ["backward 1", "hook 1", "backward 0", "hook 0"]

@@ -209,7 +209,8 @@ def conv2d(x, W, b=None, stride=1, pad=0, groups=1, algorithm=None):
 
     algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for
     strided ones that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16
-    or more channels in and out per group, im2col + GEMM otherwise),
+    or more channels in and out per group, the input's counted in blocks,
+    C * stride^2; im2col + GEMM otherwise),
     "direct" (im2col + GEMM always) or "winograd" (on either device; a
     MinidlError where it does not apply); None reads the environment
     variable MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
