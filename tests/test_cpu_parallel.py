@@ -284,24 +284,26 @@ class Meet(Function):
         return gy
 
 
-def test_backward_runs_a_generation_side_by_side(cores, monkeypatch):
+def tiny_branches_side_by_side(cores, monkeypatch):
+    """Two cores, and the backward's branches side by side however small (the tests' are)."""
     from minidl import core
-    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # these branches are tiny
+    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)
     cores(2)
     if cpu_parallel.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
+
+
+def test_backward_runs_a_generation_side_by_side(cores, monkeypatch):
+    tiny_branches_side_by_side(cores, monkeypatch)
     x = Tensor(np.arange(4, dtype=np.float32), requires_grad=True)
     both = threading.Barrier(2, timeout=10)
     (Meet(both)(x) * 2 + Meet(both)(x) * 3).sum().backward()
     np.testing.assert_array_equal(x.grad.data, np.full(4, 5, dtype=np.float32))
 
 
-def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(cores, monkeypatch):
+def count_side_by_side(monkeypatch):
+    """The number of calls of each core.side_by_side the backward makes, as a list filled as it runs."""
     from minidl import core
-    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # these branches are tiny
-    cores(2)
-    if cpu_parallel.blas_threads() is None:
-        pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
     calls = []
     real = core.side_by_side
 
@@ -309,6 +311,12 @@ def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(co
         calls.append(len(functions))
         return real(functions, devices)
     monkeypatch.setattr(core, "side_by_side", counting)
+    return calls
+
+
+def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(cores, monkeypatch):
+    tiny_branches_side_by_side(cores, monkeypatch)
+    calls = count_side_by_side(monkeypatch)
     x = Tensor(np.arange(4, dtype=np.float32), requires_grad=True)
     both = threading.Barrier(2, timeout=10)
     branches = [Meet(both)(x) * 2, Meet(both)(x) * 3]
@@ -382,13 +390,7 @@ def test_side_by_side_runs_in_turn_with_more_cores_than_calls_and_inside_in_para
 def test_backward_runs_unlike_or_tiny_branches_in_turn(cores, monkeypatch):
     from minidl import core
     cores(2)
-    calls = []
-    real = core.side_by_side
-
-    def counting(functions, devices):
-        calls.append(len(functions))
-        return real(functions, devices)
-    monkeypatch.setattr(core, "side_by_side", counting)
+    calls = count_side_by_side(monkeypatch)
     x = Tensor(np.ones((200, 200), dtype=np.float32), requires_grad=True)
     (x.reshape(40000) * 2).sum().backward()  # one branch
     ((x * 2).sum() + (x * 3).sum()).backward()  # two alike, 40000 elements each: side by side
