@@ -388,7 +388,6 @@ def test_side_by_side_runs_in_turn_with_more_cores_than_calls_and_inside_in_para
 
 
 def test_backward_runs_unlike_or_tiny_branches_in_turn(cores, monkeypatch):
-    from minidl import core
     cores(2)
     calls = count_side_by_side(monkeypatch)
     x = Tensor(np.ones((200, 200), dtype=np.float32), requires_grad=True)
