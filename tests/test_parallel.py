@@ -111,6 +111,7 @@ def test_replicas_stay_identical_over_nccl(tmp_path, tiny_model, dataset):
     one = train(tiny_model, out_dir=str(tmp_path / "one"), **common)
     done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common))
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "stream hazard" not in done.stderr  # the emulator prints at exit any a rank found and did not raise
     ranks = [weights(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1)]
     for a, b in zip(*ranks):
         assert np.array_equal(a, b)
@@ -216,3 +217,79 @@ def test_buckets_start_during_backward_and_match_the_reduce_after_it(tmp_path):
         for step in steps[1:]:  # fc2's count learnt: every bucket once, all during backward
             assert step["events"] == [["start", k] for k in (5, 4, 3, 2, 1, 0)] + [backward_done]
         assert all(step["same"] and step["mean"] for step in steps), steps
+
+
+NCCL_RULES_SCRIPT = '''
+import json, sys
+from mpi4py import MPI
+from minidl.device import cupy
+from minidl.emulator import cuda, nccl
+
+cp, rank = cupy(), MPI.COMM_WORLD.Get_rank()
+said = {}
+
+
+def attempt(name, call):
+    try:
+        call()
+        said[name] = "ok"
+    except Exception as e:
+        said[name] = f"{type(e).__name__}: {e}"
+
+
+def all_reduce(array, stream, count=None):
+    comm.allReduce(array.data.ptr, array.data.ptr, array.size if count is None else count, nccl.NCCL_FLOAT32,
+                   nccl.NCCL_SUM, stream.ptr)
+
+
+unique_id = MPI.COMM_WORLD.bcast(nccl.get_unique_id() if rank == 0 else None)
+with cp.cuda.Device(0):
+    comm = nccl.NcclCommunicator(2, unique_id, rank)
+    mine, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    with other:
+        flat = cp.arange(6, dtype=cp.float32) + rank  # packed on another stream ...
+    mine.wait_event(other.record())  # ... and ordered before the reduce
+    attempt("ordered", lambda: all_reduce(flat, mine))
+    with other:
+        attempt("read on another stream without waiting", lambda: flat * 2)
+    mine.synchronize()
+    said["sum"] = cp.asnumpy(flat).tolist()
+    with other:
+        unordered = cp.ones(4, dtype=cp.float32)
+    attempt("packed on another stream without waiting", lambda: all_reduce(unordered, mine))
+    mine.wait_event(other.record())
+    attempt("past the end", lambda: all_reduce(unordered, mine, count=5))
+    attempt("a stream never made", lambda: comm.allReduce(unordered.data.ptr, unordered.data.ptr, 4,
+                                                          nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 10 ** 9))
+with cp.cuda.Device(1):
+    elsewhere = cp.ones(4, dtype=cp.float32)
+    attempt("a buffer on another GPU", lambda: all_reduce(elsewhere, cp.cuda.Stream.null))
+with open(sys.argv[1] + f".{rank}.json", "w") as f:
+    json.dump(said, f)
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("MINIDL_EMULATE_GPUS"), reason="checks the GPU emulator: --emulate-gpus 2")
+def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
+    """The emulated allReduce is one operation on its stream, reading and writing the buffers it is given by
+    address: the hazard checker sees it, and memory or a stream that is not there is refused (on both ranks
+    alike, before any message, so no rank waits for a collective the other abandoned)."""
+    script = tmp_path / "nccl_rules.py"
+    script.write_text(NCCL_RULES_SCRIPT)
+    done = subprocess.run(MPIRUN + [sys.executable, str(script), str(tmp_path / "said")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rank in (0, 1):
+        said = json.loads((tmp_path / f"said.{rank}.json").read_text())
+        assert said["ordered"] == "ok"
+        assert said["sum"] == [2 * i + 1 for i in range(6)]  # (i + 0) + (i + 1)
+        assert said["read on another stream without waiting"].startswith("StreamHazard:")
+        assert "written by non-blocking stream" in said["read on another stream without waiting"]
+        assert said["packed on another stream without waiting"].startswith("StreamHazard: NCCL allReduce on")
+        assert said["past the end"].startswith("ValueError: NCCL allReduce's sendbuf is address 0x")
+        assert "but 20 bytes from there run past the end of the 16-byte array made at" in said["past the end"]
+        assert said["a stream never made"].startswith("CUDARuntimeError: cudaErrorInvalidResourceHandle")
+        assert said["a buffer on another GPU"] == ("ValueError: NCCL allReduce's sendbuf is on emulated GPU 1, "
+                                                   "the communicator on GPU 0")
+    # the two hazards each rank caught are also printed when it exits: a swallowed one still shows
+    assert done.stderr.count("minidl emulator: 2 stream hazard(s) in this process:") == 2, done.stderr

@@ -14,12 +14,16 @@ CuPy. What it enforces, each where a real GPU would misbehave:
   memory limit (cuda.py);
 - streams and events are modelled, and every access is checked against the
   order they guarantee; a buffer freed while another stream may use it is
-  reported too (streams.py).
+  reported too (streams.py). A hazard that code swallowed, or one found when
+  memory was freed (which raises nowhere), is printed to stderr when the process
+  exits, so a run in a subprocess (an mpirun rank, the CLI) shows it too.
 
 What it cannot show: races inside a kernel (threads run one after another),
 real timing and memory use, and cuBLAS numerics (TF32, summation order).
 """
+import atexit
 import os
+import sys
 
 ENV = "MINIDL_EMULATE_GPUS"
 
@@ -40,4 +44,14 @@ def cupy_module(gpus):
     from minidl.emulator import cuda, raw, xp  # only when asked for: it compiles kernels with g++
     xp.cuda, xp.RawModule, xp.RawKernel = cuda, raw.RawModule, raw.RawKernel
     cuda.configure(gpus)
+    atexit.unregister(_print_hazards_left)  # once, however often the GPUs are configured
+    atexit.register(_print_hazards_left)
     return xp
+
+
+def _print_hazards_left():
+    from minidl.emulator import streams
+    found = streams.take_hazards()
+    if found:
+        sys.stderr.write(f"minidl emulator: {len(found)} stream hazard(s) in this process:\n"
+                         + "".join(f"- {message} (at {where})\n" for message, where in found))

@@ -9,6 +9,7 @@ NaN (floats) or a sentinel (integers), so a read of memory nobody wrote shows.
 """
 import bisect
 import collections
+import ctypes
 import itertools
 import os
 import threading
@@ -123,6 +124,8 @@ class Stream:
             _check_device(self.device_id)
             self._timeline = streams.new_timeline(self.device_id, "non-blocking" if non_blocking else "blocking")
         self.ptr = 0 if null else next(_serial)
+        if not null:
+            _streams_by_handle[self.ptr] = self
 
     @property
     def timeline(self):
@@ -174,7 +177,19 @@ class Stream:
         return True  # every operation ran when it was enqueued; ordering is what is checked
 
 
+_streams_by_handle = weakref.WeakValueDictionary()  # stream.ptr -> Stream, for calls given the handle only
 Stream.null = Stream(null=True)
+
+
+def stream_at(handle):
+    """The live stream whose `ptr` is `handle` (0: the legacy default stream), as a call taking a
+    cudaStream_t (NCCL's) finds it."""
+    if handle == 0:
+        return Stream.null
+    stream = _streams_by_handle.get(handle)
+    if stream is None:
+        raise CUDARuntimeError(f"cudaErrorInvalidResourceHandle: {handle} is no live stream of the emulated GPUs")
+    return stream
 
 
 def get_current_stream(device_id=None):
@@ -266,6 +281,21 @@ class _LiveAllocations:
 
 
 live_allocations = _LiveAllocations()
+
+
+def memory_at(address, nbytes, what):
+    """The allocation holding the `nbytes` bytes at `address`, and those bytes as a host view; an error
+    where they are not all inside one live allocation (freed, foreign or overrun memory). `what` names
+    the address in it: "kernel k argument 1: the table holds address"."""
+    allocation = live_allocations.at(address)
+    if allocation is None:
+        raise ValueError(f"{what} {address:#x}, which is in no live array of an emulated GPU "
+                         "(freed, or never device memory)")
+    offset = address - allocation.host.ctypes.data
+    if offset + nbytes > allocation.nbytes:
+        raise ValueError(f"{what} {address:#x}, but {nbytes:,} bytes from there run past the end of "
+                         f"{allocation} ({allocation.nbytes - offset:,} bytes left there)")
+    return allocation, np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=np.uint8)
 
 
 class Allocation:

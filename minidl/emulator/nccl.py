@@ -8,12 +8,17 @@ address). The interface is CuPy's: raw pointers, counts, NCCL type and op codes.
 Stream order: the emulator computes every operation when it is enqueued, so
 the buffer holds its packed values when allReduce is called, and the unpacking
 that follows on the same stream sees the sum, as NCCL on that stream would
-guarantee. The emulator's hazard checker does not see these accesses (it knows
-arrays, not addresses); the buffer is touched only on the stream it is passed.
+guarantee. The hazard checker sees the call as one operation on that stream,
+reading the send buffer and writing the receive buffer (found by address among
+the live allocations): a packing on another stream with nothing ordering it
+before, or a use after it on another stream without waiting, is a hazard, as on
+the emulator's other operations. The buffers and the stream must be on the GPU
+the communicator was made on, and lie inside live device memory.
 """
-import ctypes
-
 import numpy as np
+
+from minidl.emulator import cuda
+from minidl.emulator.xp import ndarray
 
 NCCL_SUM = 0
 NCCL_FLOAT32, NCCL_FLOAT64 = 7, 8  # ncclFloat32, ncclFloat64, as in nccl.h
@@ -36,6 +41,7 @@ class NcclCommunicator:
         if self._comm.Get_size() != ndev or self._comm.Get_rank() != rank:
             raise ValueError(f"emulated NCCL runs one rank per MPI process: ndev {ndev} and rank {rank} must be "
                              f"the MPI world's ({self._comm.Get_size()}, {self._comm.Get_rank()})")
+        self._device_id = cuda.current_device_id()  # NCCL binds a communicator to the current GPU
         ids = self._comm.allgather(tuple(comm_id))
         if any(i != ids[0] for i in ids):
             raise ValueError("the ranks were given different unique ids: broadcast rank 0's")
@@ -44,16 +50,22 @@ class NcclCommunicator:
         if op != NCCL_SUM:
             raise NotImplementedError("the emulated NCCL sums only")
         dtype = np.dtype(_DTYPES[datatype])
-        send, recv = (_at(address, count, dtype) for address in (sendbuf, recvbuf))
-        self._comm.Allreduce(self._mpi.IN_PLACE if sendbuf == recvbuf else send, recv, self._mpi.SUM)
+        send, recv = (_device_array(address, count, dtype, f"NCCL allReduce's {name} is address")
+                      for address, name in ((sendbuf, "sendbuf"), (recvbuf, "recvbuf")))
+        stream = cuda.stream_at(stream)
+        for array, name in ((send, "sendbuf"), (recv, "recvbuf")):
+            if array._allocation.device_id != self._device_id:
+                raise ValueError(f"NCCL allReduce's {name} is on emulated GPU {array._allocation.device_id}, "
+                                 f"the communicator on GPU {self._device_id}")
+        with cuda.Device(self._device_id):  # enqueued on the communicator's GPU, whichever is current
+            cuda.operation("collective", reads=[send], writes=[recv], stream=stream, what="NCCL allReduce")
+        self._comm.Allreduce(self._mpi.IN_PLACE if sendbuf == recvbuf else send._host, recv._host, self._mpi.SUM)
 
     def destroy(self):
         self._comm.Free()
 
 
-def _at(address, count, dtype):
-    """The emulated device memory at `address`: a NumPy view of `count` elements."""
-    if count == 0:
-        return np.empty(0, dtype)
-    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(address)
-    return np.frombuffer(raw, dtype=dtype, count=count)
+def _device_array(address, count, dtype, what):
+    """The `count` elements at `address` in emulated device memory, as an array of their allocation."""
+    allocation, raw = cuda.memory_at(address, count * dtype.itemsize, what)
+    return ndarray._view(raw.view(dtype), allocation)

@@ -44,10 +44,7 @@ def _arrays_named_by(table, what):
     """Emulated arrays standing for the whole allocations the addresses in `table` point into."""
     found = []
     for address in table._host.reshape(-1).tolist():
-        allocation = cuda.live_allocations.at(address)
-        if allocation is None:
-            raise ValueError(f"{what}: the table holds address {address:#x}, which is in no live array of "
-                             "an emulated GPU (freed, or never device memory)")
+        allocation, _ = cuda.memory_at(address, 1, f"{what}: the table holds address")
         found.append(ndarray._view(allocation.host, allocation))
     return found
 
