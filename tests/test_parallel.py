@@ -147,6 +147,17 @@ def test_the_global_batch_must_divide_among_the_ranks(tmp_path, tiny_model, data
     assert "error: --batch-size 7 (the global batch) does not divide among 2 ranks" in done.stderr
 
 
+def run_ranks(tmp_path, script_text):
+    """Run a script on two ranks; it writes what it found as JSON to argv[1] + ".RANK.json". Returns the
+    finished mpirun and each rank's JSON."""
+    script = tmp_path / "ranks.py"
+    script.write_text(script_text)
+    done = subprocess.run(MPIRUN + [sys.executable, str(script), str(tmp_path / "said")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, [json.loads((tmp_path / f"said.{rank}.json").read_text()) for rank in (0, 1)]
+
+
 OVERLAP_SCRIPT = '''
 import json, sys
 import numpy as np
@@ -202,13 +213,8 @@ def test_buckets_start_during_backward_and_match_the_reduce_after_it(tmp_path):
     """The buckets' reduces start from the grad hooks, before backward returns, in the reverse parameter order
     on every rank; the means are bit for bit those of packing and reducing everything after backward. A
     weight used twice is reduced once more after the first step's backward, then waited for in full."""
-    script = tmp_path / "overlap.py"
-    script.write_text(OVERLAP_SCRIPT)
-    done = subprocess.run(MPIRUN + [sys.executable, str(script), str(tmp_path / "steps")], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    for rank in (0, 1):
-        steps = json.loads((tmp_path / f"steps.{rank}.json").read_text())
+    _, said = run_ranks(tmp_path, OVERLAP_SCRIPT)
+    for steps in said:
         backward_done = ["backward returned"]
         # six buckets (fc1.W, fc1.b, fc2.W, fc2.b, fc3.W, fc3.b): all started during backward, last first;
         # at the first step fc2's buckets started after the first of its two gradients, so they go again
@@ -274,13 +280,8 @@ def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
     """The emulated allReduce is one operation on its stream, reading and writing the buffers it is given by
     address: the hazard checker sees it, and memory or a stream that is not there is refused (on both ranks
     alike, before any message, so no rank waits for a collective the other abandoned)."""
-    script = tmp_path / "nccl_rules.py"
-    script.write_text(NCCL_RULES_SCRIPT)
-    done = subprocess.run(MPIRUN + [sys.executable, str(script), str(tmp_path / "said")], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    for rank in (0, 1):
-        said = json.loads((tmp_path / f"said.{rank}.json").read_text())
+    done, every = run_ranks(tmp_path, NCCL_RULES_SCRIPT)
+    for said in every:
         assert said["ordered"] == "ok"
         assert said["sum"] == [2 * i + 1 for i in range(6)]  # (i + 0) + (i + 1)
         assert said["read on another stream without waiting"].startswith("StreamHazard:")
