@@ -258,3 +258,27 @@ def test_memory_freed_on_the_legacy_stream_after_a_blocking_stream_used_it_is_no
     del x
     gc.collect()
     assert streams.take_hazards() == []
+
+
+def test_streams_and_memory_are_found_by_their_handles_and_addresses(cp):
+    """What a call given raw handles (NCCL's) finds: a live stream by its ptr, the legacy default stream by 0
+    or 1 (cudaStreamLegacy), and device memory only inside the bytes an allocation really spans."""
+    from minidl.emulator import cuda
+    stream = cp.cuda.Stream(non_blocking=True)
+    assert cuda.stream_at(stream.ptr) is stream
+    assert cuda.stream_at(0) is cuda.stream_at(1) is cp.cuda.Stream.null
+    with pytest.raises(NotImplementedError, match="cudaStreamPerThread"):
+        cuda.stream_at(2)
+    gone = cp.cuda.Stream().ptr
+    gc.collect()
+    with pytest.raises(cuda.CUDARuntimeError, match=f"{gone} is no live stream"):
+        cuda.stream_at(gone)
+    a = cp.arange(6, dtype=cp.float32)
+    allocation, raw = cuda.memory_at(a[2:].data.ptr, 16, "x at")
+    assert allocation is a._allocation and raw.view(np.float32).tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="but 20 bytes from there run past the end of the 24-byte array"):
+        cuda.memory_at(a[2:].data.ptr, 20, "x at")
+    broadcast = cp.broadcast_to(cp.float32(1), (1024,))  # 4 KiB of elements over one float
+    cuda.memory_at(broadcast.data.ptr, 4, "x at")
+    with pytest.raises(ValueError, match="run past the end"):
+        cuda.memory_at(broadcast.data.ptr, 8, "x at")

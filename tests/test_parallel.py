@@ -111,7 +111,7 @@ def test_replicas_stay_identical_over_nccl(tmp_path, tiny_model, dataset):
     one = train(tiny_model, out_dir=str(tmp_path / "one"), **common)
     done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "stream hazard" not in done.stderr  # the emulator prints at exit any a rank found and did not raise
+    assert "stream hazard" not in done.stderr  # the emulator prints at exit any hazard a rank had and nobody took
     ranks = [weights(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1)]
     for a, b in zip(*ranks):
         assert np.array_equal(a, b)
@@ -243,8 +243,9 @@ def attempt(name, call):
         said[name] = f"{type(e).__name__}: {e}"
 
 
-def all_reduce(array, stream, count=None):
-    comm.allReduce(array.data.ptr, array.data.ptr, array.size if count is None else count, nccl.NCCL_FLOAT32,
+def all_reduce(array, stream, count=None, into=None):
+    into = array if into is None else into
+    comm.allReduce(array.data.ptr, into.data.ptr, array.size if count is None else count, nccl.NCCL_FLOAT32,
                    nccl.NCCL_SUM, stream.ptr)
 
 
@@ -260,6 +261,13 @@ with cp.cuda.Device(0):
         attempt("read on another stream without waiting", lambda: flat * 2)
     mine.synchronize()
     said["sum"] = cp.asnumpy(flat).tolist()
+    with mine:
+        apart = cp.zeros(6, dtype=cp.float32)
+    attempt("into another buffer, from an offset", lambda: all_reduce(flat[2:], mine, into=apart))
+    mine.synchronize()
+    said["apart"] = cp.asnumpy(apart).tolist()
+    attempt("overlapping", lambda: all_reduce(flat[:4], mine, into=flat[2:]))
+    attempt("empty", lambda: all_reduce(flat, mine, count=0))
     with other:
         unordered = cp.ones(4, dtype=cp.float32)
     attempt("packed on another stream without waiting", lambda: all_reduce(unordered, mine))
@@ -270,6 +278,8 @@ with cp.cuda.Device(0):
 with cp.cuda.Device(1):
     elsewhere = cp.ones(4, dtype=cp.float32)
     attempt("a buffer on another GPU", lambda: all_reduce(elsewhere, cp.cuda.Stream.null))
+    stream_elsewhere = cp.cuda.Stream(non_blocking=True)
+    attempt("a stream of another GPU", lambda: all_reduce(unordered, stream_elsewhere))
 with open(sys.argv[1] + f".{rank}.json", "w") as f:
     json.dump(said, f)
 '''
@@ -286,11 +296,19 @@ def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
         assert said["sum"] == [2 * i + 1 for i in range(6)]  # (i + 0) + (i + 1)
         assert said["read on another stream without waiting"].startswith("StreamHazard:")
         assert "written by non-blocking stream" in said["read on another stream without waiting"]
+        assert "in all_reduce" in said["read on another stream without waiting"]  # the writer: the reduce
+        assert said["into another buffer, from an offset"] == "ok"
+        assert said["apart"] == [2 * (2 * i + 1) for i in range(2, 6)] + [0, 0]  # the sums, summed again
+        assert said["overlapping"] == "ValueError: NCCL allReduce's sendbuf and recvbuf overlap without being " \
+                                      "the same buffer"
+        assert said["empty"] == "ok"
         assert said["packed on another stream without waiting"].startswith("StreamHazard: NCCL allReduce on")
         assert said["past the end"].startswith("ValueError: NCCL allReduce's sendbuf is address 0x")
         assert "but 20 bytes from there run past the end of the 16-byte array made at" in said["past the end"]
         assert said["a stream never made"].startswith("CUDARuntimeError: cudaErrorInvalidResourceHandle")
         assert said["a buffer on another GPU"] == ("ValueError: NCCL allReduce's sendbuf is on emulated GPU 1, "
+                                                   "the communicator on GPU 0")
+        assert said["a stream of another GPU"] == ("ValueError: NCCL allReduce's stream is of emulated GPU 1, "
                                                    "the communicator on GPU 0")
     # the two hazards each rank caught are also printed when it exits: a swallowed one still shows
     assert done.stderr.count("minidl emulator: 2 stream hazard(s) in this process:") == 2, done.stderr

@@ -14,9 +14,9 @@ CuPy. What it enforces, each where a real GPU would misbehave:
   memory limit (cuda.py);
 - streams and events are modelled, and every access is checked against the
   order they guarantee; a buffer freed while another stream may use it is
-  reported too (streams.py). A hazard that code swallowed, or one found when
-  memory was freed (which raises nowhere), is printed to stderr when the process
-  exits, so a run in a subprocess (an mpirun rank, the CLI) shows it too.
+  reported too (streams.py). Every hazard that nothing took (one that code
+  caught, or one found when memory was freed, which raises nowhere) is printed
+  to stderr when the process exits, so a subprocess (an mpirun rank) shows it.
 
 What it cannot show: races inside a kernel (threads run one after another),
 real timing and memory use, and cuBLAS numerics (TF32, summation order).
@@ -50,7 +50,9 @@ def cupy_module(gpus):
 
 
 def _print_hazards_left():
+    import gc
     from minidl.emulator import streams
+    gc.collect()  # arrays in reference cycles are freed, and checked, now rather than never
     found = streams.take_hazards()
     if found:
         sys.stderr.write(f"minidl emulator: {len(found)} stream hazard(s) in this process:\n"

@@ -21,7 +21,8 @@ import numpy as np
 from minidl.emulator import streams
 
 DEFAULT_MEMORY_GIB = 6.0
-_serial = itertools.count(1)
+_serial = itertools.count(16)  # stream and event handles; CUDA reserves 1 and 2 for default streams
+_byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # NumPy 1 or 2
 _state = threading.local()
 _gpu_count = 0
 
@@ -182,10 +183,12 @@ Stream.null = Stream(null=True)
 
 
 def stream_at(handle):
-    """The live stream whose `ptr` is `handle` (0: the legacy default stream), as a call taking a
-    cudaStream_t (NCCL's) finds it."""
-    if handle == 0:
+    """The live stream whose `ptr` is `handle` (0 or cudaStreamLegacy, 1: the legacy default stream),
+    as a call taking a cudaStream_t (NCCL's) finds it."""
+    if handle in (0, 1):
         return Stream.null
+    if handle == 2:
+        raise NotImplementedError("cudaStreamPerThread: the emulator models the legacy default stream only")
     stream = _streams_by_handle.get(handle)
     if stream is None:
         raise CUDARuntimeError(f"cudaErrorInvalidResourceHandle: {handle} is no live stream of the emulated GPUs")
@@ -255,14 +258,14 @@ class _LiveAllocations:
         self._by_start = {}  # start address -> weak reference to its Allocation
 
     def add(self, allocation):
-        start = allocation.host.ctypes.data
+        start = allocation.start
         with self._lock:
             if start not in self._by_start:
                 bisect.insort(self._starts, start)
             self._by_start[start] = weakref.ref(allocation)
 
     def remove(self, allocation):
-        start = allocation.host.ctypes.data
+        start = allocation.start
         with self._lock:
             ref = self._by_start.get(start)
             if ref is not None and ref() in (None, allocation):  # not a newer allocation at the same address
@@ -275,7 +278,7 @@ class _LiveAllocations:
             k = bisect.bisect_right(self._starts, address) - 1
             ref = self._by_start.get(self._starts[k]) if k >= 0 else None
         allocation = ref() if ref is not None else None
-        if allocation is None or address >= allocation.host.ctypes.data + max(allocation.nbytes, 1):
+        if allocation is None or address >= max(allocation.end, allocation.start + 1):
             return None
         return allocation
 
@@ -291,10 +294,9 @@ def memory_at(address, nbytes, what):
     if allocation is None:
         raise ValueError(f"{what} {address:#x}, which is in no live array of an emulated GPU "
                          "(freed, or never device memory)")
-    offset = address - allocation.host.ctypes.data
-    if offset + nbytes > allocation.nbytes:
+    if address + nbytes > allocation.end:
         raise ValueError(f"{what} {address:#x}, but {nbytes:,} bytes from there run past the end of "
-                         f"{allocation} ({allocation.nbytes - offset:,} bytes left there)")
+                         f"{allocation} ({allocation.end - address:,} bytes left there)")
     return allocation, np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=np.uint8)
 
 
@@ -312,6 +314,7 @@ class Allocation:
         self.host = host
         self.device_id = device_id
         self.nbytes = nbytes
+        self.start, self.end = _byte_bounds(host)  # the memory it spans (a strided host may span less)
         self.home = get_current_stream().timeline
         self.access = streams.Access()
         self.made_at = streams.caller()

@@ -2,8 +2,8 @@
 
 Each rank of an mpirun job is its own process with its own emulated GPUs, so
 the collective runs between processes, as NCCL's does, but on the host memory
-that stands in for device memory (MPI Allreduce in place at the buffer's
-address). The interface is CuPy's: raw pointers, counts, NCCL type and op codes.
+that stands in for device memory (MPI Allreduce at the buffers' addresses). The
+interface is CuPy's: raw pointers, counts, NCCL type and op codes.
 
 Stream order: the emulator computes every operation when it is enqueued, so
 the buffer holds its packed values when allReduce is called, and the unpacking
@@ -13,7 +13,12 @@ reading the send buffer and writing the receive buffer (found by address among
 the live allocations): a packing on another stream with nothing ordering it
 before, or a use after it on another stream without waiting, is a hazard, as on
 the emulator's other operations. The buffers and the stream must be on the GPU
-the communicator was made on, and lie inside live device memory.
+the communicator was made on, and the buffers inside live device memory, the
+same or not overlapping (NCCL leaves a partial overlap undefined).
+
+A call refused here raises on its rank before any message: where every rank
+makes the same call, as minidl.parallel's do, they all raise; a rank refused
+alone leaves the others waiting in MPI (the emulated NCCL has no bounded wait).
 """
 import numpy as np
 
@@ -49,17 +54,26 @@ class NcclCommunicator:
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):  # noqa: N802 -- CuPy's name
         if op != NCCL_SUM:
             raise NotImplementedError("the emulated NCCL sums only")
+        stream = cuda.stream_at(stream)
+        if not stream.is_null and stream.device_id != self._device_id:
+            raise ValueError(f"NCCL allReduce's stream is of emulated GPU {stream.device_id}, "
+                             f"the communicator on GPU {self._device_id}")
+        if count == 0:
+            return  # NCCL discards an empty collective: no buffer is read
         dtype = np.dtype(_DTYPES[datatype])
         send, recv = (_device_array(address, count, dtype, f"NCCL allReduce's {name} is address")
                       for address, name in ((sendbuf, "sendbuf"), (recvbuf, "recvbuf")))
-        stream = cuda.stream_at(stream)
         for array, name in ((send, "sendbuf"), (recv, "recvbuf")):
             if array._allocation.device_id != self._device_id:
                 raise ValueError(f"NCCL allReduce's {name} is on emulated GPU {array._allocation.device_id}, "
                                  f"the communicator on GPU {self._device_id}")
+        if sendbuf != recvbuf and np.shares_memory(send._host, recv._host):
+            raise ValueError("NCCL allReduce's sendbuf and recvbuf overlap without being the same buffer")
         with cuda.Device(self._device_id):  # enqueued on the communicator's GPU, whichever is current
             cuda.operation("collective", reads=[send], writes=[recv], stream=stream, what="NCCL allReduce")
-        self._comm.Allreduce(self._mpi.IN_PLACE if sendbuf == recvbuf else send._host, recv._host, self._mpi.SUM)
+        mpi_type = {np.dtype(np.float32): self._mpi.FLOAT, np.dtype(np.float64): self._mpi.DOUBLE}[dtype]
+        self._comm.Allreduce(self._mpi.IN_PLACE if sendbuf == recvbuf else [send._host, mpi_type],
+                             [recv._host, mpi_type], self._mpi.SUM)  # typed: a buffer need not be aligned
 
     def destroy(self):
         self._comm.Free()
