@@ -268,6 +268,7 @@ with cp.cuda.Device(0):
     said["apart"] = cp.asnumpy(apart).tolist()
     attempt("overlapping", lambda: all_reduce(flat[:4], mine, into=flat[2:]))
     attempt("empty", lambda: all_reduce(flat, mine, count=0))
+    attempt("int32", lambda: comm.allReduce(flat.data.ptr, flat.data.ptr, 6, 2, nccl.NCCL_SUM, mine.ptr))
     with other:
         unordered = cp.ones(4, dtype=cp.float32)
     attempt("packed on another stream without waiting", lambda: all_reduce(unordered, mine))
@@ -302,6 +303,7 @@ def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
         assert said["overlapping"] == "ValueError: NCCL allReduce's sendbuf and recvbuf overlap without being " \
                                       "the same buffer"
         assert said["empty"] == "ok"
+        assert said["int32"] == "NotImplementedError: the emulated NCCL sums float32 and float64 only, not datatype 2"
         assert said["packed on another stream without waiting"].startswith("StreamHazard: NCCL allReduce on")
         assert said["past the end"].startswith("ValueError: NCCL allReduce's sendbuf is address 0x")
         assert "but 20 bytes from there run past the end of the 16-byte array made at" in said["past the end"]

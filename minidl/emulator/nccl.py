@@ -27,7 +27,7 @@ from minidl.emulator.xp import ndarray
 
 NCCL_SUM = 0
 NCCL_FLOAT32, NCCL_FLOAT64 = 7, 8  # ncclFloat32, ncclFloat64, as in nccl.h
-_DTYPES = {NCCL_FLOAT32: np.float32, NCCL_FLOAT64: np.float64}
+_DTYPES = {NCCL_FLOAT32: (np.float32, "FLOAT"), NCCL_FLOAT64: (np.float64, "DOUBLE")}  # NumPy's, MPI's
 available = True
 
 
@@ -60,7 +60,9 @@ class NcclCommunicator:
                              f"the communicator on GPU {self._device_id}")
         if count == 0:
             return  # NCCL discards an empty collective: no buffer is read
-        dtype = np.dtype(_DTYPES[datatype])
+        if datatype not in _DTYPES:
+            raise NotImplementedError(f"the emulated NCCL sums float32 and float64 only, not datatype {datatype}")
+        dtype, mpi_type = np.dtype(_DTYPES[datatype][0]), getattr(self._mpi, _DTYPES[datatype][1])
         send, recv = (_device_array(address, count, dtype, f"NCCL allReduce's {name} is address")
                       for address, name in ((sendbuf, "sendbuf"), (recvbuf, "recvbuf")))
         for array, name in ((send, "sendbuf"), (recv, "recvbuf")):
@@ -71,7 +73,6 @@ class NcclCommunicator:
             raise ValueError("NCCL allReduce's sendbuf and recvbuf overlap without being the same buffer")
         with cuda.Device(self._device_id):  # enqueued on the communicator's GPU, whichever is current
             cuda.operation("collective", reads=[send], writes=[recv], stream=stream, what="NCCL allReduce")
-        mpi_type = {np.dtype(np.float32): self._mpi.FLOAT, np.dtype(np.float64): self._mpi.DOUBLE}[dtype]
         self._comm.Allreduce(self._mpi.IN_PLACE if sendbuf == recvbuf else [send._host, mpi_type],
                              [recv._host, mpi_type], self._mpi.SUM)  # typed: a buffer need not be aligned
 
