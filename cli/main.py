@@ -109,8 +109,10 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
                 click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
             history = event["history"]
             if history["val_top1"]:
-                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}%; checkpoints in {out_dir}/ "
-                           f"(last.h5, best.h5), curves in {out_dir}/curves.png")
+                minutes, seconds = divmod(round(event["seconds"]), 60)
+                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% after {minutes} min "
+                           f"{seconds} s of training; checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
+                           f"{out_dir}/curves.png")
 
     try:
         run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,

@@ -323,11 +323,12 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
     run = Run(model_path, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
               resume=resume, seed=seed, init=init, report=progress or (lambda event: None),
               skip_nonfinite=skip_nonfinite, data_parallel=data_parallel)
+    start = time.monotonic()  # training time: the epochs, validations and checkpoints, not the set-up
     while run.epoch < run.config["epochs"] and not run.schedule.finished:
         if max_steps is not None and run.step >= max_steps:
             break
         if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):
             break
         run.end_epoch()
-    run.report(dict(kind="end", skipped=run.skipped, history=run.history))
+    run.report(dict(kind="end", skipped=run.skipped, history=run.history, seconds=time.monotonic() - start))
     return run.history
