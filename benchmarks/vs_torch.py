@@ -9,9 +9,23 @@ alpha=5e-4 is the paper's 1e-4), dropout 0.5, SGD with momentum 0.9 and weight
 decay 0.0005, synthetic 227x227 data. PyTorch is a peer to measure against,
 never a dependency of minidl. Both are timed as the median of full steps after
 warm-up.
+
+Each framework runs in a process of its own, as a user runs it, and the two take
+turns in rounds, PyTorch, minidl, minidl, PyTorch, ... (ABBA), each round after
+its own warm-up: this machine's speed drifts by 10-20% over tens of seconds, and
+timing one framework after the other lets the drift move the ratio.
+
+The C library's allocator is part of what is measured. minidl tells glibc to
+keep freed memory (minidl.device.keep_freed_host_memory); PyTorch leaves glibc's
+defaults, under which every array over 32 MB is mapped fresh and page-faulted
+each step (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc).
+`--same-allocator` gives PyTorch's process minidl's settings: the comparison of
+the two engines alone.
 """
 import argparse
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -65,11 +79,12 @@ def bench_torch(device, batch_size, steps, warmup):
             elapsed = time.perf_counter() - begin
         if i >= warmup:
             times.append(elapsed)
-    median = statistics.median(times)
-    memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    # on the CPU the process's resident peak (its own process: PyTorch's alone, as minidl's bench reports its own)
+    memory = (torch.cuda.max_memory_allocated() if device == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(name=f"PyTorch {torch.__version__} eager fp32 ({torch.get_num_threads()} threads)"
                 if device == "cpu" else f"PyTorch {torch.__version__} eager (TF32 convs)",
-                ms_per_step=1000 * median, images_per_s=batch_size / median, peak_memory_bytes=memory)
+                step_seconds=times, peak_memory_bytes=memory)
 
 
 def bench_minidl(device, batch_size, steps, warmup):
@@ -78,28 +93,74 @@ def bench_minidl(device, batch_size, steps, warmup):
     devices = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:0")
     result = bench(load_model_file(os.path.join(ROOT, "models", "alexnet.py")), batch_size=batch_size,
                    devices=devices, steps=steps, warmup=warmup)
-    return dict(name="minidl fp32", **{k: result[k] for k in ("ms_per_step", "images_per_s", "peak_memory_bytes")})
+    return dict(name="minidl fp32", **{k: result[k] for k in ("step_seconds", "peak_memory_bytes")})
+
+
+def worker(framework, device, batch_size, same_allocator, connection):
+    """A framework's own process: runs a round of steps for each (steps, warmup) it is sent."""
+    if same_allocator:
+        from minidl.device import keep_freed_host_memory
+        keep_freed_host_memory()
+    bench = dict(PyTorch=bench_torch, minidl=bench_minidl)[framework]
+    while (job := connection.recv()) is not None:
+        connection.send(bench(device, batch_size, *job))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each framework, over all rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="give PyTorch minidl's glibc settings (see above)")
     args = parser.parse_args()
-    rows = []
+    if not 1 <= args.rounds <= args.steps:
+        parser.error(f"--rounds must be from 1 to --steps ({args.steps}), got {args.rounds}")
+    frameworks = ["PyTorch", "minidl"]
     try:
-        rows.append(bench_torch(args.device, args.batch_size, args.steps, args.warmup))
+        import torch  # noqa: F401
     except ImportError:
         print("PyTorch is not importable here: measuring minidl alone", file=sys.stderr)
-    rows.append(bench_minidl(args.device, args.batch_size, args.steps, args.warmup))
+        frameworks = ["minidl"]
+    context = multiprocessing.get_context("spawn")  # a fresh process each: no thread pool or allocator shared
+    connections, processes, runs = {}, [], {f: [] for f in frameworks}
+    try:
+        for f in frameworks:
+            connections[f], theirs = context.Pipe()
+            processes.append(context.Process(target=worker, daemon=True,
+                                             args=(f, args.device, args.batch_size, args.same_allocator, theirs)))
+            processes[-1].start()
+        for r in range(args.rounds):  # ABBA: a drift that is linear in time weighs on both alike
+            steps = args.steps // args.rounds + (r < args.steps % args.rounds)
+            for f in frameworks if r % 2 == 0 else frameworks[::-1]:
+                connections[f].send((steps, args.warmup))
+                runs[f].append(connections[f].recv())
+    finally:
+        for connection in connections.values():
+            try:
+                connection.send(None)
+            except OSError:  # that worker died (its traceback is above)
+                pass
+        for process in processes:
+            process.join()
+    rows = []
+    for f in frameworks:
+        times = [t for run in runs[f] for t in run["step_seconds"]]
+        peaks = [run["peak_memory_bytes"] for run in runs[f] if run["peak_memory_bytes"] is not None]
+        median = statistics.median(times)
+        name = runs[f][0]["name"] + (", minidl's malloc settings" if f == "PyTorch" and args.same_allocator else "")
+        rows.append(dict(name=name, ms_per_step=1000 * median, images_per_s=args.batch_size / median,
+                         peak_memory_bytes=max(peaks) if peaks else None))
     base = rows[0]["images_per_s"]
-    print(f"\nAlexNet training step, batch {args.batch_size}, {args.device}, median of {args.steps} steps")
-    print(f"{'':40} {'ms/step':>9} {'images/s':>9} {'vs first':>9} {'peak mem':>9}")
+    print(f"\nAlexNet training step, batch {args.batch_size}, {args.device}, median of {args.steps} steps "
+          f"in {args.rounds} round(s)")
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'':{width}} {'ms/step':>9} {'images/s':>9} {'vs first':>9} {'peak mem':>9}")
     for r in rows:
         memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
-        print(f"{r['name']:40} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
+        print(f"{r['name']:{width}} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
               f"{r['images_per_s'] / base:8.2f}x {memory:>9}")
 
 

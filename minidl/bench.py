@@ -129,7 +129,8 @@ def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_c
                 progress(i + 1, warmup + steps)
     median = statistics.median(times)
     result = dict(batch_size=batch_size, devices=[d.name for d in devices], steps=steps,
-                  ms_per_step=1000 * median, images_per_s=batch_size / median, peak_memory_bytes=peak.bytes())
+                  ms_per_step=1000 * median, images_per_s=batch_size / median, peak_memory_bytes=peak.bytes(),
+                  step_seconds=times)
     work_after = _device_work(devices)
     if work_after is not None:  # on emulated GPUs: the device operations of one step, and their bytes
         result["device_work_per_step"] = {kind: (work_after.get(kind, 0) - work_before.get(kind, 0)) / steps
