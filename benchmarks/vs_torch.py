@@ -23,6 +23,7 @@ each step (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc).
 the two engines alone.
 """
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import resource
@@ -116,12 +117,12 @@ def main():
     parser.add_argument("--same-allocator", action="store_true",
                         help="give PyTorch minidl's glibc settings (see above)")
     args = parser.parse_args()
+    if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
     if not 1 <= args.rounds <= args.steps:
         parser.error(f"--rounds must be from 1 to --steps ({args.steps}), got {args.rounds}")
     frameworks = ["PyTorch", "minidl"]
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:  # found, not imported: this process only directs the two
         print("PyTorch is not importable here: measuring minidl alone", file=sys.stderr)
         frameworks = ["minidl"]
     context = multiprocessing.get_context("spawn")  # a fresh process each: no thread pool or allocator shared
@@ -132,11 +133,15 @@ def main():
             processes.append(context.Process(target=worker, daemon=True,
                                              args=(f, args.device, args.batch_size, args.same_allocator, theirs)))
             processes[-1].start()
+            theirs.close()  # the worker's end lives in the worker alone: its death is then our EOFError
         for r in range(args.rounds):  # ABBA: a drift that is linear in time weighs on both alike
             steps = args.steps // args.rounds + (r < args.steps % args.rounds)
             for f in frameworks if r % 2 == 0 else frameworks[::-1]:
                 connections[f].send((steps, args.warmup))
-                runs[f].append(connections[f].recv())
+                try:
+                    runs[f].append(connections[f].recv())
+                except EOFError:
+                    sys.exit(f"{f}'s process stopped (its error is above)")
     finally:
         for connection in connections.values():
             try:

@@ -110,8 +110,8 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
             history = event["history"]
             if history["val_top1"]:
                 minutes, seconds = divmod(round(event["seconds"]), 60)
-                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% after {minutes} min "
-                           f"{seconds} s of training; checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
+                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% (this run: {minutes} min "
+                           f"{seconds} s of training); checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
                            f"{out_dir}/curves.png")
 
     try:

@@ -17,6 +17,8 @@ def test_vs_torch_reports_the_median_of_its_rounds():
     assert "minidl fp32" in result.stdout and "GiB" in result.stdout
 
 
-def test_vs_torch_refuses_more_rounds_than_steps():
+def test_vs_torch_refuses_bad_counts_in_one_line():
     result = vs_torch("--steps", "2", "--rounds", "3")
     assert result.returncode == 2 and "--rounds must be from 1 to --steps (2), got 3" in result.stderr
+    result = vs_torch("--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size and --steps must be at least 1" in result.stderr

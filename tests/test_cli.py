@@ -108,7 +108,7 @@ def test_train_evaluate_visualize_alexnet(dataset, tmp_path):
                        "--devices", "cpu,cpu", "--out", out, "--log-every", "1")
     assert code == 0, output
     assert "img/s" in output and "validation: loss" in output and "top-5" in output
-    assert re.search(r"best validation top-1 \d+\.\d% after \d+ min \d+ s of training", output), output
+    assert re.search(r"best validation top-1 \d+\.\d% \(this run: \d+ min \d+ s of training\)", output), output
     for name in ("last.h5", "best.h5", "curves.png"):
         assert (out / name).exists(), name
     code, output = run("evaluate", out / "last.h5", "--data", dataset, "--ten-crop", "--devices", "cpu")
