@@ -19,8 +19,9 @@ The C library's allocator is part of what is measured. minidl tells glibc to
 keep freed memory (minidl.device.keep_freed_host_memory); PyTorch leaves glibc's
 defaults, under which every array over 32 MB is mapped fresh and page-faulted
 each step (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc).
-`--same-allocator` gives PyTorch's process minidl's settings: the comparison of
-the two engines alone.
+`--same-allocator` gives PyTorch's process minidl's settings, which take its page
+faults away: closer to a comparison of the two engines (though M_ARENA_MAX=1, one
+heap for all threads, is a setting chosen for minidl's threads, not a neutral one).
 """
 import argparse
 import importlib.util
@@ -32,8 +33,7 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-import minidl  # noqa: E402  before PyTorch can load NumPy: minidl sets OpenBLAS's thread timeout first
+sys.path.insert(0, ROOT)  # minidl from this checkout; only minidl's worker imports it
 
 
 def torch_alexnet(nn):
@@ -80,7 +80,7 @@ def bench_torch(device, batch_size, steps, warmup):
             elapsed = time.perf_counter() - begin
         if i >= warmup:
             times.append(elapsed)
-    # on the CPU the process's resident peak (its own process: PyTorch's alone, as minidl's bench reports its own)
+    # on the CPU the process's resident peak, as minidl's bench reports its own
     memory = (torch.cuda.max_memory_allocated() if device == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(name=f"PyTorch {torch.__version__} eager fp32 ({torch.get_num_threads()} threads)"
@@ -102,72 +102,104 @@ def worker(framework, device, batch_size, same_allocator, connection):
     if same_allocator:
         from minidl.device import keep_freed_host_memory
         keep_freed_host_memory()
-    bench = dict(PyTorch=bench_torch, minidl=bench_minidl)[framework]
+    if framework == "PyTorch":
+        import torch  # noqa: F401  imported before the first round, not inside it
+        bench = bench_torch
+    else:
+        import minidl.bench  # noqa: F401  (minidl first: it sets OpenBLAS's thread timeout before NumPy loads)
+        bench = bench_minidl
+    connection.send("ready")
     while (job := connection.recv()) is not None:
         connection.send(bench(device, batch_size, *job))
+
+
+def schedule(frameworks, steps, rounds):
+    """[(framework, timed steps)] in ABBA order: PyTorch, minidl, minidl, PyTorch, ...
+
+    With an even number of rounds a drift linear in time weighs on both alike.
+    """
+    order = []
+    for r in range(rounds):
+        share = steps // rounds + (r < steps % rounds)
+        order += [(f, share) for f in (frameworks if r % 2 == 0 else frameworks[::-1])]
+    return order
+
+
+def at_least(minimum):
+    def count(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return count
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each framework, over all rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps of each framework, over all rounds")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps at the start of each round")
+    parser.add_argument("--rounds", type=at_least(2), default=4, help="an even number (ABBA)")
     parser.add_argument("--same-allocator", action="store_true",
                         help="give PyTorch minidl's glibc settings (see above)")
     args = parser.parse_args()
-    if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
-        parser.error("--batch-size and --steps must be at least 1, --warmup at least 0")
-    if not 1 <= args.rounds <= args.steps:
-        parser.error(f"--rounds must be from 1 to --steps ({args.steps}), got {args.rounds}")
+    if args.rounds % 2 or args.rounds > args.steps:
+        parser.error(f"--rounds must be even and at most --steps ({args.steps}), got {args.rounds}")
     frameworks = ["PyTorch", "minidl"]
-    if importlib.util.find_spec("torch") is None:  # found, not imported: this process only directs the two
+    # found, not imported: this process only directs the two (a PyTorch that is found but fails stops the run)
+    if importlib.util.find_spec("torch") is None:
         print("PyTorch is not importable here: measuring minidl alone", file=sys.stderr)
         frameworks = ["minidl"]
     context = multiprocessing.get_context("spawn")  # a fresh process each: no thread pool or allocator shared
-    connections, processes, runs = {}, [], {f: [] for f in frameworks}
+    connections, processes, runs = {}, {}, {f: [] for f in frameworks}
+
+    def receive(f):
+        try:
+            return connections[f].recv()
+        except EOFError:
+            processes[f].join()
+            code = processes[f].exitcode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code} (its error is above)"
+            sys.exit(f"{f}'s process {how}")
+
     try:
         for f in frameworks:
             connections[f], theirs = context.Pipe()
-            processes.append(context.Process(target=worker, daemon=True,
-                                             args=(f, args.device, args.batch_size, args.same_allocator, theirs)))
-            processes[-1].start()
+            processes[f] = context.Process(target=worker, daemon=True,
+                                           args=(f, args.device, args.batch_size, args.same_allocator, theirs))
+            processes[f].start()
             theirs.close()  # the worker's end lives in the worker alone: its death is then our EOFError
-        for r in range(args.rounds):  # ABBA: a drift that is linear in time weighs on both alike
-            steps = args.steps // args.rounds + (r < args.steps % args.rounds)
-            for f in frameworks if r % 2 == 0 else frameworks[::-1]:
-                connections[f].send((steps, args.warmup))
-                try:
-                    runs[f].append(connections[f].recv())
-                except EOFError:
-                    sys.exit(f"{f}'s process stopped (its error is above)")
+        for f in frameworks:  # every import done before the first timed step
+            receive(f)
+        for f, steps in schedule(frameworks, args.steps, args.rounds):
+            connections[f].send((steps, args.warmup))
+            runs[f].append(receive(f))
     finally:
         for connection in connections.values():
             try:
                 connection.send(None)
-            except OSError:  # that worker died (its traceback is above)
+            except OSError:  # that worker has stopped
                 pass
-        for process in processes:
+        for process in processes.values():
             process.join()
     rows = []
     for f in frameworks:
         times = [t for run in runs[f] for t in run["step_seconds"]]
-        peaks = [run["peak_memory_bytes"] for run in runs[f] if run["peak_memory_bytes"] is not None]
         median = statistics.median(times)
         name = runs[f][0]["name"] + (", minidl's malloc settings" if f == "PyTorch" and args.same_allocator else "")
-        rows.append(dict(name=name, ms_per_step=1000 * median, images_per_s=args.batch_size / median,
-                         peak_memory_bytes=max(peaks) if peaks else None))
+        rows.append(dict(name=name, steps=len(times), ms_per_step=1000 * median, images_per_s=args.batch_size / median,
+                         peak_memory_bytes=max(run["peak_memory_bytes"] for run in runs[f])))
     base = rows[0]["images_per_s"]
-    print(f"\nAlexNet training step, batch {args.batch_size}, {args.device}, median of {args.steps} steps "
-          f"in {args.rounds} round(s)")
+    print(f"\nAlexNet training step, batch {args.batch_size}, {args.device}, median of each one's steps "
+          f"over {args.rounds} rounds")
     width = max(len(r["name"]) for r in rows)
-    print(f"{'':{width}} {'ms/step':>9} {'images/s':>9} {'vs first':>9} {'peak mem':>9}")
+    # on the CPU each process's resident peak (ru_maxrss: the libraries' pages too); on a GPU the allocator's peak
+    memory_column = "peak RSS" if args.device == "cpu" else "peak mem"
+    print(f"{'':{width}} {'steps':>5} {'ms/step':>9} {'images/s':>9} {'vs first':>9} {memory_column:>9}")
     for r in rows:
-        memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
-        print(f"{r['name']:{width}} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
-              f"{r['images_per_s'] / base:8.2f}x {memory:>9}")
-
+        print(f"{r['name']:{width}} {r['steps']:5} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
+              f"{r['images_per_s'] / base:8.2f}x {r['peak_memory_bytes'] / 2**30:5.2f} GiB")
 
 if __name__ == "__main__":
     main()
