@@ -252,12 +252,40 @@ def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, m, r):
     shapes = (5, 6, 13, 13), (8, 3, r, r), (5, 8, 13, 13)
     x, W, gy = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
 
+    monkeypatch.setattr(winograd, "SLAB_BYTES", 1)  # a slab per image, so that the cores share them out
+
     def step(cores):
         monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)  # batch 5: uneven shares
         y, saved = winograd_conv_forward(x, W, None, r // 2, 2, m)
         return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, True))
     for single, split in zip(step(1), step(3)):
         np.testing.assert_array_equal(single, split)
+
+
+@pytest.mark.parametrize("b, a", [(8, 8), (4, 8), (8, 4), (3, 5)])
+def test_the_tile_transform_by_sides_is_the_kronecker_product(rng, b, a):
+    """kron_product applies P along each side of the tiles in turn; that is kron(P, P), also for the
+    rectangular output transform A^T and its adjoint A."""
+    P = rng.standard_normal((b, a))
+    x = rng.standard_normal((a, a, 7))
+    out = np.empty((b, b, 7))
+    winograd.kron_product(P, x, out)
+    np.testing.assert_allclose(out.reshape(b * b, 7), np.kron(P, P) @ x.reshape(a * a, 7), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, r", [(4, 5), (5, 3)])
+def test_slabs_of_any_size_give_the_same_convolution(rng, monkeypatch, m, r):
+    """The CPU transforms the tiles a few images at a time; one image per slab and the whole batch in one
+    agree (to rounding: the BLAS may round a column by where it falls in a product)."""
+    x, gy = rng.standard_normal((5, 6, 13, 13)), rng.standard_normal((5, 8, 13, 13))
+    W = rng.standard_normal((8, 6, r, r))
+
+    def convolution(slab_bytes):
+        monkeypatch.setattr(winograd, "SLAB_BYTES", slab_bytes)
+        y, saved = winograd_conv_forward(x, W, None, r // 2, 1, m)
+        return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, False))[:2]
+    for one_image, whole_batch in zip(convolution(1), convolution(1 << 30)):
+        np.testing.assert_allclose(one_image, whole_batch, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, W_shape, message", [

@@ -29,9 +29,11 @@ is ONE matrix product
     M[p] = U[p] @ V[p]      (out, in) @ (in, tiles)  ->  (out, tiles)
 
 (per group, the batch inside the tiles, as in conv.py's direct path), and
-Y = A^T M A per tile gives the output. The transforms are written as products
-with Kronecker matrices (kron(B^T, B^T) maps a flattened tile to its flattened
-transform), so they too run in the BLAS.
+Y = A^T M A per tile gives the output. The transforms too are matrix
+products, so they run in the BLAS: kron(B^T, B^T) maps a flattened tile to its
+flattened transform, and on the CPU B^T is applied along each side of the
+tiles in turn, which takes 2t multiplications per value instead of t*t
+(kron_product).
 
 Tiles. Output tiles are m x m; input tiles overlap by r - 1. The input is
 padded with zeros on the right and bottom so that whole tiles cover the output
@@ -50,14 +52,16 @@ Backward. Every step above is linear, so the gradients are its adjoints, in
 reverse order: gM = A gY A^T per tile; the weight gradient
 gU[p] = gM[p] @ V[p]^T summed over the tiles, then gW = G^T gU G; the input
 gradient gV[p] = U[p]^T @ gM[p], then gd = B gV B^T per tile, summed back
-into the input where tiles overlap (scatter_tiles). They are the exact
+into the input where tiles overlap (add_windows). They are the exact
 adjoints of the forward: float64 gradient checks pass.
 
-Devices. Everything but the tile copies is matrix products, the same code
-for NumPy and CuPy arrays. The copies are a pair per device: on the CPU
-NumPy copies in a channels-last layout, each core taking a share of the
-batch; on a GPU the two kernels of winograd.cu (the scatter a gather per
-pixel, as conv.cu's col2im, so no atomics). conv2d's "auto" takes this path
+Devices. The products with U and V are the same code for NumPy and CuPy
+arrays. The tiles' copies and transforms are a pair per device (gather and
+scatter): on the CPU NumPy copies in a channels-last layout and transforms a
+few images at a time, so that they stay in the cache, each core taking a share
+of the batch; on a GPU the two kernels of winograd.cu (the scatter a gather
+per pixel, as conv.cu's col2im, so no atomics) and one product with the
+Kronecker matrix. conv2d's "auto" takes this path
 on the CPU only (benchmarks/NOTES.md says why); "winograd" takes it anywhere.
 
 Error. The transforms multiply and add values of different sizes (F(4x4, 3x3)'s
@@ -73,13 +77,15 @@ in POINTS chosen among a few sets by that error (+-1/2 and +-2 rather than,
 say, 1/4, which makes it 10-30x larger). Far below what training
 notices, so the tile with the fewest multiplications is used (fastest_tile).
 """
+import functools
 from fractions import Fraction
 from math import prod
 
 import numpy as np
 
 from minidl import kernels
-from minidl.cpu_parallel import in_parallel
+from minidl import cpu_parallel
+from minidl.cpu_parallel import in_parallel, side_by_side
 from minidl.device import cupy
 # conv imports this module for Conv2d, and this module checks arguments with conv's check:
 # a module import (attributes looked up at call time) works whichever is imported first
@@ -133,13 +139,17 @@ class Transform:
         error = np.abs(products - correlation).max()
         if error > 1e-12:
             raise ValueError(f"F({self.m}, {self.r}): the matrices are off the correlation by {error:.1e}")
-        self.input = np.kron(self.BT, self.BT)    # (t*t, t*t): flattened d -> flattened B^T d B
-        self.filter = np.kron(self.G, self.G)     # (t*t, r*r): flattened g -> flattened G g G^T
-        self.output = np.kron(self.AT, self.AT)   # (m*m, t*t): flattened M -> flattened A^T M A
+        self.filter = np.kron(self.G, self.G)  # (t*t, r*r): flattened g -> flattened G g G^T
 
-    def matrix(self, name, xp, dtype):
-        """The Kronecker matrix `name` ("input", "filter" or "output") as an array of xp (a copy to the GPU)."""
-        return xp.asarray(getattr(self, name), dtype=dtype)
+    def filter_matrix(self, xp, dtype):
+        """kron(G, G) as an array of xp (a copy to the GPU)."""
+        return xp.asarray(self.filter, dtype=dtype)
+
+    def side(self, name, adjoint=False):
+        """The tiles' transform `name` ("input": B^T d B, "output": A^T M A), or its adjoint, is kron(P, P)
+        for this 1-D matrix P: B^T or A^T, or their transposes."""
+        P = {"input": self.BT, "output": self.AT}[name]
+        return P.T if adjoint else P
 
 
 # The finite interpolation points of F(m x m, r x r), keyed (m, r); infinity is always the last. For
@@ -241,16 +251,14 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     tiles_h, tiles_w = -(-oh // f.m), -(-ow // f.m)
     positions = f.t * f.t
 
-    d = gather(x, f.t, f.m, pad, tiles_h, tiles_w)  # (t*t, tiles*C): the overlapping input tiles
-    V = (f.matrix("input", xp, x.dtype) @ d).reshape(positions, -1, c)  # (t*t, tiles, C): B^T d B of every tile
-    del d
+    # B^T d B of every t x t input tile d (the tiles overlap), as (t*t, tiles, C)
+    V = gather(x, f.side("input"), f.t, f.m, pad, tiles_h, tiles_w).reshape(positions, -1, c)
     U = transform_filters(f, W, groups, xp)
     M = xp.empty((positions, V.shape[1], out), dtype=x.dtype)
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
     xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
-    y_blocks = f.matrix("output", xp, x.dtype) @ M.reshape(positions, -1)  # (m*m, tiles*out): A^T M A
-    del M
-    y = scatter(y_blocks, f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)  # the overhang cut off
+    # A^T M A of every tile: the m x m output blocks, the overhang past the maps cut off
+    y = scatter(M.reshape(positions, -1), f.side("output"), f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)
     return y, Saved(V, U, x.shape, pad, groups, f)
 
 
@@ -277,20 +285,18 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     gx = gW = gb = None
     if needs[2]:
         gb = gy.sum(axis=(0, 2, 3))
-    # gy's m x m blocks, tile by tile, with zeros on the overhang (the adjoint of cutting it off)
-    gy_blocks = gather(gy, f.m, f.m, 0, tiles_h, tiles_w)  # (m*m, tiles*out)
-    gM = (f.matrix("output", xp, gy.dtype).T @ gy_blocks).reshape(positions, V.shape[1], -1)  # A gY A^T
-    del gy_blocks
+    # A gY A^T of gy's m x m blocks gY, with zeros on the overhang (the adjoint of cutting it off)
+    gM = gather(gy, f.side("output", adjoint=True), f.m, f.m, 0, tiles_h, tiles_w).reshape(positions, V.shape[1], -1)
     if needs[1]:
         # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the product
         gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
-        gW = (gU.reshape(positions, -1).T @ f.matrix("filter", xp, gU.dtype)).reshape(W_shape)  # G^T gU G
+        gW = (gU.reshape(positions, -1).T @ f.filter_matrix(xp, gU.dtype)).reshape(W_shape)  # G^T gU G
     if needs[0]:
         gV = xp.empty_like(V)
         xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
-        gd = f.matrix("input", xp, gV.dtype).T @ gV.reshape(positions, -1)  # (t*t, tiles*C): B gV B^T
-        del gV
-        gx = scatter(gd, f.t, f.m, saved.pad, saved.x_shape, tiles_h, tiles_w)  # overlaps summed
+        # B gV B^T of every tile, summed where the tiles overlap
+        gx = scatter(gV.reshape(positions, -1), f.side("input", adjoint=True), f.t, f.m, saved.pad, saved.x_shape,
+                     tiles_h, tiles_w)
     return gx, gW, gb
 
 
@@ -304,7 +310,7 @@ def _device_parts(array):
 def transform_filters(f, W, groups, xp=np):
     """U = G g G^T of every filter, as (t*t, groups, out/groups, in/groups)."""
     out, cg = W.shape[:2]
-    U = f.matrix("filter", xp, W.dtype) @ W.reshape(out * cg, f.r * f.r).T  # (t*t, out*C/G), contiguous
+    U = f.filter_matrix(xp, W.dtype) @ W.reshape(out * cg, f.r * f.r).T  # (t*t, out*C/G), contiguous
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
@@ -381,104 +387,159 @@ def filters_from_blocks(gW, s, W_shape):
     return xp.ascontiguousarray(full[:, :, :k, :k])
 
 
-# --- The tile copies: gather (N, C, H, W) maps into (t*t, tiles*C) tiles, and scatter (sum) them back
+# --- The tiles: gather (N, C, H, W) maps into transformed t x t windows, (b*b, tiles*C), and scatter
+# (sum) them back. The transform of a window is kron(P, P) @ its flattened pixels: P applied along each side.
 
 CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatter_tiles"))
 
 
-def gather_cpu(x, t, m, pad, tiles_h, tiles_w):
-    """The t x t windows at stride m of x padded by `pad` (zeros past its edges), as (t*t, tiles*C)."""
-    x_last = to_channels_last(x, pad, (tiles_h - 1) * m + t, (tiles_w - 1) * m + t)
-    return gather_tiles(x_last, t, m, tiles_h, tiles_w)
-
-
-def scatter_cpu(tiles, t, m, pad, shape, tiles_h, tiles_w, b=None):
-    """The adjoint of gather_cpu: maps of `shape` (N, C, H, W), each pixel the sum of the tiles holding it; + b."""
-    n, c, h, w = shape
-    return from_channels_last(scatter_tiles(tiles, m, n, tiles_h, tiles_w), pad, h, w, b)
-
-
-def gather_gpu(x, t, m, pad, tiles_h, tiles_w):
+def gather_gpu(x, P, t, m, pad, tiles_h, tiles_w):
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges): (b*b, tiles*C)."""
     n, c, h, w = x.shape
-    tiles = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
-    kernels.launch(CU, "gather_tiles", x.dtype, tiles.size, x, tiles, tiles.size, n, c, h, w, t, m, pad,
+    windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
+    kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w, t, m, pad,
                    tiles_h, tiles_w)
-    return tiles
+    return cupy().asarray(np.kron(P, P), dtype=x.dtype) @ windows
 
 
-def scatter_gpu(tiles, t, m, pad, shape, tiles_h, tiles_w, b=None):
+def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
+    """The adjoint of gather_gpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W), each pixel
+    the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
+    windows = cupy().asarray(np.kron(P, P), dtype=tiles.dtype) @ tiles
     out = kernels.empty(shape, tiles.dtype)
-    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, tiles, out, out.size, *shape, t, m, pad,
+    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, windows, out, out.size, *shape, t, m, pad,
                    tiles_h, tiles_w)
     if b is not None:
         out += b.reshape(1, -1, 1, 1)
     return out
 
 
-# --- The CPU's layouts. The tile work runs with the channels last (N, H, W, C): every copy and add then
-# moves whole rows of channels, where in NCHW it would move runs of 2 to 7 pixels, which NumPy
-# does at a fraction of the speed. Tiles are numbered (image, tile row, tile column).
+# On the CPU both go a few images at a time (a slab), each core taking a share of the batch: a slab's
+# windows stay in the cache from their copy through both passes of the transform, where the whole
+# batch's (19 MB for conv2's input tiles) would go out to memory and back between each.
+
+SLAB_BYTES = 1 << 21  # the windows of a slab's images (2 MB, measured against 0.5 to 8 MB in the step)
+
+
+def gather_cpu(x, P, t, m, pad, tiles_h, tiles_w):
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges): (b*b, tiles*C)."""
+    n, c, h, w = x.shape
+    P = P.astype(x.dtype)
+    b = len(P)
+    per_image = tiles_h * tiles_w * c  # columns
+    out = np.empty((b, b, n * per_image), dtype=x.dtype)
+
+    def slab(images):
+        x_last = to_channels_last(x[images], pad, (tiles_h - 1) * m + t, (tiles_w - 1) * m + t)
+        windows = gather_windows(x_last, t, m, tiles_h, tiles_w)
+        kron_product(P, windows, out[:, :, images.start * per_image:images.stop * per_image])
+    by_slabs(n, x.itemsize * max(t, b) ** 2 * per_image, slab)
+    return out.reshape(b * b, -1)
+
+
+def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
+    """The adjoint of gather_cpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W), each pixel
+    the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
+    n, c, h, w = shape
+    a = P.shape[1]
+    P = P.astype(tiles.dtype)
+    per_image = tiles_h * tiles_w * c
+    tiles = tiles.reshape(a, a, -1)
+    out = np.empty(shape, dtype=tiles.dtype)
+
+    def slab(images):
+        windows = np.empty((t, t, images.stop - images.start, tiles_h, tiles_w, c), dtype=tiles.dtype)
+        kron_product(P, tiles[:, :, images.start * per_image:images.stop * per_image], windows.reshape(t, t, -1))
+        from_channels_last(add_windows(windows, m), pad, h, w, b, out=out[images])
+    by_slabs(n, tiles.itemsize * max(t, a) ** 2 * per_image, slab)
+    return out
+
+
+def by_slabs(n, image_bytes, slab):
+    """slab(images) for slices of range(n), about SLAB_BYTES' worth at a time; each core takes a share of them.
+
+    The slabs are the same however many cores there are: the BLAS may round a
+    column differently by where it falls in a product (the last few columns
+    take another kernel), so a fixed cut keeps the results independent of the
+    core count.
+    """
+    per_slab = max(1, SLAB_BYTES // image_bytes)
+    slabs = [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)]
+    cores = min(cpu_parallel.core_count(), len(slabs))
+    bounds = [len(slabs) * i // cores for i in range(cores + 1)]
+
+    def share(start, end):
+        for images in slabs[start:end]:
+            slab(images)
+    # side by side: each share on one core with one BLAS thread, as thin products split poorly across threads
+    side_by_side([functools.partial(share, start, end) for start, end in zip(bounds, bounds[1:])])
+
+
+def kron_product(P, x, out):
+    """out = kron(P, P) @ x, for x (a, a, columns) and out (b, b, columns) of P (b, a): P along each side in turn.
+
+    Why: the Kronecker matrix spends a*a multiplications per output, b*b*a*a
+    a column (4096 for an 8 x 8 window of F(4x4, 5x5)); P along one side and
+    then along the other spends b*a*a + b*b*a (1024). Both are products with
+    P, thin ones (a rows deep) whose speed is the memory's, which the slabs
+    keep in the cache. In float32 the error is smaller (fewer operations).
+    """
+    b, a = P.shape
+    half = np.empty((a, b, x.shape[2]), dtype=x.dtype)
+    np.matmul(P, x.transpose(1, 0, 2), out=half)  # half[j, k] = sum_i P[k, i] x[i, j]
+    np.matmul(P, half.transpose(1, 0, 2), out=out)  # out[k, l] = sum_j P[l, j] half[j, k]
+
+
+# --- The CPU's layouts. The window copies run with the channels last (N, H, W, C): every copy and add
+# then moves whole rows of channels, where in NCHW it would move runs of 2 to 7 pixels, which NumPy
+# does at a fraction of the speed. Windows are numbered (image, tile row, tile column).
 
 def to_channels_last(x, pad, rows, cols):
     """(N, rows, cols, C) zeros with x (N, C, H, W) placed at (pad, pad)."""
     n, c, h, w = x.shape
     x_last = np.empty((n, rows, cols, c), dtype=x.dtype)
-
-    def copy(images):
-        part = x_last[images]
-        part[:, :pad] = 0
-        part[:, pad + h:] = 0
-        part[:, pad:pad + h, :pad] = 0
-        part[:, pad:pad + h, pad + w:] = 0
-        part[:, pad:pad + h, pad:pad + w] = x[images].transpose(0, 2, 3, 1)
-    in_parallel(copy, x_last)
+    x_last[:, :pad] = 0
+    x_last[:, pad + h:] = 0
+    x_last[:, pad:pad + h, :pad] = 0
+    x_last[:, pad:pad + h, pad + w:] = 0
+    x_last[:, pad:pad + h, pad:pad + w] = x.transpose(0, 2, 3, 1)
     return x_last
 
 
-def from_channels_last(x_last, top_left, h, w, b=None):
-    """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per channel."""
-    n, c = x_last.shape[0], x_last.shape[3]
-    out = np.empty((n, c, h, w), dtype=x_last.dtype)
+def from_channels_last(x_last, top_left, h, w, b=None, out=None):
+    """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per channel, into out."""
+    c = x_last.shape[3]
     window = x_last[:, top_left:top_left + h, top_left:top_left + w].transpose(0, 3, 1, 2)
-
-    def copy(images):
-        if b is None:
-            out[images] = window[images]
-        else:
-            np.add(window[images], b.reshape(c, 1, 1), out=out[images])
-    in_parallel(copy, out)
+    if b is None:
+        out[...] = window
+    else:
+        np.add(window, b.reshape(c, 1, 1), out=out)
     return out
 
 
-def gather_tiles(x_last, t, m, tiles_h, tiles_w):
-    """The t x t windows at stride m of x_last (N, H, W, C), as (t*t, tiles*C): window position first."""
+def gather_windows(x_last, t, m, tiles_h, tiles_w):
+    """The t x t windows at stride m of x_last (N, H, W, C), as (t, t, windows*C): window position first."""
     n, h, w, c = x_last.shape
-    tiles = np.empty((t, t, n, tiles_h, tiles_w, c), dtype=x_last.dtype)
-
-    def copy(images):
-        for i in range(t):
-            for j in range(t):
-                tiles[i, j, images] = x_last[images, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
-    in_parallel(copy, x_last)
-    return tiles.reshape(t * t, -1)
+    windows = np.empty((t, t, n, tiles_h, tiles_w, c), dtype=x_last.dtype)
+    for i in range(t):
+        for j in range(t):
+            windows[i, j] = x_last[:, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
+    return windows.reshape(t, t, -1)
 
 
-def scatter_tiles(tiles, m, n, tiles_h, tiles_w):
-    """The adjoint of gather_tiles: (N, tiles_h*m + t - m, tiles_w*m + t - m, C), overlapping tiles summed."""
-    t = round(len(tiles) ** 0.5)
-    tiles = tiles.reshape(t, t, n, tiles_h, tiles_w, -1)
+def add_windows(windows, m):
+    """The adjoint of gather_windows for windows (t, t, N, tiles_h, tiles_w, C): (N, tiles_h*m + t - m,
+    tiles_w*m + t - m, C), overlapping windows summed."""
+    t, _, n, tiles_h, tiles_w, c = windows.shape
     overlap = t - m  # 0 for the output blocks, r - 1 for the input tiles
-    out = np.empty((n, tiles_h * m + overlap, tiles_w * m + overlap, tiles.shape[-1]), dtype=tiles.dtype)
-
-    def add(images):
-        if overlap:
-            out[images] = 0
-        for i in range(t):
-            for j in range(t):
-                window = out[images, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
-                if overlap:
-                    window += tiles[i, j, images]
-                else:  # the blocks tile the maps exactly: each pixel is written once
-                    window[...] = tiles[i, j, images]
-    in_parallel(add, out)
+    out = np.empty((n, tiles_h * m + overlap, tiles_w * m + overlap, c), dtype=windows.dtype)
+    if overlap:
+        out[...] = 0
+    for i in range(t):
+        for j in range(t):
+            window = out[:, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
+            if overlap:
+                window += windows[i, j]
+            else:  # the blocks tile the maps exactly: each pixel is written once
+                window[...] = windows[i, j]
     return out
