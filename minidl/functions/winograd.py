@@ -521,9 +521,7 @@ def gather_windows(x_last, t, m, tiles_h, tiles_w):
     """The t x t windows at stride m of x_last (N, H, W, C), as (t, t, windows*C): window position first."""
     n, h, w, c = x_last.shape
     windows = np.empty((t, t, n, tiles_h, tiles_w, c), dtype=x_last.dtype)
-    for i in range(t):
-        for j in range(t):
-            windows[i, j] = x_last[:, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
+    windows[...] = window_view(x_last, range(t), range(t), m, tiles_h, tiles_w)
     return windows.reshape(t, t, -1)
 
 
@@ -531,15 +529,26 @@ def add_windows(windows, m):
     """The adjoint of gather_windows for windows (t, t, N, tiles_h, tiles_w, C): (N, tiles_h*m + t - m,
     tiles_w*m + t - m, C), overlapping windows summed."""
     t, _, n, tiles_h, tiles_w, c = windows.shape
-    overlap = t - m  # 0 for the output blocks, r - 1 for the input tiles
-    out = np.empty((n, tiles_h * m + overlap, tiles_w * m + overlap, c), dtype=windows.dtype)
-    if overlap:
-        out[...] = 0
-    for i in range(t):
-        for j in range(t):
-            window = out[:, i:i + m * tiles_h:m, j:j + m * tiles_w:m]
-            if overlap:
-                window += windows[i, j]
-            else:  # the blocks tile the maps exactly: each pixel is written once
-                window[...] = windows[i, j]
+    out = np.empty((n, tiles_h * m + t - m, tiles_w * m + t - m, c), dtype=windows.dtype)
+    out[:, tiles_h * m:] = 0  # the overhang of the last tiles, which the first positions below do not reach
+    out[:, :tiles_h * m, tiles_w * m:] = 0
+    # Positions i, i + 1, ... i + m - 1 of every window cover each row once; so do m columns. Each such
+    # m x m group of positions is one copy (the first) or one add, with no pixel twice in a call.
+    groups = [range(first, min(t, first + m)) for first in range(0, t, m)]
+    for rows in groups:
+        for cols in groups:
+            view = window_view(out, rows, cols, m, tiles_h, tiles_w)
+            if rows.start == cols.start == 0:
+                view[...] = windows[rows.start:rows.stop, cols.start:cols.stop]
+            else:
+                view += windows[rows.start:rows.stop, cols.start:cols.stop]
     return out
+
+
+def window_view(a, rows, cols, m, tiles_h, tiles_w):
+    """A view (len(rows), len(cols), N, tiles_h, tiles_w, C) of a (N, H, W, C): [i, j, n, y, x] is pixel
+    (m*y + rows[i], m*x + cols[j]) of image n, position (rows[i], cols[j]) of window (y, x)."""
+    image, row, col, channel = a.strides
+    return np.lib.stride_tricks.as_strided(a[:, rows.start:, cols.start:],
+                                           shape=(len(rows), len(cols), a.shape[0], tiles_h, tiles_w, a.shape[3]),
+                                           strides=(row, col, image, m * row, m * col, channel))
