@@ -22,6 +22,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from minidl import openblas
+
 _pool, _pool_threads = None, 0
 _branch = threading.local()  # .alone: this thread runs one of side_by_side's calls, on one core
 _holding_blas = threading.Lock()  # one side_by_side at a time sets the BLAS's thread count
@@ -136,34 +138,9 @@ _blas = []  # [] until looked up, then [(get, set)] or [None]
 
 
 def blas_threads():
-    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux).
-
-    NumPy has no call for it, so the library is found among those mapped into
-    the process (/proc/self/maps) and called through ctypes, as threadpoolctl
-    does. Looked up once, on first use (NumPy is loaded by then).
-    """
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux)."""
     if not _blas:
-        _blas.append(_find_openblas())
+        get = openblas.function("openblas_get_num_threads", ctypes.c_int, [])
+        set_ = openblas.function("openblas_set_num_threads", None, [ctypes.c_int])
+        _blas.append((get, set_) if get is not None and set_ is not None else None)
     return _blas[0]
-
-
-def _find_openblas():
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        # NumPy's wheels carry scipy-openblas, with prefixed 64-bit-integer symbols; a system OpenBLAS has neither
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-            get = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
-            set_ = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                return get, set_
-    return None

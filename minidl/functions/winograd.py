@@ -84,7 +84,7 @@ from math import prod
 import numpy as np
 
 from minidl import kernels
-from minidl import cpu_parallel
+from minidl import cpu_parallel, openblas
 from minidl.cpu_parallel import in_parallel, side_by_side
 from minidl.device import cupy
 # conv imports this module for Conv2d, and this module checks arguments with conv's check:
@@ -502,18 +502,29 @@ def to_channels_last(x, pad, rows, cols):
     x_last[:, pad + h:] = 0
     x_last[:, pad:pad + h, :pad] = 0
     x_last[:, pad:pad + h, pad + w:] = 0
-    x_last[:, pad:pad + h, pad:pad + w] = x.transpose(0, 2, 3, 1)
+    in_place = pad == 0 and cols == w  # the pixels are the first h*w rows of each image: no copy between
+    pixels = None if in_place else np.empty((h * w, c), dtype=x.dtype)
+    for image in range(n):  # each image's (C, H*W) matrix transposed
+        if in_place:
+            openblas.transpose(x[image].reshape(c, h * w), x_last[image].reshape(rows * cols, c)[:h * w])
+        else:
+            openblas.transpose(x[image].reshape(c, h * w), pixels)
+            x_last[image, pad:pad + h, pad:pad + w] = pixels.reshape(h, w, c)
     return x_last
 
 
 def from_channels_last(x_last, top_left, h, w, b=None, out=None):
     """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per channel, into out."""
-    c = x_last.shape[3]
-    window = x_last[:, top_left:top_left + h, top_left:top_left + w].transpose(0, 3, 1, 2)
-    if b is None:
-        out[...] = window
-    else:
-        np.add(window, b.reshape(c, 1, 1), out=out)
+    n, rows, cols, c = x_last.shape
+    in_place = top_left == 0 and cols == w
+    for image in range(n):
+        if in_place:
+            pixels = x_last[image].reshape(rows * cols, c)[:h * w]
+        else:
+            pixels = np.ascontiguousarray(x_last[image, top_left:top_left + h, top_left:top_left + w]).reshape(h * w, c)
+        openblas.transpose(pixels, out[image].reshape(c, h * w))
+    if b is not None:
+        out += b.reshape(c, 1, 1)
     return out
 
 

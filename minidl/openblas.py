@@ -1,0 +1,71 @@
+"""The OpenBLAS that NumPy loaded, for two things NumPy does not offer.
+
+Its thread count (cpu_parallel holds it to one thread while AlexNet's towers
+run a core each) and its out-of-place transpose, omatcopy, which copies a
+matrix into its transpose 1.5-2.7x faster than NumPy's strided copy does
+(the Winograd tiles' change of layout, winograd.py; benchmarks/NOTES.md).
+NumPy has no call for either, so the library is found among those mapped
+into the process (/proc/self/maps) and its functions are called through
+ctypes, as threadpoolctl does. Where there is none (another BLAS, not Linux)
+function() gives None and the callers do without.
+"""
+import ctypes
+
+import numpy as np
+
+_library = []  # [] until looked up, then [(library, integer type, spelling)] or [None]
+
+
+def _find():
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        # NumPy's wheels carry scipy-openblas: names prefixed, 64-bit integers, suffixed 64_. A system
+        # OpenBLAS has neither, or only the suffix.
+        for spelling, integer in (("scipy_{}64_", ctypes.c_int64), ("{}64_", ctypes.c_int64), ("{}", ctypes.c_int)):
+            if hasattr(library, spelling.format("openblas_get_num_threads")):
+                return library, integer, spelling
+    return None
+
+
+def function(name, restype, argtypes):
+    """OpenBLAS's function `name` (as a plain OpenBLAS spells it) with its types, or None. In argtypes, `int`
+    stands for the library's integer type. Looked up on first use (NumPy has loaded OpenBLAS by then)."""
+    if not _library:
+        _library.append(_find())
+    if _library[0] is None:
+        return None
+    library, integer, spelling = _library[0]
+    found = getattr(library, spelling.format(name), None)
+    if found is not None:
+        found.restype = restype
+        found.argtypes = [integer if kind is int else kind for kind in argtypes]
+    return found
+
+
+_ROW_MAJOR, _TRANSPOSE = 101, 112  # CBLAS's enum values
+_OMATCOPY = {}  # dtype -> the function, or None
+
+
+def transpose(a, out):
+    """out[...] = a.T for 2-D float32 or float64 arrays whose rows are contiguous, by omatcopy; else by NumPy."""
+    if a.dtype not in _OMATCOPY:
+        letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}.get(a.dtype)
+        scalar = ctypes.c_float if letter == "s" else ctypes.c_double
+        _OMATCOPY[a.dtype] = letter and function(f"cblas_{letter}omatcopy", None, [
+            ctypes.c_int, ctypes.c_int, int, int, scalar, ctypes.c_void_p, int, ctypes.c_void_p, int])
+    omatcopy = _OMATCOPY[a.dtype]
+    if (omatcopy is None or out.dtype != a.dtype or a.ndim != 2 or out.shape != a.shape[::-1]
+            or a.strides[1] != a.itemsize or out.strides[1] != out.itemsize):
+        out[...] = a.T
+        return
+    rows, cols = a.shape
+    omatcopy(_ROW_MAJOR, _TRANSPOSE, rows, cols, 1.0, a.ctypes.data, a.strides[0] // a.itemsize,
+             out.ctypes.data, out.strides[0] // out.itemsize)
