@@ -18,6 +18,7 @@ the cores (one BLAS thread per piece would leave cores idle, and several BLAS
 threads per piece were not measured).
 """
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -112,7 +113,40 @@ def side_by_side(calls):
     blas = blas_threads()
     if not 2 <= core_count() <= len(calls) or blas is None or getattr(_branch, "alone", False):
         return [call() for call in calls]
+    return _one_core_each(calls, blas)
 
+
+def in_slabs(work, slabs):
+    """work(slab) for every one of `slabs`, in order within each core's share, every product on one BLAS thread.
+
+    For cache-sized pieces of work made of thin products (a few rows deep),
+    which split poorly across BLAS threads, and whose results must not depend
+    on the core count: a product may round differently on one BLAS thread than
+    on several, so here it is one however the slabs are shared out, also when
+    they run in turn (on one core, or inside side_by_side's calls, where the
+    BLAS is held to one thread already). Unlike side_by_side it takes as many
+    cores as there are slabs, up to all. Where the BLAS's thread count cannot
+    be set the slabs run in turn, with the BLAS's own threads.
+    """
+    if not slabs:
+        return
+    cores = min(core_count(), len(slabs))
+    bounds = [len(slabs) * i // cores for i in range(cores + 1)]
+
+    def share(first, end):
+        for slab in slabs[first:end]:
+            work(slab)
+    calls = [functools.partial(share, first, end) for first, end in zip(bounds, bounds[1:])]
+    blas = blas_threads()
+    if blas is None or getattr(_branch, "alone", False):
+        for call in calls:
+            call()
+    else:
+        _one_core_each(calls, blas)
+
+
+def _one_core_each(calls, blas):
+    """The calls at once, a core each (in turn past the core count), the BLAS held to one thread meanwhile."""
     def alone(call):
         _branch.alone = True
         try:

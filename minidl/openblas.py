@@ -27,10 +27,14 @@ def _find():
             library = ctypes.CDLL(path)
         except OSError:
             continue
-        # NumPy's wheels carry scipy-openblas: names prefixed, 64-bit integers, suffixed 64_. A system
-        # OpenBLAS has neither, or only the suffix.
-        for spelling, integer in (("scipy_{}64_", ctypes.c_int64), ("{}64_", ctypes.c_int64), ("{}", ctypes.c_int)):
-            if hasattr(library, spelling.format("openblas_get_num_threads")):
+        # NumPy's wheels carry scipy-openblas, its names prefixed and (with 64-bit integers) suffixed 64_; a
+        # system OpenBLAS has neither, or only the suffix
+        for spelling in ("scipy_{}64_", "scipy_{}", "{}64_", "{}"):
+            config = getattr(library, spelling.format("openblas_get_config"), None)
+            if config is not None and hasattr(library, spelling.format("openblas_get_num_threads")):
+                config.restype, config.argtypes = ctypes.c_char_p, []
+                # the integer width is the build's, which the spelling does not always tell
+                integer = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
                 return library, integer, spelling
     return None
 
@@ -62,10 +66,16 @@ def transpose(a, out):
         _OMATCOPY[a.dtype] = letter and function(f"cblas_{letter}omatcopy", None, [
             ctypes.c_int, ctypes.c_int, int, int, scalar, ctypes.c_void_p, int, ctypes.c_void_p, int])
     omatcopy = _OMATCOPY[a.dtype]
-    if (omatcopy is None or out.dtype != a.dtype or a.ndim != 2 or out.shape != a.shape[::-1]
-            or a.strides[1] != a.itemsize or out.strides[1] != out.itemsize):
-        out[...] = a.T
+    rows, cols = a.shape if a.ndim == 2 else (0, 0)
+    if (omatcopy is None or out.dtype != a.dtype or a.ndim != 2 or out.shape != (cols, rows) or rows == 0 or cols == 0
+            or not out.flags.writeable or not _rows_apart(a, cols) or not _rows_apart(out, rows)):
+        out[...] = a.T  # NumPy's copy, which also refuses what cannot be written
         return
-    rows, cols = a.shape
     omatcopy(_ROW_MAJOR, _TRANSPOSE, rows, cols, 1.0, a.ctypes.data, a.strides[0] // a.itemsize,
              out.ctypes.data, out.strides[0] // out.itemsize)
+
+
+def _rows_apart(a, length):
+    """Whether a's rows are contiguous and do not overlap: what omatcopy's leading dimension must be (a
+    broadcast, reversed or interleaved array is not)."""
+    return a.strides[1] == a.itemsize and a.strides[0] % a.itemsize == 0 and a.strides[0] >= length * a.itemsize

@@ -255,6 +255,49 @@ def test_side_by_side_runs_in_turn_on_one_core_without_blas_control_and_when_nes
         assert all(len(threads) == 1 for threads in inner)  # a call's own calls stay on its core
 
 
+# --- in_slabs: cache-sized pieces shared out among the cores, every product on one BLAS thread
+
+@pytest.mark.parametrize("count, slabs", [(1, 5), (2, 5), (4, 3), (4, 1), (3, 7)])
+def test_in_slabs_runs_each_slab_once_in_order_on_one_blas_thread(cores, count, slabs):
+    cores(count)
+    blas = cpu_parallel.blas_threads()
+    before = blas[0]() if blas else None
+    shares = min(count, slabs)
+    firsts = {slabs * i // shares for i in range(shares)}  # each share's first slab
+    # broken, and the test failed, unless every share has begun at once (with a BLAS that can be held)
+    all_begun = threading.Barrier(shares if blas else 1, timeout=10)
+    seen = []  # (slab, the BLAS's threads meanwhile): list.append is atomic
+
+    def work(slab):
+        if slab in firsts:
+            all_begun.wait()
+        seen.append((slab, blas[0]() if blas else None))
+    cpu_parallel.in_slabs(work, list(range(slabs)))
+    assert sorted(slab for slab, _ in seen) == list(range(slabs))
+    for first, end in zip(sorted(firsts), sorted(firsts)[1:] + [slabs]):  # each share in order
+        assert [slab for slab, _ in seen if first <= slab < end] == list(range(first, end))
+    if blas:
+        assert {threads for _, threads in seen} == {1}  # also for one slab, and with fewer slabs than cores
+        assert blas[0]() == before
+
+
+def test_in_slabs_inside_side_by_side_runs_in_the_calls_thread(cores):
+    cores(2)
+    if cpu_parallel.blas_threads() is None:
+        pytest.skip("this BLAS's threads cannot be set, so side_by_side runs in turn here")
+
+    def call():
+        threads = set()
+        cpu_parallel.in_slabs(lambda slab: threads.add(threading.get_ident()), [0, 1, 2])
+        return threads == {threading.get_ident()}
+    assert cpu_parallel.side_by_side([call, call]) == [True, True]
+
+
+def test_in_slabs_of_nothing_does_nothing(cores):
+    cores(2)
+    cpu_parallel.in_slabs(lambda slab: pytest.fail("no slab to run"), [])
+
+
 def test_branches_build_a_graph_only_in_the_callers_grad_mode(cores):
     cores(2)
     x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)

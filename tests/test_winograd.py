@@ -262,6 +262,35 @@ def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, m, r):
         np.testing.assert_array_equal(single, split)
 
 
+def test_results_do_not_depend_on_the_core_count_with_fewer_slabs_than_cores(rng, monkeypatch):
+    """Images past OpenBLAS's threading threshold (8192 columns: 64 channels of 18 x 18 tiles here), a slab
+    each, two slabs: on 2 or 4 cores alike, the products on one BLAS thread either way."""
+    x = rng.standard_normal((2, 64, 70, 70)).astype(np.float32)
+    W = rng.standard_normal((8, 64, 5, 5)).astype(np.float32)
+    gy = rng.standard_normal((2, 8, 70, 70)).astype(np.float32)
+    monkeypatch.setattr(winograd, "SLAB_BYTES", 1)
+
+    def step(cores):
+        monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)
+        y, saved = winograd_conv_forward(x, W, None, 2, 1, 4)
+        return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, False))[:2]
+    for two, four, one in zip(step(2), step(4), step(1)):
+        np.testing.assert_array_equal(two, four)
+        np.testing.assert_array_equal(two, one)
+
+
+def test_inputs_of_any_layout_give_the_same_convolution(rng):
+    """Reversed channels and a batch broadcast from one image: views whose rows the fast transpose
+    (minidl/openblas.py) cannot take, against the same values in a fresh array."""
+    W = rng.standard_normal((6, 3, 3, 3))
+    image = rng.standard_normal((1, 3, 9, 9))
+    for x in (rng.standard_normal((2, 3, 9, 9))[:, ::-1], np.broadcast_to(image, (2, 3, 9, 9))):
+        for dtype in (np.float32, np.float64):
+            y, _ = winograd_conv_forward(x.astype(dtype, copy=False), W.astype(dtype), pad=1)
+            want, _ = winograd_conv_forward(np.array(x, dtype=dtype), W.astype(dtype), pad=1)
+            np.testing.assert_array_equal(y, want)
+
+
 @pytest.mark.parametrize("b, a", [(8, 8), (4, 8), (8, 4), (3, 5)])
 def test_the_tile_transform_by_sides_is_the_kronecker_product(rng, b, a):
     """kron_product applies P along each side of the tiles in turn; that is kron(P, P), also for the

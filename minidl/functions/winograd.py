@@ -85,7 +85,6 @@ import numpy as np
 
 from minidl import kernels
 from minidl import cpu_parallel, openblas
-from minidl.cpu_parallel import in_parallel, side_by_side
 from minidl.device import cupy
 # conv imports this module for Conv2d, and this module checks arguments with conv's check:
 # a module import (attributes looked up at call time) works whichever is imported first
@@ -126,7 +125,7 @@ def toom_cook(m, r, points):
 
 
 class Transform:
-    """F(m x m, r x r): its 1-D matrices and their 2-D Kronecker forms, checked exact when built."""
+    """F(m x m, r x r): its 1-D matrices, checked exact when built, and the filters' 2-D Kronecker form."""
 
     def __init__(self, BT, G, AT):
         self.BT, self.G, self.AT = (np.array(matrix, dtype=np.float64) for matrix in (BT, G, AT))
@@ -145,7 +144,7 @@ class Transform:
         """kron(G, G) as an array of xp (a copy to the GPU)."""
         return xp.asarray(self.filter, dtype=dtype)
 
-    def side(self, name, adjoint=False):
+    def factor(self, name, adjoint=False):
         """The tiles' transform `name` ("input": B^T d B, "output": A^T M A), or its adjoint, is kron(P, P)
         for this 1-D matrix P: B^T or A^T, or their transposes."""
         P = {"input": self.BT, "output": self.AT}[name]
@@ -252,13 +251,13 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     positions = f.t * f.t
 
     # B^T d B of every t x t input tile d (the tiles overlap), as (t*t, tiles, C)
-    V = gather(x, f.side("input"), f.t, f.m, pad, tiles_h, tiles_w).reshape(positions, -1, c)
+    V = gather(x, f.factor("input"), f.t, f.m, pad, tiles_h, tiles_w).reshape(positions, -1, c)
     U = transform_filters(f, W, groups, xp)
     M = xp.empty((positions, V.shape[1], out), dtype=x.dtype)
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
     xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
     # A^T M A of every tile: the m x m output blocks, the overhang past the maps cut off
-    y = scatter(M.reshape(positions, -1), f.side("output"), f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)
+    y = scatter(M.reshape(positions, -1), f.factor("output"), f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)
     return y, Saved(V, U, x.shape, pad, groups, f)
 
 
@@ -286,7 +285,7 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     if needs[2]:
         gb = gy.sum(axis=(0, 2, 3))
     # A gY A^T of gy's m x m blocks gY, with zeros on the overhang (the adjoint of cutting it off)
-    gM = gather(gy, f.side("output", adjoint=True), f.m, f.m, 0, tiles_h, tiles_w).reshape(positions, V.shape[1], -1)
+    gM = gather(gy, f.factor("output", adjoint=True), f.m, f.m, 0, tiles_h, tiles_w).reshape(positions, V.shape[1], -1)
     if needs[1]:
         # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the product
         gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
@@ -295,7 +294,7 @@ def _stride_1_backward(gy, W_shape, saved, needs):
         gV = xp.empty_like(V)
         xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
         # B gV B^T of every tile, summed where the tiles overlap
-        gx = scatter(gV.reshape(positions, -1), f.side("input", adjoint=True), f.t, f.m, saved.pad, saved.x_shape,
+        gx = scatter(gV.reshape(positions, -1), f.factor("input", adjoint=True), f.t, f.m, saved.pad, saved.x_shape,
                      tiles_h, tiles_w)
     return gx, gW, gb
 
@@ -335,7 +334,7 @@ def to_blocks(x, s, pad, rows, cols):
             for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
                 blocks[images, :, a, b, i0:i1, j0:j1] = x[images, :, first_row::s, first_col::s][:, :, :i1 - i0, :j1 - j0]
     if xp is np:
-        in_parallel(copy, blocks)
+        cpu_parallel.in_parallel(copy, blocks)
     else:
         copy(slice(None))
     return blocks.reshape(n, c * s * s, rows, cols)
@@ -394,7 +393,8 @@ CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatte
 
 
 def gather_gpu(x, P, t, m, pad, tiles_h, tiles_w):
-    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges): (b*b, tiles*C)."""
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P (side, t):
+    (side*side, tiles*C)."""
     n, c, h, w = x.shape
     windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
     kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w, t, m, pad,
@@ -422,19 +422,20 @@ SLAB_BYTES = 1 << 21  # the windows of a slab's images (2 MB, measured against 0
 
 
 def gather_cpu(x, P, t, m, pad, tiles_h, tiles_w):
-    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges): (b*b, tiles*C)."""
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P (side, t):
+    (side*side, tiles*C)."""
     n, c, h, w = x.shape
     P = P.astype(x.dtype)
-    b = len(P)
+    side = len(P)
     per_image = tiles_h * tiles_w * c  # columns
-    out = np.empty((b, b, n * per_image), dtype=x.dtype)
+    out = np.empty((side, side, n * per_image), dtype=x.dtype)
 
     def slab(images):
         x_last = to_channels_last(x[images], pad, (tiles_h - 1) * m + t, (tiles_w - 1) * m + t)
         windows = gather_windows(x_last, t, m, tiles_h, tiles_w)
         kron_product(P, windows, out[:, :, images.start * per_image:images.stop * per_image])
-    by_slabs(n, x.itemsize * max(t, b) ** 2 * per_image, slab)
-    return out.reshape(b * b, -1)
+    by_slabs(n, x.itemsize * max(t, side) ** 2 * per_image, slab)
+    return out.reshape(side * side, -1)
 
 
 def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
@@ -450,29 +451,22 @@ def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
     def slab(images):
         windows = np.empty((t, t, images.stop - images.start, tiles_h, tiles_w, c), dtype=tiles.dtype)
         kron_product(P, tiles[:, :, images.start * per_image:images.stop * per_image], windows.reshape(t, t, -1))
-        from_channels_last(add_windows(windows, m), pad, h, w, b, out=out[images])
+        from_channels_last(add_windows(windows, m), pad, h, w, out[images], b)
     by_slabs(n, tiles.itemsize * max(t, a) ** 2 * per_image, slab)
     return out
 
 
 def by_slabs(n, image_bytes, slab):
-    """slab(images) for slices of range(n), about SLAB_BYTES' worth at a time; each core takes a share of them.
+    """slab(images) for slices of range(n), about SLAB_BYTES' worth of images each, shared out among the cores.
 
-    The slabs are the same however many cores there are: the BLAS may round a
-    column differently by where it falls in a product (the last few columns
-    take another kernel), so a fixed cut keeps the results independent of the
-    core count.
+    The slabs are cut the same way whatever the core count, and their products
+    run on one BLAS thread (cpu_parallel.in_slabs): the BLAS may round a column
+    differently by where it falls in a product (the last few columns take
+    another kernel) and by its thread count, and the results must not depend
+    on the core count.
     """
     per_slab = max(1, SLAB_BYTES // image_bytes)
-    slabs = [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)]
-    cores = min(cpu_parallel.core_count(), len(slabs))
-    bounds = [len(slabs) * i // cores for i in range(cores + 1)]
-
-    def share(start, end):
-        for images in slabs[start:end]:
-            slab(images)
-    # side by side: each share on one core with one BLAS thread, as thin products split poorly across threads
-    side_by_side([functools.partial(share, start, end) for start, end in zip(bounds, bounds[1:])])
+    cpu_parallel.in_slabs(slab, [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)])
 
 
 def kron_product(P, x, out):
@@ -502,10 +496,10 @@ def to_channels_last(x, pad, rows, cols):
     x_last[:, pad + h:] = 0
     x_last[:, pad:pad + h, :pad] = 0
     x_last[:, pad:pad + h, pad + w:] = 0
-    in_place = pad == 0 and cols == w  # the pixels are the first h*w rows of each image: no copy between
-    pixels = None if in_place else np.empty((h * w, c), dtype=x.dtype)
+    unpadded = pad == 0 and cols == w  # an image's pixels are then the first h*w rows of its (rows*cols, C)
+    pixels = None if unpadded else np.empty((h * w, c), dtype=x.dtype)
     for image in range(n):  # each image's (C, H*W) matrix transposed
-        if in_place:
+        if unpadded:
             openblas.transpose(x[image].reshape(c, h * w), x_last[image].reshape(rows * cols, c)[:h * w])
         else:
             openblas.transpose(x[image].reshape(c, h * w), pixels)
@@ -513,12 +507,12 @@ def to_channels_last(x, pad, rows, cols):
     return x_last
 
 
-def from_channels_last(x_last, top_left, h, w, b=None, out=None):
+def from_channels_last(x_last, top_left, h, w, out, b=None):
     """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per channel, into out."""
     n, rows, cols, c = x_last.shape
-    in_place = top_left == 0 and cols == w
+    unpadded = top_left == 0 and cols == w
     for image in range(n):
-        if in_place:
+        if unpadded:
             pixels = x_last[image].reshape(rows * cols, c)[:h * w]
         else:
             pixels = np.ascontiguousarray(x_last[image, top_left:top_left + h, top_left:top_left + w]).reshape(h * w, c)
