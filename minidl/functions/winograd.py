@@ -77,7 +77,6 @@ in POINTS chosen among a few sets by that error (+-1/2 and +-2 rather than,
 say, 1/4, which makes it 10-30x larger). Far below what training
 notices, so the tile with the fewest multiplications is used (fastest_tile).
 """
-import functools
 from fractions import Fraction
 from math import prod
 
@@ -386,7 +385,7 @@ def filters_from_blocks(gW, s, W_shape):
     return xp.ascontiguousarray(full[:, :, :k, :k])
 
 
-# --- The tiles: gather (N, C, H, W) maps into transformed t x t windows, (b*b, tiles*C), and scatter
+# --- The tiles: gather (N, C, H, W) maps into transformed t x t windows, (side*side, tiles*C), and scatter
 # (sum) them back. The transform of a window is kron(P, P) @ its flattened pixels: P applied along each side.
 
 CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatter_tiles"))
