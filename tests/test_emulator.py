@@ -122,6 +122,41 @@ def test_read_on_another_stream_without_an_event_is_a_hazard(cp, hazards):
         x + 1
 
 
+HAZARD_SCRIPT = """
+import sys
+from minidl.device import cupy
+cp = cupy()
+s1, s2 = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+with s1:
+    x = cp.ones(4) * 3
+if sys.argv[1] == "caught":
+    try:
+        with s2:
+            x + 1
+    except RuntimeError:
+        pass
+else:
+    with s2:
+        x + 1  # nothing catches this one: its traceback ends the process
+"""
+
+
+@pytest.mark.parametrize("caught", [True, False])
+def test_a_hazard_is_printed_once_whether_caught_or_not(tmp_path, caught):
+    """The exit report prints the hazards that nothing took; one that ended the process is in its traceback
+    already, and is not printed a second time."""
+    import subprocess
+    import sys
+    script = tmp_path / "hazard.py"
+    script.write_text(HAZARD_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), "caught" if caught else "uncaught"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "MINIDL_EMULATE_GPUS": "1"})
+    assert done.returncode == (0 if caught else 1), done.stderr
+    assert done.stderr.count("written by non-blocking stream") == 1, done.stderr
+    assert ("minidl emulator: 1 stream hazard(s) in this process:" in done.stderr) == caught, done.stderr
+    assert ("Traceback" in done.stderr) == (not caught), done.stderr
+
+
 def test_write_after_read_on_another_stream_is_a_hazard(cp, hazards):
     from minidl.emulator.streams import StreamHazard
     s1, s2 = _streams(cp)

@@ -16,7 +16,8 @@ CuPy. What it enforces, each where a real GPU would misbehave:
   order they guarantee; a buffer freed while another stream may use it is
   reported too (streams.py). Every hazard that nothing took (one that code
   caught, or one found when memory was freed, which raises nowhere) is printed
-  to stderr when the process exits, so a subprocess (an mpirun rank) shows it.
+  to stderr when the process exits, so a subprocess (an mpirun rank) shows it;
+  one whose error ended the process is in its traceback, and printed once.
 
 What it cannot show: races inside a kernel (threads run one after another),
 real timing and memory use, and cuBLAS numerics (TF32, summation order).
@@ -53,7 +54,21 @@ def _print_hazards_left():
     import gc
     from minidl.emulator import streams
     gc.collect()  # arrays in reference cycles are freed, and checked, now rather than never
-    found = streams.take_hazards()
+    printed = _in_uncaught_error(streams.StreamHazard)
+    found = [hazard for hazard in streams.take_hazards() if not any(hazard is shown for shown in printed)]
     if found:
         sys.stderr.write(f"minidl emulator: {len(found)} stream hazard(s) in this process:\n"
                          + "".join(f"- {message} (at {where})\n" for message, where in found))
+
+
+def _in_uncaught_error(hazard_type):
+    """The hazards (message, where) raised as hazard_type in the error that ended the process, if one did:
+    its traceback, printed already, shows them (sys.last_exc, or last_value before Python 3.12)."""
+    error = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    found, seen = [], set()
+    while error is not None and id(error) not in seen:  # the error and those it was raised from or during
+        seen.add(id(error))
+        if isinstance(error, hazard_type):
+            found.append(error.found)
+        error = error.__cause__ or error.__context__
+    return found

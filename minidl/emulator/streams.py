@@ -158,8 +158,11 @@ class Access:
 
 def _report(message):
     where = caller()
-    hazards.append((message, where))
-    raise StreamHazard(f"{message} (at {where})")
+    found = (message, where)
+    hazards.append(found)
+    error = StreamHazard(f"{message} (at {where})")
+    error.found = found  # the exit report leaves out the one whose traceback the process already printed
+    raise error
 
 
 def record(timeline, number, reads=(), writes=(), what="an operation"):
