@@ -35,7 +35,11 @@ _serial = itertools.count(1)
 
 
 class StreamHazard(RuntimeError):
-    """An access to device memory that no stream order protects."""
+    """An access to device memory that no stream order protects; `found` is its entry in `hazards`."""
+
+    def __init__(self, text, found=None):
+        super().__init__(text)
+        self.found = found
 
 
 class Timeline:
@@ -160,9 +164,9 @@ def _report(message):
     where = caller()
     found = (message, where)
     hazards.append(found)
-    error = StreamHazard(f"{message} (at {where})")
-    error.found = found  # the exit report leaves out the one whose traceback the process already printed
-    raise error
+    # raised as made: an exception in a local of this frame would keep the frame, and the arrays
+    # its callers hold, alive until a garbage collection (its traceback refers back to the frame)
+    raise StreamHazard(f"{message} (at {where})", found)
 
 
 def record(timeline, number, reads=(), writes=(), what="an operation"):
