@@ -201,5 +201,6 @@ def main():
         print(f"{r['name']:{width}} {r['steps']:5} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
               f"{r['images_per_s'] / base:8.2f}x {r['peak_memory_bytes'] / 2**30:5.2f} GiB")
 
+
 if __name__ == "__main__":
     main()

@@ -16,6 +16,10 @@ about 20% faster than splitting every operation (benchmarks/NOTES.md). With
 more cores than pieces the pieces run in turn, each operation split over all
 the cores (one BLAS thread per piece would leave cores idle, and several BLAS
 threads per piece were not measured).
+
+Work cut into cache-sized slabs of thin products (Winograd's tile transforms)
+goes a share of the slabs per core, every product on one BLAS thread however
+many cores there are (in_slabs), so that its results do not depend on them.
 """
 import ctypes
 import functools
