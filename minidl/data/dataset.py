@@ -25,6 +25,8 @@ All statistics are over the training split only, so validation images stay unsee
 The validation split is a seeded random choice of `val_fraction` of the images,
 drawn per class (each class gets its share) so that small classes are represented.
 """
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -177,6 +179,16 @@ class Contents(NamedTuple):
     mean_rgb: np.ndarray     # floating (3,)
     pca_eigvals: np.ndarray  # floating (3,)
     pca_eigvecs: np.ndarray  # floating (3, 3)
+
+    def fingerprint(self):
+        """A sha256 of everything checked here: a replaced or regenerated file differs (its labels, split
+        or training mean do), a copy or a symlink of the same file does not. The pixels are not read
+        (hours for ImageNet); the mean image stands for them, as it sums every training image."""
+        digest = hashlib.sha256(json.dumps([self.num_images, self.image_size, list(self.class_names)]).encode())
+        for array, dtype in ((self.labels, "<i8"), (self.is_val, "u1"), (self.mean_image, "<f8"),
+                             (self.mean_rgb, "<f8"), (self.pca_eigvals, "<f8"), (self.pca_eigvecs, "<f8")):
+            digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+        return digest.hexdigest()
 
 
 def open_dataset(path):
