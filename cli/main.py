@@ -61,7 +61,10 @@ def main():
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step (default: the model file's).")
 @click.option("--out", "out_dir", help="Folder for checkpoints and curves (default: runs/alexnet, or the "
               "folder of the --resume checkpoint).")
-@click.option("--resume", type=click.Path(), help="Continue from this checkpoint.")
+@click.option("--resume", type=click.Path(), help="Continue from this checkpoint, on the same data (checked by content) "
+              "and with the same model file: MODEL_FILE, or the built-in AlexNet when the run was trained with it.")
+@click.option("--allow-model-change", is_flag=True, help="With --resume: go on with a MODEL_FILE whose source "
+              "differs from the one the run was trained with (its weights must still fit).")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True, help="Steps between progress lines.")
@@ -73,9 +76,10 @@ def main():
               "trains a replica on its share of --batch-size (the global batch); --devices are relative to the "
               "rank's share of its host's GPUs. Needs minidl[mpi].")
 @friendly_errors
-def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, init, log_every, checkpoint_seconds,
-          skip_nonfinite, data_parallel):
-    """Train MODEL_FILE (e.g. models/alexnet.py); with --resume the file is optional.
+def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_model_change, seed, init, log_every,
+          checkpoint_seconds, skip_nonfinite, data_parallel):
+    """Train MODEL_FILE (e.g. models/alexnet.py); with --resume it may be left out for a run of the built-in
+    AlexNet. A checkpoint never chooses the code that runs: a model file comes from this command line only.
 
     Only rank 0 of a --data-parallel job prints progress (minidl.train reports to it alone)."""
     from minidl.train import train as run_training
@@ -118,11 +122,12 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
         run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
                      resume=resume, seed=seed, init=init, progress=show, log_every=log_every,
                      checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
-                     data_parallel=data_parallel)
+                     data_parallel=data_parallel, allow_model_change=allow_model_change)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
-            raise MinidlError(f"interrupted; continue with: minidl train --resume {last} --out {out_dir}") from None
+            again = f"minidl train {model_file + ' ' if model_file else ''}--resume {last} --out {out_dir}"
+            raise MinidlError(f"interrupted; continue with: {again}") from None
         raise
 
 
@@ -131,7 +136,8 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
 @click.option("--data", required=True, type=click.Path(), help="A dataset made by `minidl prepare-data`.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
-@click.option("--model", "model_file", help="Model file to rebuild the network (default: the one the checkpoint names).")
+@click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
+              "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @friendly_errors
@@ -210,7 +216,8 @@ def _what_the_run_saw(restored, data):
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 @click.option("--data", type=click.Path(), help="The training dataset, for the class names and mean of an older "
               "checkpoint.")
-@click.option("--model", "model_file", help="Model file (default: the one the checkpoint names).")
+@click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
+              "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
 @friendly_errors
 def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file, devices):
@@ -254,7 +261,8 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
 @click.option("-k", type=click.IntRange(1), default=6, show_default=True, help="Neighbours per query.")
 @click.option("-o", "--output", default="neighbours.png", show_default=True, help="PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print indices, labels and distances as JSON.")
-@click.option("--model", "model_file", help="Model file (default: the one the checkpoint names).")
+@click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
+              "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @friendly_errors

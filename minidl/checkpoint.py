@@ -3,13 +3,22 @@
 Layout (readable by any HDF5 tool; nothing in it is ever executed):
 
     attrs   format = "minidl-checkpoint", version = 1
-            model_file    path of the model file the run used
+            model_file    path of the model file the run used: a name for
+                          messages, never opened or imported
             model_source  its text, for the record (never run: the network is
-                          rebuilt from a model file on disk)
+                          rebuilt from the model file the user gives, or the
+                          built-in AlexNet when model_sha256 is its hash)
+            model_sha256  sha256 of model_source (absent in older checkpoints:
+                          computed from model_source); a resumed run refuses a
+                          model file whose hash differs
             config        the training configuration, JSON
             class_names   JSON list; num_classes
             devices       JSON list, the devices the run used
             data          the dataset path ("" for the built-in data)
+            data_sha256   the dataset's fingerprint (Contents.fingerprint: its
+                          labels, split, classes and statistics; absent in older
+                          checkpoints); a resumed run refuses a dataset that
+                          differs, wherever it lies
             seed, epoch, batch, step
                           the next epoch to run, the next batch in it, and the
                           number of optimizer steps taken; every random choice of
@@ -33,6 +42,7 @@ weights with NaN or infinity in them are refused as a diverged run's.
 """
 import json
 import math
+import re
 
 import h5py
 import numpy as np
@@ -41,7 +51,7 @@ from minidl.atomic import atomic_path
 from minidl.errors import CheckpointError
 from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, STRING, FileCheck, Rule,
                          open_minidl_file, show, whole)
-from minidl.model_file import input_scale
+from minidl.model_file import input_scale, source_sha256
 
 FORMAT = "minidl-checkpoint"
 VERSION = 1
@@ -72,8 +82,11 @@ def _json(kind, ok=lambda value: True, expected=""):
     return Rule(parses, f"JSON {'list' if kind is list else 'object'}{expected}")
 
 
+SHA256 = Rule(lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 in hex")
+
 # what restore, evaluate and a resumed run read: the attributes, the recipe in `config`, the schedule's state
-ATTRS = dict(model_file=STRING, model_source=STRING, data=STRING, config=_json(dict),
+ATTRS = dict(model_file=STRING, model_source=STRING, model_sha256=SHA256, data=STRING, data_sha256=SHA256,
+             config=_json(dict),
              class_names=_json(list, _all_strings, " of strings"),
              devices=_json(list, lambda names: 1 <= len(names) <= MAX_DEVICES and _all_strings(names),
                            f" of 1 to {MAX_DEVICES} device names"),
@@ -83,6 +96,7 @@ CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=w
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
+OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256")  # what older checkpoints lack
 
 
 def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals, mean_image=None):
@@ -120,6 +134,11 @@ class Checkpoint:
     def config(self):
         return json.loads(self.attrs["config"])
 
+    @property
+    def model_sha256(self):
+        """The hash of the model file the run used (older checkpoints: of the source they kept)."""
+        return self.attrs.get("model_sha256") or source_sha256(self.attrs["model_source"])
+
     def load_into(self, model):
         """Copy the parameters into a model built from the same model file."""
         names = [n for n, _ in model.named_params()]
@@ -146,7 +165,7 @@ def load_checkpoint(path):
     check = FileCheck(path, "checkpoint", CheckpointError)
     with open_minidl_file(path, "checkpoint", FORMAT, VERSION, CheckpointError) as f, check.reading():
         # checkpoints older than predict and retrieve have neither class names nor mean image
-        attrs = check.fields(f.attrs, ATTRS, optional=("class_names",))
+        attrs = check.fields(f.attrs, ATTRS, optional=OPTIONAL_ATTRS)
         _check_config(check, json.loads(attrs["config"]))
         names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
         if names is not None and len(names) != attrs["num_classes"]:

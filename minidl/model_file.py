@@ -4,7 +4,12 @@ A model file is loaded by path, not imported as a package, so `minidl train
 any/dir/my_model.py` works. It must define `build_model(num_classes, devices,
 init, seed)`; `CONFIG` (the recipe) and `BUILTIN_DATA` (overrides for the
 built-in dataset) are optional, with DEFAULT_CONFIG filling the gaps.
+
+A model file is code: minidl runs only one the user names on the command line,
+or the built-in AlexNet (models/alexnet.py beside the minidl package). A
+checkpoint records its model file's source and sha256, never a path to run.
 """
+import hashlib
 import importlib.util
 import os
 
@@ -15,6 +20,24 @@ DEFAULT_CONFIG = dict(
     lr_drop_factor=10, lr_drops=3, plateau_patience=2, dropout=0.5, init="he", input_scale=1.0,
     devices=("cuda:0", "cuda:1"),
 )
+
+
+# models/ is not a package: found beside the minidl package (the editable install the README uses), not the cwd
+BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "alexnet.py")
+
+
+def source_sha256(source):
+    """The hash a checkpoint records of its model file's text."""
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def builtin_sha256():
+    """The built-in AlexNet's source hash; None where this installation lacks models/alexnet.py."""
+    try:
+        with open(BUILTIN_MODEL) as f:
+            return source_sha256(f.read())
+    except OSError:
+        return None
 
 
 def input_scale(config, init):
@@ -31,6 +54,7 @@ class ModelFile:
         self.builtin_overrides = dict(getattr(module, "BUILTIN_DATA", {}))
         with open(path) as f:
             self.source = f.read()
+        self.sha256 = source_sha256(self.source)
 
     def build(self, num_classes, devices, init=None, seed=0):
         try:

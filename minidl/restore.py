@@ -1,26 +1,43 @@
 """From a checkpoint back to a working model: the path train --resume, evaluate and the
 other commands that read a checkpoint share.
 
-The network is rebuilt from the model file the checkpoint names (or one the user
-gives), on the devices the run used fitted to this machine (or the ones the user
-gives), and the checkpoint's weights are copied in.
+A checkpoint names its model; it never chooses code. The network is rebuilt from
+the model file the user gives, or from the built-in AlexNet when the checkpoint's
+model_sha256 is that file's hash; the model_file attribute is only a name for
+messages, never opened. The network goes on the devices the run used, fitted to
+this machine (or the ones the user gives), and the checkpoint's weights are copied in.
 """
 import functools
 import json
+import os
 
 from minidl.checkpoint import load_checkpoint
 from minidl.data import Loader
 from minidl.device import resolve_devices
-from minidl.model_file import input_scale, load_model_file
+from minidl.errors import MinidlError
+from minidl.hdf5 import show
+from minidl.model_file import BUILTIN_MODEL, builtin_sha256, input_scale, load_model_file
+
+
+def model_file_for(checkpoint, model_path=None, option="--model FILE"):
+    """The ModelFile to rebuild `checkpoint`'s network: the user's `model_path`, else the built-in AlexNet
+    if the checkpoint was trained with it; else MinidlError saying to give the file (with `option`)."""
+    if model_path is not None:
+        return load_model_file(model_path)
+    if checkpoint.model_sha256 == builtin_sha256():
+        return load_model_file(BUILTIN_MODEL)
+    name = show(os.path.basename(checkpoint["model_file"]))  # the checkpoint's text: quoted and cut short
+    raise MinidlError(f"{checkpoint.path} was trained with the model file {name} (sha256 "
+                      f"{checkpoint.model_sha256[:16]}...), not the built-in AlexNet: give that file with {option}")
 
 
 class Restored:
-    """A checkpoint, the model file it was trained with, its recipe and the model on its devices."""
+    """A checkpoint, the model file that rebuilds it, its recipe and the model on its devices."""
 
-    def __init__(self, checkpoint_path, model_path=None, devices=None):
+    def __init__(self, checkpoint_path, model_path=None, devices=None, option="--model FILE"):
         self.checkpoint = load_checkpoint(checkpoint_path)
         self.config = self.checkpoint.config()
-        self.model_file = load_model_file(model_path or self.checkpoint["model_file"])
+        self.model_file = model_file_for(self.checkpoint, model_path, option)
         self.devices = resolve_devices(devices, json.loads(self.checkpoint["devices"]))
 
     @functools.cached_property

@@ -9,7 +9,9 @@ reports to a `progress(event)` callback, a dict with "kind" = "start", "step",
 The recipe is the model file's CONFIG < its BUILTIN_DATA overrides (on the
 built-in data) < the caller's options. A resumed run keeps its recipe: it may
 change where it runs (devices) and how long (epochs), and refuses in one line
-what would make it another run (batch size, initialisation, seed, data).
+what would make it another run (batch size, initialisation, seed, a dataset
+whose content differs, a model file whose source differs unless the user
+allows it). A run holds a lock on its output folder while it writes there.
 
 Every random choice derives from (seed, epoch, batch): the loader's order and
 augmentation, and the dropout masks (reseeded each step). So a run resumed from
@@ -39,8 +41,10 @@ from minidl.device import available_memory, keep_freed_host_memory, resolve_devi
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
+from minidl.hdf5 import show
 from minidl.layers import seed_dropout
 from minidl.layers.summary import training_memory
+from minidl.lock import lock_folder
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.parallel import ShardedLoader, Solo, World, rank_device_map
@@ -64,17 +68,34 @@ def step_seed(seed, epoch, batch):
     return (seed * 1_000_003 + epoch) * 1_000_003 + batch
 
 
-def refuse_changes(checkpoint, *, batch_size, init, seed, data):
-    """A resumed run is the same run: options that would change its steps are refused."""
+def refuse_changes(checkpoint, *, batch_size, init, seed, data, model_file, allow_model_change=False):
+    """A resumed run is the same run: options that would change its steps are refused, and so is a model
+    file whose source is not the one the run was trained with, unless the user allows it."""
     config = checkpoint.config()
-    saved_data = checkpoint["data"] or None  # None: the built-in data
-    for option, given, saved in (("--batch-size", batch_size, config["batch_size"]), ("--init", init, config["init"]),
-                                 ("--seed", seed, checkpoint["seed"]),
-                                 ("--data", data and os.path.abspath(data), saved_data)):
-        if given is not None and given != saved:
-            shown = "the built-in data" if saved is None else saved
-            raise MinidlError(f"{option} {given} differs from the resumed run's ({shown}): "
+    saved_data = checkpoint["data"] or "the built-in data"
+    if data is not None and "data_sha256" not in checkpoint.attrs:  # older checkpoints record only the path
+        if not checkpoint["data"] or os.path.realpath(data) != os.path.realpath(checkpoint["data"]):
+            raise MinidlError(f"--data {data} differs from the resumed run's ({saved_data}): "
                               "a resumed run keeps it; start a new run to change it")
+    for option, given, saved in (("--batch-size", batch_size, config["batch_size"]), ("--init", init, config["init"]),
+                                 ("--seed", seed, checkpoint["seed"])):
+        if given is not None and given != saved:
+            raise MinidlError(f"{option} {given} differs from the resumed run's ({saved}): "
+                              "a resumed run keeps it; start a new run to change it")
+    if model_file.sha256 != checkpoint.model_sha256 and not allow_model_change:
+        raise MinidlError(f"{model_file.path} is not the model file {checkpoint.path} was trained with (sha256 "
+                          f"{model_file.sha256[:16]}..., the run's {checkpoint.model_sha256[:16]}...): resume with "
+                          "that file, or pass --allow-model-change to go on with this one")
+
+
+def refuse_other_data(checkpoint, data_path, fingerprint):
+    """A resumed run trains on the same data: the same content, wherever it lies (a copy or a link of the
+    dataset is fine, another file put at its path is not). Older checkpoints lack the fingerprint."""
+    saved = checkpoint.attrs.get("data_sha256")
+    if saved is not None and fingerprint != saved:
+        trained_on = checkpoint["data"] or "the built-in data"
+        raise MinidlError(f"{data_path} is not the dataset {checkpoint.path} was trained on ({show(trained_on)}): "
+                          "its labels, split or statistics differ; resume with that dataset, or start a new run")
 
 
 def check_before_training(model, out_dir, batch_size, input_size):
@@ -112,7 +133,7 @@ class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step)."""
 
     def __init__(self, model_path, *, data, devices, epochs, batch_size, out_dir, resume, seed, init, report,
-                 skip_nonfinite=False, data_parallel=False):
+                 skip_nonfinite=False, data_parallel=False, allow_model_change=False):
         self.world = world = World() if data_parallel else Solo()
         if data_parallel:  # before any device is resolved: cuda:N names a GPU of this rank's slice
             rank_device_map(world, devices if devices is None or isinstance(devices, str) else ",".join(devices))
@@ -120,15 +141,17 @@ class Run:
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         restored = None
         if resume:
-            restored = Restored(resume, model_path, devices)
+            restored = Restored(resume, model_path, devices, option="MODEL_FILE")
             checkpoint = restored.checkpoint
-            refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data)
-            data, seed = checkpoint["data"] or None, checkpoint["seed"]
             model_file = restored.model_file
+            refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data, model_file=model_file,
+                           allow_model_change=allow_model_change)
+            # the data given (checked by content below), else the recorded path (checked too), else the built-in
+            data, seed = data or checkpoint["data"] or None, checkpoint["seed"]
             config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
         else:
             if model_path is None:
-                raise MinidlError("no model file: give one, or --resume a checkpoint that names one")
+                raise MinidlError("no model file: give one (e.g. models/alexnet.py), or --resume a checkpoint")
             model_file = load_model_file(model_path)
             seed = 0 if seed is None else seed
             config = resolve_config(model_file, data is None, dict(epochs=epochs, batch_size=batch_size, init=init))
@@ -153,6 +176,8 @@ class Run:
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({config['batch_size']})")
+        if restored:
+            refuse_other_data(restored.checkpoint, data_path, self.train_loader.fingerprint)
         num_classes = restored.checkpoint["num_classes"] if restored else self.train_loader.num_classes
         check_labels(num_classes, self.train_loader.num_classes, data_path)
 
@@ -174,20 +199,32 @@ class Run:
             self.epoch, self.batch, self.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
             self.totals.update(checkpoint.epoch_totals)
 
+        self.meta = dict(model_file=model_file.path, model_source=model_file.source, model_sha256=model_file.sha256,
+                         config=config, class_names=list(self.train_loader.class_names), num_classes=num_classes,
+                         devices=[d.name for d in self.devices],
+                         data="" if data is None else os.path.abspath(data_path),
+                         data_sha256=self.train_loader.fingerprint, seed=seed)
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
-        if world.rank == 0:  # the one writer; before the free-space check, which they would fail
-            for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
-                remove_stale_temporaries(path)
-        check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
-        self.meta = dict(model_file=model_file.path, model_source=model_file.source, config=config,
-                         class_names=list(self.train_loader.class_names), num_classes=num_classes,
-                         devices=[d.name for d in self.devices],
-                         data="" if data is None else os.path.abspath(data_path), seed=seed)
+        # the one writer holds --out until the run ends (close), before it removes temporaries as stale
+        self.lock = lock_folder(out_dir) if world.rank == 0 else None
+        try:
+            if world.rank == 0:  # before the free-space check, which they would fail
+                for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
+                    remove_stale_temporaries(path)
+            check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
+        except BaseException:
+            self.close()
+            raise
         report(dict(kind="start", config=config, devices=[d.name for d in self.devices], data=data_path,
                     train_images=self.train_loader.num_images, val_images=self.val_loader.num_images,
                     classes=num_classes, params=self.model.num_params(), start_epoch=self.epoch,
                     start_batch=self.batch))
+
+    def close(self):
+        """Let another run write to --out."""
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self, path):
         if self.world.rank != 0:  # the replicas are identical: one writer
@@ -309,26 +346,31 @@ class Run:
 
 def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=None, out_dir="runs/alexnet",
           resume=None, seed=None, init=None, progress=None, log_every=10, checkpoint_seconds=300.0,
-          max_steps=None, skip_nonfinite=False, data_parallel=False):
+          max_steps=None, skip_nonfinite=False, data_parallel=False, allow_model_change=False):
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError) before the
     update; with skip_nonfinite the batch is skipped instead, and counted
     (the "epoch" and "end" events carry the count). With data_parallel, this
-    process is one rank of an mpirun job (see minidl.parallel).
+    process is one rank of an mpirun job (see minidl.parallel). A resumed run
+    refuses a model file other than the one it was trained with unless
+    allow_model_change.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
     run = Run(model_path, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
               resume=resume, seed=seed, init=init, report=progress or (lambda event: None),
-              skip_nonfinite=skip_nonfinite, data_parallel=data_parallel)
-    start = time.monotonic()  # training time: the epochs, validations and checkpoints, not the set-up
-    while run.epoch < run.config["epochs"] and not run.schedule.finished:
-        if max_steps is not None and run.step >= max_steps:
-            break
-        if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):
-            break
-        run.end_epoch()
-    run.report(dict(kind="end", skipped=run.skipped, history=run.history, seconds=time.monotonic() - start))
+              skip_nonfinite=skip_nonfinite, data_parallel=data_parallel, allow_model_change=allow_model_change)
+    try:
+        start = time.monotonic()  # training time: the epochs, validations and checkpoints, not the set-up
+        while run.epoch < run.config["epochs"] and not run.schedule.finished:
+            if max_steps is not None and run.step >= max_steps:
+                break
+            if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):
+                break
+            run.end_epoch()
+        run.report(dict(kind="end", skipped=run.skipped, history=run.history, seconds=time.monotonic() - start))
+    finally:
+        run.close()
     return run.history

@@ -89,7 +89,7 @@ def test_train_resume_equals_uninterrupted_run(dataset, tiny_model, tmp_path):
     train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "b", max_steps=2)
     stopped = load_checkpoint(tmp_path / "b" / "last.h5")
     assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (0, 2, 2)
-    code, output = run("train", "--resume", tmp_path / "b" / "last.h5", "--out", tmp_path / "b",
+    code, output = run("train", tiny_model, "--resume", tmp_path / "b" / "last.h5", "--out", tmp_path / "b",
                        "--devices", "cpu")
     assert code == 0, output
     assert "resuming at epoch 1, batch 2" in output
@@ -187,23 +187,25 @@ def test_truncated_checkpoint_and_labels_beyond_classes(dataset, tiny_model, tmp
         dst["labels"][...] = labels
         del dst["class_names"]
         dst["class_names"] = np.array(["a", "b", "c", "d"], dtype=h5py.string_dtype())
-    code, output = run("evaluate", ckpt, "--data", bigger, "--split", "all")
+    code, output = run("evaluate", ckpt, "--data", bigger, "--split", "all", "--model", tiny_model)
     assert code != 0 and "labels beyond the model's classes" in output
 
 
-def test_resume_refuses_what_would_make_another_run(dataset, tiny_model, tmp_path):
+def test_resume_refuses_what_would_make_another_run(dataset, image_dir, tiny_model, tmp_path):
     train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
     last = tmp_path / "last.h5"
+    other = tmp_path / "other.h5"  # the same images, another validation split: another dataset
+    assert run("prepare-data", image_dir, other, "--val-fraction", "0.25", "--seed", "1")[0] == 0
     for option, message in ((["--batch-size", "8"], "--batch-size 8 differs from the resumed run's (4)"),
                             (["--init", "paper"], "--init paper differs from the resumed run's (he)"),
                             (["--seed", "5"], "--seed 5 differs from the resumed run's (0)"),
-                            (["--data", tmp_path / "last.h5"], "differs from the resumed run's")):
-        code, output = run("train", "--resume", last, "--out", tmp_path, *option)
+                            (["--data", other], f"{other} is not the dataset {last} was trained on")):
+        code, output = run("train", tiny_model, "--resume", last, "--out", tmp_path, *option)
         lines = output.strip().splitlines()
         assert code != 0 and lines[-1].startswith("error: ") and message in lines[-1], output
         assert "Traceback" not in output
     # what may change: the number of epochs, and where it runs
-    code, output = run("train", "--resume", last, "--out", tmp_path, "--epochs", "1", "--batch-size", "4",
+    code, output = run("train", tiny_model, "--resume", last, "--out", tmp_path, "--epochs", "1", "--batch-size", "4",
                        "--devices", "cpu")
     assert code == 0 and "resuming at epoch 1, batch 1" in output and "1 epochs" in output, output
 
@@ -211,5 +213,5 @@ def test_resume_refuses_what_would_make_another_run(dataset, tiny_model, tmp_pat
 @pytest.mark.gpu
 def test_resume_runs_on_the_devices_it_was_trained_on(dataset, tiny_model, tmp_path):
     train(tiny_model, data=dataset, devices=("cuda:0", "cuda:0"), out_dir=tmp_path, max_steps=1)
-    code, output = run("train", "--resume", tmp_path / "last.h5", "--out", tmp_path, "--epochs", "1")
+    code, output = run("train", tiny_model, "--resume", tmp_path / "last.h5", "--out", tmp_path, "--epochs", "1")
     assert code == 0 and "on cuda:0, cuda:0" in output, output

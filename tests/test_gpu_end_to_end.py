@@ -61,9 +61,10 @@ def test_train_on_two_gpus_equals_the_cpu_then_evaluate_visualize_bench(dataset,
         np.testing.assert_allclose(gpu_ckpt.params[name], weights, rtol=1e-4, atol=1e-6, err_msg=name)
 
     code, output = run("evaluate", gpu_out / "last.h5", "--data", dataset, "--devices", "cuda:0,cuda:1",
-                       "--ten-crop")
+                       "--ten-crop", "--model", model)
     assert code == 0 and "10-crop: top-1" in output, output
-    code, cpu_output = run("evaluate", gpu_out / "last.h5", "--data", dataset, "--devices", "cpu", "--ten-crop")
+    code, cpu_output = run("evaluate", gpu_out / "last.h5", "--data", dataset, "--devices", "cpu", "--ten-crop",
+                           "--model", model)
     assert code == 0 and cpu_output.split("loss")[1][:6] == output.split("loss")[1][:6], (output, cpu_output)
 
     png = tmp_path / "filters.png"

@@ -91,9 +91,10 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
     for a, b in zip(weights(tmp_path / "two" / "rank0.npz"), weights(tmp_path / "two" / "rank1.npz")):
         assert np.array_equal(a, b)
     # and each resumes its own checkpoint in step (the dead-rank test resumes two ranks' on one process)
-    train(resume=str(tmp_path / "one" / "last.h5"), devices="cpu", max_steps=4, out_dir=str(tmp_path / "one"))
-    done = mpirun(tmp_path, dict(resume=str(tmp_path / "two" / "last.h5"), devices="cpu", max_steps=4,
-                                 out_dir=str(tmp_path / "two")))
+    train(tiny_model, resume=str(tmp_path / "one" / "last.h5"), devices="cpu", max_steps=4,
+          out_dir=str(tmp_path / "one"))
+    done = mpirun(tmp_path, dict(model_path=tiny_model, resume=str(tmp_path / "two" / "last.h5"), devices="cpu",
+                                 max_steps=4, out_dir=str(tmp_path / "two")))
     assert done.returncode == 0, done.stdout + done.stderr
     single, two = (load_checkpoint(str(tmp_path / run / "last.h5")) for run in ("one", "two"))
     assert two["step"] == single["step"] == 4
@@ -135,7 +136,7 @@ def test_a_dead_or_hung_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path, 
     assert said in done.stdout + done.stderr, done.stdout + done.stderr
     assert not (out / "rank0.npz").exists()
     stopped = load_checkpoint(str(out / "last.h5"))["step"]
-    history = train(resume=str(out / "last.h5"), devices="cpu", out_dir=str(out), max_steps=stopped + 1)
+    history = train(tiny_model, resume=str(out / "last.h5"), devices="cpu", out_dir=str(out), max_steps=stopped + 1)
     assert history["interval_step"][-1] == stopped + 1
 
 

@@ -53,9 +53,9 @@ def test_nearest_equals_brute_force_in_blocks():
 
 
 def test_predict_prints_top_classes_and_draws_bars_of_their_probability(trained, image_dir, tmp_path):
-    checkpoint, _ = trained
+    checkpoint, model = trained
     png = tmp_path / "predictions.png"
-    code, output = run("predict", checkpoint, image_dir / "squares", "--top", "3", "-o", png, "--json")
+    code, output = run("predict", checkpoint, image_dir / "squares", "--top", "3", "-o", png, "--json", "--model", model)
     assert code == 0, output
     rows = json_rows(output)
     assert len(rows) == 8 and all(r["true"] == "squares" for r in rows)
@@ -64,7 +64,7 @@ def test_predict_prints_top_classes_and_draws_bars_of_their_probability(trained,
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
     image = Image.open(png)
     assert image.size[0] > 400 and image.size[1] > 300
-    code, plain = run("predict", checkpoint, image_dir / "circles" / "0.jpg", "--ten-crop", "-o", png)
+    code, plain = run("predict", checkpoint, image_dir / "circles" / "0.jpg", "--ten-crop", "-o", png, "--model", model)
     assert code == 0 and "0.jpg: " in plain and "(true: circles)" in plain, plain
 
 
@@ -78,9 +78,10 @@ def test_bar_lengths_follow_the_probabilities(tmp_path):
 
 
 def test_retrieve_finds_neighbours_caches_features_and_draws_rows(trained, dataset, image_dir, tmp_path):
-    checkpoint, _ = trained
+    checkpoint, model = trained
     png = tmp_path / "neighbours.png"
-    code, output = run("retrieve", checkpoint, "--data", dataset, "--queries", "3", "-k", "4", "-o", png, "--json")
+    code, output = run("retrieve", checkpoint, "--data", dataset, "--queries", "3", "-k", "4", "-o", png, "--json",
+                       "--model", model)
     assert code == 0, output
     rows = json_rows(output)
     assert len(rows) == 3 and all(len(r["neighbours"]) == 4 for r in rows)
@@ -90,16 +91,18 @@ def test_retrieve_finds_neighbours_caches_features_and_draws_rows(trained, datas
     cache = checkpoint.parent / "last.fc7-train.h5"
     assert cache.exists()
     before = os.stat(cache).st_mtime_ns
-    code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png)
+    code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
     assert code == 0 and os.stat(cache).st_mtime_ns == before  # reused
     os.utime(checkpoint)  # the checkpoint changed: recomputed
-    code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png)
+    code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
     assert code == 0 and os.stat(cache).st_mtime_ns != before
     assert Image.open(png).size[0] > 300
     (tmp_path / "empty").mkdir()
-    code, output = run("retrieve", checkpoint, "--data", dataset, "--query", tmp_path / "empty", "-o", png)
+    code, output = run("retrieve", checkpoint, "--data", dataset, "--query", tmp_path / "empty", "-o", png,
+                       "--model", model)
     assert code != 0 and "has no images" in output
-    code, output = run("retrieve", checkpoint, "--data", dataset, "--query", image_dir / "circles" / "0.jpg", "-k", "3", "-o", png)
+    code, output = run("retrieve", checkpoint, "--data", dataset, "--query", image_dir / "circles" / "0.jpg", "-k", "3",
+                       "-o", png, "--model", model)
     assert code == 0 and "0.jpg: " in output, output
 
 
@@ -134,7 +137,7 @@ def test_the_training_mean_of_the_checkpoint_is_subtracted_from_any_dataset(trai
     (lambda c, d, t: ["retrieve", c, "--data", t / "noval.h5"], "has no validation images to query: give --query"),
 ])
 def test_bad_input_gives_one_line(trained, dataset, tmp_path, make_args, message):
-    checkpoint, _ = trained
+    checkpoint, model = trained
     (tmp_path / "not-an-image.jpg").write_text("hello")
     (tmp_path / "empty").mkdir()
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "ok.png")
@@ -154,7 +157,7 @@ def test_bad_input_gives_one_line(trained, dataset, tmp_path, make_args, message
             src.copy(key, dst)
         dst.attrs.update(src.attrs)
         dst["is_val"][...] = 0
-    code, output = run(*make_args(checkpoint, dataset, tmp_path))
+    code, output = run(*make_args(checkpoint, dataset, tmp_path), "--model", model)
     lines = output.strip().splitlines()
     assert code != 0 and lines[-1].startswith("error:") and message in lines[-1], output
     assert "Traceback" not in output

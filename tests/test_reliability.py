@@ -66,7 +66,8 @@ def test_stop_leaves_the_last_checkpoint_as_it_was(dataset, tmp_path):
     assert code == 0, output
     before = {name: (out / name).read_bytes() for name in ("last.h5", "best.h5")}
     poisoned = _model(tmp_path, "poisoned.py", POISONED.format(nan_calls={1}))
-    code, output = run("train", poisoned, "--resume", out / "last.h5", "--out", out, "--epochs", "2")
+    code, output = run("train", poisoned, "--resume", out / "last.h5", "--out", out, "--epochs", "2",
+                       "--allow-model-change")
     assert code == 1 and "training stopped at epoch 2, batch 1: the loss is nan" in output, output
     assert f"{out / 'last.h5'} holds the last good state" in output
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -99,7 +100,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(dataset, tmp_path):
     tiny = _model(tmp_path, "tiny.py", TINY_MODEL)
     train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "a", log_every=1)
     train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path / "b", log_every=1, epochs=1)
-    code, output = run("train", "--resume", tmp_path / "b" / "last.h5", "--epochs", "2", "--log-every", "1")
+    code, output = run("train", tiny, "--resume", tmp_path / "b" / "last.h5", "--epochs", "2", "--log-every", "1")
     assert code == 0, output
     a, b = load_checkpoint(tmp_path / "a" / "last.h5"), load_checkpoint(tmp_path / "b" / "last.h5")
     for name in a.params:

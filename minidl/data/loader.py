@@ -79,6 +79,7 @@ class Loader:
             self.mean = np.asarray(mean, dtype=contents.mean_image.dtype)
         self.lighting_scales = contents.pca_eigvals / 255.0  # see the module docstring
         self.eigvecs = contents.pca_eigvecs
+        self.fingerprint = contents.fingerprint()  # what a checkpoint records of its data, to check on resume
         check_crop(crop, self.image_size)
 
     @property
