@@ -55,14 +55,16 @@ def main():
 
 @main.command()
 @click.argument("model_file", required=False)
-@click.option("--data", type=click.Path(), help="A dataset made by `minidl prepare-data` (default: built-in shapes).")
+@click.option("--data", type=click.Path(), help="A dataset made by `minidl prepare-data` (default: built-in shapes; "
+              "with --resume, the run's).")
 @click.option("--devices", help="The two towers' devices, e.g. cuda:0,cuda:1 or cuda:0 or cpu (default: what is here).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs to train (default: the model file's).")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step (default: the model file's).")
 @click.option("--out", "out_dir", help="Folder for checkpoints and curves (default: runs/alexnet, or the "
-              "folder of the --resume checkpoint).")
-@click.option("--resume", type=click.Path(), help="Continue from this checkpoint, on the same data (checked by content) "
-              "and with the same model file: MODEL_FILE, or the built-in AlexNet when the run was trained with it.")
+              "folder of the --resume checkpoint); one run at a time writes there.")
+@click.option("--resume", type=click.Path(), help="Continue from this checkpoint, on the same data (checked by "
+              "content) and with the same model file: MODEL_FILE, or the built-in AlexNet when the run was trained "
+              "with it.")
 @click.option("--allow-model-change", is_flag=True, help="With --resume: go on with a MODEL_FILE whose source "
               "differs from the one the run was trained with (its weights must still fit).")
 @click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default: 0, or the resumed run's).")

@@ -55,7 +55,8 @@ def test_nearest_equals_brute_force_in_blocks():
 def test_predict_prints_top_classes_and_draws_bars_of_their_probability(trained, image_dir, tmp_path):
     checkpoint, model = trained
     png = tmp_path / "predictions.png"
-    code, output = run("predict", checkpoint, image_dir / "squares", "--top", "3", "-o", png, "--json", "--model", model)
+    code, output = run("predict", checkpoint, image_dir / "squares", "--top", "3", "-o", png, "--json",
+                       "--model", model)
     assert code == 0, output
     rows = json_rows(output)
     assert len(rows) == 8 and all(r["true"] == "squares" for r in rows)
