@@ -19,25 +19,25 @@ from minidl.hdf5 import show
 from minidl.model_file import BUILTIN_MODEL, builtin_sha256, input_scale, load_model_file
 
 
-def model_file_for(checkpoint, model_path=None, option="--model FILE"):
+def model_file_for(checkpoint, model_path=None, how="with --model FILE"):
     """The ModelFile to rebuild `checkpoint`'s network: the user's `model_path`, else the built-in AlexNet
-    if the checkpoint was trained with it; else MinidlError saying to give the file (with `option`)."""
+    if the checkpoint was trained with it; else MinidlError saying to give the file (`how`)."""
     if model_path is not None:
         return load_model_file(model_path)
     if checkpoint.model_sha256 == builtin_sha256():
         return load_model_file(BUILTIN_MODEL)
     name = show(os.path.basename(checkpoint["model_file"]))  # the checkpoint's text: quoted and cut short
     raise MinidlError(f"{checkpoint.path} was trained with the model file {name} (sha256 "
-                      f"{checkpoint.model_sha256[:16]}...), not the built-in AlexNet: give that file with {option}")
+                      f"{checkpoint.model_sha256[:16]}...), not the built-in AlexNet: give that file {how}")
 
 
 class Restored:
     """A checkpoint, the model file that rebuilds it, its recipe and the model on its devices."""
 
-    def __init__(self, checkpoint_path, model_path=None, devices=None, option="--model FILE"):
+    def __init__(self, checkpoint_path, model_path=None, devices=None, how="with --model FILE"):
         self.checkpoint = load_checkpoint(checkpoint_path)
         self.config = self.checkpoint.config()
-        self.model_file = model_file_for(self.checkpoint, model_path, option)
+        self.model_file = model_file_for(self.checkpoint, model_path, how)
         self.devices = resolve_devices(devices, json.loads(self.checkpoint["devices"]))
 
     @functools.cached_property

@@ -141,7 +141,7 @@ class Run:
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         restored = None
         if resume:
-            restored = Restored(resume, model_path, devices, option="MODEL_FILE")
+            restored = Restored(resume, model_path, devices, how="as MODEL_FILE")
             checkpoint = restored.checkpoint
             model_file = restored.model_file
             refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data, model_file=model_file,
@@ -173,11 +173,11 @@ class Run:
                                    augment=True, seed=seed, drop_last=True, scale=scale, **shard)
         self.val_loader = loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
                                  augment=False, seed=seed, scale=scale, **shard)
+        if restored:
+            refuse_other_data(restored.checkpoint, data_path, self.train_loader.fingerprint)
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({config['batch_size']})")
-        if restored:
-            refuse_other_data(restored.checkpoint, data_path, self.train_loader.fingerprint)
         num_classes = restored.checkpoint["num_classes"] if restored else self.train_loader.num_classes
         check_labels(num_classes, self.train_loader.num_classes, data_path)
 
