@@ -141,7 +141,7 @@ def test_resume_refuses_an_edited_model_file_unless_allowed(tiny_run, tiny):
     assert load_checkpoint(out / "last.h5").model_sha256 == load_model_file(tiny).sha256  # it records what ran
 
 
-def test_a_second_run_on_a_locked_out_is_refused(tmp_path, tiny, dataset):
+def test_a_second_run_on_a_locked_out_is_refused(tmp_path, tiny, dataset, monkeypatch):
     out = tmp_path / "run"
     held = lock_folder(out)
     try:
@@ -152,6 +152,11 @@ def test_a_second_run_on_a_locked_out_is_refused(tmp_path, tiny, dataset):
         held.release()
     train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=out, max_steps=1)  # free again
     lock_folder(out).release()  # and the run let it go when it ended
+    full = shutil.disk_usage(out)._replace(free=2 ** 20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    with pytest.raises(MinidlError, match="MiB free"):  # refused after it took the lock: let go too
+        train(tiny, data=dataset, devices=("cpu", "cpu"), out_dir=out, max_steps=1)
+    lock_folder(out).release()
     with pytest.raises(MinidlError, match="cannot write checkpoints"):  # not a folder: one line, no lock taken
         lock_folder(out / "last.h5")
 
