@@ -109,7 +109,8 @@ def _claim(name, shape):
     (_poison("params/fc.W"), "holds NaN or infinity in parameter fc.W: the run it came from diverged"),
     (_poison("momentum/conv1.b", -np.inf), "holds NaN or infinity in the velocity of conv1.b: the run it came from "
                                            "diverged"),
-    (_claim("params/fc.b", (10 ** 12,)), "is corrupt: its params claim more than 1,000,000,000 values"),
+    (_claim("params/fc.b", (10 ** 12,)), "is corrupt: 'params/fc.b' of shape (1000000000000,) stores 0 of its "
+                                         "1,000,000,000,000 chunks"),
     (_claim("momentum/fc.b", (10 ** 12,)), "is corrupt: 'momentum/fc.b' is float32 of shape (1000000000000,), "
                                            "expected floating of shape (3,)"),
     (_claim("history/lr", (10 ** 12,)), "is corrupt: 'history/lr' is float64 of shape (1000000000000,), expected "
