@@ -118,15 +118,18 @@ class FileCheck:
 
     def __init__(self, path, kind, error, budget=None):
         self.path, self.kind, self.error = path, kind, error
-        self.budget = read_budget(path) if budget is None else budget  # bytes left to read
-        self.limit = self.budget
+        self.limit = budget  # bytes the reader may take in: read_budget(path) unless given
+        self.spent = 0
 
     def charge(self, nbytes, what):
         """Count `nbytes` that the reader is about to take in against the budget, or refuse the file."""
-        if nbytes > self.budget:
-            raise self.corrupt(f"{what} would take {nbytes:,} bytes to read, beyond the {self.limit:,} bytes a "
-                               f"file of {os.path.getsize(self.path):,} bytes may make minidl read")
-        self.budget -= nbytes
+        if self.limit is None:  # measured at the first read, when the file is open
+            self.limit = read_budget(self.path)
+        if self.spent + nbytes > self.limit:
+            raise self.corrupt(f"{what} would take {nbytes:,} bytes to read, beyond the {self.limit - self.spent:,} "
+                               f"bytes left of what a file of {os.path.getsize(self.path):,} bytes may make minidl "
+                               "read")
+        self.spent += nbytes
 
     def corrupt(self, problem):
         return self.error(f"{self.path} is corrupt: {problem}")
