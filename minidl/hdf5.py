@@ -15,7 +15,7 @@ What a check lets a reader take in is bounded three ways, all before reading:
 - the arrays read whole are charged, by declared size, against the file's byte
   budget (`read_budget`), which bounds what any filter can expand them to.
 Strings are capped by length, fixed-length ones by their type before reading,
-variable-length ones one at a time as they are read.
+variable-length ones one at a time as they are read, and charged too.
 """
 import contextlib
 import math
@@ -222,18 +222,19 @@ class FileCheck:
         return values
 
     def _strings(self, d, where):
-        """The strings of `d`, each checked against MAX_NAME_CHARS before the next is read.
+        """The strings of `d`, each at most MAX_NAME_CHARS long, charged to the budget.
 
         Fixed-length ones are judged by their type, before anything is read. Variable-length ones
         live in a heap, and many entries may point at one huge string, which nothing tells before it
-        is read: so they are read one at a time, each at most the file's size and dropped if too long.
+        is read: so they are read one at a time (each at most the file's size, and refused if too
+        long), and charged as they are read.
         """
         info = h5py.check_string_dtype(d.dtype)
-        if info.length is not None and info.length > 4 * MAX_NAME_CHARS:  # UTF-8: up to 4 bytes a character
-            raise self.corrupt(f"'{where}' holds strings of {info.length:,} bytes, beyond "
-                               f"{MAX_NAME_CHARS:,} characters")
-        self.charge(d.size * (4 * MAX_NAME_CHARS + 64), f"'{where}'")  # the most the strings kept can take
         if info.length is not None:
+            if info.length > 4 * MAX_NAME_CHARS:  # UTF-8: up to 4 bytes a character
+                raise self.corrupt(f"'{where}' holds strings of {info.length:,} bytes, beyond "
+                                   f"{MAX_NAME_CHARS:,} characters")
+            self.charge(d.size * info.length, f"'{where}'")
             raw = d[()].reshape(-1)
         else:
             raw, one, space = [], np.empty(1, dtype=object), d.id.get_space()
@@ -244,6 +245,7 @@ class FileCheck:
                 if len(one[0]) > 4 * MAX_NAME_CHARS:
                     raise self.corrupt(f"'{where}' holds a string of {len(one[0]):,} bytes, beyond "
                                        f"{MAX_NAME_CHARS:,} characters")
+                self.charge(len(one[0]) + 64, f"'{where}'")  # 64: what a Python str costs beyond its text
                 raw.append(one[0])
         try:
             text = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in raw)
