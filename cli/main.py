@@ -167,9 +167,10 @@ def visualize_filters(checkpoint, output):
 
     from minidl.checkpoint import load_checkpoint
     from minidl.visualize import save_filter_grid
-    ckpt = load_checkpoint(checkpoint)
-    # the kernels that see the image: 4-D weights over its 3 colour channels, one set per tower
-    towers = sorted(name for name, w in ckpt.params.items() if w.ndim == 4 and w.shape[1] == 3)
+    # the kernels that see the image: 4-D weights over its 3 colour channels, one set per tower;
+    # only they are read
+    ckpt = load_checkpoint(checkpoint, wanted=lambda name, shape: len(shape) == 4 and shape[1] == 3)
+    towers = sorted(ckpt.params)
     if not towers:
         raise MinidlError(f"{checkpoint} has no first-layer convolution (no weights of shape (out, 3, k, k))")
     kernels = np.concatenate([ckpt.params[name] for name in towers])
@@ -284,8 +285,10 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
     loader = restored.loader(data, split="train", batch_size=batch_size)  # checks the crop fits its images
     if k > loader.num_images:
         raise MinidlError(f"-k {k} is larger than the training set of {data} ({loader.num_images} images)")
+    note = lambda line: click.echo(f"note: {line}", err=True)  # noqa: E731
     base, base_labels, base_positions = dataset_features(restored, data, "train", batch_size,
-                                                         progress=ProgressLine("fc7 features of the training set"))
+                                                         progress=ProgressLine("fc7 features of the training set"),
+                                                         note=note)
     if query_images:
         paths = find_images(query_images)
         pictures = np.stack([read_image(path) for path in paths])
@@ -295,7 +298,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
     else:
         if restored.loader(data, split="val").num_images == 0:
             raise MinidlError(f"{data} has no validation images to query: give --query IMAGE")
-        val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size)
+        val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size, note=note)
         every, _ = nearest(val, base, k)  # the whole validation set's neighbours, for the agreement
         agreement = float((base_labels[every] == val_labels[:, None]).mean())
         click.echo(f"label agreement: {100 * agreement:.1f}% of the {k} nearest training images share the "

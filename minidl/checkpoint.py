@@ -43,6 +43,7 @@ weights with NaN or infinity in them are refused as a diverged run's.
 import json
 import math
 import re
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -62,6 +63,7 @@ HISTORY_KEYS = EPOCH_KEYS + INTERVAL_KEYS
 MAX_PARAMETERS = 10 ** 9  # values over all parameters: 16x AlexNet, and 4 GB of float32
 MAX_HISTORY = 10 ** 7     # values per history key: one per epoch or logging interval
 MAX_DEVICES = 64
+WEIGHT_DTYPE = np.float32  # what a model's parameters and the optimizer's velocities are
 
 POSITIVE = Rule(lambda v: FINITE.ok(v) and v > 0, "a positive number")
 NOT_NAN = Rule(lambda v: FINITE.ok(v) or (isinstance(v, float) and v == math.inf), "a number")  # no best yet: inf
@@ -160,8 +162,12 @@ class Checkpoint:
         return [self.momentum.get(name) for name, _ in model.named_params()]
 
 
-def load_checkpoint(path):
-    """The checkpoint `path`, every part checked before it is read or trusted; else CheckpointError in one line."""
+def load_checkpoint(path, wanted=None):
+    """The checkpoint `path`, every part checked before it is read or trusted; else CheckpointError in one line.
+
+    `wanted(name, shape)`, if given, chooses the parameters to read (and their velocities); the others
+    are checked by type, shape and storage but not read, nor kept (visualize-filters reads conv1 alone).
+    """
     check = FileCheck(path, "checkpoint", CheckpointError)
     with open_minidl_file(path, "checkpoint", FORMAT, VERSION, CheckpointError) as f, check.reading():
         # checkpoints older than predict and retrieve have neither class names nor mean image
@@ -170,8 +176,8 @@ def load_checkpoint(path):
         names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
         if names is not None and len(names) != attrs["num_classes"]:
             raise check.corrupt(f"it has {len(names)} class names for {attrs['num_classes']} classes")
-        params = _weights(check, f, "params", "parameter", None)
-        momentum = _weights(check, f, "momentum", "the velocity of", params)
+        params = _weights(check, f, "params", "parameter", None, wanted, attrs["num_classes"])
+        momentum = _weights(check, f, "momentum", "the velocity of", params, wanted)
         mean_image = check.array(f, "mean_image", FLOAT, (IMAGE_SIZES, IMAGE_SIZES, 3), required=False)
         if mean_image is not None and mean_image.shape[0] != mean_image.shape[1]:
             raise check.corrupt(f"'mean_image' is {mean_image.shape[0]}x{mean_image.shape[1]}, not square")
@@ -179,7 +185,7 @@ def load_checkpoint(path):
         epoch_totals = check.fields(check.member(f, "epoch_totals", h5py.Group).attrs, EPOCH_TOTALS,
                                     "epoch_totals attribute ")
         history = _history(check, check.member(f, "history", h5py.Group))
-    return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history, mean_image)
+    return Checkpoint(path, attrs, params.arrays, momentum.arrays, schedule, epoch_totals, history, mean_image)
 
 
 def _check_config(check, config):
@@ -193,23 +199,44 @@ def _check_config(check, config):
                             f"number, or one per init including {config['init']!r}")
 
 
-def _weights(check, f, group_name, what, params):
-    """{name: array} of the group `group_name`, floating and finite, their sizes bounded before any is
-    read. Velocities (`params` given) must each belong to a parameter and have its shape."""
+class _Weights(NamedTuple):
+    shapes: dict  # {name: shape} of every array in the group
+    arrays: dict  # {name: float32 array} of those read
+
+
+def _weights(check, f, group_name, what, params, wanted=None, num_classes=None):
+    """The arrays of the group `group_name` as float32, the type they will have, each finite in it (1e300
+    is finite in float64, not in float32). Every shape is checked, and the bytes to read are charged
+    to the file's budget, before any array is read; only those `wanted` are read. Velocities (`params`
+    given) must each belong to a parameter and have its shape. The parameters must hold `num_classes`
+    (the classifier's outputs) as the first axis of a weight matrix: the model is built from it.
+    """
     group = check.member(f, group_name, h5py.Group)
     names = sorted(group)
-    strays = [n for n in names if params is not None and n not in params]
+    strays = [n for n in names if params is not None and n not in params.shapes]
     if strays:
         raise check.corrupt(f"it has a velocity for {strays[0]}, which is no parameter")
-    datasets = {n: check.dataset(group, n, FLOAT, None if params is None else params[n].shape) for n in names}
+    datasets = {n: check.dataset(group, n, FLOAT, None if params is None else params.shapes[n]) for n in names}
     if sum(d.size for d in datasets.values()) > MAX_PARAMETERS:
         raise check.corrupt(f"its {group_name} claim more than {MAX_PARAMETERS:,} values")
+    if num_classes is not None and not any(len(d.shape) == 2 and d.shape[0] == num_classes
+                                           for d in datasets.values()):
+        raise check.corrupt(f"attribute 'num_classes' is {num_classes}, but no weight matrix in 'params' "
+                            f"has {num_classes} rows")
+    if params is None:
+        chosen = {n: d for n, d in datasets.items() if wanted is None or wanted(n, d.shape)}
+    else:  # the velocities of the parameters read
+        chosen = {n: d for n, d in datasets.items() if n in params.arrays}
+    # as stored and as float32, before any is read
+    check.charge(sum(d.size * (d.dtype.itemsize + 4) for d in chosen.values()), f"the arrays in '{group_name}'")
     arrays = {}
-    for name, d in datasets.items():
-        arrays[name] = d[()]
+    for name, d in chosen.items():
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused next
+            arrays[name] = d[()].astype(WEIGHT_DTYPE, copy=False)
         if not np.isfinite(arrays[name]).all():
-            raise check.error(f"{check.path} holds NaN or infinity in {what} {name}: the run it came from diverged")
-    return arrays
+            raise check.error(f"{check.path} holds NaN or infinity in {what} {name}"
+                              f"{' (as float32)' if d.dtype != WEIGHT_DTYPE else ''}: the run it came from diverged")
+    return _Weights({n: d.shape for n, d in datasets.items()}, arrays)
 
 
 def _history(check, group):

@@ -3,9 +3,19 @@
 Every reader goes through `open_minidl_file`, so a missing file, a file that is
 not HDF5 and an HDF5 file of another kind are each refused in one line, the
 same way for every kind of file. Then it reads through a `FileCheck`, which
-checks each dataset's type and shape before a byte of it is read (a crafted
-header may claim 10^12 rows that no memory holds) and each attribute's type
-and range, and refuses anything else in one line naming the file and the problem.
+checks each dataset's type, shape and storage before a byte of it is read (a
+crafted header may claim 10^12 rows that no memory holds, or gzip'd zeros that
+unpack to gigabytes) and each attribute's type and range, and refuses anything
+else in one line naming the file and the problem.
+
+What a check lets a reader take in is bounded three ways, all before reading:
+- every value a dataset declares must be stored in the file (all of its chunks,
+  or all of its contiguous bytes), so a count is bounded by what the file holds;
+- one chunk unpacks to at most MAX_CHUNK_BYTES, which bounds each partial read;
+- the arrays read whole are charged, by declared size, against the file's byte
+  budget (`read_budget`), which bounds what any filter can expand them to.
+Strings are capped by length, fixed-length ones by their type before reading,
+variable-length ones one at a time as they are read, and charged too.
 """
 import contextlib
 import math
@@ -24,6 +34,24 @@ KIND_WORDS = {"f": "floating", "i": "integer", "u": "integer", "b": "boolean", "
 MAX_CLASSES = 10 ** 6
 MAX_IMAGE_SIZE = 4096
 IMAGE_SIZES = range(1, MAX_IMAGE_SIZE + 1)
+MAX_NAME_CHARS = 1000  # a class name (ImageNet's longest has 120 characters)
+
+# A file may make a reader take in, over all the arrays read whole, at most EXPANSION times its own
+# size plus BUDGET_FLOOR bytes. minidl writes everything it reads whole uncompressed (parameters,
+# velocities, labels, statistics, features; only the images are compressed, and they are read a
+# chunk at a time), so an honest file declares about its own size, a repacked one (h5repack -f GZIP)
+# a few times it: float weights barely compress, and the floor covers small files whose zeros do.
+# A compression bomb is refused by what it declares, whatever its filter: gzip alone unpacks 1000:1,
+# so a ratio test would let a 10 MB file declare 10 GB; this budget lets it declare ~100 MB.
+EXPANSION = 8
+BUDGET_FLOOR = 16 * 2 ** 20
+# One chunk is unpacked whole by any read that touches it: a 4096x4096 RGB image is 48 MiB.
+MAX_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def read_budget(path):
+    """The bytes a reader may take in from the file `path` (see EXPANSION)."""
+    return EXPANSION * os.path.getsize(path) + BUDGET_FLOOR
 
 
 class Rule(NamedTuple):
@@ -74,6 +102,11 @@ def _fits(shape, spec):
                                            for n, axis in zip(shape, spec))
 
 
+def _file_itemsize(d):
+    """Bytes per value as stored in the file (a variable-length string: its 16-byte heap reference)."""
+    return d.id.get_type().get_size()
+
+
 def _show_shape(shape):
     axes = [f"{a.start}..{a.stop - 1}" if isinstance(a, range) else str(a) for a in shape]
     return f"({axes[0]},)" if len(axes) == 1 else f"({', '.join(axes)})"
@@ -83,8 +116,20 @@ class FileCheck:
     """The checks a reader makes on one open file, each refusing with `error` (a MinidlError class)
     in one line that names the file (`path`) and the problem; `kind` names the file ("dataset")."""
 
-    def __init__(self, path, kind, error):
+    def __init__(self, path, kind, error, budget=None):
         self.path, self.kind, self.error = path, kind, error
+        self.limit = budget  # bytes the reader may take in: read_budget(path) unless given
+        self.spent = 0
+
+    def charge(self, nbytes, what):
+        """Count `nbytes` that the reader is about to take in against the budget, or refuse the file."""
+        if self.limit is None:  # measured at the first read, when the file is open
+            self.limit = read_budget(self.path)
+        if self.spent + nbytes > self.limit:
+            raise self.corrupt(f"{what} would take {nbytes:,} bytes to read, beyond the {self.limit - self.spent:,} "
+                               f"bytes left of what a file of {os.path.getsize(self.path):,} bytes may make minidl "
+                               "read")
+        self.spent += nbytes
 
     def corrupt(self, problem):
         return self.error(f"{self.path} is corrupt: {problem}")
@@ -122,9 +167,32 @@ class FileCheck:
             raise self.corrupt(f"'{where}' keeps its values in another file")
         return item
 
+    def _stored(self, d, where):
+        """Refuse a dataset whose declared values are not all in the file, or whose chunks unpack to more
+        than MAX_CHUNK_BYTES: HDF5 fills what is missing from nothing, so a header alone could claim
+        10^8 images (and a chunk larger than the data is unpacked whole on every read)."""
+        if d.shape is None or d.size == 0:
+            return
+        layout = d.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CHUNKED:
+            chunk_bytes = math.prod(d.chunks) * d.dtype.itemsize
+            if chunk_bytes > MAX_CHUNK_BYTES:
+                raise self.corrupt(f"'{where}' has chunks of {chunk_bytes:,} bytes, beyond {MAX_CHUNK_BYTES:,}")
+            expected = math.prod(-(-n // c) for n, c in zip(d.shape, d.chunks))
+            stored = d.id.get_num_chunks()
+            if stored != expected:
+                raise self.corrupt(f"'{where}' of shape {d.shape} stores {stored:,} of its {expected:,} chunks")
+        elif layout == h5py.h5d.CONTIGUOUS:
+            declared = d.size * _file_itemsize(d)
+            if not declared <= d.id.get_storage_size() <= os.path.getsize(self.path):
+                raise self.corrupt(f"'{where}' of shape {d.shape} declares {declared:,} bytes and stores "
+                                   f"{d.id.get_storage_size():,}")
+        # compact: the values are in the dataset's header itself (at most 64 KiB)
+
     def dataset(self, parent, name, dtype, shape=None, required=True):
         """parent[name], checked before any of it is read: of `dtype` (a numpy dtype, or a string of
-        kinds such as FLOAT) and `shape` (per axis an exact length or a range of them; None: any shape)."""
+        kinds such as FLOAT) and `shape` (per axis an exact length or a range of them; None: any shape),
+        and every value it declares stored in the file."""
         d = self.member(parent, name, required=required)
         if d is None:
             return None
@@ -136,17 +204,63 @@ class FileCheck:
             has = "an empty dataspace" if d.shape is None else f"{_describe(d.dtype)} of shape {d.shape}"
             raise self.corrupt(f"'{_where(parent, name)}' is {has}, expected {wanted}"
                                + ("" if shape is None else f" of shape {_show_shape(shape)}"))
+        self._stored(d, _where(parent, name))
         return d
 
     def array(self, parent, name, dtype, shape=None, required=True):
-        """The values of `dataset(...)`; floating ones refused if any is NaN or infinite."""
+        """The values of `dataset(...)`, charged to the budget before they are read; floating ones refused
+        if any is NaN or infinite; strings (TEXT) as a tuple of str, each at most MAX_NAME_CHARS long."""
         d = self.dataset(parent, name, dtype, shape, required)
         if d is None:
             return None
+        if h5py.check_string_dtype(d.dtype):
+            return self._strings(d, _where(parent, name))
+        self.charge(d.size * d.dtype.itemsize, f"'{_where(parent, name)}'")
         values = d[()]
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise self.corrupt(f"'{_where(parent, name)}' holds NaN or infinity")
         return values
+
+    def _strings(self, d, where):
+        """The strings of `d`, each at most MAX_NAME_CHARS long, charged to the budget.
+
+        Fixed-length ones are judged by their type, before anything is read. Variable-length ones
+        live in a heap, and many entries may point at one huge string, which nothing tells before it
+        is read: so they are read one at a time (each at most the file's size, and refused if too
+        long), and charged as they are read.
+        """
+        info = h5py.check_string_dtype(d.dtype)
+        if info.length is not None:
+            if info.length > 4 * MAX_NAME_CHARS:  # UTF-8: up to 4 bytes a character
+                raise self.corrupt(f"'{where}' holds strings of {info.length:,} bytes, beyond "
+                                   f"{MAX_NAME_CHARS:,} characters")
+            self.charge(d.size * info.length, f"'{where}'")
+            raw = d[()].reshape(-1)
+        else:
+            raw, one, space = [], np.empty(1, dtype=object), d.id.get_space()
+            memory_space, memory_type = h5py.h5s.create_simple((1,)), h5py.h5t.py_create(d.dtype)
+            for index in np.ndindex(d.shape):
+                space.select_hyperslab(index, (1,) * len(index))
+                d.id.read(memory_space, space, one, memory_type)
+                if len(one[0]) > 4 * MAX_NAME_CHARS:
+                    raise self.corrupt(f"'{where}' holds a string of {len(one[0]):,} bytes, beyond "
+                                       f"{MAX_NAME_CHARS:,} characters")
+                self.charge(len(one[0]) + 64, f"'{where}'")  # 64: what a Python str costs beyond its text
+                raw.append(one[0])
+        try:
+            text = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in raw)
+        except UnicodeDecodeError:
+            raise self.corrupt(f"'{where}' is not UTF-8 text") from None
+        if any(len(t) > MAX_NAME_CHARS for t in text):
+            raise self.corrupt(f"'{where}' holds a string longer than {MAX_NAME_CHARS:,} characters")
+        return text
+
+    def _small_attribute(self, attrs, key, where):
+        """Refuse, before reading it, an attribute that is an array: every minidl attribute is one value,
+        and an array of variable-length strings may point each entry at one huge string."""
+        shape = attrs.get_id(key).shape
+        if shape and math.prod(shape) != 1:
+            raise self.corrupt(f"{where}'{key}' is an array of shape {shape}, expected one value")
 
     def fields(self, mapping, rules, where="attribute ", optional=()):
         """{key: value} for each key of `rules` ({key: Rule}), from h5py attrs or a dict, each checked;
@@ -160,6 +274,8 @@ class FileCheck:
                 if key in optional:
                     continue
                 raise self.missing(f"{where}'{key}'")
+            if isinstance(mapping, h5py.AttributeManager):
+                self._small_attribute(mapping, key, where)
             value = mapping[key]
             value = value.item() if isinstance(value, np.generic) else value
             if not rule.ok(value):
@@ -185,7 +301,8 @@ def open_minidl_file(path, kind, format_mark, version, error):
     check = FileCheck(path, kind, error)
     try:
         with check.reading():
-            mark = f.attrs.get("format")
+            # the mark's shape first: an array of strings could be anything
+            mark = f.attrs["format"] if "format" in f.attrs and f.attrs.get_id("format").shape == () else None
             if not (isinstance(mark, str) and mark == format_mark):
                 raise error(f"{path} is not a minidl {kind} (no '{format_mark}' format mark)")
             found = check.fields(f.attrs, {"version": whole(1)})["version"]

@@ -11,20 +11,17 @@ in eval mode: for AlexNet that is fc8's input, both towers' fc7 after ReLU
 of matrix products, |q|^2 + |x|^2 - 2 q.x, never an N x N matrix.
 """
 import contextlib
-import hashlib
-import json
 import os
 
-import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from minidl.atomic import atomic_path
 from minidl.core import Tensor, no_grad
 from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
-from minidl.data.dataset import IMAGE_SIZE
+from minidl.data.dataset import IMAGE_SIZE, read_dataset
 from minidl.data.prepare import square_image
 from minidl.errors import DataError, MinidlError
+from minidl.feature_cache import CacheError, cache_key, read_cache, write_cache
 from minidl.layers import Linear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -113,13 +110,17 @@ def top_k(p, k):
 # --- features and neighbours
 
 
-def features(model, x):
-    """The input of the model's last Linear layer for x (N, 3, S, S), as float32 (N, D), in eval mode."""
+def _last_linear(model):
     last = [layer for _, layer in model.named_layers() if isinstance(layer, Linear)]
     if not last:
         raise MinidlError("the model has no Linear layer: no last hidden layer to take features from")
+    return last[-1]
+
+
+def features(model, x):
+    """The input of the model's last Linear layer for x (N, 3, S, S), as float32 (N, D), in eval mode."""
     captured = []
-    remove = last[-1].register_forward_hook(lambda layer, inputs, y: captured.append(inputs[0].numpy()))
+    remove = _last_linear(model).register_forward_hook(lambda layer, inputs, y: captured.append(inputs[0].numpy()))
     try:
         with no_grad(), _eval_mode(model):
             model(Tensor(x, device=model.input_device))
@@ -150,42 +151,41 @@ def nearest(queries, base, k, block=1024):
     return best_i, np.sqrt(best_d)
 
 
-def _file_key(path):
-    """What identifies a file's content cheaply: its path, size and modification time."""
-    stat = os.stat(path)
-    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def dataset_features(restored, data, split="train", batch_size=64, progress=None):
+def dataset_features(restored, data, split="train", batch_size=64, progress=None, note=None):
     """(features (N, D), labels, file positions) of a split of `data`, cached beside the checkpoint.
 
-    The cache is reused while the checkpoint and the dataset are unchanged
-    (same path, size and modification time) and recomputed when either changes.
+    The cache (minidl.feature_cache) is reused while the checkpoint's bytes, the model
+    file's source and the dataset's contents are those it was made from, and recomputed
+    otherwise; one that fails its checks is recomputed too, and replaced. Where it
+    cannot be written (a read-only folder, a full disk) the features are used without
+    it. `note(line)` is told of a cache ignored or not written.
     """
-    ckpt_path = restored.checkpoint.path
-    key = hashlib.sha256(json.dumps([_file_key(ckpt_path), _file_key(data)]).encode()).hexdigest()
-    cache = f"{os.path.splitext(ckpt_path)[0]}.fc7-{split}.h5"
-    if os.path.isfile(cache):
-        try:
-            with h5py.File(cache, "r") as f:
-                if f.attrs.get("key") == key:
-                    return f["features"][()], f["labels"][()], f["positions"][()]
-        except (OSError, KeyError):
-            pass  # a damaged cache is recomputed
+    note = note or (lambda line: None)
     loader = restored.loader(data, split=split, batch_size=batch_size)
     if loader.num_images == 0:
         raise DataError(f"{data} has no {'validation' if split == 'val' else split} images")
+    model = restored.model
+    width = _last_linear(model).W.shape[1]
+    cache = f"{os.path.splitext(restored.checkpoint.path)[0]}.fc7-{split}.h5"
+    key = cache_key(restored.checkpoint.path, restored.model_file.source, read_dataset(data).fingerprint(), split)
+    if os.path.lexists(cache):
+        try:
+            cached = read_cache(cache, key, loader.num_images, width)
+            if cached is not None:
+                return cached, loader.labels, loader.indices
+        except CacheError as e:
+            note(f"ignoring the feature cache: {e}")
     prepared = []
     for i, (x, _) in enumerate(loader.epoch_batches(0)):
-        prepared.append(features(restored.model, x))
+        prepared.append(features(model, x))
         if progress:
             progress(i + 1, len(loader))
-    result = np.concatenate(prepared), loader.labels, loader.indices
-    with atomic_path(cache) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["key"] = key
-        for name, array in zip(("features", "labels", "positions"), result):
-            f[name] = array
-    return result
+    result = np.concatenate(prepared)
+    try:
+        write_cache(cache, key, result)
+    except OSError as e:
+        note(f"could not cache the features in {cache} ({e.strerror or e}); they are used without a cache")
+    return result, loader.labels, loader.indices
 
 
 def dataset_images(data, positions):

@@ -159,7 +159,7 @@ def _set_attr(key, value):
     (lambda f: f["images"].resize(10 ** 12, axis=0), "is corrupt: 'images' is uint8 of shape (1000000000000, 256, "
      "256, 3), expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
     (_replace("class_names", shape=(10 ** 12,), dtype=h5py.string_dtype(), chunks=(1,)),
-     "is corrupt: 'class_names' is strings of shape (1000000000000,), expected string of shape (1..1000000,)"),
+     "is corrupt: 'class_names' is strings of shape (1000000000000,), expected string of shape (1..4,)"),
     (_replace("labels", shape=(10 ** 12,), dtype=np.int64, chunks=(1,)),
      "is corrupt: 'labels' is int64 of shape (1000000000000,), expected integer of shape (4,)"),
     (_replace("images", np.zeros((4, 256, 200, 3), np.uint8)), "is corrupt: images are 256x200, not square"),
@@ -171,8 +171,8 @@ def _set_attr(key, value):
     (_replace("labels", np.zeros(3, np.int64)), "is corrupt: 'labels' is int64 of shape (3,), expected integer of "
      "shape (4,)"),
     (_replace("class_names", [1, 2]), "is corrupt: 'class_names' is int64 of shape (2,), expected string of shape "
-     "(1..1000000,)"),
-    (_replace("class_names", np.array([b"a", b"\xff"])), "is corrupt: 'class_names' are not UTF-8 text"),
+     "(1..4,)"),
+    (_replace("class_names", np.array([b"a", b"\xff"])), "is corrupt: 'class_names' is not UTF-8 text"),
     (_set("is_val", 0, 2), "is corrupt: 'is_val' holds values other than 0 and 1"),
     (_replace("mean_image", np.zeros((256, 256))), "is corrupt: 'mean_image' is float64 of shape (256, 256), "
      "expected floating of shape (256, 256, 3)"),

@@ -105,11 +105,39 @@ def _claim(name, shape):
     return change
 
 
+def _as_float64(name, value):
+    """`name` stored as float64 with one value beyond float32's range: finite here, infinite as loaded."""
+    def change(f):
+        data = f[name][()].astype(np.float64)
+        data.reshape(-1)[0] = value
+        del f[name]
+        f[name] = data
+    return change
+
+
+def _unstored(name, shape):
+    """A contiguous dataset whose header claims `shape` and whose bytes were never written."""
+    def change(f):
+        dtype = f[name].dtype
+        del f[name]
+        f.create_dataset(name, shape=shape, dtype=dtype)
+    return change
+
+
 @pytest.mark.parametrize("change, message", [
     (_poison("params/fc.W"), "holds NaN or infinity in parameter fc.W: the run it came from diverged"),
+    (_as_float64("params/conv1.W", 1e300), "holds NaN or infinity in parameter conv1.W (as float32): the run it "
+                                           "came from diverged"),
+    (_as_float64("momentum/fc.W", -1e39), "holds NaN or infinity in the velocity of fc.W (as float32): the run it "
+                                          "came from diverged"),
+    (_unstored("history/lr", (10 ** 6,)), "is corrupt: 'history/lr' of shape (1000000,) declares 8,000,000 bytes "
+                                          "and stores 0"),
+    (lambda f: (f.attrs.__delitem__("class_names"), f.attrs.__setitem__("num_classes", 100_000)),
+     "is corrupt: attribute 'num_classes' is 100000, but no weight matrix in 'params' has 100000 rows"),
     (_poison("momentum/conv1.b", -np.inf), "holds NaN or infinity in the velocity of conv1.b: the run it came from "
                                            "diverged"),
-    (_claim("params/fc.b", (10 ** 12,)), "is corrupt: its params claim more than 1,000,000,000 values"),
+    (_claim("params/fc.b", (10 ** 12,)), "is corrupt: 'params/fc.b' of shape (1000000000000,) stores 0 of its "
+                                         "1,000,000,000,000 chunks"),
     (_claim("momentum/fc.b", (10 ** 12,)), "is corrupt: 'momentum/fc.b' is float32 of shape (1000000000000,), "
                                            "expected floating of shape (3,)"),
     (_claim("history/lr", (10 ** 12,)), "is corrupt: 'history/lr' is float64 of shape (1000000000000,), expected "

@@ -94,7 +94,17 @@ def test_retrieve_finds_neighbours_caches_features_and_draws_rows(trained, datas
     before = os.stat(cache).st_mtime_ns
     code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
     assert code == 0 and os.stat(cache).st_mtime_ns == before  # reused
-    os.utime(checkpoint)  # the checkpoint changed: recomputed
+    os.utime(checkpoint)  # keyed by content, not by modification time: still reused
+    code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
+    assert code == 0 and os.stat(cache).st_mtime_ns == before
+    with h5py.File(cache, "a") as f:  # an edited cache is not trusted: recomputed and rewritten
+        f["features"][0, 0] += 1
+    code, output = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
+    assert code == 0 and "note: ignoring the feature cache" in output, output
+    assert os.stat(cache).st_mtime_ns != before
+    before = os.stat(cache).st_mtime_ns
+    with h5py.File(checkpoint, "a") as f:  # the checkpoint's bytes changed: recomputed
+        f.attrs["touched"] = 1
     code, _ = run("retrieve", checkpoint, "--data", dataset, "-k", "2", "-o", png, "--model", model)
     assert code == 0 and os.stat(cache).st_mtime_ns != before
     assert Image.open(png).size[0] > 300

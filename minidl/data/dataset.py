@@ -16,10 +16,12 @@ Layout (format version 1). N images, C classes, S = 256:
 
     root attributes: format = "minidl-dataset", version = 1, image_size = S
 
-Readers trust none of it: `read_contents` checks every part's type and shape
-before reading it (at most 10^8 images of at most 4096x4096, at most 10^6
-classes), the labels against the classes and the statistics for NaN, and
-refuses anything else in one line naming the file and the problem.
+Readers trust none of it: `read_contents` checks every part's type, shape and
+storage before reading it (at most 10^8 images of at most 4096x4096, each one
+stored, within the file's read budget (minidl.hdf5); at most as many classes as
+images, up to 10^6, names of at most 1,000 characters), the labels against the
+classes and the statistics for NaN, and refuses anything else in one line naming
+the file and the problem.
 
 All statistics are over the training split only, so validation images stay unseen.
 The validation split is a seeded random choice of `val_fraction` of the images,
@@ -43,6 +45,7 @@ VERSION = 1
 IMAGE_SIZE = 256
 GZIP_LEVEL = 4
 MAX_IMAGES = 10 ** 8  # far beyond ImageNet's 1.3 million: a header claiming more is crafted or damaged
+BYTES_PER_IMAGE = 32
 REQUIRED = ("images", "labels", "class_names", "is_val", "mean_image", "mean_rgb", "pca_eigvals", "pca_eigvecs")
 
 
@@ -224,7 +227,10 @@ def read_contents(f, path):
         if images.shape[2] != size:
             raise check.corrupt(f"images are {size}x{images.shape[2]}, not square")
         check.fields(f.attrs, {"image_size": whole(size, size)})
-        class_names = _class_names(f, check)
+        # what every reader keeps per image (label, split flag, position, order): so the count a header
+        # claims, already backed by stored chunks, is bounded by the file's budget too
+        check.charge(count * BYTES_PER_IMAGE, f"{count:,} images")
+        class_names = _class_names(f, check, count)
         labels = check.array(f, "labels", INTEGER, (count,))
         outside = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
         if len(outside):
@@ -241,12 +247,10 @@ def read_contents(f, path):
                         pca_eigvecs=check.array(f, "pca_eigvecs", FLOAT, (3, 3)))
 
 
-def _class_names(f, check):
-    names = check.array(f, "class_names", TEXT, (range(1, MAX_CLASSES + 1),))
-    try:
-        return tuple(name.decode("utf-8") if isinstance(name, bytes) else name for name in names)
-    except UnicodeDecodeError:
-        raise check.corrupt("'class_names' are not UTF-8 text") from None
+def _class_names(f, check, count=None):
+    """The class names (each at most MAX_NAME_CHARS), no more of them than images (`count`, if known)."""
+    count = f["images"].shape[0] if count is None else count  # read_contents checked the images' shape
+    return check.array(f, "class_names", TEXT, (range(1, max(1, min(MAX_CLASSES, count)) + 1),))
 
 
 @dataclass(frozen=True)
