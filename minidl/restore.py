@@ -14,8 +14,9 @@ import os
 from minidl.checkpoint import load_checkpoint
 from minidl.data import Loader
 from minidl.device import resolve_devices
-from minidl.errors import MinidlError
+from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import show
+from minidl.layers.init import parameter_budget
 from minidl.model_file import BUILTIN_MODEL, builtin_sha256, input_scale, load_model_file
 
 
@@ -42,9 +43,15 @@ class Restored:
 
     @functools.cached_property
     def model(self):
-        """Built on first use, so a bad dataset is reported before a large model is made."""
-        model = self.model_file.build(self.checkpoint["num_classes"], [d.name for d in self.devices],
-                                      self.config["init"], self.checkpoint["seed"])
+        """Built on first use, so a bad dataset is reported before a large model is made; refused as soon as
+        it outgrows the checkpoint's values, which it must hold exactly (a crafted num_classes would
+        otherwise allocate gigabytes first)."""
+        saved = sum(a.size for a in self.checkpoint.params.values())
+        refusal = lambda: CheckpointError(f"{self.checkpoint.path} does not fit this model: the model has more "
+                                          f"parameters than the checkpoint's {saved:,} values")
+        with parameter_budget(saved, refusal):
+            model = self.model_file.build(self.checkpoint["num_classes"], [d.name for d in self.devices],
+                                          self.config["init"], self.checkpoint["seed"])
         self.checkpoint.load_into(model)
         return model
 

@@ -173,3 +173,23 @@ def test_a_killed_holder_leaves_the_folder_free(tmp_path):
         holder.kill()
         holder.wait()
     lock_folder(tmp_path).release()  # kill -9 dropped the lock with the process
+
+
+def test_a_network_is_refused_before_it_outgrows_the_checkpoint_it_is_built_for():
+    """Restored builds under the checkpoint's count of values: a crafted num_classes (with a small matrix
+    of as many rows to pass the reader) is refused before the layer is drawn, not after gigabytes."""
+    import tracemalloc
+
+    from minidl.layers import Linear
+    from minidl.layers.init import parameter_budget
+    tracemalloc.start()
+    try:
+        with pytest.raises(MinidlError, match="outgrew"), \
+                parameter_budget(4096 * 10 + 10, lambda: MinidlError("outgrew")):
+            Linear(4096, 10, device="cpu")  # within the budget
+            Linear(4096, 100_000, device="cpu")  # 1.6 GB, were it drawn
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 ** 20
+    Linear(4096, 100, device="cpu")  # no budget outside the block
