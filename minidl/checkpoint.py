@@ -39,8 +39,8 @@ import numpy as np
 
 from minidl.atomic import atomic_path
 from minidl.errors import CheckpointError
-from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, STRING, FileCheck, Rule,
-                         open_minidl_file, show, whole)
+from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
+                         Rule, open_minidl_file, show, whole)
 from minidl.model_file import input_scale
 
 FORMAT = "minidl-checkpoint"
@@ -77,7 +77,7 @@ ATTRS = dict(model_file=STRING, model_source=STRING, data=STRING, config=_json(d
              class_names=_json(list, _all_strings, " of strings"),
              devices=_json(list, lambda names: 1 <= len(names) <= MAX_DEVICES and _all_strings(names),
                            f" of 1 to {MAX_DEVICES} device names"),
-             num_classes=whole(1, MAX_CLASSES), seed=whole(), epoch=whole(), batch=whole(), step=whole())
+             num_classes=whole(1, MAX_CLASSES), seed=whole(0, MAX_SEED), epoch=whole(), batch=whole(), step=whole())
 CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
               weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING)
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
@@ -147,7 +147,7 @@ def load_checkpoint(path):
     with open_minidl_file(path, "checkpoint", FORMAT, VERSION, CheckpointError) as f, check.reading():
         # checkpoints older than predict and retrieve have neither class names nor mean image
         attrs = check.fields(f.attrs, ATTRS, optional=("class_names",))
-        _check_config(check, json.loads(attrs["config"]))
+        check_config(check, json.loads(attrs["config"]))
         names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
         if names is not None and len(names) != attrs["num_classes"]:
             raise check.corrupt(f"it has {len(names)} class names for {attrs['num_classes']} classes")
@@ -163,7 +163,9 @@ def load_checkpoint(path):
     return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history, mean_image)
 
 
-def _check_config(check, config):
+def check_config(check, config):
+    """The recipe `config` by the CONFIG rules, refused through `check` (a FileCheck); training checks its
+    recipe with this before the first step, so no run writes a checkpoint this reader would refuse."""
     check.fields(config, CONFIG, "config entry ")
     try:  # a number, or one per initialisation scheme: then one for the run's
         scale_ok = math.isfinite(input_scale(config, config["init"]))

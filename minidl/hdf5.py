@@ -24,6 +24,7 @@ KIND_WORDS = {"f": "floating", "i": "integer", "u": "integer", "b": "boolean", "
 MAX_CLASSES = 10 ** 6
 MAX_IMAGE_SIZE = 4096
 IMAGE_SIZES = range(1, MAX_IMAGE_SIZE + 1)
+MAX_SEED = 2 ** 63 - 1  # a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
 
 
 class Rule(NamedTuple):

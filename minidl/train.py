@@ -32,13 +32,14 @@ import time
 import numpy as np
 
 from minidl.atomic import remove_stale_temporaries
-from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
+from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_config, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
 from minidl.device import available_memory, keep_freed_host_memory, resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
+from minidl.hdf5 import FileCheck
 from minidl.layers import seed_dropout
 from minidl.layers.summary import training_memory
 from minidl.model_file import input_scale, load_model_file
@@ -48,14 +49,24 @@ from minidl.restore import Restored
 from minidl.visualize import training_curves
 
 
+class RecipeCheck(FileCheck):
+    """The checkpoint reader's checks of a recipe, refusing in one line that names where it came from."""
+
+    def __init__(self, where):
+        super().__init__(where, "recipe", MinidlError)
+
+    def corrupt(self, problem):
+        return self.error(f"{self.path}: {problem}")
+
+
 def resolve_config(model_file, builtin, overrides):
+    """The recipe of a new run, checked by the rules the checkpoint reader applies: a run never writes
+    a checkpoint that would be refused (an epochs=2.0 found only when resuming)."""
     config = dict(model_file.config)
     if builtin:
         config.update(model_file.builtin_overrides)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("batch_size", "epochs"):
-        if int(config[key]) < 1:
-            raise MinidlError(f"{key} must be at least 1, got {config[key]}")
+    check_config(RecipeCheck(model_file.path), config)
     return config
 
 
@@ -126,11 +137,14 @@ class Run:
             data, seed = checkpoint["data"] or None, checkpoint["seed"]
             model_file = restored.model_file
             config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
+            check_config(RecipeCheck(resume), config)  # a new epochs: by the same rules
         else:
             if model_path is None:
                 raise MinidlError("no model file: give one, or --resume a checkpoint that names one")
             model_file = load_model_file(model_path)
             seed = 0 if seed is None else seed
+            if not ATTRS["seed"].ok(seed):  # the CLI's --seed has this range; a library caller is told too
+                raise MinidlError(f"seed {seed} is not {ATTRS['seed'].expected}")
             config = resolve_config(model_file, data is None, dict(epochs=epochs, batch_size=batch_size, init=init))
         self.config, self.seed = config, seed
         if config["batch_size"] % world.size:
