@@ -342,7 +342,8 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 
 @main.command()
 @click.argument("model_file")
-@click.option("--classes", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--classes", type=click.IntRange(1, MAX_CLASSES), default=1000, show_default=True,
+              help="Classes of the last layer (at most the 10^6 a dataset or checkpoint may hold).")
 @click.option("--devices", help="Devices for the two towers (default: the model file's, fitted to this machine).")
 @friendly_errors
 def summary(model_file, classes, devices):

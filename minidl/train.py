@@ -35,13 +35,13 @@ from minidl.atomic import remove_stale_temporaries
 from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_config, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
-from minidl.device import available_memory, keep_freed_host_memory, resolve_devices
+from minidl.device import keep_freed_host_memory, resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
 from minidl.hdf5 import FileCheck
 from minidl.layers import seed_dropout
-from minidl.layers.summary import training_memory
+from minidl.layers.summary import check_training_memory
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.parallel import ShardedLoader, Solo, World, rank_device_map
@@ -103,20 +103,7 @@ def check_before_training(model, out_dir, batch_size, input_size):
     if free < 2 * checkpoint_bytes + 2 ** 24:
         raise MinidlError(f"{out_dir} has {free / 2**20:,.0f} MiB free; its checkpoints need about "
                           f"{(2 * checkpoint_bytes + 2 ** 24) / 2**20:,.0f} MiB (two of {checkpoint_bytes / 2**20:,.0f} MiB)")
-    places = {}  # logical devices on one GPU share its memory
-    for dev, (per_image, fixed) in training_memory(model, (3, input_size, input_size)).items():
-        place = places.setdefault(dev.physical if dev.is_cuda else "cpu", [dev, 0, 0])
-        place[1] += per_image
-        place[2] += fixed
-    for dev, per_image, fixed in places.values():
-        need, have = fixed + batch_size * per_image, available_memory(dev)
-        if have is not None and need > have:
-            where = f"GPU {dev.physical}" if dev.is_cuda else "the CPU"
-            fits = int((have - fixed) // max(per_image, 1))
-            advice = (f"use --batch-size {fits} or less" if fits >= 1 else
-                      f"the parameters alone need {fixed / 2**30:.1f} GiB: place the layers on more devices")
-            raise MinidlError(f"a batch of {batch_size} needs about {need / 2**30:.1f} GiB on {where}, which has "
-                              f"{have / 2**30:.1f} GiB available: {advice}")
+    check_training_memory(model, batch_size, input_size)
 
 
 class Run:
@@ -167,6 +154,9 @@ class Run:
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({config['batch_size']})")
+        if self.val_loader.num_images == 0:  # every epoch ends in validation: refused before the first
+            raise MinidlError(f"{data_path} has no validation images: make it again with minidl prepare-data, "
+                              "which keeps one of every class of two images or more")
         num_classes = restored.checkpoint["num_classes"] if restored else self.train_loader.num_classes
         check_labels(num_classes, self.train_loader.num_classes, data_path)
 

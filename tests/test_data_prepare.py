@@ -102,6 +102,7 @@ def test_class_folders_without_files(tmp_path):
 def test_no_readable_image(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     (tmp_path / "images" / "cat" / "x.jpg").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="no readable images in .*: all 1 files failed to decode"):
+    (tmp_path / "images" / "cat" / "y.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="no readable images in .*: all 2 files failed to decode"):
         prepare_image_folder(tmp_path / "images", tmp_path / "d.h5", workers=1)
     assert not (tmp_path / "d.h5").exists()
