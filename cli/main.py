@@ -144,11 +144,12 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
 @main.command()
 @click.argument("checkpoint")
 @click.option("--data", required=True, type=click.Path(), help="A dataset made by `minidl prepare-data`.")
-@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="The images to evaluate: the validation split, the training split or both.")
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the one the checkpoint names).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per forward pass.")
 @friendly_errors
 def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
@@ -281,7 +282,8 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
 @click.option("--json", "as_json", is_flag=True, help="Print indices, labels and distances as JSON.")
 @click.option("--model", "model_file", help="Model file (default: the one the checkpoint names).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Images per forward pass of the training set's features.")
 @friendly_errors
 def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_file, devices, batch_size):
     """The training images nearest to each query in the last hidden layer (fc7): the paper's Figure 4 (right)."""
@@ -359,7 +361,8 @@ def summary(model_file, classes, devices):
 
 @main.command()
 @click.argument("model_file")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="Images per step (refused if it does not fit in memory).")
 @click.option("--devices", help="Devices for the two towers (default: what is here).")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
 @friendly_errors

@@ -3,6 +3,7 @@ import errno
 import os
 import re
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -411,3 +412,16 @@ def test_prepare_data_refuses_an_existing_out_and_notes_empty_class_folders(imag
     finally:
         empty.rmdir()
     assert code == 0 and "24 images in 3 classes" in output and "without files: 'zebras'" in output, output
+
+
+def test_the_readme_table_and_the_help_name_every_option():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(?:\[mpirun -n N\] )?minidl ([a-z-]+) .*$",
+                                                            f.read(), re.M)}
+    assert set(rows) == set(main.commands)
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} has no --help text"
+                assert any(f"{opt} " in rows[name] or f"{opt}]" in rows[name] for opt in param.opts), \
+                    f"the README's row of {name} leaves out {param.opts[-1]}"
