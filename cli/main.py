@@ -350,10 +350,12 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 @friendly_errors
 def summary(model_file, classes, devices):
     """Each layer of MODEL_FILE with its device, output shape and parameters."""
+    from minidl.checkpoint import check_recipe
     from minidl.layers import summary as layer_summary
     from minidl.model_file import load_model_file
     from minidl.device import resolve_devices
     mf = load_model_file(model_file)
+    check_recipe(mf.config, mf.path)
     model = mf.build(classes, [d.name for d in resolve_devices(devices, mf.config["devices"])])
     size = mf.config["input_size"]
     click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))

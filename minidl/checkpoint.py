@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from minidl.atomic import atomic_path
-from minidl.errors import CheckpointError
+from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
                          Rule, open_minidl_file, show, whole)
 from minidl.model_file import input_scale
@@ -174,6 +174,22 @@ def check_config(check, config):
     if not scale_ok:
         raise check.corrupt(f"config entry 'input_scale' is {show(config.get('input_scale'))}, expected a finite "
                             f"number, or one per init including {config['init']!r}")
+
+
+class _RecipeCheck(FileCheck):
+    """The checks of a recipe that comes from a model file, refusing in one line that names the file."""
+
+    def __init__(self, source):
+        super().__init__(source, "recipe", MinidlError)
+
+    def corrupt(self, problem):
+        return self.error(f"{self.path}: {problem}")
+
+
+def check_recipe(config, source):
+    """A recipe from `source` (a model file, or the checkpoint a run resumes) checked by check_config's rules,
+    before it is used: MinidlError naming `source` and the entry."""
+    check_config(_RecipeCheck(source), config)
 
 
 def _weights(check, f, group_name, what, params):

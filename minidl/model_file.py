@@ -39,6 +39,9 @@ class ModelFile:
                                             init=init or self.config["init"], seed=seed)
         except ValueError as e:  # a bad option the model file rejects, e.g. an unknown init
             raise MinidlError(f"{self.path}: {e}") from None
+        except MemoryError:  # NumPy refuses an allocation larger than the machine can give
+            raise MinidlError(f"{self.path}: not enough memory for the model's parameters with {num_classes:,} "
+                              "classes") from None
         if not isinstance(model, Layer):
             raise MinidlError(f"{self.path}: build_model returned {type(model).__name__}, not a minidl Layer")
         missing = [name for name in ("input_device", "output_device") if getattr(model, name, None) is None]

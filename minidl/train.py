@@ -32,14 +32,13 @@ import time
 import numpy as np
 
 from minidl.atomic import remove_stale_temporaries
-from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_config, save_checkpoint
+from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
 from minidl.device import keep_freed_host_memory, resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
-from minidl.hdf5 import FileCheck
 from minidl.layers import seed_dropout
 from minidl.layers.summary import check_training_memory
 from minidl.model_file import input_scale, load_model_file
@@ -49,16 +48,6 @@ from minidl.restore import Restored
 from minidl.visualize import training_curves
 
 
-class RecipeCheck(FileCheck):
-    """The checkpoint reader's checks of a recipe, refusing in one line that names where it came from."""
-
-    def __init__(self, where):
-        super().__init__(where, "recipe", MinidlError)
-
-    def corrupt(self, problem):
-        return self.error(f"{self.path}: {problem}")
-
-
 def resolve_config(model_file, builtin, overrides):
     """The recipe of a new run, checked by the rules the checkpoint reader applies: a run never writes
     a checkpoint that would be refused (an epochs=2.0 found only when resuming)."""
@@ -66,7 +55,7 @@ def resolve_config(model_file, builtin, overrides):
     if builtin:
         config.update(model_file.builtin_overrides)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    check_config(RecipeCheck(model_file.path), config)
+    check_recipe(config, model_file.path)
     return config
 
 
@@ -124,7 +113,7 @@ class Run:
             data, seed = checkpoint["data"] or None, checkpoint["seed"]
             model_file = restored.model_file
             config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
-            check_config(RecipeCheck(resume), config)  # a new epochs: by the same rules
+            check_recipe(config, resume)  # a new epochs: by the same rules
         else:
             if model_path is None:
                 raise MinidlError("no model file: give one, or --resume a checkpoint that names one")

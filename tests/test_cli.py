@@ -234,8 +234,10 @@ def one_line_error(code, output, *words):
 def test_a_recipe_the_checkpoint_reader_would_refuse_is_refused_before_the_first_step(dataset, tmp_path, entry):
     model = tmp_path / "recipe.py"
     model.write_text(TINY_MODEL + f"\nCONFIG.update({entry})\n")
-    code, output = run("train", model, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "o")
-    one_line_error(code, output, model, f"'{entry.split('=')[0]}'")
+    for args in (["train", model, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "o"],
+                 ["summary", model, "--devices", "cpu"], ["bench", model, "--devices", "cpu", "--steps", "1"]):
+        code, output = run(*args)
+        one_line_error(code, output, model, f"config entry '{entry.split('=')[0]}'")
     assert not (tmp_path / "o").exists()
 
 
@@ -247,6 +249,8 @@ def test_a_resumed_recipe_is_checked_by_the_same_rules(dataset, tiny_model, tmp_
 
 @pytest.mark.parametrize("body, message", [
     ("def build_model(num_classes, devices, init, seed):\n    return None\n", "build_model returned NoneType"),
+    ("import numpy as np\ndef build_model(num_classes, devices, init, seed):\n    return np.empty(2 ** 50)  # 8 PiB\n",
+     "not enough memory for the model's parameters"),
     (TINY_MODEL.replace("self.input_device = self.output_device = self.conv1.device", "pass"),
      "has no input_device or output_device"),
 ])
