@@ -147,7 +147,7 @@ def load_checkpoint(path):
     with open_minidl_file(path, "checkpoint", FORMAT, VERSION, CheckpointError) as f, check.reading():
         # checkpoints older than predict and retrieve have neither class names nor mean image
         attrs = check.fields(f.attrs, ATTRS, optional=("class_names",))
-        check_config(check, json.loads(attrs["config"]))
+        _check_config(check, json.loads(attrs["config"]))
         names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
         if names is not None and len(names) != attrs["num_classes"]:
             raise check.corrupt(f"it has {len(names)} class names for {attrs['num_classes']} classes")
@@ -163,9 +163,7 @@ def load_checkpoint(path):
     return Checkpoint(path, attrs, params, momentum, schedule, epoch_totals, history, mean_image)
 
 
-def check_config(check, config):
-    """The recipe `config` by the CONFIG rules, refused through `check` (a FileCheck); training checks its
-    recipe with this before the first step, so no run writes a checkpoint this reader would refuse."""
+def _check_config(check, config):
     check.fields(config, CONFIG, "config entry ")
     try:  # a number, or one per initialisation scheme: then one for the run's
         scale_ok = math.isfinite(input_scale(config, config["init"]))
@@ -187,9 +185,10 @@ class _RecipeCheck(FileCheck):
 
 
 def check_recipe(config, source):
-    """A recipe from `source` (a model file, or the checkpoint a run resumes) checked by check_config's rules,
-    before it is used: MinidlError naming `source` and the entry."""
-    check_config(_RecipeCheck(source), config)
+    """A recipe from `source` (a model file, or the checkpoint a run resumes) checked by the rules this reader
+    applies to a checkpoint's, before it is used (train, bench, summary): no run writes a checkpoint that would
+    be refused. MinidlError naming `source` and the entry."""
+    _check_config(_RecipeCheck(source), config)
 
 
 def _weights(check, f, group_name, what, params):
