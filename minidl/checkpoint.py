@@ -61,6 +61,10 @@ def _all_strings(values):
     return all(isinstance(v, str) for v in values)
 
 
+def _device_names(names):
+    return isinstance(names, (list, tuple)) and 1 <= len(names) <= MAX_DEVICES and _all_strings(names)
+
+
 def _json(kind, ok=lambda value: True, expected=""):
     """A Rule for JSON text that parses to a `kind` (list, dict) and passes `ok`."""
     def parses(text):
@@ -75,11 +79,11 @@ def _json(kind, ok=lambda value: True, expected=""):
 # what restore, evaluate and a resumed run read: the attributes, the recipe in `config`, the schedule's state
 ATTRS = dict(model_file=STRING, model_source=STRING, data=STRING, config=_json(dict),
              class_names=_json(list, _all_strings, " of strings"),
-             devices=_json(list, lambda names: 1 <= len(names) <= MAX_DEVICES and _all_strings(names),
-                           f" of 1 to {MAX_DEVICES} device names"),
+             devices=_json(list, _device_names, f" of 1 to {MAX_DEVICES} device names"),
              num_classes=whole(1, MAX_CLASSES), seed=whole(0, MAX_SEED), epoch=whole(), batch=whole(), step=whole())
 CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
-              weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING)
+              weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING,
+              devices=Rule(_device_names, f"a list of 1 to {MAX_DEVICES} device names"))
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
@@ -164,7 +168,8 @@ def load_checkpoint(path):
 
 
 def _check_config(check, config):
-    check.fields(config, CONFIG, "config entry ")
+    # a recipe's devices are checked, not required: a checkpoint's run keeps its devices as an attribute
+    check.fields(config, CONFIG, "config entry ", optional=("devices",))
     try:  # a number, or one per initialisation scheme: then one for the run's
         scale_ok = math.isfinite(input_scale(config, config["init"]))
     except (KeyError, TypeError, ValueError, OverflowError):

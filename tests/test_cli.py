@@ -249,6 +249,7 @@ def test_a_resumed_recipe_is_checked_by_the_same_rules(dataset, tiny_model, tmp_
 
 @pytest.mark.parametrize("body, message", [
     ("def build_model(num_classes, devices, init, seed):\n    return None\n", "build_model returned NoneType"),
+    (TINY_MODEL + "\nCONFIG['devices'] = 5\n", "config entry 'devices' is 5, expected a list of 1 to 64 device"),
     ("import numpy as np\ndef build_model(num_classes, devices, init, seed):\n    return np.empty(2 ** 50)  # 8 PiB\n",
      "not enough memory for the model's parameters"),
     (TINY_MODEL.replace("self.input_device = self.output_device = self.conv1.device", "pass"),
