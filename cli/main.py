@@ -195,7 +195,8 @@ def _writable_output(path):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise MinidlError(f"cannot write {path}: {folder} is not a writable folder")
     if os.path.isdir(path):
-        raise MinidlError(f"cannot write {path}: it is a folder; give a file name, e.g. {os.path.join(path, 'out.png')}")
+        raise MinidlError(f"cannot write {path}: it is a folder; give a file name, "
+                          f"e.g. {os.path.join(path, 'out.png')}")
     picture_format(path)
 
 

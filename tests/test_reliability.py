@@ -203,8 +203,8 @@ def test_a_full_disk_is_reported_before_the_first_step(dataset, tmp_path, monkey
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(dataset, tmp_path, monkeypatch):
-    # the module (importlib: the package's attribute `summary` is the function of that name)
-    monkeypatch.setattr(importlib.import_module("minidl.layers.summary"), "available_memory", lambda dev: 2 ** 16)  # 64 KiB left: room for 2 images
+    # the module (importlib: the package's attribute `summary` is the function of that name); 64 KiB left: 2 images
+    monkeypatch.setattr(importlib.import_module("minidl.layers.summary"), "available_memory", lambda dev: 2 ** 16)
     code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
                        "--out", tmp_path / "o", "--batch-size", "6")
     last = output.strip().splitlines()[-1]
