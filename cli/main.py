@@ -4,6 +4,7 @@ This is the only place that prints or exits. A MinidlError (anything the user
 can cause) becomes one line on stderr and exit status 1; Ctrl-C exits 130.
 """
 import functools
+import math
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ import click
 import numpy as np
 
 from minidl.errors import MinidlError
+from minidl.hdf5 import MAX_CLASSES, MAX_SEED
 
 
 def friendly_errors(command):
@@ -29,6 +31,19 @@ def friendly_errors(command):
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
     return run
+
+
+class NumberRange(click.FloatRange):
+    """click's FloatRange, refusing NaN too, which passes every bound (any comparison with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, MAX_SEED)  # what a checkpoint keeps (a 64-bit integer)
 
 
 class ProgressLine:
@@ -67,10 +82,10 @@ def main():
               "with it.")
 @click.option("--allow-model-change", is_flag=True, help="With --resume: go on with a MODEL_FILE whose source "
               "differs from the one the run was trained with (its weights must still fit).")
-@click.option("--seed", type=click.IntRange(0), help="Seed of every random choice (default: 0, or the resumed run's).")
+@click.option("--seed", type=SEED, help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True, help="Steps between progress lines.")
-@click.option("--checkpoint-seconds", type=click.FloatRange(0), default=300.0, show_default=True,
+@click.option("--checkpoint-seconds", type=NumberRange(0), default=300.0, show_default=True,
               help="Also write last.h5 within an epoch when this long has passed since the last one.")
 @click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
               "(a rare bad batch) instead of stopping; the count is printed at the end.")
@@ -136,12 +151,13 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
 @main.command()
 @click.argument("checkpoint")
 @click.option("--data", required=True, type=click.Path(), help="A dataset made by `minidl prepare-data`.")
-@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="The images to evaluate: the validation split, the training split or both.")
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over 4 corners + centre and their mirrors.")
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
               "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per forward pass.")
 @friendly_errors
 def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
@@ -159,7 +175,7 @@ def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size)
 
 @main.command("visualize-filters")
 @click.argument("checkpoint")
-@click.option("-o", "--output", default="filters.png", show_default=True, help="PNG to write.")
+@click.option("-o", "--output", default="filters.png", show_default=True, help="Picture to write (.png or .jpg).")
 @friendly_errors
 def visualize_filters(checkpoint, output):
     """Draw conv1's kernels as RGB tiles, one block per tower (the paper's Figure 3)."""
@@ -167,6 +183,7 @@ def visualize_filters(checkpoint, output):
 
     from minidl.checkpoint import load_checkpoint
     from minidl.visualize import save_filter_grid
+    _writable_output(output)
     # the kernels that see the image: 4-D weights over its 3 colour channels, one set per tower;
     # only they are read
     ckpt = load_checkpoint(checkpoint, wanted=lambda name, shape: len(shape) == 4 and shape[1] == 3)
@@ -180,10 +197,16 @@ def visualize_filters(checkpoint, output):
 
 
 def _writable_output(path):
-    """Refuse an output that cannot be written before the work, not after it."""
+    """Refuse a picture that cannot be written before the work, not after it: a folder, a missing or
+    read-only folder, a suffix that names no picture format."""
+    from minidl.visualize import picture_format
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise MinidlError(f"cannot write {path}: {folder} is not a writable folder")
+    if os.path.isdir(path):
+        raise MinidlError(f"cannot write {path}: it is a folder; give a file name, "
+                          f"e.g. {os.path.join(path, 'out.png')}")
+    picture_format(path)
 
 
 def _what_the_run_saw(restored, data):
@@ -213,7 +236,7 @@ def _what_the_run_saw(restored, data):
 @main.command()
 @click.argument("checkpoint")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-o", "--output", default="predictions.png", show_default=True, help="PNG to write.")
+@click.option("-o", "--output", default="predictions.png", show_default=True, help="Picture to write (.png or .jpg).")
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over the paper's 10 crops.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
@@ -231,7 +254,7 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
 
     from minidl.predict import TestInput, find_images, probabilities, read_image, top_k, true_label
     from minidl.restore import Restored
-    from minidl.visualize import draw_predictions
+    from minidl.visualize import draw_predictions, shown_name
     _writable_output(output)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
@@ -240,6 +263,9 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
     prepare = TestInput(mean, restored.config["input_size"], restored.input_scale)
     p = np.concatenate([probabilities(restored.model, prepare(pictures[i:i + 32], ten_crop))
                         for i in range(0, len(pictures), 32)])
+    if p.shape[1] != len(class_names):  # a model file that ignores build_model's num_classes
+        raise MinidlError(f"{restored.model_file.path} builds a model with {p.shape[1]} outputs; the checkpoint "
+                          f"has {len(class_names)} classes")
     classes, probs = top_k(p, top)
     truths = [true_label(path, class_names) for path in paths]
     rows = [dict(image=path, true=None if t is None else class_names[t],
@@ -249,8 +275,9 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
         click.echo(json.dumps(rows, indent=1))
     else:
         for row in rows:
-            best = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in row["top"])
-            click.echo(f"{row['image']}: {best}" + (f"  (true: {row['true']})" if row["true"] else ""))
+            best = ", ".join(f"{shown_name(t['label'])} {100 * t['probability']:.1f}%" for t in row["top"])
+            click.echo(f"{row['image']}: {best}" + (f"  (true: {shown_name(row['true'])})" if row["true"] is not None
+                                                    else ""))
     draw_predictions(pictures, [os.path.basename(p) for p in paths], classes, probs, class_names, truths, output)
     click.echo(f"wrote {output}", err=as_json)
 
@@ -262,12 +289,13 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
               "(default: 4 unless --query is given).")
 @click.option("--query", "query_images", multiple=True, help="Query with this image file (repeatable).")
 @click.option("-k", type=click.IntRange(1), default=6, show_default=True, help="Neighbours per query.")
-@click.option("-o", "--output", default="neighbours.png", show_default=True, help="PNG to write.")
+@click.option("-o", "--output", default="neighbours.png", show_default=True, help="Picture to write (.png or .jpg).")
 @click.option("--json", "as_json", is_flag=True, help="Print indices, labels and distances as JSON.")
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
               "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Images per forward pass of the training set's features.")
 @friendly_errors
 def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_file, devices, batch_size):
     """The training images nearest to each query in the last hidden layer (fc7): the paper's Figure 4 (right)."""
@@ -278,7 +306,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
     from minidl.predict import (TestInput, dataset_features, dataset_images, features, find_images, nearest,
                                 read_image)
     from minidl.restore import Restored
-    from minidl.visualize import draw_neighbours
+    from minidl.visualize import draw_neighbours, shown_name
     _writable_output(output)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
@@ -307,7 +335,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
         q, q_labels = val[chosen], [int(val_labels[i]) for i in chosen]
         pictures = dataset_images(data, val_positions[chosen])
-        names = [f"val #{int(i)}: {class_names[label]}" for i, label in zip(chosen, q_labels)]
+        names = [f"val #{int(i)}: {shown_name(class_names[label])}" for i, label in zip(chosen, q_labels)]
     indices, distances = nearest(q, base, k)
     rows = [dict(query=name, label=None if label is None else class_names[label],
                  neighbours=[dict(index=int(base_positions[i]), label=class_names[int(base_labels[i])],
@@ -320,7 +348,7 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
             same = "" if row["label"] is None else \
                 f"  ({sum(n['label'] == row['label'] for n in row['neighbours'])}/{k} of its class)"
             click.echo(f"{row['query']}: " +
-                       ", ".join(f"{n['label']} {n['distance']:.1f}" for n in row["neighbours"]) + same)
+                       ", ".join(f"{shown_name(n['label'])} {n['distance']:.1f}" for n in row["neighbours"]) + same)
     neighbour_pictures = dataset_images(data, base_positions[indices.reshape(-1)]).reshape(
         indices.shape + (loader.image_size, loader.image_size, 3))
     draw_neighbours(pictures, names, neighbour_pictures, [[class_names[int(base_labels[i])] for i in row]
@@ -330,15 +358,18 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 
 @main.command()
 @click.argument("model_file")
-@click.option("--classes", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--classes", type=click.IntRange(1, MAX_CLASSES), default=1000, show_default=True,
+              help="Classes of the last layer (at most the 10^6 a dataset or checkpoint may hold).")
 @click.option("--devices", help="Devices for the two towers (default: the model file's, fitted to this machine).")
 @friendly_errors
 def summary(model_file, classes, devices):
     """Each layer of MODEL_FILE with its device, output shape and parameters."""
+    from minidl.checkpoint import check_recipe
     from minidl.layers import summary as layer_summary
     from minidl.model_file import load_model_file
     from minidl.device import resolve_devices
     mf = load_model_file(model_file)
+    check_recipe(mf.config, mf.path)
     model = mf.build(classes, [d.name for d in resolve_devices(devices, mf.config["devices"])])
     size = mf.config["input_size"]
     click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))
@@ -346,7 +377,8 @@ def summary(model_file, classes, devices):
 
 @main.command()
 @click.argument("model_file")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="Images per step (refused if it does not fit in memory).")
 @click.option("--devices", help="Devices for the two towers (default: what is here).")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
 @friendly_errors
@@ -375,15 +407,21 @@ def _size(nbytes):
 @click.argument("image_dir")
 @click.argument("out")
 @click.option("--workers", type=click.IntRange(1), help="Decoding processes (default: all cores).")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--val-fraction", type=NumberRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Share of each class held out for validation, between 0 and 1 (both "
+              "excluded); every class of two images or more keeps at least one for validation and one for training.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (by default an existing OUT is refused).")
 @friendly_errors
-def prepare_data(image_dir, out, workers, val_fraction, seed):
+def prepare_data(image_dir, out, workers, val_fraction, seed, overwrite):
     """Turn IMAGE_DIR (one subfolder per class) into the HDF5 dataset OUT."""
     from minidl.data import prepare_image_folder
     result = prepare_image_folder(image_dir, out, workers=workers, val_fraction=val_fraction, seed=seed,
-                                  progress=ProgressLine("decoding images"))
+                                  progress=ProgressLine("decoding images"), overwrite=overwrite)
     click.echo(f"wrote {out}: {result.written} images in {len(result.class_counts)} classes")
+    if result.empty_folders:
+        click.echo(f"left out {len(result.empty_folders)} class folder(s) without files: "
+                   f"{', '.join(map(repr, result.empty_folders[:20]))}", err=True)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s):", err=True)
         for path, reason in result.skipped[:20]:

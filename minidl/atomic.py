@@ -13,10 +13,33 @@ import glob
 import os
 import tempfile
 
+from minidl.errors import WriteError
+
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
-    """Yield a temporary path to write; on success it becomes `path`."""
+    """Yield a temporary path to write; on success it becomes `path`.
+
+    An OSError while writing (a full disk: ENOSPC) becomes a WriteError naming
+    `path` and the reason, in one line; the old file is untouched.
+    """
+    try:
+        with _replacing(path, suffix) as tmp:
+            yield tmp
+    except WriteError:
+        raise
+    except OSError as err:
+        # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
+        reason = os.strerror(err.errno) if err.errno else (str(err).splitlines() or [type(err).__name__])[0]
+        error = WriteError(f"cannot write {path}: {reason}")
+        error.errno = err.errno
+        raise error from None
+
+
+@contextlib.contextmanager
+def _replacing(path, suffix):
+    if os.path.lexists(path) and not os.path.isfile(path):  # the rename would replace a folder or /dev/null
+        raise WriteError(f"cannot write {path}: it exists and is not a file")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]

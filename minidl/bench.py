@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 
+from minidl.checkpoint import check_recipe
 from minidl.core import Tensor
 from minidl.device import keep_freed_host_memory, resolve_devices
 from minidl.functions import softmax_cross_entropy
 from minidl.layers import seed_dropout
+from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
 
 
@@ -98,8 +100,10 @@ def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_c
     """Time `steps` training steps; returns a dict of medians and the peak memory."""
     keep_freed_host_memory()
     config = model_file.config
+    check_recipe(config, model_file.path)
     devices = resolve_devices(devices, config["devices"])
     model = model_file.build(num_classes, [d.name for d in devices], config["init"], seed)
+    check_training_memory(model, batch_size, config["input_size"])  # before the batch is allocated
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
     rng = np.random.default_rng(seed)
     size = config["input_size"]

@@ -49,9 +49,9 @@ import h5py
 import numpy as np
 
 from minidl.atomic import atomic_path
-from minidl.errors import CheckpointError
-from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, STRING, FileCheck, Rule,
-                         open_minidl_file, show, whole)
+from minidl.errors import CheckpointError, MinidlError
+from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
+                         Rule, open_minidl_file, show, whole)
 from minidl.model_file import input_scale, source_sha256
 
 FORMAT = "minidl-checkpoint"
@@ -73,6 +73,10 @@ def _all_strings(values):
     return all(isinstance(v, str) for v in values)
 
 
+def _device_names(names):
+    return isinstance(names, (list, tuple)) and 1 <= len(names) <= MAX_DEVICES and _all_strings(names)
+
+
 def _json(kind, ok=lambda value: True, expected=""):
     """A Rule for JSON text that parses to a `kind` (list, dict) and passes `ok`."""
     def parses(text):
@@ -90,11 +94,11 @@ SHA256 = Rule(lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) i
 ATTRS = dict(model_file=STRING, model_source=STRING, model_sha256=SHA256, data=STRING, data_sha256=SHA256,
              config=_json(dict),
              class_names=_json(list, _all_strings, " of strings"),
-             devices=_json(list, lambda names: 1 <= len(names) <= MAX_DEVICES and _all_strings(names),
-                           f" of 1 to {MAX_DEVICES} device names"),
-             num_classes=whole(1, MAX_CLASSES), seed=whole(), epoch=whole(), batch=whole(), step=whole())
+             devices=_json(list, _device_names, f" of 1 to {MAX_DEVICES} device names"),
+             num_classes=whole(1, MAX_CLASSES), seed=whole(0, MAX_SEED), epoch=whole(), batch=whole(), step=whole())
 CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
-              weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING)
+              weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING,
+              devices=Rule(_device_names, f"a list of 1 to {MAX_DEVICES} device names"))
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
@@ -189,7 +193,8 @@ def load_checkpoint(path, wanted=None):
 
 
 def _check_config(check, config):
-    check.fields(config, CONFIG, "config entry ")
+    # a recipe's devices are checked, not required: a checkpoint's run keeps its devices as an attribute
+    check.fields(config, CONFIG, "config entry ", optional=("devices",))
     try:  # a number, or one per initialisation scheme: then one for the run's
         scale_ok = math.isfinite(input_scale(config, config["init"]))
     except (KeyError, TypeError, ValueError, OverflowError):
@@ -197,6 +202,23 @@ def _check_config(check, config):
     if not scale_ok:
         raise check.corrupt(f"config entry 'input_scale' is {show(config.get('input_scale'))}, expected a finite "
                             f"number, or one per init including {config['init']!r}")
+
+
+class _RecipeCheck(FileCheck):
+    """The checks of a recipe that comes from a model file, refusing in one line that names the file."""
+
+    def __init__(self, source):
+        super().__init__(source, "recipe", MinidlError)
+
+    def corrupt(self, problem):
+        return self.error(f"{self.path}: {problem}")
+
+
+def check_recipe(config, source):
+    """A recipe from `source` (a model file, or the checkpoint a run resumes) checked by the rules this reader
+    applies to a checkpoint's, before it is used (train, bench, summary): no run writes a checkpoint that would
+    be refused. MinidlError naming `source` and the entry."""
+    _check_config(_RecipeCheck(source), config)
 
 
 class _Weights(NamedTuple):

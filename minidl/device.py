@@ -234,7 +234,10 @@ def resolve_devices(requested=None, preferred=("cuda:0", "cuda:1")):
     the CPU. Returns Devices, each checked to exist.
     """
     if isinstance(requested, str):
-        requested = [n.strip() for n in requested.split(",") if n.strip()]
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        if not names:  # "," or "": a slip, not a request for the default devices
+            raise DeviceError(f"no device in {requested!r}: give e.g. cpu, cuda:0 or cuda:0,cuda:1")
+        requested = names
     parts = len(preferred)
     if requested:
         names = list(requested) * parts if len(requested) == 1 else list(requested)

@@ -24,3 +24,8 @@ class CheckpointError(MinidlError):
 
 class NonFiniteError(MinidlError):
     """A loss, gradient or output that is NaN or infinite: the run diverged."""
+
+
+class WriteError(MinidlError, OSError):
+    """A file that could not be written (a full disk, a read-only folder), named with the reason. Also an
+    OSError, so code that carries on without a file it failed to write (a cache) still catches it."""

@@ -52,6 +52,7 @@ MAX_CHUNK_BYTES = 64 * 2 ** 20
 def read_budget(path):
     """The bytes a reader may take in from the file `path` (see EXPANSION)."""
     return EXPANSION * os.path.getsize(path) + BUDGET_FLOOR
+MAX_SEED = 2 ** 63 - 1  # a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
 
 
 class Rule(NamedTuple):

@@ -14,6 +14,7 @@ import importlib.util
 import os
 
 from minidl.errors import MinidlError
+from minidl.layers import Layer
 
 DEFAULT_CONFIG = dict(
     input_size=227, batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
@@ -58,10 +59,20 @@ class ModelFile:
 
     def build(self, num_classes, devices, init=None, seed=0):
         try:
-            return self.module.build_model(num_classes=num_classes, devices=tuple(devices),
-                                           init=init or self.config["init"], seed=seed)
+            model = self.module.build_model(num_classes=num_classes, devices=tuple(devices),
+                                            init=init or self.config["init"], seed=seed)
         except ValueError as e:  # a bad option the model file rejects, e.g. an unknown init
             raise MinidlError(f"{self.path}: {e}") from None
+        except MemoryError:  # NumPy refuses an allocation larger than the machine can give
+            raise MinidlError(f"{self.path}: not enough memory for the model's parameters with {num_classes:,} "
+                              "classes") from None
+        if not isinstance(model, Layer):
+            raise MinidlError(f"{self.path}: build_model returned {type(model).__name__}, not a minidl Layer")
+        missing = [name for name in ("input_device", "output_device") if getattr(model, name, None) is None]
+        if missing:  # where the trainer puts the images and the labels
+            raise MinidlError(f"{self.path}: the model build_model returned has no {' or '.join(missing)} "
+                              "(the devices its input and its output are on)")
+        return model
 
 
 def load_model_file(path):

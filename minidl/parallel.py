@@ -20,6 +20,7 @@ NCCL reduce (MINIDL_PARALLEL_TIMEOUT seconds, default 600), which aborts the job
 in one line. (The emulated NCCL blocks in MPI instead: under emulation only a
 dead rank, not a hung one, ends a reduce early.)
 """
+import math
 import os
 import sys
 import time
@@ -57,6 +58,18 @@ class Solo:
         return None
 
 
+def wait_limit():
+    """Seconds a rank waits for the others (MINIDL_PARALLEL_TIMEOUT, default 600): a positive number."""
+    text = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:  # NaN too: a deadline of NaN never comes, and a hung job would never end
+        raise MinidlError(f"{TIMEOUT_ENV}={text!r}: give seconds, e.g. 600")
+    return seconds
+
+
 class World(Solo):
     """The ranks mpirun started: MPI.COMM_WORLD, with bounded waits."""
 
@@ -70,11 +83,7 @@ class World(Solo):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host share its GPUs
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        text = os.environ.get(TIMEOUT_ENV, "600")
-        try:
-            self.timeout = float(text)
-        except ValueError:
-            raise MinidlError(f"{TIMEOUT_ENV}={text!r}: give seconds, e.g. 600") from None
+        self.timeout = wait_limit()
 
     def wait(self, request, what):
         """Wait for a nonblocking MPI collective, at most `timeout` seconds."""

@@ -14,12 +14,11 @@ import contextlib
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from minidl.core import Tensor, no_grad
 from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
-from minidl.data.dataset import IMAGE_SIZE, read_dataset
-from minidl.data.prepare import square_image
+from minidl.data.dataset import read_dataset
+from minidl.data.prepare import decode_file
 from minidl.errors import DataError, MinidlError
 from minidl.feature_cache import CacheError, cache_key, read_cache, write_cache
 from minidl.layers import Linear
@@ -48,12 +47,12 @@ def find_images(paths):
 
 
 def read_image(path):
-    """uint8 (256, 256, 3): the paper's preprocessing of one image file."""
-    try:
-        with Image.open(path) as image:
-            return square_image(image, IMAGE_SIZE)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
+    """uint8 (256, 256, 3): the paper's preprocessing of one image file, as prepare-data reads it
+    (decode_file: a decompression bomb is refused too)."""
+    image, reason = decode_file(path)
+    if image is None:
+        raise DataError(f"{path} is not an image Pillow can read ({reason})")
+    return image
 
 
 def true_label(path, class_names):

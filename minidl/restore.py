@@ -39,7 +39,10 @@ class Restored:
         self.checkpoint = load_checkpoint(checkpoint_path)
         self.config = self.checkpoint.config()
         self.model_file = model_file_for(self.checkpoint, model_path, how)
-        self.devices = resolve_devices(devices, json.loads(self.checkpoint["devices"]))
+        # the run's devices, one per part of the network; the model file says how many parts there are
+        # (a checkpoint naming one device for AlexNet's two towers gets the model file's devices instead)
+        saved, parts = json.loads(self.checkpoint["devices"]), self.model_file.config["devices"]
+        self.devices = resolve_devices(devices, saved if len(saved) == len(parts) else parts)
 
     @functools.cached_property
     def model(self):

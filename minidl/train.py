@@ -34,16 +34,16 @@ import time
 import numpy as np
 
 from minidl.atomic import remove_stale_temporaries
-from minidl.checkpoint import HISTORY_KEYS, save_checkpoint
+from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
-from minidl.device import available_memory, keep_freed_host_memory, resolve_devices
+from minidl.device import keep_freed_host_memory, resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
 from minidl.hdf5 import show
 from minidl.layers import seed_dropout
-from minidl.layers.summary import training_memory
+from minidl.layers.summary import check_training_memory
 from minidl.lock import lock_folder
 from minidl.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
@@ -53,13 +53,13 @@ from minidl.visualize import training_curves
 
 
 def resolve_config(model_file, builtin, overrides):
+    """The recipe of a new run, checked by the rules the checkpoint reader applies: a run never writes
+    a checkpoint that would be refused (an epochs=2.0 found only when resuming)."""
     config = dict(model_file.config)
     if builtin:
         config.update(model_file.builtin_overrides)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("batch_size", "epochs"):
-        if int(config[key]) < 1:
-            raise MinidlError(f"{key} must be at least 1, got {config[key]}")
+    check_recipe(config, model_file.path)
     return config
 
 
@@ -113,20 +113,7 @@ def check_before_training(model, out_dir, batch_size, input_size):
     if free < 2 * checkpoint_bytes + 2 ** 24:
         raise MinidlError(f"{out_dir} has {free / 2**20:,.0f} MiB free; its checkpoints need about "
                           f"{(2 * checkpoint_bytes + 2 ** 24) / 2**20:,.0f} MiB (two of {checkpoint_bytes / 2**20:,.0f} MiB)")
-    places = {}  # logical devices on one GPU share its memory
-    for dev, (per_image, fixed) in training_memory(model, (3, input_size, input_size)).items():
-        place = places.setdefault(dev.physical if dev.is_cuda else "cpu", [dev, 0, 0])
-        place[1] += per_image
-        place[2] += fixed
-    for dev, per_image, fixed in places.values():
-        need, have = fixed + batch_size * per_image, available_memory(dev)
-        if have is not None and need > have:
-            where = f"GPU {dev.physical}" if dev.is_cuda else "the CPU"
-            fits = int((have - fixed) // max(per_image, 1))
-            advice = (f"use --batch-size {fits} or less" if fits >= 1 else
-                      f"the parameters alone need {fixed / 2**30:.1f} GiB: place the layers on more devices")
-            raise MinidlError(f"a batch of {batch_size} needs about {need / 2**30:.1f} GiB on {where}, which has "
-                              f"{have / 2**30:.1f} GiB available: {advice}")
+    check_training_memory(model, batch_size, input_size)
 
 
 class Run:
@@ -149,11 +136,14 @@ class Run:
             # the data given (checked by content below), else the recorded path (checked too), else the built-in
             data, seed = data or checkpoint["data"] or None, checkpoint["seed"]
             config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
+            check_recipe(config, resume)  # a new epochs: by the same rules
         else:
             if model_path is None:
                 raise MinidlError("no model file: give one (e.g. models/alexnet.py), or --resume a checkpoint")
             model_file = load_model_file(model_path)
             seed = 0 if seed is None else seed
+            if not ATTRS["seed"].ok(seed):  # the CLI's --seed has this range; a library caller is told too
+                raise MinidlError(f"seed {seed} is not {ATTRS['seed'].expected}")
             config = resolve_config(model_file, data is None, dict(epochs=epochs, batch_size=batch_size, init=init))
         self.config, self.seed = config, seed
         if config["batch_size"] % world.size:
@@ -178,6 +168,9 @@ class Run:
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({config['batch_size']})")
+        if self.val_loader.num_images == 0:  # every epoch ends in validation: refused before the first
+            raise MinidlError(f"{data_path} has no validation images: make it again with minidl prepare-data, "
+                              "which keeps one of every class of two images or more")
         num_classes = restored.checkpoint["num_classes"] if restored else self.train_loader.num_classes
         check_labels(num_classes, self.train_loader.num_classes, data_path)
 

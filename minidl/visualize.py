@@ -12,9 +12,10 @@ epoch, two panels side by side.
 draw_predictions, draw_neighbours -- Figure 4: images with their top classes as
 bars, and query images with their nearest training images in fc7.
 
-Every writer replaces its PNG atomically: the picture goes to a temporary
+Every writer replaces its picture atomically: the picture goes to a temporary
 file in the same folder first and is renamed over the target only when it is
-complete, so a reader never sees half a file.
+complete, so a reader never sees half a file. The file name's suffix chooses the
+format (.png, .jpg or .jpeg); another suffix is refused (`picture_format`).
 """
 import os
 
@@ -33,6 +34,25 @@ COLS, SCALE, GAP, TOWER_GAP = 16, 4, 2, 12
 
 # training_curves' default picture size
 CURVES_SIZE = (1000, 400)
+
+# what a picture's suffix makes it: Pillow's and matplotlib's name of the format
+PICTURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def picture_format(path):
+    """The format of the picture file `path` by its suffix ('png', 'jpeg'); MinidlError for any other,
+    which would otherwise get PNG bytes under a name that says JPEG, or a format no viewer expects."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in PICTURE_FORMATS:
+        raise MinidlError(f"cannot write {os.fspath(path)}: a picture's name ends in "
+                          f"{', '.join(PICTURE_FORMATS)} (it chooses the format)")
+    return PICTURE_FORMATS[suffix]
+
+
+def shown_name(name):
+    """A class name as a picture or a line shows it: as it is, or quoted (repr) if it is empty or has
+    characters that would break a line or hide ("", "\n", a tab), as a crafted dataset's may."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
 
 
 # ----------------------------------------------------------------------------- filter grid
@@ -138,9 +158,12 @@ def filter_grid(kernels, towers=2, cols=COLS, scale=SCALE, gap=GAP, tower_gap=TO
 
 
 def save_filter_grid(kernels, path, **layout):
-    """filter_grid(kernels, **layout) written to `path` as a PNG (atomically); returns the image."""
+    """filter_grid(kernels, **layout) written to `path` (atomically), in the format its suffix names
+    (picture_format); returns the image."""
+    kind = picture_format(path)
     image = filter_grid(kernels, **layout)
-    _save_png(image, path)
+    with atomic_path(os.fspath(path)) as tmp:
+        image.save(tmp, format=kind)
     return image
 
 
@@ -196,8 +219,7 @@ def training_curves(history, path, size=CURVES_SIZE):
     if len(s["lr"]) and np.isfinite(s["lr"][0]):
         title += f", lr {s['lr'][0]:g}"
     fig.suptitle(f"Training curves ({title})")
-    with atomic_path(os.fspath(path), suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    _save_figure(fig, path)
 
 
 def _loss_panel(ax, s, steps, losses, epochs):
@@ -304,12 +326,6 @@ def _series(history, key):
         raise MinidlError(f"training_curves: history[{key!r}] holds a non-number") from None
 
 
-def _save_png(image, path):
-    """Write `image` as a PNG so that an existing file is replaced only by a complete one."""
-    with atomic_path(os.fspath(path), suffix=".png") as tmp:
-        image.save(tmp, format="PNG")
-
-
 # ----------------------------------------------------------------------------- Figure 4
 
 def _canvas(width_in, height_in):
@@ -322,8 +338,9 @@ def _canvas(width_in, height_in):
 
 
 def _save_figure(fig, path):
-    with atomic_path(os.fspath(path), suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    kind = picture_format(path)
+    with atomic_path(os.fspath(path)) as tmp:
+        fig.savefig(tmp, format=kind, dpi=100)
 
 
 def draw_predictions(images, names, classes, probabilities, class_names, truths, path, columns=4):
@@ -343,12 +360,12 @@ def draw_predictions(images, names, classes, probabilities, class_names, truths,
         picture = fig.add_subplot(grid[2 * row, column])
         picture.imshow(images[i])
         picture.set_axis_off()
-        picture.set_title(names[i], fontsize=8)
+        picture.set_title(shown_name(names[i]), fontsize=8)
         bars_ax = fig.add_subplot(grid[2 * row + 1, column])
         colours = ["tab:red" if c == truths[i] else "tab:blue" for c in classes[i]]
         bars = bars_ax.barh(range(k), probabilities[i], color=colours, height=0.7)
         drawn[i] = [bar.get_width() for bar in bars]
-        bars_ax.set_yticks(range(k), [class_names[c] for c in classes[i]], fontsize=7)
+        bars_ax.set_yticks(range(k), [shown_name(class_names[c]) for c in classes[i]], fontsize=7)
         bars_ax.invert_yaxis()  # the most probable class on top
         bars_ax.set_xlim(0, 1)
         bars_ax.tick_params(axis="x", labelsize=6)
@@ -372,7 +389,7 @@ def draw_neighbours(queries, names, neighbours, neighbour_labels, path):
             ax.imshow(queries[q] if j == 0 else neighbours[q, j - 1])
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(names[q] if j == 0 else neighbour_labels[q][j - 1], fontsize=7,
+            ax.set_title(shown_name(names[q] if j == 0 else neighbour_labels[q][j - 1]), fontsize=7,
                          fontweight="bold" if j == 0 else "normal")
         for spine in axes[q, 0].spines.values():  # the query framed, its neighbours not
             spine.set_edgecolor("tab:red")

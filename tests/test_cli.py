@@ -1,7 +1,9 @@
 """End-to-end: the minidl command on tiny generated data."""
+import errno
 import os
 import re
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
+from minidl.errors import MinidlError
 from minidl.train import train
 from minidl_cli.main import main
 
@@ -215,3 +218,238 @@ def test_resume_runs_on_the_devices_it_was_trained_on(dataset, tiny_model, tmp_p
     train(tiny_model, data=dataset, devices=("cuda:0", "cuda:0"), out_dir=tmp_path, max_steps=1)
     code, output = run("train", tiny_model, "--resume", tmp_path / "last.h5", "--out", tmp_path, "--epochs", "1")
     assert code == 0 and "on cuda:0, cuda:0" in output, output
+
+
+# --- issue 24: what was accepted and then refused, or failed late with a traceback
+
+
+def one_line_error(code, output, *words):
+    """The command failed with one `error:` line holding every word, and no traceback."""
+    last = output.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: ") and "Traceback" not in output, output
+    for word in words:
+        assert str(word) in last, output
+
+
+@pytest.mark.parametrize("entry", ["epochs=2.0", "lr_drop_factor=0", "lr_drops=-1", "plateau_patience=-3",
+                                   "batch_size='abc'", "lr='abc'", "input_scale=float('nan')"])
+def test_a_recipe_the_checkpoint_reader_would_refuse_is_refused_before_the_first_step(dataset, tmp_path, entry):
+    model = tmp_path / "recipe.py"
+    model.write_text(TINY_MODEL + f"\nCONFIG.update({entry})\n")
+    for args in (["train", model, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "o"],
+                 ["summary", model, "--devices", "cpu"], ["bench", model, "--devices", "cpu", "--steps", "1"]):
+        code, output = run(*args)
+        one_line_error(code, output, model, f"config entry '{entry.split('=')[0]}'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_recipe_is_checked_by_the_same_rules(dataset, tiny_model, tmp_path):
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    with pytest.raises(MinidlError, match=r"last.h5: config entry 'epochs' is 2.5, expected a whole number"):
+        train(resume=tmp_path / "last.h5", devices="cpu", out_dir=tmp_path, epochs=2.5)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def build_model(num_classes, devices, init, seed):\n    return None\n", "build_model returned NoneType"),
+    (TINY_MODEL + "\nCONFIG['devices'] = 5\n", "config entry 'devices' is 5, expected a list of 1 to 64 device"),
+    ("import numpy as np\ndef build_model(num_classes, devices, init, seed):\n    return np.empty(2 ** 50)  # 8 PiB\n",
+     "not enough memory for the model's parameters"),
+    (TINY_MODEL.replace("self.input_device = self.output_device = self.conv1.device", "pass"),
+     "has no input_device or output_device"),
+])
+def test_a_model_file_whose_build_model_gives_no_usable_model(dataset, tmp_path, body, message):
+    model = tmp_path / "bad.py"
+    model.write_text(body)
+    for args in (["train", model, "--data", dataset, "--devices", "cpu", "--out", tmp_path / "o", "--batch-size", 4],
+                 ["summary", model, "--devices", "cpu"], ["bench", model, "--devices", "cpu", "--steps", "1"]):
+        code, output = run(*args)
+        one_line_error(code, output, model, message)
+
+
+def test_a_checkpoint_naming_fewer_devices_than_the_model_has_parts(dataset, tmp_path):
+    two_towers = tmp_path / "two.py"  # needs its second device, as AlexNet's second tower does
+    two_towers.write_text(TINY_MODEL.replace("d = devices[0]", "d = devices[1]"))
+    train(two_towers, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    with h5py.File(tmp_path / "last.h5", "a") as f:
+        f.attrs["devices"] = '["cpu"]'
+    code, output = run("evaluate", tmp_path / "last.h5", "--data", dataset)
+    assert code == 0 and "top-1" in output, output
+
+
+def test_predict_refuses_a_model_with_more_outputs_than_class_names(dataset, image_dir, tmp_path):
+    wider = tmp_path / "wider.py"  # ignores num_classes
+    wider.write_text(TINY_MODEL.replace("return Tiny(num_classes,", "return Tiny(num_classes + 2,"))
+    train(wider, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    code, output = run("predict", tmp_path / "last.h5", image_dir / "circles" / "0.jpg", "-o", tmp_path / "p.png")
+    one_line_error(code, output, wider, "5 outputs", "3 classes")
+
+
+def test_training_refuses_a_dataset_without_validation_images(dataset, tiny_model, tmp_path):
+    no_val = tmp_path / "no-val.h5"
+    with h5py.File(dataset) as src, h5py.File(no_val, "w") as dst:
+        for key in src:
+            src.copy(key, dst)
+        dst.attrs.update(src.attrs)
+        dst["is_val"][...] = 0
+    code, output = run("train", tiny_model, "--data", no_val, "--devices", "cpu", "--out", tmp_path / "o")
+    one_line_error(code, output, "has no validation images")
+    assert not (tmp_path / "o" / "last.h5").exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--seed", 2 ** 70], "--seed"),
+    (["train", "--seed", 2 ** 63], "--seed"),
+    (["train", "--checkpoint-seconds", "nan"], "--checkpoint-seconds"),
+    (["prepare-data", "images", "out.h5", "--seed", 2 ** 70], "--seed"),
+    (["prepare-data", "images", "out.h5", "--val-fraction", "0"], "--val-fraction"),
+    (["prepare-data", "images", "out.h5", "--val-fraction", "nan"], "--val-fraction"),
+    (["prepare-data", "images", "out.h5", "--val-fraction", "1"], "--val-fraction"),
+    (["summary", "m.py", "--classes", 10 ** 12], "--classes"),
+])
+def test_more_numbers_out_of_range_are_refused_before_any_work(args, option):
+    code, output = run(*args)
+    assert code == 2 and f"Invalid value for '{option}'" in output and "Traceback" not in output, output
+
+
+def test_the_largest_seed_is_one_a_checkpoint_keeps(dataset, tiny_model, tmp_path):
+    code, output = run("train", tiny_model, "--data", dataset, "--devices", "cpu", "--out", tmp_path, "--epochs", "1",
+                       "--seed", 2 ** 63 - 1)
+    assert code == 0, output
+    assert load_checkpoint(tmp_path / "last.h5")["seed"] == 2 ** 63 - 1
+
+
+def test_devices_naming_no_device_are_refused(dataset, tiny_model, tmp_path):
+    for devices in (",", " , "):
+        code, output = run("train", tiny_model, "--data", dataset, "--devices", devices, "--out", tmp_path)
+        one_line_error(code, output, "no device in")
+
+
+def test_bench_refuses_a_batch_larger_than_the_memory_before_allocating_it(tiny_model):
+    code, output = run("bench", tiny_model, "--devices", "cpu", "--batch-size", 10 ** 8)
+    one_line_error(code, output, "a batch of 100000000 needs about", "use --batch-size")
+
+
+def full_disk(monkeypatch):
+    """Every atomic write fails as on a full disk, after its temporary was written."""
+    import minidl.atomic
+
+    def no_space(path, flags):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(minidl.atomic, "_fsync", no_space)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(dataset, tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=out, max_steps=1)
+    before = (out / "last.h5").read_bytes()
+    full_disk(monkeypatch)
+    code, output = run("train", "--resume", out / "last.h5", "--out", out, "--devices", "cpu")
+    one_line_error(code, output, f"cannot write {out / 'last.h5'}: No space left on device")
+    assert (out / "last.h5").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["last.h5"]  # no temporary left
+
+
+def test_a_full_disk_in_the_other_writers_is_one_line(dataset, image_dir, tiny_model, tmp_path, monkeypatch):
+    tmp_path = tmp_path / "run"
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    checkpoint = tmp_path / "last.h5"
+    old = tmp_path / "old.h5"
+    old.write_bytes(b"a dataset")
+    full_disk(monkeypatch)
+    for args, target in ((["visualize-filters", checkpoint, "-o", tmp_path / "f.png"], tmp_path / "f.png"),
+                         (["predict", checkpoint, image_dir / "circles" / "0.jpg", "-o", tmp_path / "p.jpg"],
+                          tmp_path / "p.jpg"),
+                         (["prepare-data", image_dir, old, "--overwrite", "--workers", "1"], old)):
+        code, output = run(*args)
+        one_line_error(code, output, f"cannot write {target}: No space left on device")
+    assert old.read_bytes() == b"a dataset"
+    assert sorted(os.listdir(tmp_path)) == ["last.h5", "old.h5"]
+
+
+def test_pictures_are_refused_before_the_work_where_they_cannot_be_written(tiny_model, dataset, image_dir, tmp_path):
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    checkpoint = tmp_path / "last.h5"
+    picture = image_dir / "circles" / "0.jpg"
+    for output, message in ((tmp_path, "it is a folder"), (tmp_path / "nope" / "f.png", "is not a writable folder"),
+                            (tmp_path / "f.gif", "a picture's name ends in .png, .jpg, .jpeg")):
+        for args in (["visualize-filters", checkpoint], ["predict", checkpoint, picture],
+                     ["retrieve", checkpoint, "--data", dataset]):
+            code, text = run(*args, "-o", output)
+            one_line_error(code, text, message)
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("suffix, kind", [(".jpg", "JPEG"), (".JPEG", "JPEG"), (".png", "PNG")])
+def test_a_picture_has_the_format_its_name_says(tiny_model, dataset, image_dir, tmp_path, suffix, kind):
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    for args in (["visualize-filters", tmp_path / "last.h5"],
+                 ["predict", tmp_path / "last.h5", image_dir / "circles" / "0.jpg"]):
+        out = tmp_path / f"{args[0]}{suffix}"
+        code, output = run(*args, "-o", out)
+        assert code == 0, output
+        with Image.open(out) as image:
+            assert image.format == kind
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tiny_model, dataset, tmp_path, monkeypatch):
+    train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above 1000 pixels, refuses above 2000
+    for side in (40, 300):  # 1600 pixels: Pillow's DecompressionBombWarning; 90,000: its DecompressionBombError
+        bomb = tmp_path / f"bomb{side}.png"
+        Image.new("RGB", (side, side)).save(bomb)
+        for args in (["predict", tmp_path / "last.h5", bomb, "-o", tmp_path / "p.png"],
+                     ["retrieve", tmp_path / "last.h5", "--data", dataset, "--query", bomb, "-k", "1",
+                      "-o", tmp_path / "n.png"]):
+            code, output = run(*args)
+            one_line_error(code, output, bomb, "DecompressionBomb")
+
+
+def test_prepare_data_refuses_an_existing_out_and_notes_empty_class_folders(image_dir, tmp_path):
+    out = tmp_path / "d.h5"
+    out.write_bytes(b"precious")
+    code, output = run("prepare-data", image_dir, out, "--workers", "1")
+    one_line_error(code, output, "d.h5 exists", "--overwrite")
+    code, output = run("prepare-data", image_dir, tmp_path, "--workers", "1")
+    one_line_error(code, output, "it is a folder")
+    assert out.read_bytes() == b"precious"
+    empty = image_dir / "zebras"
+    empty.mkdir()
+    try:
+        code, output = run("prepare-data", image_dir, out, "--workers", "1", "--overwrite")
+    finally:
+        empty.rmdir()
+    assert code == 0 and "24 images in 3 classes" in output and "without files: 'zebras'" in output, output
+
+
+def test_the_readme_table_and_the_help_name_every_option():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(?:\[mpirun -n N\] )?minidl ([a-z-]+) .*$",
+                                                            f.read(), re.M)}
+    assert set(rows) == set(main.commands)
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} has no --help text"
+                assert any(f"{opt} " in rows[name] or f"{opt}]" in rows[name] for opt in param.opts), \
+                    f"the README's row of {name} leaves out {param.opts[-1]}"
+
+
+def test_a_real_failed_write_through_h5py_is_one_line(image_dir, tmp_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():  # in the child: writes past 100 kB fail (EFBIG), as writes on a full disk do (ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    out = tmp_path / "d.h5"
+    out.write_bytes(b"the old dataset")
+    done = subprocess.run([sys.executable, "-m", "minidl_cli.main", "prepare-data", image_dir, out, "--workers", "1",
+                           "--overwrite"], preexec_fn=small_files, capture_output=True, text=True, timeout=120)
+    # the one line, the old file and no temporary; the exit status is not asserted: h5py crashes (SIGSEGV) at
+    # exit freeing a file whose write failed, a known bug of h5py/HDF5 (h5py issue 914) minidl cannot avoid
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and last == f"error: cannot write {out}: File too large", done.stderr
+    assert "Traceback" not in done.stderr and out.read_bytes() == b"the old dataset"
+    assert os.listdir(tmp_path) == ["d.h5"]

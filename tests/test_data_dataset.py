@@ -60,7 +60,7 @@ def test_fewer_samples_than_count_shrinks_the_file(tmp_path):
     path = tmp_path / "d.h5"
     write_dataset(path, random_samples(5, 2), ["a", "b"], count=9, val_fraction=0.2)
     info = dataset_info(path)
-    assert (info.num_images, info.num_train, info.num_val) == (5, 4, 1)
+    assert (info.num_images, info.num_train, info.num_val) == (5, 3, 2)  # each class keeps one for validation
     assert info.class_names == ("a", "b") and info.num_classes == 2 and info.image_size == 256
 
 

@@ -102,6 +102,92 @@ def test_class_folders_without_files(tmp_path):
 def test_no_readable_image(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     (tmp_path / "images" / "cat" / "x.jpg").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="no readable images in .*: all 1 files failed to decode"):
+    (tmp_path / "images" / "cat" / "y.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="no readable images in .*: all 2 files failed to decode"):
         prepare_image_folder(tmp_path / "images", tmp_path / "d.h5", workers=1)
     assert not (tmp_path / "d.h5").exists()
+
+
+# --- issue 24: refused before the work, not after it
+
+
+def test_an_existing_out_is_refused_unless_overwrite(image_folder, tmp_path):
+    out = tmp_path / "data.h5"
+    out.write_bytes(b"precious")
+    with pytest.raises(DataError, match="data.h5 exists: give another name, or --overwrite to replace it"):
+        prepare_image_folder(image_folder, out, workers=1)
+    assert out.read_bytes() == b"precious"
+    assert prepare_image_folder(image_folder, out, workers=1, overwrite=True).written == 8
+    with pytest.raises(DataError, match="it is a folder"):
+        prepare_image_folder(image_folder, tmp_path, workers=1, overwrite=True)
+
+
+def test_out_is_never_one_of_its_own_images(image_folder):
+    image = image_folder / "cat" / "a.png"
+    before = image.read_bytes()
+    for out in (image, image_folder / "cat" / ".." / "cat" / "a.png"):
+        with pytest.raises(DataError, match="is one of the images in"):
+            prepare_image_folder(image_folder, out, workers=1, overwrite=True)
+    assert image.read_bytes() == before
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(image_folder, tmp_path):
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no longer exists
+    stale = tmp_path / f".data.h5.{dead.pid}.abc.h5.tmp"
+    stale.write_bytes(b"half a dataset")
+    prepare_image_folder(image_folder, tmp_path / "data.h5", workers=1)
+    assert not stale.exists()
+
+
+def test_an_empty_class_folder_is_no_class(image_folder, tmp_path):
+    (image_folder / "aardvark").mkdir()
+    result = prepare_image_folder(image_folder, tmp_path / "d.h5", workers=1)
+    assert result.empty_folders == ["aardvark"] and list(result.class_counts) == ["cat", "dog", "emu"]
+    with open_dataset(tmp_path / "d.h5") as f:
+        assert [n.decode() for n in f["class_names"][()]] == ["cat", "dog", "emu"]
+
+
+@pytest.mark.parametrize("name, message", [(b"caf\xe9", r"class folder 'caf\\udce9' in .*: its name is not UTF-8"),
+                                           (b"new\nline", r"class folder 'new\\nline' in .*: its name holds control"),
+                                           (b"tab\t", r"its name holds control characters")])
+def test_a_class_folder_name_no_picture_can_show_is_refused_before_decoding(image_folder, tmp_path, name, message,
+                                                                           monkeypatch):
+    import os
+    os.mkdir(os.path.join(os.fsencode(image_folder), name))
+    with open(os.path.join(os.fsencode(image_folder), name, b"x.png"), "wb") as f:
+        f.write((image_folder / "cat" / "a.png").read_bytes())
+    import minidl.data.prepare
+    monkeypatch.setattr(minidl.data.prepare, "decode_file", lambda path: pytest.fail("decoded before refusing"))
+    with pytest.raises(DataError, match=message):
+        prepare_image_folder(image_folder, tmp_path / "d.h5", workers=1)
+
+
+def test_every_class_of_two_images_gets_a_validation_image(tmp_path):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls, count in (("big", 30), ("pair", 2), ("single", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    prepare_image_folder(root, tmp_path / "d.h5", workers=1, val_fraction=0.05)
+    with open_dataset(tmp_path / "d.h5") as f:
+        labels, is_val = f["labels"][()], f["is_val"][()].astype(bool)
+    # 5% of 2 rounds to none, yet the pair keeps one to validate on and one to train on; a single image trains
+    assert np.bincount(labels[is_val], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(labels[~is_val], minlength=3).tolist() == [28, 1, 1]
+
+
+def test_no_class_of_two_images_is_refused_before_decoding(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        (tmp_path / "images" / cls / "x.jpg").write_bytes(b"one file")
+    with pytest.raises(DataError, match="has two images: each class needs one to validate on"):
+        prepare_image_folder(tmp_path / "images", tmp_path / "d.h5", workers=1)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, float("nan")])
+def test_val_fraction_is_between_0_and_1(image_folder, tmp_path, fraction):
+    with pytest.raises(DataError, match="val_fraction must be between 0 and 1"):
+        prepare_image_folder(image_folder, tmp_path / "d.h5", workers=1, val_fraction=fraction)

@@ -315,3 +315,14 @@ def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
                                                    "the communicator on GPU 0")
     # the two hazards each rank caught are also printed when it exits: a swallowed one still shows
     assert done.stderr.count("minidl emulator: 2 stream hazard(s) in this process:") == 2, done.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "soon"])
+def test_a_wait_limit_that_is_no_positive_number_is_refused(monkeypatch, value):
+    from minidl.errors import MinidlError
+    from minidl.parallel import TIMEOUT_ENV, wait_limit
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(MinidlError, match=f"^{TIMEOUT_ENV}='{value}': give seconds, e.g. 600$"):
+        wait_limit()
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert wait_limit() == 2.5

@@ -1,6 +1,7 @@
 """Training never lies and never loses work: non-finite values stop a run before they reach
 the weights or a checkpoint; kills mid-write never leave a broken checkpoint; problems that
 would end a long run are reported before its first step."""
+import importlib
 import os
 import signal
 import subprocess
@@ -203,8 +204,8 @@ def test_a_full_disk_is_reported_before_the_first_step(dataset, tmp_path, monkey
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(dataset, tmp_path, monkeypatch):
-    import minidl.train
-    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 16)  # 64 KiB left: room for 2 images
+    # the module (importlib: the package's attribute `summary` is the function of that name); 64 KiB left: 2 images
+    monkeypatch.setattr(importlib.import_module("minidl.layers.summary"), "available_memory", lambda dev: 2 ** 16)
     code, output = run("train", _model(tmp_path, "tiny.py", TINY_MODEL), "--data", dataset, "--devices", "cpu",
                        "--out", tmp_path / "o", "--batch-size", "6")
     last = output.strip().splitlines()[-1]
@@ -215,7 +216,7 @@ def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(d
 def test_when_not_even_the_parameters_fit_no_batch_size_is_suggested(tmp_path, monkeypatch):
     import minidl.train
     from minidl.layers import Flatten, Linear, Sequential
-    monkeypatch.setattr(minidl.train, "available_memory", lambda dev: 2 ** 10)
+    monkeypatch.setattr(importlib.import_module("minidl.layers.summary"), "available_memory", lambda dev: 2 ** 10)
     model = Sequential(Flatten(), Linear(3 * 7 * 7, 100, rng=0))  # 58 KiB of weights
     with pytest.raises(minidl.train.MinidlError, match="the parameters alone need .* GiB: place the layers"):
         minidl.train.check_before_training(model, tmp_path, batch_size=4, input_size=7)

@@ -209,3 +209,25 @@ def test_matplotlib_loads_only_when_drawing_and_leaves_pyplot_alone(tmp_path):
             f"v.training_curves({{'train_loss': [1.0]}}, {str(tmp_path / 'c.png')!r}); "
             "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_picture_is_written_in_the_format_its_suffix_names_and_no_other(tmp_path):
+    from minidl.visualize import picture_format
+    assert [picture_format(f"a{s}") for s in (".png", ".jpg", ".JPEG")] == ["png", "jpeg", "jpeg"]
+    save_filter_grid(conv1(8), tmp_path / "f.jpg", towers=2)
+    with Image.open(tmp_path / "f.jpg") as saved:
+        assert saved.format == "JPEG"
+    training_curves(history(2), tmp_path / "c.jpeg")
+    with Image.open(tmp_path / "c.jpeg") as saved:
+        assert saved.format == "JPEG"
+    for name in ("f.gif", "f", "f.png.tmp"):
+        with pytest.raises(MinidlError, match=r"a picture's name ends in \.png, \.jpg, \.jpeg"):
+            save_filter_grid(conv1(8), tmp_path / name, towers=2)
+    assert sorted(os.listdir(tmp_path)) == ["c.jpeg", "f.jpg"]
+
+
+def test_class_names_that_would_garble_a_picture_are_shown_quoted():
+    from minidl.visualize import shown_name
+    assert shown_name("tabby cat") == "tabby cat" and shown_name("été") == "été"
+    assert [shown_name(n) for n in ("", "\n", "a\tb", " cat", "caf\udce9")] == \
+        ["''", "'\\n'", "'a\\tb'", "' cat'", "'caf\\udce9'"]

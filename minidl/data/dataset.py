@@ -25,7 +25,9 @@ the file and the problem.
 
 All statistics are over the training split only, so validation images stay unseen.
 The validation split is a seeded random choice of `val_fraction` of the images,
-drawn per class (each class gets its share) so that small classes are represented.
+drawn per class (each class gets its share) so that small classes are represented:
+every class of two images or more has at least one validation image and one
+training image.
 """
 import hashlib
 import json
@@ -87,8 +89,9 @@ def choose_validation(labels, num_classes, val_fraction, seed):
     """A boolean mask of the validation images: a seeded, per-class random choice.
 
     Each class contributes about val_fraction of its images; the rounding left over
-    goes to randomly chosen classes so the total is round(val_fraction * N). At least
-    one training image always remains.
+    goes to randomly chosen classes so the total is about round(val_fraction * N). A class
+    of two images or more gets at least one validation image and keeps at least one
+    training image (so every class is validated); a class of one image trains on it.
     """
     rng = np.random.default_rng(seed)
     counts = np.bincount(labels, minlength=num_classes)
@@ -99,6 +102,7 @@ def choose_validation(labels, num_classes, val_fraction, seed):
     shuffled = rng.permutation(num_classes)
     by_remainder = shuffled[np.argsort(-(share - per_class)[shuffled], kind="stable")]
     per_class[by_remainder[:max(wanted - per_class.sum(), 0)]] += 1
+    per_class = np.where(counts >= 2, np.clip(per_class, 1, np.maximum(counts - 1, 1)), 0)
     is_val = np.zeros(len(labels), dtype=bool)
     for cls in range(num_classes):
         members = np.flatnonzero(labels == cls)
@@ -115,8 +119,8 @@ def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0
     existing file survives a failure and no half-written file ever carries the name.
     `progress(done, count)` is called after each image. Returns the number written.
     """
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 < val_fraction < 1:  # NaN too
+        raise DataError(f"val_fraction must be between 0 and 1 (both excluded), got {val_fraction}")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

@@ -5,16 +5,21 @@ names, labels their positions); every file below a class folder that Pillow can
 read is an image of that class. Each image is converted to RGB, its shorter side
 rescaled to 256 and its central 256x256 square kept (the paper's preprocessing).
 Worker processes decode; the parent writes the file in order (dataset.write_dataset).
-Files that cannot be decoded are skipped and listed in the result.
+Files that cannot be decoded are skipped and listed in the result, and so are
+class folders without files. What would fail late is refused first: a class
+folder name that is not UTF-8 or holds control characters, an existing OUT
+(unless overwrite), an OUT that is one of the images, no class to validate on.
 """
 import multiprocessing
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from minidl.atomic import remove_stale_temporaries
 from minidl.data.dataset import IMAGE_SIZE, write_dataset
 from minidl.errors import DataError
 
@@ -25,6 +30,7 @@ class PrepareResult:
     written: int = 0
     class_counts: dict = field(default_factory=dict)  # class name -> images written
     skipped: list = field(default_factory=list)  # (file path, reason) of each unreadable file
+    empty_folders: list = field(default_factory=list)  # class folders without files: no class
 
 
 def square_image(image, size=IMAGE_SIZE):
@@ -38,16 +44,36 @@ def square_image(image, size=IMAGE_SIZE):
 
 
 def decode_file(path):
-    """(image array, None) for a readable image file, (None, reason) otherwise. Runs in a worker."""
+    """(image array, None) for a readable image file, (None, reason) otherwise. Runs in a worker;
+    predict's read_image reads through it too, so both refuse the same files the same way.
+
+    A decompression bomb (an image claiming more pixels than Pillow's MAX_IMAGE_PIXELS, of which
+    Pillow refuses twice as many and only warns below that) is a file to skip, not memory to give.
+    """
     try:
-        with Image.open(path) as image:
-            return square_image(image), None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return square_image(image), None
     except Exception as err:  # any decoder failure on one user file skips that file, not the job
-        return None, f"{type(err).__name__}: {err}"
+        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
+def _check_class_name(name, image_dir):
+    """A folder name is stored as a UTF-8 class name and drawn in pictures: refuse one that cannot be
+    (named by repr, which shows undecodable bytes and control characters safely)."""
+    try:
+        name.encode("utf-8")  # a name that was not UTF-8 on disk holds surrogates here
+    except UnicodeEncodeError:
+        raise DataError(f"class folder {name!r} in {image_dir}: its name is not UTF-8 text; rename it") from None
+    if not name.isprintable():
+        raise DataError(f"class folder {name!r} in {image_dir}: its name holds control characters; rename it")
 
 
 def list_image_folder(image_dir):
-    """(class names, [(file path, label)]) of an ImageNet-style folder."""
+    """(class names, [(file path, label)], [empty class folder names]) of an ImageNet-style folder.
+
+    A class folder without files is no class: it is left out, and returned to be noted."""
     root = Path(image_dir)
     if not root.is_dir():
         raise DataError(f"no such image folder: {image_dir}")
@@ -55,21 +81,43 @@ def list_image_folder(image_dir):
                         key=lambda d: d.name)
     if not class_dirs:
         raise DataError(f"{image_dir} has no class subfolders (expected one folder of images per class)")
-    files = [(str(path), label) for label, class_dir in enumerate(class_dirs)
-             for path in sorted(class_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")]
-    if not files:
+    for class_dir in class_dirs:
+        _check_class_name(class_dir.name, image_dir)
+    listed = [(d.name, [str(path) for path in sorted(d.rglob("*")) if path.is_file() and not path.name.startswith(".")])
+              for d in class_dirs]
+    classes = [(name, paths) for name, paths in listed if paths]
+    if not classes:
         raise DataError(f"{image_dir} has class subfolders but no files in them")
-    return [d.name for d in class_dirs], files
+    files = [(path, label) for label, (_, paths) in enumerate(classes) for path in paths]
+    return [name for name, _ in classes], files, [name for name, paths in listed if not paths]
 
 
-def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1, seed=0, progress=None):
+def _check_output(out_path, overwrite):
+    """Refuse an OUT that is a folder, or an existing file unless `overwrite`, before any work."""
+    if os.path.isdir(out_path):
+        raise DataError(f"cannot write {out_path}: it is a folder; give the dataset's file name, "
+                        f"e.g. {os.path.join(out_path, 'data.h5')}")
+    if os.path.lexists(out_path) and not overwrite:
+        raise DataError(f"{out_path} exists: give another name, or --overwrite to replace it")
+
+
+def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1, seed=0, progress=None,
+                         overwrite=False):
     """Decode every image under `image_dir` and write the dataset `out_path`; returns a PrepareResult.
 
     workers: decoding processes (default: all cores; 1 decodes in this process).
     progress(done, total) is called after each file, counting skipped ones too.
+    overwrite: replace an existing `out_path` (never one of the images it reads).
     """
-    class_names, files = list_image_folder(image_dir)
-    result = PrepareResult(path=out_path, class_counts=dict.fromkeys(class_names, 0))
+    _check_output(out_path, overwrite)
+    class_names, files, empty_folders = list_image_folder(image_dir)
+    if os.path.exists(out_path) and any(os.path.samefile(out_path, path) for path, _ in files):
+        raise DataError(f"{out_path} is one of the images in {image_dir}: give the dataset another name")
+    if not any(count >= 2 for count in np.bincount([label for _, label in files])):
+        raise DataError(f"no class in {image_dir} has two images: each class needs one to validate on "
+                        "beside one to train on")
+    remove_stale_temporaries(out_path)  # left by a prepare-data that was killed
+    result = PrepareResult(path=out_path, class_counts=dict.fromkeys(class_names, 0), empty_folders=empty_folders)
     workers = workers or os.cpu_count() or 1
 
     def decoded_samples(decoded):

@@ -5,6 +5,8 @@ import collections
 import numpy as np
 
 from minidl.core import Tensor, no_grad
+from minidl.device import available_memory
+from minidl.errors import MinidlError
 
 # Training keeps about this many bytes per byte of layer output: the output itself,
 # its gradient, what the functions save for backward and the temporaries around the
@@ -47,6 +49,25 @@ def training_memory(model, image_shape):
     for p in model.params():
         fixed[p.device] += 3 * p.data.nbytes
     return {dev: (per_image[dev], fixed[dev]) for dev in per_image.keys() | fixed.keys()}
+
+
+def check_training_memory(model, batch_size, input_size):
+    """Refuse (MinidlError, in one line) a training batch of `batch_size` images of input_size^2 that would
+    not fit in the memory of the model's devices, before any of it is allocated (train, bench)."""
+    places = {}  # logical devices on one GPU share its memory
+    for dev, (per_image, fixed) in training_memory(model, (3, input_size, input_size)).items():
+        place = places.setdefault(dev.physical if dev.is_cuda else "cpu", [dev, 0, 0])
+        place[1] += per_image
+        place[2] += fixed
+    for dev, per_image, fixed in places.values():
+        need, have = fixed + batch_size * per_image, available_memory(dev)
+        if have is not None and need > have:
+            where = f"GPU {dev.physical}" if dev.is_cuda else "the CPU"
+            fits = int((have - fixed) // max(per_image, 1))
+            advice = (f"use --batch-size {fits} or less" if fits >= 1 else
+                      f"the parameters alone need {fixed / 2**30:.1f} GiB: place the layers on more devices")
+            raise MinidlError(f"a batch of {batch_size} needs about {need / 2**30:.1f} GiB on {where}, which has "
+                              f"{have / 2**30:.1f} GiB available: {advice}")
 
 
 def summary(model, input_shape, device=None):
