@@ -34,6 +34,7 @@ KIND_WORDS = {"f": "floating", "i": "integer", "u": "integer", "b": "boolean", "
 MAX_CLASSES = 10 ** 6
 MAX_IMAGE_SIZE = 4096
 IMAGE_SIZES = range(1, MAX_IMAGE_SIZE + 1)
+MAX_SEED = 2 ** 63 - 1  # a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
 MAX_NAME_CHARS = 1000  # a class name (ImageNet's longest has 120 characters)
 
 # A file may make a reader take in, over all the arrays read whole, at most EXPANSION times its own
@@ -52,7 +53,6 @@ MAX_CHUNK_BYTES = 64 * 2 ** 20
 def read_budget(path):
     """The bytes a reader may take in from the file `path` (see EXPANSION)."""
     return EXPANSION * os.path.getsize(path) + BUDGET_FLOOR
-MAX_SEED = 2 ** 63 - 1  # a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
 
 
 class Rule(NamedTuple):
