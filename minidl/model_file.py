@@ -11,10 +11,13 @@ checkpoint records its model file's source and sha256, never a path to run.
 """
 import hashlib
 import importlib.util
+import math
 import os
 
+from minidl.device import available_memory, device
 from minidl.errors import MinidlError
 from minidl.layers import Layer
+from minidl.layers.init import parameter_budget
 
 DEFAULT_CONFIG = dict(
     input_size=227, batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
@@ -58,9 +61,15 @@ class ModelFile:
         self.sha256 = source_sha256(self.source)
 
     def build(self, num_classes, devices, init=None, seed=0):
+        """The model file's network, refused in one line before its parameters outgrow the host's memory
+        (each value is drawn in float64 before it is kept in float32: 8 bytes a value, to be safe)."""
+        free = available_memory(device("cpu"))
+        refusal = lambda: MinidlError(f"{self.path}: not enough memory for the model's parameters with "
+                                      f"{num_classes:,} classes ({free / 2**30:.1f} GiB available)")
         try:
-            model = self.module.build_model(num_classes=num_classes, devices=tuple(devices),
-                                            init=init or self.config["init"], seed=seed)
+            with parameter_budget(math.inf if free is None else free // 8, refusal):
+                model = self.module.build_model(num_classes=num_classes, devices=tuple(devices),
+                                                init=init or self.config["init"], seed=seed)
         except ValueError as e:  # a bad option the model file rejects, e.g. an unknown init
             raise MinidlError(f"{self.path}: {e}") from None
         except MemoryError:  # NumPy refuses an allocation larger than the machine can give

@@ -453,3 +453,14 @@ def test_a_real_failed_write_through_h5py_is_one_line(image_dir, tmp_path):
     assert done.returncode != 0 and last == f"error: cannot write {out}: File too large", done.stderr
     assert "Traceback" not in done.stderr and out.read_bytes() == b"the old dataset"
     assert os.listdir(tmp_path) == ["d.h5"]
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_its_parameters_are_drawn(monkeypatch):
+    """ModelFile.build charges every parameter drawn against the host's available memory: AlexNet with
+    10^6 classes (16 GB of fc8) is refused before fc8 is drawn, on any machine too small for it."""
+    import minidl.model_file
+    monkeypatch.setattr(minidl.model_file, "available_memory", lambda dev: 2 ** 30)
+    code, output = run("summary", ALEXNET, "--devices", "cpu", "--classes", 10 ** 6)
+    assert code == 1 and output.strip().splitlines()[-1] == (
+        f"error: {os.path.abspath(ALEXNET)}: not enough memory for the model's parameters with 1,000,000 classes "
+        "(1.0 GiB available)"), output

@@ -18,8 +18,9 @@ _budget = contextvars.ContextVar("parameter_budget", default=None)
 
 @contextlib.contextmanager
 def parameter_budget(values, refusal):
-    """Inside: drawing more than `values` parameter values in all raises `refusal()` (an exception)."""
-    token = _budget.set([values, refusal])
+    """Inside: drawing more than `values` parameter values in all raises `refusal()` (an exception).
+    Budgets nest: a draw is charged to every budget in force."""
+    token = _budget.set([values, refusal, _budget.get()])
     try:
         yield
     finally:
@@ -28,10 +29,11 @@ def parameter_budget(values, refusal):
 
 def _charge(shape):
     budget = _budget.get()
-    if budget is not None:
+    while budget is not None:
         budget[0] -= math.prod(shape)
         if budget[0] < 0:
             raise budget[1]()
+        budget = budget[2]
 
 
 def normal(std, mean=0.0):
