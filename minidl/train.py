@@ -12,9 +12,10 @@ change where it runs (devices) and how long (epochs), and refuses in one line
 what would make it another run (batch size, initialisation, seed, data).
 
 Every random choice derives from (seed, epoch, batch): the loader's order and
-augmentation, and the dropout masks (reseeded each step). So a run resumed from
-a checkpoint, which records where it stood, takes the same steps as one that
-never stopped.
+augmentation, and the dropout masks (reseeded each step; an element's mask is a
+function of that seed, its layer and its row of the global batch). So a run
+resumed from a checkpoint, which records where it stood, takes the same steps
+as one that never stopped, and N ranks take one process's.
 
 Data parallelism (`data_parallel`, under mpirun; minidl.parallel): every rank
 holds a replica, trains on its shard of each global batch, and averages the
@@ -207,8 +208,9 @@ class Run:
         last_save = time.monotonic()
         batches = self.train_loader.epoch_batches(self.epoch, start=self.batch)
         for images, labels in batches:
-            # each rank its own masks for its own rows; one process (rank 0 of 1) keeps the plain step seed
-            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch) * self.world.size + self.world.rank)
+            # the masks of the global batch's rows, whichever rank holds them: this rank's rows start at
+            # rank * local batch (ShardedLoader's even split), so N ranks draw one process's masks
+            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch), first_row=self.world.rank * len(labels))
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
             logits = model(x)
