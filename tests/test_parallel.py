@@ -101,6 +101,33 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
         np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+# the tiny model with dropout 0.5 before its classifier, as AlexNet has before fc7 and fc8
+TINY_DROPOUT_MODEL = (TINY_MODEL.replace("Conv2d, Flatten", "Conv2d, Dropout, Flatten")
+                      .replace("        self.fc = Linear(", "        self.drop = Dropout(0.5, device=d)\n        self.fc = Linear(")
+                      .replace("self.fc(self.flat(self.pool(self.relu(self.conv1(x)))))",
+                               "self.fc(self.drop(self.flat(self.pool(self.relu(self.conv1(x))))))"))
+
+
+def test_two_ranks_with_dropout_take_the_steps_of_one_process(tmp_path, dataset):
+    """Dropout 0.5: an element's mask is a function of (step, layer, global row), so each rank draws, for its
+    rows, the masks one process draws for them; the weights and the loss history agree to float32 rounding."""
+    assert TINY_DROPOUT_MODEL.count("Dropout") == 2 and "self.drop(" in TINY_DROPOUT_MODEL
+    model = tmp_path / "tiny_dropout.py"
+    model.write_text(TINY_DROPOUT_MODEL)
+    common = dict(data=str(dataset), devices="cpu", batch_size=8, max_steps=3, log_every=1)
+    one = train(str(model), out_dir=str(tmp_path / "one"), **common)
+    done = mpirun(tmp_path, dict(model_path=str(model), out_dir=str(tmp_path / "two"), **common))
+    assert done.returncode == 0, done.stdout + done.stderr
+    two, single = (load_checkpoint(str(tmp_path / run / "last.h5")) for run in ("two", "one"))
+    assert two["step"] == single["step"] == 3
+    for name, w in single.params.items():
+        np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(two.momentum[name], single.momentum[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(two.history["interval_loss"], one["interval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(two.history["val_loss"], one["val_loss"], rtol=1e-5)
+    assert two.history["val_top1"] == one["val_top1"]
+
+
 @pytest.mark.gpu
 def test_replicas_stay_identical_over_nccl(tmp_path, tiny_model, dataset):
     """On GPUs the gradients go through NCCL (the emulated one, over MPI, in CI); the replicas stay bit-identical,
