@@ -19,6 +19,7 @@ from minidl.checkpoint import load_checkpoint
 from minidl.device import gpu_count
 from minidl.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
+from test_gpu_end_to_end import SMALL_ALEXNET
 
 MPIRUN = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
 
@@ -108,13 +109,17 @@ TINY_DROPOUT_MODEL = (TINY_MODEL.replace("Conv2d, Flatten", "Conv2d, Dropout, Fl
                                "self.fc(self.drop(self.flat(self.pool(self.relu(self.conv1(x))))))"))
 
 
-def test_two_ranks_with_dropout_take_the_steps_of_one_process(tmp_path, dataset):
-    """Dropout 0.5: an element's mask is a function of (step, layer, global row), so each rank draws, for its
-    rows, the masks one process draws for them; the weights and the loss history agree to float32 rounding."""
+@pytest.mark.parametrize("text, devices", [(TINY_DROPOUT_MODEL, "cpu"), (SMALL_ALEXNET, "cpu,cpu")],
+                         ids=["tiny", "alexnet"])
+def test_two_ranks_with_dropout_take_the_steps_of_one_process(tmp_path, dataset, text, devices):
+    """Dropout 0.5 (the tiny model's one layer; a small two-tower AlexNet's four, after fc6 and fc7): an
+    element's mask is a function of (step, layer, global row), so each rank draws, for its rows, the masks one
+    process draws for them; the weights and the loss history agree to float32 rounding."""
     assert TINY_DROPOUT_MODEL.count("Dropout") == 2 and "self.drop(" in TINY_DROPOUT_MODEL
-    model = tmp_path / "tiny_dropout.py"
-    model.write_text(TINY_DROPOUT_MODEL)
-    common = dict(data=str(dataset), devices="cpu", batch_size=8, max_steps=3, log_every=1)
+    assert "dropout=0.5" in SMALL_ALEXNET
+    model = tmp_path / "model.py"
+    model.write_text(text)
+    common = dict(data=str(dataset), devices=devices, batch_size=8, epochs=2, max_steps=3, log_every=1)
     one = train(str(model), out_dir=str(tmp_path / "one"), **common)
     done = mpirun(tmp_path, dict(model_path=str(model), out_dir=str(tmp_path / "two"), **common))
     assert done.returncode == 0, done.stdout + done.stderr
