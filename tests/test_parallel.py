@@ -104,7 +104,8 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
 
 # the tiny model with dropout 0.5 before its classifier, as AlexNet has before fc7 and fc8
 TINY_DROPOUT_MODEL = (TINY_MODEL.replace("Conv2d, Flatten", "Conv2d, Dropout, Flatten")
-                      .replace("        self.fc = Linear(", "        self.drop = Dropout(0.5, device=d)\n        self.fc = Linear(")
+                      .replace("        self.fc = Linear(",
+                               "        self.drop = Dropout(0.5, device=d)\n        self.fc = Linear(")
                       .replace("self.fc(self.flat(self.pool(self.relu(self.conv1(x)))))",
                                "self.fc(self.drop(self.flat(self.pool(self.relu(self.conv1(x))))))"))
 
