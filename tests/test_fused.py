@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-import minidl
 import minidl.functions as F
 from minidl import MinidlError, Tensor
 from minidl.functions.dropout import MaskGenerator
