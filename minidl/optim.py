@@ -12,6 +12,13 @@ differs from this as soon as lr changes.)
 On a GPU one kernel (optim.cu) updates all parameters of a device (of one
 dtype), where the elementwise path takes six operations per parameter; on the
 CPU the update is NumPy's in-place operations, a block per core.
+
+A finite gradient can still make a non-finite update (a huge learning rate
+overflows lr * g), so each step also notes which parameters it left with a
+NaN or infinite weight or velocity; `nonfinite()` reads that verdict. On a GPU
+the kernel writes it into a row of the address table it reads anyway, so it
+costs no device work of its own, and the trainer reads it with the next step's
+loss, when the device has nothing left to do: a copy, not a wait.
 """
 import math
 
@@ -29,10 +36,12 @@ class MomentumSGD:
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.velocities = [None] * len(self.params)  # Tensors, made on each parameter's device on first use
+        self._verdicts = []  # the last step's, unread: (device or None, params, flags nonzero where not finite)
 
     def step(self):
         with no_grad():
-            on_gpus = {}  # (device, dtype) -> launches, each [(w, g, v), ...]: made after the loop
+            self._verdicts = []
+            on_gpus = {}  # (device, dtype) -> launches, each [(p, (w, g, v)), ...]: made after the loop
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
@@ -45,42 +54,63 @@ class MomentumSGD:
                 self.velocities[i] = v
                 if p.device.is_cuda:
                     launches = on_gpus.setdefault((p.device, p.dtype), [[]])
-                    if any(w is p.data for w, _, _ in launches[-1]):
+                    if any(q is p for q, _ in launches[-1]):
                         # listed twice (a shared layer): updated twice, as on the CPU, so in a second launch,
                         # not by two threads of one writing the same weight
                         launches.append([])
-                    launches[-1].append((p.data, p.grad.data, v.data))
+                    launches[-1].append((p, (p.data, p.grad.data, v.data)))
                 else:
                     with p.device:
-                        self._update_cpu(p.data, p.grad.data, v.data)
+                        self._verdicts.append((None, [p], [not self._update_cpu(p.data, p.grad.data, v.data)]))
             for (device, dtype), launches in on_gpus.items():
                 with device:
-                    for arrays in launches:
-                        self._update_gpu(device.xp, dtype, arrays)
+                    for launch in launches:
+                        params, arrays = zip(*launch)
+                        self._verdicts.append((device, params, self._update_gpu(device.xp, dtype, arrays)))
 
     def _update_cpu(self, w, g, v):
+        """Update in place; True if every new weight and velocity is finite."""
         momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr, self.lr))
+        nonfinite_blocks = []
 
         def update(part):  # in place, a block at a time: for fc6 these arrays are 150 MB each
             v_part, w_part = v[part], w[part]
-            v_part *= momentum
-            v_part -= decay * w_part
-            v_part -= lr * g[part]
-            w_part += v_part
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found below, and reported once
+                v_part *= momentum
+                v_part -= decay * w_part
+                v_part -= lr * g[part]
+                w_part += v_part
+            if not (np.isfinite(v_part).all() and np.isfinite(w_part).all()):  # while the block is in the cache
+                nonfinite_blocks.append(part)
         in_parallel(update, w, blocks=True)
+        return not nonfinite_blocks
 
     def _update_gpu(self, xp, dtype, arrays):
-        """One kernel over every (w, g, v) of the current GPU, all of `dtype`."""
+        """One kernel over every (w, g, v) of the current GPU, all of `dtype`; returns the device row of flags
+        it sets to 1 for each parameter it leaves with a weight or velocity that is not finite."""
         ws, gs, vs = zip(*arrays)
         # the kernel reads each array flat: a gradient may be a view (copied here, kept alive by `gs`),
         # while w and v are whole arrays (address_table refuses a non-contiguous one)
         gs = [xp.ascontiguousarray(g) for g in gs]
         ends = np.cumsum([w.size for w in ws]).tolist()
-        table = kernels.address_table([ws, gs, vs, ends])
+        table = kernels.address_table([ws, gs, vs, ends, [0] * len(ws)])  # the last row: the flags, zeroed
         # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in _update_cpu
-        kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2], table[3],
+        kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2], table[3], table[4],
                        len(ends), ends[-1], float(self.momentum), float(self.weight_decay * self.lr),
                        float(self.lr))
+        return table[4]
+
+    def nonfinite(self):
+        """The parameters the last step left with a NaN or infinite weight or velocity (empty if none, or if
+        already read): one read per GPU launch, the flags the kernel wrote."""
+        verdicts, self._verdicts = self._verdicts, []
+        found = []
+        for device, params, flags in verdicts:
+            if device is not None:
+                with device:
+                    flags = flags.get()
+            found += [p for p, flag in zip(params, flags) if flag]
+        return found
 
     def grad_norm(self):
         """The L2 norm of all gradients, NaN or infinite if any gradient is: one read per device."""

@@ -14,9 +14,10 @@ whose content differs, a model file whose source differs unless the user
 allows it). A run holds a lock on its output folder while it writes there.
 
 Every random choice derives from (seed, epoch, batch): the loader's order and
-augmentation, and the dropout masks (reseeded each step). So a run resumed from
-a checkpoint, which records where it stood, takes the same steps as one that
-never stopped.
+augmentation, and the dropout masks (reseeded each step; an element's mask is a
+function of that seed, its layer and its row of the global batch). So a run
+resumed from a checkpoint, which records where it stood, takes the same steps
+as one that never stopped, and N ranks take one process's.
 
 Data parallelism (`data_parallel`, under mpirun; minidl.parallel): every rank
 holds a replica, trains on its shard of each global batch, and averages the
@@ -220,6 +221,7 @@ class Run:
             self.lock.release()
 
     def save(self, path):
+        self._check_update()  # on every rank (it decides together): never a checkpoint after a bad update
         if self.world.rank != 0:  # the replicas are identical: one writer
             return
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
@@ -237,8 +239,9 @@ class Run:
         last_save = time.monotonic()
         batches = self.train_loader.epoch_batches(self.epoch, start=self.batch)
         for images, labels in batches:
-            # each rank its own masks for its own rows; one process (rank 0 of 1) keeps the plain step seed
-            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch) * self.world.size + self.world.rank)
+            # the masks of the global batch's rows, whichever rank holds them: this rank's rows start at
+            # rank * local batch (ShardedLoader's even split), so N ranks draw one process's masks
+            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch), first_row=self.world.rank * len(labels))
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
             logits = model(x)
@@ -253,7 +256,8 @@ class Run:
                 self.batch += 1
                 del logits, loss
                 continue
-            self.optimizer.step()
+            self.optimizer.step()  # its verdict on the new weights is read with the next step's loss, or below
+            self.updated_at = (self.epoch, self.batch)
             self.step, self.batch = self.step + 1, self.batch + 1
             with model.output_device:
                 interval["loss"] += loss.data.astype(xp.float64) * len(labels)
@@ -272,18 +276,25 @@ class Run:
                     last_save = time.monotonic()
         if interval["seen"]:  # the epoch's last batches were skipped after the last log
             self._log(interval)
+        self._check_update()  # the epoch's last update, before validation runs on it
         return True
 
     def _diverged(self, loss):
         """True to skip this batch; raises NonFiniteError to stop, before the update touches the weights.
 
-        One read of the loss and the gradient norm per step: a non-finite value
-        must stop the run before it reaches the weights, so that no checkpoint
-        ever holds it (the last one written stays the last good state).
+        One read of the loss and the gradient norm per step, and with it the
+        optimizer's verdict on the previous update: a non-finite value must stop
+        the run before it reaches the weights, or, made by the update itself
+        (a finite gradient times a huge rate), before a checkpoint holds it, so
+        that the last checkpoint written stays the last good state.
         """
-        loss_value, grad_norm = loss.item(), self.optimizer.grad_norm()
+        loss_value, grad_norm, updated = loss.item(), self.optimizer.grad_norm(), self.optimizer.nonfinite()
         # the ranks decide together: one that skipped or stopped alone would leave the others waiting
-        if not self.world.any(not (math.isfinite(loss_value) and math.isfinite(grad_norm))):
+        bad_update, bad_step = self.world.sum([bool(updated), not (math.isfinite(loss_value) and
+                                                                   math.isfinite(grad_norm))])
+        if bad_update:
+            raise self._update_error(updated)
+        if not bad_step:
             return False
         if not math.isfinite(loss_value):
             what = f"loss is {loss_value}"
@@ -295,10 +306,28 @@ class Run:
             self.skipped += 1
             self.optimizer.zero_grad()
             return True
+        raise self._stopped(self.epoch, self.batch, f"the {what}")
+
+    def _check_update(self):
+        """Stop if the last update left a weight or velocity NaN or infinite (nothing to read if already read)."""
+        updated = self.optimizer.nonfinite()
+        if self.world.any(updated):
+            raise self._update_error(updated)
+
+    def _update_error(self, params):
+        """The update is made: with --skip-nonfinite too, the run stops (the weights it would skip to are gone)."""
+        names = [name for name, p in self.model.named_params() if any(p is q for q in params)]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = f"the update of {shown or 'another rank'} overflowed to NaN or infinity (its gradient was finite)"
+        if self.skip_nonfinite:
+            what += "; --skip-nonfinite cannot skip it, the weights have changed"
+        return self._stopped(*self.updated_at, what)
+
+    def _stopped(self, epoch, batch, what):
         kept = (f"{self.last_path} holds the last good state (continue with --resume, at a lower rate)"
                 if os.path.exists(self.last_path) else "no checkpoint was written")
-        raise NonFiniteError(
-            f"training stopped at epoch {self.epoch + 1}, batch {self.batch + 1}: the {what}; the learning rate "
+        return NonFiniteError(
+            f"training stopped at epoch {epoch + 1}, batch {batch + 1}: {what}; the learning rate "
             f"({self.optimizer.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
     def _log(self, interval):
@@ -344,10 +373,11 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
 
     A non-finite loss or gradient stops the run (NonFiniteError) before the
     update; with skip_nonfinite the batch is skipped instead, and counted
-    (the "epoch" and "end" events carry the count). With data_parallel, this
-    process is one rank of an mpirun job (see minidl.parallel). A resumed run
-    refuses a model file other than the one it was trained with unless
-    allow_model_change.
+    (the "epoch" and "end" events carry the count). An update that makes a
+    weight or velocity non-finite stops the run in any case, before any
+    checkpoint holds it. With data_parallel, this process is one rank of an
+    mpirun job (see minidl.parallel). A resumed run refuses a model file other
+    than the one it was trained with unless allow_model_change.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-import minidl
 import minidl.functions as F
 from minidl import MinidlError, Tensor
 from minidl.functions.dropout import MaskGenerator
@@ -112,7 +111,8 @@ def test_a_parameter_listed_twice_is_updated_twice_as_on_the_cpu(rng):
 
 @pytest.fixture
 def table_kernel():
-    """The momentum kernel of optim.cu for float32 on the current emulated GPU."""
+    """The momentum kernel of optim.cu for float32 on the current emulated GPU (the table's rows: w, g, v, ends,
+    and the flags it sets where an update is not finite)."""
     from minidl import kernels
     from minidl.optim import CU
     return lambda *args: kernels.launch(CU, "momentum_update", np.float32, 4, *args, 1, 4, 0.5, 0.0, 1.0)
@@ -131,23 +131,23 @@ def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
     w, v = cp.ones(4, dtype=cp.float32), cp.zeros(4, dtype=cp.float32)
     with other:
         g = cp.full(4, 2.0, dtype=cp.float32)  # written on another stream
-    table = kernels.address_table([[w], [g], [v], [4]])
+    table = kernels.address_table([[w], [g], [v], [4], [0]])
     with pytest.raises(StreamHazard, match=r"kernel momentum_update<float> on .* reads .* written by"):
-        table_kernel(table[0], table[1], table[2], table[3])
+        table_kernel(table[0], table[1], table[2], table[3], table[4])
     streams.take_hazards()
     cp.cuda.get_current_stream().wait_event(other.record())
-    table_kernel(table[0], table[1], table[2], table[3])
+    table_kernel(table[0], table[1], table[2], table[3], table[4])
     np.testing.assert_array_equal(w.get(), 1 - 2)  # v = 0.5 * 0 - 1 * 2; w += v
     address = g.data.ptr
     del g
-    stale = kernels.address_table([[w], [address], [v], [4]])
+    stale = kernels.address_table([[w], [address], [v], [4], [0]])
     with pytest.raises(ValueError, match=r"argument 1: the table holds address 0x[0-9a-f]+, which is in no live"):
-        table_kernel(stale[0], stale[1], stale[2], stale[3])
+        table_kernel(stale[0], stale[1], stale[2], stale[3], stale[4])
     with cp.cuda.Device(1):
         foreign = cp.ones(4, dtype=cp.float32)
     with pytest.raises(ValueError, match=r"resides \(1\) is different from the current device \(0\)"):
-        table = kernels.address_table([[w], [foreign], [v], [4]])
-        table_kernel(table[0], table[1], table[2], table[3])
+        table = kernels.address_table([[w], [foreign], [v], [4], [0]])
+        table_kernel(table[0], table[1], table[2], table[3], table[4])
 
 
 # --- ReLU: forward into a C-contiguous array, backward one kernel
@@ -184,9 +184,11 @@ def test_relu_of_a_transposed_view_is_c_contiguous(rng):
 # --- dropout: the mask made and applied in one kernel, forward and backward
 
 
-def splitmix64_uniforms(key, size):
-    """dropout.cu's uniforms written out in NumPy: splitmix64 at key + (i+1) * gamma, the top 24 bits."""
-    z = np.uint64(key) + (np.arange(size, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+def splitmix64_uniforms(key, start, size):
+    """dropout.cu's uniforms written out in NumPy: splitmix64 at key + (i+1) * gamma for the global indices
+    i = start, ..., start + size - 1, the top 24 bits."""
+    i = np.arange(start, start + size, dtype=np.uint64)
+    z = np.uint64(key) + (i + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
@@ -195,23 +197,30 @@ def splitmix64_uniforms(key, size):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.5, 0.3])
-def test_dropout_kernel_matches_the_numpy_mask(rng, dtype, p):
-    x_host = away_from_zero(rng, (16, 256), dtype)
-    gy_host = away_from_zero(rng, x_host.shape, dtype)
-    x = Tensor(x_host, requires_grad=True, device=GPU)
-    with operations({"kernel": 1}):  # the key is drawn on the host
-        y = F.dropout(x, p, generator=MaskGenerator(3))
-    key = y.creator.key
-    assert key == MaskGenerator(3).key_gpu(minidl.device(GPU))  # the generator's, reproducibly
-    # the NumPy path's mask from the same uniforms: float32 u >= p, then the 0/1 mask times 1/(1-p) in T
-    u = splitmix64_uniforms(key, x_host.size).reshape(x_host.shape)
-    mask = (u >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
-    assert 0 < (mask == 0).mean() < 1
-    np.testing.assert_array_equal(y.numpy(), x_host * mask)
-    gy = Tensor(gy_host, device=GPU)
-    with operations({"kernel": 1}):
-        y.backward(gy)
-    np.testing.assert_array_equal(x.grad.numpy(), gy_host * mask)
+def test_dropout_kernel_draws_the_numpy_paths_masks(rng, dtype, p):
+    """Fresh seeds, shapes and first rows: the kernel's y and gx are the CPU path's bit for bit, in one launch
+    each way, and both masks are splitmix64 of (key, global index), the mask of dropout.cu's comment."""
+    for _ in range(3):
+        shape = tuple(int(n) for n in rng.integers(1, 30, int(rng.integers(2, 5))))
+        seed, first_row = [int(n) for n in rng.integers(0, 2 ** 62, 2)], int(rng.integers(0, 10 ** 6))
+        x_host = away_from_zero(rng, shape, dtype)
+        gy_host = away_from_zero(rng, shape, dtype)
+        xs = {dev: Tensor(x_host, requires_grad=True, device=dev) for dev in ("cpu", GPU)}
+        ys = {}
+        for dev, x in xs.items():
+            with operations({"kernel": 1} if dev == GPU else None):  # the key is drawn on the host
+                ys[dev] = F.dropout(x, p, generator=MaskGenerator(seed, first_row))
+        assert ys[GPU].creator.key == ys["cpu"].creator.key
+        np.testing.assert_array_equal(ys[GPU].numpy(), ys["cpu"].numpy())
+        u = splitmix64_uniforms(ys["cpu"].creator.key, first_row * int(np.prod(shape[1:])), x_host.size)
+        mask = (u.reshape(shape) >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
+        np.testing.assert_array_equal(ys["cpu"].numpy(), x_host * mask)
+        for dev, y in ys.items():
+            gy = Tensor(gy_host, device=dev)
+            with operations({"kernel": 1} if dev == GPU else None):
+                y.backward(gy)
+        np.testing.assert_array_equal(xs[GPU].grad.numpy(), xs["cpu"].grad.numpy())
+        np.testing.assert_array_equal(xs["cpu"].grad.numpy(), gy_host * mask)
 
 
 def test_dropout_masks_keep_about_one_minus_p_and_differ_between_calls():

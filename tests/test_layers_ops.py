@@ -191,6 +191,33 @@ def test_dropout_is_inverted_and_seeded(dev):
     assert dropout(x, 0.5, train=False) is x and dropout(x, 0.0) is x
 
 
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+def test_dropout_drops_a_fraction_p_independently(dev, p):
+    x = Tensor(np.ones((200, 500), np.float32), device=dev)
+    seed_dropout(11)
+    first, second = dropout(x, p).numpy(), dropout(x, p).numpy()  # two calls: two masks
+    assert set(np.unique(first)) == {0.0, np.float32(1 / (1 - p))}
+    for y in (first, second):  # 1e5 draws: the fraction's standard deviation is below 0.0016
+        assert abs((y == 0).mean() - p) < 0.01 and abs(y.mean() - 1.0) < 0.1
+    assert abs(((first == 0) & (second == 0)).mean() - p * p) < 0.01
+    kept = (first > 0).astype(float)  # neither neighbouring elements nor neighbouring rows are correlated
+    assert abs(np.corrcoef(kept[:, :-1].ravel(), kept[:, 1:].ravel())[0, 1]) < 0.02
+    assert abs(np.corrcoef(kept[:-1].ravel(), kept[1:].ravel())[0, 1]) < 0.02
+
+
+def test_dropout_masks_are_a_function_of_the_global_row(dev):
+    """Rows a..b of a batch, given as a batch of their own with first_row=a (a data-parallel rank's share),
+    draw the masks the whole batch draws for them."""
+    x = np.ones((12, 3, 10), np.float32)
+    seed_dropout(5)
+    whole = dropout(Tensor(x, device=dev), 0.5).numpy()
+    for a, b in ((0, 4), (4, 12), (7, 9)):
+        seed_dropout(5, first_row=a)
+        np.testing.assert_array_equal(dropout(Tensor(x[a:b], device=dev), 0.5).numpy(), whole[a:b])
+    seed_dropout(6)
+    assert not np.array_equal(dropout(Tensor(x, device=dev), 0.5).numpy(), whole)  # another seed, other masks
+
+
 def test_dropout_gradient_uses_the_same_mask(dev, rng):
     x = t(dev, rng.standard_normal((4, 6)))
     seed_dropout(3)

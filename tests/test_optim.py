@@ -23,6 +23,34 @@ def test_momentum_sgd_follows_the_paper_formula(dev):
         np.testing.assert_allclose(p.numpy(), w, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_step_names_the_parameters_it_left_non_finite_once(dev, dtype):
+    """Finite gradients times a rate that overflows the update in one parameter (the gradient of b is 1e12 times
+    a's): the step names b, once; a finite step names none. A weight that overflows while its velocity does
+    not (w + v) counts too."""
+    big = np.finfo(dtype).max
+    a, b = (Parameter(np.ones(5, dtype), device=dev) for _ in range(2))
+    c = Parameter(np.full(5, big, dtype), device=dev)  # finite, until a velocity is added
+    opt = MomentumSGD([a, b, c], lr=big / 1e5, momentum=0.0, weight_decay=0.0)
+    assert opt.nonfinite() == []  # before any step: nothing to read
+    a.grad, b.grad = Parameter(np.full(5, -1e-6, dtype), device=dev), Parameter(np.full(5, -1e6, dtype), device=dev)
+    c.grad = Parameter(np.zeros(5, dtype), device=dev)
+    opt.step()
+    assert np.isfinite(a.numpy()).all() and not np.isfinite(b.numpy()).all()
+    found = opt.nonfinite()
+    assert len(found) == 1 and found[0] is b
+    assert opt.nonfinite() == []  # read once
+    # c's velocity, big / 1e5, is finite; its weight, big + that, is not
+    a.grad, b.grad, c.grad = None, None, Parameter(np.full(5, -1.0, dtype), device=dev)
+    opt.step()
+    found = opt.nonfinite()
+    assert len(found) == 1 and found[0] is c and np.isfinite(opt.state()[2]).all()
+    opt.lr = 1e-3
+    a.grad, c.grad = Parameter(np.ones(5, dtype), device=dev), None  # c, now infinite, left alone
+    opt.step()
+    assert opt.nonfinite() == []
+
+
 def test_momentum_sgd_differs_from_pytorch_style_after_lr_change():
     p = Parameter(np.ones(1))
     opt = MomentumSGD([p], lr=0.1, momentum=0.9, weight_decay=0.0)

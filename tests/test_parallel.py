@@ -19,6 +19,7 @@ from minidl.checkpoint import load_checkpoint
 from minidl.device import gpu_count
 from minidl.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
+from test_gpu_end_to_end import SMALL_ALEXNET
 
 MPIRUN = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
 
@@ -100,6 +101,38 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
     assert two["step"] == single["step"] == 4
     for name, w in single.params.items():
         np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# the tiny model with dropout 0.5 before its classifier, as AlexNet has before fc7 and fc8
+TINY_DROPOUT_MODEL = (TINY_MODEL.replace("Conv2d, Flatten", "Conv2d, Dropout, Flatten")
+                      .replace("        self.fc = Linear(",
+                               "        self.drop = Dropout(0.5, device=d)\n        self.fc = Linear(")
+                      .replace("self.fc(self.flat(self.pool(self.relu(self.conv1(x)))))",
+                               "self.fc(self.drop(self.flat(self.pool(self.relu(self.conv1(x))))))"))
+
+
+@pytest.mark.parametrize("text, devices", [(TINY_DROPOUT_MODEL, "cpu"), (SMALL_ALEXNET, "cpu,cpu")],
+                         ids=["tiny", "alexnet"])
+def test_two_ranks_with_dropout_take_the_steps_of_one_process(tmp_path, dataset, text, devices):
+    """Dropout 0.5 (the tiny model's one layer; a small two-tower AlexNet's four, after fc6 and fc7): an
+    element's mask is a function of (step, layer, global row), so each rank draws, for its rows, the masks one
+    process draws for them; the weights and the loss history agree to float32 rounding."""
+    assert TINY_DROPOUT_MODEL.count("Dropout") == 2 and "self.drop(" in TINY_DROPOUT_MODEL
+    assert "dropout=0.5" in SMALL_ALEXNET
+    model = tmp_path / "model.py"
+    model.write_text(text)
+    common = dict(data=str(dataset), devices=devices, batch_size=8, epochs=2, max_steps=3, log_every=1)
+    one = train(str(model), out_dir=str(tmp_path / "one"), **common)
+    done = mpirun(tmp_path, dict(model_path=str(model), out_dir=str(tmp_path / "two"), **common))
+    assert done.returncode == 0, done.stdout + done.stderr
+    two, single = (load_checkpoint(str(tmp_path / run / "last.h5")) for run in ("two", "one"))
+    assert two["step"] == single["step"] == 3
+    for name, w in single.params.items():
+        np.testing.assert_allclose(two.params[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(two.momentum[name], single.momentum[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(two.history["interval_loss"], one["interval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(two.history["val_loss"], one["val_loss"], rtol=1e-5)
+    assert two.history["val_top1"] == one["val_top1"]
 
 
 @pytest.mark.gpu

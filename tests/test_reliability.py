@@ -85,6 +85,67 @@ def test_skip_nonfinite_skips_the_bad_batch_and_counts_it(dataset, tmp_path):
         assert np.isfinite(weights).all()
 
 
+# the tiny model at an enormous rate whose updates stay sane while its output is scaled down, until training
+# call BOOST_CALL scales it up: a finite loss and gradient (norm about 1e11), times the rate, overflow the update
+OVERFLOWING = TINY_MODEL.replace("lr=0.01", "lr=1e30, weight_decay=0") + '''
+BOOST_CALL = {boost_call}
+_calls = [0]
+_plain_build = build_model
+
+
+def build_model(num_classes, devices, init, seed):
+    model = _plain_build(num_classes, devices, init, seed)
+    forward = model.forward
+
+    def scaled(x):
+        y = forward(x)
+        if model.training:
+            _calls[0] += 1
+            return y * (1e10 if _calls[0] == BOOST_CALL else 1e-30)
+        return y
+    model.forward = scaled
+    return model
+'''
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("boost_call, skip", [(1, False), (2, False), (2, True)])
+def test_an_update_that_overflows_stops_the_run_before_a_checkpoint_holds_it(dataset, tmp_path, device,
+                                                                              boost_call, skip):
+    """The gradient is finite, the update is not: the run stops with one line, even with --skip-nonfinite (an
+    update cannot be skipped), and the checkpoint on disk stays the one written before it, bit for bit."""
+    model = _model(tmp_path, "overflowing.py", OVERFLOWING.format(boost_call=boost_call))
+    out = tmp_path / "run"
+    before = {}
+
+    def keep_last(event):  # the bytes of each checkpoint as written: the one on disk at the end is the last
+        if event["kind"] == "checkpoint":
+            before["last.h5"] = (out / "last.h5").read_bytes()
+    from minidl.errors import NonFiniteError
+    with pytest.raises(NonFiniteError) as stopped:  # the API, to see the checkpoints written
+        train(model, data=dataset, devices=device, out_dir=out, log_every=1, checkpoint_seconds=0,
+              skip_nonfinite=skip, progress=keep_last)
+    message = str(stopped.value)
+    assert message.startswith(f"training stopped at epoch 1, batch {boost_call}: the update of conv1.W, ")
+    assert "overflowed to NaN or infinity (its gradient was finite)" in message
+    assert ("--skip-nonfinite cannot skip it" in message) == skip
+    if boost_call == 1:
+        assert "no checkpoint was written" in message and not (out / "last.h5").exists()
+    else:
+        assert f"{out / 'last.h5'} holds the last good state" in message
+        assert (out / "last.h5").read_bytes() == before["last.h5"]
+        for name, weights in load_checkpoint(out / "last.h5").params.items():  # the reader checks too
+            assert np.isfinite(weights).all(), name
+    # the command: one line, exit 1, the same checkpoint
+    code, output = run("train", model, "--data", dataset, "--devices", device, "--out", tmp_path / "cli",
+                       "--log-every", "1", "--checkpoint-seconds", "0", *(["--skip-nonfinite"] if skip else []))
+    lines = output.strip().splitlines()
+    assert code == 1 and lines[-1] == f"error: {message}".replace(str(out), str(tmp_path / "cli")), output
+    assert "Traceback" not in output
+    if boost_call == 2:
+        assert load_checkpoint(tmp_path / "cli" / "last.h5")["step"] == 1
+
+
 def test_validation_refuses_nan_outputs(dataset, tmp_path):
     from minidl.errors import NonFiniteError
     from minidl.evaluate import evaluate

@@ -2,16 +2,24 @@
 scale the survivors by 1/(1-p), so nothing changes at test time (the paper
 instead halved the outputs at test time; the expectation is the same).
 
-Masks come from a MaskGenerator, per device from one seed: on the CPU NumPy's
-generator draws float32 uniforms (keep_cpu); on a GPU it draws one 63-bit key
-per call (key_gpu) and the kernel (dropout.cu) hashes the key and each
-element's index into that element's uniform, so the mask is applied in one
-launch each way and never stored. Each Dropout layer owns a generator (so two
-models, or two towers, never share a stream of masks) and the trainer reseeds
-it every step from where the run stands, so a resumed run draws the same
-masks. The function without a generator uses a default one per device
-(`seed(n)`).
+An element's mask is a pure function of (key, global row, position in the
+row): its uniform is a counter-based hash (splitmix64) of the key and the
+element's index in the *global* batch, (first_row + row) * row_size +
+position. So nothing about the mask depends on how a batch is split: one
+process and N data-parallel ranks (each passing its first row) draw the same
+masks, and so do the CPU and a GPU. The NumPy path (`uniforms`) and the
+kernel (dropout.cu) compute the same hash; on a GPU the mask is applied in
+one launch each way and never stored.
+
+Keys come from a MaskGenerator: each Dropout layer owns one (so two models, or
+two towers, never share masks), and the trainer reseeds it every step from
+where the run stands, so a resumed run draws the same masks. The n-th call on
+a device since the last seed gets the n-th key of the seed (a layer called
+twice in a step draws two masks). The function without a generator uses a
+default one (`seed(n)`).
 """
+import math
+
 import numpy as np
 
 from minidl import kernels
@@ -20,48 +28,65 @@ from minidl.errors import MinidlError
 
 CU = kernels.KernelFile.beside(__file__, "dropout.cu", ("dropout_apply",))
 
+# splitmix64 (dropout.cu has the same constants): the increment, the golden ratio, and the two mixing multipliers
+GAMMA, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def uniforms(key, start, count):
+    """Float32 uniforms in [0, 1) of the elements start, ..., start + count - 1 under `key`, as dropout.cu makes
+    them: splitmix64's output at key + (i + 1) * GAMMA (uint64 arithmetic wraps), its top 24 bits."""
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    z *= GAMMA
+    z += np.uint64(key)
+    z ^= z >> np.uint64(30)
+    z *= MIX1
+    z ^= z >> np.uint64(27)
+    z *= MIX2
+    z ^= z >> np.uint64(31)
+    z >>= np.uint64(40)
+    return z.astype(np.float32) * np.float32(2.0 ** -24)
+
 
 class MaskGenerator:
-    """Keep-masks drawn from `seed` (an int or a list of ints), one generator per device."""
+    """The keys of the masks, from `seed` (an int or a list of ints); `first_row` is the global row of row 0."""
 
-    def __init__(self, seed=0):
-        self.seed(seed)
+    def __init__(self, seed=0, first_row=0):
+        self.seed(seed, first_row)
 
-    def seed(self, seed):
+    def seed(self, seed, first_row=0):
         self._entropy = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
-        self._generators = {}
+        self.first_row = int(first_row)
+        self._calls = {}  # device name -> calls since the seed: towers running side by side count apart
 
-    def keep_cpu(self, device, shape, p):
-        """A NumPy boolean array: True with probability 1 - p."""
-        return self._generator(device).random(shape, dtype=np.float32) >= p
-
-    def key_gpu(self, device):
-        """The key of the GPU kernel's uniforms for one call on `device` (a host draw: no device work)."""
-        return int(self._generator(device).integers(0, 2 ** 63))
-
-    def _generator(self, device):
-        """NumPy's generator of `device`: the device's name is part of its seed, so it never repeats another's."""
-        if device.name not in self._generators:
-            self._generators[device.name] = np.random.default_rng(self._entropy + [sum(device.name.encode())])
-        return self._generators[device.name]
+    def key(self, device):
+        """The key of the next call on `device`: 63 bits (the kernel takes it as a long long) of the seed and
+        the call's number. The device's name is not in it, so the CPU and a GPU draw the same masks."""
+        n = self._calls.get(device.name, 0)
+        self._calls[device.name] = n + 1
+        return int(np.random.SeedSequence(self._entropy + [n]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 _default = MaskGenerator(0)
 
 
-def seed(n):
+def seed(n, first_row=0):
     """Restart the default generator (the one dropout() uses without a generator) from `n`."""
-    _default.seed(n)
+    _default.seed(n, first_row)
 
 
 class Dropout(Function):
-    """The CPU saves the scaled mask; the GPU keeps only the key its kernel makes the mask from."""
+    """The CPU saves the scaled mask; the GPU keeps only the key and first element its kernel makes it from."""
 
     def __init__(self, p, generator):
         self.p, self.generator = p, generator
 
+    def _draw(self, x):
+        self.key = self.generator.key(self.device)
+        self.start = self.generator.first_row * math.prod(x.shape[1:])  # the global index of x's first element
+
     def forward_cpu(self, x):
-        keep = self.generator.keep_cpu(self.device, x.shape, self.p)
+        self._draw(x)
+        keep = uniforms(self.key, self.start, x.size).reshape(x.shape) >= np.float32(self.p)
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
         self.save(mask)
         return x * mask
@@ -71,7 +96,7 @@ class Dropout(Function):
         return gy * mask
 
     def forward_gpu(self, x):
-        self.key = self.generator.key_gpu(self.device)
+        self._draw(x)
         return self._apply_gpu(x)
 
     def backward_gpu(self, gy):
@@ -80,7 +105,7 @@ class Dropout(Function):
     def _apply_gpu(self, x):
         """x times the mask of this call's key."""
         y = kernels.empty(x.shape, x.dtype)
-        kernels.launch(CU, "dropout_apply", x.dtype, x.size, x, y, x.size, self.key, float(self.p),
+        kernels.launch(CU, "dropout_apply", x.dtype, x.size, x, y, x.size, self.key, self.start, float(self.p),
                        1.0 / (1.0 - self.p))
         return y
 

@@ -67,9 +67,10 @@ class Flatten(Layer):
         return flatten(x)
 
 
-def seed_dropout(model, seed):
-    """Reseed every Dropout layer of `model` from `seed` and the layer's dotted name,
-    so the masks are a pure function of (seed, layer) and differ between layers."""
+def seed_dropout(model, seed, first_row=0):
+    """Reseed every Dropout layer of `model` from `seed` and the layer's dotted name, so the
+    masks are a pure function of (seed, layer, global row) and differ between layers.
+    first_row: the global row of this process's row 0 (a data-parallel rank's share)."""
     for name, layer in model.named_layers():
         if isinstance(layer, Dropout):
-            layer.generator.seed([int(seed), zlib.crc32(name.encode())])
+            layer.generator.seed([int(seed), zlib.crc32(name.encode())], first_row)
