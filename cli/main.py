@@ -88,7 +88,8 @@ def main():
 @click.option("--checkpoint-seconds", type=NumberRange(0), default=300.0, show_default=True,
               help="Also write last.h5 within an epoch when this long has passed since the last one.")
 @click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
-              "(a rare bad batch) instead of stopping; the count is printed at the end.")
+              "(a rare bad batch) instead of stopping; the count is printed at the end. An update that "
+              "overflows still stops the run: the weights have changed.")
 @click.option("--data-parallel", is_flag=True, help="Be one rank of `mpirun -n N minidl train ...`: each rank "
               "trains a replica on its share of --batch-size (the global batch); --devices are relative to the "
               "rank's share of its host's GPUs. Needs minidl[mpi].")
