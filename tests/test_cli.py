@@ -246,7 +246,7 @@ def test_a_recipe_the_checkpoint_reader_would_refuse_is_refused_before_the_first
 def test_a_resumed_recipe_is_checked_by_the_same_rules(dataset, tiny_model, tmp_path):
     train(tiny_model, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
     with pytest.raises(MinidlError, match=r"last.h5: config entry 'epochs' is 2.5, expected a whole number"):
-        train(resume=tmp_path / "last.h5", devices="cpu", out_dir=tmp_path, epochs=2.5)
+        train(tiny_model, resume=tmp_path / "last.h5", devices="cpu", out_dir=tmp_path, epochs=2.5)
 
 
 @pytest.mark.parametrize("body, message", [
