@@ -176,10 +176,11 @@ def dataset_features(restored, data, split="train", batch_size=64, progress=None
     if loader.num_images == 0:
         raise DataError(f"{data} has no {'validation' if split == 'val' else split} images")
     prepared = []
-    for i, (x, _) in enumerate(loader.epoch_batches(0)):
-        prepared.append(features(restored.model, x))
-        if progress:
-            progress(i + 1, len(loader))
+    with contextlib.closing(loader.epoch_batches(0)) as batches:  # stops the loader's thread on any way out
+        for i, (x, _) in enumerate(batches):
+            prepared.append(features(restored.model, x))
+            if progress:
+                progress(i + 1, len(loader))
     result = np.concatenate(prepared), loader.labels, loader.indices
     with atomic_path(cache) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["key"] = key

@@ -23,6 +23,7 @@ accuracy and validation figures it reports are sums over all ranks, so the
 history and the checkpoints are the same as one process's, and a run resumes
 with any number of ranks.
 """
+import contextlib
 import math
 import os
 import shutil
@@ -199,13 +200,17 @@ class Run:
 
     def train_epoch(self, *, log_every, checkpoint_seconds, max_steps):
         """Train from where the run stands to the end of its epoch; False if max_steps stopped it first."""
+        # closing: an error or Ctrl-C during the steps stops the loader's thread (see BackgroundIterator)
+        with contextlib.closing(self.train_loader.epoch_batches(self.epoch, start=self.batch)) as batches:
+            return self._train_batches(batches, log_every, checkpoint_seconds, max_steps)
+
+    def _train_batches(self, batches, log_every, checkpoint_seconds, max_steps):
         model, xp = self.model, self.model.output_device.xp
         model.train()
         self.optimizer.lr = self.schedule.lr
         # running sums stay on the device; they are read once per log interval
         interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
         last_save = time.monotonic()
-        batches = self.train_loader.epoch_batches(self.epoch, start=self.batch)
         for images, labels in batches:
             # each rank its own masks for its own rows; one process (rank 0 of 1) keeps the plain step seed
             seed_dropout(model, step_seed(self.seed, self.epoch, self.batch) * self.world.size + self.world.rank)
