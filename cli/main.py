@@ -25,8 +25,8 @@ def friendly_errors(command):
         except MinidlError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
+        except KeyboardInterrupt as e:  # its text, if any, says how to go on (train: the --resume line)
+            click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
             sys.exit(130)
     return run
 
@@ -122,7 +122,7 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, seed, 
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
-            raise MinidlError(f"interrupted; continue with: minidl train --resume {last} --out {out_dir}") from None
+            raise KeyboardInterrupt(f"continue with: minidl train --resume {last} --out {out_dir}") from None
         raise
 
 
