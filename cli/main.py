@@ -5,7 +5,9 @@ can cause) becomes one line on stderr and exit status 1; Ctrl-C exits 130.
 """
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 
 import minidl  # noqa: F401  before NumPy: minidl shortens OpenBLAS's spinning, read once as NumPy loads it
@@ -18,6 +20,8 @@ from minidl.errors import MinidlError
 def friendly_errors(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_redeliver_interrupts, previous_hook)
         try:
             # overflow in a diverging run is reported by minidl in one line, not as NumPy warnings
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -28,7 +32,19 @@ def friendly_errors(command):
         except KeyboardInterrupt as e:  # its text, if any, says how to go on (train: the --resume line)
             click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
             sys.exit(130)
+        finally:
+            sys.unraisablehook = previous_hook
     return run
+
+
+def _redeliver_interrupts(previous_hook, unraisable):
+    """A Ctrl-C that lands in a __del__ or a weakref callback is only printed there ("Exception ignored
+    in ..."), and the command would go on: deliver it again, from a thread once this hook has returned
+    (Python would handle a signal raised here at once, here again, and swallow it again)."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    else:
+        previous_hook(unraisable)
 
 
 class ProgressLine:
