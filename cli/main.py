@@ -3,6 +3,7 @@
 This is the only place that prints or exits. A MinidlError (anything the user
 can cause) becomes one line on stderr and exit status 1; Ctrl-C exits 130.
 """
+import contextlib
 import functools
 import os
 import signal
@@ -16,6 +17,8 @@ import numpy as np
 
 from minidl.errors import MinidlError
 
+OTHER_RANKS_WAIT = 3  # seconds (see _say_error)
+
 
 def friendly_errors(command):
     @functools.wraps(command)
@@ -27,10 +30,11 @@ def friendly_errors(command):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return command(*args, **kwargs)
         except MinidlError as e:
-            click.echo(f"error: {e}", err=True)
+            _say_error(e)
             sys.exit(1)
         except KeyboardInterrupt as e:  # its text, if any, says how to go on (train: the --resume line)
-            click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
+            if _rank() == 0:  # Ctrl-C reaches every rank of a data-parallel job: one line for all
+                click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
             sys.exit(130)
         finally:
             sys.unraisablehook = previous_hook
@@ -45,6 +49,30 @@ def _redeliver_interrupts(previous_hook, unraisable):
         threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     else:
         previous_hook(unraisable)
+
+
+def _rank():
+    """This process's rank in a data-parallel job; 0 in a single process."""
+    from minidl.parallel import World
+    return World.joined.rank if World.joined else 0
+
+
+def _say_error(message):
+    """The error line; in a data-parallel job, once per job, and the job ended.
+
+    The ranks mostly fail alike, and rank 0 says so at once and ends the job
+    (World.abort: a rank that merely exited would wait in MPI's finalisation for
+    the others). Another rank waits first, and is ended meanwhile if rank 0 failed
+    too: it speaks, naming itself, only when the error is its own."""
+    from minidl.parallel import World
+    world = World.joined
+    if world and world.rank:
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(OTHER_RANKS_WAIT)
+        message = f"rank {world.rank}: {message}"
+    click.echo(f"error: {message}", err=True)
+    if world:
+        world.abort(1)
 
 
 class ProgressLine:
