@@ -33,7 +33,8 @@ def friendly_errors(command):
             _say_error(e)
             sys.exit(1)
         except KeyboardInterrupt as e:  # its text, if any, says how to go on (train: the --resume line)
-            if _rank() == 0:  # Ctrl-C reaches every rank of a data-parallel job: one line for all
+            world = _world()
+            if not (world and world.rank):  # Ctrl-C reaches every rank of a data-parallel job: one line
                 click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
             sys.exit(130)
         finally:
@@ -51,10 +52,10 @@ def _redeliver_interrupts(previous_hook, unraisable):
         previous_hook(unraisable)
 
 
-def _rank():
-    """This process's rank in a data-parallel job; 0 in a single process."""
-    from minidl.parallel import World
-    return World.joined.rank if World.joined else 0
+def _world():
+    """The data-parallel job this process is a rank of, if any."""
+    parallel = sys.modules.get("minidl.parallel")  # not imported here: this may run during an import
+    return parallel and parallel.World.joined
 
 
 def _say_error(message):
@@ -64,8 +65,7 @@ def _say_error(message):
     (World.abort: a rank that merely exited would wait in MPI's finalisation for
     the others). Another rank waits first, and is ended meanwhile if rank 0 failed
     too: it speaks, naming itself, only when the error is its own."""
-    from minidl.parallel import World
-    world = World.joined
+    world = _world()
     if world and world.rank:
         with contextlib.suppress(KeyboardInterrupt):
             time.sleep(OTHER_RANKS_WAIT)

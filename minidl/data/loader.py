@@ -175,8 +175,8 @@ class BackgroundIterator:
         # the thread gets the queue and the event, not self: otherwise it would keep
         # this object alive and dropping the iterator could never stop it
         self._thread = threading.Thread(target=_produce, args=(make_generator, self._queue, self._stop), daemon=True)
+        _running[self._thread] = self._stop  # known before it starts: a Ctrl-C can land inside start()
         self._thread.start()
-        _running[self._thread] = self._stop
 
     def __iter__(self):
         return self
@@ -196,16 +196,8 @@ class BackgroundIterator:
         """Stop the thread and wait for it, so the file it read is closed when this returns
         (the caller may rewrite it at once, or exit)."""
         self.__del__()
-        if self._thread is threading.current_thread():
-            return
-        interrupted = False
-        while self._thread.is_alive():  # a batch at most: the thread checks the event between batches
-            try:
-                self._thread.join()
-            except KeyboardInterrupt:  # a second Ctrl-C: leaving the thread running is what would hang
-                interrupted = True
-        if interrupted:
-            raise KeyboardInterrupt
+        if self._thread is not threading.current_thread():
+            _join(self._thread)
 
     def __del__(self):  # dropped: tell the thread to stop, without waiting (this may run anywhere)
         self._finished = True
@@ -220,7 +212,20 @@ def _stop_at_exit():
     # atexit runs before Python ends the daemon threads: the last moment they can still stop cleanly
     for thread, stop in list(_running.items()):
         stop.set()
-        thread.join()
+        _join(thread)
+
+
+def _join(thread):
+    """Wait for a producer thread to end (within a batch: it checks its event between batches), even
+    through a second Ctrl-C, raised once it has: leaving the thread running is what would hang."""
+    interrupted = False
+    while thread.is_alive():  # False too for a thread not started
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _produce(make_generator, messages, stop):
