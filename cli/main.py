@@ -32,11 +32,12 @@ def friendly_errors(command):
         except MinidlError as e:
             _say_error(e)
             sys.exit(1)
-        except KeyboardInterrupt as e:  # its text, if any, says how to go on (train: the --resume line)
-            world = _world()
-            if not (world and world.rank):  # Ctrl-C reaches every rank of a data-parallel job: one line
-                click.echo(f"\ninterrupted{'; ' if str(e) else ''}{e}", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _say_interrupted(e)
+        except RuntimeError as e:  # Python wraps an error in a class's __set_name__ (as an import may run)
+            if not isinstance(e.__cause__, KeyboardInterrupt):
+                raise
+            _say_interrupted(e.__cause__)
         finally:
             sys.unraisablehook = previous_hook
     return run
@@ -56,6 +57,14 @@ def _world():
     """The data-parallel job this process is a rank of, if any."""
     parallel = sys.modules.get("minidl.parallel")  # not imported here: this may run during an import
     return parallel and parallel.World.joined
+
+
+def _say_interrupted(interrupt):
+    """Exit 130, saying so; the interrupt's text, if any, says how to go on (train: the --resume line)."""
+    world = _world()
+    if not (world and world.rank):  # Ctrl-C reaches every rank of a data-parallel job: one line
+        click.echo(f"\ninterrupted{'; ' if str(interrupt) else ''}{interrupt}", err=True)
+    sys.exit(130)
 
 
 def _say_error(message):

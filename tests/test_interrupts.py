@@ -240,3 +240,19 @@ def test_an_error_in_a_data_parallel_run_is_said_once(tmp_path, tiny_model):  # 
     assert done.returncode == 1
     said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
     assert said == [f"error: no such dataset file: {tmp_path / 'missing.h5'}"], done.stdout + done.stderr
+
+
+def test_a_ctrl_c_wrapped_by_python_in_a_runtime_error_is_still_an_interrupt():
+    """A Ctrl-C while a class is created (importing matplotlib, say) reaches the command as a RuntimeError
+    from its __set_name__, caused by the KeyboardInterrupt."""
+    class Named:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    @friendly_errors
+    def command():
+        type("Owner", (), {"attribute": Named()})
+
+    with pytest.raises(SystemExit) as ended:
+        command()
+    assert ended.value.code == 130
