@@ -5,7 +5,8 @@ interpreter shuts down, it is ended wherever it stands, perhaps inside h5py
 holding h5py's lock, and the shutdown then waits for that lock forever: the
 command printed its error line and hung. These tests end commands at random
 moments, many times over, in subprocesses (the hang is in the interpreter's
-shutdown, which only a real process has).
+shutdown, which only a real process has); the others check what Ctrl-C says
+and exits with in train, prepare-data and a data-parallel job.
 """
 import glob
 import itertools
@@ -123,6 +124,7 @@ def interrupt_once(tmp_path, i, kind, command, delay, dataset, checkpoint):  # n
     return problems
 
 
+@pytest.mark.slow  # about a minute on two cores (MINIDL_INTERRUPT_RUNS=100 runs)
 def test_commands_ended_at_random_moments_exit_at_once_in_one_line(tmp_path, dataset, checkpoint):  # noqa: F811
     """Half evaluate, half train; of each, 4 in 5 get a SIGINT at a random moment of the command, and 1 in 5
     an error (an unknown MINIDL_CONV_ALGORITHM) at its first step, with the loader's thread reading ahead.
