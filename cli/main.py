@@ -3,10 +3,13 @@
 This is the only place that prints or exits. A MinidlError (anything the user
 can cause) becomes one line on stderr and exit status 1; Ctrl-C exits 130.
 """
+import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import minidl  # noqa: F401  before NumPy: minidl shortens OpenBLAS's spinning, read once as NumPy loads it
@@ -16,20 +19,29 @@ import numpy as np
 from minidl.errors import MinidlError
 from minidl.hdf5 import MAX_CLASSES, MAX_SEED
 
+OTHER_RANKS_WAIT = 3  # seconds (see _say_error)
+
 
 def friendly_errors(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_redeliver_interrupts, previous_hook)
         try:
             # overflow in a diverging run is reported by minidl in one line, not as NumPy warnings
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return command(*args, **kwargs)
         except MinidlError as e:
-            click.echo(f"error: {e}", err=True)
+            _say_error(e)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _say_interrupted(e)
+        except RuntimeError as e:  # Python wraps an error in a class's __set_name__ (as an import may run)
+            if not isinstance(e.__cause__, KeyboardInterrupt):
+                raise
+            _say_interrupted(e.__cause__)
+        finally:
+            sys.unraisablehook = previous_hook
     return run
 
 
@@ -44,6 +56,47 @@ class NumberRange(click.FloatRange):
 
 
 SEED = click.IntRange(0, MAX_SEED)  # what a checkpoint keeps (a 64-bit integer)
+
+
+def _redeliver_interrupts(previous_hook, unraisable):
+    """A Ctrl-C that lands in a __del__ or a weakref callback is only printed there ("Exception ignored
+    in ..."), and the command would go on: deliver it again, from a thread once this hook has returned
+    (Python would handle a signal raised here at once, here again, and swallow it again)."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    else:
+        previous_hook(unraisable)
+
+
+def _world():
+    """The data-parallel job this process is a rank of, if any."""
+    parallel = sys.modules.get("minidl.parallel")  # not imported here: this may run during an import
+    return parallel and parallel.World.joined
+
+
+def _say_interrupted(interrupt):
+    """Exit 130, saying so; the interrupt's text, if any, says how to go on (train: the --resume line)."""
+    world = _world()
+    if not (world and world.rank):  # Ctrl-C reaches every rank of a data-parallel job: one line
+        click.echo(f"\ninterrupted{'; ' if str(interrupt) else ''}{interrupt}", err=True)
+    sys.exit(130)
+
+
+def _say_error(message):
+    """The error line; in a data-parallel job, once per job, and the job ended.
+
+    The ranks mostly fail alike, and rank 0 says so at once and ends the job
+    (World.abort: a rank that merely exited would wait in MPI's finalisation for
+    the others). Another rank waits first, and is ended meanwhile if rank 0 failed
+    too: it speaks, naming itself, only when the error is its own."""
+    world = _world()
+    if world and world.rank:
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(OTHER_RANKS_WAIT)
+        message = f"rank {world.rank}: {message}"
+    click.echo(f"error: {message}", err=True)
+    if world:
+        world.abort(1)
 
 
 class ProgressLine:
@@ -145,7 +198,7 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
             again = f"minidl train {model_file + ' ' if model_file else ''}--resume {last} --out {out_dir}"
-            raise MinidlError(f"interrupted; continue with: {again}") from None
+            raise KeyboardInterrupt(f"continue with: {again}") from None
         raise
 
 

@@ -1,4 +1,6 @@
 """Evaluation: loss, top-1 and top-5 over a loader, with centre or 10-crop input."""
+from contextlib import closing
+
 from minidl.core import Tensor, no_grad
 from minidl.errors import DataError, NonFiniteError
 from minidl.functions.loss import log_softmax_array
@@ -38,8 +40,9 @@ def evaluate(model, loader, reduce=None):
     model.eval()
     loss_sum = top1 = top5 = nonfinite = 0
     seen = 0
-    with no_grad():
-        for images, labels in loader.epoch_batches(0):
+    # closing: an error or Ctrl-C in the loop stops the loader's thread (see BackgroundIterator)
+    with no_grad(), closing(loader.epoch_batches(0)) as batches:
+        for images, labels in batches:
             crops = images.shape[1] if images.ndim == 5 else 1
             x = Tensor(images.reshape((-1,) + images.shape[-3:]), device=device)
             logits = model(x)

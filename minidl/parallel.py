@@ -72,6 +72,7 @@ def wait_limit():
 
 class World(Solo):
     """The ranks mpirun started: MPI.COMM_WORLD, with bounded waits."""
+    joined = None  # the World this process joined, if any (the command line asks it for the rank)
 
     def __init__(self):
         try:
@@ -83,6 +84,7 @@ class World(Solo):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host share its GPUs
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        World.joined = self
         self.timeout = wait_limit()
 
     def wait(self, request, what):
@@ -101,10 +103,15 @@ class World(Solo):
                 sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks for {self.timeout:g} s "
                                  f"during {what}: a rank died or hangs; stopping the job (the last checkpoint "
                                  f"is intact: continue with --resume)\n")
-                sys.stderr.flush()
-                self.comm.Abort(1)
+                self.abort(1)
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
+
+    def abort(self, status):
+        """End every rank of the job now, this one with `status` (what it printed is flushed first)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(status)
 
     def allreduce(self, array, op=None, what="a reduction"):
         """Sum (or `op`) a NumPy array over the ranks, in place."""

@@ -175,10 +175,11 @@ def dataset_features(restored, data, split="train", batch_size=64, progress=None
         except CacheError as e:
             note(f"ignoring the feature cache: {e}")
     prepared = []
-    for i, (x, _) in enumerate(loader.epoch_batches(0)):
-        prepared.append(features(model, x))
-        if progress:
-            progress(i + 1, len(loader))
+    with contextlib.closing(loader.epoch_batches(0)) as batches:  # stops the loader's thread on any way out
+        for i, (x, _) in enumerate(batches):
+            prepared.append(features(model, x))
+            if progress:
+                progress(i + 1, len(loader))
     result = np.concatenate(prepared)
     try:
         write_cache(cache, key, result)

@@ -26,6 +26,7 @@ accuracy and validation figures it reports are sums over all ranks, so the
 history and the checkpoints are the same as one process's, and a run resumes
 with any number of ranks.
 """
+import contextlib
 import math
 import os
 import shutil
@@ -231,13 +232,17 @@ class Run:
 
     def train_epoch(self, *, log_every, checkpoint_seconds, max_steps):
         """Train from where the run stands to the end of its epoch; False if max_steps stopped it first."""
+        # closing: an error or Ctrl-C during the steps stops the loader's thread (see BackgroundIterator)
+        with contextlib.closing(self.train_loader.epoch_batches(self.epoch, start=self.batch)) as batches:
+            return self._train_batches(batches, log_every, checkpoint_seconds, max_steps)
+
+    def _train_batches(self, batches, log_every, checkpoint_seconds, max_steps):
         model, xp = self.model, self.model.output_device.xp
         model.train()
         self.optimizer.lr = self.schedule.lr
         # running sums stay on the device; they are read once per log interval
         interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
         last_save = time.monotonic()
-        batches = self.train_loader.epoch_batches(self.epoch, start=self.batch)
         for images, labels in batches:
             # the masks of the global batch's rows, whichever rank holds them: this rank's rows start at
             # rank * local batch (ShardedLoader's even split), so N ranks draw one process's masks

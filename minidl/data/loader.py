@@ -20,8 +20,10 @@ eigenvalues of 0..255 values, so on 0..255 pixels the shift is
 eigvecs @ (alpha * eigvals / 255): eigenvalues taken on 0..255 directly would move
 pixels by hundreds of levels.
 """
+import atexit
 import queue
 import threading
+import weakref
 
 import numpy as np
 
@@ -104,8 +106,8 @@ class Loader:
     def epoch_batches(self, epoch, start=0):
         """An iterator over the batches start, start+1, ... of `epoch`, prepared in a background thread.
 
-        Break out of it freely: the thread stops when the iterator is dropped or closed.
-        An error in the thread is raised here, in the caller.
+        Use it in `with contextlib.closing(...)` (see BackgroundIterator): the thread then stops on
+        any way out of the loop. An error in the thread is raised here, in the caller.
         """
         return BackgroundIterator(lambda: _reported(self.path, self._read_batches(epoch, start)), self.prefetch)
 
@@ -157,6 +159,14 @@ class BackgroundIterator:
     dropping or closing the iterator ends it promptly; the generator is closed
     (its `with` blocks exit) in the thread, and close() waits for that. An
     exception there is re-raised here.
+
+    Consume it in `with contextlib.closing(...)`, so that an error or a Ctrl-C in
+    the consumer stops the thread before the interpreter exits: a daemon thread
+    still running when Python shuts down is ended wherever it stands, perhaps
+    holding h5py's global lock, and the shutdown, which frees h5py's objects,
+    then waits for that lock forever (the command hangs after its error line).
+    A thread left running (an iterator dropped or left open) is stopped at exit as
+    a last resort.
     """
 
     def __init__(self, make_generator, depth):
@@ -166,6 +176,7 @@ class BackgroundIterator:
         # the thread gets the queue and the event, not self: otherwise it would keep
         # this object alive and dropping the iterator could never stop it
         self._thread = threading.Thread(target=_produce, args=(make_generator, self._queue, self._stop), daemon=True)
+        _running[self._thread] = self._stop  # known before it starts: a Ctrl-C can land inside start()
         self._thread.start()
 
     def __iter__(self):
@@ -174,7 +185,7 @@ class BackgroundIterator:
     def __next__(self):
         if self._finished:
             raise StopIteration
-        kind, value = self._queue.get()
+        kind, value = self._queue.get()  # Ctrl-C interrupts this wait; the caller's `with` then closes
         if kind == "item":
             return value
         self.close()
@@ -184,14 +195,38 @@ class BackgroundIterator:
 
     def close(self):
         """Stop the thread and wait for it, so the file it read is closed when this returns
-        (the caller may rewrite it at once)."""
+        (the caller may rewrite it at once, or exit)."""
         self.__del__()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            _join(self._thread)
 
     def __del__(self):  # dropped: tell the thread to stop, without waiting (this may run anywhere)
         self._finished = True
         self._stop.set()
+
+
+_running = weakref.WeakKeyDictionary()  # producer thread -> its stop event, for the last resort at exit
+
+
+@atexit.register
+def _stop_at_exit():
+    # atexit runs before Python ends the daemon threads: the last moment they can still stop cleanly
+    for thread, stop in list(_running.items()):
+        stop.set()
+        _join(thread)
+
+
+def _join(thread):
+    """Wait for a producer thread to end (within a batch: it checks its event between batches), even
+    through a second Ctrl-C, raised once it has: leaving the thread running is what would hang."""
+    interrupted = False
+    while thread.is_alive():  # False too for a thread not started
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _produce(make_generator, messages, stop):

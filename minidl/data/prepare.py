@@ -10,8 +10,11 @@ class folders without files. What would fail late is refused first: a class
 folder name that is not UTF-8 or holds control characters, an existing OUT
 (unless overwrite), an OUT that is one of the images, no class to validate on.
 """
+import functools
 import multiprocessing
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +147,29 @@ def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1,
     if workers == 1:
         write(map(decode_file, paths))
     else:
-        # spawn: workers start clean, whatever threads or GPU state the parent has
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with _decoding_pool(workers) as pool:  # on any way out, Ctrl-C included, the pool is terminated
             # chunks amortise the pipe traffic yet keep every worker busy to the end
             write(pool.imap(decode_file, paths, chunksize=max(1, min(16, len(paths) // (8 * workers)))))
     return result
+
+
+def _decoding_pool(workers):
+    """A pool of `workers` processes that ignore Ctrl-C.
+
+    Ctrl-C signals every process of the terminal's group: the parent alone should
+    act on it (end the pool, report one line), not each worker with a traceback.
+    Spawned (workers start clean, whatever threads or GPU state the parent has)
+    while the parent ignores SIGINT, a worker inherits that and Python keeps it,
+    even during the second of imports before a pool initializer could run; the
+    initializer covers a worker the pool starts later, to replace one that died.
+    Only the main thread may change a signal's handling; elsewhere the initializer alone.
+    """
+    start = functools.partial(multiprocessing.get_context("spawn").Pool, workers, initializer=signal.signal,
+                              initargs=(signal.SIGINT, signal.SIG_IGN))
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the few milliseconds the workers take to start
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
