@@ -48,7 +48,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from minidl.atomic import atomic_path
+from minidl.atomic import atomic_hdf5
 from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
                          Rule, open_minidl_file, show, whole)
@@ -107,7 +107,7 @@ OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256")  # what older ch
 
 def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals, mean_image=None):
     """Write atomically: a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         f.attrs["format"], f.attrs["version"] = FORMAT, VERSION
         for key, value in meta.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value

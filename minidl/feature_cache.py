@@ -17,10 +17,9 @@ are not stored: they come from the dataset itself.
 import hashlib
 import json
 
-import h5py
 import numpy as np
 
-from minidl.atomic import atomic_path
+from minidl.atomic import atomic_hdf5
 from minidl.errors import MinidlError
 from minidl.hdf5 import STRING, FileCheck, open_minidl_file
 
@@ -66,6 +65,6 @@ def read_cache(path, key, count, width):
 
 def write_cache(path, key, features):
     """Write the cache atomically; OSError if it cannot be written (a read-only folder, a full disk)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         f.attrs.update(format=FORMAT, version=VERSION, key=key, features_sha256=_sha256(features))
         f["features"] = features

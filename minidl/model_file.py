@@ -26,8 +26,14 @@ DEFAULT_CONFIG = dict(
 )
 
 
-# models/ is not a package: found beside the minidl package (the editable install the README uses), not the cwd
-BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "alexnet.py")
+def _builtin_model():
+    """models/alexnet.py where minidl is installed (the package minidl_models), never in the current folder."""
+    spec = importlib.util.find_spec("minidl_models")
+    folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else ""
+    return os.path.join(folder, "alexnet.py")
+
+
+BUILTIN_MODEL = _builtin_model()
 
 
 def source_sha256(source):

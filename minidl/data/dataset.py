@@ -38,7 +38,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from minidl.atomic import atomic_path
+from minidl.atomic import atomic_hdf5
 from minidl.errors import DataError
 from minidl.hdf5 import FLAG, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, TEXT, FileCheck, open_minidl_file, whole
 
@@ -128,7 +128,7 @@ def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0
         raise DataError(f"cannot write {path}: {err.strerror}") from None
     if not os.access(folder, os.W_OK):
         raise DataError(f"cannot write {path}: the folder {folder} is not writable")
-    with atomic_path(path) as temp_path, h5py.File(temp_path, "w") as f:
+    with atomic_hdf5(path) as f:
         return _write_contents(f, path, samples, list(class_names), count, val_fraction, seed, progress)
 
 
