@@ -180,7 +180,7 @@ def load_checkpoint(path, wanted=None):
         names = json.loads(attrs["class_names"]) if "class_names" in attrs else None
         if names is not None and len(names) != attrs["num_classes"]:
             raise check.corrupt(f"it has {len(names)} class names for {attrs['num_classes']} classes")
-        params = _weights(check, f, "params", "parameter", None, wanted, attrs["num_classes"])
+        params = _weights(check, f, "params", "parameter", None, wanted)
         momentum = _weights(check, f, "momentum", "the velocity of", params, wanted)
         mean_image = check.array(f, "mean_image", FLOAT, (IMAGE_SIZES, IMAGE_SIZES, 3), required=False)
         if mean_image is not None and mean_image.shape[0] != mean_image.shape[1]:
@@ -226,12 +226,12 @@ class _Weights(NamedTuple):
     arrays: dict  # {name: float32 array} of those read
 
 
-def _weights(check, f, group_name, what, params, wanted=None, num_classes=None):
+def _weights(check, f, group_name, what, params, wanted=None):
     """The arrays of the group `group_name` as float32, the type they will have, each finite in it (1e300
     is finite in float64, not in float32). Every shape is checked, and the bytes to read are charged
     to the file's budget, before any array is read; only those `wanted` are read. Velocities (`params`
-    given) must each belong to a parameter and have its shape. The parameters must hold `num_classes`
-    (the classifier's outputs) as the first axis of a weight matrix: the model is built from it.
+    given) must each belong to a parameter and have its shape. (A network rebuilt for the checkpoint
+    is bounded by these arrays as it is built: restore.Restored.model.)
     """
     group = check.member(f, group_name, h5py.Group)
     names = sorted(group)
@@ -241,10 +241,6 @@ def _weights(check, f, group_name, what, params, wanted=None, num_classes=None):
     datasets = {n: check.dataset(group, n, FLOAT, None if params is None else params.shapes[n]) for n in names}
     if sum(d.size for d in datasets.values()) > MAX_PARAMETERS:
         raise check.corrupt(f"its {group_name} claim more than {MAX_PARAMETERS:,} values")
-    if num_classes is not None and not any(len(d.shape) == 2 and d.shape[0] == num_classes
-                                           for d in datasets.values()):
-        raise check.corrupt(f"attribute 'num_classes' is {num_classes}, but no weight matrix in 'params' "
-                            f"has {num_classes} rows")
     if params is None:
         chosen = {n: d for n, d in datasets.items() if wanted is None or wanted(n, d.shape)}
     else:  # the velocities of the parameters read

@@ -272,7 +272,7 @@ def test_a_checkpoint_naming_fewer_devices_than_the_model_has_parts(dataset, tmp
     train(two_towers, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
     with h5py.File(tmp_path / "last.h5", "a") as f:
         f.attrs["devices"] = '["cpu"]'
-    code, output = run("evaluate", tmp_path / "last.h5", "--data", dataset)
+    code, output = run("evaluate", tmp_path / "last.h5", "--data", dataset, "--model", two_towers)
     assert code == 0 and "top-1" in output, output
 
 
@@ -280,7 +280,8 @@ def test_predict_refuses_a_model_with_more_outputs_than_class_names(dataset, ima
     wider = tmp_path / "wider.py"  # ignores num_classes
     wider.write_text(TINY_MODEL.replace("return Tiny(num_classes,", "return Tiny(num_classes + 2,"))
     train(wider, data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
-    code, output = run("predict", tmp_path / "last.h5", image_dir / "circles" / "0.jpg", "-o", tmp_path / "p.png")
+    code, output = run("predict", tmp_path / "last.h5", image_dir / "circles" / "0.jpg", "-o", tmp_path / "p.png",
+                       "--model", wider)
     one_line_error(code, output, wider, "5 outputs", "3 classes")
 
 
@@ -400,7 +401,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(tiny_model, dataset, tmp_pa
         for args in (["predict", tmp_path / "last.h5", bomb, "-o", tmp_path / "p.png"],
                      ["retrieve", tmp_path / "last.h5", "--data", dataset, "--query", bomb, "-k", "1",
                       "-o", tmp_path / "n.png"]):
-            code, output = run(*args)
+            code, output = run(*args, "--model", tiny_model)
             one_line_error(code, output, bomb, "DecompressionBomb")
 
 
