@@ -27,22 +27,38 @@ def friendly_errors(command):
     def run(*args, **kwargs):
         previous_hook = sys.unraisablehook
         sys.unraisablehook = functools.partial(_redeliver_interrupts, previous_hook)
+        status = 0
         try:
-            # overflow in a diverging run is reported by minidl in one line, not as NumPy warnings
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                return command(*args, **kwargs)
-        except MinidlError as e:
-            _say_error(e)
-            sys.exit(1)
-        except KeyboardInterrupt as e:
-            _say_interrupted(e)
-        except RuntimeError as e:  # Python wraps an error in a class's __set_name__ (as an import may run)
-            if not isinstance(e.__cause__, KeyboardInterrupt):
-                raise
-            _say_interrupted(e.__cause__)
+            try:
+                # overflow in a diverging run is reported by minidl in one line, not as NumPy warnings
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    return command(*args, **kwargs)
+            except MinidlError as e:
+                _say_error(e)
+                sys.exit(1)
+            except KeyboardInterrupt as e:
+                _say_interrupted(e)
+            except RuntimeError as e:  # Python wraps an error in a class's __set_name__ (as an import may run)
+                if not isinstance(e.__cause__, KeyboardInterrupt):
+                    raise
+                _say_interrupted(e.__cause__)
+        except SystemExit as done:
+            status = done.code
+            raise
         finally:
             sys.unraisablehook = previous_hook
+            _end_now_if_hdf5_failed(status)
     return run
+
+
+def _end_now_if_hdf5_failed(status):
+    """End the process at once, its output flushed, if an HDF5 file failed to write (a full disk): h5py
+    would crash the exit (SIGSEGV) freeing that file (minidl.atomic.atomic_hdf5)."""
+    atomic = sys.modules.get("minidl.atomic")  # not imported here: nothing was written without it
+    if atomic and atomic.hdf5_write_failed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if status is None else status if isinstance(status, int) else 1)
 
 
 class NumberRange(click.FloatRange):

@@ -7,9 +7,9 @@ an error the temporary file is removed and the old file stays. A writer killed
 outright (SIGKILL) leaves its temporary behind: its name carries the writer's
 process id, and `remove_stale_temporaries` deletes those whose writer is gone.
 
-HDF5 files are written through `atomic_hdf5`, which keeps a failed write (a
-full disk) from HDF5: h5py crashes the process (SIGSEGV) when it frees a file
-whose write failed (h5py issue 914), after minidl has said what went wrong.
+HDF5 files are written through `atomic_hdf5`, which never frees a file whose
+write failed (a full disk): h5py crashes the process (SIGSEGV) freeing one
+(h5py issue 914), after minidl has said what went wrong.
 """
 import contextlib
 import errno
@@ -44,48 +44,31 @@ def atomic_path(path, suffix=None):
 
 @contextlib.contextmanager
 def atomic_hdf5(path):
-    """Yield a new h5py.File to write; on success it becomes `path` (see atomic_path).
+    """Yield a new h5py.File to write; on success it is closed and becomes `path` (see atomic_path).
 
-    HDF5 writes through a file object that records the first failed write and
-    reports success, so HDF5 never fails and h5py frees the file cleanly; the
-    recorded error is raised once the file is closed, as a WriteError naming `path`.
+    A file whose write failed is never closed nor freed here: h5py crashes the
+    process (SIGSEGV) freeing one (h5py issue 914). It is kept, and the command
+    line ends the process without freeing it (`hdf5_write_failed`).
     """
-    with atomic_path(path) as tmp, open(tmp, "w+b") as raw:
-        target = _RecordedFailures(raw)
+    with atomic_path(path) as tmp:
+        f = h5py.File(tmp, "w")
         try:
-            with h5py.File(target, "w") as f:
-                yield f
-        except Exception:
-            if target.error is None:
-                raise
-        if target.error is not None:  # what HDF5 did after it may have failed too: the first cause is the one
-            raise target.error from None
+            yield f
+            f.close()
+        except OSError:
+            _failed_files.append(f)
+            raise
+        except BaseException:
+            f.close()
+            raise
 
 
-class _RecordedFailures:
-    """The file object h5py writes through: a write, truncate or flush that fails is recorded, not raised."""
+_failed_files = []  # h5py files whose write failed: kept from being freed
 
-    def __init__(self, raw):
-        self.raw, self.error = raw, None
-        self.seek, self.tell, self.read, self.readinto = raw.seek, raw.tell, raw.read, raw.readinto
 
-    def _attempt(self, operation, *args):
-        if self.error is None:
-            try:
-                operation(*args)
-            except OSError as err:
-                self.error = err
-
-    def write(self, data):
-        self._attempt(self.raw.write, data)
-        return len(data)
-
-    def truncate(self, size):
-        self._attempt(self.raw.truncate, size)
-        return size
-
-    def flush(self):
-        self._attempt(self.raw.flush)
+def hdf5_write_failed():
+    """Whether an HDF5 file failed to write in this process, so that it must end with os._exit."""
+    return bool(_failed_files)
 
 
 @contextlib.contextmanager

@@ -448,8 +448,8 @@ def test_a_real_failed_write_through_h5py_is_one_line(image_dir, tmp_path):
     out.write_bytes(b"the old dataset")
     done = subprocess.run([sys.executable, "-m", "minidl_cli.main", "prepare-data", image_dir, out, "--workers", "1",
                            "--overwrite"], preexec_fn=small_files, capture_output=True, text=True, timeout=120)
-    # the one line, exit 1 (h5py would crash freeing a file whose write failed: atomic_hdf5 keeps the failure
-    # from HDF5), the old file and no temporary
+    # the one line, exit 1 (h5py would crash the exit freeing a file whose write failed: the process ends without
+    # freeing it), the old file and no temporary
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last == f"error: cannot write {out}: File too large", done.stderr
     assert "Traceback" not in done.stderr and out.read_bytes() == b"the old dataset"

@@ -152,7 +152,7 @@ def test_ctrl_c_in_train_after_a_checkpoint_exits_130_with_the_resume_line(tmp_p
     run.process.send_signal(signal.SIGINT)
     assert run.wait_to_end(EXIT_SECONDS)
     assert run.process.returncode == 130
-    assert run.stderr().endswith(f"\ninterrupted; continue with: minidl train --resume {out / 'last.h5'} "
+    assert run.stderr().endswith(f"\ninterrupted; continue with: minidl train {tiny_model} --resume {out / 'last.h5'} "
                                  f"--out {out}\n"), run.stderr()
 
 
