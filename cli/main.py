@@ -38,10 +38,11 @@ def friendly_errors(command):
                 sys.exit(1)
             except KeyboardInterrupt as e:
                 _say_interrupted(e)
-            except RuntimeError as e:  # Python wraps an error in a class's __set_name__ (as an import may run)
-                if not isinstance(e.__cause__, KeyboardInterrupt):
+            except Exception as e:  # Python may wrap a Ctrl-C: in a class's __set_name__, a module's import
+                interrupt = _interrupt_behind(e)
+                if interrupt is None:
                     raise
-                _say_interrupted(e.__cause__)
+                _say_interrupted(interrupt)
         except SystemExit as done:
             status = done.code
             raise
@@ -49,6 +50,13 @@ def friendly_errors(command):
             sys.unraisablehook = previous_hook
             _end_now_if_hdf5_failed(status)
     return run
+
+
+def _interrupt_behind(error):
+    """The KeyboardInterrupt among the causes of `error`, if any."""
+    while error is not None and not isinstance(error, KeyboardInterrupt):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _end_now_if_hdf5_failed(status):

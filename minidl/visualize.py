@@ -24,6 +24,7 @@ from PIL import Image
 
 from minidl.atomic import atomic_path
 from minidl.errors import MinidlError
+from minidl.interrupts import interrupts_held
 
 BACKGROUND = (255, 255, 255)
 SEPARATOR = (170, 170, 170)
@@ -201,15 +202,8 @@ def training_curves(history, path, size=CURVES_SIZE):
     steps, losses = s["interval_step"][:count], s["interval_loss"][:count]
     epochs = max(len(s[key]) for key in EPOCH_KEYS)
 
-    # Imported here, not at the top: matplotlib takes most of a second to load and only
-    # this function needs it. The Figure API with the Agg canvas draws off-screen
-    # without touching pyplot's global backend, so no display is ever needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _canvas(width / dpi, height / dpi)
     loss_ax, acc_ax = fig.subplots(1, 2)
     _loss_panel(loss_ax, s, steps, losses, epochs)
     _accuracy_panel(acc_ax, s, epochs)
@@ -329,9 +323,16 @@ def _series(history, key):
 # ----------------------------------------------------------------------------- Figure 4
 
 def _canvas(width_in, height_in):
-    """A matplotlib Figure drawn off-screen (Agg), as training_curves makes it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """A matplotlib Figure drawn off-screen (Agg) at 100 dpi.
+
+    matplotlib is imported here, not at the top: it takes most of a second to load,
+    and only the pictures need it; and with Ctrl-C held back (an interrupt inside
+    its C extension's import would crash the interpreter's exit). The Figure API
+    with the Agg canvas draws without pyplot's global backend, so no display is needed.
+    """
+    with interrupts_held():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
