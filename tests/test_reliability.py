@@ -16,10 +16,10 @@ from minidl.core import Tensor
 from minidl.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 
-# the tiny model, poisoned: its output is NaN on the training calls listed in NAN_CALLS
-POISONED = TINY_MODEL + '''
-import math
-NAN_CALLS = {nan_calls}
+def training_outputs_changed(model_source, settings, output):
+    """A model file: `model_source` whose outputs in training become `output`, an expression of the
+    output y and the training call's number n; `settings` are lines placed before it (a format string)."""
+    return model_source + settings + '''
 _calls = [0]
 _plain_build = build_model
 
@@ -28,16 +28,21 @@ def build_model(num_classes, devices, init, seed):
     model = _plain_build(num_classes, devices, init, seed)
     forward = model.forward
 
-    def poisoned(x):
+    def changed(x):
         y = forward(x)
         if model.training:
             _calls[0] += 1
-            if _calls[0] in NAN_CALLS:
-                return y * math.nan
+            n = _calls[0]
+            return ''' + output + '''
         return y
-    model.forward = poisoned
+    model.forward = changed
     return model
 '''
+
+
+# the tiny model, poisoned: its output is NaN on the training calls listed in NAN_CALLS
+POISONED = training_outputs_changed(TINY_MODEL, "\nimport math\nNAN_CALLS = {nan_calls}\n",
+                                    "y * math.nan if n in NAN_CALLS else y")
 
 
 def _model(tmp_path, name, text):
@@ -87,25 +92,8 @@ def test_skip_nonfinite_skips_the_bad_batch_and_counts_it(dataset, tmp_path):
 
 # the tiny model at an enormous rate whose updates stay sane while its output is scaled down, until training
 # call BOOST_CALL scales it up: a finite loss and gradient (norm about 1e11), times the rate, overflow the update
-OVERFLOWING = TINY_MODEL.replace("lr=0.01", "lr=1e30, weight_decay=0") + '''
-BOOST_CALL = {boost_call}
-_calls = [0]
-_plain_build = build_model
-
-
-def build_model(num_classes, devices, init, seed):
-    model = _plain_build(num_classes, devices, init, seed)
-    forward = model.forward
-
-    def scaled(x):
-        y = forward(x)
-        if model.training:
-            _calls[0] += 1
-            return y * (1e10 if _calls[0] == BOOST_CALL else 1e-30)
-        return y
-    model.forward = scaled
-    return model
-'''
+OVERFLOWING = training_outputs_changed(TINY_MODEL.replace("lr=0.01", "lr=1e30, weight_decay=0"),
+                                       "\nBOOST_CALL = {boost_call}\n", "y * (1e10 if n == BOOST_CALL else 1e-30)")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
