@@ -17,7 +17,6 @@ import numpy as np
 
 from minidl.core import Tensor, no_grad
 from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
-from minidl.data.dataset import read_dataset
 from minidl.data.prepare import decode_file
 from minidl.errors import DataError, MinidlError
 from minidl.feature_cache import CacheError, cache_key, read_cache, write_cache
@@ -166,7 +165,7 @@ def dataset_features(restored, data, split="train", batch_size=64, progress=None
     model = restored.model
     width = _last_linear(model).W.shape[1]
     cache = f"{os.path.splitext(restored.checkpoint.path)[0]}.fc7-{split}.h5"
-    key = cache_key(restored.checkpoint.path, restored.model_file.source, read_dataset(data).fingerprint(), split)
+    key = cache_key(restored.checkpoint.path, restored.model_file.source, loader.fingerprint, split)
     if os.path.lexists(cache):
         try:
             cached = read_cache(cache, key, loader.num_images, width)
