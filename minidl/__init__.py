@@ -3,7 +3,7 @@ import os
 
 # Before NumPy loads OpenBLAS: its worker threads otherwise spin for about 0.1 s
 # after every matrix product, holding the cores that minidl's CPU threads
-# (minidl/cpu_parallel.py) need between products. Set it yourself to override;
+# (minidl/cpu/threads.py) need between products. Set it yourself to override;
 # it has no effect if NumPy was imported before minidl.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 

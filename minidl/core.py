@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from minidl import cpu_parallel
+from minidl.cpu import threads as cpu_threads
 from minidl.device import device as as_device, device_of_array, is_array
 from minidl.errors import MinidlError
 
@@ -55,7 +55,7 @@ def no_grad():
 def side_by_side(calls, devices):
     """Results of independent calls, run at once, one core each, when all their `devices` are the CPU.
 
-    For a model's parallel branches (AlexNet's towers): cpu_parallel.side_by_side,
+    For a model's parallel branches (AlexNet's towers): cpu_threads.side_by_side,
     with each call in the caller's grad mode. On GPUs the calls run in turn:
     they only queue work on the devices' streams.
     """
@@ -66,7 +66,7 @@ def side_by_side(calls, devices):
     def in_callers_mode(call):
         with grad_mode(enabled):
             return call()
-    return cpu_parallel.side_by_side([functools.partial(in_callers_mode, call) for call in calls])
+    return cpu_threads.side_by_side([functools.partial(in_callers_mode, call) for call in calls])
 
 
 def _as_array(data, dev):

@@ -10,7 +10,7 @@ Each logical CUDA device owns a stream, so two logical devices on one GPU still
 run concurrently; `with device:` makes its GPU and its stream current, which is how
 every Function's forward and backward runs "under its arrays' device".
 """
-import ctypes
+import importlib
 import os
 import re
 import threading
@@ -22,35 +22,53 @@ from minidl.errors import DeviceError
 _cupy = None
 _device_map = None  # logical index -> physical GPU index; None = read the environment
 _devices = {}  # name -> Device, so each logical device has one stream
+_lock = threading.RLock()  # devices are compared by identity: each is made once, under this lock
+
+
+EMULATE_GPUS = "MINIDL_EMULATE_GPUS"
+
+
+def emulated_gpus():
+    """How many emulated GPUs MINIDL_EMULATE_GPUS asks for: None when unset."""
+    text = os.environ.get(EMULATE_GPUS, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise DeviceError(f"{EMULATE_GPUS}={text!r}: give the number of GPUs to emulate, e.g. {EMULATE_GPUS}=2")
+    return int(text)
 
 
 def cupy():
-    """Import CuPy on first use: minidl runs without it on the CPU.
+    """CuPy, imported on first use: minidl runs without it on the CPU.
 
-    With MINIDL_EMULATE_GPUS=N set, this is minidl.emulator's stand-in for CuPy
-    (N emulated GPUs on the CPU) instead, whether or not CuPy is installed.
+    With MINIDL_EMULATE_GPUS=N set, the emulator's stand-in for CuPy instead (N GPUs
+    on the CPU, for tests; the package minidl_emulator, installed by minidl[test]).
+    This is the one place that chooses between them.
     """
     global _cupy
-    if _cupy is None:
-        from minidl import emulator
-        gpus = emulator.requested_gpus()
-        if gpus is not None:
-            _cupy = emulator.cupy_module(gpus)
-            return _cupy
-        try:
-            import cupy as cp
-        except ImportError as e:
-            raise DeviceError(
-                f"a CUDA device needs CuPy, which is not importable ({e}); "
-                "install minidl[gpu] or use device 'cpu'") from None
-        _cupy = cp
+    with _lock:
+        if _cupy is None:
+            _cupy = _import_cupy()
     return _cupy
+
+
+def _import_cupy():
+    gpus = emulated_gpus()
+    name = "cupy" if gpus is None else "minidl_emulator"
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        if gpus is not None:
+            raise DeviceError(f"{EMULATE_GPUS} needs the GPU emulator, which is not importable ({e}); "
+                              "install minidl[test]") from None
+        raise DeviceError(f"a CUDA device needs CuPy, which is not importable ({e}); "
+                          "install minidl[gpu] or use device 'cpu'") from None
+    return module if gpus is None else module.cupy_module(gpus)
 
 
 def gpu_count():
     """Physical GPUs visible, 0 without CuPy or a driver."""
-    from minidl import emulator
-    emulator.requested_gpus()  # a malformed MINIDL_EMULATE_GPUS is an error, not "no GPU"
+    emulated_gpus()  # a malformed MINIDL_EMULATE_GPUS is an error, not "no GPU"
     try:
         return cupy().cuda.runtime.getDeviceCount()
     except Exception:  # no CuPy, no driver, no GPU: all mean "none here"
@@ -170,8 +188,13 @@ def device(name=None):
     if isinstance(name, Device):
         return name
     text = canonical_name(name)
-    if text in _devices:
+    with _lock:
+        if text not in _devices:
+            _devices[text] = _new_device(text)
         return _devices[text]
+
+
+def _new_device(text):
     dev = Device(text)
     if dev.is_cuda:
         cupy()  # raises a clear error without CuPy
@@ -182,7 +205,6 @@ def device(name=None):
                 f"device {text}{where} is not there: this machine has {count} GPU(s); "
                 "to run two devices on one GPU map them, e.g. devices ('cuda:0', 'cuda:0') "
                 "or MINIDL_DEVICE_MAP='cuda:1=0'")
-    _devices[text] = dev
     return dev
 
 
@@ -224,8 +246,8 @@ def is_array(obj):
     return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))
 
 
-def resolve_devices(requested=None, preferred=("cuda:0", "cuda:1")):
-    """The devices of a model's parts (AlexNet's two towers): the one place they are decided.
+def resolve_devices(requested, preferred):
+    """The devices of a model's parts: the one place they are decided.
 
     `requested` (names the user gave; one name serves every part) wins. Otherwise
     `preferred` (the model file's CONFIG["devices"], or the devices a checkpoint
@@ -242,7 +264,7 @@ def resolve_devices(requested=None, preferred=("cuda:0", "cuda:1")):
     if requested:
         names = list(requested) * parts if len(requested) == 1 else list(requested)
         if len(names) != parts:
-            raise DeviceError(f"give {parts} devices, one per tower (e.g. cpu,cpu or cuda:0,cuda:1), "
+            raise DeviceError(f"give {parts} devices, one per part of the model (e.g. {','.join(['cpu'] * parts)}), "
                               f"or one for all; got {','.join(requested)}")
     else:
         count = gpu_count()
@@ -269,29 +291,3 @@ def available_memory(dev):
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-
-
-def keep_freed_host_memory():
-    """Let glibc reuse freed host memory rather than hand it back to the kernel.
-
-    A training step allocates and frees the same large arrays every time. By
-    default glibc maps each large array fresh and unmaps it on free, so every
-    step pays page faults to zero the memory again (half the CPU time went to the
-    kernel on a 2-core machine). This is the host's counterpart of CuPy's memory
-    pool. It also keeps every thread on the one heap (M_ARENA_MAX=1): the threads
-    of cpu_parallel.side_by_side would otherwise each grow an arena of their own.
-    For the whole process; train and bench call it. Best effort: a no-op where
-    the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_MAX, 0)  # every allocation from the heap, which is reused
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and never shrunk back below 1 GiB of free space
-        # one heap for all threads: a thread's own arena (as the towers' threads of cpu_parallel.side_by_side
-        # would get) grows in 64 MB pieces mapped and unmapped as it goes, page faults every few steps
-        libc.mallopt(_M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameter numbers

@@ -26,7 +26,7 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Tensor, no_grad
-from minidl.cpu_parallel import in_parallel
+from minidl.cpu.threads import in_parallel
 
 CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update",))
 

@@ -1,11 +1,12 @@
 """Shared fixtures: the devices a test runs on, the GPU skip, and emulated GPUs.
 
-`pytest --emulate-gpus 2` runs the GPU tests on two emulated GPUs (minidl.emulator),
+`pytest --emulate-gpus 2` runs the GPU tests on two emulated GPUs (minidl_emulator),
 so they run on any machine; every test there also fails on a stream hazard.
 Without the option (and without MINIDL_EMULATE_GPUS) they run on real GPUs, or
 are skipped where there are none.
 """
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,13 @@ import minidl
 def pytest_addoption(parser):
     parser.addoption("--emulate-gpus", type=int, metavar="N",
                      help="run the GPU tests on N emulated GPUs (sets MINIDL_EMULATE_GPUS=N)")
+
+
+# The tests run this checkout's emulator (emulator/), also in subprocesses, rather than the copy that
+# `pip install -e '.[test]'` put in site-packages, which does not follow edits
+EMULATOR_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulator")
+sys.path.insert(0, EMULATOR_SOURCE)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [EMULATOR_SOURCE, os.environ.get("PYTHONPATH")]))
 
 
 def pytest_configure(config):
@@ -34,7 +42,7 @@ def gpu_available():
 
 def pytest_report_header(config):
     if emulated():
-        return f"GPUs: {os.environ['MINIDL_EMULATE_GPUS']} emulated (minidl.emulator)"
+        return f"GPUs: {os.environ['MINIDL_EMULATE_GPUS']} emulated (minidl_emulator)"
     return f"GPUs: {minidl.gpu_count()} real"
 
 
@@ -46,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
         return
     if emulated():
-        from minidl.emulator.cuda import memory_limit
+        from minidl_emulator.cuda import memory_limit
         for item in items:
             marker = item.get_closest_marker("gpu_memory")
             if marker is not None and marker.args[0] * 2 ** 30 > memory_limit():
@@ -62,7 +70,7 @@ def no_stream_hazards():
     if emulated():
         import gc
 
-        from minidl.emulator import streams
+        from minidl_emulator import streams
         gc.collect()  # frees found unreachable now are checked now, in this test
         found = streams.take_hazards()
         if found:

@@ -13,7 +13,7 @@ from minidl.errors import MinidlError
 from minidl.functions import concat, local_response_norm, softmax_cross_entropy, split
 from minidl.layers import (Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            summary)
-from minidl.model_file import load_model_file
+from minidl.training.model_file import load_model_file
 
 MODEL_PATH = os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py")
 alexnet = load_model_file(MODEL_PATH).module

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
+from minidl.training.checkpoint import EPOCH_KEYS, load_checkpoint
 from minidl.errors import MinidlError
-from minidl.train import train
+from minidl.training.train import train
 from minidl_cli.main import main
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -459,8 +459,8 @@ def test_a_real_failed_write_through_h5py_is_one_line(image_dir, tmp_path):
 def test_a_model_too_large_for_the_memory_is_refused_before_its_parameters_are_drawn(monkeypatch):
     """ModelFile.build charges every parameter drawn against the host's available memory: AlexNet with
     10^6 classes (16 GB of fc8) is refused before fc8 is drawn, on any machine too small for it."""
-    import minidl.model_file
-    monkeypatch.setattr(minidl.model_file, "available_memory", lambda dev: 2 ** 30)
+    import minidl.training.model_file
+    monkeypatch.setattr(minidl.training.model_file, "available_memory", lambda dev: 2 ** 30)
     code, output = run("summary", ALEXNET, "--devices", "cpu", "--classes", 10 ** 6)
     assert code == 1 and output.strip().splitlines()[-1] == (
         f"error: {os.path.abspath(ALEXNET)}: not enough memory for the model's parameters with 1,000,000 classes "

@@ -126,7 +126,7 @@ def test_cuda_without_cupy(no_cupy):
     with pytest.raises(DeviceError, match=r"needs CuPy"):
         Tensor(np.ones(2), device="cuda:0")
     assert minidl.gpu_count() == 0
-    assert [d.name for d in dm.resolve_devices()] == ["cpu", "cpu"]
+    assert [d.name for d in dm.resolve_devices(None, ("cuda:0", "cuda:1"))] == ["cpu", "cpu"]
     assert minidl.device("cpu").xp is np  # the CPU never needs CuPy
 
 
@@ -164,9 +164,9 @@ def test_preferred_devices_are_fitted_to_the_machine(fake_cupy, count, expected)
 def test_requested_devices_win_and_one_serves_both(fake_cupy):
     fake_cupy(2)
     assert [d.name for d in dm.resolve_devices("cuda:1", ("cpu", "cpu"))] == ["cuda:1", "cuda:1"]
-    assert [d.name for d in dm.resolve_devices(["cpu", "cuda:0"])] == ["cpu", "cuda:0"]
-    with pytest.raises(DeviceError, match="give 2 devices, one per tower"):
-        dm.resolve_devices("cpu,cpu,cpu")
+    assert [d.name for d in dm.resolve_devices(["cpu", "cuda:0"], ("cuda:0", "cuda:1"))] == ["cpu", "cuda:0"]
+    with pytest.raises(DeviceError, match="give 2 devices, one per part"):
+        dm.resolve_devices("cpu,cpu,cpu", ("cuda:0", "cuda:1"))
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         dm.resolve_devices(None, ("tpu", "cpu"))
 

@@ -26,7 +26,7 @@ def cp():
 @pytest.fixture
 def hazards():
     """The stream hazards a test provokes on purpose, taken so the autouse check does not fail it."""
-    from minidl.emulator import streams
+    from minidl_emulator import streams
     streams.take_hazards()
     found = []
     yield found
@@ -109,7 +109,7 @@ def _streams(cp):
 
 
 def test_read_on_another_stream_without_an_event_is_a_hazard(cp, hazards):
-    from minidl.emulator.streams import StreamHazard
+    from minidl_emulator.streams import StreamHazard
     s1, s2 = _streams(cp)
     with s1:
         x = cp.ones(4) * 3
@@ -158,7 +158,7 @@ def test_a_hazard_is_printed_once_whether_caught_or_not(tmp_path, caught):
 
 
 def test_write_after_read_on_another_stream_is_a_hazard(cp, hazards):
-    from minidl.emulator.streams import StreamHazard
+    from minidl_emulator.streams import StreamHazard
     s1, s2 = _streams(cp)
     with s1:
         x = cp.ones(4)
@@ -170,7 +170,7 @@ def test_write_after_read_on_another_stream_is_a_hazard(cp, hazards):
 
 
 def test_legacy_default_stream_orders_with_blocking_streams_only(cp, hazards):
-    from minidl.emulator.streams import StreamHazard
+    from minidl_emulator.streams import StreamHazard
     blocking, non_blocking = cp.cuda.Stream(), cp.cuda.Stream(non_blocking=True)
     x = cp.ones(4)  # the legacy default stream
     with blocking:
@@ -198,7 +198,7 @@ def test_freeing_while_another_stream_may_use_it_is_a_hazard(cp, hazards):
         y = x * 2  # noqa: F841 -- s2 reads x
     del x  # back to s1's pool, which may hand it out before s2's read ran
     gc.collect()
-    from minidl.emulator import streams
+    from minidl_emulator import streams
     found = streams.take_hazards()
     assert len(found) == 1 and "went back to the memory pool" in found[0][0]
 
@@ -274,7 +274,7 @@ def test_array_on_a_mapped_gpu_is_named_by_its_logical_device(cp):
 
 
 def test_a_numpy_ufunc_writing_through_out_is_a_checked_write(cp, hazards):
-    from minidl.emulator.streams import StreamHazard
+    from minidl_emulator.streams import StreamHazard
     s1, s2 = _streams(cp)
     with s1:
         x, y = cp.ones(4), cp.ones(4)
@@ -286,7 +286,7 @@ def test_a_numpy_ufunc_writing_through_out_is_a_checked_write(cp, hazards):
 
 
 def test_memory_freed_on_the_legacy_stream_after_a_blocking_stream_used_it_is_no_hazard(cp, hazards):
-    from minidl.emulator import streams
+    from minidl_emulator import streams
     x = cp.ones(4)  # on the legacy default stream
     with cp.cuda.Stream():  # a blocking stream: the legacy stream's next work waits for it
         x * 2
@@ -298,7 +298,7 @@ def test_memory_freed_on_the_legacy_stream_after_a_blocking_stream_used_it_is_no
 def test_streams_and_memory_are_found_by_their_handles_and_addresses(cp):
     """What a call given raw handles (NCCL's) finds: a live stream by its ptr, the legacy default stream by 0
     or 1 (cudaStreamLegacy), and device memory only inside the bytes an allocation really spans."""
-    from minidl.emulator import cuda
+    from minidl_emulator import cuda
     stream = cp.cuda.Stream(non_blocking=True)
     assert cuda.stream_at(stream.ptr) is stream
     assert cuda.stream_at(0) is cuda.stream_at(1) is cp.cuda.Stream.null

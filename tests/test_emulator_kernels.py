@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minidl import kernels
-from minidl.emulator import kernel_runner as kr
+from minidl_emulator import kernel_runner as kr
 from minidl.functions import conv, lrn, pooling
 
 ARRAYS = dict(is_array=lambda a: isinstance(a, np.ndarray), array_dtype=lambda a: a.dtype,

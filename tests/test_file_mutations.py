@@ -19,13 +19,13 @@ import h5py
 import numpy as np
 import pytest
 
-from minidl.checkpoint import load_checkpoint
+from minidl.training.checkpoint import load_checkpoint
 from minidl.data import Loader, dataset_info, write_dataset
 from minidl.errors import CheckpointError, MinidlError
-from minidl.evaluate import evaluate
+from minidl.training.evaluate import evaluate
 from minidl.optim import MomentumSGD, PlateauSchedule
-from minidl.restore import Restored
-from minidl.train import train
+from minidl.training.restore import Restored
+from minidl.training.train import train
 from test_cli import TINY_MODEL, run
 
 MUTATIONS = 400

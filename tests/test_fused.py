@@ -35,7 +35,7 @@ def operations(expected):
     if expected is None or not emulated():
         yield
         return
-    from minidl.emulator.cuda import work
+    from minidl_emulator.cuda import work
     before = dict(work)
     yield
     done = {k: work.get(k, 0) - before.get(k, 0) for k in work if k != "bytes"}
@@ -88,7 +88,7 @@ def test_momentum_update_is_one_launch_per_device_and_dtype(rng):
         np.testing.assert_allclose(gpu, cpu, **TOLERANCE[w.dtype.type])
     np.testing.assert_array_equal(results["cuda:0"][-1], hosts[-1])
     if emulated():
-        from minidl.emulator.cuda import work
+        from minidl_emulator.cuda import work
         before = dict(work)
         opt.step()
         # cuda:0 float32, cuda:0 float64, cuda:1 float32: a table and a kernel each; and a copy of
@@ -124,8 +124,8 @@ def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
     without an event, a hazard; freed, or on another GPU, refused."""
     from minidl import kernels
     from minidl.device import cupy
-    from minidl.emulator import streams
-    from minidl.emulator.streams import StreamHazard
+    from minidl_emulator import streams
+    from minidl_emulator.streams import StreamHazard
     cp = cupy()
     other = cp.cuda.Stream(non_blocking=True)
     w, v = cp.ones(4, dtype=cp.float32), cp.zeros(4, dtype=cp.float32)

@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from minidl.data import write_dataset
-from minidl.train import train
+from minidl.training.train import train
 from test_cli import TINY_MODEL, run
 
 MEMORY_LIMIT = 400 * 2 ** 20
@@ -355,13 +355,13 @@ def test_a_crafted_feature_cache_is_recomputed_and_the_result_is_right(valid, tm
 
 @pytest.mark.parametrize("error", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_retrieve_works_where_its_cache_cannot_be_written(valid, tmp_path, monkeypatch, error):
-    import minidl.predict
+    import minidl.training.predict
     checkpoint = tmp_path / "last.h5"
     shutil.copyfile(valid["checkpoint"], checkpoint)
 
     def cannot(path, key, features):
         raise OSError(error, os.strerror(error))
-    monkeypatch.setattr(minidl.predict, "write_cache", cannot)
+    monkeypatch.setattr(minidl.training.predict, "write_cache", cannot)
     code, output = run("retrieve", checkpoint, "--data", valid["data"], "-k", "2", "-o", tmp_path / "n.png", "--json",
                        "--model", valid["model"], "--devices", "cpu")
     assert code == 0 and json_rows(output) == valid["neighbours"], output

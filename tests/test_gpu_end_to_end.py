@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidl.checkpoint import load_checkpoint
+from minidl.training.checkpoint import load_checkpoint
 from test_cli import dataset, image_dir, run  # noqa: F401 -- the CLI runner and the 3-class dataset fixtures
 
 ALEXNET = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py"))
@@ -18,7 +18,7 @@ ALEXNET = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models"
 # the paper's table at a small scale: 35x35 input, 3x3 maps after the last pool; dropout 0.5,
 # whose masks the CPU and the GPUs draw alike (a hash of seed, layer and row), so they take the same steps
 SMALL_ALEXNET = f'''
-from minidl.model_file import load_model_file
+from minidl.training.model_file import load_model_file
 
 alexnet = load_model_file({ALEXNET!r}).module
 CONFIG = dict(input_size=35, batch_size=4, epochs=1, lr=0.01, dropout=0.5, input_scale=1 / 255)

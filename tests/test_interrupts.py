@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from minidl.train import train
+from minidl.training.train import train
 from minidl_cli.main import friendly_errors
 from test_cli import TINY_MODEL, dataset, image_dir, tiny_model  # noqa: F401 -- fixtures
 

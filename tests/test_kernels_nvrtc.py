@@ -8,8 +8,9 @@ import pkgutil
 import pytest
 
 import minidl.functions
-from minidl import kernels, nvrtc_check
-from minidl.nvrtc_check import NvrtcCompileError, NvrtcUnavailable, compile_like_cupy
+from minidl import kernels
+from minidl_emulator import nvrtc_check
+from minidl_emulator.nvrtc_check import NvrtcCompileError, NvrtcUnavailable, compile_like_cupy
 
 try:
     LIBNVRTC = nvrtc_check.find_libnvrtc()

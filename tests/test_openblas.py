@@ -1,9 +1,9 @@
-"""minidl/openblas.py: the transpose by OpenBLAS's omatcopy against NumPy's, and NumPy's where it cannot
+"""minidl/cpu/openblas.py: the transpose by OpenBLAS's omatcopy against NumPy's, and NumPy's where it cannot
 serve; the Winograd layouts built on it the same either way."""
 import numpy as np
 import pytest
 
-from minidl import openblas
+from minidl.cpu import openblas
 from minidl.functions import winograd
 
 

@@ -2,7 +2,7 @@
 
 Each test starts `mpirun -n 2` (as root Open MPI wants --allow-run-as-root, and
 two ranks on fewer cores --oversubscribe). The ranks run RANK_SCRIPT, which
-trains through minidl.train.train and then saves its replica's weights, so a
+trains through minidl.training.train.train and then saves its replica's weights, so a
 test can compare the ranks with each other and with one process.
 """
 import json
@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from minidl.checkpoint import load_checkpoint
+from minidl.training.checkpoint import load_checkpoint
 from minidl.device import gpu_count
-from minidl.train import train
+from minidl.training.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 from test_gpu_end_to_end import SMALL_ALEXNET
 
@@ -26,7 +26,7 @@ MPIRUN = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubs
 RANK_SCRIPT = '''
 import json, os, sys, threading, time
 import numpy as np
-import minidl.train as T
+import minidl.training.train as T
 from mpi4py import MPI
 
 options = json.loads(sys.argv[1])
@@ -197,7 +197,7 @@ import json, sys
 import numpy as np
 from minidl.core import Tensor
 from minidl.layers import Layer, Linear, ReLU
-from minidl.parallel import GradientBuckets, World
+from minidl.training.distributed import GradientBuckets, World
 
 
 class Net(Layer):  # fc2 is used twice: its gradient arrives in two parts
@@ -263,7 +263,8 @@ NCCL_RULES_SCRIPT = '''
 import json, sys
 from mpi4py import MPI
 from minidl.device import cupy
-from minidl.emulator import cuda, nccl
+from minidl_emulator import cuda
+from minidl_emulator.cuda import nccl
 
 cp, rank = cupy(), MPI.COMM_WORLD.Get_rank()
 said = {}
@@ -353,7 +354,7 @@ def test_the_emulated_nccl_is_checked_as_every_device_operation(tmp_path):
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "soon"])
 def test_a_wait_limit_that_is_no_positive_number_is_refused(monkeypatch, value):
     from minidl.errors import MinidlError
-    from minidl.parallel import TIMEOUT_ENV, wait_limit
+    from minidl.training.distributed import TIMEOUT_ENV, wait_limit
     monkeypatch.setenv(TIMEOUT_ENV, value)
     with pytest.raises(MinidlError, match=f"^{TIMEOUT_ENV}='{value}': give seconds, e.g. 600$"):
         wait_limit()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidl.predict import features, nearest
-from minidl.restore import Restored
-from minidl.train import train
+from minidl.training.predict import features, nearest
+from minidl.training.restore import Restored
+from minidl.training.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 
 
@@ -70,7 +70,7 @@ def test_predict_prints_top_classes_and_draws_bars_of_their_probability(trained,
 
 
 def test_bar_lengths_follow_the_probabilities(tmp_path):
-    from minidl.visualize import draw_predictions
+    from minidl.training.visualize import draw_predictions
     images = np.zeros((2, 32, 32, 3), np.uint8)
     probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
     drawn = draw_predictions(images, ["a", "b"], np.array([[0, 1, 2], [2, 1, 0]]), probs, ["x", "y", "z"],
@@ -118,7 +118,7 @@ def test_retrieve_finds_neighbours_caches_features_and_draws_rows(trained, datas
 
 
 def test_draw_neighbours_draws_a_row_per_query(tmp_path):
-    from minidl.visualize import draw_neighbours
+    from minidl.training.visualize import draw_neighbours
     tiles = draw_neighbours(np.zeros((3, 16, 16, 3), np.uint8), ["q1", "q2", "q3"],
                             np.zeros((3, 5, 16, 16, 3), np.uint8), [["l"] * 5] * 3, tmp_path / "n.png")
     assert tiles == 3 * 6 and Image.open(tmp_path / "n.png").size[0] > 300

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from minidl.checkpoint import EPOCH_KEYS, load_checkpoint
+from minidl.training.checkpoint import EPOCH_KEYS, load_checkpoint
 from minidl.core import Tensor
-from minidl.train import train
+from minidl.training.train import train
 from test_cli import TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 
 def training_outputs_changed(model_source, settings, output):
@@ -136,8 +136,8 @@ def test_an_update_that_overflows_stops_the_run_before_a_checkpoint_holds_it(dat
 
 def test_validation_refuses_nan_outputs(dataset, tmp_path):
     from minidl.errors import NonFiniteError
-    from minidl.evaluate import evaluate
-    from minidl.restore import Restored
+    from minidl.training.evaluate import evaluate
+    from minidl.training.restore import Restored
     train(_model(tmp_path, "tiny.py", TINY_MODEL), data=dataset, devices=("cpu", "cpu"), out_dir=tmp_path, max_steps=1)
     restored = Restored(tmp_path / "last.h5", tmp_path / "tiny.py", "cpu")
     with restored.model.fc.W.device:
@@ -263,17 +263,17 @@ def test_a_batch_that_does_not_fit_in_memory_is_reported_before_the_first_step(d
 
 
 def test_when_not_even_the_parameters_fit_no_batch_size_is_suggested(tmp_path, monkeypatch):
-    import minidl.train
+    import minidl.training.train
     from minidl.layers import Flatten, Linear, Sequential
     monkeypatch.setattr(importlib.import_module("minidl.layers.summary"), "available_memory", lambda dev: 2 ** 10)
     model = Sequential(Flatten(), Linear(3 * 7 * 7, 100, rng=0))  # 58 KiB of weights
-    with pytest.raises(minidl.train.MinidlError, match="the parameters alone need .* GiB: place the layers"):
-        minidl.train.check_before_training(model, tmp_path, batch_size=4, input_size=7)
+    with pytest.raises(minidl.training.train.MinidlError, match="the parameters alone need .* GiB: place the layers"):
+        minidl.training.train.check_before_training(model, tmp_path, batch_size=4, input_size=7)
 
 
 def test_the_estimate_for_alexnet_is_close_to_the_measured_peak():
     from minidl.layers.summary import training_memory
-    from minidl.model_file import load_model_file
+    from minidl.training.model_file import load_model_file
     model = load_model_file(os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py")).build(
         1000, ["cpu", "cpu"])
     (per_image, fixed), = training_memory(model, (3, 227, 227)).values()
@@ -320,7 +320,7 @@ def test_a_folder_that_cannot_be_flushed_does_not_fail_the_write(tmp_path, monke
 
 def test_the_memory_check_counts_layers_that_name_no_device(tmp_path):
     from minidl.layers import Conv2d, Flatten, Layer, Linear, Sequential
-    from minidl.train import check_before_training
+    from minidl.training.train import check_before_training
 
     class Twice(Layer):  # a user's layer with no device of its own: it runs where its input is
         def __init__(self):
@@ -333,13 +333,13 @@ def test_the_memory_check_counts_layers_that_name_no_device(tmp_path):
 
 
 def test_stale_temporaries_are_removed_before_the_free_space_check(dataset, tmp_path, monkeypatch):
-    import minidl.train
+    import minidl.training.train
     out = tmp_path / "o"
     out.mkdir()
     stale = out / ".last.h5.999999999.abc.h5.tmp"  # a dead writer's
     stale.write_bytes(b"x")
     seen = []
-    monkeypatch.setattr(minidl.train, "check_before_training", lambda *a: seen.append(stale.exists()))
+    monkeypatch.setattr(minidl.training.train, "check_before_training", lambda *a: seen.append(stale.exists()))
     train(_model(tmp_path, "tiny.py", TINY_MODEL), data=dataset, devices=("cpu", "cpu"), out_dir=out, max_steps=1)
     assert seen == [False]
 
@@ -348,7 +348,7 @@ def test_ten_crop_evaluation_of_a_confident_model_is_finite():
     """A confident model's probabilities underflow to 0 for most classes; averaging the
     ten crops must not turn that into log(0) = -inf and a false 'diverged' refusal."""
     from minidl.device import device
-    from minidl.evaluate import evaluate
+    from minidl.training.evaluate import evaluate
 
     class Confident:  # logits 1000 apart: exp underflows for every class but the top one
         input_device = output_device = device("cpu")

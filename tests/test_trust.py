@@ -14,12 +14,12 @@ import h5py
 import numpy as np
 import pytest
 
-from minidl.checkpoint import load_checkpoint, save_checkpoint
+from minidl.training.checkpoint import load_checkpoint, save_checkpoint
 from minidl.errors import MinidlError
-from minidl.lock import lock_folder
-from minidl.model_file import BUILTIN_MODEL, builtin_sha256, load_model_file
+from minidl.training.lock import lock_folder
+from minidl.training.model_file import BUILTIN_MODEL, builtin_sha256, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
-from minidl.train import train
+from minidl.training.train import train
 from test_cli import ROOT, TINY_MODEL, dataset, image_dir, run  # noqa: F401 -- fixtures
 
 # what a crafted checkpoint would have minidl run: it leaves a marker file behind
@@ -162,7 +162,7 @@ def test_a_second_run_on_a_locked_out_is_refused(tmp_path, tiny, dataset, monkey
 
 
 def test_a_killed_holder_leaves_the_folder_free(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidl.lock import lock_folder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minidl.training.lock import lock_folder; "
                                "lock = lock_folder(sys.argv[1]); print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], stdout=subprocess.PIPE)
     try:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from minidl.errors import MinidlError
-from minidl.visualize import (TOP5_COLOUR, TRAIN_COLOUR, VAL_COLOUR, _epoch_steps, filter_grid,
+from minidl.training.visualize import (TOP5_COLOUR, TRAIN_COLOUR, VAL_COLOUR, _epoch_steps, filter_grid,
                               save_filter_grid, training_curves)
 
 WHITE = 255
@@ -205,14 +205,14 @@ def test_training_curves_rejects_bad_input_and_writes_nothing(tmp_path):
 
 
 def test_matplotlib_loads_only_when_drawing_and_leaves_pyplot_alone(tmp_path):
-    code = ("import sys, minidl.visualize as v; assert 'matplotlib' not in sys.modules; "
+    code = ("import sys, minidl.training.visualize as v; assert 'matplotlib' not in sys.modules; "
             f"v.training_curves({{'train_loss': [1.0]}}, {str(tmp_path / 'c.png')!r}); "
             "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_picture_is_written_in_the_format_its_suffix_names_and_no_other(tmp_path):
-    from minidl.visualize import picture_format
+    from minidl.training.visualize import picture_format
     assert [picture_format(f"a{s}") for s in (".png", ".jpg", ".JPEG")] == ["png", "jpeg", "jpeg"]
     save_filter_grid(conv1(8), tmp_path / "f.jpg", towers=2)
     with Image.open(tmp_path / "f.jpg") as saved:
@@ -227,7 +227,7 @@ def test_a_picture_is_written_in_the_format_its_suffix_names_and_no_other(tmp_pa
 
 
 def test_class_names_that_would_garble_a_picture_are_shown_quoted():
-    from minidl.visualize import shown_name
+    from minidl.training.visualize import shown_name
     assert shown_name("tabby cat") == "tabby cat" and shown_name("été") == "été"
     assert [shown_name(n) for n in ("", "\n", "a\tb", " cat", "caf\udce9")] == \
         ["''", "'\\n'", "'a\\tb'", "' cat'", "'caf\\udce9'"]

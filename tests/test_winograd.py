@@ -3,7 +3,8 @@ reference and the direct path, float64 gradient checks, float32 error, and the a
 import numpy as np
 import pytest
 
-from minidl import Tensor, cpu_parallel, gradcheck
+from minidl import Tensor, gradcheck
+from minidl.cpu import threads as cpu_threads
 from minidl.errors import MinidlError
 from minidl.functions import conv2d, winograd
 from minidl.functions.winograd import TRANSFORMS, Transform, toom_cook, winograd_conv_backward, winograd_conv_forward
@@ -255,7 +256,7 @@ def test_results_do_not_depend_on_the_core_count(rng, monkeypatch, m, r):
     monkeypatch.setattr(winograd, "SLAB_BYTES", 1)  # a slab per image, so that the cores share them out
 
     def step(cores):
-        monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)  # batch 5: uneven shares
+        monkeypatch.setattr(cpu_threads, "core_count", lambda: cores)  # batch 5: uneven shares
         y, saved = winograd_conv_forward(x, W, None, r // 2, 2, m)
         return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, True))
     for single, split in zip(step(1), step(3)):
@@ -271,7 +272,7 @@ def test_results_do_not_depend_on_the_core_count_with_fewer_slabs_than_cores(rng
     monkeypatch.setattr(winograd, "SLAB_BYTES", 1)
 
     def step(cores):
-        monkeypatch.setattr(cpu_parallel, "core_count", lambda: cores)
+        monkeypatch.setattr(cpu_threads, "core_count", lambda: cores)
         y, saved = winograd_conv_forward(x, W, None, 2, 1, 4)
         return (y,) + winograd_conv_backward(gy, W.shape, saved, (True, True, False))[:2]
     for two, four, one in zip(step(2), step(4), step(1)):
@@ -281,7 +282,7 @@ def test_results_do_not_depend_on_the_core_count_with_fewer_slabs_than_cores(rng
 
 def test_inputs_of_any_layout_give_the_same_convolution(rng):
     """Reversed channels and a batch broadcast from one image: views whose rows the fast transpose
-    (minidl/openblas.py) cannot take, against the same values in a fresh array."""
+    (minidl/cpu/openblas.py) cannot take, against the same values in a fresh array."""
     W = rng.standard_normal((6, 3, 3, 3))
     image = rng.standard_normal((1, 3, 9, 9))
     for x in (rng.standard_normal((2, 3, 9, 9))[:, ::-1], np.broadcast_to(image, (2, 3, 9, 9))):

@@ -14,7 +14,7 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
-from minidl.cpu_parallel import in_parallel
+from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 
 CU = kernels.KernelFile.beside(__file__, "lrn.cu", ("lrn_forward", "lrn_backward"))

@@ -20,7 +20,7 @@ import numpy as np
 
 from minidl import kernels
 from minidl.core import Function
-from minidl.cpu_parallel import in_parallel
+from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 from minidl.functions.conv import output_size
 

@@ -83,7 +83,8 @@ from math import prod
 import numpy as np
 
 from minidl import kernels
-from minidl import cpu_parallel, openblas
+from minidl.cpu import openblas
+from minidl.cpu import threads as cpu_threads
 from minidl.device import cupy
 # conv imports this module for Conv2d, and this module checks arguments with conv's check:
 # a module import (attributes looked up at call time) works whichever is imported first
@@ -333,7 +334,7 @@ def to_blocks(x, s, pad, rows, cols):
             for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
                 blocks[images, :, a, b, i0:i1, j0:j1] = x[images, :, first_row::s, first_col::s][:, :, :i1 - i0, :j1 - j0]
     if xp is np:
-        cpu_parallel.in_parallel(copy, blocks)
+        cpu_threads.in_parallel(copy, blocks)
     else:
         copy(slice(None))
     return blocks.reshape(n, c * s * s, rows, cols)
@@ -459,13 +460,13 @@ def by_slabs(n, image_bytes, slab):
     """slab(images) for slices of range(n), about SLAB_BYTES' worth of images each, shared out among the cores.
 
     The slabs are cut the same way whatever the core count, and their products
-    run on one BLAS thread (cpu_parallel.in_slabs): the BLAS may round a column
+    run on one BLAS thread (cpu_threads.in_slabs): the BLAS may round a column
     differently by where it falls in a product (the last few columns take
     another kernel) and by its thread count, and the results must not depend
     on the core count.
     """
     per_slab = max(1, SLAB_BYTES // image_bytes)
-    cpu_parallel.in_slabs(slab, [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)])
+    cpu_threads.in_slabs(slab, [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)])
 
 
 def kron_product(P, x, out):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from minidl.atomic import atomic_path
 from minidl.errors import MinidlError
-from minidl.interrupts import interrupts_held
+from minidl.training.interrupts import interrupts_held
 
 BACKGROUND = (255, 255, 255)
 SEPARATOR = (170, 170, 170)

@@ -12,10 +12,9 @@ import numbers
 
 import numpy as np
 
-from minidl.emulator import cuda
-from minidl.emulator.cuda import Allocation, MemoryPointer, current_device_id, fill_uninitialised, operation
+from minidl_emulator import cuda
+from minidl_emulator.cuda import Allocation, MemoryPointer, current_device_id, fill_uninitialised, operation
 
-emulated = True  # how minidl tells this stand-in from CuPy (bench counts its operations)
 
 _NOT_ALLOWED = ("Implicit conversion to a NumPy array is not allowed. "
                 "Please use `.get()` to construct a NumPy array explicitly.")
@@ -399,11 +398,6 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True):
     if isinstance(a, ndarray):
         return a.get(stream=stream, order=order, out=out, blocking=blocking)
     return np.asarray(a, order=order)
-
-
-def get_array_module(*args):
-    import sys
-    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
 
 
 def get_default_memory_pool():

@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from minidl.emulator import streams
+from minidl_emulator import streams
 
 DEFAULT_MEMORY_GIB = 6.0
 _serial = itertools.count(16)  # stream and event handles; CUDA reserves 1 and 2 for default streams

@@ -12,9 +12,9 @@ current device, as a real kernel would otherwise read freed or foreign memory.
 The addresses are mapped back to their allocations through the emulator's
 register of live allocations (cuda.live_allocations).
 """
-from minidl.emulator import cuda, kernel_runner
-from minidl.emulator.cuda import operation
-from minidl.emulator.xp import ndarray
+from minidl_emulator import cuda, kernel_runner
+from minidl_emulator.cuda import operation
+from minidl_emulator.xp import ndarray
 
 
 class RawKernel:

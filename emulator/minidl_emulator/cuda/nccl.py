@@ -1,4 +1,4 @@
-"""`cupy.cuda.nccl` on emulated GPUs: the calls minidl.parallel makes, carried over MPI.
+"""`cupy.cuda.nccl` on emulated GPUs: the calls minidl.training.distributed makes, carried over MPI.
 
 Each rank of an mpirun job is its own process with its own emulated GPUs, so
 the collective runs between processes, as NCCL's does, but on the host memory
@@ -17,13 +17,13 @@ the communicator was made on, and the buffers inside live device memory, the
 same or not overlapping (NCCL leaves a partial overlap undefined).
 
 A call refused here raises on its rank before any message: where every rank
-makes the same call, as minidl.parallel's do, they all raise; a rank refused
+makes the same call, as minidl.training.distributed's do, they all raise; a rank refused
 alone leaves the others waiting in MPI (the emulated NCCL has no bounded wait).
 """
 import numpy as np
 
-from minidl.emulator import cuda
-from minidl.emulator.xp import ndarray
+from minidl_emulator import cuda
+from minidl_emulator.xp import ndarray
 
 NCCL_SUM = 0
 NCCL_FLOAT32, NCCL_FLOAT64 = 7, 8  # ncclFloat32, ncclFloat64, as in nccl.h

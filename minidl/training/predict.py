@@ -19,7 +19,7 @@ from minidl.core import Tensor, no_grad
 from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
 from minidl.data.prepare import decode_file
 from minidl.errors import DataError, MinidlError
-from minidl.feature_cache import CacheError, cache_key, read_cache, write_cache
+from minidl.training.feature_cache import CacheError, cache_key, read_cache, write_cache
 from minidl.layers import Linear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -152,7 +152,7 @@ def nearest(queries, base, k, block=1024):
 def dataset_features(restored, data, split="train", batch_size=64, progress=None, note=None):
     """(features (N, D), labels, file positions) of a split of `data`, cached beside the checkpoint.
 
-    The cache (minidl.feature_cache) is reused while the checkpoint's bytes, the model
+    The cache (minidl.training.feature_cache) is reused while the checkpoint's bytes, the model
     file's source and the dataset's contents are those it was made from, and recomputed
     otherwise; one that fails its checks is recomputed too, and replaced. Where it
     cannot be written (a read-only folder, a full disk) the features are used without

@@ -1,6 +1,6 @@
 """The OpenBLAS that NumPy loaded, for two things NumPy does not offer.
 
-Its thread count (cpu_parallel holds it to one thread while AlexNet's towers
+Its thread count (cpu_threads holds it to one thread while AlexNet's towers
 run a core each) and its out-of-place transpose, omatcopy, which copies a
 matrix into its transpose 1.5-2.7x faster than NumPy's strided copy does
 (the Winograd tiles' change of layout, winograd.py; benchmarks/NOTES.md).

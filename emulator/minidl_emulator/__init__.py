@@ -23,36 +23,20 @@ What it cannot show: races inside a kernel (threads run one after another),
 real timing and memory use, and cuBLAS numerics (TF32, summation order).
 """
 import atexit
-import os
 import sys
-
-ENV = "MINIDL_EMULATE_GPUS"
-
-
-def requested_gpus():
-    """How many GPUs MINIDL_EMULATE_GPUS asks for: None when unset."""
-    text = os.environ.get(ENV, "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        from minidl.errors import DeviceError
-        raise DeviceError(f"{ENV}={text!r}: give the number of GPUs to emulate, e.g. {ENV}=2")
-    return int(text)
-
 
 def cupy_module(gpus):
     """The emulated `cupy` namespace with `gpus` fresh GPUs."""
-    from minidl.emulator import cuda, raw, xp  # only when asked for: it compiles kernels with g++
-    xp.cuda, xp.RawModule, xp.RawKernel = cuda, raw.RawModule, raw.RawKernel
+    from minidl_emulator import cuda, namespace  # only when asked for: it compiles kernels with g++
     cuda.configure(gpus)
     atexit.unregister(_print_hazards_left)  # once, however often the GPUs are configured
     atexit.register(_print_hazards_left)
-    return xp
+    return namespace
 
 
 def _print_hazards_left():
     import gc
-    from minidl.emulator import streams
+    from minidl_emulator import streams
     gc.collect()  # arrays in reference cycles are freed, and checked, now rather than never
     printed = _in_uncaught_error(streams.StreamHazard)
     found = [hazard for hazard in streams.take_hazards() if not any(hazard is shown for shown in printed)]

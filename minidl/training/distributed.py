@@ -11,7 +11,7 @@ hooks, as soon as all its gradients are in (see GradientBuckets).
 Transports, chosen per bucket by the device it lives on:
 - CPU: MPI Iallreduce on the NumPy bucket, waited for after backward;
 - GPU: NCCL (cupy.cuda.nccl, the unique id broadcast over MPI) on the device's
-  stream; on emulated GPUs minidl.emulator.nccl, the same interface over MPI;
+  stream; on emulated GPUs the emulator's cuda.nccl, the same interface over MPI;
   without NCCL, MPI on a host copy of the bucket.
 
 A rank that dies makes Open MPI end the job (mpirun reports which rank); a rank
@@ -20,6 +20,7 @@ NCCL reduce (MINIDL_PARALLEL_TIMEOUT seconds, default 600), which aborts the job
 in one line. (The emulated NCCL blocks in MPI instead: under emulation only a
 dead rank, not a hung one, ends a reduce early.)
 """
+import importlib
 import math
 import os
 import sys
@@ -346,12 +347,9 @@ def reducer_for(dev, world):
 
 
 def nccl_module():
-    """cupy.cuda.nccl, the emulator's stand-in on emulated GPUs, or None where NCCL is missing."""
-    if getattr(cupy(), "emulated", False):
-        from minidl.emulator import nccl
-        return nccl
+    """cupy.cuda.nccl (on emulated GPUs, the emulator's), or None where NCCL is missing."""
     try:
-        from cupy.cuda import nccl
+        nccl = importlib.import_module(cupy().cuda.__name__ + ".nccl")
     except ImportError:
         return None
     return nccl if getattr(nccl, "available", True) else None

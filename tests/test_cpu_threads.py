@@ -13,7 +13,8 @@ import types
 import numpy as np
 import pytest
 
-from minidl import Function, Tensor, cpu_parallel, no_grad
+from minidl import Function, Tensor, no_grad
+from minidl.cpu import threads as cpu_threads
 from minidl.core import side_by_side
 from minidl.functions import conv2d, local_response_norm, max_pool2d, softmax_cross_entropy
 from minidl.layers import seed_dropout
@@ -23,11 +24,11 @@ from minidl.optim import MomentumSGD
 @pytest.fixture
 def cores(monkeypatch):
     """cores(n): run as if on n cores; with n > 1 also in small cache blocks, to split the work every way."""
-    block_items = cpu_parallel.CACHE_BLOCK_ITEMS
+    block_items = cpu_threads.CACHE_BLOCK_ITEMS
 
     def use(count):
-        monkeypatch.setattr(cpu_parallel, "core_count", lambda: count)
-        monkeypatch.setattr(cpu_parallel, "CACHE_BLOCK_ITEMS", block_items if count == 1 else 2000)
+        monkeypatch.setattr(cpu_threads, "core_count", lambda: count)
+        monkeypatch.setattr(cpu_threads, "CACHE_BLOCK_ITEMS", block_items if count == 1 else 2000)
     return use
 
 
@@ -43,11 +44,11 @@ def test_every_index_is_covered_once(cores, count, length, blocks):
     def work(part):
         parts.append(part)
         seen[part] += 1
-    cpu_parallel.in_parallel(work, array, blocks=blocks)
+    cpu_threads.in_parallel(work, array, blocks=blocks)
     assert (seen == 1).all()
     assert all(p.stop > p.start for p in parts)
     if blocks:
-        rows_per_block = max(1, cpu_parallel.CACHE_BLOCK_ITEMS // 1000)
+        rows_per_block = max(1, cpu_threads.CACHE_BLOCK_ITEMS // 1000)
         assert all(p.stop - p.start <= rows_per_block for p in parts)
         assert len(parts) >= length // rows_per_block
     else:
@@ -57,14 +58,14 @@ def test_every_index_is_covered_once(cores, count, length, blocks):
 def test_a_0d_array_is_one_call_with_an_ellipsis(cores):
     cores(2)
     parts = []
-    cpu_parallel.in_parallel(parts.append, np.zeros(()))
+    cpu_threads.in_parallel(parts.append, np.zeros(()))
     assert parts == [...]
 
 
 def test_the_shares_run_at_the_same_time(cores):
     cores(3)
     all_running = threading.Barrier(3, timeout=10)  # broken, and the test failed, unless 3 threads meet here
-    cpu_parallel.in_parallel(lambda part: all_running.wait(), np.zeros(3))
+    cpu_threads.in_parallel(lambda part: all_running.wait(), np.zeros(3))
 
 
 @pytest.mark.parametrize("failing_index", [0, 5])  # the caller's own share, and another thread's
@@ -78,7 +79,7 @@ def test_an_error_in_any_share_is_raised_after_all_shares_end(cores, failing_ind
         time.sleep(0.2)  # still running when the other share fails: in_parallel must wait for it
         finished.append(part)
     with pytest.raises(ValueError, match="share failed"):
-        cpu_parallel.in_parallel(work, np.zeros(10))
+        cpu_threads.in_parallel(work, np.zeros(10))
     assert len(finished) == 1
 
 
@@ -145,7 +146,7 @@ def test_optimizer_update_does_not_depend_on_the_core_count(cores):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_gets_a_pool_of_its_own(cores):
     cores(2)
-    cpu_parallel.in_parallel(lambda part: None, np.zeros(2))  # the parent's pool now has a thread
+    cpu_threads.in_parallel(lambda part: None, np.zeros(2))  # the parent's pool now has a thread
     pid = os.fork()
     if pid == 0:  # the child: the parent's pool thread does not exist here
         signal.alarm(10)  # a hang ends the child, and the test fails, instead of hanging the test run
@@ -153,7 +154,7 @@ def test_a_forked_child_gets_a_pool_of_its_own(cores):
 
         def mark(part):
             seen[part] = 1
-        cpu_parallel.in_parallel(mark, seen)
+        cpu_threads.in_parallel(mark, seen)
         os._exit(0 if seen.all() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -173,7 +174,7 @@ def test_importing_minidl_shortens_openblas_spinning_unless_the_user_set_it():
 
 def test_side_by_side_runs_the_calls_at_once_each_on_one_core(cores):
     cores(2)
-    blas = cpu_parallel.blas_threads()
+    blas = cpu_threads.blas_threads()
     threads_before = blas[0]() if blas else None
     both_running = threading.Barrier(2, timeout=10)  # broken, and the test failed, unless both calls meet
     seen = []
@@ -181,25 +182,25 @@ def test_side_by_side_runs_the_calls_at_once_each_on_one_core(cores):
     def call(name):
         both_running.wait()
         parts = []
-        cpu_parallel.in_parallel(parts.append, np.zeros(10))
+        cpu_threads.in_parallel(parts.append, np.zeros(10))
         seen.append((name, parts, blas[0]() if blas else None, threading.get_ident()))
         return name
     if blas is None:  # a BLAS whose threads cannot be set: the calls run in turn, and would never meet
-        assert cpu_parallel.side_by_side([lambda: "a", lambda: "b"]) == ["a", "b"]
+        assert cpu_threads.side_by_side([lambda: "a", lambda: "b"]) == ["a", "b"]
         return
-    assert cpu_parallel.side_by_side([functools.partial(call, "a"), functools.partial(call, "b")]) == ["a", "b"]
+    assert cpu_threads.side_by_side([functools.partial(call, "a"), functools.partial(call, "b")]) == ["a", "b"]
     assert sorted(s[:3] for s in seen) == [("a", [slice(0, 10)], 1), ("b", [slice(0, 10)], 1)]  # one core each
     assert len({s[3] for s in seen}) == 2
     assert blas[0]() == threads_before  # BLAS has its threads back
     parts = []
-    cpu_parallel.in_parallel(parts.append, np.zeros(10))
+    cpu_threads.in_parallel(parts.append, np.zeros(10))
     assert len(parts) == 2  # and in_parallel splits again
 
 
 @pytest.mark.parametrize("failing", [0, 1])  # the caller's own call, and the other thread's
 def test_side_by_side_raises_an_error_once_all_calls_end(cores, failing):
     cores(2)
-    blas = cpu_parallel.blas_threads()
+    blas = cpu_threads.blas_threads()
     threads_before = blas[0]() if blas else None
     finished = []
 
@@ -212,7 +213,7 @@ def test_side_by_side_raises_an_error_once_all_calls_end(cores, failing):
     calls = [slow, slow]
     calls[failing] = fail
     with pytest.raises(ValueError, match="call failed"):
-        cpu_parallel.side_by_side(calls)
+        cpu_threads.side_by_side(calls)
     assert finished == [True]
     if blas:
         assert blas[0]() == threads_before
@@ -220,14 +221,14 @@ def test_side_by_side_raises_an_error_once_all_calls_end(cores, failing):
 
 def test_side_by_side_from_two_threads_at_once_leaves_the_blas_as_it_was(cores):
     cores(2)
-    blas = cpu_parallel.blas_threads()
+    blas = cpu_threads.blas_threads()
     before = blas[0]() if blas else None
     results, errors = [], []
 
     def user(k):
         try:
             for _ in range(20):
-                results.append(tuple(cpu_parallel.side_by_side([lambda: k, lambda: k + 1])))
+                results.append(tuple(cpu_threads.side_by_side([lambda: k, lambda: k + 1])))
         except Exception as error:  # noqa: BLE001 -- reported below
             errors.append(error)
     users = [threading.Thread(target=user, args=(k,)) for k in (0, 10)]
@@ -242,16 +243,16 @@ def test_side_by_side_from_two_threads_at_once_leaves_the_blas_as_it_was(cores):
 
 def test_side_by_side_runs_in_turn_on_one_core_without_blas_control_and_when_nested(cores, monkeypatch):
     def thread_of_each(count):
-        return cpu_parallel.side_by_side([threading.get_ident] * count)
+        return cpu_threads.side_by_side([threading.get_ident] * count)
     cores(1)
     assert set(thread_of_each(2)) == {threading.get_ident()}
     cores(2)
-    monkeypatch.setattr(cpu_parallel, "_blas", [None])  # a BLAS that cannot be held to one thread
+    monkeypatch.setattr(cpu_threads, "_blas", [None])  # a BLAS that cannot be held to one thread
     assert set(thread_of_each(2)) == {threading.get_ident()}
     monkeypatch.undo()
     cores(2)
-    if cpu_parallel.blas_threads() is not None:
-        inner = cpu_parallel.side_by_side([lambda: set(thread_of_each(2))] * 2)
+    if cpu_threads.blas_threads() is not None:
+        inner = cpu_threads.side_by_side([lambda: set(thread_of_each(2))] * 2)
         assert all(len(threads) == 1 for threads in inner)  # a call's own calls stay on its core
 
 
@@ -260,7 +261,7 @@ def test_side_by_side_runs_in_turn_on_one_core_without_blas_control_and_when_nes
 @pytest.mark.parametrize("count, slabs", [(1, 5), (2, 5), (4, 3), (4, 1), (3, 7)])
 def test_in_slabs_runs_each_slab_once_in_order_on_one_blas_thread(cores, count, slabs):
     cores(count)
-    blas = cpu_parallel.blas_threads()
+    blas = cpu_threads.blas_threads()
     before = blas[0]() if blas else None
     shares = min(count, slabs)
     firsts = {slabs * i // shares for i in range(shares)}  # each share's first slab
@@ -272,7 +273,7 @@ def test_in_slabs_runs_each_slab_once_in_order_on_one_blas_thread(cores, count, 
         if slab in firsts:
             all_begun.wait()
         seen.append((slab, blas[0]() if blas else None))
-    cpu_parallel.in_slabs(work, list(range(slabs)))
+    cpu_threads.in_slabs(work, list(range(slabs)))
     assert sorted(slab for slab, _ in seen) == list(range(slabs))
     for first, end in zip(sorted(firsts), sorted(firsts)[1:] + [slabs]):  # each share in order
         assert [slab for slab, _ in seen if first <= slab < end] == list(range(first, end))
@@ -283,19 +284,19 @@ def test_in_slabs_runs_each_slab_once_in_order_on_one_blas_thread(cores, count, 
 
 def test_in_slabs_inside_side_by_side_runs_in_the_calls_thread(cores):
     cores(2)
-    if cpu_parallel.blas_threads() is None:
+    if cpu_threads.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so side_by_side runs in turn here")
 
     def call():
         threads = set()
-        cpu_parallel.in_slabs(lambda slab: threads.add(threading.get_ident()), [0, 1, 2])
+        cpu_threads.in_slabs(lambda slab: threads.add(threading.get_ident()), [0, 1, 2])
         return threads == {threading.get_ident()}
-    assert cpu_parallel.side_by_side([call, call]) == [True, True]
+    assert cpu_threads.side_by_side([call, call]) == [True, True]
 
 
 def test_in_slabs_of_nothing_does_nothing(cores):
     cores(2)
-    cpu_parallel.in_slabs(lambda slab: pytest.fail("no slab to run"), [])
+    cpu_threads.in_slabs(lambda slab: pytest.fail("no slab to run"), [])
 
 
 def test_branches_build_a_graph_only_in_the_callers_grad_mode(cores):
@@ -332,7 +333,7 @@ def tiny_branches_side_by_side(cores, monkeypatch):
     from minidl import core
     monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)
     cores(2)
-    if cpu_parallel.blas_threads() is None:
+    if cpu_threads.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
 
 
@@ -420,13 +421,13 @@ def test_the_command_imports_minidl_before_numpy():
 
 def test_side_by_side_runs_in_turn_with_more_cores_than_calls_and_inside_in_parallel(cores):
     cores(3)  # two calls on three cores: each operation split over all three instead
-    assert set(cpu_parallel.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()}
+    assert set(cpu_threads.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()}
     cores(2)
     seen = []
 
     def work(part):  # a side_by_side inside in_parallel's work: in turn, in work's thread (no deadlock)
-        seen.append(set(cpu_parallel.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()})
-    cpu_parallel.in_parallel(work, np.zeros(2))
+        seen.append(set(cpu_threads.side_by_side([threading.get_ident] * 2)) == {threading.get_ident()})
+    cpu_threads.in_parallel(work, np.zeros(2))
     assert seen == [True, True]
 
 

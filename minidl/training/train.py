@@ -19,7 +19,7 @@ function of that seed, its layer and its row of the global batch). So a run
 resumed from a checkpoint, which records where it stood, takes the same steps
 as one that never stopped, and N ranks take one process's.
 
-Data parallelism (`data_parallel`, under mpirun; minidl.parallel): every rank
+Data parallelism (`data_parallel`, under mpirun; minidl.training.distributed): every rank
 holds a replica, trains on its shard of each global batch, and averages the
 gradients before the same update. Only rank 0 reports and writes; the loss,
 accuracy and validation figures it reports are sums over all ranks, so the
@@ -36,22 +36,23 @@ import time
 import numpy as np
 
 from minidl.atomic import remove_stale_temporaries
-from minidl.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_checkpoint
+from minidl.training.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_checkpoint
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
-from minidl.device import keep_freed_host_memory, resolve_devices
+from minidl.cpu.memory import keep_freed_host_memory
+from minidl.device import resolve_devices
 from minidl.errors import MinidlError, NonFiniteError
-from minidl.evaluate import check_labels, evaluate, topk_correct
+from minidl.training.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
 from minidl.hdf5 import show
 from minidl.layers import seed_dropout
 from minidl.layers.summary import check_training_memory
-from minidl.lock import lock_folder
-from minidl.model_file import input_scale, load_model_file
+from minidl.training.lock import lock_folder
+from minidl.training.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
-from minidl.parallel import ShardedLoader, Solo, World, rank_device_map
-from minidl.restore import Restored
-from minidl.visualize import training_curves
+from minidl.training.distributed import ShardedLoader, Solo, World, rank_device_map
+from minidl.training.restore import Restored
+from minidl.training.visualize import training_curves
 
 
 def resolve_config(model_file, builtin, overrides):
@@ -381,7 +382,7 @@ def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=N
     (the "epoch" and "end" events carry the count). An update that makes a
     weight or velocity non-finite stops the run in any case, before any
     checkpoint holds it. With data_parallel, this process is one rank of an
-    mpirun job (see minidl.parallel). A resumed run refuses a model file other
+    mpirun job (see minidl.training.distributed). A resumed run refuses a model file other
     than the one it was trained with unless allow_model_change.
     """
     if log_every < 1:

@@ -52,7 +52,7 @@ from minidl.atomic import atomic_hdf5
 from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
                          Rule, open_minidl_file, show, whole)
-from minidl.model_file import input_scale, source_sha256
+from minidl.training.model_file import input_scale, source_sha256
 
 FORMAT = "minidl-checkpoint"
 VERSION = 1

@@ -274,8 +274,8 @@ def _headers(include_dirs):
 
 def cache_dir():
     """Where built libraries are kept: `emulator` in minidl's cache folder ($MINIDL_CACHE or ~/.cache/minidl)."""
-    from minidl.data.builtin import default_cache_dir  # the one place that picks minidl's cache folder
-    return os.path.join(default_cache_dir(), "emulator")
+    return os.path.join(os.environ.get("MINIDL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minidl"),
+                        "emulator")
 
 
 def _build(code, path, include_dirs):

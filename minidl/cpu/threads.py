@@ -27,7 +27,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from minidl import openblas
+from minidl.cpu import openblas
 
 _pool, _pool_threads = None, 0
 _branch = threading.local()  # .alone: this thread runs one of side_by_side's calls, on one core

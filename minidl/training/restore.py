@@ -11,13 +11,13 @@ import functools
 import json
 import os
 
-from minidl.checkpoint import load_checkpoint
+from minidl.training.checkpoint import load_checkpoint
 from minidl.data import Loader
 from minidl.device import resolve_devices
 from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import show
 from minidl.layers.init import parameter_budget
-from minidl.model_file import BUILTIN_MODEL, builtin_sha256, input_scale, load_model_file
+from minidl.training.model_file import BUILTIN_MODEL, builtin_sha256, input_scale, load_model_file
 
 
 def model_file_for(checkpoint, model_path=None, how="with --model FILE"):

@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 
-from minidl.checkpoint import check_recipe
+from minidl.training.checkpoint import check_recipe
 from minidl.core import Tensor
-from minidl.device import keep_freed_host_memory, resolve_devices
+from minidl.cpu.memory import keep_freed_host_memory
+from minidl.device import resolve_devices
 from minidl.functions import softmax_cross_entropy
 from minidl.layers import seed_dropout
 from minidl.layers.summary import check_training_memory
@@ -88,11 +89,10 @@ class _PeakMemory:
 
 
 def _device_work(devices):
-    """The emulator's count of device operations so far (None on real GPUs and the CPU)."""
+    """The device's count of its operations so far, where it keeps one (emulated GPUs); else None."""
     cuda_devices = [d for d in devices if d.is_cuda]
-    if not cuda_devices or not getattr(cuda_devices[0].xp, "emulated", False):
-        return None
-    return dict(cuda_devices[0].xp.cuda.work)
+    work = getattr(cuda_devices[0].xp.cuda, "work", None) if cuda_devices else None
+    return None if work is None else dict(work)
 
 
 def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_classes=1000,
