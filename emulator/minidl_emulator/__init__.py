@@ -1,26 +1,10 @@
-"""Emulated CUDA GPUs: CuPy's API on the CPU, strict where GPU bugs hide.
+"""Emulated CUDA GPUs: CuPy's API on the CPU, strict where GPU bugs hide (see emulator/README.md).
 
-minidl's GPU path runs here, in every CI run, on machines without a GPU. It is
-never chosen silently: set MINIDL_EMULATE_GPUS=N (or run pytest with
---emulate-gpus N) and `minidl.device.cupy()` returns this stand-in instead of
-CuPy. What it enforces, each where a real GPU would misbehave:
-
-- arrays are not NumPy arrays: mixing the two, or converting implicitly, is a
-  TypeError; an operand on another GPU is an error (no peer access) (xp.py);
-- RawModule compiles the project's unchanged .cu files with g++ and runs every
-  block and thread; each launch checks its arguments against the kernel's C
-  parameter types with CuPy's marshalling rules (raw.py, kernel_runner.py);
-- fresh device memory holds NaN or an integer sentinel, and each GPU has a
-  memory limit (cuda.py);
-- streams and events are modelled, and every access is checked against the
-  order they guarantee; a buffer freed while another stream may use it is
-  reported too (streams.py). Every hazard that nothing took (one that code
-  caught, or one found when memory was freed, which raises nowhere) is printed
-  to stderr when the process exits, so a subprocess (an mpirun rank) shows it;
-  one whose error ended the process is in its traceback, and printed once.
-
-What it cannot show: races inside a kernel (threads run one after another),
-real timing and memory use, and cuBLAS numerics (TF32, summation order).
+Chosen only by MINIDL_EMULATE_GPUS=N (pytest --emulate-gpus N), in minidl.device.cupy(),
+which calls `cupy_module(N)`. Enforced: no mixing with NumPy arrays, no operand on
+another GPU, kernel arguments checked against their C types, fresh memory holding NaN,
+a memory limit per GPU, and stream order (a hazard raises, and is printed at exit
+when nothing took it). Not shown: races inside a kernel, real timing, cuBLAS numerics.
 """
 import atexit
 import sys

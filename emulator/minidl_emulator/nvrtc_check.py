@@ -1,31 +1,9 @@
 """Compile a kernel source with NVRTC exactly as CuPy's RawModule would, without a GPU.
 
-minidl loads its kernels with `cupy.RawModule(code=source, options=("--std=c++14",
-"-I<the .cu file's folder>"), name_expressions=...)` (minidl/kernels.py). For that call CuPy
-(v14, cupy/_core/core.pyx and cupy/cuda/compiler.py) hands NVRTC these options, in this order:
-
-    -I<cupy>/_core/include/cupy/_cccl/{cub,thrust,libcudacxx}   assemble_cupy_compiler_options
-    --std=c++14                       ours; CuPy adds --std=c++17 only when no -std is given
-    -I<the .cu file's folder>         ours, for the headers minidl's kernels share (window.cuh)
-    -I<cupy>/_core/include            assemble_cupy_compiler_options
-    -I<CUDA include dir>              assemble_cupy_compiler_options (cudart headers)
-    -ftz=true                         _compile_with_cache_cuda: always, for every kernel
-    -arch=sm_XX                       _get_arch_for_options_for_nvrtc: a cubin; -arch=compute_XX
-                                      (PTX) under CUPY_COMPILE_WITH_PTX=1 or a GPU newer than
-                                      this NVRTC knows
-    --device-as-default-execution-space   _compile_using_nvrtc_no_warning (jitify off)
-
-RawModule prepends no CuPy header to the source (prepend_cupy_headers=False), adds each
-name expression with nvrtcAddNameExpression before compiling and reads the mangled
-names back with nvrtcGetLoweredName (compiler._NVRTCProgram.compile). Our -I names the
-caller's folder, so the caller passes it (compile_like_cupy's extra_options, which go
-last: where an -I stands among the options does not change what NVRTC builds). Left out
-here: CuPy's own -I paths, since minidl's kernels include none of CuPy's or CUDA's headers
-(add them back the day one does), and the options CuPy adds only on request (--device-debug
---generate-line-info under CUPY_CUDA_COMPILE_WITH_DEBUG=1, --pch under CUPY_NVRTC_USE_PCH=1).
-
-libnvrtc comes from the PyPI wheel nvidia-cuda-nvrtc-cu12 (the `test` extra), the NVRTC
-that cupy-cuda12x itself loads; it needs neither a GPU nor a driver.
+`compile_like_cupy(source, name_expressions, extra_options)` passes NVRTC CuPy's options in
+CuPy's order (-ftz=true, -arch=sm_XX, --device-as-default-execution-space, ...; the list,
+and where in CuPy's source each comes from, is in emulator/README.md). libnvrtc comes
+from the PyPI wheel nvidia-cuda-nvrtc-cu12 (the `test` extra); it needs no GPU.
 """
 import ctypes
 import functools

@@ -1,24 +1,10 @@
 """Stream ordering on emulated GPUs: what may run before what, and the hazards that follow.
 
-The emulator runs every operation at once, on the host, so results never show a
-race. Instead it keeps the order a real GPU would *guarantee* and checks each
-access against it. Every stream is a timeline: an operation enqueued on it gets
-the next number on its clock. A vector clock per stream says, for every other
-stream, up to which operation it is known to be complete (events carry a copy
-of it; `wait_event` merges it in; the host's own clock grows when it
-synchronizes, and a later operation inherits what the host knows). The legacy
-default stream waits for the blocking streams of its GPU and they wait for it;
-non-blocking streams order with nothing implicitly.
-
-Each allocation remembers its last write and the reads since. An access not
-ordered after a conflicting one (read after write, write after read or write)
-on another stream is a hazard, and so is an allocation going back to the pool of
-the stream it was made on while another stream may still use it (CuPy's pool
-hands it to that stream's next allocation at once). Hazards are reported with
-the file and line outside the emulator that did the access; they raise
-StreamHazard where the access happens and are also kept in `hazards`, so a
-test fixture can fail a test whose code swallowed the exception (or whose
-hazard was found when Python freed an array).
+Every stream is a timeline with a vector clock; events carry clocks, `wait_event` merges
+them, host synchronisation advances the host's. An access not ordered after a conflicting
+one on another stream, or a free while another stream may still use the memory, is a
+StreamHazard: raised where it happens and kept in `hazards` for the test fixture
+(the model in full: emulator/README.md).
 """
 import itertools
 import os
