@@ -134,7 +134,7 @@ def at_least(minimum):
     return count
 
 
-def main():
+def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=at_least(1), default=32)
@@ -146,11 +146,11 @@ def main():
     args = parser.parse_args()
     if args.rounds % 2 or args.rounds > args.steps:
         parser.error(f"--rounds must be even and at most --steps ({args.steps}), got {args.rounds}")
-    frameworks = ["PyTorch", "minidl"]
-    # found, not imported: this process only directs the two (a PyTorch that is found but fails stops the run)
-    if importlib.util.find_spec("torch") is None:
-        print("PyTorch is not importable here: measuring minidl alone", file=sys.stderr)
-        frameworks = ["minidl"]
+    return args
+
+
+def run_rounds(frameworks, args):
+    """Each framework in a process of its own, its steps in the rounds of `schedule`: {framework: [run, ...]}."""
     context = multiprocessing.get_context("spawn")  # a fresh process each: no thread pool or allocator shared
     connections, processes, runs = {}, {}, {f: [] for f in frameworks}
 
@@ -183,13 +183,18 @@ def main():
                 pass
         for process in processes.values():
             process.join()
+    return runs
+
+
+def report(runs, args):
     rows = []
-    for f in frameworks:
-        times = [t for run in runs[f] for t in run["step_seconds"]]
+    for f, framework_runs in runs.items():
+        times = [t for run in framework_runs for t in run["step_seconds"]]
         median = statistics.median(times)
-        name = runs[f][0]["name"] + (", minidl's malloc settings" if f == "PyTorch" and args.same_allocator else "")
+        name = framework_runs[0]["name"] + (", minidl's malloc settings"
+                                            if f == "PyTorch" and args.same_allocator else "")
         rows.append(dict(name=name, steps=len(times), ms_per_step=1000 * median, images_per_s=args.batch_size / median,
-                         peak_memory_bytes=max(run["peak_memory_bytes"] for run in runs[f])))
+                         peak_memory_bytes=max(run["peak_memory_bytes"] for run in framework_runs)))
     base = rows[0]["images_per_s"]
     print(f"\nAlexNet training step, batch {args.batch_size}, {args.device}, median of each one's steps "
           f"over {args.rounds} rounds")
@@ -200,6 +205,16 @@ def main():
     for r in rows:
         print(f"{r['name']:{width}} {r['steps']:5} {r['ms_per_step']:9.1f} {r['images_per_s']:9.1f} "
               f"{r['images_per_s'] / base:8.2f}x {r['peak_memory_bytes'] / 2**30:5.2f} GiB")
+
+
+def main():
+    args = parse_arguments()
+    frameworks = ["PyTorch", "minidl"]
+    # found, not imported: this process only directs the two (a PyTorch that is found but fails stops the run)
+    if importlib.util.find_spec("torch") is None:
+        print("PyTorch is not importable here: measuring minidl alone", file=sys.stderr)
+        frameworks = ["minidl"]
+    report(run_rounds(frameworks, args), args)
 
 
 if __name__ == "__main__":
