@@ -54,7 +54,7 @@ class Loader:
         rank, size = shard
         if not 0 <= rank < size:
             raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard!r}")
-        self.rank, self.size = rank, size
+        self.shard = (rank, size)
         self.path, self.batch_size, self.crop, self.augment = path, batch_size, crop, augment
         self.pca_sigma, self.ten_crop, self.seed, self.prefetch = pca_sigma, ten_crop, seed, prefetch
         self.drop_last, self.scale = drop_last, scale
@@ -108,7 +108,8 @@ class Loader:
 
     def shard_rows(self, count: int) -> np.ndarray:
         """The rows of a batch of `count` this shard holds: its contiguous run of an even split."""
-        return np.array_split(np.arange(count), self.size)[self.rank]
+        rank, size = self.shard
+        return np.array_split(np.arange(count), size)[rank]
 
     def _read_batches(self, epoch, start):
         # runs in the background thread, which opens its own file: h5py objects stay in one thread
