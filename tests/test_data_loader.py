@@ -200,3 +200,52 @@ def test_after_close_the_file_can_be_rewritten_at_once(dataset, tmp_path):
 def test_crop_larger_than_the_images(dataset):
     with pytest.raises(DataError, match=r"^crop 300x300 is larger than the stored 256x256 images$"):
         Loader(dataset, batch_size=4, crop=300)
+
+
+def sharded_batches_as_before(loader, epoch, rank, size):
+    """The batches the ShardedLoader subclass gave (its _read_batches, frozen here): shard=(rank, size) must
+    give exactly these, so existing and resumed data-parallel runs see the same data."""
+    from minidl.data.loader import AUGMENT_STREAM
+    batches = []
+    with open_dataset(loader.path) as f:
+        images = f["images"]
+        for i, positions in enumerate(loader.batch_positions(epoch)):
+            mine = np.array_split(np.arange(len(positions)), size)[rank]
+            own = np.stack([images[index] for index in loader.indices[positions[mine]]]) if len(mine) else \
+                np.zeros((0,) + images.shape[1:], images.dtype)
+            if not loader.augment:
+                if len(mine):
+                    batches.append((loader.make_batch(own, None), loader.labels[positions[mine]]))
+                continue
+            batch = np.zeros((len(positions),) + images.shape[1:], images.dtype)
+            batch[mine] = own
+            rng = np.random.default_rng([loader.seed, epoch, AUGMENT_STREAM, i])
+            batches.append((loader.make_batch(batch, rng)[mine], loader.labels[positions[mine]]))
+    return batches
+
+
+@pytest.mark.parametrize("split, augment, batch_size, size", [("train", True, 8, 2), ("train", True, 7, 3),
+                                                                ("val", False, 4, 3), ("all", False, 7, 2)])
+def test_a_shard_gives_the_batches_the_sharded_loader_gave(dataset, split, augment, batch_size, size):
+    """Each rank's rows and augmentation are those of the old ShardedLoader; together the shards are one
+    process's batches (augmentation included), row for row."""
+    whole = Loader(dataset, split=split, batch_size=batch_size, augment=augment, mean="channel", seed=3)
+    single = all_batches(whole, 1)
+    shards = []
+    for rank in range(size):
+        loader = Loader(dataset, split=split, batch_size=batch_size, augment=augment, mean="channel", seed=3,
+                        shard=(rank, size))
+        assert len(loader) == len(whole) and loader.num_images == whole.num_images
+        shards.append(all_batches(loader, 1))
+        assert_same_batches(shards[-1], sharded_batches_as_before(loader, 1, rank, size))
+        assert_same_batches(all_batches(loader, 1, start=1), shards[-1][1:])  # resuming a shard
+    if augment or all(len(y) >= size for _, y in single):  # every shard has rows of every batch
+        joined = [(np.concatenate([s[i][0] for s in shards]), np.concatenate([s[i][1] for s in shards]))
+                  for i in range(len(single))]
+        assert_same_batches(joined, single)
+
+
+@pytest.mark.parametrize("shard", [(2, 2), (-1, 2), (0, 0)])
+def test_a_shard_outside_the_ranks_is_refused(dataset, shard):
+    with pytest.raises(ValueError, match=r"^shard must be \(rank, size\) with 0 <= rank < size, got "):
+        Loader(dataset, batch_size=4, shard=shard)

@@ -73,7 +73,7 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_model, dataset):
     """The heart of data parallelism: the same weights and losses as one process with the same global batch.
 
     The ranks shard each global batch of 8 and augment their rows as the single
-    process does (ShardedLoader), so only the summation order differs. Three steps
+    process does (Loader(shard=...)), so only the summation order differs. Three steps
     cross an epoch: the sharded validation must give the single process's figures.
     """
     common = dict(data=str(dataset), devices="cpu", batch_size=8, max_steps=3, log_every=1)
@@ -136,14 +136,23 @@ def test_two_ranks_with_dropout_take_the_steps_of_one_process(tmp_path, dataset,
 
 
 @pytest.mark.gpu
-def test_replicas_stay_identical_over_nccl(tmp_path, tiny_model, dataset):
-    """On GPUs the gradients go through NCCL (the emulated one, over MPI, in CI); the replicas stay bit-identical,
-    and the run still matches one process."""
+@pytest.mark.parametrize("nccl", ["1", "0"], ids=["nccl", "mpi-without-nccl"])
+def test_replicas_stay_identical_over_nccl_or_without_it(tmp_path, tiny_model, dataset, nccl):
+    """On GPUs the gradients go through NCCL (the emulated one, over MPI, in CI), or, where CuPy has no NCCL
+    (pip's cupy-cuda12x; MINIDL_EMULATE_NCCL=0 on emulated GPUs), through MPI on a host copy read back and
+    written on the device's stream: 0 stream hazards either way, the replicas stay bit-identical, and the run
+    still matches one process."""
     if gpu_count() < 2:
         pytest.skip("two ranks on one host need a GPU each")
+    if nccl == "0" and not os.environ.get("MINIDL_EMULATE_GPUS"):
+        pytest.skip("only the emulated GPUs can be without NCCL on demand")
+    env = {**os.environ, "MINIDL_EMULATE_NCCL": nccl}
+    found = subprocess.run([sys.executable, "-c", "from minidl.training.distributed import nccl_module; "
+                            "print(nccl_module() is not None)"], capture_output=True, text=True, env=env)
+    assert found.stdout.strip() == str(nccl == "1"), found.stdout + found.stderr  # the transport under test
     common = dict(data=str(dataset), devices="cuda:0", batch_size=8, max_steps=4, log_every=2)
     one = train(tiny_model, out_dir=str(tmp_path / "one"), **common)
-    done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common))
+    done = mpirun(tmp_path, dict(model_path=tiny_model, out_dir=str(tmp_path / "two"), **common), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stream hazard" not in done.stderr  # the emulator prints at exit any hazard a rank had and nobody took
     ranks = [weights(tmp_path / "two" / f"rank{r}.npz") for r in (0, 1)]
@@ -219,7 +228,9 @@ after = GradientBuckets(plain.params(), world, bucket_bytes=1, overlap=False)  #
 start = buckets._start
 buckets._start = lambda k: (events.append(["start", k]), start(k))
 steps = []
-for step in range(3):
+for step in range(4):
+    if step == 3:  # closed: no hooks left, every bucket starts in average()
+        buckets.close()
     x = np.random.default_rng([step, world.rank]).normal(size=(5, 6)).astype(np.float32)
     for model, b in ((overlapped, buckets), (plain, after)):
         model.zero_grad()
@@ -230,7 +241,7 @@ for step in range(3):
         b.average()
     every = world.comm.allgather(local)
     steps.append(dict(
-        events=events[:],
+        events=events[:], hooks=[len(layer.W.grad_hooks) for layer in (overlapped.fc1, overlapped.fc2, overlapped.fc3)],
         same=all(np.array_equal(p.grad.data, q.grad.data) for p, q in zip(overlapped.params(), plain.params())),
         mean=all(np.allclose(p.grad.data, (a + b) / 2, rtol=1e-6, atol=1e-7)
                  for p, a, b in zip(overlapped.params(), *every))))
@@ -246,16 +257,16 @@ with open(sys.argv[1] + f".{world.rank}.json", "w") as f:
 def test_buckets_start_during_backward_and_match_the_reduce_after_it(tmp_path):
     """The buckets' reduces start from the grad hooks, before backward returns, in the reverse parameter order
     on every rank; the means are bit for bit those of packing and reducing everything after backward. A
-    weight used twice is reduced once more after the first step's backward, then waited for in full."""
+    weight used twice (Tensor.uses counts its uses in the forward) is packed once, after its second gradient,
+    from the first step on; close() takes the hooks off, and the buckets then reduce after backward."""
     _, said = run_ranks(tmp_path, OVERLAP_SCRIPT)
     for steps in said:
         backward_done = ["backward returned"]
-        # six buckets (fc1.W, fc1.b, fc2.W, fc2.b, fc3.W, fc3.b): all started during backward, last first;
-        # at the first step fc2's buckets started after the first of its two gradients, so they go again
-        assert steps[0]["events"] == [["start", k] for k in (5, 4, 3, 2, 1, 0)] + [backward_done] + \
-            [["start", 3], ["start", 2]]
-        for step in steps[1:]:  # fc2's count learnt: every bucket once, all during backward
+        # six buckets (fc1.W, fc1.b, fc2.W, fc2.b, fc3.W, fc3.b): all started during backward, last first
+        for step in steps[:3]:
             assert step["events"] == [["start", k] for k in (5, 4, 3, 2, 1, 0)] + [backward_done]
+        assert steps[3]["hooks"] == [0, 0, 0] and steps[0]["hooks"] == [1, 1, 1]
+        assert steps[3]["events"] == [backward_done] + [["start", k] for k in (5, 4, 3, 2, 1, 0)]
         assert all(step["same"] and step["mean"] for step in steps), steps
 
 
@@ -360,3 +371,31 @@ def test_a_wait_limit_that_is_no_positive_number_is_refused(monkeypatch, value):
         wait_limit()
     monkeypatch.setenv(TIMEOUT_ENV, "2.5")
     assert wait_limit() == 2.5
+
+
+class Node:
+    """What rank_device_map reads of a World: this rank's place among the ranks on its host."""
+    def __init__(self, local_rank, local_size):
+        self.local_rank, self.local_size = local_rank, local_size
+
+
+@pytest.mark.parametrize("local_rank, requested, gpus, expected", [
+    (1, "cuda:0,cuda:1", 4, {0: 2, 1: 3, 2: 2, 3: 3}),  # two GPUs per rank: rank 1 gets GPUs 2 and 3
+    (1, "cuda:0", 4, {0: 1, 1: 1, 2: 1, 3: 1}),  # one GPU per rank
+    (0, None, 4, {0: 0, 1: 1, 2: 0, 3: 1}),  # by default the host's GPUs shared out evenly (at most two)
+    (1, None, 2, {0: 1, 1: 1}),
+    (0, "cpu", 4, {}), (0, "cuda:0", 0, {}),  # nothing to share out
+])
+def test_rank_device_map_returns_this_ranks_slice_and_changes_nothing(local_rank, requested, gpus, expected):
+    from minidl.device import physical_index
+    from minidl.training.distributed import rank_device_map
+    before = [physical_index(i) for i in range(4)]
+    assert rank_device_map(Node(local_rank, 2), requested, gpus) == expected
+    assert [physical_index(i) for i in range(4)] == before  # pure: the caller applies the map
+
+
+def test_rank_device_map_refuses_more_gpus_than_the_host_has():
+    from minidl.errors import MinidlError
+    from minidl.training.distributed import rank_device_map
+    with pytest.raises(MinidlError, match="^2 ranks on this host with 2 GPU\\(s\\) each need 4 GPUs; it has 3: "):
+        rank_device_map(Node(0, 2), "cuda:0,cuda:1", 3)

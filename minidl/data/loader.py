@@ -1,29 +1,17 @@
 """Batches from a minidl dataset file, prepared by a background thread while the caller trains.
 
-Reproducibility: every random choice is a pure function of where the run stands.
-The image order of epoch e comes from (seed, e) and the augmentation of batch i of
-epoch e from (seed, e, i), so the same seed gives the same batches, and
-`epoch_batches(e, start=k)` yields exactly the batches k, k+1, ... that an
-uninterrupted epoch would have yielded (a resumed run sees the same data).
-
-Reading: a batch's indices are sorted and its images read one by one in that
-order, a forward sweep through the file. (h5py's fancy indexing, which also needs
-increasing indices, is some 100x slower than these single reads on chunked
-images.) The images then stay in file order inside the batch: the shuffle decides
-which images share a batch, and their order within it does not change the step.
-
-PCA lighting scale: the shift is the paper's [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T with
-the eigenvalues l_i of the covariance of RGB values on the 0..1 scale, as in the
-common ports (fb.resnet.torch's 0.2175, 0.0188, 0.0045 for ImageNet, or the same
-times 255, 55.46, 4.794, 1.148, for 0..255 pixels). The file stores the
-eigenvalues of 0..255 values, so on 0..255 pixels the shift is
-eigvecs @ (alpha * eigvals / 255): eigenvalues taken on 0..255 directly would move
-pixels by hundreds of levels.
+Every random choice is a pure function of where the run stands: the image order of
+epoch e comes from (seed, e), the augmentation of batch i of epoch e from (seed, e, i).
+So `epoch_batches(e, start=k)` yields exactly the batches k, k+1, ... of an
+uninterrupted epoch, and a shard (one rank's rows) is exactly those rows of one
+process's batch. A batch's images are read in file order (a forward sweep).
 """
 import atexit
+import os
 import queue
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -42,18 +30,19 @@ ORDER_STREAM, AUGMENT_STREAM = 1, 2
 class Loader:
     """Mini-batches (x float32 NCHW, y int64) of one split of a dataset file.
 
-    augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off).
-    augment=False: the centre crop, or with ten_crop the paper's 10 crops, giving
-    x of shape (B, 10, 3, crop, crop) in augment.TEN_CROP_ORDER.
-    mean="pixel" subtracts the dataset's mean image, "channel" its mean RGB; an array
-    (S, S, 3) is subtracted instead (a checkpoint's training mean, on another dataset).
-    scale multiplies the result: 1 keeps the paper's 0..255 scale; He-initialised
-    weights want about 1/255 (on 0..255 their first steps at lr 0.01 diverge).
+    augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off). augment=False:
+    the centre crop, or with ten_crop the paper's 10 crops, x (B, 10, 3, crop, crop) in TEN_CROP_ORDER.
+    mean="pixel" subtracts the dataset's mean image, "channel" its mean RGB, an (S, S, 3) array that.
+    scale multiplies the result (1: the paper's 0..255; He-initialised weights want about 1/255).
     shuffle (default: as augment) draws a new image order each epoch.
+    shard=(rank, size): this rank's contiguous run of each batch's rows, augmented as one
+    process augments them (len() and num_images stay the global batches' and images').
     """
 
-    def __init__(self, path, *, split="train", batch_size, crop=227, augment=True, pca_sigma=0.1, mean="pixel",
-                 ten_crop=False, seed=0, prefetch=2, drop_last=False, shuffle=None, scale=1.0):
+    def __init__(self, path: str | os.PathLike, *, split: str = "train", batch_size: int, crop: int = 227,
+                 augment: bool = True, pca_sigma: float = 0.1, mean: str | np.ndarray = "pixel",
+                 ten_crop: bool = False, seed: int = 0, prefetch: int = 2, drop_last: bool = False,
+                 shuffle: bool | None = None, scale: float = 1.0, shard: tuple[int, int] = (0, 1)) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(mean, str) and mean not in MEANS:
@@ -62,6 +51,10 @@ class Loader:
             raise ValueError(f"batch_size and prefetch must be at least 1, got {batch_size} and {prefetch}")
         if ten_crop and augment:
             raise ValueError("ten_crop is a test-time view: use it with augment=False")
+        rank, size = shard
+        if not 0 <= rank < size:
+            raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard!r}")
+        self.shard = (rank, size)
         self.path, self.batch_size, self.crop, self.augment = path, batch_size, crop, augment
         self.pca_sigma, self.ten_crop, self.seed, self.prefetch = pca_sigma, ten_crop, seed, prefetch
         self.drop_last, self.scale = drop_last, scale
@@ -79,31 +72,33 @@ class Loader:
                             f"to subtract is {np.shape(mean)[0]}x{np.shape(mean)[1]}")
         else:  # another set's mean: a trained model's inputs are centred on its training set's
             self.mean = np.asarray(mean, dtype=contents.mean_image.dtype)
-        self.lighting_scales = contents.pca_eigvals / 255.0  # see the module docstring
+        # the file stores eigenvalues of 0..255 values; on 0..255 pixels the paper's shift is
+        # eigvecs @ (alpha * eigvals / 255) (fb.resnet.torch's 0.2175, 0.0188, 0.0045 on the 0..1 scale)
+        self.lighting_scales = contents.pca_eigvals / 255.0
         self.eigvecs = contents.pca_eigvecs
         self.fingerprint = contents.fingerprint()  # what a checkpoint records of its data, to check on resume
         check_crop(crop, self.image_size)
 
     @property
-    def num_images(self):
+    def num_images(self) -> int:
         return len(self.indices)
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return len(self.class_names)
 
-    def __len__(self):
+    def __len__(self) -> int:
         full, rest = divmod(self.num_images, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def batch_positions(self, epoch):
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """For each batch of `epoch`, the sorted positions (within this split) of its images."""
         order = np.arange(self.num_images)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, ORDER_STREAM]).permutation(self.num_images)
         return [np.sort(order[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(len(self))]
 
-    def epoch_batches(self, epoch, start=0):
+    def epoch_batches(self, epoch: int, start: int = 0) -> "BackgroundIterator":
         """An iterator over the batches start, start+1, ... of `epoch`, prepared in a background thread.
 
         Use it in `with contextlib.closing(...)` (see BackgroundIterator): the thread then stops on
@@ -111,16 +106,29 @@ class Loader:
         """
         return BackgroundIterator(lambda: _reported(self.path, self._read_batches(epoch, start)), self.prefetch)
 
+    def shard_rows(self, count: int) -> np.ndarray:
+        """The rows of a batch of `count` this shard holds: its contiguous run of an even split."""
+        rank, size = self.shard
+        return np.array_split(np.arange(count), size)[rank]
+
     def _read_batches(self, epoch, start):
         # runs in the background thread, which opens its own file: h5py objects stay in one thread
         with open_dataset(self.path) as f:
             images = f["images"]
             for i, positions in enumerate(self.batch_positions(epoch)[start:], start=start):
-                rng = np.random.default_rng([self.seed, epoch, AUGMENT_STREAM, i])
-                batch = np.stack([images[index] for index in self.indices[positions]])
-                yield self.make_batch(batch, rng), self.labels[positions]
+                rows = self.shard_rows(len(positions))
+                own = _read_images(images, self.indices[positions[rows]])
+                if self.augment:  # the crops and lighting drawn for the whole batch: this shard keeps its rows
+                    rng = np.random.default_rng([self.seed, epoch, AUGMENT_STREAM, i])
+                    x = self.make_batch(own, rng) if len(rows) == len(positions) else \
+                        self.make_batch(_padded(own, rows, len(positions)), rng)[rows]
+                elif len(rows):  # no random draws: this shard's rows alone give the same input
+                    x = self.make_batch(own, None)
+                else:  # a last batch smaller than the ranks leaves some without rows
+                    continue
+                yield x, self.labels[positions[rows]]
 
-    def make_batch(self, images, rng):
+    def make_batch(self, images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """uint8 (B, S, S, 3) images -> the network's float32 input, augmented or test crops."""
         if self.augment:
             where = random_crops(rng, len(images), self.image_size, self.crop)
@@ -143,6 +151,20 @@ class Loader:
         return x
 
 
+def _read_images(images, file_positions):
+    """The images at increasing `file_positions`, read one by one: a forward sweep through the file."""
+    if len(file_positions) == 0:
+        return np.zeros((0,) + images.shape[1:], images.dtype)
+    return np.stack([images[index] for index in file_positions])
+
+
+def _padded(own, rows, count):
+    """A batch of `count` blank images with `own` at `rows`: the others' rows are drawn for, never read."""
+    batch = np.zeros((count,) + own.shape[1:], own.dtype)
+    batch[rows] = own
+    return batch
+
+
 def _reported(path, batches):
     """`batches`, with an image that cannot be read from a damaged file refused in one line naming it.
 
@@ -153,23 +175,16 @@ def _reported(path, batches):
 
 
 class BackgroundIterator:
-    """Runs a generator in a daemon thread, `depth` items ahead of the consumer.
+    """Runs a generator in a daemon thread, `depth` items ahead of the consumer; its errors are raised here.
 
-    The thread waits on a bounded queue and checks a stop event between waits, so
-    dropping or closing the iterator ends it promptly; the generator is closed
-    (its `with` blocks exit) in the thread, and close() waits for that. An
-    exception there is re-raised here.
-
-    Consume it in `with contextlib.closing(...)`, so that an error or a Ctrl-C in
-    the consumer stops the thread before the interpreter exits: a daemon thread
-    still running when Python shuts down is ended wherever it stands, perhaps
-    holding h5py's global lock, and the shutdown, which frees h5py's objects,
-    then waits for that lock forever (the command hangs after its error line).
-    A thread left running (an iterator dropped or left open) is stopped at exit as
-    a last resort.
+    Dropping or closing the iterator stops the thread promptly, closing the generator
+    (its `with` blocks exit) in the thread; close() waits for that. Consume it in
+    `with contextlib.closing(...)`: a daemon thread still running at interpreter
+    shutdown may hold h5py's global lock and hang the exit. A thread left running is
+    stopped at exit as a last resort.
     """
 
-    def __init__(self, make_generator, depth):
+    def __init__(self, make_generator: Callable[[], Iterator], depth: int) -> None:
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
@@ -193,7 +208,7 @@ class BackgroundIterator:
             raise value
         raise StopIteration
 
-    def close(self):
+    def close(self) -> None:
         """Stop the thread and wait for it, so the file it read is closed when this returns
         (the caller may rewrite it at once, or exit)."""
         self.__del__()

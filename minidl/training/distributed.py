@@ -1,38 +1,24 @@
 """Data parallelism across processes: MPI starts and connects the ranks, NCCL (or MPI) sums the gradients.
 
-`mpirun -n N minidl train MODEL --data-parallel` starts N ranks, each a full
-replica of the model on its own devices (the design of ChainerMN and of PyTorch
-DDP). Each step every rank trains on its shard of the global batch, the
-gradients are averaged across ranks in a few large flat buckets, and every rank
-applies the same update to the same weights, so the replicas never drift. A
-bucket's reduce starts during the backward pass, from the parameters' grad
-hooks, as soon as all its gradients are in (see GradientBuckets).
-
-Transports, chosen per bucket by the device it lives on:
-- CPU: MPI Iallreduce on the NumPy bucket, waited for after backward;
-- GPU: NCCL (cupy.cuda.nccl, the unique id broadcast over MPI) on the device's
-  stream; on emulated GPUs the emulator's cuda.nccl, the same interface over MPI;
-  without NCCL, MPI on a host copy of the bucket.
-
-A rank that dies makes Open MPI end the job (mpirun reports which rank); a rank
-that hangs is caught by the bounded wait of every MPI collective here and of the
-NCCL reduce (MINIDL_PARALLEL_TIMEOUT seconds, default 600), which aborts the job
-in one line. (The emulated NCCL blocks in MPI instead: under emulation only a
-dead rank, not a hung one, ends a reduce early.)
+`mpirun -n N minidl train MODEL --data-parallel` starts N ranks, each a full replica
+on its own devices (as ChainerMN and PyTorch DDP). Each step every rank trains on its
+shard of the global batch (Loader(shard=...)), the gradients are averaged over the
+ranks in a few flat buckets (GradientBuckets), and every rank applies the same update.
+Transports per bucket: MPI on the CPU; NCCL (cupy.cuda.nccl) on a GPU's stream, or
+without NCCL, MPI on a host copy. Every wait is bounded (MINIDL_PARALLEL_TIMEOUT s,
+default 600): a hung rank ends the job in one line; a dead one, Open MPI ends it.
 """
 import importlib
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from minidl.core import Tensor
-from minidl.data import Loader
-from minidl.data.dataset import open_dataset
-from minidl.data.loader import AUGMENT_STREAM
-from minidl.device import cupy, gpu_count, set_device_map
+from minidl.device import Device, cupy
 from minidl.errors import MinidlError
 
 BUCKET_BYTES = 25 * 2 ** 20  # DDP's default: few enough calls to amortise latency, small enough to pipeline
@@ -43,23 +29,23 @@ class Solo:
     """The world of a single process: every collective is the identity, so the trainer has one code path."""
     rank, size, local_rank, local_size = 0, 1, 0, 1
 
-    def sum(self, values):
+    def sum(self, values: Sequence[float]) -> np.ndarray:
         return np.asarray(values, dtype=np.float64)
 
-    def any(self, flag):
+    def any(self, flag: bool) -> bool:
         return bool(flag)
 
-    def barrier(self):
+    def barrier(self) -> None:
         pass
 
-    def broadcast_params(self, params):
+    def broadcast_params(self, params: Iterable[Tensor]) -> None:
         pass
 
-    def gradient_buckets(self, params):
+    def gradient_buckets(self, params: Sequence[Tensor]) -> "GradientBuckets | None":
         return None
 
 
-def wait_limit():
+def wait_limit() -> float:
     """Seconds a rank waits for the others (MINIDL_PARALLEL_TIMEOUT, default 600): a positive number."""
     text = os.environ.get(TIMEOUT_ENV, "600")
     try:
@@ -75,7 +61,7 @@ class World(Solo):
     """The ranks mpirun started: MPI.COMM_WORLD, with bounded waits."""
     joined = None  # the World this process joined, if any (the command line asks it for the rank)
 
-    def __init__(self):
+    def __init__(self) -> None:
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -88,16 +74,14 @@ class World(Solo):
         World.joined = self
         self.timeout = wait_limit()
 
-    def wait(self, request, what):
+    def wait(self, request, what: str) -> None:
         """Wait for a nonblocking MPI collective, at most `timeout` seconds."""
         self.wait_until(request.Test, what)
 
-    def wait_until(self, done, what):
-        """Poll `done()` for at most `timeout` seconds, then end the job: a hung rank must not hang the others.
-
-        Polls with a growing sleep: a step's reduce usually completes within
-        microseconds of the last rank arriving, and an idle rank should not burn a core.
-        """
+    def wait_until(self, done: Callable[[], bool], what: str) -> None:
+        """Poll `done()` for at most `timeout` seconds, then end the job: a hung rank must not hang the others."""
+        # a growing sleep: a reduce usually completes microseconds after the last rank arrives,
+        # and an idle rank should not burn a core
         deadline, pause = time.monotonic() + self.timeout, 1e-5
         while not done():
             if time.monotonic() > deadline:
@@ -108,28 +92,28 @@ class World(Solo):
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
 
-    def abort(self, status):
+    def abort(self, status: int) -> None:
         """End every rank of the job now, this one with `status` (what it printed is flushed first)."""
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(status)
 
-    def allreduce(self, array, op=None, what="a reduction"):
+    def allreduce(self, array: np.ndarray, op=None, what: str = "a reduction") -> np.ndarray:
         """Sum (or `op`) a NumPy array over the ranks, in place."""
         self.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, array, op or self.MPI.SUM), what)
         return array
 
-    def sum(self, values):
+    def sum(self, values: Sequence[float]) -> np.ndarray:
         return self.allreduce(np.array(values, dtype=np.float64), what="summing the statistics")
 
-    def any(self, flag):
+    def any(self, flag: bool) -> bool:
         return bool(self.allreduce(np.array([int(bool(flag))], dtype=np.int64), self.MPI.MAX,
                                    "checking the step for non-finite values")[0])
 
-    def barrier(self):
+    def barrier(self) -> None:
         self.wait(self.comm.Ibarrier(), "waiting for rank 0")
 
-    def broadcast_params(self, params):
+    def broadcast_params(self, params: Iterable[Tensor]) -> None:
         """Every replica starts from rank 0's weights (a resumed run's ranks read the same file; no matter)."""
         for p in params:
             host = np.ascontiguousarray(p.numpy())
@@ -137,115 +121,70 @@ class World(Solo):
             with p.device:
                 p.data = p.device.xp.asarray(host) if p.device.is_cuda else host
 
-    def gradient_buckets(self, params):
+    def gradient_buckets(self, params: Sequence[Tensor]) -> "GradientBuckets":
         return GradientBuckets(params, self)
 
 
-def rank_device_map(world, requested):
-    """Point logical cuda:i at this rank's slice of its node's GPUs: GPU local_rank * k + (i mod k).
+def rank_device_map(world: Solo, requested: str | None, gpus: int) -> dict[int, int]:
+    """This rank's device map, logical cuda:i -> physical GPU local_rank * k + (i mod k) of its node's `gpus`.
 
-    k, the GPUs per rank, is what --devices names (cuda:0,cuda:1: two; cuda:0: one), or by default
-    the node's GPUs shared out evenly. Returns nothing; the devices are resolved as usual afterwards.
+    k, the GPUs per rank, is what `requested` (--devices) names (cuda:0,cuda:1: two; cuda:0: one), or by
+    default the node's GPUs shared out evenly. Empty where nothing is shared out (no GPU, or the CPU only).
+    Pure: the caller applies it (minidl.device.set_device_map) before any device is resolved.
     """
     names = [n.strip().lower() for n in (requested or "").split(",") if n.strip()]
-    count = gpu_count()
-    if count == 0 or (names and all(n == "cpu" for n in names)):
-        return  # both towers on the CPU: nothing to share out
+    if gpus == 0 or (names and all(n == "cpu" for n in names)):
+        return {}  # both towers on the CPU: nothing to share out
     indices = {int(n.split(":")[1]) if ":" in n else 0 for n in names if n.startswith("cuda")}
-    k = max(indices) + 1 if indices else min(2, count // world.local_size)
-    if k < 1 or world.local_size * k > count:
+    k = max(indices) + 1 if indices else min(2, gpus // world.local_size)
+    if k < 1 or world.local_size * k > gpus:
         raise MinidlError(f"{world.local_size} ranks on this host with {max(k, 1)} GPU(s) each need "
-                          f"{world.local_size * max(k, 1)} GPUs; it has {count}: start fewer ranks per host, "
+                          f"{world.local_size * max(k, 1)} GPUs; it has {gpus}: start fewer ranks per host, "
                           "or give --devices cuda:0 (one GPU per rank) or cpu")
-    set_device_map({i: world.local_rank * k + i % k for i in range(max(count, k))})
-
-
-class ShardedLoader(Loader):
-    """This rank's rows of each global batch: the same batches as one process, split between the ranks.
-
-    A rank takes a contiguous run of each batch's sorted positions (a forward
-    sweep through the file, as the Loader reads). Its augmentation must be the
-    one a single process gives those rows, so the crops and lighting are drawn
-    for the whole batch from the Loader's (seed, epoch, batch) generator and
-    this rank keeps its rows; only its own images are read, the others' rows
-    stay blank. This costs N-fold augmentation arithmetic (cheap, in the
-    background thread) and buys exact equivalence with one process.
-    """
-
-    def __init__(self, *args, rank, size, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rank, self.size = rank, size
-
-    def _mine(self, count):
-        return np.array_split(np.arange(count), self.size)[self.rank]
-
-    def _read_batches(self, epoch, start):
-        with open_dataset(self.path) as f:
-            images = f["images"]
-            for i, positions in enumerate(self.batch_positions(epoch)[start:], start=start):
-                mine = self._mine(len(positions))
-                own = np.stack([images[index] for index in self.indices[positions[mine]]]) if len(mine) else \
-                    np.zeros((0,) + images.shape[1:], images.dtype)
-                if not self.augment:  # no random draws: this rank's rows alone give the same input
-                    if len(mine):  # a last batch smaller than the ranks leaves some without rows
-                        yield self.make_batch(own, None), self.labels[positions[mine]]
-                    continue
-                batch = np.zeros((len(positions),) + images.shape[1:], images.dtype)
-                batch[mine] = own
-                rng = np.random.default_rng([self.seed, epoch, AUGMENT_STREAM, i])  # as Loader._read_batches
-                yield self.make_batch(batch, rng)[mine], self.labels[positions[mine]]
+    return {i: world.local_rank * k + i % k for i in range(max(gpus, k))}
 
 
 class GradientBuckets:
     """The gradients of a replica, packed into a few flat buffers per device and averaged over the ranks.
 
-    The reduce overlaps the backward pass, as in DDP: each parameter's grad hook
-    counts its gradient in; once every parameter of a bucket has its gradients, the
-    bucket is packed and its sum started without waiting (MPI Iallreduce on the CPU,
-    NCCL's allReduce enqueued on the device's stream on a GPU). `average()`, after
-    backward, starts whatever the hooks did not (a parameter without a gradient
-    counts as zero), waits for all of it with the bounded wait, and unpacks the means.
-
-    Buckets start in one fixed order, the reverse of the parameters' (backward
-    reaches the last layers first): every rank must issue its collectives in the
-    same order, and two ranks' backward passes may finish independent branches in
-    different orders. A bucket ready early waits for the ones before it.
-
-    A parameter used twice in the forward gets its gradient in two parts. A
-    bucket waits for as many arrivals as the parameter had uses in an earlier step
-    (one at first); a step that brings more (the first step, for a shared weight)
-    makes every rank reduce that parameter's bucket once more after backward, from
-    the final gradients (the counts are the same on every rank, so the extra
-    collectives are too), and the bucket waits for the new count from then on.
-    Every backward must be followed by `average()`: it ends the step.
+    A bucket's sum starts during backward, from the parameters' grad hooks, once each of its
+    parameters has a gradient for every use in this step's forward (Tensor.uses). Buckets start
+    in one fixed order on every rank, the reverse of the parameters'. Every backward must be
+    followed by `average()`, which starts the rest (a missing gradient counts as zero), waits
+    (bounded) and leaves the means in the gradients. `close()` takes the hooks off.
     """
 
-    def __init__(self, params, world, bucket_bytes=BUCKET_BYTES, overlap=True):
+    def __init__(self, params: Sequence[Tensor], world: World, bucket_bytes: int = BUCKET_BYTES,
+                 overlap: bool = True) -> None:
         self.world = world
-        groups = []  # [device, dtype, bytes, [(param, offset in elements)]]: consecutive parameters alike
-        for p in params:
-            if not groups or groups[-1][:2] != [p.device, p.dtype] or groups[-1][2] + p.data.nbytes > bucket_bytes:
-                groups.append([p.device, p.dtype, 0, []])
-            group = groups[-1]
-            group[3].append((p, group[2] // p.data.itemsize))
-            group[2] += p.data.nbytes
-        self.buckets = []  # (device, flat buffer, members), in parameter order
-        for dev, dtype, nbytes, members in groups:
+        self.buckets = []  # (device, flat buffer, [(param, offset in elements)]), in parameter order
+        for dev, dtype, nbytes, members in _groups(params, bucket_bytes):
             with dev:
                 self.buckets.append((dev, dev.xp.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype), members))
         # in the same order on every rank: making a NCCL communicator is a collective call
         self.reducers = {dev: reducer_for(dev, world) for dev, _, _ in self.buckets}
         self.order = list(reversed(range(len(self.buckets))))  # the start order, the same on every rank
         self.bucket_of = {id(p): k for k, (_, _, members) in enumerate(self.buckets) for p, _ in members}
-        self.uses = dict.fromkeys(self.bucket_of, 1)  # gradient arrivals that complete a parameter
-        self.overlap = overlap
-        if overlap:
-            for _, _, members in self.buckets:
-                for p, _ in members:
-                    p.grad_hooks.append(self._arrived)
+        self.hooked = [p for _, _, members in self.buckets for p, _ in members] if overlap else []
+        for p in self.hooked:
+            p.grad_hooks.append(self._arrived)
         self._new_step()
 
+    def close(self) -> None:
+        """Take this object's grad hooks off the parameters (average() still works, after backward)."""
+        for p in self.hooked:
+            p.grad_hooks.remove(self._arrived)
+        self.hooked = []
+
+    def __enter__(self) -> "GradientBuckets":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _new_step(self):
+        # the uses recorded before this step's forward: the step's own are p.uses minus these
+        self.earlier_uses = {id(p): p.uses for p in self.hooked}
         self.arrivals = dict.fromkeys(self.bucket_of, 0)
         self.missing = [len(members) for _, _, members in self.buckets]  # parameters short of their uses
         self.waits = {}  # bucket -> the function that waits for its sum, in the order started
@@ -255,9 +194,8 @@ class GradientBuckets:
         """The grad hook: count the gradient in; start the buckets that are complete, in order."""
         key = id(p)
         self.arrivals[key] += 1
-        if self.arrivals[key] == self.uses[key]:
-            k = self.bucket_of[key]
-            self.missing[k] -= 1
+        if self.arrivals[key] == p.uses - self.earlier_uses[key]:
+            self.missing[self.bucket_of[key]] -= 1
             while self.next < len(self.order) and self.missing[self.order[self.next]] == 0:
                 self._start(self.order[self.next])
                 self.next += 1
@@ -274,20 +212,13 @@ class GradientBuckets:
                     part[...] = p.grad.data.reshape(-1)
             self.waits[k] = self.reducers[dev](flat)
 
-    def average(self):
+    def average(self) -> None:
         """Replace each parameter's gradient by its mean over the ranks (a missing one counts as zero)."""
         try:
             while self.next < len(self.order):  # what the hooks did not start, in the same order
                 self._start(self.order[self.next])
                 self.next += 1
-            extra = {key for key, n in self.arrivals.items() if n > self.uses[key]}  # a weight used more often
-            for key in extra:
-                self.uses[key] = self.arrivals[key]
-            again = [k for k in self.order if any(id(p) in extra for p, _ in self.buckets[k][2])]
             for k in list(self.waits):  # every rank started the same buckets in the same order
-                self.waits.pop(k)()
-            for k in again:  # packed before its last gradient arrived, maybe: once more, from the final ones
-                self._start(k)
                 self.waits.pop(k)()
             self._unpack()
         finally:
@@ -311,29 +242,59 @@ class GradientBuckets:
             self.world.wait_until(lambda: event.done, f"averaging the gradients on {dev}")
 
 
-def reducer_for(dev, world):
-    """A function starting the sum of a flat buffer on `dev` over the ranks, in place: the transport of the device.
+def _groups(params, bucket_bytes):
+    """[device, dtype, bytes, [(param, offset in elements)]]: runs of consecutive parameters alike."""
+    groups = []
+    for p in params:
+        if not groups or groups[-1][:2] != [p.device, p.dtype] or groups[-1][2] + p.data.nbytes > bucket_bytes:
+            groups.append([p.device, p.dtype, 0, []])
+        group = groups[-1]
+        group[3].append((p, group[2] // p.data.itemsize))
+        group[2] += p.data.nbytes
+    return groups
+
+
+Reducer = Callable[[object], Callable[[], None]]
+
+
+def reducer_for(dev: Device, world: World) -> Reducer:
+    """A function starting the sum over the ranks of a flat buffer on `dev`, in place: the device's transport.
 
     It returns a function that waits (bounded) until the sum is in the buffer, or, for NCCL,
     until it is ordered on the device's stream (the host bounds that wait after unpacking).
     """
-    what = "averaging the gradients"
     if not dev.is_cuda:
-        def over_mpi(flat):
-            request = world.comm.Iallreduce(world.MPI.IN_PLACE, flat, world.MPI.SUM)
-            return lambda: world.wait(request, what)
-        return over_mpi
+        return _over_mpi(world)
     nccl = nccl_module()
-    if nccl is None:  # MPI on a host copy: slower, but the job runs
-        def over_host(flat):
-            host = flat.get()
-            request = world.comm.Iallreduce(world.MPI.IN_PLACE, host, world.MPI.SUM)
+    return _over_host(dev, world) if nccl is None else _over_nccl(dev, world, nccl)
 
-            def done():
-                world.wait(request, what)
-                flat.set(host)
-            return done
-        return over_host
+
+WHAT = "averaging the gradients"
+
+
+def _over_mpi(world):
+    def over_mpi(flat):
+        request = world.comm.Iallreduce(world.MPI.IN_PLACE, flat, world.MPI.SUM)
+        return lambda: world.wait(request, WHAT)
+    return over_mpi
+
+
+def _over_host(dev, world):
+    """Without NCCL: MPI on a host copy (slower, but the job runs)."""
+    def over_host(flat):
+        with dev:  # read back on the stream that packed it
+            host = flat.get()
+        request = world.comm.Iallreduce(world.MPI.IN_PLACE, host, world.MPI.SUM)
+
+        def done():
+            world.wait(request, WHAT)
+            with dev:  # on the stream that unpacks it: the legacy stream would be unordered with it
+                flat.set(host, stream=dev.stream)
+        return done
+    return over_host
+
+
+def _over_nccl(dev, world, nccl):
     unique_id = world.comm.bcast(nccl.get_unique_id() if world.rank == 0 else None, root=0)
     with dev:  # the communicator binds to the current GPU
         comm = nccl.NcclCommunicator(world.size, unique_id, world.rank)

@@ -40,7 +40,7 @@ from minidl.training.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_c
 from minidl.core import Tensor
 from minidl.data import Loader, builtin_dataset
 from minidl.cpu.memory import keep_freed_host_memory
-from minidl.device import resolve_devices
+from minidl.device import gpu_count, resolve_devices, set_device_map
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.training.evaluate import check_labels, evaluate, topk_correct
 from minidl.functions import softmax_cross_entropy
@@ -50,7 +50,7 @@ from minidl.layers.summary import check_training_memory
 from minidl.training.lock import lock_folder
 from minidl.training.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
-from minidl.training.distributed import ShardedLoader, Solo, World, rank_device_map
+from minidl.training.distributed import Solo, World, rank_device_map
 from minidl.training.restore import Restored
 from minidl.training.visualize import training_curves
 
@@ -126,7 +126,10 @@ class Run:
                  skip_nonfinite=False, data_parallel=False, allow_model_change=False):
         self.world = world = World() if data_parallel else Solo()
         if data_parallel:  # before any device is resolved: cuda:N names a GPU of this rank's slice
-            rank_device_map(world, devices if devices is None or isinstance(devices, str) else ",".join(devices))
+            mapping = rank_device_map(world, devices if devices is None or isinstance(devices, str)
+                                      else ",".join(devices), gpu_count())
+            if mapping:
+                set_device_map(mapping)
         self.report = report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         restored = None
@@ -161,11 +164,11 @@ class Run:
             world.barrier()
 
         scale = input_scale(config, config["init"])
-        loader, shard = (ShardedLoader, dict(rank=world.rank, size=world.size)) if data_parallel else (Loader, {})
-        self.train_loader = loader(data_path, split="train", batch_size=config["batch_size"], crop=config["input_size"],
-                                   augment=True, seed=seed, drop_last=True, scale=scale, **shard)
-        self.val_loader = loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
-                                 augment=False, seed=seed, scale=scale, **shard)
+        shard = (world.rank, world.size)
+        self.train_loader = Loader(data_path, split="train", batch_size=config["batch_size"], crop=config["input_size"],
+                                   augment=True, seed=seed, drop_last=True, scale=scale, shard=shard)
+        self.val_loader = Loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
+                                 augment=False, seed=seed, scale=scale, shard=shard)
         if restored:
             refuse_other_data(restored.checkpoint, data_path, self.train_loader.fingerprint)
         if len(self.train_loader) == 0:
@@ -218,7 +221,9 @@ class Run:
                     start_batch=self.batch))
 
     def close(self):
-        """Let another run write to --out."""
+        """Let another run write to --out, and take the gradient buckets' hooks off the model."""
+        if self.buckets:
+            self.buckets.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -246,7 +251,7 @@ class Run:
         last_save = time.monotonic()
         for images, labels in batches:
             # the masks of the global batch's rows, whichever rank holds them: this rank's rows start at
-            # rank * local batch (ShardedLoader's even split), so N ranks draw one process's masks
+            # rank * local batch (the Loader shard's even split), so N ranks draw one process's masks
             seed_dropout(model, step_seed(self.seed, self.epoch, self.batch), first_row=self.world.rank * len(labels))
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read

@@ -19,10 +19,21 @@ same or not overlapping (NCCL leaves a partial overlap undefined).
 A call refused here raises on its rank before any message: where every rank
 makes the same call, as minidl.training.distributed's do, they all raise; a rank refused
 alone leaves the others waiting in MPI (the emulated NCCL has no bounded wait).
+
+MINIDL_EMULATE_NCCL=0 makes this module unimportable, as NCCL is missing from pip's CuPy.
 """
+import os
+
 import numpy as np
 
 from minidl_emulator import cuda
+
+EMULATE_NCCL_ENV = "MINIDL_EMULATE_NCCL"
+_switch = os.environ.get(EMULATE_NCCL_ENV, "1")
+if _switch not in ("0", "1"):
+    raise ValueError(f"{EMULATE_NCCL_ENV}={_switch!r}: give 1 (the emulated NCCL, the default) or 0 (none)")
+if _switch == "0":  # as pip's cupy-cuda12x, which ships without NCCL: the product's fallback runs
+    raise ImportError(f"NCCL is off on the emulated GPUs ({EMULATE_NCCL_ENV}=0)")
 from minidl_emulator.xp import ndarray
 
 NCCL_SUM = 0
