@@ -30,17 +30,9 @@ from minidl.core import Function
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 from minidl.functions import winograd
+from minidl.functions.conv_arguments import check_arguments, output_size  # noqa: F401 (conv.output_size)
 
 CU = kernels.KernelFile.beside(__file__, "conv.cu", ("im2col", "col2im"))
-
-
-def output_size(size, ksize, stride, pad, what="convolution"):
-    """(size + 2*pad - ksize) // stride + 1, or an error when the window does not fit."""
-    if stride < 1:
-        raise MinidlError(f"{what} stride must be at least 1, got {stride}")
-    if size + 2 * pad < ksize:
-        raise MinidlError(f"{what} window {ksize} is larger than the padded input {size} + 2*{pad}")
-    return (size + 2 * pad - ksize) // stride + 1
 
 
 # --- im2col: (N, C, H, W) -> patches (C, kh, kw, N, OH, OW), contiguous
@@ -90,23 +82,6 @@ def col2im_gpu(cols, h, w, stride, pad):
 
 
 # --- the function
-
-def check_arguments(x, W, b, stride, pad, groups):
-    """(OH, OW) of conv2d(x, W, b, stride, pad, groups), or a one-line MinidlError saying what does not fit."""
-    if x.ndim != 4 or W.ndim != 4:
-        raise MinidlError(f"conv2d wants x of shape (N, C, H, W) and W of shape (out, in/groups, kh, kw), "
-                          f"got {x.shape} and {W.shape}")
-    n, c, h, w = x.shape
-    out, cg, kh, kw = W.shape
-    if groups < 1 or out % groups:
-        raise MinidlError(f"conv2d: {out} output channels cannot be split into {groups} groups")
-    if cg * groups != c:
-        raise MinidlError(f"conv2d: the input has {c} channels but W of shape {W.shape} with groups={groups} "
-                          f"expects {cg * groups}")
-    if b is not None and b.shape != (out,):
-        raise MinidlError(f"conv2d: bias of shape {b.shape} for {out} output channels")
-    return output_size(h, kh, stride, pad), output_size(w, kw, stride, pad)
-
 
 ALGORITHMS = ("auto", "direct", "winograd")
 ALGORITHM_VARIABLE = "MINIDL_CONV_ALGORITHM"

@@ -22,7 +22,7 @@ from minidl import kernels
 from minidl.core import Function
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
-from minidl.functions.conv import output_size
+from minidl.functions.conv_arguments import output_size
 
 CU = kernels.KernelFile.beside(__file__, "pooling.cu", ("max_pool_forward", "max_pool_backward"))
 

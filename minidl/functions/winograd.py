@@ -86,10 +86,8 @@ from minidl import kernels
 from minidl.cpu import openblas
 from minidl.cpu import threads as cpu_threads
 from minidl.device import cupy
-# conv imports this module for Conv2d, and this module checks arguments with conv's check:
-# a module import (attributes looked up at call time) works whichever is imported first
-from minidl.functions import conv
 from minidl.errors import MinidlError
+from minidl.functions.conv_arguments import check_arguments
 
 
 def polynomial(roots):
@@ -227,7 +225,7 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     for 5x5), or None for fastest_tile's choice. NumPy arrays run on the CPU, CuPy arrays
     on their GPU (the tile copies as winograd.cu's kernels).
     """
-    oh, ow = conv.check_arguments(x, W, b, stride, pad, groups)
+    oh, ow = check_arguments(x, W, b, stride, pad, groups)
     if not applies(W.shape, stride):
         sizes = " or ".join(f"{side}x{side}" for side in sorted({side for _, side in TRANSFORMS}))
         raise MinidlError(f"winograd convolution is for {sizes} filters, or strided ones that are {sizes} in "
