@@ -1,4 +1,4 @@
-"""The shape checks shared by the convolution paths (conv.py's direct one, winograd.py) and pooling."""
+"""The shape checks shared by conv.py's direct path, winograd.py and pooling.py."""
 from minidl.errors import MinidlError
 
 
