@@ -1,21 +1,22 @@
 """Write a file so that nothing already on disk is lost, even if the process is killed.
 
-The new content goes to a temporary file in the same folder (the same file
-system, so the rename is atomic), is flushed to disk, and only then replaces
-the target; the folder is flushed too, so the rename survives a power cut. On
-an error the temporary file is removed and the old file stays. A writer killed
-outright (SIGKILL) leaves its temporary behind: its name carries the writer's
-process id, and `remove_stale_temporaries` deletes those whose writer is gone.
-
-HDF5 files are written through `atomic_hdf5`, which never frees a file whose
-write failed (a full disk): h5py crashes the process (SIGSEGV) freeing one
-(h5py issue 914), after minidl has said what went wrong.
+The new content goes to a temporary file in the same folder, is flushed to disk, and only then
+replaces the target (an atomic rename; the folder is flushed too). On an error the temporary file
+is removed and the old file stays. A writer killed outright leaves its temporary behind, named
+with its process id: `remove_stale_temporaries` deletes those whose writer is gone. HDF5 files
+are written through `atomic_hdf5`.
 """
+from __future__ import annotations
+
+# atomic_hdf5 never frees a file whose write failed (a full disk): h5py crashes the process
+# (SIGSEGV) freeing one (h5py issue 914), after minidl has said what went wrong.
+
 import contextlib
 import errno
 import glob
 import os
 import tempfile
+from typing import Iterator
 
 import h5py
 
@@ -23,7 +24,7 @@ from minidl.errors import WriteError
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=None):
+def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
     """Yield a temporary path to write; on success it becomes `path`.
 
     An OSError while writing (a full disk: ENOSPC) becomes a WriteError naming
@@ -36,14 +37,15 @@ def atomic_path(path, suffix=None):
         raise
     except OSError as err:
         # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
-        reason = os.strerror(err.errno) if err.errno else (str(err).splitlines() or [type(err).__name__])[0]
+        reason = (os.strerror(err.errno) if err.errno
+                  else (str(err).splitlines() or [type(err).__name__])[0])
         error = WriteError(f"cannot write {path}: {reason}")
         error.errno = err.errno
         raise error from None
 
 
 @contextlib.contextmanager
-def atomic_hdf5(path):
+def atomic_hdf5(path: str) -> Iterator[h5py.File]:
     """Yield a new h5py.File to write; on success it is closed and becomes `path` (see atomic_path).
 
     A file whose write failed is never closed nor freed here: h5py crashes the
@@ -73,13 +75,14 @@ def hdf5_write_failed():
 
 @contextlib.contextmanager
 def _replacing(path, suffix):
-    if os.path.lexists(path) and not os.path.isfile(path):  # the rename would replace a folder or /dev/null
+    # the rename would replace a folder or /dev/null
+    if os.path.lexists(path) and not os.path.isfile(path):
         raise WriteError(f"cannot write {path}: it exists and is not a file")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=suffix + ".tmp",
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                               suffix=suffix + ".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -90,7 +93,8 @@ def _replacing(path, suffix):
         os.replace(tmp, path)
         try:
             _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
-        except OSError as e:  # some file systems (network, FUSE) cannot flush a folder: the rename stands
+        # some file systems (network, FUSE) cannot flush a folder: the rename stands
+        except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
                 raise
     except BaseException:
@@ -107,7 +111,7 @@ def _fsync(path, flags):
         os.close(fd)
 
 
-def remove_stale_temporaries(path):
+def remove_stale_temporaries(path: str) -> int:
     """Delete the temporaries of `path` whose writing process no longer exists; returns how many."""
     folder, name = os.path.split(os.path.abspath(path))
     removed = 0

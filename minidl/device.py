@@ -1,19 +1,19 @@
 """Devices: where an array lives, which array module computes on it, which stream.
 
-A device is named `cpu` (NumPy) or `cuda:N` (CuPy). `cuda:N` is a *logical* device:
-the logical device map sends it to a physical GPU, so two-tower code written for
-`cuda:0` and `cuda:1` runs on one GPU when both map to GPU 0. The map is set with
-`set_device_map({"cuda:1": 0})` or the environment variable
-`MINIDL_DEVICE_MAP="cuda:1=0"`; by default `cuda:N` is GPU N.
-
-Each logical CUDA device owns a stream, so two logical devices on one GPU still
-run concurrently; `with device:` makes its GPU and its stream current, which is how
-every Function's forward and backward runs "under its arrays' device".
+A device is named `cpu` (NumPy) or `cuda:N` (CuPy). `cuda:N` is a *logical* device: the device
+map sends it to a physical GPU (`set_device_map({"cuda:1": 0})` or MINIDL_DEVICE_MAP="cuda:1=0";
+by default `cuda:N` is GPU N), so code written for `cuda:0` and `cuda:1` runs on one GPU when
+both map to GPU 0. Each logical CUDA device owns a stream, so two on one GPU still run
+concurrently; `with device:` makes its GPU and its stream current.
 """
+from __future__ import annotations
+
 import importlib
 import os
 import re
 import threading
+from types import ModuleType
+from typing import Sequence
 
 import numpy as np
 
@@ -28,23 +28,21 @@ _lock = threading.RLock()  # devices are compared by identity: each is made once
 EMULATE_GPUS = "MINIDL_EMULATE_GPUS"
 
 
-def emulated_gpus():
+def emulated_gpus() -> int | None:
     """How many emulated GPUs MINIDL_EMULATE_GPUS asks for: None when unset."""
     text = os.environ.get(EMULATE_GPUS, "").strip()
     if not text:
         return None
     if not text.isdigit() or int(text) < 1:
-        raise DeviceError(f"{EMULATE_GPUS}={text!r}: give the number of GPUs to emulate, e.g. {EMULATE_GPUS}=2")
+        raise DeviceError(f"{EMULATE_GPUS}={text!r}: give the number of GPUs to emulate, e.g. "
+                          f"{EMULATE_GPUS}=2")
     return int(text)
 
 
-def cupy():
-    """CuPy, imported on first use: minidl runs without it on the CPU.
-
-    With MINIDL_EMULATE_GPUS=N set, the emulator's stand-in for CuPy instead (N GPUs
-    on the CPU, for tests; the package minidl_emulator, installed by minidl[test]).
-    This is the one place that chooses between them.
-    """
+def cupy() -> ModuleType:
+    """CuPy, imported on first use (minidl runs without it on the CPU); with MINIDL_EMULATE_GPUS=N
+    set, the emulator's stand-in for it (N GPUs on the CPU, from minidl_emulator, installed by
+    minidl[test]). The one place that chooses between them."""
     global _cupy
     with _lock:
         if _cupy is None:
@@ -59,14 +57,14 @@ def _import_cupy():
         module = importlib.import_module(name)
     except ImportError as e:
         if gpus is not None:
-            raise DeviceError(f"{EMULATE_GPUS} needs the GPU emulator, which is not importable ({e}); "
-                              "install minidl[test]") from None
+            raise DeviceError(f"{EMULATE_GPUS} needs the GPU emulator, which is not importable "
+                              f"({e}); install minidl[test]") from None
         raise DeviceError(f"a CUDA device needs CuPy, which is not importable ({e}); "
                           "install minidl[gpu] or use device 'cpu'") from None
     return module if gpus is None else module.cupy_module(gpus)
 
 
-def gpu_count():
+def gpu_count() -> int:
     """Physical GPUs visible, 0 without CuPy or a driver."""
     emulated_gpus()  # a malformed MINIDL_EMULATE_GPUS is an error, not "no GPU"
     try:
@@ -86,7 +84,7 @@ def _parse_map(text):
     return mapping
 
 
-def set_device_map(mapping):
+def set_device_map(mapping: dict | None) -> None:
     """Map logical CUDA devices onto physical GPUs: {"cuda:1": 0} or {1: 0}; None resets."""
     global _device_map
     if mapping is None:
@@ -99,9 +97,10 @@ def set_device_map(mapping):
                               "for example {'cuda:1': 0}") from None
     # forget only the devices the new map moves: the cpu and unmoved GPUs stay the same
     # objects, or tensors made before and after the call would be on "different devices"
-    for name, dev in list(_devices.items()):
-        if dev.is_cuda and _physical_or_none(dev.index) != dev.physical:
-            del _devices[name]
+    with _lock:
+        for name, dev in list(_devices.items()):
+            if dev.is_cuda and _physical_or_none(dev.index) != dev.physical:
+                del _devices[name]
 
 
 def _physical_or_none(logical):
@@ -111,16 +110,22 @@ def _physical_or_none(logical):
         return None
 
 
-def physical_index(logical):
-    mapping = _device_map if _device_map is not None else _parse_map(
-        os.environ.get("MINIDL_DEVICE_MAP", ""))
-    return mapping.get(logical, logical)
+def _current_map():
+    """logical index -> physical GPU index: set_device_map's, else MINIDL_DEVICE_MAP's."""
+    if _device_map is not None:
+        return _device_map
+    return _parse_map(os.environ.get("MINIDL_DEVICE_MAP", ""))
+
+
+def physical_index(logical: int) -> int:
+    """The physical GPU that logical CUDA device `logical` maps to."""
+    return _current_map().get(logical, logical)
 
 
 class Device:
     """A logical device. Use `device(name)` to get one."""
 
-    def __init__(self, name):
+    def __init__(self, name: str):
         self.name = name
         self.is_cuda = name != "cpu"
         self.index = int(name.split(":")[1]) if self.is_cuda else None
@@ -171,7 +176,7 @@ class Device:
             gpu.__exit__(*exc)
         return False
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         if self.is_cuda:
             self.stream.synchronize()
 
@@ -179,12 +184,10 @@ class Device:
 CPU_NAME = "cpu"
 
 
-def device(name=None):
-    """Parse a device name ('cpu', 'cuda', 'cuda:N') or pass a Device through.
-
-    A CUDA device is checked when it is asked for, so a missing CuPy or GPU is
-    reported where the user named it, not deep inside a kernel launch.
-    """
+def device(name: str | Device | None = None) -> Device:
+    """The Device named 'cpu', 'cuda' or 'cuda:N' (None: the CPU), or a Device passed through; one
+    object per name. A CUDA device is checked here, so a missing CuPy or GPU is reported where
+    it was named."""
     if isinstance(name, Device):
         return name
     text = canonical_name(name)
@@ -208,8 +211,9 @@ def _new_device(text):
     return dev
 
 
-def canonical_name(name):
-    """'cpu' or 'cuda:N' for a device name ('CPU', 'cuda', 'cuda:01', None for the CPU); checks the form only."""
+def canonical_name(name: str | None) -> str:
+    """'cpu' or 'cuda:N' for a device name ('CPU', 'cuda', 'cuda:01', None for the CPU); checks the
+    form only."""
     if name is None:
         return CPU_NAME
     if not isinstance(name, str):
@@ -219,22 +223,21 @@ def canonical_name(name):
         text = "cuda:0"
     if text != CPU_NAME and not re.fullmatch(r"cuda:\d+", text):
         raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda:N'")
-    return text if text == CPU_NAME else f"cuda:{int(text[5:])}"  # 'cuda:01' is 'cuda:1': one Device, one stream
+    # 'cuda:01' is 'cuda:1': one Device, one stream
+    return text if text == CPU_NAME else f"cuda:{int(text[5:])}"
 
 
-def device_of_array(array):
-    """The device an array is on, for arrays that arrive without one.
-
-    A CuPy array knows its physical GPU; under a device map that is the first
-    logical device mapped there (with {"cuda:1": 0}, an array on GPU 0 is on
-    cuda:0, and one on GPU 1 is on no logical device at all).
-    """
+def device_of_array(array) -> Device:
+    """The device an array is on, for arrays that arrive without one: the CPU for NumPy; for CuPy
+    the first logical device mapped to the array's GPU (a DeviceError when none is)."""
     if isinstance(array, np.ndarray) or np.isscalar(array):
         return device(CPU_NAME)
     if _cupy is not None and isinstance(array, _cupy.ndarray):
         gpu = array.device.id
-        mapping = _device_map if _device_map is not None else _parse_map(os.environ.get("MINIDL_DEVICE_MAP", ""))
-        logical = [l for l, p in mapping.items() if p == gpu] + ([gpu] if gpu not in mapping else [])
+        mapping = _current_map()
+        logical = [l for l, p in mapping.items() if p == gpu]
+        if gpu not in mapping:
+            logical.append(gpu)
         if not logical:
             raise DeviceError(f"an array on GPU {gpu}, which no logical device maps to "
                               f"(device map {mapping}); give the Tensor a device")
@@ -242,18 +245,18 @@ def device_of_array(array):
     raise DeviceError(f"not an array minidl knows: {type(array).__name__}")
 
 
-def is_array(obj):
+def is_array(obj) -> bool:
+    """Whether obj is a NumPy array, or a CuPy array once CuPy is in use."""
     return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))
 
 
-def resolve_devices(requested, preferred):
-    """The devices of a model's parts: the one place they are decided.
+def resolve_devices(requested: str | Sequence[str] | None,
+                    preferred: Sequence[str]) -> tuple[Device, ...]:
+    """One Device per entry of `preferred`, each checked to exist.
 
-    `requested` (names the user gave; one name serves every part) wins. Otherwise
-    `preferred` (the model file's CONFIG["devices"], or the devices a checkpoint
-    was trained on) is fitted to this machine: a GPU that is not here becomes
-    cuda:0 (so two towers share one GPU), and without any GPU every part is on
-    the CPU. Returns Devices, each checked to exist.
+    `requested` (names, or one comma-separated string; one name serves every part) wins.
+    Otherwise `preferred` is fitted to this machine: a GPU that is not here becomes cuda:0, and
+    without any GPU every part is on the CPU.
     """
     if isinstance(requested, str):
         names = [n.strip() for n in requested.split(",") if n.strip()]
@@ -264,8 +267,9 @@ def resolve_devices(requested, preferred):
     if requested:
         names = list(requested) * parts if len(requested) == 1 else list(requested)
         if len(names) != parts:
-            raise DeviceError(f"give {parts} devices, one per part of the model (e.g. {','.join(['cpu'] * parts)}), "
-                              f"or one for all; got {','.join(requested)}")
+            raise DeviceError(f"give {parts} devices, one per part of the model (e.g. "
+                              f"{','.join(['cpu'] * parts)}), or one for all; got "
+                              f"{','.join(requested)}")
     else:
         count = gpu_count()
         names = [_fit(canonical_name(n), count) for n in preferred]
@@ -278,7 +282,7 @@ def _fit(name, gpus):
     return name if physical_index(int(name[5:])) < gpus else "cuda:0"
 
 
-def available_memory(dev):
+def available_memory(dev: Device) -> int | None:
     """Bytes a new allocation on `dev` can still get: the GPU's free memory plus what CuPy's pool
     holds unused, or the host's available memory (Linux's MemAvailable); None where unknown."""
     if dev.is_cuda:

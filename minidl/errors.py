@@ -27,5 +27,6 @@ class NonFiniteError(MinidlError):
 
 
 class WriteError(MinidlError, OSError):
-    """A file that could not be written (a full disk, a read-only folder), named with the reason. Also an
-    OSError, so code that carries on without a file it failed to write (a cache) still catches it."""
+    """A file that could not be written (a full disk, a read-only folder), named with the reason.
+    Also an OSError, so code that carries on without a file it failed to write (a cache) still
+    catches it."""

@@ -1,22 +1,22 @@
-"""Opening minidl's HDF5 files (datasets, checkpoints) and checking what they hold before it is trusted.
+"""Opening minidl's HDF5 files (datasets, checkpoints) and checking what they hold before it is
+trusted.
 
-Every reader goes through `open_minidl_file`, so a missing file, a file that is
-not HDF5 and an HDF5 file of another kind are each refused in one line, the
-same way for every kind of file. Then it reads through a `FileCheck`, which
-checks each dataset's type, shape and storage before a byte of it is read (a
-crafted header may claim 10^12 rows that no memory holds, or gzip'd zeros that
-unpack to gigabytes) and each attribute's type and range, and refuses anything
-else in one line naming the file and the problem.
-
-What a check lets a reader take in is bounded three ways, all before reading:
-- every value a dataset declares must be stored in the file (all of its chunks,
-  or all of its contiguous bytes), so a count is bounded by what the file holds;
-- one chunk unpacks to at most MAX_CHUNK_BYTES, which bounds each partial read;
-- the arrays read whole are charged, by declared size, against the file's byte
-  budget (`read_budget`), which bounds what any filter can expand them to.
-Strings are capped by length, fixed-length ones by their type before reading,
-variable-length ones one at a time as they are read, and charged too.
+Every reader opens through `open_minidl_file` (a missing file, a non-HDF5 file and one of another
+kind are each refused in one line) and reads through a `FileCheck`, which checks each dataset's
+type, shape and storage before a byte of it is read, and each attribute's type and range, and
+refuses anything else in one line naming the file and the problem.
 """
+from __future__ import annotations
+
+# What a check lets a reader take in is bounded three ways, all before reading (a crafted header
+# may claim 10^12 rows that no memory holds, or gzip'd zeros that unpack to gigabytes):
+# - every value a dataset declares must be stored in the file (all of its chunks, or all of its
+#   contiguous bytes), so a count is bounded by what the file holds;
+# - one chunk unpacks to at most MAX_CHUNK_BYTES, which bounds each partial read;
+# - the arrays read whole are charged, by declared size, against the file's byte budget
+#   (`read_budget`), which bounds what any filter can expand them to.
+# Strings are capped by length, fixed-length ones by their type before reading, variable-length
+# ones one at a time as they are read, and charged too.
 import contextlib
 import math
 import os
@@ -34,7 +34,8 @@ KIND_WORDS = {"f": "floating", "i": "integer", "u": "integer", "b": "boolean", "
 MAX_CLASSES = 10 ** 6
 MAX_IMAGE_SIZE = 4096
 IMAGE_SIZES = range(1, MAX_IMAGE_SIZE + 1)
-MAX_SEED = 2 ** 63 - 1  # a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
+# a checkpoint keeps the seed as a 64-bit integer; NumPy's generators take any
+MAX_SEED = 2 ** 63 - 1
 MAX_NAME_CHARS = 1000  # a class name (ImageNet's longest has 120 characters)
 
 # A file may make a reader take in, over all the arrays read whole, at most EXPANSION times its own
@@ -62,12 +63,16 @@ class Rule(NamedTuple):
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # True is an int to Python
+    # True is an int to Python
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def whole(low=0, high=None):
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v and (high is None or v <= high),
-                f"a whole number in {low}..{high}" if high is not None else f"a whole number >= {low}")
+    def test(v):
+        return (isinstance(v, int) and not isinstance(v, bool) and low <= v
+                and (high is None or v <= high))
+    what = f"a whole number in {low}..{high}" if high is not None else f"a whole number >= {low}"
+    return Rule(test, what)
 
 
 FINITE = Rule(lambda v: _is_number(v) and math.isfinite(v), "a finite number")
@@ -104,7 +109,8 @@ def _fits(shape, spec):
 
 
 def _file_itemsize(d):
-    """Bytes per value as stored in the file (a variable-length string: its 16-byte heap reference)."""
+    """Bytes per value as stored in the file (a variable-length string: its 16-byte heap
+    reference)."""
     return d.id.get_type().get_size()
 
 
@@ -123,13 +129,14 @@ class FileCheck:
         self.spent = 0
 
     def charge(self, nbytes, what):
-        """Count `nbytes` that the reader is about to take in against the budget, or refuse the file."""
+        """Count `nbytes` that the reader is about to take in against the budget, or refuse the
+        file."""
         if self.limit is None:  # measured at the first read, when the file is open
             self.limit = read_budget(self.path)
         if self.spent + nbytes > self.limit:
-            raise self.corrupt(f"{what} would take {nbytes:,} bytes to read, beyond the {self.limit - self.spent:,} "
-                               f"bytes left of what a file of {os.path.getsize(self.path):,} bytes may make minidl "
-                               "read")
+            raise self.corrupt(f"{what} would take {nbytes:,} bytes to read, beyond the "
+                               f"{self.limit - self.spent:,} bytes left of what a file of "
+                               f"{os.path.getsize(self.path):,} bytes may make minidl read")
         self.spent += nbytes
 
     def corrupt(self, problem):
@@ -163,37 +170,40 @@ class FileCheck:
             raise self.corrupt(f"'{where}' is a link, not stored in the file")
         item = parent[name]
         if not isinstance(item, cls):
-            raise self.corrupt(f"'{where}' is not a{' dataset' if cls is h5py.Dataset else ' group'}")
+            wanted = "a dataset" if cls is h5py.Dataset else "a group"
+            raise self.corrupt(f"'{where}' is not {wanted}")
         if cls is h5py.Dataset and (item.is_virtual or item.external):
             raise self.corrupt(f"'{where}' keeps its values in another file")
         return item
 
     def _stored(self, d, where):
-        """Refuse a dataset whose declared values are not all in the file, or whose chunks unpack to more
-        than MAX_CHUNK_BYTES: HDF5 fills what is missing from nothing, so a header alone could claim
-        10^8 images (and a chunk larger than the data is unpacked whole on every read)."""
+        """Refuse a dataset whose declared values are not all in the file, or whose chunks unpack to
+        more than MAX_CHUNK_BYTES: HDF5 fills what is missing from nothing, so a header alone could
+        claim 10^8 images (and a chunk larger than the data is unpacked whole on every read)."""
         if d.shape is None or d.size == 0:
             return
         layout = d.id.get_create_plist().get_layout()
         if layout == h5py.h5d.CHUNKED:
             chunk_bytes = math.prod(d.chunks) * d.dtype.itemsize
             if chunk_bytes > MAX_CHUNK_BYTES:
-                raise self.corrupt(f"'{where}' has chunks of {chunk_bytes:,} bytes, beyond {MAX_CHUNK_BYTES:,}")
+                raise self.corrupt(f"'{where}' has chunks of {chunk_bytes:,} bytes, beyond "
+                                   f"{MAX_CHUNK_BYTES:,}")
             expected = math.prod(-(-n // c) for n, c in zip(d.shape, d.chunks))
             stored = d.id.get_num_chunks()
             if stored != expected:
-                raise self.corrupt(f"'{where}' of shape {d.shape} stores {stored:,} of its {expected:,} chunks")
+                raise self.corrupt(f"'{where}' of shape {d.shape} stores {stored:,} of its "
+                                   f"{expected:,} chunks")
         elif layout == h5py.h5d.CONTIGUOUS:
             declared = d.size * _file_itemsize(d)
             if not declared <= d.id.get_storage_size() <= os.path.getsize(self.path):
-                raise self.corrupt(f"'{where}' of shape {d.shape} declares {declared:,} bytes and stores "
-                                   f"{d.id.get_storage_size():,}")
+                raise self.corrupt(f"'{where}' of shape {d.shape} declares {declared:,} bytes and "
+                                   f"stores {d.id.get_storage_size():,}")
         # compact: the values are in the dataset's header itself (at most 64 KiB)
 
     def dataset(self, parent, name, dtype, shape=None, required=True):
         """parent[name], checked before any of it is read: of `dtype` (a numpy dtype, or a string of
-        kinds such as FLOAT) and `shape` (per axis an exact length or a range of them; None: any shape),
-        and every value it declares stored in the file."""
+        kinds such as FLOAT) and `shape` (per axis an exact length or a range of them; None: any
+        shape), and every value it declares stored in the file."""
         d = self.member(parent, name, required=required)
         if d is None:
             return None
@@ -202,15 +212,17 @@ class FileCheck:
         if not (dtype_ok and d.shape is not None and (shape is None or _fits(d.shape, shape))):
             wanted = str(dtype) if isinstance(dtype, np.dtype) else \
                 "/".join(dict.fromkeys(KIND_WORDS[k] for k in dtype))  # "integer" once for "iu"
-            has = "an empty dataspace" if d.shape is None else f"{_describe(d.dtype)} of shape {d.shape}"
+            has = ("an empty dataspace" if d.shape is None
+                   else f"{_describe(d.dtype)} of shape {d.shape}")
             raise self.corrupt(f"'{_where(parent, name)}' is {has}, expected {wanted}"
                                + ("" if shape is None else f" of shape {_show_shape(shape)}"))
         self._stored(d, _where(parent, name))
         return d
 
     def array(self, parent, name, dtype, shape=None, required=True):
-        """The values of `dataset(...)`, charged to the budget before they are read; floating ones refused
-        if any is NaN or infinite; strings (TEXT) as a tuple of str, each at most MAX_NAME_CHARS long."""
+        """The values of `dataset(...)`, charged to the budget before they are read; floating ones
+        refused if any is NaN or infinite; strings (TEXT) as a tuple of str, each at most
+        MAX_NAME_CHARS long."""
         d = self.dataset(parent, name, dtype, shape, required)
         if d is None:
             return None
@@ -246,26 +258,28 @@ class FileCheck:
                 if len(one[0]) > 4 * MAX_NAME_CHARS:
                     raise self.corrupt(f"'{where}' holds a string of {len(one[0]):,} bytes, beyond "
                                        f"{MAX_NAME_CHARS:,} characters")
-                self.charge(len(one[0]) + 64, f"'{where}'")  # 64: what a Python str costs beyond its text
+                # 64: what a Python str costs beyond its text
+                self.charge(len(one[0]) + 64, f"'{where}'")
                 raw.append(one[0])
         try:
             text = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in raw)
         except UnicodeDecodeError:
             raise self.corrupt(f"'{where}' is not UTF-8 text") from None
         if any(len(t) > MAX_NAME_CHARS for t in text):
-            raise self.corrupt(f"'{where}' holds a string longer than {MAX_NAME_CHARS:,} characters")
+            raise self.corrupt(f"'{where}' holds a string longer than {MAX_NAME_CHARS:,} "
+                               "characters")
         return text
 
     def _small_attribute(self, attrs, key, where):
-        """Refuse, before reading it, an attribute that is an array: every minidl attribute is one value,
-        and an array of variable-length strings may point each entry at one huge string."""
+        """Refuse, before reading it, an attribute that is an array: every minidl attribute is one
+        value, and an array of variable-length strings may point each entry at one huge string."""
         shape = attrs.get_id(key).shape
         if shape and math.prod(shape) != 1:
             raise self.corrupt(f"{where}'{key}' is an array of shape {shape}, expected one value")
 
     def fields(self, mapping, rules, where="attribute ", optional=()):
-        """{key: value} for each key of `rules` ({key: Rule}), from h5py attrs or a dict, each checked;
-        a key in `optional` may be absent (then it is absent from the result too).
+        """{key: value} for each key of `rules` ({key: Rule}), from h5py attrs or a dict, each
+        checked; a key in `optional` may be absent (then it is absent from the result too).
 
         NumPy scalars become Python ones (np.int64 -> int), so a Rule tests plain values.
         """
@@ -285,8 +299,10 @@ class FileCheck:
         return values
 
 
-def open_minidl_file(path, kind, format_mark, version, error):
-    """`path` as a read-only h5py.File carrying `format_mark` and a version up to `version`; else `error`.
+def open_minidl_file(path: str, kind: str, format_mark: str, version: int,
+                     error: type[Exception]) -> h5py.File:
+    """`path` as a read-only h5py.File carrying `format_mark` and a version up to `version`; else
+    `error`.
 
     `kind` names the file in messages ("dataset", "checkpoint"). Use it as a
     context manager: `with open_minidl_file(...) as f:`.
@@ -303,7 +319,8 @@ def open_minidl_file(path, kind, format_mark, version, error):
     try:
         with check.reading():
             # the mark's shape first: an array of strings could be anything
-            mark = f.attrs["format"] if "format" in f.attrs and f.attrs.get_id("format").shape == () else None
+            one_value = "format" in f.attrs and f.attrs.get_id("format").shape == ()
+            mark = f.attrs["format"] if one_value else None
             if not (isinstance(mark, str) and mark == format_mark):
                 raise error(f"{path} is not a minidl {kind} (no '{format_mark}' format mark)")
             found = check.fields(f.attrs, {"version": whole(1)})["version"]

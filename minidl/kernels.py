@@ -1,27 +1,21 @@
-"""The tiny loader and launcher for minidl's CUDA kernels.
+"""The loader and launcher for minidl's CUDA kernels.
 
-Kernels are C++ templates in `.cu` files beside the Python module that launches
-them, with explicit instantiations for float and double (so `nvcc` compiles
-every one of them in CI, and float64 gradient checks can run on the GPU). Each
-file is compiled by CuPy's NVRTC once per GPU, all its kernels for both types
-at once (the name expressions), and cached; its own folder is on the include
-path, for the headers the files share (window.cuh). Every kernel uses a 64-bit
-grid-stride loop, so the launch size is capped and tensors beyond 2^31
-elements still work.
-
-`launch` is the one way a kernel is run: it packs every argument as the exact
-C type of its parameter, so no module packs sizes on its own. A kernel over
-many arrays at once (the optimiser's, one launch per device) takes tables of
-pointers, `T* const*`, made by `address_table`.
-
-CuPy compiles RawKernels with -ftz=true: in float32, denormal inputs and
-results (|x| < 1.2e-38) are flushed to zero on the GPU, where NumPy and the
-emulated GPUs keep them. Results that differ only in such tiny values are
-within every test's tolerance; float64 is not flushed.
+Kernels are C++ templates in `.cu` files beside the Python module that launches them,
+instantiated for float and double, compiled by CuPy's NVRTC once per GPU (all of a file's kernels
+at once) and cached; the file's folder is on the include path (window.cuh). Every kernel uses a
+64-bit grid-stride loop, so tensors beyond 2^31 elements work. `launch` is the one way a kernel
+runs: it packs every argument as its parameter's exact C type. A kernel over many arrays at once
+takes tables of pointers (`T* const*`) made by `address_table`.
 """
+from __future__ import annotations
+
+# CuPy compiles RawKernels with -ftz=true: in float32, denormal inputs and results (|x| < 1.2e-38)
+# are flushed to zero on the GPU, where NumPy and the emulated GPUs keep them. Results that differ
+# only in such values are within every test's tolerance; float64 is not flushed.
+
 import functools
 import os
-from typing import NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,7 +24,8 @@ from minidl.errors import MinidlError
 
 _CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
-_TABLE_TYPE = np.dtype(np.uint64)  # address_table's rows: T* const* (device addresses) or unsigned long long*
+# address_table's rows: T* const* (device addresses) or unsigned long long*
+_TABLE_TYPE = np.dtype(np.uint64)
 _THREADS = 256
 _MAX_BLOCKS = 65535 * 8  # enough to fill any GPU; the grid-stride loop covers the rest
 
@@ -41,22 +36,24 @@ class KernelFile(NamedTuple):
     names: tuple
 
     @classmethod
-    def beside(cls, module_file, cu_name, names):
+    def beside(cls, module_file: str, cu_name: str, names: Iterable[str]) -> KernelFile:
         """The .cu file `cu_name` in the folder of the Python module `module_file`."""
-        return cls(os.path.join(os.path.dirname(os.path.abspath(module_file)), cu_name), tuple(names))
+        return cls(os.path.join(os.path.dirname(os.path.abspath(module_file)), cu_name),
+                   tuple(names))
 
     def name_expressions(self):
         """What RawModule compiles: every kernel for every type, `im2col<float>` and so on."""
         return tuple(f"{n}<{t}>" for n in self.names for t in _CUDA_TYPES.values())
 
 
-def compile_options(cu_path):
+def compile_options(cu_path: str) -> tuple[str, ...]:
     """RawModule's options for a .cu file: C++14, and the file's folder on the include path."""
     return ("--std=c++14",) + include_options(cu_path)
 
 
-def include_options(cu_path):
-    """-I the .cu file's folder: NVRTC has no "folder of the including file", so a shared header needs it."""
+def include_options(cu_path: str) -> tuple[str, ...]:
+    """-I the .cu file's folder: NVRTC has no "folder of the including file", so a shared header
+    needs it."""
     return (f"-I{os.path.dirname(os.path.abspath(cu_path))}",)
 
 
@@ -70,35 +67,33 @@ def _module(cu_file, physical_gpu):
                             name_expressions=cu_file.name_expressions())
 
 
-def get_kernel(cu_file, name, dtype):
+def get_kernel(cu_file: KernelFile, name: str, dtype):
     """The kernel `name<T>` of the KernelFile `cu_file` for the current GPU, T from `dtype`."""
     if name not in cu_file.names:
-        raise MinidlError(f"{os.path.basename(cu_file.path)} has no kernel {name!r} among {cu_file.names}")
+        raise MinidlError(f"{os.path.basename(cu_file.path)} has no kernel {name!r} among "
+                          f"{cu_file.names}")
     return _module(cu_file, cupy().cuda.Device().id).get_function(f"{name}<{cuda_type(dtype)}>")
 
 
-def cuda_type(dtype):
+def cuda_type(dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype not in _CUDA_TYPES:
         raise MinidlError(f"the CUDA kernels take float32 or float64, got {dtype}")
     return _CUDA_TYPES[dtype]
 
 
-def empty(shape, dtype):
+def empty(shape: tuple[int, ...], dtype):
     """A kernel's output array on the current GPU, C-contiguous as `launch` needs it."""
     return cupy().empty(shape, dtype=dtype)
 
 
-def launch(cu_file, name, dtype, total, *args):
-    """Run `name<T>` (T from `dtype`) over `total` work items on the current stream (CuPy launches there).
+def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
+    """Run `name<T>` (T from `dtype`) over `total` work items on the current stream.
 
-    Each argument is packed as its C parameter's exact type, by one rule: a
-    device array is passed C-contiguous and must hold T, or int32 for an index
-    array, or uint64 for a row of an address_table; a Python int is a long long
-    (np.int64); a Python float is a T. (A
-    float64 array into a float* would be read as garbage, not converted; a
-    non-contiguous array is copied, so an output must come from `empty`, or
-    the kernel would write into the copy.)
+    Each argument is packed as its C parameter's exact type: a device array is passed C-contiguous
+    and must hold T, or int32 for an index array, or uint64 for a row of an address_table; a
+    Python int is a long long (np.int64); a Python float is a T. A non-contiguous array is copied,
+    so an output must come from `empty`, or the kernel would write into the copy.
     """
     dtype = np.dtype(dtype)
     kernel = get_kernel(cu_file, name, dtype)
@@ -114,12 +109,14 @@ def _pack(arg, dtype, what):
             raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} "
                               "(or int32 indices, or a uint64 table) is needed")
         return cp.ascontiguousarray(arg)
-    if isinstance(arg, bool) or not isinstance(arg, (int, float)):  # bool: an int, but never meant as one
-        raise MinidlError(f"kernel {what}: a device array, int or float is needed, got {type(arg).__name__}")
+    # bool: an int, but never meant as one
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        raise MinidlError(f"kernel {what}: a device array, int or float is needed, got "
+                          f"{type(arg).__name__}")
     return np.int64(arg) if isinstance(arg, int) else dtype.type(arg)
 
 
-def address_table(rows):
+def address_table(rows: Sequence[Sequence]):
     """A uint64 array on the current GPU, one row per list in `rows`, in one copy from the host.
 
     A row of device arrays holds their addresses, for a `T* const*` parameter
@@ -139,7 +136,8 @@ def address_table(rows):
     return cp.asarray(host)
 
 
-def kernel_sources():
+def kernel_sources() -> list[str]:
     """Every .cu file of the package (for the compile check)."""
     root = os.path.dirname(__file__)
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".cu"))
+    return sorted(os.path.join(d, f)
+                  for d, _, files in os.walk(root) for f in files if f.endswith(".cu"))

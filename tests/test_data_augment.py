@@ -2,15 +2,17 @@
 import numpy as np
 import pytest
 
-from minidl.data.augment import (TEN_CROP_ORDER, Crops, centre_crops, crop_and_flip, fixed_crops, lighting_shift,
-                                 pca_lighting, random_crops, subtract_mean, ten_crops, to_nchw)
+from minidl.data.augment import (TEN_CROP_ORDER, Crops, centre_crops, crop_and_flip, fixed_crops,
+                                 lighting_shift, pca_lighting, random_crops, subtract_mean,
+                                 ten_crops, to_nchw)
 from minidl.errors import DataError
 
 
 def gradient_images(count=1, size=256):
     """Pixel (y, x) of image n holds (y, x, n): a crop's pixels say where they came from."""
     y, x = np.mgrid[0:size, 0:size]
-    return np.stack([np.stack([y, x, np.full_like(y, n)], axis=-1) for n in range(count)]).astype(np.uint8)
+    images = [np.stack([y, x, np.full_like(y, n)], axis=-1) for n in range(count)]
+    return np.stack(images).astype(np.uint8)
 
 
 def test_crop_coordinates_and_flip():
@@ -63,7 +65,8 @@ def test_centre_and_ten_crops_positions_and_order():
 
 def test_pca_shift_on_a_constant_image():
     angle = 0.3
-    eigvecs = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    eigvecs = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                        [0, 0, 1]])
     eigvals = np.array([9.0, 4.0, 1.0])
     alphas = np.array([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0]])
     shift = lighting_shift(alphas, eigvals, eigvecs)
@@ -78,9 +81,11 @@ def test_pca_shift_on_a_constant_image():
     lit = pca_lighting(images, eigvals, eigvecs, np.random.default_rng(3), sigma=0.1)
     drawn = np.random.default_rng(3).normal(0.0, 0.1, size=(2, 3))
     assert lit.dtype == np.float32
-    expected = 100 + np.broadcast_to(lighting_shift(drawn, eigvals, eigvecs)[:, None, None, :], images.shape)
+    expected = 100 + np.broadcast_to(lighting_shift(drawn, eigvals, eigvecs)[:, None, None, :],
+                                     images.shape)
     np.testing.assert_allclose(lit, expected, rtol=1e-6)
-    many = pca_lighting(np.zeros((4000, 1, 1, 3)), np.ones(3), np.eye(3), np.random.default_rng(0), sigma=0.1)
+    many = pca_lighting(np.zeros((4000, 1, 1, 3)), np.ones(3), np.eye(3), np.random.default_rng(0),
+                        sigma=0.1)
     assert abs(many.std() - 0.1) < 0.005
 
 

@@ -9,10 +9,12 @@ from minidl.data.dataset import dataset_info, open_dataset
 
 def test_builtin_dataset_is_made_once_and_cached(tmp_path):
     calls = []
-    path = builtin_dataset(tmp_path, progress=lambda done, total: calls.append((done, total)), per_class=4)
+    path = builtin_dataset(tmp_path, progress=lambda done, total: calls.append((done, total)),
+                           per_class=4)
     assert calls[-1] == (40, 40)
     info = dataset_info(path)
-    assert info.num_images == 40 and info.class_names == tuple(CLASS_NAMES) and len(CLASS_NAMES) == 10
+    assert info.num_images == 40 and len(CLASS_NAMES) == 10
+    assert info.class_names == tuple(CLASS_NAMES)
     assert info.num_val == 10  # 10% of 4 rounds to nothing: each class keeps one for validation
     with open_dataset(path) as f:
         np.testing.assert_array_equal(np.bincount(f["labels"][()]), [4] * 10)

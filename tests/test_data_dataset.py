@@ -12,7 +12,8 @@ from minidl.errors import DataError
 
 def random_samples(count, num_classes, seed=0):
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), i % num_classes) for i in range(count)]
+    return [(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+             i % num_classes) for i in range(count)]
 
 
 def test_write_dataset_layout_and_statistics(tmp_path):
@@ -32,14 +33,16 @@ def test_write_dataset_layout_and_statistics(tmp_path):
         assert f["labels"].dtype == np.int64
         assert [n.decode() for n in f["class_names"][()]] == ["a", "b", "c"]
         is_val = f["is_val"][()].astype(bool)
-        train = np.stack([image for (image, _), val in zip(samples, is_val) if not val]).astype(np.float64)
+        train = np.stack([image for (image, _), val in zip(samples, is_val)
+                          if not val]).astype(np.float64)
         np.testing.assert_allclose(f["mean_image"][()], train.mean(axis=0), rtol=1e-6)
         np.testing.assert_allclose(f["mean_rgb"][()], train.mean(axis=(0, 1, 2)), rtol=1e-6)
         covariance = np.cov(train.reshape(-1, 3).T, bias=True)
         eigvals, eigvecs = f["pca_eigvals"][()], f["pca_eigvecs"][()]
         assert eigvals[0] >= eigvals[1] >= eigvals[2]
         # float32 storage: compare to the size of the covariance
-        np.testing.assert_allclose(eigvecs @ np.diag(eigvals) @ eigvecs.T, covariance, atol=1e-5 * covariance.max())
+        np.testing.assert_allclose(eigvecs @ np.diag(eigvals) @ eigvecs.T, covariance,
+                                   atol=1e-5 * covariance.max())
         np.testing.assert_allclose(eigvecs.T @ eigvecs, np.eye(3), atol=1e-6)
     assert is_val.sum() == 5
 
@@ -60,7 +63,8 @@ def test_fewer_samples_than_count_shrinks_the_file(tmp_path):
     path = tmp_path / "d.h5"
     write_dataset(path, random_samples(5, 2), ["a", "b"], count=9, val_fraction=0.2)
     info = dataset_info(path)
-    assert (info.num_images, info.num_train, info.num_val) == (5, 3, 2)  # each class keeps one for validation
+    # each class keeps one for validation
+    assert (info.num_images, info.num_train, info.num_val) == (5, 3, 2)
     assert info.class_names == ("a", "b") and info.num_classes == 2 and info.image_size == 256
 
 
@@ -108,7 +112,9 @@ def test_open_hdf5_file_without_format(tmp_path):
     path = tmp_path / "other.h5"
     with h5py.File(path, "w") as f:
         f["images"] = np.zeros(3)
-    with pytest.raises(DataError, match=f"^{path} is not a minidl dataset \\(no 'minidl-dataset' format mark\\)$"):
+    with pytest.raises(DataError,
+                       match=f"^{path} is not a minidl dataset \\(no 'minidl-dataset' format "
+                             "mark\\)$"):
         open_dataset(path)
 
 
@@ -156,41 +162,53 @@ def _set_attr(key, value):
 
 @pytest.mark.parametrize("change, message", [
     # headers that claim more than any memory holds are refused before anything is read
-    (lambda f: f["images"].resize(10 ** 12, axis=0), "is corrupt: 'images' is uint8 of shape (1000000000000, 256, "
-     "256, 3), expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
+    (lambda f: f["images"].resize(10 ** 12, axis=0),
+     "is corrupt: 'images' is uint8 of shape (1000000000000, 256, 256, 3), "
+     "expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
     (_replace("class_names", shape=(10 ** 12,), dtype=h5py.string_dtype(), chunks=(1,)),
-     "is corrupt: 'class_names' is strings of shape (1000000000000,), expected string of shape (1..4,)"),
+     "is corrupt: 'class_names' is strings of shape (1000000000000,), "
+     "expected string of shape (1..4,)"),
     (_replace("labels", shape=(10 ** 12,), dtype=np.int64, chunks=(1,)),
      "is corrupt: 'labels' is int64 of shape (1000000000000,), expected integer of shape (4,)"),
-    (_replace("images", np.zeros((4, 256, 200, 3), np.uint8)), "is corrupt: images are 256x200, not square"),
-    (_replace("images", np.zeros((4, 256, 256, 3), np.float32)), "is corrupt: 'images' is float32 of shape "
-     "(4, 256, 256, 3), expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
+    (_replace("images", np.zeros((4, 256, 200, 3), np.uint8)),
+     "is corrupt: images are 256x200, not square"),
+    (_replace("images", np.zeros((4, 256, 256, 3), np.float32)),
+     "is corrupt: 'images' is float32 of shape (4, 256, 256, 3), "
+     "expected uint8 of shape (0..100000000, 1..4096, 1..4096, 3)"),
     (_set("labels", 1, 2), "is corrupt: image 1 has label 2, outside the 2 classes (0..1)"),
     (_set("labels", 3, -1), "is corrupt: image 3 has label -1, outside the 2 classes (0..1)"),
-    (_replace("labels", np.zeros(4)), "is corrupt: 'labels' is float64 of shape (4,), expected integer of shape (4,)"),
-    (_replace("labels", np.zeros(3, np.int64)), "is corrupt: 'labels' is int64 of shape (3,), expected integer of "
-     "shape (4,)"),
-    (_replace("class_names", [1, 2]), "is corrupt: 'class_names' is int64 of shape (2,), expected string of shape "
-     "(1..4,)"),
-    (_replace("class_names", np.array([b"a", b"\xff"])), "is corrupt: 'class_names' is not UTF-8 text"),
+    (_replace("labels", np.zeros(4)),
+     "is corrupt: 'labels' is float64 of shape (4,), expected integer of shape (4,)"),
+    (_replace("labels", np.zeros(3, np.int64)),
+     "is corrupt: 'labels' is int64 of shape (3,), expected integer of shape (4,)"),
+    (_replace("class_names", [1, 2]),
+     "is corrupt: 'class_names' is int64 of shape (2,), expected string of shape (1..4,)"),
+    (_replace("class_names", np.array([b"a", b"\xff"])),
+     "is corrupt: 'class_names' is not UTF-8 text"),
     (_set("is_val", 0, 2), "is corrupt: 'is_val' holds values other than 0 and 1"),
-    (_replace("mean_image", np.zeros((256, 256))), "is corrupt: 'mean_image' is float64 of shape (256, 256), "
+    (_replace("mean_image", np.zeros((256, 256))),
+     "is corrupt: 'mean_image' is float64 of shape (256, 256), "
      "expected floating of shape (256, 256, 3)"),
-    (_replace("mean_image", np.zeros((256, 256, 3), np.int32)), "is corrupt: 'mean_image' is int32 of shape "
-     "(256, 256, 3), expected floating of shape (256, 256, 3)"),
+    (_replace("mean_image", np.zeros((256, 256, 3), np.int32)),
+     "is corrupt: 'mean_image' is int32 of shape (256, 256, 3), "
+     "expected floating of shape (256, 256, 3)"),
     (_set("mean_rgb", 1, np.nan), "is corrupt: 'mean_rgb' holds NaN or infinity"),
     (_replace("pca_eigvals", np.array(["1", "2", "3"], dtype=object), dtype=h5py.string_dtype()),
      "is corrupt: 'pca_eigvals' is strings of shape (3,), expected floating of shape (3,)"),
-    (_replace("pca_eigvecs", np.eye(3)[0]), "is corrupt: 'pca_eigvecs' is float64 of shape (3,), expected floating "
-     "of shape (3, 3)"),
+    (_replace("pca_eigvecs", np.eye(3)[0]),
+     "is corrupt: 'pca_eigvecs' is float64 of shape (3,), expected floating of shape (3, 3)"),
     (_set("pca_eigvecs", (0, 0), np.inf), "is corrupt: 'pca_eigvecs' holds NaN or infinity"),
-    (_replace("pca_eigvals", h5py.Empty("f4")), "is corrupt: 'pca_eigvals' is an empty dataspace, expected floating "
-     "of shape (3,)"),
-    (_set_attr("image_size", 128), "is corrupt: attribute 'image_size' is 128, expected a whole number in 256..256"),
-    (_set_attr("version", "one"), "is corrupt: attribute 'version' is 'one', expected a whole number >= 1"),
+    (_replace("pca_eigvals", h5py.Empty("f4")),
+     "is corrupt: 'pca_eigvals' is an empty dataspace, expected floating of shape (3,)"),
+    (_set_attr("image_size", 128),
+     "is corrupt: attribute 'image_size' is 128, expected a whole number in 256..256"),
+    (_set_attr("version", "one"),
+     "is corrupt: attribute 'version' is 'one', expected a whole number >= 1"),
     (_set_attr("version", 2), "is a version 2 dataset; this minidl reads version 1"),
-    (_instead("mean_rgb", lambda f, name: f.create_group(name)), "is corrupt: 'mean_rgb' is not a dataset"),
-    (_instead("labels", lambda f, name: f.__setitem__(name, h5py.ExternalLink("other.h5", "/labels"))),
+    (_instead("mean_rgb", lambda f, name: f.create_group(name)),
+     "is corrupt: 'mean_rgb' is not a dataset"),
+    (_instead("labels",
+              lambda f, name: f.__setitem__(name, h5py.ExternalLink("other.h5", "/labels"))),
      "is corrupt: 'labels' is a link, not stored in the file"),
 ])
 def test_a_crafted_or_damaged_dataset_is_refused_in_one_line(tmp_path, change, message):
@@ -206,5 +224,7 @@ def test_a_truncated_dataset_is_refused_in_one_line(tmp_path):
     path = tmp_path / "d.h5"
     write_dataset(path, random_samples(2, 1), ["a"], count=2)
     path.write_bytes(path.read_bytes()[:100_000])
-    with pytest.raises(DataError, match=f"^{re.escape(str(path))} is not a readable HDF5 file \\(.*truncated file"):
+    with pytest.raises(DataError,
+                       match=f"^{re.escape(str(path))} is not a readable HDF5 file \\(.*truncated "
+                             "file"):
         open_dataset(path)

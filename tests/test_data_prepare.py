@@ -61,8 +61,10 @@ def test_prepare_image_folder(image_folder, tmp_path, workers):
         pixels = train.reshape(-1, 3)
         centred = pixels - pixels.mean(axis=0)
         covariance = centred.T @ centred / len(pixels)
-        np.testing.assert_allclose(f["pca_eigvals"][()], np.linalg.eigvalsh(covariance)[::-1], rtol=1e-5)
-        # eigenvectors are defined up to sign (and nearly equal eigenvalues mix them): check they rebuild it
+        np.testing.assert_allclose(f["pca_eigvals"][()], np.linalg.eigvalsh(covariance)[::-1],
+                                   rtol=1e-5)
+        # eigenvectors are defined up to sign (and nearly equal eigenvalues mix them): check they
+        # rebuild it
         eigvecs = f["pca_eigvecs"][()]
         np.testing.assert_allclose(eigvecs @ np.diag(f["pca_eigvals"][()]) @ eigvecs.T, covariance,
                                    atol=1e-5 * covariance.max())
@@ -80,7 +82,8 @@ def test_square_image_rescales_the_shorter_side_and_keeps_the_centre():
     bands[:, 256:768] = (0, 255, 0)
     out = square_image(Image.fromarray(bands))
     assert out.shape == (256, 256, 3)
-    np.testing.assert_array_equal(out[:, 8:-8], np.broadcast_to(np.uint8([0, 255, 0]), (256, 240, 3)))
+    np.testing.assert_array_equal(out[:, 8:-8],
+                                  np.broadcast_to(np.uint8([0, 255, 0]), (256, 240, 3)))
 
 
 def test_missing_folder(tmp_path):
@@ -114,7 +117,8 @@ def test_no_readable_image(tmp_path):
 def test_an_existing_out_is_refused_unless_overwrite(image_folder, tmp_path):
     out = tmp_path / "data.h5"
     out.write_bytes(b"precious")
-    with pytest.raises(DataError, match="data.h5 exists: give another name, or --overwrite to replace it"):
+    with pytest.raises(DataError,
+                       match="data.h5 exists: give another name, or --overwrite to replace it"):
         prepare_image_folder(image_folder, out, workers=1)
     assert out.read_bytes() == b"precious"
     assert prepare_image_folder(image_folder, out, workers=1, overwrite=True).written == 8
@@ -144,22 +148,25 @@ def test_stale_temporaries_of_a_killed_run_are_removed(image_folder, tmp_path):
 def test_an_empty_class_folder_is_no_class(image_folder, tmp_path):
     (image_folder / "aardvark").mkdir()
     result = prepare_image_folder(image_folder, tmp_path / "d.h5", workers=1)
-    assert result.empty_folders == ["aardvark"] and list(result.class_counts) == ["cat", "dog", "emu"]
+    assert result.empty_folders == ["aardvark"]
+    assert list(result.class_counts) == ["cat", "dog", "emu"]
     with open_dataset(tmp_path / "d.h5") as f:
         assert [n.decode() for n in f["class_names"][()]] == ["cat", "dog", "emu"]
 
 
-@pytest.mark.parametrize("name, message", [(b"caf\xe9", r"class folder 'caf\\udce9' in .*: its name is not UTF-8"),
-                                           (b"new\nline", r"class folder 'new\\nline' in .*: its name holds control"),
-                                           (b"tab\t", r"its name holds control characters")])
-def test_a_class_folder_name_no_picture_can_show_is_refused_before_decoding(image_folder, tmp_path, name, message,
-                                                                           monkeypatch):
+@pytest.mark.parametrize("name, message", [
+    (b"caf\xe9", r"class folder 'caf\\udce9' in .*: its name is not UTF-8"),
+    (b"new\nline", r"class folder 'new\\nline' in .*: its name holds control"),
+    (b"tab\t", r"its name holds control characters")])
+def test_a_class_folder_name_no_picture_can_show_is_refused_before_decoding(
+        image_folder, tmp_path, name, message, monkeypatch):
     import os
     os.mkdir(os.path.join(os.fsencode(image_folder), name))
     with open(os.path.join(os.fsencode(image_folder), name, b"x.png"), "wb") as f:
         f.write((image_folder / "cat" / "a.png").read_bytes())
     import minidl.data.prepare
-    monkeypatch.setattr(minidl.data.prepare, "decode_file", lambda path: pytest.fail("decoded before refusing"))
+    monkeypatch.setattr(minidl.data.prepare, "decode_file",
+                        lambda path: pytest.fail("decoded before refusing"))
     with pytest.raises(DataError, match=message):
         prepare_image_folder(image_folder, tmp_path / "d.h5", workers=1)
 
@@ -170,11 +177,13 @@ def test_every_class_of_two_images_gets_a_validation_image(tmp_path):
     for cls, count in (("big", 30), ("pair", 2), ("single", 1)):
         (root / cls).mkdir(parents=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
     prepare_image_folder(root, tmp_path / "d.h5", workers=1, val_fraction=0.05)
     with open_dataset(tmp_path / "d.h5") as f:
         labels, is_val = f["labels"][()], f["is_val"][()].astype(bool)
-    # 5% of 2 rounds to none, yet the pair keeps one to validate on and one to train on; a single image trains
+    # 5% of 2 rounds to none, yet the pair keeps one to validate on and one to train on; a single
+    # image trains
     assert np.bincount(labels[is_val], minlength=3).tolist() == [2, 1, 0]
     assert np.bincount(labels[~is_val], minlength=3).tolist() == [28, 1, 1]
 

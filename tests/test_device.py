@@ -27,7 +27,8 @@ def isolated_devices(monkeypatch):
     monkeypatch.delenv("MINIDL_DEVICE_MAP", raising=False)
     monkeypatch.setattr(dm, "_device_map", None)
     # the cpu Device stays the same object; CUDA devices (real or emulated) are made afresh
-    monkeypatch.setattr(dm, "_devices", {name: d for name, d in dm._devices.items() if not d.is_cuda})
+    monkeypatch.setattr(dm, "_devices",
+                        {name: d for name, d in dm._devices.items() if not d.is_cuda})
     yield
     minidl.set_device_map(None)
 
@@ -90,7 +91,8 @@ def test_cpu_names():
     cpu.synchronize()  # a no-op, not an error
 
 
-@pytest.mark.parametrize("name", ["tpu:0", "cuda:x", "cuda:", "gpu", "cuda:-1", "cuda:0:1", "cuda0", ""])
+@pytest.mark.parametrize("name",
+                         ["tpu:0", "cuda:x", "cuda:", "gpu", "cuda:-1", "cuda:0:1", "cuda0", ""])
 def test_unknown_device_names(name):
     with pytest.raises(DeviceError, match=rf"unknown device '{name}': use 'cpu' or 'cuda:N'"):
         minidl.device(name)
@@ -120,7 +122,8 @@ def test_device_of_array():
 
 def test_cuda_without_cupy(no_cupy):
     for name in ("cuda:0", "cuda"):
-        with pytest.raises(DeviceError, match=r"a CUDA device needs CuPy, which is not importable .*"
+        with pytest.raises(DeviceError,
+                           match=r"a CUDA device needs CuPy, which is not importable .*"
                                               r"install minidl\[gpu\] or use device 'cpu'"):
             minidl.device(name)
     with pytest.raises(DeviceError, match=r"needs CuPy"):
@@ -132,11 +135,13 @@ def test_cuda_without_cupy(no_cupy):
 
 def test_cuda_device_that_is_not_there(fake_cupy):
     fake_cupy(0)
-    with pytest.raises(DeviceError, match=r"device cuda:0 is not there: this machine has 0 GPU\(s\)"):
+    with pytest.raises(DeviceError,
+                       match=r"device cuda:0 is not there: this machine has 0 GPU\(s\)"):
         minidl.device("cuda:0")
     assert "cuda:0" not in dm._devices  # a failed lookup caches nothing
     fake_cupy(1)
-    with pytest.raises(DeviceError, match=r"device cuda:1 is not there: this machine has 1 GPU\(s\); .*"
+    with pytest.raises(DeviceError,
+                       match=r"device cuda:1 is not there: this machine has 1 GPU\(s\); .*"
                                           r"MINIDL_DEVICE_MAP='cuda:1=0'"):
         minidl.device("cuda:1")
 
@@ -144,7 +149,8 @@ def test_cuda_device_that_is_not_there(fake_cupy):
 def test_mapped_device_that_is_not_there_names_its_gpu(fake_cupy):
     fake_cupy(2)
     minidl.set_device_map({"cuda:1": 3})
-    with pytest.raises(DeviceError, match=r"device cuda:1 \(mapped to GPU 3\) is not there: this machine has 2"):
+    with pytest.raises(DeviceError,
+                       match=r"device cuda:1 \(mapped to GPU 3\) is not there: this machine has 2"):
         minidl.device("cuda:1")
 
 
@@ -158,13 +164,15 @@ def test_gpu_count_is_zero_when_the_driver_fails(fake_cupy):
 def test_preferred_devices_are_fitted_to_the_machine(fake_cupy, count, expected):
     fake_cupy(count)
     assert tuple(d.name for d in dm.resolve_devices(None, ("cuda:0", "cuda:1"))) == expected
-    assert tuple(d.name for d in dm.resolve_devices(None, ("cpu", "cpu"))) == ("cpu", "cpu")  # the model's word
+    # the model's word
+    assert tuple(d.name for d in dm.resolve_devices(None, ("cpu", "cpu"))) == ("cpu", "cpu")
 
 
 def test_requested_devices_win_and_one_serves_both(fake_cupy):
     fake_cupy(2)
     assert [d.name for d in dm.resolve_devices("cuda:1", ("cpu", "cpu"))] == ["cuda:1", "cuda:1"]
-    assert [d.name for d in dm.resolve_devices(["cpu", "cuda:0"], ("cuda:0", "cuda:1"))] == ["cpu", "cuda:0"]
+    resolved = dm.resolve_devices(["cpu", "cuda:0"], ("cuda:0", "cuda:1"))
+    assert [d.name for d in resolved] == ["cpu", "cuda:0"]
     with pytest.raises(DeviceError, match="give 2 devices, one per part"):
         dm.resolve_devices("cpu,cpu,cpu", ("cuda:0", "cuda:1"))
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
@@ -183,8 +191,10 @@ def test_inputs_on_different_devices_are_refused(fake_cupy):
     fake_cupy(2)
     a = Tensor(np.ones((2, 2)), requires_grad=True)
     b = Tensor(np.ones((2, 2)))
-    b.device = minidl.device("cuda:1")  # the data stays on the host: the check runs before any kernel
-    with pytest.raises(MinidlError, match=r"Add got inputs on different devices \(cpu and cuda:1\); "
+    # the data stays on the host: the check runs before any kernel
+    b.device = minidl.device("cuda:1")
+    with pytest.raises(MinidlError,
+                       match=r"Add got inputs on different devices \(cpu and cuda:1\); "
                                           r"move one with minidl\.functions\.copy\(x, device\)"):
         a + b
     with pytest.raises(MinidlError, match=r"MatMul got inputs on different devices"):
@@ -205,7 +215,8 @@ def test_set_device_map_sends_cuda1_to_gpu0():
     assert dm.physical_index(1) == 1
 
 
-@pytest.mark.parametrize("text,expected", [("cuda:1=0", {1: 0}), (" cuda:1 = 0 , cuda:2=1 ", {1: 0, 2: 1}),
+@pytest.mark.parametrize("text,expected",
+                         [("cuda:1=0", {1: 0}), (" cuda:1 = 0 , cuda:2=1 ", {1: 0, 2: 1}),
                                            ("cuda:1=0,", {1: 0}), ("", {})])
 def test_device_map_from_the_environment(monkeypatch, text, expected):
     monkeypatch.setenv("MINIDL_DEVICE_MAP", text)
@@ -225,10 +236,12 @@ def test_set_device_map_overrides_the_environment(monkeypatch):
 def test_bad_device_map_environment(monkeypatch, fake_cupy, text):
     monkeypatch.setenv("MINIDL_DEVICE_MAP", text)
     entry = text.split(",")[0].strip()
-    with pytest.raises(DeviceError, match=rf"bad MINIDL_DEVICE_MAP entry '{entry}': expected 'cuda:L=P'"):
+    with pytest.raises(DeviceError,
+                       match=rf"bad MINIDL_DEVICE_MAP entry '{entry}': expected 'cuda:L=P'"):
         dm.physical_index(1)
     fake_cupy(1)
-    with pytest.raises(DeviceError, match=r"bad MINIDL_DEVICE_MAP entry"):  # reported where a GPU is named
+    # reported where a GPU is named
+    with pytest.raises(DeviceError, match=r"bad MINIDL_DEVICE_MAP entry"):
         minidl.device("cuda:0")
     assert minidl.device("cpu").xp is np  # the CPU does not read the map
 
@@ -328,5 +341,6 @@ def test_gpu_two_logical_devices_on_one_gpu():
 @pytest.mark.parametrize("text", ["two", "0", "-1"])
 def test_a_malformed_emulated_gpu_count_is_an_error_not_the_cpu(monkeypatch, text):
     monkeypatch.setenv("MINIDL_EMULATE_GPUS", text)
-    with pytest.raises(DeviceError, match="MINIDL_EMULATE_GPUS=.*give the number of GPUs to emulate"):
+    with pytest.raises(DeviceError,
+                       match="MINIDL_EMULATE_GPUS=.*give the number of GPUs to emulate"):
         dm.gpu_count()

@@ -26,7 +26,8 @@ def distinct(rng, shape):
 
 
 @pytest.mark.parametrize("fn", [F.add, F.sub, F.mul, F.div], ids=["add", "sub", "mul", "div"])
-@pytest.mark.parametrize("shapes", [((3, 4), (3, 4)), ((3, 1), (1, 4)), ((2, 3, 4), (4,)), ((), (2, 3))],
+@pytest.mark.parametrize("shapes",
+                         [((3, 4), (3, 4)), ((3, 1), (1, 4)), ((2, 3, 4), (4,)), ((), (2, 3))],
                          ids=["same", "3x1+1x4", "trailing", "0d"])
 def test_binary_gradients(dev, rng, fn, shapes):
     a = T(away_from_zero(rng, shapes[0]), dev)
@@ -146,7 +147,8 @@ def test_sum_mean_gradients_and_values(dev, rng, name, axis, keepdims):
     assert gradcheck(lambda x: fn(x, axis=axis, keepdims=keepdims), x)
 
 
-@pytest.mark.parametrize("axis,keepdims", [(None, False), (0, False), (1, True), (-1, False), ((0, 2), False)],
+@pytest.mark.parametrize("axis,keepdims",
+                         [(None, False), (0, False), (1, True), (-1, False), ((0, 2), False)],
                          ids=str)
 def test_max_gradient_and_value(dev, rng, axis, keepdims):
     x = T(distinct(rng, (2, 3, 4)), dev)
@@ -195,7 +197,8 @@ def test_T_property(dev, rng):
 ], ids=["slice", "negstep", "int+slice", "repeats", "col-repeats", "pairs", "ellipsis"])
 def test_getitem_gradient(dev, rng, index):
     x = T(rng.standard_normal((3, 4)), dev)
-    np.testing.assert_array_equal(x[index].numpy(), x.numpy()[index])  # NumPy index arrays move to x's device
+    # NumPy index arrays move to x's device
+    np.testing.assert_array_equal(x[index].numpy(), x.numpy()[index])
     assert gradcheck(lambda x: x[index], x)
 
 
@@ -266,7 +269,8 @@ def test_softmax_cross_entropy_value_and_gradient(dev, rng):
     labels = np.array([0, 3, 1, 1, 2])
     loss = F.softmax_cross_entropy(logits, labels)
     assert loss.shape == () and loss.dtype == np.float64
-    np.testing.assert_allclose(loss.item(), numpy_softmax_cross_entropy(logits.numpy(), labels), rtol=1e-12)
+    np.testing.assert_allclose(loss.item(), numpy_softmax_cross_entropy(logits.numpy(), labels),
+                               rtol=1e-12)
     assert gradcheck(lambda z: F.softmax_cross_entropy(z, labels), logits)
     # d loss / d logits = (softmax - onehot) / n
     p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(axis=1, keepdims=True)
@@ -286,8 +290,8 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits(dev, dtype):
     # row 0: 2e4; row 1: 0; row 2: log 2 -> mean
     np.testing.assert_allclose(loss.item(), (2e4 + 0 + np.log(2)) / 3, rtol=1e-6)
     np.testing.assert_allclose(loss.item(), numpy_softmax_cross_entropy(z, labels), rtol=1e-6)
-    np.testing.assert_allclose(logits.grad.numpy(), [[1 / 3, -1 / 3, 0], [0, 0, 0], [-1 / 6, 1 / 6, 0]],
-                               atol=1e-7)
+    np.testing.assert_allclose(logits.grad.numpy(),
+                               [[1 / 3, -1 / 3, 0], [0, 0, 0], [-1 / 6, 1 / 6, 0]], atol=1e-7)
 
 
 def test_softmax_cross_entropy_rejects_bad_labels(dev):
@@ -332,5 +336,6 @@ def test_astype_gradient_returns_in_the_input_dtype(dev, rng):
     y = x.astype(np.float32)
     assert y.dtype == np.float32
     # the trip through float32 rounds at ~1e-7: a coarser step keeps the check meaningful
-    assert gradcheck(lambda x: (F.astype(x, np.float32) * 2.0).astype(np.float64), x, eps=1e-2, atol=1e-3)
+    assert gradcheck(lambda x: (F.astype(x, np.float32) * 2.0).astype(np.float64), x, eps=1e-2,
+                     atol=1e-3)
     assert x.grad.dtype == np.float64

@@ -54,7 +54,8 @@ def test_momentum_kernel_matches_the_numpy_update(rng, dtype):
     for dev in ("cpu", GPU):
         params = [Parameter(w.copy(), device=dev) for w in ws]
         opt = MomentumSGD(params, lr=0.03, momentum=0.9, weight_decay=0.01)
-        for i, (step, lr) in enumerate(zip(steps, (0.03, 0.03, 0.007))):  # lr changes: it is inside v
+        # lr changes: it is inside v
+        for i, (step, lr) in enumerate(zip(steps, (0.03, 0.03, 0.007))):
             opt.lr = lr
             for p, g in zip(params, step):
                 p.grad = Tensor(g, device=dev)
@@ -70,11 +71,14 @@ def test_momentum_kernel_matches_the_numpy_update(rng, dtype):
 
 
 def test_momentum_update_is_one_launch_per_device_and_dtype(rng):
-    """Parameters on two GPUs and in two dtypes, a transposed gradient and one without a gradient."""
-    hosts = [away_from_zero(rng, s, t) for s, t in [((3, 4), np.float32), ((5,), np.float32), ((2, 2), np.float64),
-                                                     ((6,), np.float32), ((4, 3), np.float32)]]
+    """Parameters on two GPUs and in two dtypes, a transposed gradient and one without a
+    gradient."""
+    shapes = [((3, 4), np.float32), ((5,), np.float32), ((2, 2), np.float64), ((6,), np.float32),
+              ((4, 3), np.float32)]
+    hosts = [away_from_zero(rng, s, t) for s, t in shapes]
     devices = ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:0"]
-    grads = [away_from_zero(rng, w.shape[::-1], w.dtype).T for w in hosts]  # views: copied for the kernel
+    # views: copied for the kernel
+    grads = [away_from_zero(rng, w.shape[::-1], w.dtype).T for w in hosts]
     results = {}
     for placement in (["cpu"] * 5, devices):
         params = [Parameter(w.copy(), device=d) for w, d in zip(hosts, placement)]
@@ -111,11 +115,12 @@ def test_a_parameter_listed_twice_is_updated_twice_as_on_the_cpu(rng):
 
 @pytest.fixture
 def table_kernel():
-    """The momentum kernel of optim.cu for float32 on the current emulated GPU (the table's rows: w, g, v, ends,
-    and the flags it sets where an update is not finite)."""
+    """The momentum kernel of optim.cu for float32 on the current emulated GPU (the table's rows: w,
+    g, v, ends, and the flags it sets where an update is not finite)."""
     from minidl import kernels
     from minidl.optim import CU
-    return lambda *args: kernels.launch(CU, "momentum_update", np.float32, 4, *args, 1, 4, 0.5, 0.0, 1.0)
+    return lambda *args: kernels.launch(CU, "momentum_update", np.float32, 4, *args, 1, 4, 0.5, 0.0,
+                                        1.0)
 
 
 @pytest.mark.skipif(not emulated(), reason="checks the GPU emulator: run with --emulate-gpus 2")
@@ -132,7 +137,8 @@ def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
     with other:
         g = cp.full(4, 2.0, dtype=cp.float32)  # written on another stream
     table = kernels.address_table([[w], [g], [v], [4], [0]])
-    with pytest.raises(StreamHazard, match=r"kernel momentum_update<float> on .* reads .* written by"):
+    with pytest.raises(StreamHazard,
+                       match=r"kernel momentum_update<float> on .* reads .* written by"):
         table_kernel(table[0], table[1], table[2], table[3], table[4])
     streams.take_hazards()
     cp.cuda.get_current_stream().wait_event(other.record())
@@ -141,11 +147,14 @@ def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
     address = g.data.ptr
     del g
     stale = kernels.address_table([[w], [address], [v], [4], [0]])
-    with pytest.raises(ValueError, match=r"argument 1: the table holds address 0x[0-9a-f]+, which is in no live"):
+    with pytest.raises(ValueError,
+                       match=r"argument 1: the table holds address 0x[0-9a-f]+, "
+                             r"which is in no live"):
         table_kernel(stale[0], stale[1], stale[2], stale[3], stale[4])
     with cp.cuda.Device(1):
         foreign = cp.ones(4, dtype=cp.float32)
-    with pytest.raises(ValueError, match=r"resides \(1\) is different from the current device \(0\)"):
+    with pytest.raises(ValueError,
+                       match=r"resides \(1\) is different from the current device \(0\)"):
         table = kernels.address_table([[w], [foreign], [v], [4], [0]])
         table_kernel(table[0], table[1], table[2], table[3], table[4])
 
@@ -167,7 +176,8 @@ def test_relu_matches_numpy_and_its_backward_is_one_kernel(rng, dtype):
 
 
 def test_relu_of_a_transposed_view_is_c_contiguous(rng):
-    """A convolution's output is a transposed view: ReLU's y is a plain array, so what reads it copies nothing."""
+    """A convolution's output is a transposed view: ReLU's y is a plain array, so what reads it
+    copies nothing."""
     x_host = away_from_zero(rng, (4, 3, 5, 5), np.float32)
     leaf = Tensor(x_host, requires_grad=True, device=GPU)
     x = leaf.transpose(1, 0, 2, 3)
@@ -178,15 +188,16 @@ def test_relu_of_a_transposed_view_is_c_contiguous(rng):
     np.testing.assert_array_equal(y.numpy(), np.maximum(x_host.transpose(1, 0, 2, 3), 0))
     gy_host = away_from_zero(rng, y.shape, np.float32)
     y.backward(Tensor(gy_host, device=GPU))
-    np.testing.assert_array_equal(leaf.grad.numpy(), (gy_host * (y.numpy() > 0)).transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(leaf.grad.numpy(),
+                                  (gy_host * (y.numpy() > 0)).transpose(1, 0, 2, 3))
 
 
 # --- dropout: the mask made and applied in one kernel, forward and backward
 
 
 def splitmix64_uniforms(key, start, size):
-    """dropout.cu's uniforms written out in NumPy: splitmix64 at key + (i+1) * gamma for the global indices
-    i = start, ..., start + size - 1, the top 24 bits."""
+    """dropout.cu's uniforms written out in NumPy: splitmix64 at key + (i+1) * gamma for the global
+    indices i = start, ..., start + size - 1, the top 24 bits."""
     i = np.arange(start, start + size, dtype=np.uint64)
     z = np.uint64(key) + (i + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -198,11 +209,13 @@ def splitmix64_uniforms(key, start, size):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.5, 0.3])
 def test_dropout_kernel_draws_the_numpy_paths_masks(rng, dtype, p):
-    """Fresh seeds, shapes and first rows: the kernel's y and gx are the CPU path's bit for bit, in one launch
-    each way, and both masks are splitmix64 of (key, global index), the mask of dropout.cu's comment."""
+    """Fresh seeds, shapes and first rows: the kernel's y and gx are the CPU path's bit for bit, in
+    one launch each way, and both masks are splitmix64 of (key, global index), the mask of
+    dropout.cu's comment."""
     for _ in range(3):
         shape = tuple(int(n) for n in rng.integers(1, 30, int(rng.integers(2, 5))))
-        seed, first_row = [int(n) for n in rng.integers(0, 2 ** 62, 2)], int(rng.integers(0, 10 ** 6))
+        seed = [int(n) for n in rng.integers(0, 2 ** 62, 2)]
+        first_row = int(rng.integers(0, 10 ** 6))
         x_host = away_from_zero(rng, shape, dtype)
         gy_host = away_from_zero(rng, shape, dtype)
         xs = {dev: Tensor(x_host, requires_grad=True, device=dev) for dev in ("cpu", GPU)}
@@ -212,7 +225,8 @@ def test_dropout_kernel_draws_the_numpy_paths_masks(rng, dtype, p):
                 ys[dev] = F.dropout(x, p, generator=MaskGenerator(seed, first_row))
         assert ys[GPU].creator.key == ys["cpu"].creator.key
         np.testing.assert_array_equal(ys[GPU].numpy(), ys["cpu"].numpy())
-        u = splitmix64_uniforms(ys["cpu"].creator.key, first_row * int(np.prod(shape[1:])), x_host.size)
+        u = splitmix64_uniforms(ys["cpu"].creator.key, first_row * int(np.prod(shape[1:])),
+                                x_host.size)
         mask = (u.reshape(shape) >= np.float32(p)).astype(dtype) * dtype(1.0 / (1.0 - p))
         np.testing.assert_array_equal(ys["cpu"].numpy(), x_host * mask)
         for dev, y in ys.items():
@@ -241,7 +255,8 @@ def test_dropout_masks_keep_about_one_minus_p_and_differ_between_calls():
 
 
 def numpy_loss_and_gradient(logits, labels):
-    """The CPU path written out: log softmax, the mean of -log p[label], and (softmax - onehot) / n."""
+    """The CPU path written out: log softmax, the mean of -log p[label], and (softmax - onehot) /
+    n."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     n = len(labels)

@@ -23,9 +23,11 @@ MANGLED_TYPE = {"float": "f", "double": "d"}
 
 
 def launched_kernels():
-    """{.cu path: its KernelFile} from every module that launches kernels (its CU): functions and optim."""
+    """{.cu path: its KernelFile} from every module that launches kernels (its CU): functions and
+    optim."""
     found = {}
-    names = [f"minidl.functions.{info.name}" for info in pkgutil.iter_modules(minidl.functions.__path__)]
+    names = [f"minidl.functions.{info.name}"
+             for info in pkgutil.iter_modules(minidl.functions.__path__)]
     for name in names + ["minidl.optim"]:
         module = importlib.import_module(name)
         if isinstance(getattr(module, "CU", None), kernels.KernelFile):
@@ -35,7 +37,8 @@ def launched_kernels():
 
 def test_every_source_is_launched_and_every_launcher_has_a_source():
     launched = launched_kernels()
-    assert {"conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu", "optim.cu"} <= {
+    assert {"conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu",
+            "optim.cu"} <= {
         os.path.basename(p) for p in launched}
     assert set(launched) == {os.path.abspath(p) for p in kernels.kernel_sources()}
 
@@ -47,7 +50,8 @@ def test_options_are_cupys():
         "--std=c++14", "-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
     # and minidl's own options are those plus the -I that compile_like_cupy's callers pass
     source = kernels.kernel_sources()[0]
-    assert kernels.compile_options(source) == nvrtc_check.CUPY_USER_OPTIONS + kernels.include_options(source)
+    expected = nvrtc_check.CUPY_USER_OPTIONS + kernels.include_options(source)
+    assert kernels.compile_options(source) == expected
 
 
 def test_a_shared_header_is_not_found_without_its_include_folder():
@@ -62,17 +66,20 @@ def test_kernel_compiles_like_cupy(source, arch):
     cu = launched_kernels()[os.path.abspath(source)]
     expressions = cu.name_expressions()
     # the source's folder on the include path, as kernels._module gives it to RawModule (window.cuh)
-    lowered = compile_like_cupy(source, expressions, arch=arch, extra_options=kernels.include_options(source))
+    lowered = compile_like_cupy(source, expressions, arch=arch,
+                                extra_options=kernels.include_options(source))
     assert set(lowered) == set(expressions)
     for n in cu.names:
         for t, code in MANGLED_TYPE.items():
             # the Itanium mangling of a template instance n<T>: _Z <len(n)> n I <T> E ...
-            assert lowered[f"{n}<{t}>"].startswith(f"_Z{len(n)}{n}I{code}E"), (source, arch, lowered)
+            mangled = f"_Z{len(n)}{n}I{code}E"
+            assert lowered[f"{n}<{t}>"].startswith(mangled), (source, arch, lowered)
 
 
 def test_a_broken_source_raises_with_the_nvrtc_log(tmp_path):
     source = tmp_path / "broken.cu"
-    source.write_text("template <typename T>\n__global__ void k(T* x) { x[0] = undefined_thing; }\n")
+    source.write_text("template <typename T>\n"
+                      "__global__ void k(T* x) { x[0] = undefined_thing; }\n")
     with pytest.raises(NvrtcCompileError) as raised:
         compile_like_cupy(str(source), ("k<float>",), arch="sm_90")
     message = str(raised.value)

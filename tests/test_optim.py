@@ -25,15 +25,16 @@ def test_momentum_sgd_follows_the_paper_formula(dev):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_step_names_the_parameters_it_left_non_finite_once(dev, dtype):
-    """Finite gradients times a rate that overflows the update in one parameter (the gradient of b is 1e12 times
-    a's): the step names b, once; a finite step names none. A weight that overflows while its velocity does
-    not (w + v) counts too."""
+    """Finite gradients times a rate that overflows the update in one parameter (the gradient of b
+    is 1e12 times a's): the step names b, once; a finite step names none. A weight that overflows
+    while its velocity does not (w + v) counts too."""
     big = np.finfo(dtype).max
     a, b = (Parameter(np.ones(5, dtype), device=dev) for _ in range(2))
     c = Parameter(np.full(5, big, dtype), device=dev)  # finite, until a velocity is added
     opt = MomentumSGD([a, b, c], lr=big / 1e5, momentum=0.0, weight_decay=0.0)
     assert opt.nonfinite() == []  # before any step: nothing to read
-    a.grad, b.grad = Parameter(np.full(5, -1e-6, dtype), device=dev), Parameter(np.full(5, -1e6, dtype), device=dev)
+    a.grad = Parameter(np.full(5, -1e-6, dtype), device=dev)
+    b.grad = Parameter(np.full(5, -1e6, dtype), device=dev)
     c.grad = Parameter(np.zeros(5, dtype), device=dev)
     opt.step()
     assert np.isfinite(a.numpy()).all() and not np.isfinite(b.numpy()).all()

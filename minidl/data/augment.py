@@ -1,17 +1,15 @@
 """AlexNet's data augmentation and test-time crops, in NumPy on batches of HWC images.
 
-A crop is described by `Crops(tops, lefts, flips)`, one entry per image, so the
-same window can be cut from the image and from the per-pixel mean image, and a
-test can check the coordinates. Every random function takes an explicit
-numpy.random.Generator: the caller decides where randomness comes from.
-
-A training batch (the paper, Section 4.1):
+A crop is described by `Crops(tops, lefts, flips)`, one entry per image, so the same window can
+be cut from the image and from the per-pixel mean image. Every random function takes an explicit
+numpy.random.Generator. A training batch (the paper, Section 4.1):
 
     where = random_crops(rng, len(images), 256, 227)        # offsets + flip with p=1/2
     x = subtract_mean(crop_and_flip(images, 227, where), mean, 227, where)
-    x = pca_lighting(x, np.sqrt(eigvals), eigvecs, rng)     # colour shift (why sqrt: loader.py)
-    x = to_nchw(x)                                          # float32 (N, 3, 227, 227)
+    x = to_nchw(pca_lighting(x, np.sqrt(eigvals), eigvecs, rng))  # why sqrt: loader.py
 """
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import numpy as np
@@ -28,12 +26,13 @@ class Crops(NamedTuple):
 
 def check_crop(crop, image_size):
     if crop > image_size:
-        raise DataError(f"crop {crop}x{crop} is larger than the stored {image_size}x{image_size} images")
+        raise DataError(f"crop {crop}x{crop} is larger than the stored {image_size}x{image_size} "
+                        "images")
     if crop < 1:
         raise DataError(f"crop size must be positive, got {crop}")
 
 
-def random_crops(rng, count, image_size, crop):
+def random_crops(rng: np.random.Generator, count: int, image_size: int, crop: int) -> Crops:
     """Uniform random crop offsets and a horizontal flip with probability 1/2, per image."""
     check_crop(crop, image_size)
     tops = rng.integers(0, image_size - crop + 1, size=count)
@@ -42,12 +41,12 @@ def random_crops(rng, count, image_size, crop):
     return Crops(tops, lefts, flips)
 
 
-def fixed_crops(count, top, left, flip=False):
+def fixed_crops(count: int, top: int, left: int, flip: bool = False) -> Crops:
     """The same crop for every image."""
     return Crops(np.full(count, top), np.full(count, left), np.full(count, flip))
 
 
-def centre_crops(count, image_size, crop):
+def centre_crops(count: int, image_size: int, crop: int) -> Crops:
     check_crop(crop, image_size)
     offset = (image_size - crop) // 2
     return fixed_crops(count, offset, offset)
@@ -58,7 +57,7 @@ TEN_CROP_ORDER = ("top-left", "top-right", "bottom-left", "bottom-right", "centr
                   "bottom-right mirrored", "centre mirrored")
 
 
-def ten_crops(count, image_size, crop):
+def ten_crops(count: int, image_size: int, crop: int) -> list[Crops]:
     """The paper's 10 test crops as a list of Crops, in the order of TEN_CROP_ORDER."""
     check_crop(crop, image_size)
     far = image_size - crop
@@ -67,8 +66,9 @@ def ten_crops(count, image_size, crop):
     return [fixed_crops(count, top, left, flip) for flip in (False, True) for top, left in corners]
 
 
-def crop_and_flip(images, crop, where):
-    """Cut the window `where` describes out of each image of (N, H, W, C); mirrored where flips is set."""
+def crop_and_flip(images: np.ndarray, crop: int, where: Crops) -> np.ndarray:
+    """Cut the window `where` describes out of each image of (N, H, W, C); mirrored where flips is
+    set."""
     check_crop(crop, min(images.shape[1], images.shape[2]))
     out = np.empty((len(images), crop, crop) + images.shape[3:], dtype=images.dtype)
     # a loop of slice copies: each is one contiguous block, faster than fancy indexing
@@ -78,7 +78,7 @@ def crop_and_flip(images, crop, where):
     return out
 
 
-def subtract_mean(crops, mean, crop, where):
+def subtract_mean(crops: np.ndarray, mean: np.ndarray, crop: int, where: Crops) -> np.ndarray:
     """float32 crops minus the training mean.
 
     `mean` is the per-channel mean (3,) or the per-pixel mean image (S, S, 3); the
@@ -89,16 +89,18 @@ def subtract_mean(crops, mean, crop, where):
     if mean.ndim == 1:
         crops -= mean.astype(np.float32)
     else:
-        crops -= crop_and_flip(np.broadcast_to(mean.astype(np.float32), (len(crops),) + mean.shape), crop, where)
+        crops -= crop_and_flip(np.broadcast_to(mean.astype(np.float32), (len(crops),) + mean.shape),
+                               crop, where)
     return crops
 
 
-def lighting_shift(alphas, eigvals, eigvecs):
+def lighting_shift(alphas: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray) -> np.ndarray:
     """The colour shift per image, (N, 3): eigvecs @ (alpha * eigvals) for each row of alphas."""
     return (alphas * eigvals) @ eigvecs.T
 
 
-def pca_lighting(images, eigvals, eigvecs, rng, sigma=0.1):
+def pca_lighting(images: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
+                 rng: np.random.Generator, sigma: float = 0.1) -> np.ndarray:
     """Add to every pixel of each image of (N, H, W, 3) the shift [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T.
 
     a_i ~ N(0, sigma^2) is drawn once per image; `eigvecs` holds the p_i as columns.
@@ -109,6 +111,6 @@ def pca_lighting(images, eigvals, eigvecs, rng, sigma=0.1):
     return images + shift[:, None, None, :]
 
 
-def to_nchw(images):
+def to_nchw(images: np.ndarray) -> np.ndarray:
     """(N, H, W, C) -> contiguous float32 (N, C, H, W), the layout the network takes."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -1,16 +1,16 @@
-"""The built-in dataset: 10 classes of drawn shapes and textures, made on first use.
+"""The built-in dataset: 10 classes of drawn shapes and textures, made on first use, so that
+`minidl train models/alexnet.py` runs on a fresh machine with no network.
 
-So that `minidl train models/alexnet.py` runs on a fresh machine with no network.
-The classes differ by shape or texture only: every image draws its own background
-and foreground colours (far enough apart to be seen), position, size and rotation,
-so colour says nothing about the class. Generation is deterministic: image i of
-class c comes from the generator seeded with (SEED, c, i).
-
-The file is cached as shapes-v{VERSION}.h5 in the cache folder (argument, else
-$MINIDL_CACHE, else ~/.cache/minidl) and generated only when missing or unreadable.
-Raise VERSION whenever the drawing changes, so old caches are not reused.
+The classes differ by shape or texture only (every image draws its own colours, position, size
+and rotation). Image i of class c comes from the generator seeded with (SEED, c, i). The file is
+cached as shapes-v{VERSION}.h5 in the cache folder (argument, else $MINIDL_CACHE, else
+~/.cache/minidl) and generated only when missing or unreadable; raise VERSION whenever the
+drawing changes, so old caches are not reused.
 """
+from __future__ import annotations
+
 import os
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,7 +40,8 @@ def polygon(rng, corners, radii):
     size = rng.uniform(50, 90)
     angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(corners) / corners
     lengths = size * np.resize(radii, corners)
-    return [tuple(p) for p in centre + lengths[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)]
+    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return [tuple(p) for p in centre + lengths[:, None] * directions]
 
 
 def disk_box(rng):
@@ -131,8 +132,8 @@ def dots(rng):
     return (wrap(u, period) - period / 2) ** 2 + (wrap(v, period) - period / 2) ** 2 < radius ** 2
 
 
-SHAPES = {"circle": draw_circle, "square": draw_square, "triangle": draw_triangle, "star": draw_star,
-          "cross": draw_cross, "ring": draw_ring}
+SHAPES = {"circle": draw_circle, "square": draw_square, "triangle": draw_triangle,
+          "star": draw_star, "cross": draw_cross, "ring": draw_ring}
 TEXTURES = {"horizontal_stripes": horizontal_stripes, "vertical_stripes": vertical_stripes,
             "checkerboard": checkerboard, "dots": dots}
 CLASS_NAMES = list(SHAPES) + list(TEXTURES)
@@ -159,11 +160,14 @@ def generate_samples(per_class):
             yield make_image(label, index), label
 
 
-def default_cache_dir():
-    return os.environ.get("MINIDL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minidl")
+def default_cache_dir() -> str:
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "minidl")
+    return os.environ.get("MINIDL_CACHE") or home_cache
 
 
-def builtin_dataset(cache_dir=None, progress=None, *, per_class=PER_CLASS):
+def builtin_dataset(cache_dir: str | None = None,
+                    progress: Callable[[int, int], None] | None = None, *,
+                    per_class: int = PER_CLASS) -> str:
     """Path of the built-in dataset file, generating it first if it is missing.
 
     progress(done, total) reports the generation, which happens once per cache folder.
@@ -179,6 +183,6 @@ def builtin_dataset(cache_dir=None, progress=None, *, per_class=PER_CLASS):
         except DataError:
             pass  # a damaged cache: make it again
     count = per_class * len(CLASS_NAMES)
-    write_dataset(path, generate_samples(per_class), CLASS_NAMES, count=count, val_fraction=0.1, seed=SEED,
-                  progress=progress)
+    write_dataset(path, generate_samples(per_class), CLASS_NAMES, count=count, val_fraction=0.1,
+                  seed=SEED, progress=progress)
     return path

@@ -1,54 +1,56 @@
 """The minidl dataset file: one HDF5 file holding images, labels, split and statistics.
 
-Layout (format version 1). N images, C classes, S = 256:
-
-    /images        uint8   (N, S, S, 3)  RGB, height x width x channel; chunked one
-                                         image per chunk, gzip level 4
-    /labels        int64   (N,)          class index in 0..C-1
-    /class_names   UTF-8 strings (C,)    name of each class index
-    /is_val        uint8   (N,)          1 = validation image, 0 = training image
-    /mean_image    float32 (S, S, 3)     per-pixel mean of the training images
-    /mean_rgb      float32 (3,)          per-channel mean of the training images
-    /pca_eigvals   float32 (3,)          eigenvalues, largest first, of the 3x3 covariance
-                                         of the training images' RGB values (0..255 scale,
-                                         divided by the number of pixels)
-    /pca_eigvecs   float32 (3, 3)        the matching unit eigenvectors, one per COLUMN
-
-    root attributes: format = "minidl-dataset", version = 1, image_size = S
-
-Readers trust none of it: `read_contents` checks every part's type, shape and
-storage before reading it (at most 10^8 images of at most 4096x4096, each one
-stored, within the file's read budget (minidl.hdf5); at most as many classes as
-images, up to 10^6, names of at most 1,000 characters), the labels against the
-classes and the statistics for NaN, and refuses anything else in one line naming
-the file and the problem.
-
-All statistics are over the training split only, so validation images stay unseen.
-The validation split is a seeded random choice of `val_fraction` of the images,
-drawn per class (each class gets its share) so that small classes are represented:
-every class of two images or more has at least one validation image and one
-training image.
+Readers trust none of it: `read_contents` checks every part's type, shape and storage before
+reading it (within the limits below and the file's read budget, minidl.hdf5), the labels against
+the classes and the statistics for NaN, and refuses anything else in one line naming the file.
+All statistics are over the training split only. The validation split is a seeded random choice
+of `val_fraction` of the images, drawn per class: every class of two images or more has at least
+one validation image and one training image.
 """
+from __future__ import annotations
+
+# Layout (format version 1). N images, C classes, S = 256:
+#
+#   /images        uint8   (N, S, S, 3)  RGB, height x width x channel; chunked one
+#                                        image per chunk, gzip level 4
+#   /labels        int64   (N,)          class index in 0..C-1
+#   /class_names   UTF-8 strings (C,)    name of each class index
+#   /is_val        uint8   (N,)          1 = validation image, 0 = training image
+#   /mean_image    float32 (S, S, 3)     per-pixel mean of the training images
+#   /mean_rgb      float32 (3,)          per-channel mean of the training images
+#   /pca_eigvals   float32 (3,)          eigenvalues, largest first, of the 3x3 covariance
+#                                        of the training images' RGB values (0..255 scale,
+#                                        divided by the number of pixels)
+#   /pca_eigvecs   float32 (3, 3)        the matching unit eigenvectors, one per COLUMN
+#
+#   root attributes: format = "minidl-dataset", version = 1, image_size = S
+#
+# Limits checked on reading: at most 10^8 images of at most 4096x4096, each one stored; at most
+# as many classes as images, up to 10^6; names of at most 1,000 characters.
+
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import h5py
 import numpy as np
 
 from minidl.atomic import atomic_hdf5
 from minidl.errors import DataError
-from minidl.hdf5 import FLAG, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, TEXT, FileCheck, open_minidl_file, whole
+from minidl.hdf5 import (FLAG, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, TEXT, FileCheck,
+                         open_minidl_file, whole)
 
 FORMAT = "minidl-dataset"
 VERSION = 1
 IMAGE_SIZE = 256
 GZIP_LEVEL = 4
-MAX_IMAGES = 10 ** 8  # far beyond ImageNet's 1.3 million: a header claiming more is crafted or damaged
+# far beyond ImageNet's 1.3 million: a header claiming more is crafted or damaged
+MAX_IMAGES = 10 ** 8
 BYTES_PER_IMAGE = 32
-REQUIRED = ("images", "labels", "class_names", "is_val", "mean_image", "mean_rgb", "pca_eigvals", "pca_eigvecs")
+REQUIRED = ("images", "labels", "class_names", "is_val", "mean_image", "mean_rgb", "pca_eigvals",
+            "pca_eigvecs")
 
 
 class _Moments:
@@ -110,7 +112,9 @@ def choose_validation(labels, num_classes, val_fraction, seed):
     return is_val
 
 
-def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0, progress=None):
+def write_dataset(path: str, samples: Iterable[tuple[np.ndarray, int]],
+                  class_names: Sequence[str], *, count: int, val_fraction: float = 0.1,
+                  seed: int = 0, progress: Callable[[int, int], None] | None = None):
     """Write `samples`, an iterable of (uint8 256x256x3 image, int label), to the dataset `path`.
 
     Streams: one image is in memory at a time. `count` is the number expected (the
@@ -129,14 +133,16 @@ def write_dataset(path, samples, class_names, *, count, val_fraction=0.1, seed=0
     if not os.access(folder, os.W_OK):
         raise DataError(f"cannot write {path}: the folder {folder} is not writable")
     with atomic_hdf5(path) as f:
-        return _write_contents(f, path, samples, list(class_names), count, val_fraction, seed, progress)
+        return _write_contents(f, path, samples, list(class_names), count, val_fraction, seed,
+                               progress)
 
 
 def _write_contents(f, path, samples, class_names, count, val_fraction, seed, progress):
     size = IMAGE_SIZE
-    images = f.create_dataset("images", shape=(count, size, size, 3), maxshape=(None, size, size, 3),
-                              dtype=np.uint8, chunks=(1, size, size, 3),
-                              compression="gzip", compression_opts=GZIP_LEVEL)
+    images = f.create_dataset("images", shape=(count, size, size, 3),
+                              maxshape=(None, size, size, 3), dtype=np.uint8,
+                              chunks=(1, size, size, 3), compression="gzip",
+                              compression_opts=GZIP_LEVEL)
     labels = np.zeros(count, dtype=np.int64)
     moments = _Moments(size)  # over all images; the validation ones are taken out at the end
     written = 0
@@ -144,9 +150,11 @@ def _write_contents(f, path, samples, class_names, count, val_fraction, seed, pr
         if written == count:
             raise DataError(f"more images than the count={count} given for {path}")
         if image.shape != (size, size, 3) or image.dtype != np.uint8:
-            raise DataError(f"image {written} is {image.dtype} {image.shape}, expected uint8 ({size}, {size}, 3)")
+            raise DataError(f"image {written} is {image.dtype} {image.shape}, expected uint8 "
+                            f"({size}, {size}, 3)")
         if not 0 <= label < len(class_names):
-            raise DataError(f"image {written} has label {label}, outside the {len(class_names)} classes")
+            raise DataError(f"image {written} has label {label}, outside the {len(class_names)} "
+                            "classes")
         images[written] = image
         labels[written] = label
         moments.add(image)
@@ -188,17 +196,20 @@ class Contents(NamedTuple):
     pca_eigvecs: np.ndarray  # floating (3, 3)
 
     def fingerprint(self):
-        """A sha256 of everything checked here: a replaced or regenerated file differs (its labels, split
-        or training mean do), a copy or a symlink of the same file does not. The pixels are not read
-        (hours for ImageNet); the mean image stands for them, as it sums every training image."""
-        digest = hashlib.sha256(json.dumps([self.num_images, self.image_size, list(self.class_names)]).encode())
+        """A sha256 of everything checked here: a replaced or regenerated file differs (its labels,
+        split or training mean do), a copy or a symlink of the same file does not. The pixels are
+        not read (hours for ImageNet); the mean image stands for them, as it sums every training
+        image."""
+        digest = hashlib.sha256(json.dumps([self.num_images, self.image_size,
+                                            list(self.class_names)]).encode())
         for array, dtype in ((self.labels, "<i8"), (self.is_val, "u1"), (self.mean_image, "<f8"),
-                             (self.mean_rgb, "<f8"), (self.pca_eigvals, "<f8"), (self.pca_eigvecs, "<f8")):
+                             (self.mean_rgb, "<f8"), (self.pca_eigvals, "<f8"),
+                             (self.pca_eigvecs, "<f8")):
             digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
         return digest.hexdigest()
 
 
-def open_dataset(path):
+def open_dataset(path: str) -> h5py.File:
     """Open a minidl dataset read-only, after checking it is one; returns the h5py.File.
 
     Use it as a context manager (`with open_dataset(p) as f:`). Everything but the
@@ -214,25 +225,27 @@ def open_dataset(path):
     return f
 
 
-def read_dataset(path):
+def read_dataset(path: str) -> Contents:
     """The checked Contents of the dataset file `path`."""
     with open_minidl_file(path, "dataset", FORMAT, VERSION, DataError) as f:
         return read_contents(f, path)
 
 
-def read_contents(f, path):
+def read_contents(f: h5py.File, path: str) -> Contents:
     """The Contents of the open dataset file `f`, each part checked before it is read or trusted."""
     check = FileCheck(path, "dataset", DataError)
     with check.reading():
-        for name in REQUIRED:  # a file missing parts is named as not a dataset, before any part is judged
+        # a file missing parts is named as not a dataset, before any part is judged
+        for name in REQUIRED:
             check.member(f, name)
-        images = check.dataset(f, "images", np.dtype(np.uint8), (range(MAX_IMAGES + 1), IMAGE_SIZES, IMAGE_SIZES, 3))
+        images = check.dataset(f, "images", np.dtype(np.uint8),
+                               (range(MAX_IMAGES + 1), IMAGE_SIZES, IMAGE_SIZES, 3))
         count, size = images.shape[:2]
         if images.shape[2] != size:
             raise check.corrupt(f"images are {size}x{images.shape[2]}, not square")
         check.fields(f.attrs, {"image_size": whole(size, size)})
-        # what every reader keeps per image (label, split flag, position, order): so the count a header
-        # claims, already backed by stored chunks, is bounded by the file's budget too
+        # what every reader keeps per image (label, split flag, position, order): so the count a
+        # header claims, already backed by stored chunks, is bounded by the file's budget too
         check.charge(count * BYTES_PER_IMAGE, f"{count:,} images")
         class_names = _class_names(f, check, count)
         labels = check.array(f, "labels", INTEGER, (count,))
@@ -252,8 +265,10 @@ def read_contents(f, path):
 
 
 def _class_names(f, check, count=None):
-    """The class names (each at most MAX_NAME_CHARS), no more of them than images (`count`, if known)."""
-    count = f["images"].shape[0] if count is None else count  # read_contents checked the images' shape
+    """The class names (each at most MAX_NAME_CHARS), no more of them than images (`count`, if
+    known)."""
+    # read_contents checked the images' shape
+    count = f["images"].shape[0] if count is None else count
     return check.array(f, "class_names", TEXT, (range(1, max(1, min(MAX_CLASSES, count)) + 1),))
 
 
@@ -272,16 +287,17 @@ class DatasetInfo:
         return len(self.class_names)
 
 
-def read_class_names(f):
+def read_class_names(f: h5py.File) -> tuple[str, ...]:
     """The class names of the dataset `f` (from open_dataset), checked."""
     check = FileCheck(f.filename, "dataset", DataError)
     with check.reading():
         return _class_names(f, check)
 
 
-def dataset_info(path):
+def dataset_info(path: str) -> DatasetInfo:
     """A DatasetInfo for the dataset file `path` (checked as open_dataset does)."""
     contents = read_dataset(path)
     num_val = int(np.count_nonzero(contents.is_val))
-    return DatasetInfo(path=path, num_images=contents.num_images, num_train=contents.num_images - num_val,
-                       num_val=num_val, class_names=contents.class_names, image_size=contents.image_size)
+    return DatasetInfo(path=path, num_images=contents.num_images,
+                       num_train=contents.num_images - num_val, num_val=num_val,
+                       class_names=contents.class_names, image_size=contents.image_size)

@@ -1,15 +1,15 @@
 """prepare-data: an ImageNet-style folder of images -> a minidl dataset file.
 
-The folder holds one subfolder per class (class names = the sorted subfolder
-names, labels their positions); every file below a class folder that Pillow can
-read is an image of that class. Each image is converted to RGB, its shorter side
-rescaled to 256 and its central 256x256 square kept (the paper's preprocessing).
-Worker processes decode; the parent writes the file in order (dataset.write_dataset).
-Files that cannot be decoded are skipped and listed in the result, and so are
-class folders without files. What would fail late is refused first: a class
-folder name that is not UTF-8 or holds control characters, an existing OUT
-(unless overwrite), an OUT that is one of the images, no class to validate on.
+One subfolder per class (class names = the sorted subfolder names, labels their positions);
+every file below a class folder that Pillow can read is an image of that class, converted to RGB,
+its shorter side rescaled to 256 and its central 256x256 square kept (the paper's preprocessing).
+Worker processes decode; the parent writes the file in order. Undecodable files and empty class
+folders are skipped and listed in the result. Refused first: a class folder name that is not
+UTF-8 or holds control characters, an existing OUT (unless overwrite), an OUT that is one of the
+images, no class to validate on.
 """
+from __future__ import annotations
+
 import functools
 import multiprocessing
 import os
@@ -18,6 +18,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -36,14 +37,16 @@ class PrepareResult:
     empty_folders: list = field(default_factory=list)  # class folders without files: no class
 
 
-def square_image(image, size=IMAGE_SIZE):
-    """A PIL image -> uint8 (size, size, 3): shorter side rescaled to `size`, central square kept."""
+def square_image(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A PIL image -> uint8 (size, size, 3): shorter side rescaled to `size`, central square
+    kept."""
     image = image.convert("RGB")
     width, height = image.size
     side = min(width, height)
     # resize's box cuts the central square of the original and scales it in one resampling
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0))
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box,
+                                   reducing_gap=3.0))
 
 
 def decode_file(path):
@@ -63,17 +66,19 @@ def decode_file(path):
 
 
 def _check_class_name(name, image_dir):
-    """A folder name is stored as a UTF-8 class name and drawn in pictures: refuse one that cannot be
-    (named by repr, which shows undecodable bytes and control characters safely)."""
+    """A folder name is stored as a UTF-8 class name and drawn in pictures: refuse one that cannot
+    be (named by repr, which shows undecodable bytes and control characters safely)."""
     try:
         name.encode("utf-8")  # a name that was not UTF-8 on disk holds surrogates here
     except UnicodeEncodeError:
-        raise DataError(f"class folder {name!r} in {image_dir}: its name is not UTF-8 text; rename it") from None
+        raise DataError(f"class folder {name!r} in {image_dir}: "
+                        "its name is not UTF-8 text; rename it") from None
     if not name.isprintable():
-        raise DataError(f"class folder {name!r} in {image_dir}: its name holds control characters; rename it")
+        raise DataError(f"class folder {name!r} in {image_dir}: "
+                        "its name holds control characters; rename it")
 
 
-def list_image_folder(image_dir):
+def list_image_folder(image_dir: str) -> tuple[list[str], list[tuple[str, int]], list[str]]:
     """(class names, [(file path, label)], [empty class folder names]) of an ImageNet-style folder.
 
     A class folder without files is no class: it is left out, and returned to be noted."""
@@ -83,10 +88,12 @@ def list_image_folder(image_dir):
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
                         key=lambda d: d.name)
     if not class_dirs:
-        raise DataError(f"{image_dir} has no class subfolders (expected one folder of images per class)")
+        raise DataError(f"{image_dir} has no class subfolders (expected one folder of images per "
+                        "class)")
     for class_dir in class_dirs:
         _check_class_name(class_dir.name, image_dir)
-    listed = [(d.name, [str(path) for path in sorted(d.rglob("*")) if path.is_file() and not path.name.startswith(".")])
+    listed = [(d.name, [str(path) for path in sorted(d.rglob("*"))
+                        if path.is_file() and not path.name.startswith(".")])
               for d in class_dirs]
     classes = [(name, paths) for name, paths in listed if paths]
     if not classes:
@@ -104,9 +111,20 @@ def _check_output(out_path, overwrite):
         raise DataError(f"{out_path} exists: give another name, or --overwrite to replace it")
 
 
-def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1, seed=0, progress=None,
-                         overwrite=False):
-    """Decode every image under `image_dir` and write the dataset `out_path`; returns a PrepareResult.
+def _check_images(image_dir, out_path, files):
+    if os.path.exists(out_path) and any(os.path.samefile(out_path, path) for path, _ in files):
+        raise DataError(f"{out_path} is one of the images in {image_dir}: "
+                        "give the dataset another name")
+    if not any(count >= 2 for count in np.bincount([label for _, label in files])):
+        raise DataError(f"no class in {image_dir} has two images: each class needs one to validate "
+                        "on beside one to train on")
+
+
+def prepare_image_folder(image_dir: str, out_path: str, *, workers: int | None = None,
+                         val_fraction: float = 0.1, seed: int = 0,
+                         progress: Callable[[int, int], None] | None = None,
+                         overwrite: bool = False) -> PrepareResult:
+    """Decode every image under `image_dir` into the dataset `out_path`; returns a PrepareResult.
 
     workers: decoding processes (default: all cores; 1 decodes in this process).
     progress(done, total) is called after each file, counting skipped ones too.
@@ -114,13 +132,10 @@ def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1,
     """
     _check_output(out_path, overwrite)
     class_names, files, empty_folders = list_image_folder(image_dir)
-    if os.path.exists(out_path) and any(os.path.samefile(out_path, path) for path, _ in files):
-        raise DataError(f"{out_path} is one of the images in {image_dir}: give the dataset another name")
-    if not any(count >= 2 for count in np.bincount([label for _, label in files])):
-        raise DataError(f"no class in {image_dir} has two images: each class needs one to validate on "
-                        "beside one to train on")
+    _check_images(image_dir, out_path, files)
     remove_stale_temporaries(out_path)  # left by a prepare-data that was killed
-    result = PrepareResult(path=out_path, class_counts=dict.fromkeys(class_names, 0), empty_folders=empty_folders)
+    result = PrepareResult(path=out_path, class_counts=dict.fromkeys(class_names, 0),
+                           empty_folders=empty_folders)
     workers = workers or os.cpu_count() or 1
 
     def decoded_samples(decoded):
@@ -135,21 +150,24 @@ def prepare_image_folder(image_dir, out_path, *, workers=None, val_fraction=0.1,
 
     def write(decoded):
         try:
-            result.written = write_dataset(out_path, decoded_samples(decoded), class_names, count=len(files),
-                                           val_fraction=val_fraction, seed=seed)
+            result.written = write_dataset(out_path, decoded_samples(decoded), class_names,
+                                           count=len(files), val_fraction=val_fraction, seed=seed)
         except DataError:
             if len(result.skipped) == len(files):
-                raise DataError(f"no readable images in {image_dir}: all {len(files)} files failed to decode "
-                                f"(first: {result.skipped[0][0]}: {result.skipped[0][1]})") from None
+                first, why = result.skipped[0]
+                raise DataError(f"no readable images in {image_dir}: all {len(files)} files failed "
+                                f"to decode (first: {first}: {why})") from None
             raise
 
     paths = [path for path, _ in files]
     if workers == 1:
         write(map(decode_file, paths))
     else:
-        with _decoding_pool(workers) as pool:  # on any way out, Ctrl-C included, the pool is terminated
+        # on any way out, Ctrl-C included, the pool is terminated
+        with _decoding_pool(workers) as pool:
             # chunks amortise the pipe traffic yet keep every worker busy to the end
-            write(pool.imap(decode_file, paths, chunksize=max(1, min(16, len(paths) // (8 * workers)))))
+            write(pool.imap(decode_file, paths,
+                            chunksize=max(1, min(16, len(paths) // (8 * workers)))))
     return result
 
 
@@ -164,11 +182,12 @@ def _decoding_pool(workers):
     initializer covers a worker the pool starts later, to replace one that died.
     Only the main thread may change a signal's handling; elsewhere the initializer alone.
     """
-    start = functools.partial(multiprocessing.get_context("spawn").Pool, workers, initializer=signal.signal,
-                              initargs=(signal.SIGINT, signal.SIG_IGN))
+    start = functools.partial(multiprocessing.get_context("spawn").Pool, workers,
+                              initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     if threading.current_thread() is not threading.main_thread():
         return start()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the few milliseconds the workers take to start
+    # for the few milliseconds the workers take to start
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return start()
     finally:

@@ -1,23 +1,17 @@
-"""Autograd functions: the math of minidl, each a minidl.core.Function.
+"""Autograd functions: the math of minidl, each a minidl.core.Function, one kind per module.
 
-Every operation has one shape. Function.forward and Function.backward make the
-CPU/GPU choice, by the device of the inputs: they run `forward_cpu` or
-`forward_gpu` (and `backward_cpu` or `backward_gpu`), matching pairs side by
-side in conv, pooling, LRN, ReLU, dropout and the loss, whose GPU halves are
-kernels in the .cu file beside each (fused: one pass where NumPy takes
-several). Where one array-module path (`xp = self.device.xp`) serves both
-devices, as for the arithmetic, reduction, shape, linear and transfer
-operations, the operation overrides `forward` or `backward` itself.
-GPU kernels run through minidl.kernels.launch.
-
-Each module holds one kind of operation. The Tensor's operators (+, *, @, [...])
-and its methods that are functions (to, astype, sum, reshape, ...) are installed
-here, as DeZero does: the functions import minidl.core, never the reverse.
+A Function runs `forward_cpu`/`forward_gpu` (and `backward_cpu`/`backward_gpu`) by its inputs'
+device; the GPU halves of conv, pooling, LRN, ReLU, dropout and the loss are kernels in the .cu
+file beside each, run through minidl.kernels.launch. Operations with one array-module path
+(`xp = self.device.xp`: arithmetic, reduction, shape, linear, transfer) override `forward` or
+`backward` themselves. The Tensor's operators (+, *, @, [...]) and methods (to, astype, sum,
+reshape, ...) are installed here: the functions import minidl.core, never the reverse.
 """
 import math
 import numbers
 
 from minidl.core import Tensor
+from minidl.device import device as as_device
 from minidl.errors import MinidlError
 from minidl.functions.activation import relu
 from minidl.functions.conv import conv2d
@@ -39,7 +33,6 @@ def _rpow(x, base):
 
 
 def _same(x, device):
-    from minidl.device import device as as_device
     return as_device(device) is x.device
 
 

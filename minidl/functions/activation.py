@@ -6,10 +6,12 @@ so that the kernels that read y (this backward, LRN, pooling, im2col) take it
 without a copy. Backward on a GPU is one kernel (activation.cu) where CuPy
 would launch two, the mask and the product.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from minidl import kernels
-from minidl.core import Function
+from minidl.core import Function, Tensor
 
 CU = kernels.KernelFile.beside(__file__, "activation.cu", ("relu_backward",))
 
@@ -32,9 +34,10 @@ class ReLU(Function):
     def backward_gpu(self, gy):
         (y,) = self.saved
         gx = kernels.empty(y.shape, y.dtype)
-        kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx, y.size)
+        kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx,
+                       y.size)
         return gx
 
 
-def relu(x):
+def relu(x: Tensor) -> Tensor:
     return ReLU()(x)

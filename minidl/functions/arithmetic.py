@@ -3,18 +3,21 @@
 Binary operations broadcast like NumPy; their backward sums each gradient back
 to its input's shape (`sum_to`), so a bias of shape (1, C) gets a (1, C) gradient.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
 
 
-def sum_to(grad, shape):
+def sum_to(grad, shape: tuple[int, ...]):
     """Sum a broadcast gradient back down to `shape`."""
     if grad.shape == shape:
         return grad
     lead = grad.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
+                                      if n == 1 and grad.shape[i + lead] != 1)
     grad = grad.sum(axis=axes, keepdims=True)
     return grad.reshape(shape)
 
@@ -71,7 +74,8 @@ class Neg(Function):
 class Pow(Function):
     def __init__(self, exponent):
         if isinstance(exponent, Tensor):
-            raise MinidlError("pow takes a constant exponent; for a tensor y, x ** y is exp(y * log(x))")
+            raise MinidlError("pow takes a constant exponent; for a tensor y, "
+                              "x ** y is exp(y * log(x))")
         self.exponent = exponent
 
     def forward(self, a):
@@ -82,7 +86,8 @@ class Pow(Function):
 
     def backward(self, gy):
         (a,) = self.saved
-        if np.ndim(self.exponent) == 0 and self.exponent == 0:  # a ** -1 is infinite at a = 0, and 0 * inf NaN
+        # a ** -1 is infinite at a = 0, and 0 * inf NaN
+        if np.ndim(self.exponent) == 0 and self.exponent == 0:
             return self.device.xp.zeros_like(gy)
         return gy * self.exponent * a ** (self.exponent - 1)
 
@@ -108,34 +113,34 @@ class Log(Function):
         return gy / a
 
 
-def add(a, b):
+def add(a: Tensor | float, b: Tensor | float) -> Tensor:
     return Add()(a, b)
 
 
-def sub(a, b):
+def sub(a: Tensor | float, b: Tensor | float) -> Tensor:
     return Sub()(a, b)
 
 
-def mul(a, b):
+def mul(a: Tensor | float, b: Tensor | float) -> Tensor:
     return Mul()(a, b)
 
 
-def div(a, b):
+def div(a: Tensor | float, b: Tensor | float) -> Tensor:
     return Div()(a, b)
 
 
-def neg(a):
+def neg(a: Tensor) -> Tensor:
     return Neg()(a)
 
 
-def pow(a, exponent):
+def pow(a: Tensor, exponent: float) -> Tensor:
     """a ** exponent for a constant exponent."""
     return Pow(exponent)(a)
 
 
-def exp(a):
+def exp(a: Tensor) -> Tensor:
     return Exp()(a)
 
 
-def log(a):
+def log(a: Tensor) -> Tensor:
     return Log()(a)

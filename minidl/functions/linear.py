@@ -1,5 +1,7 @@
 """Matrix products: matmul and the fully connected layer's linear map."""
-from minidl.core import Function
+from __future__ import annotations
+
+from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
 
 
@@ -23,8 +25,9 @@ class Linear(Function):
 
     def forward(self, x, W, b=None):
         if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
-            raise MinidlError(f"linear wants x of shape (batch, {W.shape[1] if W.ndim == 2 else 'in'}) "
-                              f"for a weight of shape {W.shape}, got x of shape {x.shape}")
+            features = W.shape[1] if W.ndim == 2 else "in"
+            raise MinidlError(f"linear wants x of shape (batch, {features}) for a weight of shape "
+                              f"{W.shape}, got x of shape {x.shape}")
         if b is not None and b.shape != W.shape[:1]:
             raise MinidlError(f"linear: bias of shape {b.shape} for {W.shape[0]} outputs")
         self.save(x, W)
@@ -42,9 +45,9 @@ class Linear(Function):
         return gx, gW, gy.sum(axis=0) if self.needs_grad[2] else None
 
 
-def matmul(a, b):
+def matmul(a: Tensor, b: Tensor) -> Tensor:
     return MatMul()(a, b)
 
 
-def linear(x, W, b=None):
+def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     return Linear()(x, W) if b is None else Linear()(x, W, b)

@@ -8,6 +8,8 @@ reads two numbers back to the host (a wait for the device every step), unless
 the caller vouches for them (`checked=True`, as for labels the loader checked
 when it read them); a label out of range then gives a NaN loss.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from minidl import kernels
@@ -25,9 +27,11 @@ def log_softmax_array(xp, logits):
 
 
 def _check(logits, labels, read_labels):
-    """Shapes and dtypes; the label range too when `read_labels` (a read from the device for device labels)."""
+    """Shapes and dtypes; the label range too when `read_labels` (a read from the device for device
+    labels)."""
     if logits.ndim != 2:
-        raise MinidlError(f"softmax_cross_entropy wants logits of shape (batch, classes), got {logits.shape}")
+        raise MinidlError("softmax_cross_entropy wants logits of shape (batch, classes), got "
+                          f"{logits.shape}")
     if labels.shape != (logits.shape[0],):
         raise MinidlError(f"labels of shape {labels.shape} for logits of shape {logits.shape}: "
                           "want one integer label per row")
@@ -62,10 +66,12 @@ class SoftmaxCrossEntropy(Function):
     def forward_gpu(self, logits, labels):
         _check(logits, labels, read_labels=not self.labels_checked)
         n, classes = logits.shape
-        labels = labels.astype(np.int32, copy=False)  # in 0..classes-1 (checked or vouched for): they fit
+        # in 0..classes-1 (checked or vouched for): they fit
+        labels = labels.astype(np.int32, copy=False)
         log_p = kernels.empty(logits.shape, logits.dtype)
         row_loss = kernels.empty((n,), logits.dtype)
-        kernels.launch(CU, "log_softmax_nll", logits.dtype, n, logits, labels, log_p, row_loss, n, classes)
+        kernels.launch(CU, "log_softmax_nll", logits.dtype, n, logits, labels, log_p, row_loss, n,
+                       classes)
         self.save(log_p, labels)
         return row_loss.mean()
 
@@ -73,11 +79,12 @@ class SoftmaxCrossEntropy(Function):
         log_p, labels = self.saved
         gx = kernels.empty(log_p.shape, log_p.dtype)
         kernels.launch(CU, "softmax_nll_backward", log_p.dtype, log_p.size, log_p, labels,
-                       gy.astype(log_p.dtype, copy=False), gx, log_p.size, log_p.shape[1], log_p.shape[0])
+                       gy.astype(log_p.dtype, copy=False), gx, log_p.size, log_p.shape[1],
+                       log_p.shape[0])
         return gx, None
 
 
-def softmax_cross_entropy(logits, labels, checked=False):
+def softmax_cross_entropy(logits: Tensor, labels, checked: bool = False) -> Tensor:
     """The loss of `logits` (N, C) for integer `labels` (N,).
 
     Labels are a host array or list (checked here, on the host), or a Tensor or
@@ -96,7 +103,7 @@ def softmax_cross_entropy(logits, labels, checked=False):
     return SoftmaxCrossEntropy(labels_checked=True)(logits, Tensor(labels, device=logits.device))
 
 
-def softmax(logits):
+def softmax(logits: Tensor) -> Tensor:
     """Probabilities over the last axis (no graph needed for evaluation)."""
     xp = logits.device.xp
     with logits.device:

@@ -2,18 +2,18 @@
 
     b[c] = a[c] / s[c]^beta,   s[c] = k + alpha' * sum_{|j-c| <= n//2} a[j]^2
 
-alpha' = alpha (the paper's convention, the default) or alpha/n (Caffe's and
-PyTorch's, with alpha_over_n=True). Backward, with the window symmetric:
-
-    da[j] = g[j] * s[j]^-beta - 2*alpha'*beta * a[j] * sum_{|i-j| <= n//2} g[i]*a[i]*s[i]^(-beta-1)
-
-CPU: NumPy, the window sum as n shifted slices, a share of the batch per core. GPU: lrn.cu, one thread per
-pixel sliding a running window sum over the channels.
+alpha' = alpha (the paper's convention, the default) or alpha/n (Caffe's and PyTorch's, with
+alpha_over_n=True). Backward, with the window symmetric:
+    da[j] = g[j] s[j]^-beta - 2 alpha' beta a[j] sum_{|i-j| <= n//2} g[i] a[i] s[i]^(-beta-1)
+CPU: NumPy, the window sum as n shifted slices, a share of the batch per core. GPU: lrn.cu, one
+thread per pixel sliding a running window sum over the channels.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from minidl import kernels
-from minidl.core import Function
+from minidl.core import Function, Tensor
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 
@@ -52,7 +52,8 @@ class LocalResponseNorm(Function):
         y, s, s_pow = np.empty_like(x), np.empty_like(x), np.empty_like(x)
         alpha, k, minus_beta = (x.dtype.type(v) for v in (self.alpha, self.k, -self.beta))
 
-        def normalize(images):  # in place where it can: these arrays are the size of the layer's output
+        # in place where it can: these arrays are the size of the layer's output
+        def normalize(images):
             x_part, s_part = x[images], s[images]
             window_sum(x_part * x_part, self.n, out=s_part)
             s_part *= alpha
@@ -65,7 +66,8 @@ class LocalResponseNorm(Function):
 
     def forward_gpu(self, x):
         self._check(x)
-        x = self.device.xp.ascontiguousarray(x)  # here, so the x saved for backward is copied once at most
+        # here, so the x saved for backward is copied once at most
+        x = self.device.xp.ascontiguousarray(x)
         y, s = kernels.empty(x.shape, x.dtype), kernels.empty(x.shape, x.dtype)
         args = self._kernel_args(x)
         kernels.launch(CU, "lrn_forward", x.dtype, args[0], x, y, s, *args)
@@ -98,12 +100,14 @@ class LocalResponseNorm(Function):
         return gx
 
     def _kernel_args(self, x):
-        """What both kernels take after the arrays: the pixels (one thread each), C, H*W, the window's
-        half, and k, alpha, beta as floats (each a T in C, even where k was given as an int)."""
+        """What both kernels take after the arrays: the pixels (one thread each), C, H*W, the
+        window's half, and k, alpha, beta as floats (each a T in C, even where k was given as an
+        int)."""
         n, c, h, w = x.shape
         return n * h * w, c, h * w, self.n // 2, float(self.k), float(self.alpha), float(self.beta)
 
 
-def local_response_norm(x, n=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_n=False):
+def local_response_norm(x: Tensor, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
+                        beta: float = 0.75, alpha_over_n: bool = False) -> Tensor:
     """LRN across channels; the paper's constants and convention by default."""
     return LocalResponseNorm(n, k, alpha, beta, alpha_over_n)(x)

@@ -1,34 +1,29 @@
 """Max pooling, overlapping as in the paper (Section 3.4: window 3, stride 2).
 
-Forward keeps where each window's maximum was; backward sends each gradient to
-that one element. With ties the first element in row-major scan order wins,
-on both paths. Padding counts as -infinity. (With NaN in a window the two paths
-may choose different elements; a network with NaN activations has diverged.)
-
-GPU: one thread per output scans its window with a strict `>` and saves the
-offset; backward is a gather (each input element sums the outputs that chose
-it), so no atomics.
-
-CPU: the max is separable, so it is taken in two passes, over the k columns of
-each window and then over the k rows of those column maxima, each remembering
-which of its k candidates was first to hold the maximum. First row holding the
-maximum, then first column in that row, is first in scan order. This is 2(k-1)
-whole-array operations instead of k*k - 1, about 7x faster for AlexNet's pools,
-and each core takes a share of the batch.
+Forward keeps where each window's maximum was; backward sends each gradient to that one element.
+With ties the first element in row-major scan order wins, on both paths; padding counts as
+-infinity. (With NaN in a window the paths may choose different elements.) GPU: one thread per
+output scans its window with a strict `>`; backward is a gather, so no atomics. CPU: the max is
+separable, two passes (over the k columns of each window, then over the k rows of those column
+maxima), each keeping the first of its k candidates to hold the maximum: first row, then first
+column in it, is first in scan order (timings: benchmarks/NOTES.md, "Max pooling").
 """
+from __future__ import annotations
+
 import numpy as np
 
 from minidl import kernels
-from minidl.core import Function
+from minidl.core import Function, Tensor
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
-from minidl.functions.conv import output_size
+from minidl.functions.conv_arguments import output_size
 
 CU = kernels.KernelFile.beside(__file__, "pooling.cu", ("max_pool_forward", "max_pool_backward"))
 
 
 def _strided(array, axis, ksize, stride, count):
-    """The k views of `array` along `axis` (2: rows, 3: columns): view t holds element t of each of `count` windows."""
+    """The k views of `array` along `axis` (2: rows, 3: columns): view t holds element t of each of
+    `count` windows."""
     index = [slice(None)] * 4
     for t in range(ksize):
         index[axis] = slice(t, t + stride * count, stride)
@@ -51,7 +46,8 @@ def _first_max(views):
 
 
 def _route_back(g_out, chosen, axis, g_in, ksize, stride):
-    """The adjoint of _first_max over _strided views: each gradient into the view of g_in that was chosen.
+    """The adjoint of _first_max over _strided views: each gradient into the view of g_in that was
+    chosen.
 
     g_in needs no zeros beforehand. When windows touch or overlap (ksize >=
     stride) the views of the first `stride` offsets tile the axis up to
@@ -89,7 +85,8 @@ class MaxPool2d(Function):
         if x.dtype.kind != "f":  # as in PyTorch; padding is -infinity, which no integer holds
             raise MinidlError(f"max_pool2d needs floating-point x, got {x.dtype}")
         if self.pad * 2 >= self.ksize:
-            raise MinidlError(f"max_pool2d padding {self.pad} must be less than half the window {self.ksize}")
+            raise MinidlError(f"max_pool2d padding {self.pad} must be less than half the window "
+                              f"{self.ksize}")
         self.in_shape = x.shape
         h, w = x.shape[2:]
         return (output_size(h, self.ksize, self.stride, self.pad, "max_pool2d"),
@@ -105,8 +102,10 @@ class MaxPool2d(Function):
         column = np.empty((n, c, h + 2 * p, ow), dtype=index_type)
 
         def pool(images):
-            padded = np.pad(x[images], ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf) if p else x[images]
-            column_max, column[images] = _first_max(_strided(padded, 3, k, stride, ow))  # (n, C, H+2p, OW)
+            padded = np.pad(x[images], ((0, 0), (0, 0), (p, p), (p, p)),
+                            constant_values=-np.inf) if p else x[images]
+            # (n, C, H+2p, OW)
+            column_max, column[images] = _first_max(_strided(padded, 3, k, stride, ow))
             y[images], row[images] = _first_max(_strided(column_max, 2, k, stride, oh))
         in_parallel(pool, x, blocks=True)
         self.save(row, column)
@@ -123,7 +122,8 @@ class MaxPool2d(Function):
         return y
 
     def backward_cpu(self, gy):
-        """The forward's two passes in reverse: to the chosen row of column maxima, then to the chosen column."""
+        """The forward's two passes in reverse: to the chosen row of column maxima, then to the
+        chosen column."""
         row, column = self.saved
         n, c, h, w = self.in_shape
         p, k, stride = self.pad, self.ksize, self.stride
@@ -146,6 +146,7 @@ class MaxPool2d(Function):
         return gx
 
 
-def max_pool2d(x, ksize=3, stride=2, pad=0):
-    """Max over ksize x ksize windows every `stride` pixels; output (H + 2*pad - ksize)//stride + 1."""
+def max_pool2d(x: Tensor, ksize: int = 3, stride: int = 2, pad: int = 0) -> Tensor:
+    """Max over ksize x ksize windows every `stride` pixels; output (H + 2*pad - ksize)//stride +
+    1."""
     return MaxPool2d(ksize, stride, pad)(x)

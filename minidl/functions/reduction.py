@@ -1,7 +1,9 @@
 """Reductions: sum, mean and max over axes."""
+from __future__ import annotations
+
 import builtins
 
-from minidl.core import Function
+from minidl.core import Function, Tensor
 
 
 def _normalize_axes(axis, ndim):
@@ -54,7 +56,9 @@ class Max(Function):
         self.axes = _normalize_axes(self.axis, x.ndim)
         y = x.max(axis=self.axes, keepdims=True)
         self.save(x, y)
-        return y if self.keepdims else y.reshape([n for i, n in enumerate(y.shape) if i not in self.axes])
+        if self.keepdims:
+            return y
+        return y.reshape([n for i, n in enumerate(y.shape) if i not in self.axes])
 
     def backward(self, gy):
         x, y = self.saved
@@ -63,13 +67,16 @@ class Max(Function):
         return mask * _expand(gy, self.axes, self.keepdims)
 
 
-def sum(x, axis=None, keepdims=False):
+def sum(x: Tensor, axis: int | tuple[int, ...] | None = None,
+        keepdims: bool = False) -> Tensor:
     return Sum(axis, keepdims)(x)
 
 
-def mean(x, axis=None, keepdims=False):
+def mean(x: Tensor, axis: int | tuple[int, ...] | None = None,
+         keepdims: bool = False) -> Tensor:
     return Mean(axis, keepdims)(x)
 
 
-def max(x, axis=None, keepdims=False):
+def max(x: Tensor, axis: int | tuple[int, ...] | None = None,
+        keepdims: bool = False) -> Tensor:
     return Max(axis, keepdims)(x)

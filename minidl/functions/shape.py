@@ -1,5 +1,9 @@
 """Operations that move elements without arithmetic: reshape, transpose,
 indexing, concat, split, broadcast_to."""
+from __future__ import annotations
+
+from typing import Sequence
+
 import numpy as np
 
 from minidl.core import Function, Tensor
@@ -16,7 +20,8 @@ class Reshape(Function):
         try:
             return x.reshape(self.shape)
         except ValueError:
-            raise MinidlError(f"cannot reshape {x.shape} ({x.size} elements) to {self.shape}") from None
+            raise MinidlError(f"cannot reshape {x.shape} ({x.size} elements) to "
+                              f"{self.shape}") from None
 
     def backward(self, gy):
         return gy.reshape(self.in_shape)
@@ -42,7 +47,8 @@ class GetItem(Function):
 
     def forward(self, x):
         self.in_shape = x.shape
-        self.index = _index_on(self.device.xp, self.index)  # NumPy index arrays go to x's device, on its stream
+        # NumPy index arrays go to x's device, on its stream
+        self.index = _index_on(self.device.xp, self.index)
         return x[self.index]
 
     def backward(self, gy):
@@ -93,7 +99,8 @@ class Split(Function):
         xp = self.device.xp
         dtype = next(g for g in gys if g is not None).dtype
         # a piece nobody used has no gradient: it contributes zeros
-        parts = [xp.zeros(shape, dtype) if g is None else g for g, shape in zip(gys, self.part_shapes)]
+        parts = [xp.zeros(shape, dtype) if g is None else g
+                 for g, shape in zip(gys, self.part_shapes)]
         return xp.concatenate(parts, axis=self.axis)
 
 
@@ -110,39 +117,40 @@ def _split_array(xp, x, sizes, axis):
     return [part.copy() for part in xp.split(x, bounds, axis=axis)]
 
 
-def reshape(x, shape):
+def reshape(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return Reshape(shape)(x)
 
 
-def transpose(x, axes=None):
+def transpose(x: Tensor, axes: tuple[int, ...] | None = None) -> Tensor:
     return Transpose(axes)(x)
 
 
-def getitem(x, index):
+def getitem(x: Tensor, index) -> Tensor:
     if isinstance(index, Tensor):
         index = index.data
     return GetItem(index)(x)
 
 
-def broadcast_to(x, shape):
+def broadcast_to(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return BroadcastTo(shape)(x)
 
 
-def flatten(x):
+def flatten(x: Tensor) -> Tensor:
     """(N, ...) -> (N, prod(...))."""
     return reshape(x, (x.shape[0], -1))
 
 
-def concat(xs, axis=0):
+def concat(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
     return Concat(axis)(*xs)
 
 
-def split(x, sizes_or_count, axis=0):
+def split(x: Tensor, sizes_or_count: int | Sequence[int], axis: int = 0) -> list[Tensor]:
     """Split along an axis into pieces of the given sizes, or into `count` equal pieces."""
     n = x.shape[axis]
     if isinstance(sizes_or_count, int):
         if n % sizes_or_count:
-            raise MinidlError(f"cannot split axis {axis} of size {n} into {sizes_or_count} equal parts")
+            raise MinidlError(f"cannot split axis {axis} of size {n} into {sizes_or_count} equal "
+                              "parts")
         sizes = [n // sizes_or_count] * sizes_or_count
     else:
         sizes = list(sizes_or_count)

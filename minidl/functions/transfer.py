@@ -7,8 +7,10 @@ event: the destination stream waits until the source stream has produced x,
 and the source stream waits until the copy has read x before its memory can be
 reused.
 """
-from minidl.core import Function
-from minidl.device import device as as_device
+from __future__ import annotations
+
+from minidl.core import Function, Tensor
+from minidl.device import Device, device as as_device
 
 
 def copy_array(array, src, dst):
@@ -72,10 +74,10 @@ class AsType(Function):
         return gy.astype(self.in_dtype)
 
 
-def copy(x, device):
+def copy(x: Tensor, device: str | Device) -> Tensor:
     """x on `device` (a name or Device), with a backward that returns the gradient."""
     return Copy(as_device(device))(x)
 
 
-def astype(x, dtype):
+def astype(x: Tensor, dtype) -> Tensor:
     return AsType(dtype)(x)

@@ -1,81 +1,11 @@
-"""Winograd minimal filtering for 3x3 and 5x5 convolutions, and strided ones (conv2d's choice on the CPU).
+"""Winograd minimal filtering (Lavin & Gray 2016) for 3x3 and 5x5 convolutions, and strided ones.
 
-Why. A direct r x r convolution spends r*r multiplications per output pixel
-and (input, output) channel pair. Winograd's F(m x m, r x r) (Lavin & Gray
-2016, "Fast Algorithms for Convolutional Neural Networks") computes an m x m
-block of outputs from a t x t input tile, t = m + r - 1, with t*t
-multiplications instead of r*r*m*m: 16 instead of 36 for F(2x2, 3x3) (2.25x
-fewer), 36 instead of 144 for F(4x4, 3x3) (4x fewer), 64 instead of 400 for
-F(4x4, 5x5) (6.25x fewer). The channel sums stay matrix products.
-
-How. In one dimension, F(m, r) gives m outputs of the correlation of an input
-d (t values) with a filter g (r values) as
-
-    y = A^T [(G g) * (B^T d)]          (* elementwise, t products)
-
-and in two dimensions, for a t x t input tile d and an r x r filter g,
-
-    Y = A^T [(G g G^T) * (B^T d B)] A.
-
-B^T (t x t), G (t x r) and A^T (m x t) come from polynomial interpolation
-at t points (0, +-1, +-2, +-1/2, ... and infinity): toom_cook builds them
-exactly from the points in POINTS, and Transform checks that they compute the
-correlation. For a convolution layer, U = G g G^T is the transformed filter
-for each (output, input) channel pair and V = B^T d B the transformed input
-for each (input channel, tile) pair. The sum over input channels commutes
-with the transforms, so for each of the t*t transform positions p the layer
-is ONE matrix product
-
-    M[p] = U[p] @ V[p]      (out, in) @ (in, tiles)  ->  (out, tiles)
-
-(per group, the batch inside the tiles, as in conv.py's direct path), and
-Y = A^T M A per tile gives the output. The transforms too are matrix
-products, so they run in the BLAS: kron(B^T, B^T) maps a flattened tile to its
-flattened transform, and on the CPU B^T is applied along each side of the
-tiles in turn, which takes 2t multiplications per value instead of t*t
-(kron_product).
-
-Tiles. Output tiles are m x m; input tiles overlap by r - 1. The input is
-padded with zeros on the right and bottom so that whole tiles cover the output
-(13x13 maps take 7x7 tiles of F(2x2) = 14x14 outputs, or 4x4 tiles of F(4x4)
-= 16x16); the outputs past the real map are cut off.
-
-Strides. A convolution with stride s is a stride-1 one over s x s blocks of
-pixels taken as channels (space to depth): pixel (s*i + a, s*j + b) of
-channel c becomes pixel (i, j) of channel (c, a, b), and the k x k filters,
-padded with zeros to a multiple of s, become ceil(k/s) x ceil(k/s) filters
-over those channels. AlexNet's conv1, 11x11 at stride 4 over 3 channels, is
-so a 3x3 convolution over 48 channels, which F(5x5, 3x3) computes with 4x
-fewer multiplications than its direct path (to_blocks, filters_to_blocks).
-
-Backward. Every step above is linear, so the gradients are its adjoints, in
-reverse order: gM = A gY A^T per tile; the weight gradient
-gU[p] = gM[p] @ V[p]^T summed over the tiles, then gW = G^T gU G; the input
-gradient gV[p] = U[p]^T @ gM[p], then gd = B gV B^T per tile, summed back
-into the input where tiles overlap (add_windows). They are the exact
-adjoints of the forward: float64 gradient checks pass.
-
-Devices. The products with U and V are the same code for NumPy and CuPy
-arrays. The tiles' copies and transforms are a pair per device (gather and
-scatter): on the CPU NumPy copies in a channels-last layout and transforms a
-few images at a time, so that they stay in the cache, each core taking a share
-of the batch; on a GPU the two kernels of winograd.cu (the scatter a gather
-per pixel, as conv.cu's col2im, so no atomics) and one product with the
-Kronecker matrix. conv2d's "auto" takes this path
-on the CPU only (benchmarks/NOTES.md says why); "winograd" takes it anywhere.
-
-Error. The transforms multiply and add values of different sizes (F(4x4, 3x3)'s
-B^T has entries 4 and -5, its A^T up to 8, its G 1/6 and 1/24), so rounding
-errors grow. In float32, against a float64 direct convolution at AlexNet's
-conv4 shape, the direct path is off by about 3e-7 of the output's size (rms),
-F(2x2, 3x3) by 4e-7 and F(4x4, 3x3) by 3e-6 (largest errors 4e-7, 7e-7 and
-1e-5 of the largest output; F(5x5, 3x3), with seven points, 1.4e-5): the
-gradients likewise. At conv2's shape the
-5x5 transforms are off by 1e-6 (F(2x2)) to 4e-6 (F(4x4)) rms, largest errors
-up to 1.5e-5 (tests/test_winograd.py, benchmarks/NOTES.md), with the points
-in POINTS chosen among a few sets by that error (+-1/2 and +-2 rather than,
-say, 1/4, which makes it 10-30x larger). Far below what training
-notices, so the tile with the fewest multiplications is used (fastest_tile).
+winograd_conv_forward(x, W, b, pad, groups, tile, stride) computes conv2d's result by
+F(m x m, r x r) over t x t tiles, t = m + r - 1, one matrix product per transform position;
+winograd_conv_backward gives the exact adjoints. A stride-s convolution runs as a stride-1 one
+over s x s blocks of pixels taken as channels (11x11 at stride 4: 3x3 over 48 channels). NumPy
+arrays run on the CPU, CuPy arrays on their GPU (the tile copies as winograd.cu's kernels).
+The derivation, float32 error and timings: benchmarks/NOTES.md, "Winograd".
 """
 from fractions import Fraction
 from math import prod
@@ -86,10 +16,8 @@ from minidl import kernels
 from minidl.cpu import openblas
 from minidl.cpu import threads as cpu_threads
 from minidl.device import cupy
-# conv imports this module for Conv2d, and this module checks arguments with conv's check:
-# a module import (attributes looked up at call time) works whichever is imported first
-from minidl.functions import conv
 from minidl.errors import MinidlError
+from minidl.functions.conv_arguments import check_arguments
 
 
 def polynomial(roots):
@@ -103,15 +31,13 @@ def polynomial(roots):
 
 
 def toom_cook(m, r, points):
-    """(B^T, G, A^T) of F(m, r) for the t - 1 finite interpolation `points` and infinity, t = m + r - 1.
+    """(B^T, G, A^T) of F(m, r), t = m + r - 1, for t - 1 finite interpolation `points` and
+    infinity.
 
-    Lavin & Gray 2016 (and their wincnn tool): evaluate at the points (A^T's
-    columns, G's rows), multiply, interpolate back. The correlation is the
-    transpose of the linear convolution s = V^-1 [(V_r g) * (V_m d)], V the
-    Vandermonde matrices at the points (infinity: the leading coefficient),
-    so B^T = V^-T; with G's rows scaled by 1 / prod_{l != j}(a_j - a_l),
-    B^T's rows become the products prod_{l != j}(x - a_l) (and prod_l(x - a_l)
-    for infinity), whose coefficients are exact in Fractions.
+    Lavin & Gray 2016 (and their wincnn tool): evaluate at the points (A^T's columns, G's rows),
+    multiply, interpolate back. B^T = V^-T for V the Vandermonde matrix at the points; with G's
+    rows scaled by 1 / prod_{l != j}(a_j - a_l), B^T's rows are the coefficients of
+    prod_{l != j}(x - a_l) (and of prod_l(x - a_l) for infinity), exact in Fractions.
     """
     t = m + r - 1
     points = [Fraction(a) for a in points]
@@ -125,7 +51,8 @@ def toom_cook(m, r, points):
 
 
 class Transform:
-    """F(m x m, r x r): its 1-D matrices, checked exact when built, and the filters' 2-D Kronecker form."""
+    """F(m x m, r x r): its 1-D matrices, checked exact when built, and the filters' 2-D Kronecker
+    form."""
 
     def __init__(self, BT, G, AT):
         self.BT, self.G, self.AT = (np.array(matrix, dtype=np.float64) for matrix in (BT, G, AT))
@@ -134,10 +61,12 @@ class Transform:
         # y_i = sum_j A^T[i, j] (G g)_j (B^T d)_j must be sum_k g_k d_(i+k) for every d and g: the
         # coefficient of g_k d_l is [l == i + k]. Rounding of the float64 entries leaves ~1e-15.
         products = np.einsum("ij,jk,jl->ikl", self.AT, self.G, self.BT)
-        correlation = np.array([[np.eye(self.t)[i + k] for k in range(self.r)] for i in range(self.m)])
+        correlation = np.array([[np.eye(self.t)[i + k] for k in range(self.r)]
+                                for i in range(self.m)])
         error = np.abs(products - correlation).max()
         if error > 1e-12:
-            raise ValueError(f"F({self.m}, {self.r}): the matrices are off the correlation by {error:.1e}")
+            raise ValueError(f"F({self.m}, {self.r}): the matrices are off the correlation by "
+                             f"{error:.1e}")
         self.filter = np.kron(self.G, self.G)  # (t*t, r*r): flattened g -> flattened G g G^T
 
     def filter_matrix(self, xp, dtype):
@@ -145,15 +74,16 @@ class Transform:
         return xp.asarray(self.filter, dtype=dtype)
 
     def factor(self, name, adjoint=False):
-        """The tiles' transform `name` ("input": B^T d B, "output": A^T M A), or its adjoint, is kron(P, P)
-        for this 1-D matrix P: B^T or A^T, or their transposes."""
+        """The tiles' transform `name` ("input": B^T d B, "output": A^T M A), or its adjoint, is
+        kron(P, P) for this 1-D matrix P: B^T or A^T, or their transposes."""
         P = {"input": self.BT, "output": self.AT}[name]
         return P.T if adjoint else P
 
 
 # The finite interpolation points of F(m x m, r x r), keyed (m, r); infinity is always the last. For
-# 3x3 Lavin & Gray's (the matrices equal theirs up to the sign of a position, tests/test_winograd.py);
-# for 5x5 the sets with the smallest float32 error of those tried (benchmarks/NOTES.md).
+# 3x3 Lavin & Gray's (the matrices equal theirs up to the sign of a position,
+# tests/test_winograd.py); for 5x5 the sets with the smallest float32 error of those tried
+# (benchmarks/NOTES.md).
 POINTS = {
     (2, 3): (0, 1, -1),
     (4, 3): (0, 1, -1, 2, -2),
@@ -171,10 +101,8 @@ def tiles_for(r):
 
 
 # Below this many input or output channels per group the transforms, whose work grows with
-# in + out, outweigh the saving in the products, which grows with in * out. Measured on one core:
-# 3 -> 16 channels (32x32 maps) 2-3x slower than direct, 16 -> 16 (13x13) a tie, 192 -> 128 2x faster.
-# 5x5 filters save more per tile: 8 -> 16 (27x27) is already 1.3x faster, 3 -> 16 (32x32) 1.25x slower;
-# one threshold for both keeps the choice simple.
+# in + out, outweigh the saving in the products, which grows with in * out (measurements:
+# benchmarks/NOTES.md, "Winograd: how it works").
 MIN_CHANNELS = 16
 
 
@@ -184,26 +112,22 @@ def block_side(k, stride):
 
 
 def applies(W_shape, stride):
-    """Whether Winograd can compute a convolution: square filters of a size with transforms, at stride 1
-    or, over stride x stride blocks of pixels, at their stride (11x11 at stride 4: 3x3 blocks)."""
+    """Whether Winograd can compute a convolution: square filters of a size with transforms, at
+    stride 1 or, over stride x stride blocks of pixels, at their stride (11x11 at stride 4: 3x3
+    blocks)."""
     return W_shape[2] == W_shape[3] and bool(tiles_for(block_side(W_shape[2], stride)))
 
 
 def pays(W_shape, groups, stride=1):
-    """Whether Winograd is expected to beat the direct path for filters W_shape (out, in/groups, k, k)."""
+    """Whether Winograd is expected to beat the direct path for filters W_shape
+    (out, in/groups, k, k)."""
     return min(W_shape[0] // groups, W_shape[1] * stride * stride) >= MIN_CHANNELS
 
 
 def fastest_tile(oh, ow, r=3):
-    """The tile size with the fewest multiplications for (oh, ow) output maps: t*t per tile, whole tiles.
-
-    On 13x13 maps (AlexNet's conv3-conv5) F(5x5, 3x3) takes 49 * 3*3 = 441
-    per channel pair, F(4x4, 3x3) 36 * 4*4 = 576, F(2x2, 3x3) 16 * 7*7 = 784,
-    direct 9 * 13*13 = 1521 (F(7x7, 3x3), 81 * 2*2 = 324, was tried: its nine
-    points make float32 errors of 3e-4 or more, against 1.4e-5 for F(5x5)); on
-    27x27 (conv2) F(4x4, 5x5) 64 * 7*7 = 3136, F(3x3, 5x5) 49 * 9*9 = 3969,
-    F(2x2, 5x5) 36 * 14*14 = 7056, direct 25 * 27*27 = 18225. A tie goes to
-    the smaller tile, the more accurate.
+    """The tile size with the fewest multiplications for (oh, ow) output maps: t*t per tile, whole
+    tiles; a tie goes to the smaller tile, the more accurate (AlexNet's counts:
+    benchmarks/NOTES.md).
     """
     def multiplications(m):
         return TRANSFORMS[m, r].t ** 2 * -(-oh // m) * -(-ow // m), m
@@ -216,22 +140,25 @@ class Saved:
     def __init__(self, V, U, x_shape, pad, groups, transform):
         self.V, self.U = V, U  # (t*t, tiles, C) and (t*t, groups, out/groups, C/groups)
         self.x_shape, self.pad, self.groups, self.transform = x_shape, pad, groups, transform
-        self.blocks = None  # for a strided convolution: (stride, pad, x's shape), to map the gradients back
+        # for a strided convolution: (stride, pad, x's shape), to map the gradients back
+        self.blocks = None
 
 
 def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
-    """conv2d(x, W, b, stride, pad, groups) for r x r W by F(tile x tile, r x r): (y, Saved for the backward).
+    """conv2d(x, W, b, stride, pad, groups) for r x r W by F(tile x tile, r x r): (y, Saved for
+    the backward).
 
     W's side r: 3 or 5 (a size in POINTS), or at stride s > 1 its side in s x s
     blocks, ceil(k/s). tile: one of tiles_for(r) (2, 4 or 5 for 3x3, 2, 3 or 4
     for 5x5), or None for fastest_tile's choice. NumPy arrays run on the CPU, CuPy arrays
     on their GPU (the tile copies as winograd.cu's kernels).
     """
-    oh, ow = conv.check_arguments(x, W, b, stride, pad, groups)
+    oh, ow = check_arguments(x, W, b, stride, pad, groups)
     if not applies(W.shape, stride):
         sizes = " or ".join(f"{side}x{side}" for side in sorted({side for _, side in TRANSFORMS}))
-        raise MinidlError(f"winograd convolution is for {sizes} filters, or strided ones that are {sizes} in "
-                          f"stride x stride blocks; got W of shape {W.shape} at stride {stride}")
+        raise MinidlError(f"winograd convolution is for {sizes} filters, or strided ones that are "
+                          f"{sizes} in stride x stride blocks; got W of shape {W.shape} at stride "
+                          f"{stride}")
     if stride > 1:
         r = block_side(W.shape[2], stride)
         blocks = to_blocks(x, stride, pad, oh + r - 1, ow + r - 1)
@@ -242,7 +169,8 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     if tile is None:
         tile = fastest_tile(oh, ow, r)
     if tile not in tiles_for(r):
-        raise MinidlError(f"winograd tile for {r}x{r} filters must be one of {tiles_for(r)}, got {tile}")
+        raise MinidlError(f"winograd tile for {r}x{r} filters must be one of {tiles_for(r)}, got "
+                          f"{tile}")
     f = TRANSFORMS[tile, r]
     xp, gather, scatter = _device_parts(x)
     n, c = x.shape[:2]
@@ -257,7 +185,8 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
     xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
     # A^T M A of every tile: the m x m output blocks, the overhang past the maps cut off
-    y = scatter(M.reshape(positions, -1), f.factor("output"), f.m, f.m, 0, (n, out, oh, ow), tiles_h, tiles_w, b)
+    y = scatter(M.reshape(positions, -1), f.factor("output"), f.m, f.m, 0, (n, out, oh, ow),
+                tiles_h, tiles_w, b)
     return y, Saved(V, U, x.shape, pad, groups, f)
 
 
@@ -285,22 +214,26 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     if needs[2]:
         gb = gy.sum(axis=(0, 2, 3))
     # A gY A^T of gy's m x m blocks gY, with zeros on the overhang (the adjoint of cutting it off)
-    gM = gather(gy, f.factor("output", adjoint=True), f.m, f.m, 0, tiles_h, tiles_w).reshape(positions, V.shape[1], -1)
+    gM = gather(gy, f.factor("output", adjoint=True), f.m, f.m, 0, tiles_h, tiles_w)
+    gM = gM.reshape(positions, V.shape[1], -1)
     if needs[1]:
-        # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the product
+        # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the
+        # product
         gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
-        gW = (gU.reshape(positions, -1).T @ f.filter_matrix(xp, gU.dtype)).reshape(W_shape)  # G^T gU G
+        # G^T gU G
+        gW = (gU.reshape(positions, -1).T @ f.filter_matrix(xp, gU.dtype)).reshape(W_shape)
     if needs[0]:
         gV = xp.empty_like(V)
         xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
         # B gV B^T of every tile, summed where the tiles overlap
-        gx = scatter(gV.reshape(positions, -1), f.factor("input", adjoint=True), f.t, f.m, saved.pad, saved.x_shape,
-                     tiles_h, tiles_w)
+        gx = scatter(gV.reshape(positions, -1), f.factor("input", adjoint=True), f.t, f.m,
+                     saved.pad, saved.x_shape, tiles_h, tiles_w)
     return gx, gW, gb
 
 
 def _device_parts(array):
-    """(array module, gather, scatter) for the array's device: NumPy's, or CuPy's and winograd.cu's kernels."""
+    """(array module, gather, scatter) for the array's device: NumPy's, or CuPy's and winograd.cu's
+    kernels."""
     if isinstance(array, np.ndarray):
         return np, gather_cpu, scatter_cpu
     return cupy(), gather_gpu, scatter_gpu
@@ -309,12 +242,14 @@ def _device_parts(array):
 def transform_filters(f, W, groups, xp=np):
     """U = G g G^T of every filter, as (t*t, groups, out/groups, in/groups)."""
     out, cg = W.shape[:2]
-    U = f.filter_matrix(xp, W.dtype) @ W.reshape(out * cg, f.r * f.r).T  # (t*t, out*C/G), contiguous
+    # (t*t, out*C/G), contiguous
+    U = f.filter_matrix(xp, W.dtype) @ W.reshape(out * cg, f.r * f.r).T
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
 def by_group(a, groups):
-    """(t*t, tiles, channels) as a view (t*t, groups, tiles, channels/groups): one matrix per product."""
+    """(t*t, tiles, channels) as a view (t*t, groups, tiles, channels/groups): one matrix per
+    product."""
     positions, tiles, channels = a.shape
     return a.reshape(positions, tiles, groups, channels // groups).transpose(0, 2, 1, 3)
 
@@ -322,9 +257,9 @@ def by_group(a, groups):
 # --- Strided convolutions as stride-1 ones over blocks of pixels (space to depth)
 
 def to_blocks(x, s, pad, rows, cols):
-    """x (N, C, H, W), padded by `pad`, as (N, C*s*s, rows, cols): pixel (s*i + a, s*j + b) as pixel (i, j)
-    of channel c*s*s + a*s + b, zeros past the padded input. The same copies on both devices; on the CPU
-    each core takes a share of the batch."""
+    """x (N, C, H, W), padded by `pad`, as (N, C*s*s, rows, cols): pixel (s*i + a, s*j + b) as pixel
+    (i, j) of channel c*s*s + a*s + b, zeros past the padded input. The same copies on both devices;
+    on the CPU each core takes a share of the batch."""
     xp = cupy() if not isinstance(x, np.ndarray) else np
     n, c, h, w = x.shape
     blocks = xp.zeros((n, c, s, s, rows, cols), dtype=x.dtype)
@@ -332,7 +267,8 @@ def to_blocks(x, s, pad, rows, cols):
     def copy(images):
         for a, (i0, i1, first_row) in enumerate(_block_spans(s, pad, h, rows)):
             for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
-                blocks[images, :, a, b, i0:i1, j0:j1] = x[images, :, first_row::s, first_col::s][:, :, :i1 - i0, :j1 - j0]
+                pixels = x[images, :, first_row::s, first_col::s]
+                blocks[images, :, a, b, i0:i1, j0:j1] = pixels[:, :, :i1 - i0, :j1 - j0]
     if xp is np:
         cpu_threads.in_parallel(copy, blocks)
     else:
@@ -341,8 +277,8 @@ def to_blocks(x, s, pad, rows, cols):
 
 
 def from_blocks(blocks, s, pad, shape):
-    """The adjoint of to_blocks, (N, C*s*s, rows, cols) -> (N, C, H, W) of `shape`: each pixel from its one
-    place among the blocks (zeros for pixels no block holds)."""
+    """The adjoint of to_blocks, (N, C*s*s, rows, cols) -> (N, C, H, W) of `shape`: each pixel from
+    its one place among the blocks (zeros for pixels no block holds)."""
     xp = cupy() if not isinstance(blocks, np.ndarray) else np
     n, c, h, w = shape
     rows, cols = blocks.shape[2:]
@@ -350,14 +286,16 @@ def from_blocks(blocks, s, pad, shape):
     x = xp.zeros(shape, dtype=blocks.dtype)
     for a, (i0, i1, first_row) in enumerate(_block_spans(s, pad, h, rows)):
         for b, (j0, j1, first_col) in enumerate(_block_spans(s, pad, w, cols)):
-            x[:, :, first_row:first_row + s * (i1 - i0):s, first_col:first_col + s * (j1 - j0):s] = \
+            x[:, :, first_row:first_row + s * (i1 - i0):s,
+              first_col:first_col + s * (j1 - j0):s] = \
                 blocks[:, :, a, b, i0:i1, j0:j1]
     return x
 
 
 def _block_spans(s, pad, size, count):
-    """For each offset a in a block: (first, end, source) such that blocks first..end-1 at offset a hold the input
-    pixels source, source + s, ... (padded position s*i + a is input pixel s*i + a - pad)."""
+    """For each offset a in a block: (first, end, source) such that blocks first..end-1 at offset a
+    hold the input pixels source, source + s, ... (padded position s*i + a is input pixel
+    s*i + a - pad)."""
     spans = []
     for a in range(s):
         first = max(0, -(-(pad - a) // s))  # the first block whose pixel a is inside the input
@@ -367,63 +305,67 @@ def _block_spans(s, pad, size, count):
 
 
 def filters_to_blocks(W, s):
-    """W (out, C, k, k), padded with zeros to a multiple of s, as (out, C*s*s, k', k'), k' = ceil(k/s): tap
-    (s*u + a, s*v + b) as tap (u, v) of channel c*s*s + a*s + b, matching to_blocks."""
+    """W (out, C, k, k), padded with zeros to a multiple of s, as (out, C*s*s, k', k'),
+    k' = ceil(k/s): tap (s*u + a, s*v + b) as tap (u, v) of channel c*s*s + a*s + b, matching
+    to_blocks."""
     xp = cupy() if not isinstance(W, np.ndarray) else np
     out, c, k = W.shape[:3]
     side = block_side(k, s)
     padded = xp.zeros((out, c, side * s, side * s), dtype=W.dtype)
     padded[:, :, :k, :k] = W
-    return padded.reshape(out, c, side, s, side, s).transpose(0, 1, 3, 5, 2, 4).reshape(out, c * s * s, side, side)
+    by_offset = padded.reshape(out, c, side, s, side, s).transpose(0, 1, 3, 5, 2, 4)
+    return by_offset.reshape(out, c * s * s, side, side)
 
 
 def filters_from_blocks(gW, s, W_shape):
-    """The adjoint of filters_to_blocks: (out, C*s*s, k', k') -> W_shape (out, C, k, k), the padding dropped."""
+    """The adjoint of filters_to_blocks: (out, C*s*s, k', k') -> W_shape (out, C, k, k), the padding
+    dropped."""
     xp = cupy() if not isinstance(gW, np.ndarray) else np
     out, c, k = W_shape[:3]
     side = gW.shape[2]
-    full = gW.reshape(out, c, s, s, side, side).transpose(0, 1, 4, 2, 5, 3).reshape(out, c, side * s, side * s)
+    by_tap = gW.reshape(out, c, s, s, side, side).transpose(0, 1, 4, 2, 5, 3)
+    full = by_tap.reshape(out, c, side * s, side * s)
     return xp.ascontiguousarray(full[:, :, :k, :k])
 
 
-# --- The tiles: gather (N, C, H, W) maps into transformed t x t windows, (side*side, tiles*C), and scatter
-# (sum) them back. The transform of a window is kron(P, P) @ its flattened pixels: P applied along each side.
+# --- The tiles: gather (N, C, H, W) maps into transformed t x t windows, (side*side, tiles*C), and
+# scatter (sum) them back. The transform of a window is kron(P, P) @ its flattened pixels: P applied
+# along each side.
 
 CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatter_tiles"))
 
 
 def gather_gpu(x, P, t, m, pad, tiles_h, tiles_w):
-    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P (side, t):
-    (side*side, tiles*C)."""
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P
+    (side, t): (side*side, tiles*C)."""
     n, c, h, w = x.shape
     windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
-    kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w, t, m, pad,
-                   tiles_h, tiles_w)
+    kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w,
+                   t, m, pad, tiles_h, tiles_w)
     return cupy().asarray(np.kron(P, P), dtype=x.dtype) @ windows
 
 
 def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
-    """The adjoint of gather_gpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W), each pixel
-    the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
+    """The adjoint of gather_gpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W),
+    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
     windows = cupy().asarray(np.kron(P, P), dtype=tiles.dtype) @ tiles
     out = kernels.empty(shape, tiles.dtype)
-    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, windows, out, out.size, *shape, t, m, pad,
-                   tiles_h, tiles_w)
+    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, windows, out, out.size, *shape, t, m,
+                   pad, tiles_h, tiles_w)
     if b is not None:
         out += b.reshape(1, -1, 1, 1)
     return out
 
 
-# On the CPU both go a few images at a time (a slab), each core taking a share of the batch: a slab's
-# windows stay in the cache from their copy through both passes of the transform, where the whole
-# batch's (19 MB for conv2's input tiles) would go out to memory and back between each.
+# On the CPU both go a few images at a time (a slab), each core taking a share of the batch: a
+# slab's windows stay in the cache from their copy through both passes of the transform.
 
-SLAB_BYTES = 1 << 21  # the windows of a slab's images (2 MB, measured against 0.5 to 8 MB in the step)
+SLAB_BYTES = 1 << 21  # the windows of a slab's images (2 MB: benchmarks/NOTES.md, "by_slabs")
 
 
 def gather_cpu(x, P, t, m, pad, tiles_h, tiles_w):
-    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P (side, t):
-    (side*side, tiles*C)."""
+    """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P
+    (side, t): (side*side, tiles*C)."""
     n, c, h, w = x.shape
     P = P.astype(x.dtype)
     side = len(P)
@@ -439,8 +381,8 @@ def gather_cpu(x, P, t, m, pad, tiles_h, tiles_w):
 
 
 def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
-    """The adjoint of gather_cpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W), each pixel
-    the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
+    """The adjoint of gather_cpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W),
+    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
     n, c, h, w = shape
     a = P.shape[1]
     P = P.astype(tiles.dtype)
@@ -449,34 +391,33 @@ def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
     out = np.empty(shape, dtype=tiles.dtype)
 
     def slab(images):
-        windows = np.empty((t, t, images.stop - images.start, tiles_h, tiles_w, c), dtype=tiles.dtype)
-        kron_product(P, tiles[:, :, images.start * per_image:images.stop * per_image], windows.reshape(t, t, -1))
+        windows = np.empty((t, t, images.stop - images.start, tiles_h, tiles_w, c),
+                           dtype=tiles.dtype)
+        kron_product(P, tiles[:, :, images.start * per_image:images.stop * per_image],
+                     windows.reshape(t, t, -1))
         from_channels_last(add_windows(windows, m), pad, h, w, out[images], b)
     by_slabs(n, tiles.itemsize * max(t, a) ** 2 * per_image, slab)
     return out
 
 
 def by_slabs(n, image_bytes, slab):
-    """slab(images) for slices of range(n), about SLAB_BYTES' worth of images each, shared out among the cores.
+    """slab(images) for slices of range(n), about SLAB_BYTES' worth of images each, shared out
+    among the cores.
 
-    The slabs are cut the same way whatever the core count, and their products
-    run on one BLAS thread (cpu_threads.in_slabs): the BLAS may round a column
-    differently by where it falls in a product (the last few columns take
-    another kernel) and by its thread count, and the results must not depend
-    on the core count.
+    The slabs are cut the same way whatever the core count, and their products run on one BLAS
+    thread (cpu_threads.in_slabs), so that the results do not depend on the core count (the BLAS
+    rounds a column by where it falls in a product and by its thread count).
     """
     per_slab = max(1, SLAB_BYTES // image_bytes)
-    cpu_threads.in_slabs(slab, [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)])
+    slabs = [slice(first, min(n, first + per_slab)) for first in range(0, n, per_slab)]
+    cpu_threads.in_slabs(slab, slabs)
 
 
 def kron_product(P, x, out):
-    """out = kron(P, P) @ x, for x (a, a, columns) and out (b, b, columns) of P (b, a): P along each side in turn.
+    """out = kron(P, P) @ x, for x (a, a, columns) and out (b, b, columns) of P (b, a).
 
-    Why: the Kronecker matrix spends a*a multiplications per output, b*b*a*a
-    a column (4096 for an 8 x 8 window of F(4x4, 5x5)); P along one side and
-    then along the other spends b*a*a + b*b*a (1024). Both are products with
-    P, thin ones (a rows deep) whose speed is the memory's, which the slabs
-    keep in the cache. In float32 the error is smaller (fewer operations).
+    P goes along each side in turn: b*a*a + b*b*a multiplications a column instead of the
+    Kronecker matrix's b*b*a*a (benchmarks/NOTES.md, "kron_product").
     """
     b, a = P.shape
     half = np.empty((a, b, x.shape[2]), dtype=x.dtype)
@@ -484,9 +425,9 @@ def kron_product(P, x, out):
     np.matmul(P, half.transpose(1, 0, 2), out=out)  # out[k, l] = sum_j P[l, j] half[j, k]
 
 
-# --- The CPU's layouts. The window copies run with the channels last (N, H, W, C): every copy and add
-# then moves whole rows of channels, where in NCHW it would move runs of 2 to 7 pixels, which NumPy
-# does at a fraction of the speed. Windows are numbered (image, tile row, tile column).
+# --- The CPU's layouts. The window copies run with the channels last (N, H, W, C): every copy and
+# add then moves whole rows of channels, where in NCHW it would move runs of 2 to 7 pixels, which
+# NumPy does at a fraction of the speed. Windows are numbered (image, tile row, tile column).
 
 def to_channels_last(x, pad, rows, cols):
     """(N, rows, cols, C) zeros with x (N, C, H, W) placed at (pad, pad)."""
@@ -496,11 +437,13 @@ def to_channels_last(x, pad, rows, cols):
     x_last[:, pad + h:] = 0
     x_last[:, pad:pad + h, :pad] = 0
     x_last[:, pad:pad + h, pad + w:] = 0
-    unpadded = pad == 0 and cols == w  # an image's pixels are then the first h*w rows of its (rows*cols, C)
+    # an image's pixels are then the first h*w rows of its (rows*cols, C)
+    unpadded = pad == 0 and cols == w
     pixels = None if unpadded else np.empty((h * w, c), dtype=x.dtype)
     for image in range(n):  # each image's (C, H*W) matrix transposed
         if unpadded:
-            openblas.transpose(x[image].reshape(c, h * w), x_last[image].reshape(rows * cols, c)[:h * w])
+            openblas.transpose(x[image].reshape(c, h * w),
+                               x_last[image].reshape(rows * cols, c)[:h * w])
         else:
             openblas.transpose(x[image].reshape(c, h * w), pixels)
             x_last[image, pad:pad + h, pad:pad + w] = pixels.reshape(h, w, c)
@@ -508,14 +451,16 @@ def to_channels_last(x, pad, rows, cols):
 
 
 def from_channels_last(x_last, top_left, h, w, out, b=None):
-    """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per channel, into out."""
+    """The (N, C, h, w) maps at (top_left, top_left) of x_last (N, rows, cols, C), plus b per
+    channel, into out."""
     n, rows, cols, c = x_last.shape
     unpadded = top_left == 0 and cols == w
     for image in range(n):
         if unpadded:
             pixels = x_last[image].reshape(rows * cols, c)[:h * w]
         else:
-            pixels = np.ascontiguousarray(x_last[image, top_left:top_left + h, top_left:top_left + w]).reshape(h * w, c)
+            pixels = np.ascontiguousarray(x_last[image, top_left:top_left + h,
+                                                 top_left:top_left + w]).reshape(h * w, c)
         openblas.transpose(pixels, out[image].reshape(c, h * w))
     if b is not None:
         out += b.reshape(c, 1, 1)
@@ -523,7 +468,8 @@ def from_channels_last(x_last, top_left, h, w, out, b=None):
 
 
 def gather_windows(x_last, t, m, tiles_h, tiles_w):
-    """The t x t windows at stride m of x_last (N, H, W, C), as (t, t, windows*C): window position first."""
+    """The t x t windows at stride m of x_last (N, H, W, C), as (t, t, windows*C): window position
+    first."""
     n, h, w, c = x_last.shape
     windows = np.empty((t, t, n, tiles_h, tiles_w, c), dtype=x_last.dtype)
     windows[...] = window_view(x_last, range(t), range(t), m, tiles_h, tiles_w)
@@ -531,14 +477,16 @@ def gather_windows(x_last, t, m, tiles_h, tiles_w):
 
 
 def add_windows(windows, m):
-    """The adjoint of gather_windows for windows (t, t, N, tiles_h, tiles_w, C): (N, tiles_h*m + t - m,
-    tiles_w*m + t - m, C), overlapping windows summed."""
+    """The adjoint of gather_windows for windows (t, t, N, tiles_h, tiles_w, C):
+    (N, tiles_h*m + t - m, tiles_w*m + t - m, C), overlapping windows summed."""
     t, _, n, tiles_h, tiles_w, c = windows.shape
     out = np.empty((n, tiles_h * m + t - m, tiles_w * m + t - m, c), dtype=windows.dtype)
-    out[:, tiles_h * m:] = 0  # the overhang of the last tiles, which the first positions below do not reach
+    # the overhang of the last tiles, which the first positions below do not reach
+    out[:, tiles_h * m:] = 0
     out[:, :tiles_h * m, tiles_w * m:] = 0
-    # Positions i, i + 1, ... i + m - 1 of every window cover each row once; so do m columns. Each such
-    # m x m group of positions is one copy (the first) or one add, with no pixel twice in a call.
+    # Positions i, i + 1, ... i + m - 1 of every window cover each row once; so do m columns. Each
+    # such m x m group of positions is one copy (the first) or one add, with no pixel twice in a
+    # call.
     groups = [range(first, min(t, first + m)) for first in range(0, t, m)]
     for rows in groups:
         for cols in groups:
@@ -551,9 +499,11 @@ def add_windows(windows, m):
 
 
 def window_view(a, rows, cols, m, tiles_h, tiles_w):
-    """A view (len(rows), len(cols), N, tiles_h, tiles_w, C) of a (N, H, W, C): [i, j, n, y, x] is pixel
-    (m*y + rows[i], m*x + cols[j]) of image n, position (rows[i], cols[j]) of window (y, x)."""
+    """A view (len(rows), len(cols), N, tiles_h, tiles_w, C) of a (N, H, W, C): [i, j, n, y, x] is
+    pixel (m*y + rows[i], m*x + cols[j]) of image n, position (rows[i], cols[j]) of window
+    (y, x)."""
     image, row, col, channel = a.strides
     return np.lib.stride_tricks.as_strided(a[:, rows.start:, cols.start:],
-                                           shape=(len(rows), len(cols), a.shape[0], tiles_h, tiles_w, a.shape[3]),
+                                           shape=(len(rows), len(cols), a.shape[0], tiles_h,
+                                                  tiles_w, a.shape[3]),
                                            strides=(row, col, image, m * row, m * col, channel))
