@@ -45,8 +45,8 @@ def im2col_cpu(x, kh, kw, stride, pad, oh, ow):
 def im2col_gpu(x, kh, kw, stride, pad, oh, ow):
     n, c, h, w = x.shape
     cols = kernels.empty((c, kh, kw, n, oh, ow), x.dtype)
-    kernels.launch(CU, "im2col", x.dtype, cols.size, x, cols, cols.size, n, c, h, w, kh, kw, stride,
-                   pad, oh, ow)
+    kernels.launch(CU, "im2col", x.dtype, c * n * oh * ow,  # a thread per patch
+                   x, cols, cols.size, n, c, h, w, kh, kw, stride, pad, oh, ow)
     return cols
 
 

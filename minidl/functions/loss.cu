@@ -1,27 +1,33 @@
-// Softmax cross-entropy for loss.py, one thread per row of logits (N, C): where
-// CuPy takes about a dozen whole-array operations (max, shift, exp, sum, log,
-// the label gather, ...) these are two kernels, each reading the logits or the
-// saved log-probabilities once. A row is a few thousand classes at most, so a
-// thread per row keeps the arithmetic of the NumPy path, in its order:
-// log_p = (x - max) - log(sum(exp(x - max))).
+// Softmax cross-entropy for loss.py, where CuPy takes about a dozen whole-array
+// operations (max, shift, exp, sum, log, the label gather, ...): two kernels, each
+// reading the logits or the saved log-probabilities once. The forward keeps the
+// arithmetic of the NumPy path, in its order: log_p = (x - max) - log(sum(exp(x - max))).
 
+// One warp per row, the rows spread over the GPU's blocks. Each of the warp's 32 threads
+// takes the row's max and sum by itself, in the same order: its lanes load the same
+// addresses at once, so the warp pays for one walk of the row, and no thread needs another's
+// result (no shared memory, no shuffles). Then each lane writes every 32nd log-probability,
+// so the warp's writes are coalesced. A launch of 32 threads per row; any other size is
+// still correct (the grid-stride loop), only slower.
 template <typename T>
 __global__ void log_softmax_nll(const T* logits, const int* labels, T* log_p, T* row_loss, long long rows,
                                 long long classes) {
-    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)blockDim.x * gridDim.x) {
+    const long long lanes = 32;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < rows * lanes;
+         t += (long long)blockDim.x * gridDim.x) {
+        long long r = t / lanes, lane = t % lanes;
         const T* x = logits + r * classes;
-        T* out = log_p + r * classes;
         T top = x[0];
         for (long long c = 1; c < classes; ++c) top = x[c] > top ? x[c] : top;
         T sum = T(0);
         for (long long c = 0; c < classes; ++c) sum += exp(x[c] - top);
         T log_sum = log(sum);
-        for (long long c = 0; c < classes; ++c) out[c] = (x[c] - top) - log_sum;
+        for (long long c = lane; c < classes; c += lanes) log_p[r * classes + c] = (x[c] - top) - log_sum;
+        if (lane != 0) continue;
         // a label outside 0..C-1 (possible only where the caller vouched for labels it did not
         // check) gives a NaN loss, never a read outside the row
         int label = labels[r];
-        row_loss[r] = label >= 0 && label < classes ? -out[label] : T(nan(""));
+        row_loss[r] = label >= 0 && label < classes ? -((x[label] - top) - log_sum) : T(nan(""));
     }
 }
 

@@ -1,6 +1,6 @@
 """Softmax cross-entropy, the network's loss.
 
-On a GPU the loss is two kernels (loss.cu), forward (a thread per row) and
+On a GPU the loss is two kernels (loss.cu), forward (a warp per row) and
 backward (a thread per element), instead of about twenty whole-array
 operations. Labels given as a host array are checked on the host, before they
 are copied to the device. Labels already on a GPU are checked there, which
@@ -70,8 +70,8 @@ class SoftmaxCrossEntropy(Function):
         labels = labels.astype(np.int32, copy=False)
         log_p = kernels.empty(logits.shape, logits.dtype)
         row_loss = kernels.empty((n,), logits.dtype)
-        kernels.launch(CU, "log_softmax_nll", logits.dtype, n, logits, labels, log_p, row_loss, n,
-                       classes)
+        kernels.launch(CU, "log_softmax_nll", logits.dtype, n * 32,  # a warp (32 threads) per row
+                       logits, labels, log_p, row_loss, n, classes)
         self.save(log_p, labels)
         return row_loss.mean()
 

@@ -25,24 +25,46 @@ __global__ void lrn_forward(const T* x, T* y, T* scale, long long pixels, long l
     }
 }
 
-// gx[c] = gy[c] * s[c]^-beta - 2*alpha*beta * x[c] * sum_{|i-c| <= half} gy[i] * x[i] * s[i]^(-beta-1)
+// gx[c] = gy[c] * s[c]^-beta - 2*alpha*beta * x[c] * sum_{|i-c| <= half} gy[i] * x[i] * s[i]^(-beta-1),
+// with one power per channel, as the NumPy path has it: g[i] = gy[i] * s[i]^-beta, and the window's
+// terms g[i] * x[i] / s[i]. A channel's g is used when it enters the window, at its own step and when
+// it leaves, so the last kLrnRing of them stay in a ring (thread-local); a window too wide for the ring
+// (n over kLrnRing - 1 = 15 channels) computes g again at each use instead, three powers a channel.
+constexpr int kLrnRing = 16;  // a power of 2: `% kLrnRing` is a mask
+
+template <typename T>
+__device__ inline T lrn_scaled_gradient(const T* scale, const T* gy, long long i, T beta) {
+    return gy[i] * pow(scale[i], -beta);
+}
+
 template <typename T>
 __global__ void lrn_backward(const T* x, const T* scale, const T* gy, T* gx, long long pixels, long long C,
                              long long HW, long long half, T k, T alpha, T beta) {
+    bool ring_holds_window = 2 * half + 2 <= kLrnRing;  // channels c-half-1 .. c+half at step c
+    T two_alpha_beta = T(2) * alpha * beta;
     for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels;
          p += (long long)blockDim.x * gridDim.x) {
         long long base = (p / HW) * C * HW + p % HW;
+        T ring[kLrnRing];
         T sum = T(0);
-        for (long long c = 0; c < half && c < C; ++c) {
+        // step `enter` brings channel `enter` into the window, then finishes channel c = enter - half
+        for (long long enter = 0; enter < C + half; ++enter) {
+            if (enter < C) {
+                long long i = base + enter * HW;
+                T g = lrn_scaled_gradient(scale, gy, i, beta);
+                if (ring_holds_window) ring[enter % kLrnRing] = g;
+                sum += g * x[i] / scale[i];
+            }
+            long long c = enter - half, leave = c - half - 1;
+            if (c < 0) continue;
+            if (leave >= 0) {
+                long long i = base + leave * HW;
+                T g = ring_holds_window ? ring[leave % kLrnRing] : lrn_scaled_gradient(scale, gy, i, beta);
+                sum -= g * x[i] / scale[i];
+            }
             long long i = base + c * HW;
-            sum += gy[i] * x[i] * pow(scale[i], -beta - T(1));
-        }
-        for (long long c = 0; c < C; ++c) {
-            long long enter = c + half, leave = c - half - 1;
-            if (enter < C) { long long i = base + enter * HW; sum += gy[i] * x[i] * pow(scale[i], -beta - T(1)); }
-            if (leave >= 0) { long long i = base + leave * HW; sum -= gy[i] * x[i] * pow(scale[i], -beta - T(1)); }
-            long long i = base + c * HW;
-            gx[i] = gy[i] * pow(scale[i], -beta) - T(2) * alpha * beta * x[i] * sum;
+            T g = ring_holds_window ? ring[c % kLrnRing] : lrn_scaled_gradient(scale, gy, i, beta);
+            gx[i] = g - sum * x[i] * two_alpha_beta;
         }
     }
 }

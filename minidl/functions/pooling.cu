@@ -1,6 +1,7 @@
 // Max pooling for pooling.py; x (N, C, H, W), y and argmax (N, C, OH, OW).
 // argmax holds the window offset kh*K + kw of the maximum, the first in scan
-// order on ties (strict >), the same rule as the NumPy path.
+// order on ties (strict >), the same rule as the NumPy path. A NaN is the
+// maximum of its window (the first NaN), as in PyTorch.
 
 #include "window.cuh"
 
@@ -22,7 +23,7 @@ __global__ void max_pool_forward(const T* x, T* y, int* argmax, long long total,
                 long long w = ow * stride - pad + kw;
                 if (h < 0 || h >= H || w < 0 || w >= W) continue;  // padding: -infinity
                 T v = plane[h * W + w];
-                if (best_offset < 0 || v > best) {
+                if (best_offset < 0 || v > best || (isnan(v) && !isnan(best))) {
                     best = v;
                     best_offset = (int)(kh * K + kw);
                 }

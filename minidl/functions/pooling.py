@@ -2,8 +2,8 @@
 
 Forward keeps where each window's maximum was; backward sends each gradient to that one element.
 With ties the first element in row-major scan order wins, on both paths; padding counts as
--infinity. (With NaN in a window the paths may choose different elements.) GPU: one thread per
-output scans its window with a strict `>`; backward is a gather, so no atomics. CPU: the max is
+-infinity; a NaN is its window's maximum (the first NaN in scan order), as in PyTorch. GPU: one
+thread per output scans its window with a strict `>`; backward is a gather, so no atomics. CPU: the max is
 separable, two passes (over the k columns of each window, then over the k rows of those column
 maxima), each keeping the first of its k candidates to hold the maximum: first row, then first
 column in it, is first in scan order (timings: benchmarks/NOTES.md, "Max pooling").
@@ -31,16 +31,23 @@ def _strided(array, axis, ksize, stride, count):
 
 
 def _first_max(views):
-    """Elementwise max over views, and the index of the first view holding it."""
+    """Elementwise max over views (NaN where one is NaN), and the index of the first view holding it."""
     views = list(views)
     y = views[0]
     for view in views[1:]:
         y = np.maximum(y, view)
-    # the first index holding the max = how many views in a row before it do not
-    not_yet = views[0] != y
+    # the first index holding the max = how many views in a row before it do not; a NaN max is
+    # held by the first NaN (NaN != NaN), checked only where there is one
+    if y.size and np.isnan(y.max()):
+        def lacks(view):
+            return (view != y) & (view == view)
+    else:
+        def lacks(view):
+            return view != y
+    not_yet = lacks(views[0])
     first = not_yet.astype(np.min_scalar_type(len(views) - 1))
     for view in views[1:-1]:
-        not_yet &= view != y
+        not_yet &= lacks(view)
         first += not_yet
     return y, first
 
