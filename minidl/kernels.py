@@ -72,7 +72,14 @@ def get_kernel(cu_file: KernelFile, name: str, dtype):
     if name not in cu_file.names:
         raise MinidlError(f"{os.path.basename(cu_file.path)} has no kernel {name!r} among "
                           f"{cu_file.names}")
-    return _module(cu_file, cupy().cuda.Device().id).get_function(f"{name}<{cuda_type(dtype)}>")
+    return _function(cu_file, cupy().cuda.Device().id, name, cuda_type(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _function(cu_file, physical_gpu, name, c_type):
+    # kept per (file, GPU, name, type): get_function builds a new kernel object each call, host work
+    # that every launch of a step would pay again
+    return _module(cu_file, physical_gpu).get_function(f"{name}<{c_type}>")
 
 
 def cuda_type(dtype) -> str:

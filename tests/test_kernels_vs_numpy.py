@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import minidl
 from minidl import Tensor, kernels
 from minidl.functions import conv, lrn, max_pool2d, pooling, softmax_cross_entropy
 from minidl_emulator import kernel_runner as kr
@@ -249,3 +250,13 @@ def test_softmax_cross_entropy_on_a_gpu_agrees_with_the_cpu(dtype, rng):
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(loss_gpu, loss_cpu, rtol=rtol)
     np.testing.assert_allclose(g_gpu, g_cpu, rtol=rtol, atol=rtol * 1e-3)
+
+
+@pytest.mark.gpu
+def test_a_kernel_object_is_made_once_per_file_gpu_name_and_type():
+    from minidl.functions.pooling import CU
+    with minidl.device("cuda:0"):
+        first = kernels.get_kernel(CU, "max_pool_forward", np.float32)
+        assert kernels.get_kernel(CU, "max_pool_forward", np.float32) is first
+        assert kernels.get_kernel(CU, "max_pool_forward", np.float64) is not first
+        assert kernels.get_kernel(CU, "max_pool_backward", np.float32) is not first
