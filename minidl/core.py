@@ -1,43 +1,42 @@
 """The autograd engine: Tensor, Function and reverse-mode backward.
 
-A Tensor wraps an ndarray (NumPy or CuPy) and remembers the Function that made
-it. A Function computes on raw arrays: `forward(*arrays)` and
-`backward(*output_grads)`, both run with the inputs' device current. Calling a
-Function records the graph only when a gradient is wanted: the function keeps
-its inputs (strong references) and its outputs by weak reference, so the graph
-dies with the last tensor that uses it, without the garbage collector.
-
-`Tensor.backward()` walks the graph newest generation first (a function's
-generation is one more than its newest input's), so every output gradient is
-complete, summed over all its uses, before the function that made it runs.
-Functions of one generation never feed each other, so they run as one wave,
-each going on up its chain of functions until the graph forks or joins; the
-gradients they leave there are summed in the wave's order, whichever finished
-first. On the CPU, branches that mirror each other (AlexNet's two towers: the
-same functions on arrays of the same shapes) run side by side, a core each.
+A Tensor wraps an ndarray (NumPy or CuPy) and remembers the Function that made it. A Function
+computes on raw arrays, `forward(*arrays)` and `backward(*output_grads)`, with the inputs' device
+current. Calling a Function records the graph only when a gradient is wanted: the function keeps its
+inputs and its outputs by weak reference, so the graph dies with the last tensor that uses it.
+`Tensor.backward()` walks the graph newest generation first, as DeZero does, so every gradient is
+complete before the function that made it runs. A generation's functions never feed each other: the
+CPU wing (minidl.cpu.threads) may run them side by side, each on up its chain of functions.
 """
+from __future__ import annotations
+
 import contextlib
 import functools
 import heapq
 import threading
 import weakref
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
 from minidl.cpu import threads as cpu_threads
-from minidl.device import device as as_device, device_of_array, is_array
+from minidl.device import Device, device as as_device, device_of_array, is_array
 from minidl.errors import MinidlError
+
+Array = Any  # a NumPy or CuPy ndarray
+T = TypeVar("T")
 
 _state = threading.local()
 _counting_uses = threading.Lock()
 
 
-def grad_enabled():
+def grad_enabled() -> bool:
+    """Whether calling a Function records the graph, in this thread."""
     return getattr(_state, "grad_enabled", True)
 
 
 @contextlib.contextmanager
-def grad_mode(enabled):
+def grad_mode(enabled: bool) -> Iterator[None]:
     """Build a graph inside the block or not (per thread)."""
     previous = grad_enabled()
     _state.grad_enabled = enabled
@@ -47,26 +46,19 @@ def grad_mode(enabled):
         _state.grad_enabled = previous
 
 
-def no_grad():
+def no_grad() -> ContextManager[None]:
     """Build no graph inside the block (per thread): for evaluation and updates."""
     return grad_mode(False)
 
 
-def side_by_side(calls, devices):
-    """Results of independent calls, run at once, one core each, when all their `devices` are the CPU.
-
-    For a model's parallel branches (AlexNet's towers): cpu_threads.side_by_side,
-    with each call in the caller's grad mode. On GPUs the calls run in turn:
-    they only queue work on the devices' streams.
-    """
-    if any(d.is_cuda for d in devices):
-        return [call() for call in calls]
+def in_this_grad_mode(call: Callable[[], T]) -> Callable[[], T]:
+    """`call`, to run in this thread's present grad mode from whichever thread runs it."""
     enabled = grad_enabled()
 
-    def in_callers_mode(call):
+    def run():
         with grad_mode(enabled):
             return call()
-    return cpu_threads.side_by_side([functools.partial(in_callers_mode, call) for call in calls])
+    return run
 
 
 def _as_array(data, dev):
@@ -95,7 +87,8 @@ class Tensor:
 
     __array_priority__ = 200  # so numpy_array * tensor calls Tensor.__rmul__
 
-    def __init__(self, data, requires_grad=False, device=None):
+    def __init__(self, data: Union[Tensor, Array, float, Sequence], requires_grad: bool = False,
+                 device: Union[Device, str, None] = None):
         if isinstance(data, Tensor):
             data = data.data
         dev = as_device(device) if device is not None else (
@@ -103,120 +96,87 @@ class Tensor:
         self.data = _as_array(data, dev)
         self.device = dev
         self.requires_grad = requires_grad
-        self.grad = None
-        self.creator = None
+        self.grad: Optional[Tensor] = None
+        self.creator: Optional[Function] = None
         self.generation = 0
 
     # --- what the tensor is
     @property
-    def shape(self):
+    def shape(self) -> Tuple[int, ...]:
         return self.data.shape
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return self.data.dtype
 
     @property
-    def ndim(self):
+    def ndim(self) -> int:
         return self.data.ndim
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.data.size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.data)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         body = str(self.numpy()).replace("\n", "\n       ")
-        return f"Tensor({body}, device='{self.device}'{', requires_grad=True' if self.requires_grad else ''})"
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({body}, device='{self.device}'{grad})"
 
-    def numpy(self):
+    def numpy(self) -> np.ndarray:
         """A host (NumPy) copy of the data, once the device's stream has produced it."""
         if not self.device.is_cuda:
             return self.data.copy()
         with self.device:
             return self.data.get()
 
-    def item(self):
+    def item(self) -> Union[int, float, bool]:
         return self.numpy().item()
 
-    def detach(self):
+    def detach(self) -> Tensor:
         return Tensor(self.data, device=self.device)
 
     # --- autograd
-    def set_creator(self, function):
+    def set_creator(self, function: Function) -> None:
         self.creator = function
         self.generation = function.generation + 1
 
-    def backward(self, grad=None, retain_grad=False):
+    def backward(self, grad: Union[Tensor, Array, float, None] = None, retain_grad: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's .grad.
 
-        Intermediate gradients are freed as soon as they are used unless
-        `retain_grad`; each function's saved arrays are freed after its backward.
+        `grad` defaults to 1 for a scalar. Intermediate gradients are freed as
+        soon as they are used unless `retain_grad`; each function's saved
+        arrays are freed after its backward.
         """
+        grad = self._seed_gradient(grad)
+        with self.device:
+            self._accumulate(grad)
+        if self.creator is not None:
+            _backward_graph(self.creator, retain_grad)
+
+    def _seed_gradient(self, grad):
+        """backward's `grad` as an array of this tensor's shape on its device."""
         if grad is None:
             if self.size != 1:
                 raise MinidlError(
                     f"backward of a tensor of shape {self.shape} needs a gradient argument "
                     "(only a scalar's gradient defaults to 1)")
             with self.device:
-                grad = self.device.xp.ones_like(self.data)
-        else:
-            if isinstance(grad, Tensor) and grad.device is not self.device:
-                raise MinidlError(f"gradient on {grad.device} for a tensor on {self.device}")
-            grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.device)
-            if grad.shape != self.shape:
-                raise MinidlError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
-        with self.device:
-            self._accumulate(grad)
-        if self.creator is None:
-            return
-
-        heap, queued = [], set()
-        # tensors holding a gradient their creator has not consumed yet; kept alive
-        # here because the function that used them may already have released them
-        pending = {}
-
-        def enqueue(function):
-            if id(function) not in queued:
-                queued.add(id(function))
-                # id breaks ties so heapq never compares two Functions
-                heapq.heappush(heap, (-function.generation, id(function), function))
-
-        enqueue(self.creator)
-        while heap:
-            wave = [heapq.heappop(heap)[2]]  # the newest generation: none of these feeds another
-            while heap and heap[0][0] == -wave[0].generation:
-                wave.append(heapq.heappop(heap)[2])
-            starts = []
-            for function in wave:
-                _check_not_released(function)
-                outputs = [ref() for ref in function.outputs]
-                for y in outputs:
-                    if y is not None:
-                        pending.pop(id(y), None)
-                output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
-                if any(g is not None for g in output_grads):
-                    starts.append((function, output_grads))
-            # each runs on up its own chain (_backward_chain), mirrored branches side by side on the
-            # CPU; the gradients they leave for tensors with other uses are summed here, in the wave's order
-            chains = [functools.partial(_backward_chain, function, output_grads, retain_grad)
-                      for function, output_grads in starts]
-            left = (side_by_side(chains, [function.device for function, _ in starts]) if _mirrored(starts)
-                    else [chain() for chain in chains])
-            for x, gx in (pair for pairs in left for pair in pairs):
-                with x.device:  # on the inputs' device and stream
-                    x._accumulate(gx)
-                if x.creator is not None:
-                    pending[id(x)] = x
-                    enqueue(x.creator)
+                return self.device.xp.ones_like(self.data)
+        if isinstance(grad, Tensor) and grad.device is not self.device:
+            raise MinidlError(f"gradient on {grad.device} for a tensor on {self.device}")
+        grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.device)
+        if grad.shape != self.shape:
+            raise MinidlError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+        return grad
 
     # Callables hook(tensor), run each time backward has added a gradient into this tensor's .grad
     # (once per use of the tensor in the graph). A class-level empty tuple: a tensor without hooks
     # pays one truth test. Parameters get a list (minidl.layers.Parameter); data parallelism uses
     # them to start reducing a bucket of gradients while the backward pass goes on.
-    grad_hooks = ()
+    grad_hooks: Sequence[Callable[[Tensor], None]] = ()
 
     # How many recorded functions take this tensor as an input (a class-level 0 until one does).
     uses = 0
@@ -230,12 +190,81 @@ class Tensor:
             for hook in self.grad_hooks:
                 hook(self)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.grad = None
 
     # Operators (+, *, @, [...]) and methods such as to, astype, sum and reshape are the
     # functions of minidl.functions, installed there (install_tensor_methods): the
     # functions import this module, never the reverse.
+
+
+def _backward_graph(creator, retain_grad):
+    """Backward from `creator`: DeZero's loop, newest generation first, a generation (a wave) at a time.
+
+    Each function of a wave runs on up its chain (_backward_chain); the
+    gradients the chains leave are summed here in the wave's order, whichever
+    finished first, and their creators join the queue.
+    """
+    heap, queued = [], set()
+    # tensors holding a gradient their creator has not consumed yet; kept alive
+    # here because the function that used them may already have released them
+    pending = {}
+
+    def enqueue(function):
+        if id(function) not in queued:
+            queued.add(id(function))
+            # id breaks ties so heapq never compares two Functions
+            heapq.heappush(heap, (-function.generation, id(function), function))
+
+    enqueue(creator)
+    while heap:
+        starts = _wave_starts(_pop_generation(heap), pending)
+        for x, gx in (pair for pairs in _run_wave(starts, retain_grad) for pair in pairs):
+            with x.device:  # on the inputs' device and stream
+                x._accumulate(gx)
+            if x.creator is not None:
+                pending[id(x)] = x
+                enqueue(x.creator)
+
+
+def _pop_generation(heap):
+    """The functions of the newest generation in the heap: none of them feeds another."""
+    wave = [heapq.heappop(heap)[2]]
+    while heap and heap[0][0] == -wave[0].generation:
+        wave.append(heapq.heappop(heap)[2])
+    return wave
+
+
+def _wave_starts(wave, pending):
+    """[(function, its output gradients)] for the wave's functions that got any gradient."""
+    starts = []
+    for function in wave:
+        _check_not_released(function)
+        outputs = [ref() for ref in function.outputs]
+        for y in outputs:
+            if y is not None:
+                pending.pop(id(y), None)
+        output_grads = [None if y is None or y.grad is None else y.grad.data for y in outputs]
+        if any(g is not None for g in output_grads):
+            starts.append((function, output_grads))
+    return starts
+
+
+def _run_wave(starts, retain_grad):
+    """Each start's chain, in the wave's order: the gradients each left, [[(input, gradient)]].
+
+    On the CPU the chains go to the CPU wing, which runs them side by side, a
+    core each, when they mirror each other: one kind of function on inputs of
+    the same shapes. GPU work stays in this thread: it only queues kernels.
+    """
+    chains = [functools.partial(_backward_chain, function, output_grads, retain_grad)
+              for function, output_grads in starts]
+    functions = [function for function, _ in starts]
+    if not functions or any(function.device.is_cuda for function in functions):
+        return [chain() for chain in chains]
+    kinds = [(type(function), [x.shape for x in function.inputs]) for function in functions]
+    return cpu_threads.side_by_side_if_alike([in_this_grad_mode(chain) for chain in chains], kinds,
+                                             sum(x.size for x in functions[0].inputs))
 
 
 def _check_not_released(function):
@@ -244,21 +273,64 @@ def _check_not_released(function):
                           "were freed by the first backward; run the forward again")
 
 
-# Below this many elements in the inputs of a wave's functions a thread handoff (tens of microseconds)
-# costs more than running the branches in turn
-MIRRORED_MIN_ITEMS = 1 << 15
+def _backward_chain(function, output_grads, retain_grad):
+    """Run function's backward, then on up its chain; the gradients left for the caller, [(input, gradient)].
+
+    The chain goes on, here, to the creator of the function's one input that
+    has a creator, when that input's gradient is complete (_chain_next). It
+    stops where the graph forks or joins, at tensors with hooks and on GPUs:
+    those gradients are left to the caller, which sums them in a fixed order
+    and runs what they lead to in the next wave. So chains never write the
+    same tensor.
+    """
+    left = []
+    while True:
+        pairs = _input_gradients(function, output_grads)
+        follow = _chain_next(function, pairs)
+        for x, gx in pairs:
+            if x is follow:
+                x._accumulate(gx)  # nothing else reaches x: no other chain writes it
+            else:
+                left.append((x, gx))
+        _release(function, retain_grad)
+        if follow is None:
+            return left
+        function, output_grads = follow.creator, [follow.grad.data]
 
 
-def _mirrored(starts):
-    """Whether a wave's functions start branches worth a core each: two or more, on the CPU, alike (one kind
-    of function, inputs of the same shapes: AlexNet's towers), and not tiny. Branches unlike each other
-    would give a long one a single core beside a short one."""
-    functions = [function for function, _ in starts]
-    first = functions[0] if functions else None
-    return (len(functions) >= 2 and not any(f.device.is_cuda for f in functions)
-            and all(type(f) is type(first) and [x.shape for x in f.inputs] == [x.shape for x in first.inputs]
-                    for f in functions)
-            and sum(x.size for x in first.inputs) >= MIRRORED_MIN_ITEMS)
+def _input_gradients(function, output_grads):
+    """[(input, gradient)] from function's backward for the inputs that need one, each in its input's dtype."""
+    _check_not_released(function)
+    with function.device:
+        input_grads = function.backward(*output_grads)
+    if not isinstance(input_grads, tuple):
+        input_grads = (input_grads,)
+    pairs = []
+    for x, gx in zip(function.inputs, input_grads):
+        if gx is None or not x.requires_grad:
+            continue
+        if gx.shape != x.shape:
+            raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
+                                 f"shape {gx.shape} for an input of shape {x.shape}")
+        if gx.dtype != x.dtype and x.dtype.kind == "f":
+            with function.device:
+                gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
+        pairs.append((x, gx))
+    return pairs
+
+
+def _chain_next(function, pairs):
+    """The input a chain goes on to after `function`, or None.
+
+    It is the function's one input that has a creator (the others are leaves,
+    such as weights), when its gradient is complete now (_complete_after) and
+    no gradient of this function has hooks: the caller runs those as soon as
+    the gradient is in (data parallelism's reduces).
+    """
+    made = [x for x, _ in pairs if x.creator is not None]
+    if len(made) != 1 or any(x.grad_hooks for x, _ in pairs) or not _complete_after(made[0], function):
+        return None
+    return made[0]
 
 
 def _complete_after(x, function):
@@ -268,56 +340,17 @@ def _complete_after(x, function):
             and not function.device.is_cuda and not x.creator.device.is_cuda)
 
 
-def _backward_chain(function, output_grads, retain_grad):
-    """Run function's backward, then on up its chain; the gradients left for the caller, [(input, gradient)].
-
-    The chain goes on, here, to the creator of the function's one input that
-    has a creator (the others leaves, such as weights) when that input had no
-    other use and is its creator's one output: its gradient is complete now.
-    It stops where the graph forks or joins, at tensors with hooks and on
-    GPUs: those gradients are left to the caller, which sums them in a fixed
-    order and runs what they lead to in the next wave, side by side. So
-    chains never write the same tensor.
-    """
-    left = []
-    while True:
-        _check_not_released(function)
-        with function.device:
-            input_grads = function.backward(*output_grads)
-        if not isinstance(input_grads, tuple):
-            input_grads = (input_grads,)
-        pairs = []
-        for x, gx in zip(function.inputs, input_grads):
-            if gx is None or not x.requires_grad:
-                continue
-            if gx.shape != x.shape:
-                raise AssertionError(f"{type(function).__name__}.backward gave a gradient of "
-                                     f"shape {gx.shape} for an input of shape {x.shape}")
-            if gx.dtype != x.dtype and x.dtype.kind == "f":
-                with function.device:
-                    gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
-            pairs.append((x, gx))
-        made = [x for x, _ in pairs if x.creator is not None]
-        follow = made[0] if len(made) == 1 and _complete_after(made[0], function) else None
-        if any(x.grad_hooks for x, _ in pairs):
-            follow = None  # the caller runs the hooks as soon as the gradient is in (data parallelism's reduces)
-        for x, gx in pairs:
-            if x is follow:
-                x._accumulate(gx)  # nothing else reaches x: no other chain writes it
-            else:
-                left.append((x, gx))
-        if not retain_grad:
-            for ref in function.outputs:
-                y = ref()
-                if y is not None:
-                    y.grad = None
-        function.release()
-        if follow is None:
-            return left
-        function, output_grads = follow.creator, [follow.grad.data]
+def _release(function, retain_grad):
+    """Free what function's backward needed and, unless `retain_grad`, its outputs' gradients."""
+    if not retain_grad:
+        for ref in function.outputs:
+            y = ref()
+            if y is not None:
+                y.grad = None
+    function.release()
 
 
-def as_tensor(value, like):
+def as_tensor(value: Union[Tensor, Array, float], like: Tensor) -> Tensor:
     """A Tensor from a Tensor, an array or a scalar; scalars take `like`'s device and dtype."""
     if isinstance(value, Tensor):
         return value
@@ -333,23 +366,20 @@ def as_tensor(value, like):
 class Function:
     """One differentiable operation on arrays.
 
-    `forward(*arrays) -> array or tuple` computes the outputs and
-    `backward(*output_grads) -> grad or tuple of grads` the input gradients (None
-    for an input that needs none; `self.needs_grad[i]` says which do). The
-    CPU/GPU choice is made here, in one place: by default `forward` runs
-    `forward_cpu` or `forward_gpu` by the device of the inputs, and `backward`
-    likewise `backward_cpu` or `backward_gpu`. An operation whose one
-    array-module path (`xp = self.device.xp`) serves both devices overrides
-    `forward` and `backward` instead. Arrays needed by backward are kept with
-    `self.save(...)` and read from `self.saved`, so they are freed as soon as
-    the backward has run.
+    `forward(*arrays) -> array or tuple` computes the outputs and `backward(*output_grads) -> grad
+    or tuple of grads` the input gradients (None for an input that needs none; `self.needs_grad[i]`
+    says which do). By default they run `forward_cpu` or `forward_gpu` (`backward_cpu` or
+    `backward_gpu`) by the inputs' device: the CPU/GPU choice is made here, in one place. An
+    operation whose one array-module path (`xp = self.device.xp`) serves both devices overrides
+    `forward` and `backward` instead. Arrays backward needs are kept with `self.save(...)` and read
+    from `self.saved`, freed once the backward has run.
     """
 
-    device = None  # set per call: the device whose arrays this function computes on
-    saved = None
+    device: Optional[Device] = None  # set per call: the device whose arrays this function computes on
+    saved: Optional[Tuple[Array, ...]] = None
     released = False
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs: Union[Tensor, Array, float]) -> Union[Tensor, List[Tensor]]:
         inputs = [as_tensor(x, like=_first_tensor(inputs)) for x in inputs]
         self.device = self._device_of(inputs)
         with self.device:
@@ -379,23 +409,23 @@ class Function:
                               "move one with minidl.functions.copy(x, device)")
         return inputs[0].device
 
-    def output_device(self):
+    def output_device(self) -> Device:
         return self.device
 
-    def save(self, *arrays):
+    def save(self, *arrays: Array) -> None:
         self.saved = arrays
 
-    def release(self):
+    def release(self) -> None:
         """Drop what backward needed; called once backward has run."""
         self.saved = None
         self.inputs = ()
         self.outputs = ()
         self.released = True
 
-    def forward(self, *xs):
+    def forward(self, *xs: Array) -> Union[Array, Tuple[Array, ...]]:
         return self.forward_gpu(*xs) if self.device.is_cuda else self.forward_cpu(*xs)
 
-    def backward(self, *gys):
+    def backward(self, *gys: Array) -> Union[Array, None, Tuple[Optional[Array], ...]]:
         return self.backward_gpu(*gys) if self.device.is_cuda else self.backward_cpu(*gys)
 
     def forward_cpu(self, *xs):

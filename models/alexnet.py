@@ -1,37 +1,15 @@
-"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its training recipe.
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its training recipe, as a model file.
 
-A model file is what `minidl train MODEL_FILE` reads. Its contract:
-
-    CONFIG                  the training recipe (a dict; keys below)
-    BUILTIN_DATA            overrides of CONFIG for the built-in dataset (optional)
-    build_model(num_classes, devices, init, seed) -> Layer
-                            the network; its forward takes images (N, 3, S, S) with
-                            S = CONFIG["input_size"] and returns logits (N, num_classes)
-                            on `model.output_device`; `model.input_device` is where the
-                            trainer puts each batch.
-
-The network is the paper's two towers, one per device. The table below is the
-whole device split: each row is one layer in each tower, and "reads" says what
-its input is: "image" the input image (each tower gets its own copy), "own" only
-the tower's own maps, "both" both towers' maps, a crossing between devices (an
-explicit copy). fc8 is one layer on the first device reading both towers.
-With both towers on one device, the two conv1 layers run as one convolution
-over the image (stacked_conv2d), and on the CPU the towers' layers run side
-by side, a core each (minidl.core.side_by_side).
-
-Initialisation: `init="paper"` is the paper's N(0, 0.01^2) weights with biases 1
-in conv2, conv4, conv5, fc6, fc7 (0 elsewhere). It has a long flat start on small
-data (the loss sits at ln(classes) for tens of thousands of images), so the
-default is `init="he"`, He/Kaiming normal weights and zero biases, which learns
-the built-in data within minutes on a CPU. Train with `--init paper` to
-reproduce the paper exactly.
+A model file (what `minidl train MODEL_FILE` reads) defines CONFIG, the training recipe (a dict);
+optionally BUILTIN_DATA, CONFIG's overrides for the built-in dataset; and build_model(num_classes,
+devices, init, seed) -> Layer, whose forward maps images (N, 3, S, S), S = CONFIG["input_size"], to
+logits (N, num_classes) on `model.output_device`; the trainer puts each batch on `model.input_device`.
+The network is the paper's two towers, one per device (NETWORK is the whole device split).
+`init="he"` (the default) learns small data within minutes; `init="paper"` is the paper's own.
 """
-from functools import partial
-
-from minidl.core import side_by_side
 from minidl.functions import concat
-from minidl.layers import (LRN, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential, init,
-                           stacked_conv2d)
+from minidl.layers import (LRN, Branches, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
+                           init, stacked_conv2d)
 from minidl.layers.layer import make_rng
 
 CONFIG = dict(
@@ -57,6 +35,9 @@ CONFIG = dict(
 # alone decides between 74% and 88% (benchmarks/NOTES.md); after the fourth, 80-93%.
 BUILTIN_DATA = dict(batch_size=32, epochs=4)
 
+# Each row is one layer in each tower; "reads" is its input: "image" the input image (each tower gets its
+# own copy), "own" only the tower's own maps, "both" both towers' maps, a crossing between devices (an
+# explicit copy). fc8 is one layer on the first device reading both towers.
 #  name     kind  per tower (x2)                                reads    then
 NETWORK = [
     ("conv1", "conv", dict(out=48, ksize=11, stride=4, pad=0), "image", "relu lrn pool"),
@@ -72,8 +53,16 @@ BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}  # the paper's biases of 1
 POOLED_SIZE = 6  # conv5's maps after the last pool: 256 x 6 x 6 = 9216 inputs to fc6
 
 
+# Training keeps about this many bytes per byte of layer output (Layer.training_bytes_per_output_byte):
+# measured at batch 32 on the CPU, a 2.15 GiB peak = 3 x the parameters + about 6 x the outputs.
+TRAINING_BYTES_PER_OUTPUT_BYTE = 6
+
+
 def initialisers(name, scheme):
     """(W_init, b_init) for a layer under `scheme` ("paper" or "he")."""
+    # "paper": N(0, 0.01^2) weights, biases 1 in BIAS_ONE. It has a long flat start on small data (the loss
+    # sits at ln(classes) for tens of thousands of images); "he", He/Kaiming normal weights and zero biases,
+    # learns the built-in data within minutes on a CPU.
     if scheme == "paper":
         return init.normal(0.01), init.constant(1.0 if name in BIAS_ONE else 0.0)
     if scheme == "he":
@@ -120,6 +109,8 @@ class Tower(Layer):
 class AlexNet(Layer):
     """The two-tower network; `network` and `pooled_size` let tests build a small one."""
 
+    training_bytes_per_output_byte = TRAINING_BYTES_PER_OUTPUT_BYTE
+
     def __init__(self, num_classes=1000, devices=("cuda:0", "cuda:1"), init="he", seed=0, dropout=0.5,
                  network=NETWORK, pooled_size=POOLED_SIZE):
         super().__init__(device=None)
@@ -127,7 +118,7 @@ class AlexNet(Layer):
         self.network = network
         self.tower0 = Tower(devices[0], init, rng, dropout, network, pooled_size)
         self.tower1 = Tower(devices[1], init, rng, dropout, network, pooled_size)
-        self.towers = (self.tower0, self.tower1)
+        self.towers = Branches(self.tower0, self.tower1)  # on the CPU they run side by side, a core each
         W_init, b_init = initialisers("fc8", init)
         self.fc8 = Linear(2 * self.tower0.out_features, num_classes, device=devices[0],
                           W_init=W_init, b_init=b_init, rng=rng)
@@ -144,10 +135,9 @@ class AlexNet(Layer):
                 # one device: both towers' filters over the image as one convolution (its patches
                 # gathered once, one product twice as tall; benchmarks/NOTES.md)
                 ys = stacked_conv2d([getattr(t, name) for t in self.towers], xs[0])
-                xs = side_by_side([partial(t.after, name, y) for t, y in zip(self.towers, ys)], devices)
+                xs = self.towers.map(lambda tower, y: tower.after(name, y), ys)
             else:
-                # on the CPU each tower takes a core (on GPUs the towers' work is queued in turn)
-                xs = side_by_side([partial(t.stage, name, x) for t, x in zip(self.towers, xs)], devices)
+                xs = self.towers.map(lambda tower, x: tower.stage(name, x), xs)
         return self.fc8(concat([x.to(self.fc8.device) for x in xs], axis=1))
 
 

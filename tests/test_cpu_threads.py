@@ -13,11 +13,11 @@ import types
 import numpy as np
 import pytest
 
+import minidl
 from minidl import Function, Tensor, no_grad
 from minidl.cpu import threads as cpu_threads
-from minidl.core import side_by_side
 from minidl.functions import conv2d, local_response_norm, max_pool2d, softmax_cross_entropy
-from minidl.layers import seed_dropout
+from minidl.layers import Branches, Layer, seed_dropout
 from minidl.optim import MomentumSGD
 
 
@@ -160,14 +160,26 @@ def test_a_forked_child_gets_a_pool_of_its_own(cores):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_importing_minidl_shortens_openblas_spinning_unless_the_user_set_it():
-    code = "import minidl, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert default.stdout.strip() == "4"
-    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
-                            capture_output=True, text=True, check=True)
-    assert chosen.stdout.strip() == "20"
+def test_the_command_shortens_openblas_spinning_unless_the_user_set_it_and_importing_minidl_does_not():
+    def timeout_seen(module, **env):
+        code = f"import {module}, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+        env = {**{k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}, **env}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert timeout_seen("minidl_cli") == "4"
+    assert timeout_seen("minidl_cli", OPENBLAS_THREAD_TIMEOUT="20") == "20"
+    assert timeout_seen("minidl") == "None"  # the library sets nothing process-wide
+
+
+def test_a_bigger_pool_replaces_the_old_one_which_is_shut_down(cores):
+    count = cpu_threads._pool_threads + 2  # more threads than the pool has (earlier tests may have grown it)
+    cores(count)
+    cpu_threads.in_parallel(lambda part: None, np.zeros(count))
+    old = cpu_threads._pool
+    cores(count + 1)
+    cpu_threads.in_parallel(lambda part: None, np.zeros(count + 1))
+    assert cpu_threads._pool is not old and cpu_threads._pool_threads == count
+    assert old._shutdown  # its threads end rather than idle for the life of the process
 
 
 # --- side_by_side: independent calls, each whole on one core
@@ -299,19 +311,46 @@ def test_in_slabs_of_nothing_does_nothing(cores):
     cpu_threads.in_slabs(lambda slab: pytest.fail("no slab to run"), [])
 
 
+class Scale(Layer):
+    """x times a number, noting the thread it ran in."""
+
+    def __init__(self, factor, device="cpu"):
+        super().__init__(device)
+        self.factor, self.threads = factor, []
+
+    def forward(self, x):
+        self.threads.append(threading.get_ident())
+        return x * self.factor
+
+
 def test_branches_build_a_graph_only_in_the_callers_grad_mode(cores):
     cores(2)
     x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
-    calls = [lambda: x * 2, lambda: x * 3]
+    branches = Branches(Scale(2), Scale(3))
     with no_grad():
-        assert all(y.creator is None for y in side_by_side(calls, [x.device, x.device]))
-    assert all(y.creator is not None for y in side_by_side(calls, [x.device, x.device]))
+        assert all(y.creator is None for y in branches([x, x]))
+    ys = branches([x, x])
+    assert all(y.creator is not None for y in ys)
+    np.testing.assert_array_equal(ys[1].data, np.full(3, 3, dtype=np.float32))
 
 
-def test_side_by_side_on_gpus_runs_the_calls_in_turn(cores):
+def test_branches_run_side_by_side_on_the_cpu_and_in_turn_on_gpus(cores):
     cores(2)
-    gpu = types.SimpleNamespace(is_cuda=True)  # only its kind is read
-    assert set(side_by_side([threading.get_ident] * 2, [gpu, gpu])) == {threading.get_ident()}
+    if cpu_threads.blas_threads() is None:
+        pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
+    x = Tensor(np.ones(3, dtype=np.float32))
+    branches = Branches(Scale(2), Scale(3))
+    branches([x, x])
+    assert len({thread for branch in branches for thread in branch.threads}) == 2
+    on_gpu = Scale(2)
+    on_gpu.device = types.SimpleNamespace(is_cuda=True)  # only its kind is read
+    branches = Branches(on_gpu, Scale(3))
+    assert branches.map(lambda branch: threading.get_ident()) == [threading.get_ident()] * 2
+
+
+def test_branches_refuse_one_input_too_few():
+    with pytest.raises(minidl.MinidlError, match="2 branches got 1 inputs"):
+        Branches(Scale(2), Scale(3))([Tensor(np.ones(3, dtype=np.float32))])
 
 
 class Meet(Function):
@@ -330,8 +369,7 @@ class Meet(Function):
 
 def tiny_branches_side_by_side(cores, monkeypatch):
     """Two cores, and the backward's branches side by side however small (the tests' are)."""
-    from minidl import core
-    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)
+    monkeypatch.setattr(cpu_threads, "ALIKE_MIN_ITEMS", 0)
     cores(2)
     if cpu_threads.blas_threads() is None:
         pytest.skip("this BLAS's threads cannot be set, so branches run in turn here")
@@ -346,15 +384,14 @@ def test_backward_runs_a_generation_side_by_side(cores, monkeypatch):
 
 
 def count_side_by_side(monkeypatch):
-    """The number of calls of each core.side_by_side the backward makes, as a list filled as it runs."""
-    from minidl import core
+    """The number of calls of each cpu_threads.side_by_side the backward makes, as a list filled as it runs."""
     calls = []
-    real = core.side_by_side
+    real = cpu_threads.side_by_side
 
-    def counting(functions, devices):
+    def counting(functions):
         calls.append(len(functions))
-        return real(functions, devices)
-    monkeypatch.setattr(core, "side_by_side", counting)
+        return real(functions)
+    monkeypatch.setattr(cpu_threads, "side_by_side", counting)
     return calls
 
 
@@ -376,9 +413,8 @@ def test_backward_runs_each_branch_as_one_chain_and_the_branches_side_by_side(co
 def test_alexnet_towers_side_by_side_give_the_bits_of_the_towers_in_turn(cores, monkeypatch):
     """Forward and backward, at a size where the BLAS runs every product on one thread either way (at
     AlexNet's size its thread count changes the rounding of long sums, as it does between machines)."""
-    from minidl import core
     from test_alexnet import SMALL_NETWORK, alexnet
-    monkeypatch.setattr(core, "MIRRORED_MIN_ITEMS", 0)  # the backward's towers side by side too, though small
+    monkeypatch.setattr(cpu_threads, "ALIKE_MIN_ITEMS", 0)  # the backward's towers side by side too, though small
 
     def step():
         model = alexnet.AlexNet(4, ("cpu", "cpu"), seed=3, network=SMALL_NETWORK, pooled_size=1)
@@ -403,20 +439,21 @@ def test_summary_lists_layers_in_model_order_though_the_towers_run_side_by_side(
         assert [row.split()[0] for row in rows] == leaves
 
 
-def test_the_command_imports_minidl_before_numpy():
+def test_the_command_sets_openblas_spinning_before_numpy_loads():
     """OpenBLAS reads its spinning time once, as NumPy loads it; spinning workers would take the core
     that the other tower needs (side_by_side holds the BLAS to one thread, not its idle workers)."""
-    code = ("import sys\n"
-            "first = []\n"
+    code = ("import os, sys\n"
+            "seen = []\n"
             "class Watch:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name in ('minidl', 'numpy') and name not in first:\n"
-            "            first.append(name)\n"
+            "        if name == 'numpy' and not seen:\n"
+            "            seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
             "sys.meta_path.insert(0, Watch())\n"
             "import minidl_cli.main\n"
-            "print(first)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "['minidl', 'numpy']"
+            "print(seen)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['4']"
 
 
 def test_side_by_side_runs_in_turn_with_more_cores_than_calls_and_inside_in_parallel(cores):

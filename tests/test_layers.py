@@ -180,3 +180,14 @@ def test_stacked_convolutions_refuse_an_input_on_another_device():
     from minidl.layers import stacked_conv2d
     with pytest.raises(MinidlError, match="lives on cuda:0 but got an input on cpu"):
         stacked_conv2d([Conv2d(3, 2, 3, device="cuda:0")] * 2, Tensor(np.ones((1, 3, 9, 9), np.float32)))
+
+
+def test_the_training_memory_estimate_takes_the_models_bytes_per_output_byte():
+    from minidl.layers.summary import training_memory
+
+    class Measured(Sequential):
+        training_bytes_per_output_byte = 12
+    layers = (Flatten(), Linear(3 * 4 * 4, 5, rng=0))
+    (default, fixed), = training_memory(Sequential(*layers), (3, 4, 4)).values()
+    (measured, same_fixed), = training_memory(Measured(*layers), (3, 4, 4)).values()
+    assert measured == 2 * default and same_fixed == fixed

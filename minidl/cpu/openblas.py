@@ -1,15 +1,14 @@
-"""The OpenBLAS that NumPy loaded, for two things NumPy does not offer.
+"""The OpenBLAS that NumPy loaded, for two things NumPy does not offer: its thread count
+(cpu.threads holds it to one thread inside side_by_side's calls) and omatcopy, an out-of-place
+transpose faster than NumPy's strided copy (the Winograd tiles' change of layout).
 
-Its thread count (cpu_threads holds it to one thread while AlexNet's towers
-run a core each) and its out-of-place transpose, omatcopy, which copies a
-matrix into its transpose 1.5-2.7x faster than NumPy's strided copy does
-(the Winograd tiles' change of layout, winograd.py; benchmarks/NOTES.md).
-NumPy has no call for either, so the library is found among those mapped
-into the process (/proc/self/maps) and its functions are called through
-ctypes, as threadpoolctl does. Where there is none (another BLAS, not Linux)
-function() gives None and the callers do without.
+The library is found among those mapped into the process (/proc/self/maps) and called through
+ctypes, as threadpoolctl does; where there is none (another BLAS, not Linux) function() gives None.
+Library users on the CPU should set OPENBLAS_THREAD_TIMEOUT=4 before NumPy is imported, as the
+`minidl` command does: OpenBLAS's idle workers otherwise spin on the cores that cpu.threads needs.
 """
 import ctypes
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
@@ -39,7 +38,7 @@ def _find():
     return None
 
 
-def function(name, restype, argtypes):
+def function(name: str, restype: Any, argtypes: List[Any]) -> Optional[Callable[..., Any]]:
     """OpenBLAS's function `name` (as a plain OpenBLAS spells it) with its types, or None. In argtypes, `int`
     stands for the library's integer type. Looked up on first use (NumPy has loaded OpenBLAS by then)."""
     if not _library:
@@ -58,7 +57,7 @@ _ROW_MAJOR, _TRANSPOSE = 101, 112  # CBLAS's enum values
 _OMATCOPY = {}  # dtype -> the function, or None
 
 
-def transpose(a, out):
+def transpose(a: np.ndarray, out: np.ndarray) -> None:
     """out[...] = a.T for 2-D float32 or float64 arrays whose rows are contiguous, by omatcopy; else by NumPy."""
     if a.dtype not in _OMATCOPY:
         letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}.get(a.dtype)

@@ -1,50 +1,41 @@
-"""NumPy work split across the CPU's cores.
+"""NumPy work split across the CPU's cores, in threads (NumPy releases the GIL inside its loops).
 
-NumPy runs matrix products on every core (its BLAS does), but elementwise work
-on one. In AlexNet's CPU step that elementwise work (im2col and col2im,
-pooling, LRN, the optimizer) is about a third of the time. NumPy releases the
-GIL inside such loops, so the CPU paths run the same code on one slice of the
-batch per core, in threads (in_parallel). Each output element is computed by
-the same operations in the same order however the batch is split, so results
-do not depend on the number of cores.
-
-Independent pieces of work, as many as there are cores, such as AlexNet's two
-towers on 2 cores, go further (side_by_side): each runs whole on a core of its
-own, with its NumPy loops and its BLAS on one thread, so the cores never wait
-for each other inside an operation. On 2 cores this makes the AlexNet step
-about 20% faster than splitting every operation (benchmarks/NOTES.md). With
-more cores than pieces the pieces run in turn, each operation split over all
-the cores (one BLAS thread per piece would leave cores idle, and several BLAS
-threads per piece were not measured).
-
-Work cut into cache-sized slabs of thin products (Winograd's tile transforms)
-goes a share of the slabs per core, every product on one BLAS thread however
-many cores there are (in_slabs), so that its results do not depend on them.
+in_parallel: one slice of an array per core, for elementwise work (NumPy's BLAS uses every core already,
+its loops one); each output element is computed the same way however the array is split, so results
+do not depend on the core count. side_by_side: independent calls, a core each, each with its NumPy
+loops and BLAS on one thread. side_by_side_if_alike: side_by_side only for calls doing the same work
+on enough data to be worth a thread each. in_slabs: cache-sized slabs of thin products, a share of the
+slabs per core, every product on one BLAS thread whatever the core count.
 """
 import ctypes
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from minidl.cpu import openblas
 
+T = TypeVar("T")
+
 _pool, _pool_threads = None, 0
+_growing_pool = threading.Lock()  # one thread at a time replaces the pool or submits to it
 _branch = threading.local()  # .alone: this thread runs one of side_by_side's calls, on one core
 _holding_blas = threading.Lock()  # one side_by_side at a time sets the BLAS's thread count
 
 
 def _forget_pool():
-    global _pool, _pool_threads, _holding_blas
-    _pool, _pool_threads = None, 0
-    _holding_blas = threading.Lock()  # a lock held by a thread of the parent would never be released
+    global _pool, _pool_threads, _growing_pool, _holding_blas
+    _pool, _pool_threads = None, 0  # its threads are the parent's: not in this process, nothing to shut down
+    # a lock held by a thread of the parent would never be released
+    _growing_pool, _holding_blas = threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def core_count():
+def core_count() -> int:
     """The cores this process may run on (respects taskset and container CPU sets)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -54,7 +45,7 @@ def core_count():
 CACHE_BLOCK_ITEMS = 1 << 19  # 2 MB of float32: a block's temporaries stay in a core's share of the cache
 
 
-def in_parallel(work, array, blocks=False):
+def in_parallel(work: Callable[[Any], None], array: Any, blocks: bool = False) -> None:
     """Call work(part) for slices `part` that split range(len(array)) into one share per core; wait for all.
 
     With blocks=True each core goes through its share a few MB of `array` at a
@@ -83,7 +74,7 @@ def in_parallel(work, array, blocks=False):
                 work(slice(start, min(start + share.step, share.stop)))
         finally:
             _branch.alone = alone
-    others = [_workers(runs - 1).submit(run, share) for share in shares[1:]]
+    others = [_submit(runs - 1, run, share) for share in shares[1:]]
     try:
         run(shares[0])  # this thread takes the first share rather than waiting idle
     finally:
@@ -92,27 +83,27 @@ def in_parallel(work, array, blocks=False):
         done.result()  # re-raises an error from that thread
 
 
-def _workers(count):
-    """The thread pool, grown to at least `count` threads."""
+def _submit(threads, call, *args):
+    """call(*args) on the pool, grown first to at least `threads` threads; its future."""
     global _pool, _pool_threads
-    if count > _pool_threads:
-        _pool, _pool_threads = ThreadPoolExecutor(count, thread_name_prefix="minidl-cpu"), count
-    return _pool
+    with _growing_pool:  # so no thread submits to a pool that another has just shut down
+        if threads > _pool_threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads end once they have run what was submitted
+            _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="minidl-cpu"), threads
+        return _pool.submit(call, *args)
 
 
-def side_by_side(calls):
+def side_by_side(calls: Sequence[Callable[[], T]]) -> List[T]:
     """Run independent calls at once, each on a core of its own; their results, in order.
 
     Inside each call in_parallel runs in the calling thread and BLAS on one
-    thread (set back afterwards), so each call has one core and the calls run
-    in parallel instead of each operation being split. Calls must not write to
-    the same arrays. They run one after another where there are fewer than two
-    cores or more cores than calls, where the BLAS's thread count cannot be set
-    (blas_threads), and inside another side_by_side call or in_parallel's work.
-    An error from any call is raised once all have ended.
-    A product on one BLAS thread may round differently from the same product
-    on several (OpenBLAS splits long sums by its thread count), as between
-    machines with different core counts.
+    thread (set back afterwards). Calls must not write to the same arrays. They
+    run one after another where there are fewer than two cores or more cores
+    than calls, where the BLAS's thread count cannot be set (blas_threads), and
+    inside another side_by_side call or in_parallel's work. An error from any
+    call is raised once all have ended. A product on one BLAS thread may round
+    differently from the same product on several.
     """
     blas = blas_threads()
     if not 2 <= core_count() <= len(calls) or blas is None or getattr(_branch, "alone", False):
@@ -120,17 +111,32 @@ def side_by_side(calls):
     return _one_core_each(calls, blas)
 
 
-def in_slabs(work, slabs):
+# Below this many input elements per call a thread handoff (tens of microseconds) costs more than it saves
+ALIKE_MIN_ITEMS = 1 << 15
+
+
+def side_by_side_if_alike(calls: Sequence[Callable[[], T]], kinds: Sequence[Any], items: int) -> List[T]:
+    """The calls' results: side_by_side when they are alike and big enough, else in turn.
+
+    Alike: two or more, all with equal `kinds` (the same work on arrays of the
+    same shapes; unlike calls would leave a long one on one core beside a short
+    one). Big enough: `items`, the elements one call reads, at least
+    ALIKE_MIN_ITEMS.
+    """
+    if len(calls) >= 2 and all(kind == kinds[0] for kind in kinds) and items >= ALIKE_MIN_ITEMS:
+        return side_by_side(calls)
+    return [call() for call in calls]
+
+
+def in_slabs(work: Callable[[Any], None], slabs: Sequence[Any]) -> None:
     """work(slab) for every one of `slabs`, in order within each core's share, every product on one BLAS thread.
 
-    For cache-sized pieces of work made of thin products (a few rows deep),
-    which split poorly across BLAS threads, and whose results must not depend
-    on the core count: a product may round differently on one BLAS thread than
-    on several, so here it is one however the slabs are shared out, also when
-    they run in turn (on one core, or inside side_by_side's calls, where the
-    BLAS is held to one thread already). Unlike side_by_side it takes as many
-    cores as there are slabs, up to all. Where the BLAS's thread count cannot
-    be set the slabs run in turn, with the BLAS's own threads.
+    For cache-sized pieces of thin products (a few rows deep), whose results
+    must not depend on the core count: every product is on one BLAS thread
+    however the slabs are shared out, also when they run in turn (on one core,
+    or inside side_by_side's calls). Unlike side_by_side it takes as many cores
+    as there are slabs, up to all. Where the BLAS's thread count cannot be set
+    the slabs run in turn, with the BLAS's own threads.
     """
     if not slabs:
         return
@@ -162,7 +168,7 @@ def _one_core_each(calls, blas):
         threads = get_threads()
         set_threads(1)  # the calls' matrix products run in their own threads, one core each
         try:
-            others = [_workers(min(len(calls), core_count()) - 1).submit(alone, call) for call in calls[1:]]
+            others = [_submit(min(len(calls), core_count()) - 1, alone, call) for call in calls[1:]]
             try:
                 first = alone(calls[0])
             finally:
@@ -175,7 +181,7 @@ def _one_core_each(calls, blas):
 _blas = []  # [] until looked up, then [(get, set)] or [None]
 
 
-def blas_threads():
+def blas_threads() -> Optional[Tuple[Callable[[], int], Callable[[int], None]]]:
     """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux)."""
     if not _blas:
         get = openblas.function("openblas_get_num_threads", ctypes.c_int, [])

@@ -1,5 +1,6 @@
 """Layer objects: parameters, device placement, train/eval."""
 from minidl.layers import init
+from minidl.layers.branches import Branches
 from minidl.layers.conv import Conv2d, stacked_conv2d
 from minidl.layers.layer import Layer, Parameter, Sequential
 from minidl.layers.linear import Linear

@@ -1,5 +1,13 @@
 """Conv2d: a grouped 2-D convolution with weights (out, in/groups, kh, kw); stacked_conv2d for
 convolutions that read the same input."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from minidl.core import Tensor
+from minidl.device import Device
 from minidl.functions import concat, split
 from minidl.functions.conv import conv2d
 from minidl.layers import init
@@ -7,8 +15,12 @@ from minidl.layers.layer import Layer, Parameter, make_rng
 
 
 class Conv2d(Layer):
-    def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0, groups=1, bias=True,
-                 device="cpu", W_init=None, b_init=init.zeros, rng=None, algorithm=None):
+    """conv2d(x, W, b) with its own parameters; `algorithm` as minidl.functions.conv2d takes it."""
+
+    def __init__(self, in_channels: int, out_channels: int, ksize: int, stride: int = 1, pad: int = 0,
+                 groups: int = 1, bias: bool = True, device: Union[Device, str, None] = "cpu",
+                 W_init: Optional[init.Initialiser] = None, b_init: init.Initialiser = init.zeros,
+                 rng: Union[np.random.Generator, int, None] = None, algorithm: Optional[str] = None):
         super().__init__(device)
         self.algorithm = algorithm  # None: MINIDL_CONV_ALGORITHM, else "auto" (see minidl.functions.conv2d)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -18,21 +30,21 @@ class Conv2d(Layer):
         self.W = Parameter(W_init((out_channels, in_channels // groups, ksize, ksize), rng), device=self.device)
         self.b = Parameter(b_init((out_channels,), rng), device=self.device) if bias else None
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return conv2d(x, self.W, self.b, stride=self.stride, pad=self.pad, groups=self.groups,
                       algorithm=self.algorithm)
 
-    def describe(self):
+    def describe(self) -> str:
         groups = f", groups={self.groups}" if self.groups > 1 else ""
         return (f"Conv2d({self.in_channels}->{self.out_channels}, {self.ksize}x{self.ksize}, "
                 f"stride {self.stride}, pad {self.pad}{groups})")
 
 
-def stacked_conv2d(convs, x):
+def stacked_conv2d(convs: Sequence[Conv2d], x: Tensor) -> List[Tensor]:
     """[conv(x) for conv in convs], computed as ONE convolution over their filters stacked, split back.
 
     For ungrouped convolutions of one geometry on x's device that read the same
-    x (AlexNet's two towers' conv1 on one device): x's patches are gathered
+    x (parallel branches' first layers on one device): x's patches are gathered
     once, and the one product, with every layer's filters, runs nearer the
     BLAS's peak than a thinner one per layer. Each layer keeps its own
     parameters, which get their own gradients, and its forward hooks see its
@@ -50,6 +62,5 @@ def stacked_conv2d(convs, x):
     ys = split(conv2d(x, W, b, stride=first.stride, pad=first.pad, algorithm=first.algorithm),
                [conv.out_channels for conv in convs], axis=1)
     for conv, y in zip(convs, ys):
-        for hook in conv._hooks:
-            hook(conv, (x,), y)
+        conv.run_forward_hooks((x,), y)
     return ys

@@ -10,14 +10,17 @@ crafted class count is refused before it costs gigabytes.
 import contextlib
 import contextvars
 import math
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
+
+Initialiser = Callable[[Tuple[int, ...], np.random.Generator], np.ndarray]  # (shape, rng) -> float32 array
 
 _budget = contextvars.ContextVar("parameter_budget", default=None)
 
 
 @contextlib.contextmanager
-def parameter_budget(values, refusal):
+def parameter_budget(values: int, refusal: Callable[[], Exception]) -> Iterator[None]:
     """Inside: drawing more than `values` parameter values in all raises `refusal()` (an exception).
     Budgets nest: a draw is charged to every budget in force."""
     token = _budget.set([values, refusal, _budget.get()])
@@ -36,7 +39,7 @@ def _charge(shape):
         budget = budget[2]
 
 
-def normal(std, mean=0.0):
+def normal(std: float, mean: float = 0.0) -> Initialiser:
     """N(mean, std^2): the paper's N(0, 0.01^2) is normal(0.01)."""
     def draw(shape, rng):
         _charge(shape)
@@ -45,7 +48,7 @@ def normal(std, mean=0.0):
     return draw
 
 
-def constant(value):
+def constant(value: float) -> Initialiser:
     def draw(shape, rng):
         _charge(shape)
         return np.full(shape, value, dtype=np.float32)
@@ -53,7 +56,7 @@ def constant(value):
     return draw
 
 
-def he_normal(gain=math.sqrt(2.0)):
+def he_normal(gain: float = math.sqrt(2.0)) -> Initialiser:
     """Kaiming/He: N(0, gain^2 / fan_in), fan_in = in_channels * kh * kw (or in_features)."""
     def draw(shape, rng):
         _charge(shape)

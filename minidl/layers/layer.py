@@ -4,25 +4,39 @@ A layer lives on one device; its parameters are there, and it refuses an input
 from anywhere else (the model moves tensors with an explicit `copy`, so every
 transfer is visible in the model's code). Attributes that are Parameters or
 Layers are registered in assignment order, which gives stable dotted names
-such as `tower0.conv1.W`.
+such as `block0.conv1.W`.
 """
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, List, Tuple, Union
+
 import numpy as np
 
 from minidl.core import Tensor
-from minidl.device import device as as_device
+from minidl.device import Device, device as as_device
 from minidl.errors import MinidlError
 
 
 class Parameter(Tensor):
     """A Tensor that a layer owns and an optimizer updates."""
 
-    def __init__(self, data, device=None):
+    def __init__(self, data: Any, device: Union[Device, str, None] = None):
         super().__init__(data, requires_grad=True, device=device)
         self.grad_hooks = []  # called with the parameter after backward adds to its .grad (see Tensor.grad_hooks)
 
 
+ForwardHook = Callable[["Layer", Tuple[Any, ...], Any], None]
+
+
 class Layer:
-    def __init__(self, device="cpu"):
+    """A part of a model: forward(*inputs) on its device, with its parameters and sub-layers."""
+
+    # Bytes a training step keeps per byte of layer output (summary.training_memory's estimate): the
+    # output, its gradient, what the functions save for backward and the temporaries around them (im2col's
+    # patches are several times a convolution's output). A model that measured its own sets it.
+    training_bytes_per_output_byte = 6
+
+    def __init__(self, device: Union[Device, str, None] = "cpu"):
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_layers", {})
         object.__setattr__(self, "_hooks", [])
@@ -37,38 +51,38 @@ class Layer:
         object.__setattr__(self, name, value)
 
     # --- what the layer holds
-    def named_params(self, prefix=""):
+    def named_params(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
         for name, p in self._params.items():
             yield prefix + name, p
         for name, layer in self._layers.items():
             yield from layer.named_params(f"{prefix}{name}.")
 
-    def params(self):
+    def params(self) -> List[Parameter]:
         return [p for _, p in self.named_params()]
 
-    def named_layers(self, prefix=""):
+    def named_layers(self, prefix: str = "") -> Iterator[Tuple[str, Layer]]:
         for name, layer in self._layers.items():
             yield prefix + name, layer
             yield from layer.named_layers(f"{prefix}{name}.")
 
-    def num_params(self):
+    def num_params(self) -> int:
         return sum(p.size for p in self.params())
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for p in self.params():
             p.grad = None
 
     # --- mode and placement
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Layer:
         self.training = mode
         for layer in self._layers.values():
             layer.train(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Layer:
         return self.train(False)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: Union[Device, str, None] = None, dtype: Any = None) -> Layer:
         """Move this layer (parameters and sub-layers) to a device and/or dtype, in place.
 
         The Parameter objects stay the same, so an optimizer made before the move
@@ -88,13 +102,19 @@ class Layer:
             layer.to(device, dtype)
         return self
 
-    def register_forward_hook(self, hook):
+    def register_forward_hook(self, hook: ForwardHook) -> Callable[[], None]:
         """Call hook(layer, inputs, output) after every forward of this layer; returns a remover."""
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook)
 
+    def run_forward_hooks(self, inputs: Tuple[Any, ...], output: Any) -> None:
+        """Call the forward hooks as after a forward of `inputs` that gave `output` (for a layer whose
+        forward was computed together with others', as stacked_conv2d does)."""
+        for hook in self._hooks:
+            hook(self, inputs, output)
+
     # --- calling
-    def __call__(self, *inputs):
+    def __call__(self, *inputs: Any) -> Any:
         if self.device is not None:
             for x in inputs:
                 if isinstance(x, Tensor) and x.device is not self.device:
@@ -102,40 +122,39 @@ class Layer:
                         f"{self.describe()} lives on {self.device} but got an input on {x.device}; "
                         f"move it explicitly with minidl.functions.copy(x, '{self.device}')")
         y = self.forward(*inputs)
-        for hook in self._hooks:
-            hook(self, inputs, y)
+        self.run_forward_hooks(inputs, y)
         return y
 
-    def forward(self, *inputs):
+    def forward(self, *inputs: Any) -> Any:
         raise NotImplementedError
 
-    def describe(self):
+    def describe(self) -> str:
         return type(self).__name__
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{self.describe()} on {self.device}" if self.device is not None else self.describe()
 
 
 class Sequential(Layer):
     """Layers applied in order; they keep their own devices."""
 
-    def __init__(self, *layers):
+    def __init__(self, *layers: Layer):
         super().__init__(device=None)
         for i, layer in enumerate(layers):
             setattr(self, str(i), layer)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self._layers.values())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._layers)
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         for layer in self._layers.values():
             x = layer(x)
         return x
 
 
-def make_rng(rng):
+def make_rng(rng: Union[np.random.Generator, int, None]) -> np.random.Generator:
     """A NumPy Generator from a Generator, a seed or None."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

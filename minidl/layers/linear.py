@@ -1,12 +1,21 @@
 """Linear: the fully connected layer y = x W^T + b, W of shape (out, in)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+
+from minidl.core import Tensor
+from minidl.device import Device
 from minidl.functions import linear
 from minidl.layers import init
 from minidl.layers.layer import Layer, Parameter, make_rng
 
 
 class Linear(Layer):
-    def __init__(self, in_features, out_features, bias=True, device="cpu",
-                 W_init=None, b_init=init.zeros, rng=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Union[Device, str, None] = "cpu", W_init: Optional[init.Initialiser] = None,
+                 b_init: init.Initialiser = init.zeros, rng: Union[np.random.Generator, int, None] = None):
         super().__init__(device)
         self.in_features, self.out_features = in_features, out_features
         rng = make_rng(rng)
@@ -14,8 +23,8 @@ class Linear(Layer):
         self.W = Parameter(W_init((out_features, in_features), rng), device=self.device)
         self.b = Parameter(b_init((out_features,), rng), device=self.device) if bias else None
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.W, self.b)
 
-    def describe(self):
+    def describe(self) -> str:
         return f"Linear({self.in_features}->{self.out_features})"

@@ -1,7 +1,12 @@
 """Layers without parameters: ReLU, LRN, MaxPool2d, Dropout, Flatten."""
+from __future__ import annotations
+
 import itertools
 import zlib
+from typing import Sequence, Union
 
+from minidl.core import Tensor
+from minidl.device import Device
 from minidl.functions import flatten, relu
 from minidl.functions.dropout import MaskGenerator, dropout
 from minidl.functions.lrn import local_response_norm
@@ -10,33 +15,34 @@ from minidl.layers.layer import Layer
 
 
 class ReLU(Layer):
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return relu(x)
 
 
 class LRN(Layer):
     """Local response normalization across channels, the paper's constants by default."""
 
-    def __init__(self, n=5, k=2.0, alpha=1e-4, beta=0.75, alpha_over_n=False, device="cpu"):
+    def __init__(self, n: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
+                 alpha_over_n: bool = False, device: Union[Device, str, None] = "cpu"):
         super().__init__(device)
         self.n, self.k, self.alpha, self.beta, self.alpha_over_n = n, k, alpha, beta, alpha_over_n
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return local_response_norm(x, self.n, self.k, self.alpha, self.beta, self.alpha_over_n)
 
-    def describe(self):
+    def describe(self) -> str:
         return f"LRN(n={self.n}, k={self.k}, alpha={self.alpha}, beta={self.beta})"
 
 
 class MaxPool2d(Layer):
-    def __init__(self, ksize=3, stride=2, pad=0, device="cpu"):
+    def __init__(self, ksize: int = 3, stride: int = 2, pad: int = 0, device: Union[Device, str, None] = "cpu"):
         super().__init__(device)
         self.ksize, self.stride, self.pad = ksize, stride, pad
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return max_pool2d(x, self.ksize, self.stride, self.pad)
 
-    def describe(self):
+    def describe(self) -> str:
         return f"MaxPool2d({self.ksize}, stride {self.stride})"
 
 
@@ -50,24 +56,25 @@ class Dropout(Layer):
     a seed, the layers take distinct ones in the order they are made, so two layers never
     draw the same masks and a script that builds its model the same way draws the same."""
 
-    def __init__(self, p=0.5, device="cpu", seed=None):
+    def __init__(self, p: float = 0.5, device: Union[Device, str, None] = "cpu",
+                 seed: Union[int, Sequence[int], None] = None):
         super().__init__(device)
         self.p = p
         self.generator = MaskGenerator([UNSEEDED, next(_unseeded_layers)] if seed is None else seed)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, train=self.training, generator=self.generator)
 
-    def describe(self):
+    def describe(self) -> str:
         return f"Dropout({self.p})"
 
 
 class Flatten(Layer):
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return flatten(x)
 
 
-def seed_dropout(model, seed, first_row=0):
+def seed_dropout(model: Layer, seed: int, first_row: int = 0) -> None:
     """Reseed every Dropout layer of `model` from `seed` and the layer's dotted name, so the
     masks are a pure function of (seed, layer, global row) and differ between layers.
     first_row: the global row of this process's row 0 (a data-parallel rank's share)."""

@@ -1,21 +1,20 @@
 """summary(): each layer with its device, output shape and parameter count; and the
 memory a training batch needs, estimated from the same pass."""
+from __future__ import annotations
+
 import collections
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from minidl.core import Tensor, no_grad
-from minidl.device import available_memory
+from minidl.device import Device, available_memory
 from minidl.errors import MinidlError
-
-# Training keeps about this many bytes per byte of layer output: the output itself,
-# its gradient, what the functions save for backward and the temporaries around the
-# products (im2col's patches are several times a convolution's output). Measured on
-# AlexNet at batch 32 on the CPU: 2.15 GiB peak = 3 x the parameters + ~6x the outputs.
-TRAINING_BYTES_PER_OUTPUT_BYTE = 6
+from minidl.layers.layer import Layer
 
 
-def leaf_outputs(model, input_shape, device=None):
+def leaf_outputs(model: Layer, input_shape: Sequence[int], device: Union[Device, str, None] = None
+                 ) -> List[Tuple[Layer, Tensor, int]]:
     """[(leaf layer, output, output bytes)] from one eval-mode forward pass of random input, in the order
     of model.named_layers() (the output as a Tensor: its shape, and the device it is on, even for a layer
     that names none)."""
@@ -33,25 +32,25 @@ def leaf_outputs(model, input_shape, device=None):
         for remove in removers:
             remove()
         model.train(was_training)
-    # in the model's order: branches that run side by side (AlexNet's towers on the CPU) call their hooks in any order
+    # in the model's order: branches that run side by side (layers.Branches on the CPU) call their hooks in any order
     order = {id(layer): i for i, (_, layer) in enumerate(model.named_layers())}
     calls.sort(key=lambda call: order.get(id(call[0]), len(order)))
     return [call for call in calls if not call[0]._layers]  # leaves only: containers repeat their children
 
 
-def training_memory(model, image_shape):
+def training_memory(model: Layer, image_shape: Sequence[int]) -> Dict[Device, Tuple[int, int]]:
     """{device: (bytes per image, fixed bytes)} to train on images of `image_shape` (C, H, W):
-    activations estimated from a batch-1 pass, and each parameter three times (weights,
-    gradient, velocity)."""
+    activations from a batch-1 pass, times the model's training_bytes_per_output_byte, and each
+    parameter three times (weights, gradient, velocity)."""
     per_image, fixed = collections.Counter(), collections.Counter()
     for _, output, nbytes in leaf_outputs(model, (1,) + tuple(image_shape)):
-        per_image[output.device] += TRAINING_BYTES_PER_OUTPUT_BYTE * nbytes
+        per_image[output.device] += model.training_bytes_per_output_byte * nbytes
     for p in model.params():
         fixed[p.device] += 3 * p.data.nbytes
     return {dev: (per_image[dev], fixed[dev]) for dev in per_image.keys() | fixed.keys()}
 
 
-def check_training_memory(model, batch_size, input_size):
+def check_training_memory(model: Layer, batch_size: int, input_size: int) -> None:
     """Refuse (MinidlError, in one line) a training batch of `batch_size` images of input_size^2 that would
     not fit in the memory of the model's devices, before any of it is allocated (train, bench)."""
     places = {}  # logical devices on one GPU share its memory
@@ -70,7 +69,7 @@ def check_training_memory(model, batch_size, input_size):
                               f"{have / 2**30:.1f} GiB available: {advice}")
 
 
-def summary(model, input_shape, device=None):
+def summary(model: Layer, input_shape: Sequence[int], device: Union[Device, str, None] = None) -> str:
     """The table as a string, from one forward pass of a random batch of `input_shape`."""
     names = {id(l): name for name, l in model.named_layers()}
     rows = [(names.get(id(l), type(l).__name__), l.describe(), str(l.device), str(tuple(y.shape)),
