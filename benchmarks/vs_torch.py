@@ -106,7 +106,8 @@ def worker(framework, device, batch_size, same_allocator, connection):
         import torch  # noqa: F401  imported before the first round, not inside it
         bench = bench_torch
     else:
-        import minidl.training.bench  # noqa: F401  (minidl first: it sets OpenBLAS's thread timeout before NumPy loads)
+        import minidl_cli  # noqa: F401  first, as the minidl command: it sets OpenBLAS's thread timeout before NumPy
+        import minidl.training.bench  # noqa: F401
         bench = bench_minidl
     connection.send("ready")
     while (job := connection.recv()) is not None:
