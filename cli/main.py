@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import minidl  # noqa: F401  before NumPy: minidl shortens OpenBLAS's spinning, read once as NumPy loads it
 import click
 import numpy as np
 
@@ -139,6 +138,50 @@ class ProgressLine:
             click.echo(f"{self.label}: {done}/{total} ({time.time() - self.start:.0f} s)", err=True)
 
 
+class TrainingReport:
+    """Prints the events minidl.training.train reports: a line per start, log interval, epoch and end."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.builtin_bar = out_dir, ProgressLine("generating the built-in dataset")
+
+    def __call__(self, event):
+        getattr(self, "on_" + event["kind"].replace("-", "_"), lambda event: None)(event)
+
+    def on_builtin_data(self, event):
+        self.builtin_bar(event["done"], event["total"])
+
+    def on_start(self, event):
+        c = event["config"]
+        click.echo(f"training on {event['data']}: {event['train_images']} train / {event['val_images']} val "
+                   f"images, {event['classes']} classes; {event['params']:,} parameters on "
+                   f"{', '.join(event['devices'])}; batch {c['batch_size']}, {c['epochs']} epochs, "
+                   f"lr {c['lr']}, init {c['init']}")
+        if event["start_epoch"] or event["start_batch"]:
+            click.echo(f"resuming at epoch {event['start_epoch'] + 1}, batch {event['start_batch']}")
+
+    def on_step(self, event):
+        click.echo(f"epoch {event['epoch'] + 1} batch {event['batch']}/{event['batches']}  "
+                   f"loss {event['loss']:.4f}  top-1 {100 * event['top1']:5.1f}%  "
+                   f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}")
+
+    def on_epoch(self, event):
+        v = event["val"]
+        click.echo(f"epoch {event['epoch'] + 1} validation: loss {v['loss']:.4f}  top-1 {100 * v['top1']:.1f}%  "
+                   f"top-5 {100 * v['top5']:.1f}%  (next lr {event['next_lr']:g})")
+        if event["finished"]:
+            click.echo("validation stopped improving after the last learning-rate drop: done")
+
+    def on_end(self, event):
+        if event["skipped"]:
+            click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
+        history, out_dir = event["history"], self.out_dir
+        if history["val_top1"]:
+            minutes, seconds = divmod(round(event["seconds"]), 60)
+            click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% (this run: {minutes} min "
+                       f"{seconds} s of training); checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
+                       f"{out_dir}/curves.png")
+
+
 @click.group()
 @click.version_option(package_name="minidl")
 def main():
@@ -161,7 +204,8 @@ def main():
               "differs from the one the run was trained with (its weights must still fit).")
 @click.option("--seed", type=SEED, help="Seed of every random choice (default: 0, or the resumed run's).")
 @click.option("--init", type=click.Choice(["he", "paper"]), help="Initialisation (default: the model file's).")
-@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True, help="Steps between progress lines.")
+@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
+              help="Steps between progress lines.")
 @click.option("--checkpoint-seconds", type=NumberRange(0), default=300.0, show_default=True,
               help="Also write last.h5 within an epoch when this long has passed since the last one.")
 @click.option("--skip-nonfinite", is_flag=True, help="Skip a batch whose loss or gradient is NaN or infinite "
@@ -179,43 +223,9 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
     Only rank 0 of a --data-parallel job prints progress (minidl.training.train reports to it alone)."""
     from minidl.training.train import train as run_training
     out_dir = out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else os.path.join("runs", "alexnet"))
-    builtin_bar = ProgressLine("generating the built-in dataset")
-
-    def show(event):
-        kind = event["kind"]
-        if kind == "builtin-data":
-            builtin_bar(event["done"], event["total"])
-        elif kind == "start":
-            c = event["config"]
-            click.echo(f"training on {event['data']}: {event['train_images']} train / {event['val_images']} val "
-                       f"images, {event['classes']} classes; {event['params']:,} parameters on "
-                       f"{', '.join(event['devices'])}; batch {c['batch_size']}, {c['epochs']} epochs, "
-                       f"lr {c['lr']}, init {c['init']}")
-            if event["start_epoch"] or event["start_batch"]:
-                click.echo(f"resuming at epoch {event['start_epoch'] + 1}, batch {event['start_batch']}")
-        elif kind == "step":
-            click.echo(f"epoch {event['epoch'] + 1} batch {event['batch']}/{event['batches']}  "
-                       f"loss {event['loss']:.4f}  top-1 {100 * event['top1']:5.1f}%  "
-                       f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}")
-        elif kind == "epoch":
-            v = event["val"]
-            click.echo(f"epoch {event['epoch'] + 1} validation: loss {v['loss']:.4f}  top-1 {100 * v['top1']:.1f}%  "
-                       f"top-5 {100 * v['top5']:.1f}%  (next lr {event['next_lr']:g})")
-            if event["finished"]:
-                click.echo("validation stopped improving after the last learning-rate drop: done")
-        elif kind == "end":
-            if event["skipped"]:
-                click.echo(f"skipped {event['skipped']} batch(es) with a NaN or infinite loss or gradient", err=True)
-            history = event["history"]
-            if history["val_top1"]:
-                minutes, seconds = divmod(round(event["seconds"]), 60)
-                click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% (this run: {minutes} min "
-                           f"{seconds} s of training); checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
-                           f"{out_dir}/curves.png")
-
     try:
         run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
-                     resume=resume, seed=seed, init=init, progress=show, log_every=log_every,
+                     resume=resume, seed=seed, init=init, progress=TrainingReport(out_dir), log_every=log_every,
                      checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
                      data_parallel=data_parallel, allow_model_change=allow_model_change)
     except KeyboardInterrupt:
@@ -224,6 +234,41 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
             again = f"minidl train {model_file + ' ' if model_file else ''}--resume {last} --out {out_dir}"
             raise KeyboardInterrupt(f"continue with: {again}") from None
         raise
+
+
+def _validation_queries(restored, data, batch_size, base, base_labels, k, queries, class_names, note, as_json):
+    """(features, labels, pictures, names) of `queries` validation images spread over the split, after
+    printing how often the whole split's k nearest training images share its class."""
+    import numpy as np
+
+    from minidl.training.predict import dataset_features, dataset_images, nearest
+    from minidl.training.visualize import shown_name
+    if restored.loader(data, split="val").num_images == 0:
+        raise MinidlError(f"{data} has no validation images to query: give --query IMAGE")
+    val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size, note=note)
+    every, _ = nearest(val, base, k)  # the whole validation set's neighbours, for the agreement
+    agreement = float((base_labels[every] == val_labels[:, None]).mean())
+    click.echo(f"label agreement: {100 * agreement:.1f}% of the {k} nearest training images share the "
+               f"query's class, over all {len(val)} validation images", err=as_json)
+    count = min(queries or 4, len(val))
+    chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
+    q_labels = [int(val_labels[i]) for i in chosen]
+    names = [f"val #{int(i)}: {shown_name(class_names[label])}" for i, label in zip(chosen, q_labels)]
+    return val[chosen], q_labels, dataset_images(data, val_positions[chosen]), names
+
+
+def _print_neighbours(rows, k, as_json):
+    import json
+
+    from minidl.training.visualize import shown_name
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        same = "" if row["label"] is None else \
+            f"  ({sum(n['label'] == row['label'] for n in row['neighbours'])}/{k} of its class)"
+        click.echo(f"{row['query']}: " +
+                   ", ".join(f"{shown_name(n['label'])} {n['distance']:.1f}" for n in row["neighbours"]) + same)
 
 
 @main.command()
@@ -377,14 +422,12 @@ def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file
 @friendly_errors
 def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_file, devices, batch_size):
     """The training images nearest to each query in the last hidden layer (fc7): the paper's Figure 4 (right)."""
-    import json
-
     import numpy as np
 
     from minidl.training.predict import (TestInput, dataset_features, dataset_images, features, find_images, nearest,
-                                read_image)
+                                         read_image)
     from minidl.training.restore import Restored
-    from minidl.training.visualize import draw_neighbours, shown_name
+    from minidl.training.visualize import draw_neighbours
     _writable_output(output)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
@@ -402,31 +445,14 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
         q = features(restored.model, prepare(pictures))
         names, q_labels = [os.path.basename(p) for p in paths], [None] * len(paths)
     else:
-        if restored.loader(data, split="val").num_images == 0:
-            raise MinidlError(f"{data} has no validation images to query: give --query IMAGE")
-        val, val_labels, val_positions = dataset_features(restored, data, "val", batch_size, note=note)
-        every, _ = nearest(val, base, k)  # the whole validation set's neighbours, for the agreement
-        agreement = float((base_labels[every] == val_labels[:, None]).mean())
-        click.echo(f"label agreement: {100 * agreement:.1f}% of the {k} nearest training images share the "
-                   f"query's class, over all {len(val)} validation images", err=as_json)
-        count = min(queries or 4, len(val))
-        chosen = np.linspace(0, len(val) - 1, count).round().astype(int)
-        q, q_labels = val[chosen], [int(val_labels[i]) for i in chosen]
-        pictures = dataset_images(data, val_positions[chosen])
-        names = [f"val #{int(i)}: {shown_name(class_names[label])}" for i, label in zip(chosen, q_labels)]
+        q, q_labels, pictures, names = _validation_queries(restored, data, batch_size, base, base_labels, k,
+                                                           queries, class_names, note, as_json)
     indices, distances = nearest(q, base, k)
     rows = [dict(query=name, label=None if label is None else class_names[label],
                  neighbours=[dict(index=int(base_positions[i]), label=class_names[int(base_labels[i])],
                                   distance=round(float(d), 4)) for i, d in zip(row_i, row_d)])
             for name, label, row_i, row_d in zip(names, q_labels, indices, distances)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-    else:
-        for row in rows:
-            same = "" if row["label"] is None else \
-                f"  ({sum(n['label'] == row['label'] for n in row['neighbours'])}/{k} of its class)"
-            click.echo(f"{row['query']}: " +
-                       ", ".join(f"{shown_name(n['label'])} {n['distance']:.1f}" for n in row["neighbours"]) + same)
+    _print_neighbours(rows, k, as_json)
     neighbour_pictures = dataset_images(data, base_positions[indices.reshape(-1)]).reshape(
         indices.shape + (loader.image_size, loader.image_size, 3))
     draw_neighbours(pictures, names, neighbour_pictures, [[class_names[int(base_labels[i])] for i in row]
@@ -442,13 +468,10 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
 @friendly_errors
 def summary(model_file, classes, devices):
     """Each layer of MODEL_FILE with its device, output shape and parameters."""
-    from minidl.training.checkpoint import check_recipe
     from minidl.layers import summary as layer_summary
     from minidl.training.model_file import load_model_file
-    from minidl.device import resolve_devices
     mf = load_model_file(model_file)
-    check_recipe(mf.config, mf.path)
-    model = mf.build(classes, [d.name for d in resolve_devices(devices, mf.config["devices"])])
+    model = mf.build(classes, devices)
     size = mf.config["input_size"]
     click.echo(layer_summary(model, (1, 3, size, size), device=model.input_device))
 
@@ -458,7 +481,8 @@ def summary(model_file, classes, devices):
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
               help="Images per step (refused if it does not fit in memory).")
 @click.option("--devices", help="Devices for the two towers (default: what is here).")
-@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps (after 3 warm-up steps).")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True,
+              help="Timed steps (after 3 warm-up steps).")
 @friendly_errors
 def bench(model_file, batch_size, devices, steps):
     """Time full training steps of MODEL_FILE on synthetic data."""

@@ -1,10 +1,13 @@
 """Numerical gradient checking: the test every Function must pass."""
+from typing import Callable
+
 import numpy as np
 
 from minidl.core import Tensor, no_grad
 
 
-def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
+def gradcheck(fn: Callable[..., Tensor], *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-4,
+              seed: int = 0) -> bool:
     """Compare fn's analytic gradients with central differences, for every input.
 
     `fn(*inputs)` returns a Tensor of any shape; the check differentiates
@@ -42,29 +45,38 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
     for i in checked:
         x = inputs[i]
         analytic = x.grad.numpy() if x.grad is not None else np.zeros(x.shape)
-        numeric = np.zeros(x.shape)
-        flat = x.data.reshape(-1)  # a view: writing it perturbs the input
-        host = x.numpy().reshape(-1)
-
-        def perturb(j, value):  # on the input's device and stream, ordered with the functions' work
-            with x.device:
-                flat[j] = value
-        for j in range(flat.size):
-            original = host[j].item()
-            perturb(j, original + eps)
-            plus = objective()
-            perturb(j, original - eps)
-            minus = objective()
-            perturb(j, original)
-            numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
-        error = np.abs(analytic - numeric)
-        bound = atol + rtol * np.abs(numeric)
-        # NaN compares False: without the isfinite checks a NaN gradient would pass
-        if (error > bound).any() or not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
-            # plain ints: NumPy 2 would print the index as (np.int64(1), np.int64(2))
-            worst = tuple(int(k) for k in np.unravel_index(np.argmax(error - bound), x.shape))
-            raise AssertionError(
-                f"gradient of input {i} (shape {x.shape}) is wrong at {worst}: analytic "
-                f"{analytic[worst]:.8g}, numeric {numeric[worst]:.8g}, |diff| {error[worst]:.3g} "
-                f"> {bound[worst]:.3g}; {int((error > bound).sum())} of {x.size} elements off")
+        _compare(i, x, analytic, _numeric_gradient(x, objective, eps), atol, rtol)
     return True
+
+
+def _numeric_gradient(x, objective, eps):
+    """Central differences of objective() in each element of x, perturbed in place and restored."""
+    numeric = np.zeros(x.shape)
+    flat = x.data.reshape(-1)  # a view: writing it perturbs the input
+    host = x.numpy().reshape(-1)
+
+    def perturb(j, value):  # on the input's device and stream, ordered with the functions' work
+        with x.device:
+            flat[j] = value
+    for j in range(flat.size):
+        original = host[j].item()
+        perturb(j, original + eps)
+        plus = objective()
+        perturb(j, original - eps)
+        minus = objective()
+        perturb(j, original)
+        numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
+    return numeric
+
+
+def _compare(i, x, analytic, numeric, atol, rtol):
+    error = np.abs(analytic - numeric)
+    bound = atol + rtol * np.abs(numeric)
+    # NaN compares False: without the isfinite checks a NaN gradient would pass
+    if (error > bound).any() or not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
+        # plain ints: NumPy 2 would print the index as (np.int64(1), np.int64(2))
+        worst = tuple(int(k) for k in np.unravel_index(np.argmax(error - bound), x.shape))
+        raise AssertionError(
+            f"gradient of input {i} (shape {x.shape}) is wrong at {worst}: analytic "
+            f"{analytic[worst]:.8g}, numeric {numeric[worst]:.8g}, |diff| {error[worst]:.3g} "
+            f"> {bound[worst]:.3g}; {int((error > bound).sum())} of {x.size} elements off")

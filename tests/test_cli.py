@@ -22,7 +22,9 @@ TINY_MODEL = '''
 """A tiny model file: the same contract as models/alexnet.py."""
 from minidl.layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
 
-CONFIG = dict(input_size=19, batch_size=4, epochs=2, lr=0.01, plateau_patience=5, input_scale=1 / 255)
+CONFIG = dict(momentum=0.9, weight_decay=0.0005, lr_drop_factor=10, lr_drops=3, init="he",
+              devices=("cuda:0", "cuda:1"))
+CONFIG.update(input_size=19, batch_size=4, epochs=2, lr=0.01, plateau_patience=5, input_scale=1 / 255)
 
 
 class Tiny(Layer):
@@ -250,10 +252,13 @@ def test_a_resumed_recipe_is_checked_by_the_same_rules(dataset, tiny_model, tmp_
 
 
 @pytest.mark.parametrize("body, message", [
-    ("def build_model(num_classes, devices, init, seed):\n    return None\n", "build_model returned NoneType"),
+    (TINY_MODEL + "\ndef build_model(num_classes, devices, init, seed):\n    return None\n",
+     "build_model returned NoneType"),
     (TINY_MODEL + "\nCONFIG['devices'] = 5\n", "config entry 'devices' is 5, expected a list of 1 to 64 device"),
-    ("import numpy as np\ndef build_model(num_classes, devices, init, seed):\n    return np.empty(2 ** 50)  # 8 PiB\n",
-     "not enough memory for the model's parameters"),
+    (TINY_MODEL + "\nimport numpy as np\ndef build_model(num_classes, devices, init, seed):\n"
+     "    return np.empty(2 ** 50)  # 8 PiB\n", "not enough memory for the model's parameters"),
+    (TINY_MODEL + "\ndel CONFIG\n", "defines no CONFIG dict"),
+    (TINY_MODEL + "\ndel CONFIG['lr'], CONFIG['momentum']\n", "CONFIG lacks lr, momentum"),
     (TINY_MODEL.replace("self.input_device = self.output_device = self.conv1.device", "pass"),
      "has no input_device or output_device"),
 ])

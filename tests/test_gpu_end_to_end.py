@@ -21,7 +21,7 @@ SMALL_ALEXNET = f'''
 from minidl.training.model_file import load_model_file
 
 alexnet = load_model_file({ALEXNET!r}).module
-CONFIG = dict(input_size=35, batch_size=4, epochs=1, lr=0.01, dropout=0.5, input_scale=1 / 255)
+CONFIG = dict(alexnet.CONFIG, input_size=35, batch_size=4, epochs=1, lr=0.01, dropout=0.5, input_scale=1 / 255)
 NETWORK = [
     ("conv1", "conv", dict(out=8, ksize=3, stride=1, pad=0), "image", "relu lrn pool"),
     ("conv2", "conv", dict(out=12, ksize=3, pad=1), "own", "relu lrn pool"),

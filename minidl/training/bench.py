@@ -8,17 +8,16 @@ import collections
 import resource
 import statistics
 import time
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from minidl.training.checkpoint import check_recipe
 from minidl.core import Tensor
 from minidl.cpu.memory import keep_freed_host_memory
-from minidl.device import resolve_devices
-from minidl.functions import softmax_cross_entropy
-from minidl.layers import seed_dropout
 from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
+from minidl.training.model_file import ModelFile
+from minidl.training.step import train_step
 
 
 def _timer(device):
@@ -95,14 +94,14 @@ def _device_work(devices):
     return None if work is None else dict(work)
 
 
-def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_classes=1000,
-          seed=0, progress=None):
+def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, str, Sequence[str]] = None,
+          steps: int = 20, warmup: int = 3, num_classes: int = 1000, seed: int = 0,
+          progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Time `steps` training steps; returns a dict of medians and the peak memory."""
     keep_freed_host_memory()
     config = model_file.config
-    check_recipe(config, model_file.path)
-    devices = resolve_devices(devices, config["devices"])
-    model = model_file.build(num_classes, [d.name for d in devices], config["init"], seed)
+    devices = model_file.devices_for(devices)
+    model = model_file.build(num_classes, devices, config["init"], seed)
     check_training_memory(model, batch_size, config["input_size"])  # before the batch is allocated
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
     rng = np.random.default_rng(seed)
@@ -115,18 +114,14 @@ def bench(model_file, *, batch_size=128, devices=None, steps=20, warmup=3, num_c
     peak = _PeakMemory(devices)
     with peak:
         for i in range(warmup + steps):
-            seed_dropout(model, i)
             if i == warmup:
                 work_before = _device_work(devices)
             begin = start()
-            loss = softmax_cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            logits, loss, _ = train_step(model, optimizer, x, y, dropout_seed=i)
             for d in devices:  # the step ends when every tower's stream is done
                 d.synchronize()
             elapsed = stop(begin)
-            del loss
+            del logits, loss
             if i >= warmup:
                 times.append(elapsed)
             if progress:

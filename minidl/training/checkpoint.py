@@ -1,49 +1,50 @@
-"""Checkpoints: everything a run needs to continue, as plain HDF5 data.
+"""Checkpoints: everything a run needs to continue, as plain HDF5 data (layout below).
 
-Layout (readable by any HDF5 tool; nothing in it is ever executed):
-
-    attrs   format = "minidl-checkpoint", version = 1
-            model_file    path of the model file the run used: a name for
-                          messages, never opened or imported
-            model_source  its text, for the record (never run: the network is
-                          rebuilt from the model file the user gives, or the
-                          built-in AlexNet when model_sha256 is its hash)
-            model_sha256  sha256 of model_source (absent in older checkpoints:
-                          computed from model_source); a resumed run refuses a
-                          model file whose hash differs
-            config        the training configuration, JSON
-            class_names   JSON list; num_classes
-            devices       JSON list, the devices the run used
-            data          the dataset path ("" for the built-in data)
-            data_sha256   the dataset's fingerprint (Contents.fingerprint: its
-                          labels, split, classes and statistics; absent in older
-                          checkpoints); a resumed run refuses a dataset that
-                          differs, wherever it lies
-            seed, epoch, batch, step
-                          the next epoch to run, the next batch in it, and the
-                          number of optimizer steps taken; every random choice of
-                          the run derives from (seed, epoch, batch), so this is
-                          also the random generators' state
-    params/NAME      float arrays by dotted parameter name (tower0.conv1.W, ...)
-    momentum/NAME    the optimizer's velocities (absent before the first step)
-    mean_image       the training set's mean image (S, S, 3), which predict subtracts
-    schedule         attrs: the learning-rate schedule's state
-    epoch_totals     attrs: running loss sum, correct and seen count of the
-                     unfinished epoch (so a resumed epoch reports the same numbers)
-    history/KEY      one value per finished epoch: train_loss, train_top1,
-                     val_loss, val_top1, val_top5, lr; and one per logging
-                     interval: interval_step (the step it ended at) and
-                     interval_loss (its mean training loss)
-
-`load_checkpoint` trusts none of it: every attribute, recipe entry and array is
-checked (type, range, shape, finite values) before it is read or used, and a
-checkpoint that fails is refused in one line naming the file and the problem;
-weights with NaN or infinity in them are refused as a diverged run's.
+Nothing in a checkpoint is ever executed. `load_checkpoint` trusts none of it:
+every attribute, recipe entry and array is checked (type, range, shape, finite
+values) before it is read or used, and a checkpoint that fails is refused in one
+line naming the file and the problem (weights with NaN or infinity: a diverged run's).
 """
+# Layout (readable by any HDF5 tool; nothing in it is ever executed):
+#
+#     attrs   format = "minidl-checkpoint", version = 1
+#             model_file    path of the model file the run used: a name for
+#                           messages, never opened or imported
+#             model_source  its text, for the record (never run: the network is
+#                           rebuilt from the model file the user gives, or the
+#                           built-in AlexNet when model_sha256 is its hash)
+#             model_sha256  sha256 of model_source (absent in older checkpoints:
+#                           computed from model_source); a resumed run refuses a
+#                           model file whose hash differs
+#             config        the training configuration, JSON
+#             class_names   JSON list; num_classes
+#             devices       JSON list, the devices the run used
+#             data          the dataset path ("" for the built-in data)
+#             data_sha256   the dataset's fingerprint (Contents.fingerprint: its
+#                           labels, split, classes and statistics; absent in older
+#                           checkpoints); a resumed run refuses a dataset that
+#                           differs, wherever it lies
+#             seed, epoch, batch, step
+#                           the next epoch to run, the next batch in it, and the
+#                           number of optimizer steps taken; every random choice of
+#                           the run derives from (seed, epoch, batch), so this is
+#                           also the random generators' state
+#     params/NAME      float arrays by dotted parameter name (tower0.conv1.W, ...)
+#     momentum/NAME    the optimizer's velocities (absent before the first step)
+#     mean_image       the training set's mean image (S, S, 3), which predict subtracts
+#     schedule         attrs: the learning-rate schedule's state
+#     epoch_totals     attrs: running loss sum, correct and seen count of the
+#                      unfinished epoch (so a resumed epoch reports the same numbers)
+#     history/KEY      one value per finished epoch: train_loss, train_top1,
+#                      val_loss, val_top1, val_top5, lr; and one per logging
+#                      interval: interval_step (the step it ended at) and
+#                      interval_loss (its mean training loss)
+
+import hashlib
 import json
 import math
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import h5py
 import numpy as np
@@ -52,7 +53,6 @@ from minidl.atomic import atomic_hdf5
 from minidl.errors import CheckpointError, MinidlError
 from minidl.hdf5 import (FINITE, FLOAT, IMAGE_SIZES, INTEGER, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_SEED, STRING, FileCheck,
                          Rule, open_minidl_file, show, whole)
-from minidl.training.model_file import input_scale, source_sha256
 
 FORMAT = "minidl-checkpoint"
 VERSION = 1
@@ -99,13 +99,26 @@ ATTRS = dict(model_file=STRING, model_source=STRING, model_sha256=SHA256, data=S
 CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
               weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING,
               devices=Rule(_device_names, f"a list of 1 to {MAX_DEVICES} device names"))
+RECIPE_KEYS = tuple(CONFIG) + ("input_scale",)  # what a model file's CONFIG gives (input_scale: 1 by default)
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
 OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256")  # what older checkpoints lack
 
 
-def save_checkpoint(path, *, model, optimizer, schedule, meta, history, epoch_totals, mean_image=None):
+def source_sha256(source: str) -> str:
+    """The hash a checkpoint records of its model file's text."""
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def input_scale(config: dict, init: str) -> float:
+    """The factor on the loader's pixels: a number, or a dict by initialisation scheme."""
+    scale = config.get("input_scale", 1.0)
+    return float(scale[init]) if isinstance(scale, dict) else float(scale)
+
+
+def save_checkpoint(path: str, *, model, optimizer, schedule, meta: dict, history: dict, epoch_totals: dict,
+                    mean_image: Optional[np.ndarray] = None) -> None:
     """Write atomically: a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
     with atomic_hdf5(path) as f:
         f.attrs["format"], f.attrs["version"] = FORMAT, VERSION
@@ -134,18 +147,18 @@ class Checkpoint:
         self.mean_image = mean_image  # None in checkpoints older than predict/retrieve
         self.schedule, self.epoch_totals, self.history = schedule, epoch_totals, history
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str):
         return self.attrs[key]
 
-    def config(self):
+    def config(self) -> dict:
         return json.loads(self.attrs["config"])
 
     @property
-    def model_sha256(self):
+    def model_sha256(self) -> str:
         """The hash of the model file the run used (older checkpoints: of the source they kept)."""
         return self.attrs.get("model_sha256") or source_sha256(self.attrs["model_source"])
 
-    def load_into(self, model):
+    def load_into(self, model) -> None:
         """Copy the parameters into a model built from the same model file."""
         names = [n for n, _ in model.named_params()]
         missing = [n for n in names if n not in self.params]
@@ -161,12 +174,12 @@ class Checkpoint:
             with p.device:
                 p.data[...] = p.device.xp.asarray(saved, dtype=p.dtype)
 
-    def velocities(self, model):
+    def velocities(self, model) -> list:
         """The optimizer's velocities in the order of model.params() (None where there is none yet)."""
         return [self.momentum.get(name) for name, _ in model.named_params()]
 
 
-def load_checkpoint(path, wanted=None):
+def load_checkpoint(path: str, wanted: Optional[Callable[[str, tuple], bool]] = None) -> "Checkpoint":
     """The checkpoint `path`, every part checked before it is read or trusted; else CheckpointError in one line.
 
     `wanted(name, shape)`, if given, chooses the parameters to read (and their velocities); the others
@@ -214,10 +227,14 @@ class _RecipeCheck(FileCheck):
         return self.error(f"{self.path}: {problem}")
 
 
-def check_recipe(config, source):
+def check_recipe(config: dict, source: str, optional: tuple = ()) -> None:
     """A recipe from `source` (a model file, or the checkpoint a run resumes) checked by the rules this reader
-    applies to a checkpoint's, before it is used (train, bench, summary): no run writes a checkpoint that would
-    be refused. MinidlError naming `source` and the entry."""
+    applies to a checkpoint's, before it is used: no run writes a checkpoint that would be refused.
+    MinidlError naming `source` and every missing entry (but those in `optional`), or the bad one."""
+    missing = [key for key in CONFIG if key not in config and key not in optional]
+    if missing:
+        raise MinidlError(f"{source}: CONFIG lacks {', '.join(missing)} (a model file gives its whole training "
+                          "recipe; see models/alexnet.py)")
     _check_config(_RecipeCheck(source), config)
 
 

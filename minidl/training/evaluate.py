@@ -1,12 +1,15 @@
 """Evaluation: loss, top-1 and top-5 over a loader, with centre or 10-crop input."""
 from contextlib import closing
+from typing import Callable, Optional
 
 from minidl.core import Tensor, no_grad
+from minidl.data import Loader
 from minidl.errors import DataError, NonFiniteError
 from minidl.functions.loss import log_softmax_array
+from minidl.layers import Layer
 
 
-def topk_correct(xp, scores, labels, k):
+def topk_correct(xp, scores, labels, k: int):
     """How many rows have their label among the k highest scores."""
     k = min(k, scores.shape[1])
     top = xp.argsort(-scores, axis=1)[:, :k]
@@ -20,13 +23,14 @@ def mean_of_probabilities(xp, log_p):
     return xp.log(xp.exp(log_p - top).mean(axis=1)) + top[:, 0]
 
 
-def check_labels(num_model_classes, num_data_classes, data_path):
+def check_labels(num_model_classes: int, num_data_classes: int, data_path: str) -> None:
+    """DataError if the data has labels beyond the model's classes."""
     if num_data_classes > num_model_classes:
         raise DataError(f"{data_path} has {num_data_classes} classes but the model has only "
                         f"{num_model_classes}: labels beyond the model's classes")
 
 
-def evaluate(model, loader, reduce=None):
+def evaluate(model: Layer, loader: Loader, reduce: Optional[Callable[[list], list]] = None) -> dict:
     """Mean loss, top-1 and top-5 accuracy of `model` on every batch of `loader`.
 
     With a 10-crop loader (batches of shape (B, 10, 3, S, S)) the softmax outputs

@@ -1,19 +1,18 @@
 """The fc7 feature cache: a dataset split's features under a checkpoint, kept beside the checkpoint
 so that `retrieve` computes them once.
 
-Layout (HDF5, format version 1):
-
-    attrs      format = "minidl-features", version = 1
-               key    sha256 of what the features depend on: the checkpoint file's bytes,
-                      the model file's source, the dataset's Contents.fingerprint(), the split
-               features_sha256  sha256 of the features' bytes: an edited or damaged cache is not used
-    features   float32 (N, D)  the split's features, in the order of its file positions
-
-The cache is read like any minidl file (minidl.hdf5): its mark, key, shape (N images of
-the split by D, the model's fc7 width), storage and values are checked before it is
-trusted, within a budget of exactly N x D float32 values. The labels and file positions
-are not stored: they come from the dataset itself.
+The cache is read like any minidl file (minidl.hdf5): its mark, key, shape, storage
+and values are checked before it is trusted, within a budget of exactly N x D float32
+values. The labels and file positions are not stored: they come from the dataset.
 """
+# Layout (HDF5, format version 1):
+#
+#     attrs      format = "minidl-features", version = 1
+#                key    sha256 of what the features depend on: the checkpoint file's bytes,
+#                       the model file's source, the dataset's Contents.fingerprint(), the split
+#                features_sha256  sha256 of the features' bytes: an edited or damaged cache is not used
+#     features   float32 (N, D)  the split's features (D: the model's fc7 width), in the order of
+#                the split's file positions
 import hashlib
 import json
 

@@ -22,7 +22,7 @@ class FolderLock:
     def __init__(self, folder, fd):
         self.folder, self.fd = folder, fd
 
-    def release(self):
+    def release(self) -> None:
         if self.fd is not None:
             try:  # before the close: a forked child's copy of the fd must not keep the lock
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -32,7 +32,7 @@ class FolderLock:
             self.fd = None
 
 
-def lock_folder(folder):
+def lock_folder(folder: str) -> "FolderLock":
     """A FolderLock on `folder` (made if missing); MinidlError in one line if another run holds it."""
     try:
         os.makedirs(folder, exist_ok=True)

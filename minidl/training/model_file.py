@@ -2,28 +2,22 @@
 
 A model file is loaded by path, not imported as a package, so `minidl train
 any/dir/my_model.py` works. It must define `build_model(num_classes, devices,
-init, seed)`; `CONFIG` (the recipe) and `BUILTIN_DATA` (overrides for the
-built-in dataset) are optional, with DEFAULT_CONFIG filling the gaps.
+init, seed)` and `CONFIG`, its whole training recipe; `BUILTIN_DATA` (overrides
+for the built-in dataset) is optional.
 
-A model file is code: minidl runs only one the user names on the command line,
-or the built-in AlexNet (models/alexnet.py beside the minidl package). A
-checkpoint records its model file's source and sha256, never a path to run.
+A model file is code: minidl runs only one the user names on the command line, or
+the built-in AlexNet (models/alexnet.py); a checkpoint never names a path to run.
 """
-import hashlib
 import importlib.util
 import math
 import os
+from typing import Optional, Sequence, Union
 
-from minidl.device import available_memory, device
+from minidl.device import Device, available_memory, device, resolve_devices
 from minidl.errors import MinidlError
 from minidl.layers import Layer
 from minidl.layers.init import parameter_budget
-
-DEFAULT_CONFIG = dict(
-    input_size=227, batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
-    lr_drop_factor=10, lr_drops=3, plateau_patience=2, dropout=0.5, init="he", input_scale=1.0,
-    devices=("cuda:0", "cuda:1"),
-)
+from minidl.training.checkpoint import RECIPE_KEYS, check_recipe, source_sha256
 
 
 def _builtin_model():
@@ -36,11 +30,6 @@ def _builtin_model():
 BUILTIN_MODEL = _builtin_model()
 
 
-def source_sha256(source):
-    """The hash a checkpoint records of its model file's text."""
-    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def builtin_sha256():
     """The built-in AlexNet's source hash; None where this installation lacks models/alexnet.py."""
     try:
@@ -50,25 +39,40 @@ def builtin_sha256():
         return None
 
 
-def input_scale(config, init):
-    """The factor on the loader's pixels: a number, or a dict by initialisation scheme."""
-    scale = config.get("input_scale", 1.0)
-    return float(scale[init]) if isinstance(scale, dict) else float(scale)
-
-
 class ModelFile:
-    def __init__(self, path, module):
+    """A loaded model file: its module, its recipe (CONFIG, checked), its source and the source's sha256."""
+
+    def __init__(self, path: str, module):
         self.path = path
         self.module = module
-        self.config = {**DEFAULT_CONFIG, **getattr(module, "CONFIG", {})}
+        config = getattr(module, "CONFIG", None)
+        if not isinstance(config, dict):
+            raise MinidlError(f"{path} defines no CONFIG dict: a model file gives its whole training recipe "
+                              f"({', '.join(RECIPE_KEYS)}; see models/alexnet.py)")
+        self.config = dict(config)
+        check_recipe(self.config, path)
         self.builtin_overrides = dict(getattr(module, "BUILTIN_DATA", {}))
         with open(path) as f:
             self.source = f.read()
         self.sha256 = source_sha256(self.source)
 
-    def build(self, num_classes, devices, init=None, seed=0):
-        """The model file's network, refused in one line before its parameters outgrow the host's memory
-        (each value is drawn in float64 before it is kept in float32: 8 bytes a value, to be safe)."""
+    def devices_for(self, requested: Union[None, str, Sequence[str]] = None,
+                    preferred: Optional[Sequence[str]] = None) -> tuple:
+        """The devices of the model's parts: `requested` (the user's), else `preferred` (a checkpoint's, used
+        when it names one per part), else CONFIG["devices"], fitted to this machine (device.resolve_devices)."""
+        parts = self.config["devices"]
+        return resolve_devices(requested, preferred if preferred and len(preferred) == len(parts) else parts)
+
+    def build(self, num_classes: int, devices: Union[None, str, Sequence[Union[str, Device]]] = None,
+              init: Optional[str] = None, seed: int = 0) -> Layer:
+        """The model file's network on `devices` (Devices, or what the user asked for: see devices_for).
+
+        Refused in one line before its parameters outgrow the host's memory (each value
+        is drawn in float64 before it is kept in float32: 8 bytes a value, to be safe).
+        """
+        if devices is None or isinstance(devices, str) or not all(isinstance(d, Device) for d in devices):
+            devices = self.devices_for(devices)
+        devices = [d.name for d in devices]
         free = available_memory(device("cpu"))
         refusal = lambda: MinidlError(f"{self.path}: not enough memory for the model's parameters with "
                                       f"{num_classes:,} classes ({free / 2**30:.1f} GiB available)")
@@ -90,8 +94,8 @@ class ModelFile:
         return model
 
 
-def load_model_file(path):
-    """Run a model file and check that it defines a model."""
+def load_model_file(path: str) -> ModelFile:
+    """Run a model file and check that it defines a model and its recipe."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise MinidlError(f"no such model file: {path}")

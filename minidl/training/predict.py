@@ -1,17 +1,14 @@
 """What the network sees: its top-k classes for images, and the training images nearest to a
-query in its last hidden layer (fc7, 4096 values): the paper's Figure 4.
+query in its last hidden layer (fc7): the paper's Figure 4.
 
-Images are prepared as evaluation prepares them: shorter side 256, the central
-256x256 square, the training mean subtracted from the centre crop (or the ten
-crops, whose probabilities are averaged), the run's input scale.
-
-The features of an image are the input of the model's last Linear layer, taken
-in eval mode: for AlexNet that is fc8's input, both towers' fc7 after ReLU
-(dropout is the identity in eval mode). Nearest neighbours are found in blocks
-of matrix products, |q|^2 + |x|^2 - 2 q.x, never an N x N matrix.
+Images are prepared as evaluation prepares them (shorter side 256, central square,
+training mean subtracted, centre or ten crops, the run's input scale). An image's
+features are the input of the model's last Linear layer in eval mode. Nearest
+neighbours are found in blocks of matrix products, never an N x N matrix.
 """
 import contextlib
 import os
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +17,7 @@ from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean
 from minidl.data.prepare import decode_file
 from minidl.errors import DataError, MinidlError
 from minidl.training.feature_cache import CacheError, cache_key, read_cache, write_cache
-from minidl.layers import Linear
+from minidl.layers import Layer, Linear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -28,7 +25,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # --- images in
 
 
-def find_images(paths):
+def find_images(paths: Sequence[str]) -> List[str]:
     """Image files from files and folders (a folder: every image file below it, sorted)."""
     found = []
     for path in paths:
@@ -45,7 +42,7 @@ def find_images(paths):
     return found
 
 
-def read_image(path):
+def read_image(path: str) -> np.ndarray:
     """uint8 (256, 256, 3): the paper's preprocessing of one image file, as prepare-data reads it
     (decode_file: a decompression bomb is refused too)."""
     image, reason = decode_file(path)
@@ -54,7 +51,7 @@ def read_image(path):
     return image
 
 
-def true_label(path, class_names):
+def true_label(path: str, class_names: Sequence[str]) -> Optional[int]:
     """The class a file's folder names, as in an ImageNet-style folder; None if it names none."""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return class_names.index(folder) if folder in class_names else None
@@ -63,10 +60,10 @@ def true_label(path, class_names):
 class TestInput:
     """uint8 (N, 256, 256, 3) images -> the network's input: centre crop or the paper's ten."""
 
-    def __init__(self, mean, crop, scale):
+    def __init__(self, mean: np.ndarray, crop: int, scale: float):
         self.mean, self.crop, self.scale = mean, crop, np.float32(scale)
 
-    def __call__(self, images, ten_crop=False):
+    def __call__(self, images: np.ndarray, ten_crop: bool = False) -> np.ndarray:
         views = ten_crops(len(images), images.shape[1], self.crop) if ten_crop else \
             [centre_crops(len(images), images.shape[1], self.crop)]
         x = np.stack([to_nchw(subtract_mean(crop_and_flip(images, self.crop, where), self.mean, self.crop, where))
@@ -77,7 +74,7 @@ class TestInput:
 # --- predictions
 
 
-def probabilities(model, x):
+def probabilities(model: Layer, x: np.ndarray) -> np.ndarray:
     """Softmax outputs (N, classes) as a NumPy array; x (N, 10, 3, S, S) averages the ten crops'."""
     crops = x.shape[1] if x.ndim == 5 else 1
     with no_grad(), _eval_mode(model):
@@ -98,7 +95,7 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def top_k(p, k):
+def top_k(p: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """(classes, probabilities), each (N, k), highest first."""
     k = min(k, p.shape[1])
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]
@@ -115,7 +112,7 @@ def _last_linear(model):
     return last[-1]
 
 
-def features(model, x):
+def features(model: Layer, x: np.ndarray) -> np.ndarray:
     """The input of the model's last Linear layer for x (N, 3, S, S), as float32 (N, D), in eval mode."""
     captured = []
     remove = _last_linear(model).register_forward_hook(lambda layer, inputs, y: captured.append(inputs[0].numpy()))
@@ -127,7 +124,7 @@ def features(model, x):
     return captured[0].astype(np.float32)
 
 
-def nearest(queries, base, k, block=1024):
+def nearest(queries: np.ndarray, base: np.ndarray, k: int, block: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
     """For each row of queries, the k rows of base nearest in Euclidean distance: (indices, distances).
 
     Blocks of `block` base rows at a time: the work is matrix products and the
@@ -149,7 +146,9 @@ def nearest(queries, base, k, block=1024):
     return best_i, np.sqrt(best_d)
 
 
-def dataset_features(restored, data, split="train", batch_size=64, progress=None, note=None):
+def dataset_features(restored, data: str, split: str = "train", batch_size: int = 64,
+                     progress: Optional[Callable[[int, int], None]] = None,
+                     note: Optional[Callable[[str], None]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (N, D), labels, file positions) of a split of `data`, cached beside the checkpoint.
 
     The cache (minidl.training.feature_cache) is reused while the checkpoint's bytes, the model
@@ -187,7 +186,7 @@ def dataset_features(restored, data, split="train", batch_size=64, progress=None
     return result, loader.labels, loader.indices
 
 
-def dataset_images(data, positions):
+def dataset_images(data: str, positions: np.ndarray) -> np.ndarray:
     """The stored 256x256 images at these file positions."""
     with open_dataset(data) as f:
         return np.stack([f["images"][int(i)] for i in positions])

@@ -1,30 +1,11 @@
 """The training loop: loader -> model -> loss -> backward -> optimizer -> checkpoint.
 
-`train()` sets up a run (`Run`: the recipe, devices, loaders, model, optimizer,
-or all of them back from a checkpoint), then alternates `train_epoch` and
-`end_epoch` (validation, schedule, checkpoints, curves). It prints nothing: it
-reports to a `progress(event)` callback, a dict with "kind" = "start", "step",
-"epoch" or "checkpoint", and the CLI draws it.
-
-The recipe is the model file's CONFIG < its BUILTIN_DATA overrides (on the
-built-in data) < the caller's options. A resumed run keeps its recipe: it may
-change where it runs (devices) and how long (epochs), and refuses in one line
-what would make it another run (batch size, initialisation, seed, a dataset
-whose content differs, a model file whose source differs unless the user
-allows it). A run holds a lock on its output folder while it writes there.
-
-Every random choice derives from (seed, epoch, batch): the loader's order and
-augmentation, and the dropout masks (reseeded each step; an element's mask is a
-function of that seed, its layer and its row of the global batch). So a run
-resumed from a checkpoint, which records where it stood, takes the same steps
-as one that never stopped, and N ranks take one process's.
-
-Data parallelism (`data_parallel`, under mpirun; minidl.training.distributed): every rank
-holds a replica, trains on its shard of each global batch, and averages the
-gradients before the same update. Only rank 0 reports and writes; the loss,
-accuracy and validation figures it reports are sums over all ranks, so the
-history and the checkpoints are the same as one process's, and a run resumes
-with any number of ranks.
+`train()` sets up a run (`Run.new`, or `Run.resume` from a checkpoint) over one
+`Recipe`, then alternates `Run.train_epoch` and `Run.end_epoch`. It prints
+nothing: it reports to a `progress(event)` callback, a dict whose "kind" is
+"builtin-data", "start", "step", "epoch", "checkpoint" or "end". Every random
+choice derives from (seed, epoch, batch), so a resumed run, or N data-parallel
+ranks (minidl.training.distributed), take the steps of one uninterrupted process.
 """
 import contextlib
 import math
@@ -32,46 +13,115 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from minidl.atomic import remove_stale_temporaries
-from minidl.training.checkpoint import ATTRS, HISTORY_KEYS, check_recipe, save_checkpoint
 from minidl.core import Tensor
-from minidl.data import Loader, builtin_dataset
 from minidl.cpu.memory import keep_freed_host_memory
-from minidl.device import gpu_count, resolve_devices, set_device_map
+from minidl.data import Loader, builtin_dataset
+from minidl.device import gpu_count, set_device_map
 from minidl.errors import MinidlError, NonFiniteError
-from minidl.training.evaluate import check_labels, evaluate, topk_correct
-from minidl.functions import softmax_cross_entropy
 from minidl.hdf5 import show
-from minidl.layers import seed_dropout
+from minidl.layers import Layer
 from minidl.layers.summary import check_training_memory
-from minidl.training.lock import lock_folder
-from minidl.training.model_file import input_scale, load_model_file
 from minidl.optim import MomentumSGD, PlateauSchedule
+from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_recipe, input_scale,
+                                        save_checkpoint)
 from minidl.training.distributed import Solo, World, rank_device_map
+from minidl.training.evaluate import check_labels, evaluate, topk_correct
+from minidl.training.lock import lock_folder
+from minidl.training.model_file import ModelFile, load_model_file
 from minidl.training.restore import Restored
+from minidl.training.step import train_step
 from minidl.training.visualize import training_curves
 
-
-def resolve_config(model_file, builtin, overrides):
-    """The recipe of a new run, checked by the rules the checkpoint reader applies: a run never writes
-    a checkpoint that would be refused (an epochs=2.0 found only when resuming)."""
-    config = dict(model_file.config)
-    if builtin:
-        config.update(model_file.builtin_overrides)
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    check_recipe(config, model_file.path)
-    return config
+Devices = Union[None, str, Sequence[str]]
+Report = Callable[[dict], None]
 
 
-def step_seed(seed, epoch, batch):
+class Recipe:
+    """What a run trains with: its `config` (the recipe a checkpoint records) and its `seed`.
+
+    A new run's config is the model file's CONFIG < its BUILTIN_DATA (on the built-in
+    data) < the caller's options; a resumed run's is its checkpoint's, with only the
+    epochs changeable. `config["lr"]` is the starting rate: the run's current rate is
+    its schedule's (`Run.schedule.lr`), which the optimizer reads.
+    """
+
+    def __init__(self, config: dict, seed: int):
+        self.config, self.seed = config, seed
+
+    @classmethod
+    def new(cls, model_file: ModelFile, *, builtin: bool, epochs: Optional[int] = None,
+            batch_size: Optional[int] = None, init: Optional[str] = None, seed: Optional[int] = None) -> "Recipe":
+        """A new run's recipe, checked by the rules the checkpoint reader applies (no run writes a checkpoint
+        that would be refused)."""
+        seed = 0 if seed is None else seed
+        if not ATTRS["seed"].ok(seed):  # the CLI's --seed has this range; a library caller is told too
+            raise MinidlError(f"seed {seed} is not {ATTRS['seed'].expected}")
+        config = {**model_file.config, **(model_file.builtin_overrides if builtin else {})}
+        config.update({k: v for k, v in dict(epochs=epochs, batch_size=batch_size, init=init).items()
+                       if v is not None})
+        check_recipe(config, model_file.path)
+        return cls(config, seed)
+
+    @classmethod
+    def resumed(cls, checkpoint: Checkpoint, epochs: Optional[int] = None) -> "Recipe":
+        """The recipe `checkpoint`'s run was trained with; a new `epochs` checked by the same rules."""
+        config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
+        check_recipe(config, checkpoint.path, optional=("devices",))
+        return cls(config, checkpoint["seed"])
+
+    @property
+    def batch_size(self) -> int:
+        return self.config["batch_size"]
+
+    @property
+    def epochs(self) -> int:
+        return self.config["epochs"]
+
+    @property
+    def init(self) -> str:
+        return self.config["init"]
+
+    def loaders(self, data_path: str, shard: Optional[tuple] = None) -> tuple:
+        """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share."""
+        c, scale = self.config, input_scale(self.config, self.init)
+        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale, shard=shard or (0, 1))
+        return (Loader(data_path, split="train", augment=True, drop_last=True, **common),
+                Loader(data_path, split="val", augment=False, **common))
+
+    def schedule(self) -> PlateauSchedule:
+        c = self.config
+        return PlateauSchedule(c["lr"], c["lr_drop_factor"], c["plateau_patience"], c["lr_drops"])
+
+
+class ScheduledSGD(MomentumSGD):
+    """MomentumSGD whose learning rate is its schedule's: the rate has one home, the schedule."""
+
+    def __init__(self, params, schedule: PlateauSchedule, momentum: float, weight_decay: float):
+        self.schedule = schedule
+        super().__init__(params, schedule.lr, momentum, weight_decay)
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.lr
+
+    @lr.setter
+    def lr(self, value: float):  # MomentumSGD.__init__ sets the schedule's rate; nothing else may
+        if value != self.schedule.lr:
+            raise AttributeError("the learning rate is the schedule's: set schedule.lr")
+
+
+def step_seed(seed: int, epoch: int, batch: int) -> int:
     """The dropout seed of one step: a pure function of where the run stands."""
     return (seed * 1_000_003 + epoch) * 1_000_003 + batch
 
 
-def refuse_changes(checkpoint, *, batch_size, init, seed, data, model_file, allow_model_change=False):
+def refuse_changes(checkpoint: Checkpoint, *, batch_size: Optional[int], init: Optional[str], seed: Optional[int],
+                   data: Optional[str], model_file: ModelFile, allow_model_change: bool = False) -> None:
     """A resumed run is the same run: options that would change its steps are refused, and so is a model
     file whose source is not the one the run was trained with, unless the user allows it."""
     config = checkpoint.config()
@@ -91,7 +141,7 @@ def refuse_changes(checkpoint, *, batch_size, init, seed, data, model_file, allo
                           "that file, or pass --allow-model-change to go on with this one")
 
 
-def refuse_other_data(checkpoint, data_path, fingerprint):
+def refuse_other_data(checkpoint: Checkpoint, data_path: str, fingerprint: str) -> None:
     """A resumed run trains on the same data: the same content, wherever it lies (a copy or a link of the
     dataset is fine, another file put at its path is not). Older checkpoints lack the fingerprint."""
     saved = checkpoint.attrs.get("data_sha256")
@@ -101,7 +151,7 @@ def refuse_other_data(checkpoint, data_path, fingerprint):
                           "its labels, split or statistics differ; resume with that dataset, or start a new run")
 
 
-def check_before_training(model, out_dir, batch_size, input_size):
+def check_before_training(model: Layer, out_dir: str, batch_size: int, input_size: int) -> None:
     """What would end a long run late, reported before its first step: an --out that cannot be
     written or has no room for the checkpoints, and a batch that does not fit in memory."""
     try:
@@ -113,121 +163,156 @@ def check_before_training(model, out_dir, batch_size, input_size):
     # a checkpoint holds the weights and the velocities; replacing one needs room for a second
     checkpoint_bytes = 2 * sum(p.data.nbytes for p in model.params())
     free = shutil.disk_usage(out_dir).free
-    if free < 2 * checkpoint_bytes + 2 ** 24:
+    needed = 2 * checkpoint_bytes + 2 ** 24
+    if free < needed:
         raise MinidlError(f"{out_dir} has {free / 2**20:,.0f} MiB free; its checkpoints need about "
-                          f"{(2 * checkpoint_bytes + 2 ** 24) / 2**20:,.0f} MiB (two of {checkpoint_bytes / 2**20:,.0f} MiB)")
+                          f"{needed / 2**20:,.0f} MiB (two of {checkpoint_bytes / 2**20:,.0f} MiB)")
     check_training_memory(model, batch_size, input_size)
 
 
-class Run:
-    """Everything one training run holds, and where it stands (epoch, batch, step)."""
+def join_world(data_parallel: bool, devices: Devices):
+    """This process's World (a rank of an mpirun job) or Solo; with data_parallel, before any device is
+    resolved: cuda:N then names a GPU of this rank's slice."""
+    if not data_parallel:
+        return Solo()
+    world = World()
+    mapping = rank_device_map(world, devices if devices is None or isinstance(devices, str) else ",".join(devices),
+                              gpu_count())
+    if mapping:
+        set_device_map(mapping)
+    return world
 
-    def __init__(self, model_path, *, data, devices, epochs, batch_size, out_dir, resume, seed, init, report,
-                 skip_nonfinite=False, data_parallel=False, allow_model_change=False):
-        self.world = world = World() if data_parallel else Solo()
-        if data_parallel:  # before any device is resolved: cuda:N names a GPU of this rank's slice
-            mapping = rank_device_map(world, devices if devices is None or isinstance(devices, str)
-                                      else ",".join(devices), gpu_count())
-            if mapping:
-                set_device_map(mapping)
-        self.report = report = report if world.rank == 0 else (lambda event: None)
+
+class Run:
+    """Everything one training run holds, and where it stands (epoch, batch, step): made by new or resume."""
+
+    def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False):
+        """The run's recipe and world only; `new` and `resume` add its data, model and output folder."""
+        self.recipe, self.world, self.lock = recipe, world, None
+        self.report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
-        restored = None
-        if resume:
-            restored = Restored(resume, model_path, devices, how="as MODEL_FILE")
-            checkpoint = restored.checkpoint
-            model_file = restored.model_file
-            refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data, model_file=model_file,
-                           allow_model_change=allow_model_change)
-            # the data given (checked by content below), else the recorded path (checked too), else the built-in
-            data, seed = data or checkpoint["data"] or None, checkpoint["seed"]
-            config = {**checkpoint.config(), **({"epochs": epochs} if epochs else {})}
-            check_recipe(config, resume)  # a new epochs: by the same rules
-        else:
-            if model_path is None:
-                raise MinidlError("no model file: give one (e.g. models/alexnet.py), or --resume a checkpoint")
-            model_file = load_model_file(model_path)
-            seed = 0 if seed is None else seed
-            if not ATTRS["seed"].ok(seed):  # the CLI's --seed has this range; a library caller is told too
-                raise MinidlError(f"seed {seed} is not {ATTRS['seed'].expected}")
-            config = resolve_config(model_file, data is None, dict(epochs=epochs, batch_size=batch_size, init=init))
-        self.config, self.seed = config, seed
-        if config["batch_size"] % world.size:
-            raise MinidlError(f"--batch-size {config['batch_size']} (the global batch) does not divide among "
+        if recipe.batch_size % world.size:
+            raise MinidlError(f"--batch-size {recipe.batch_size} (the global batch) does not divide among "
                               f"{world.size} ranks: use a multiple of {world.size}")
-        self.devices = restored.devices if restored else resolve_devices(devices, config["devices"])
+
+    @classmethod
+    def new(cls, model_path: Optional[str], *, out_dir: str, data: Optional[str] = None, devices: Devices = None,
+            epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
+            init: Optional[str] = None, report: Report = lambda event: None, skip_nonfinite: bool = False,
+            data_parallel: bool = False) -> "Run":
+        """A new run of the model file `model_path`, with the caller's options over its CONFIG."""
+        world = join_world(data_parallel, devices)
+        if model_path is None:
+            raise MinidlError("no model file: give one (e.g. models/alexnet.py), or --resume a checkpoint")
+        model_file = load_model_file(model_path)
+        recipe = Recipe.new(model_file, builtin=data is None, epochs=epochs, batch_size=batch_size, init=init,
+                            seed=seed)
+        run = cls(recipe, world, report, skip_nonfinite)
+        devices = model_file.devices_for(devices)
+        data_path = run._open_data(data, data_parallel)
+        num_classes = run.train_loader.num_classes
+        model = model_file.build(num_classes, devices, recipe.init, recipe.seed)
+        run._start(model, devices, model_file, data, data_path, num_classes)
+        run._open_out(out_dir, data_path)
+        return run
+
+    @classmethod
+    def resume(cls, checkpoint_path: str, model_path: Optional[str] = None, *, out_dir: str,
+               data: Optional[str] = None, devices: Devices = None, epochs: Optional[int] = None,
+               batch_size: Optional[int] = None, seed: Optional[int] = None, init: Optional[str] = None,
+               report: Report = lambda event: None, skip_nonfinite: bool = False, data_parallel: bool = False,
+               allow_model_change: bool = False) -> "Run":
+        """The run of `checkpoint_path`, from where it stood: it may change its devices and epochs, and refuses
+        in one line what would make it another run (batch size, init, seed, other data or model file)."""
+        world = join_world(data_parallel, devices)
+        restored = Restored(checkpoint_path, model_path, devices, how="as MODEL_FILE")
+        checkpoint = restored.checkpoint
+        refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data,
+                       model_file=restored.model_file, allow_model_change=allow_model_change)
+        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite)
+        # the data given (checked by content), else the recorded path (checked too), else the built-in
+        data = data or checkpoint["data"] or None
+        data_path = run._open_data(data, data_parallel, checkpoint)
+        check_labels(checkpoint["num_classes"], run.train_loader.num_classes, data_path)  # before the model is built
+        run._start(restored.model, restored.devices, restored.model_file, data, data_path, checkpoint["num_classes"])
+        run.optimizer.load_state(checkpoint.velocities(run.model))
+        run.schedule.load_state(checkpoint.schedule)
+        run.history = checkpoint.history
+        run.epoch, run.batch, run.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        run.totals.update(checkpoint.epoch_totals)
+        run._open_out(out_dir, data_path)
+        return run
+
+    def _open_data(self, data: Optional[str], data_parallel: bool, checkpoint: Optional[Checkpoint] = None) -> str:
+        """The loaders of `data` (else the built-in data, made once by rank 0), refused in one line if they
+        cannot train a run (or are not the data `checkpoint`'s run was trained on); returns their path."""
+        world = self.world
         if data is None and world.rank != 0:  # rank 0 generates the built-in data once; the others then read it
             world.barrier()
-        data_path = data or builtin_dataset(progress=lambda done, total: report(
+        data_path = data or builtin_dataset(progress=lambda done, total: self.report(
             dict(kind="builtin-data", done=done, total=total)))
         if data is None and world.rank == 0:
             world.barrier()
-
-        scale = input_scale(config, config["init"])
-        shard = (world.rank, world.size)
-        self.train_loader = Loader(data_path, split="train", batch_size=config["batch_size"], crop=config["input_size"],
-                                   augment=True, seed=seed, drop_last=True, scale=scale, shard=shard)
-        self.val_loader = Loader(data_path, split="val", batch_size=config["batch_size"], crop=config["input_size"],
-                                 augment=False, seed=seed, scale=scale, shard=shard)
-        if restored:
-            refuse_other_data(restored.checkpoint, data_path, self.train_loader.fingerprint)
+        shard = (world.rank, world.size) if data_parallel else None
+        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard)
+        if checkpoint is not None:
+            refuse_other_data(checkpoint, data_path, self.train_loader.fingerprint)
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
-                              f"than one batch ({config['batch_size']})")
+                              f"than one batch ({self.recipe.batch_size})")
         if self.val_loader.num_images == 0:  # every epoch ends in validation: refused before the first
             raise MinidlError(f"{data_path} has no validation images: make it again with minidl prepare-data, "
                               "which keeps one of every class of two images or more")
-        num_classes = restored.checkpoint["num_classes"] if restored else self.train_loader.num_classes
-        check_labels(num_classes, self.train_loader.num_classes, data_path)
+        return data_path
 
-        self.model = restored.model if restored else model_file.build(
-            num_classes, [d.name for d in self.devices], config["init"], seed)
-        world.broadcast_params(self.model.params())
-        self.buckets = world.gradient_buckets(self.model.params())  # None in a single process
-        self.optimizer = MomentumSGD(self.model.params(), config["lr"], config["momentum"], config["weight_decay"])
-        self.schedule = PlateauSchedule(config["lr"], config["lr_drop_factor"], config["plateau_patience"],
-                                        config["lr_drops"])
+    def _start(self, model: Layer, devices, model_file: ModelFile, data: Optional[str], data_path: str,
+               num_classes: int):
+        """The model (built by the caller once the data passed), its optimizer and schedule, at step 0."""
+        self.model, self.devices = model, devices
+        self.world.broadcast_params(model.params())
+        self.buckets = self.world.gradient_buckets(model.params())  # None in a single process
+        self.schedule = self.recipe.schedule()
+        self.optimizer = ScheduledSGD(model.params(), self.schedule, self.recipe.config["momentum"],
+                                      self.recipe.config["weight_decay"])
         self.history = {k: [] for k in HISTORY_KEYS}
         self.epoch, self.batch, self.step = 0, 0, 0
         self.totals = dict(loss_sum=0.0, correct=0, seen=0)  # of the unfinished epoch
-        if restored:
-            checkpoint = restored.checkpoint
-            self.optimizer.load_state(checkpoint.velocities(self.model))
-            self.schedule.load_state(checkpoint.schedule)
-            self.history = checkpoint.history
-            self.epoch, self.batch, self.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
-            self.totals.update(checkpoint.epoch_totals)
-
         self.meta = dict(model_file=model_file.path, model_source=model_file.source, model_sha256=model_file.sha256,
-                         config=config, class_names=list(self.train_loader.class_names), num_classes=num_classes,
-                         devices=[d.name for d in self.devices],
+                         config=self.recipe.config, class_names=list(self.train_loader.class_names),
+                         num_classes=num_classes, devices=[d.name for d in devices],
                          data="" if data is None else os.path.abspath(data_path),
-                         data_sha256=self.train_loader.fingerprint, seed=seed)
+                         data_sha256=self.train_loader.fingerprint, seed=self.recipe.seed)
+
+    def _open_out(self, out_dir: str, data_path: str):
+        """Hold --out (the one writer, until close), clear what a killed run left there, check it can take the
+        checkpoints and the batch fits in memory, and report the start."""
         self.last_path, self.best_path = os.path.join(out_dir, "last.h5"), os.path.join(out_dir, "best.h5")
         self.curves_path = os.path.join(out_dir, "curves.png")
-        # the one writer holds --out until the run ends (close), before it removes temporaries as stale
-        self.lock = lock_folder(out_dir) if world.rank == 0 else None
+        # before it removes temporaries as stale
+        self.lock = lock_folder(out_dir) if self.world.rank == 0 else None
         try:
-            if world.rank == 0:  # before the free-space check, which they would fail
+            if self.world.rank == 0:  # before the free-space check, which they would fail
                 for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
                     remove_stale_temporaries(path)
-            check_before_training(self.model, out_dir, config["batch_size"] // world.size, config["input_size"])
+            check_before_training(self.model, out_dir, self.recipe.batch_size // self.world.size,
+                                  self.recipe.config["input_size"])
         except BaseException:
             self.close()
             raise
-        report(dict(kind="start", config=config, devices=[d.name for d in self.devices], data=data_path,
-                    train_images=self.train_loader.num_images, val_images=self.val_loader.num_images,
-                    classes=num_classes, params=self.model.num_params(), start_epoch=self.epoch,
-                    start_batch=self.batch))
+        self.report(dict(kind="start", config=self.recipe.config, devices=self.meta["devices"], data=data_path,
+                         train_images=self.train_loader.num_images, val_images=self.val_loader.num_images,
+                         classes=self.meta["num_classes"], params=self.model.num_params(), start_epoch=self.epoch,
+                         start_batch=self.batch))
 
-    def close(self):
+    def close(self) -> None:
         """Let another run write to --out, and take the gradient buckets' hooks off the model."""
         if self.buckets:
             self.buckets.close()
         if self.lock is not None:
             self.lock.release()
 
-    def save(self, path):
+    def save(self, path: str) -> None:
+        """Write a checkpoint of where the run stands to `path` (rank 0; every rank checks the last update)."""
         self._check_update()  # on every rank (it decides together): never a checkpoint after a bad update
         if self.world.rank != 0:  # the replicas are identical: one writer
             return
@@ -236,7 +321,7 @@ class Run:
                         history=self.history, epoch_totals=self.totals, mean_image=self.train_loader.mean)
         self.report(dict(kind="checkpoint", path=path, epoch=self.epoch, batch=self.batch))
 
-    def train_epoch(self, *, log_every, checkpoint_seconds, max_steps):
+    def train_epoch(self, *, log_every: int, checkpoint_seconds: float, max_steps: Optional[int]) -> bool:
         """Train from where the run stands to the end of its epoch; False if max_steps stopped it first."""
         # closing: an error or Ctrl-C during the steps stops the loader's thread (see BackgroundIterator)
         with contextlib.closing(self.train_loader.epoch_batches(self.epoch, start=self.batch)) as batches:
@@ -245,29 +330,23 @@ class Run:
     def _train_batches(self, batches, log_every, checkpoint_seconds, max_steps):
         model, xp = self.model, self.model.output_device.xp
         model.train()
-        self.optimizer.lr = self.schedule.lr
         # running sums stay on the device; they are read once per log interval
         interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
         last_save = time.monotonic()
         for images, labels in batches:
-            # the masks of the global batch's rows, whichever rank holds them: this rank's rows start at
-            # rank * local batch (the Loader shard's even split), so N ranks draw one process's masks
-            seed_dropout(model, step_seed(self.seed, self.epoch, self.batch), first_row=self.world.rank * len(labels))
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
-            logits = model(x)
-            # the dataset's reader checked every label against its classes, and check_labels those against
-            # the model's: no per-step check, which on a GPU would wait for a read back
-            loss = softmax_cross_entropy(logits, y, checked=True)
-            self.optimizer.zero_grad()
-            loss.backward()
-            if self.buckets:
-                self.buckets.average()
-            if self._diverged(loss):  # a skipped batch: no update, nothing counted
+            # the dataset's reader checked every label against its classes, and check_labels those against the
+            # model's: no per-step check, which on a GPU would wait for a read back. The masks are the global
+            # batch's rows: this rank's start at rank * local batch (the Loader shard's even split)
+            logits, loss, updated = train_step(model, self.optimizer, x, y, step_seed(self.recipe.seed, self.epoch,
+                                               self.batch), first_row=self.world.rank * len(labels), checked=True,
+                                               accept=self._accept)
+            if not updated:  # a skipped batch: no update, nothing counted
                 self.batch += 1
                 del logits, loss
                 continue
-            self.optimizer.step()  # its verdict on the new weights is read with the next step's loss, or below
+            # the optimizer's verdict on the new weights is read with the next step's loss, or below
             self.updated_at = (self.epoch, self.batch)
             self.step, self.batch = self.step + 1, self.batch + 1
             with model.output_device:
@@ -289,6 +368,12 @@ class Run:
             self._log(interval)
         self._check_update()  # the epoch's last update, before validation runs on it
         return True
+
+    def _accept(self, loss) -> bool:
+        """After backward: average the ranks' gradients, and say whether to update (see _diverged)."""
+        if self.buckets:
+            self.buckets.average()
+        return not self._diverged(loss)
 
     def _diverged(self, loss):
         """True to skip this batch; raises NonFiniteError to stop, before the update touches the weights.
@@ -339,7 +424,7 @@ class Run:
                 if os.path.exists(self.last_path) else "no checkpoint was written")
         return NonFiniteError(
             f"training stopped at epoch {epoch + 1}, batch {batch + 1}: {what}; the learning rate "
-            f"({self.optimizer.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
+            f"({self.schedule.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
     def _log(self, interval):
         with self.model.output_device:  # the one read from the device per interval
@@ -353,16 +438,16 @@ class Run:
         self.history["interval_loss"].append(loss_sum / seen)
         self.report(dict(kind="step", epoch=self.epoch, batch=self.batch, batches=len(self.train_loader),
                          step=self.step, loss=loss_sum / seen, top1=correct / seen, images_per_s=seen / elapsed,
-                         lr=self.optimizer.lr))
+                         lr=self.schedule.lr))
 
-    def end_epoch(self):
+    def end_epoch(self) -> None:
         """Validate, record the epoch, step the schedule, write the checkpoints and the curves."""
         val = evaluate(self.model, self.val_loader, reduce=self.world.sum)
         previous_best = max(self.history["val_top1"], default=-1.0)
         seen = max(self.totals["seen"], 1)
-        for key, value in (("train_loss", self.totals["loss_sum"] / seen), ("train_top1", self.totals["correct"] / seen),
-                           ("val_loss", val["loss"]), ("val_top1", val["top1"]), ("val_top5", val["top5"]),
-                           ("lr", self.optimizer.lr)):
+        for key, value in (("train_loss", self.totals["loss_sum"] / seen),
+                           ("train_top1", self.totals["correct"] / seen), ("val_loss", val["loss"]),
+                           ("val_top1", val["top1"]), ("val_top5", val["top5"]), ("lr", self.schedule.lr)):
             self.history[key].append(value)
         self.schedule.step(1.0 - val["top1"])
         self.totals = dict(loss_sum=0.0, correct=0, seen=0)
@@ -377,28 +462,33 @@ class Run:
                          finished=self.schedule.finished, skipped=self.skipped))
 
 
-def train(model_path=None, *, data=None, devices=None, epochs=None, batch_size=None, out_dir="runs/alexnet",
-          resume=None, seed=None, init=None, progress=None, log_every=10, checkpoint_seconds=300.0,
-          max_steps=None, skip_nonfinite=False, data_parallel=False, allow_model_change=False):
+def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devices: Devices = None,
+          epochs: Optional[int] = None, batch_size: Optional[int] = None, out_dir: str = "runs/alexnet",
+          resume: Optional[str] = None, seed: Optional[int] = None, init: Optional[str] = None,
+          progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
+          max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
+          allow_model_change: bool = False) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
-    A non-finite loss or gradient stops the run (NonFiniteError) before the
-    update; with skip_nonfinite the batch is skipped instead, and counted
-    (the "epoch" and "end" events carry the count). An update that makes a
-    weight or velocity non-finite stops the run in any case, before any
-    checkpoint holds it. With data_parallel, this process is one rank of an
-    mpirun job (see minidl.training.distributed). A resumed run refuses a model file other
-    than the one it was trained with unless allow_model_change.
+    A non-finite loss or gradient stops the run (NonFiniteError) before the update; with
+    skip_nonfinite the batch is skipped instead, and counted. An update that makes a weight
+    or velocity non-finite stops the run in any case, before any checkpoint holds it. With
+    data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
+    A resumed run refuses a model file other than its own unless allow_model_change.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
-    run = Run(model_path, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
-              resume=resume, seed=seed, init=init, report=progress or (lambda event: None),
-              skip_nonfinite=skip_nonfinite, data_parallel=data_parallel, allow_model_change=allow_model_change)
+    options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
+                   out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
+                   data_parallel=data_parallel)
+    if resume:
+        run = Run.resume(resume, model_path, allow_model_change=allow_model_change, **options)
+    else:
+        run = Run.new(model_path, **options)
     try:
         start = time.monotonic()  # training time: the epochs, validations and checkpoints, not the set-up
-        while run.epoch < run.config["epochs"] and not run.schedule.finished:
+        while run.epoch < run.recipe.epochs and not run.schedule.finished:
             if max_steps is not None and run.step >= max_steps:
                 break
             if not run.train_epoch(log_every=log_every, checkpoint_seconds=checkpoint_seconds, max_steps=max_steps):

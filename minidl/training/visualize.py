@@ -1,21 +1,10 @@
-"""Pictures: conv1's filters (NumPy and Pillow), the training curves and the paper's Figure 4
-(matplotlib).
+"""Pictures: conv1's filters (filter_grid, save_filter_grid: the paper's Figure 3, NumPy and
+Pillow), the training curves (training_curves) and the paper's Figure 4 (draw_predictions,
+draw_neighbours), the last two with matplotlib.
 
-filter_grid / save_filter_grid -- conv1's kernels as enlarged colour tiles, the
-paper's Figure 3: the first tower's kernels in one block over the second
-tower's in another (with the defaults, 96 kernels of 11x11 give two blocks of
-3 rows x 16 tiles of 44x44 pixels, a 738 x 288 picture).
-
-training_curves -- loss per logging interval and per epoch, and accuracy per
-epoch, two panels side by side.
-
-draw_predictions, draw_neighbours -- Figure 4: images with their top classes as
-bars, and query images with their nearest training images in fc7.
-
-Every writer replaces its picture atomically: the picture goes to a temporary
-file in the same folder first and is renamed over the target only when it is
-complete, so a reader never sees half a file. The file name's suffix chooses the
-format (.png, .jpg or .jpeg); another suffix is refused (`picture_format`).
+Every writer replaces its picture atomically (a temporary file in the same folder,
+renamed over the target when complete). The file name's suffix chooses the format
+(.png, .jpg or .jpeg); another suffix is refused (`picture_format`).
 """
 import os
 
@@ -40,7 +29,7 @@ CURVES_SIZE = (1000, 400)
 PICTURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 
-def picture_format(path):
+def picture_format(path: str) -> str:
     """The format of the picture file `path` by its suffix ('png', 'jpeg'); MinidlError for any other,
     which would otherwise get PNG bytes under a name that says JPEG, or a format no viewer expects."""
     suffix = os.path.splitext(os.fspath(path))[1].lower()
@@ -50,7 +39,7 @@ def picture_format(path):
     return PICTURE_FORMATS[suffix]
 
 
-def shown_name(name):
+def shown_name(name: str) -> str:
     """A class name as a picture or a line shows it: as it is, or quoted (repr) if it is empty or has
     characters that would break a line or hide ("", "\n", a tab), as a crafted dataset's may."""
     return name if name.isprintable() and name.strip() == name and name else repr(name)
@@ -116,23 +105,13 @@ def _grid_layout(count, kh, kw, towers, cols, scale, gap, tower_gap):
 
 
 def filter_grid(kernels, towers=2, cols=COLS, scale=SCALE, gap=GAP, tower_gap=TOWER_GAP, separator=True):
-    """Draw conv kernels as a grid of colour tiles (the paper's Figure 3); returns an RGB PIL.Image.
+    """Draw conv kernels (count, C, kh, kw), C = 3 or 1, as a grid of tiles; returns an RGB PIL.Image.
 
-    kernels: array (count, C, kh, kw) -- conv1's weights (out, in, kh, kw), C = 3
-        (RGB, drawn in colour) or 1 (drawn in grey). Any count divisible by `towers`,
-        any kernel size.
-    towers: the kernels are split into `towers` equal consecutive blocks (AlexNet: 48
-        of tower 1, then 48 of tower 2); each block is drawn on its own, one below the other.
-    cols: tiles per row inside a block (at most the block's kernel count).
-    scale: each kernel pixel becomes a scale x scale square (11x11 -> 44x44 with 4).
-    gap: pixels between tiles, and the margin round the picture.
-    tower_gap: pixels between tower blocks.
-    separator: draw a thin grey line across the middle of each gap between towers.
-
-    Each tile is scaled to its own range (min -> 0, max -> 255, per kernel over all
-    channels, so colours keep their balance); a constant kernel is drawn mid grey.
-    Background is white. With the defaults, 96 kernels of 11x11 in 2 towers make
-    2 blocks of 3 rows x 16 tiles: 738 x 288 pixels.
+    The kernels are split into `towers` equal consecutive blocks, drawn one below the
+    other (`tower_gap` pixels apart, with a grey `separator` line), `cols` tiles per
+    row; each kernel pixel becomes a `scale` x `scale` square, `gap` pixels between
+    tiles and round the picture. Each tile is scaled to its own range over all its
+    channels; a constant kernel is mid grey, the background white.
     """
     towers = _check_int("towers", towers, 1)
     cols = _check_int("cols", cols, 1)
@@ -158,7 +137,7 @@ def filter_grid(kernels, towers=2, cols=COLS, scale=SCALE, gap=GAP, tower_gap=TO
     return Image.fromarray(canvas)  # (H, W, 3) uint8 -> RGB
 
 
-def save_filter_grid(kernels, path, **layout):
+def save_filter_grid(kernels: np.ndarray, path: str, **layout) -> None:
     """filter_grid(kernels, **layout) written to `path` (atomically), in the format its suffix names
     (picture_format); returns the image."""
     kind = picture_format(path)
@@ -177,20 +156,13 @@ LR_COLOUR = (120, 120, 120)     # grey
 EPOCH_KEYS = ("train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr")
 
 
-def training_curves(history, path, size=CURVES_SIZE):
-    """Write a PNG of the training curves to `path` (atomically), drawn with matplotlib.
+def training_curves(history: dict, path: str, size: tuple = CURVES_SIZE) -> None:
+    """Write a PNG of the training curves to `path` (atomically), `size` = (width, height) pixels.
 
-    history: dict of lists, as the trainer keeps it. Per epoch: train_loss, val_loss,
-    train_top1, val_top1, val_top5 (accuracies as fractions 0..1) and lr. Per logging
-    interval: interval_step (the global step at the interval's end) and interval_loss
-    (the mean training loss over it). Any key may be missing (old checkpoints) and any
-    entry None or NaN (the line is broken there).
-
-    Left: the interval losses against step as a thin line, with each epoch's train and
-    val loss as markers at the step that ended it (an "epoch" axis on top); without
-    intervals, the epoch losses against epoch. Right: train top-1, val top-1 and val
-    top-5 (%) per epoch, with a dotted line where the learning rate changed.
-    size: (width, height) in pixels, default 1000 x 400.
+    `history` is the trainer's dict of lists (minidl.training.checkpoint's HISTORY_KEYS);
+    any key may be missing (old checkpoints) and any entry None or NaN (a break in the
+    line). Left: the loss per logging interval against step, with each epoch's train and
+    val loss as markers; right: top-1 and top-5 per epoch, dotted where the rate changed.
     """
     if not isinstance(history, dict):
         raise MinidlError(f"training_curves: history must be a dict of lists, got {type(history).__name__}")
