@@ -5,7 +5,8 @@
 The step is the trainer's (minidl.training.train): forward, loss, backward, the
 per-step reads of the loss, gradient norm and non-finite verdict, the update,
 and the running sums. One warm-up step, then one measured (the ledger is
-deterministic). `--ledger FILE` saves the measured step's ledger, and
+deterministic). Device time is attributed to layers, backward included
+(attribute_to_layers). `--ledger FILE` saves the measured step's ledger, and
 `--from-ledger FILE` models a saved one again (another --gpu) without the emulator.
 The model and its assumptions: emulator/minidl_emulator/roofline.py and benchmarks/NOTES.md.
 """
@@ -13,11 +14,42 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "emulator"))  # this checkout's emulator, not an installed one
+
+
+def attribute_to_layers(model) -> None:
+    """Label the ledger's entries with the layer they serve, backward included: each Function made inside a
+    layer's forward keeps that layer's name, and its backward runs under "<name> backward". It patches
+    Layer.__call__ and each Function class's backward, for this process (a benchmark's measurement only)."""
+    from minidl.core import Function
+    from minidl.layers import Layer
+    from minidl_emulator.ledger import current_label, labelled
+    names = {id(layer): f"{name} ({type(layer).__name__})" for name, layer in model.named_layers()}
+    names[id(model)] = "(model root: its forward between layers, e.g. the stacked conv1)"
+    layer_call, function_call = Layer.__call__, Function.__call__
+
+    def call_layer(self, *inputs):
+        with labelled(names.get(id(self), current_label())):
+            return layer_call(self, *inputs)
+
+    def labelled_backward(backward):
+        def run(self, *gys):
+            with labelled(f"{getattr(self, '_cost_label', '') or 'model'} backward"):
+                return backward(self, *gys)
+        return run
+
+    def call_function(self, *inputs):
+        self._cost_label = current_label()
+        cls = type(self)
+        if "_cost_labelled" not in cls.__dict__:
+            cls.backward, cls._cost_labelled = labelled_backward(cls.backward), True
+        return function_call(self, *inputs)
+    Layer.__call__, Function.__call__ = call_layer, call_function
 
 
 def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
@@ -31,7 +63,7 @@ def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
     from minidl.optim import MomentumSGD
     from minidl.training.evaluate import topk_correct
     from minidl.training.model_file import load_model_file
-    from minidl_emulator.ledger import LEDGER
+    from minidl_emulator.ledger import LEDGER, labelled
 
     model_file = load_model_file(model_path)
     config = model_file.config
@@ -42,22 +74,37 @@ def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
     images = rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
     labels = rng.integers(0, 1000, batch_size).astype(np.int32)
     out = model.output_device
+    attribute_to_layers(model)
     for step in range(2):
         mark = LEDGER.mark()
         seed_dropout(model, step)
-        x, y = Tensor(images, device=model.input_device), Tensor(labels, device=out)
+        with labelled("input"):
+            x, y = Tensor(images, device=model.input_device), Tensor(labels, device=out)
         logits = model(x)
-        loss = softmax_cross_entropy(logits, y, checked=True)
+        with labelled("loss"):
+            loss = softmax_cross_entropy(logits, y, checked=True)
         optimizer.zero_grad()
-        loss.backward()
-        loss.item(), optimizer.grad_norm(), optimizer.nonfinite()  # Trainer._diverged: every step
-        optimizer.step()
-        with out:  # the trainer's running sums, read once per log interval
+        with labelled("autograd"):
+            loss.backward()
+        with labelled("step reads"):
+            loss.item(), optimizer.grad_norm(), optimizer.nonfinite()  # Trainer._diverged: every step
+        with labelled("optimizer"):
+            optimizer.step()
+        with out, labelled("running sums"):  # the trainer's, read once per log interval
             0.0 + loss.data.astype(out.xp.float64) * batch_size
             topk_correct(out.xp, logits.data, y.data, 1)
         entries = LEDGER.since(mark)
         del logits, loss
     return entries
+
+
+def by_layer(ms_by_label: dict) -> dict:
+    """{layer: [forward ms, backward ms]} from the ledger's labels, a layer of either tower counted as one."""
+    layers = {}
+    for label, ms in ms_by_label.items():
+        layer = re.sub(r"^tower\d+\.", "", label.removesuffix(" backward")) or "(unlabelled)"
+        layers.setdefault(layer, [0.0, 0.0])[label.endswith(" backward")] += ms
+    return dict(sorted(layers.items(), key=lambda item: -sum(item[1])))
 
 
 def report(prediction, entries, args) -> dict:
@@ -75,6 +122,12 @@ def report(prediction, entries, args) -> dict:
     print("device ms by kind:")
     for kind, ms in prediction["ms_by_kind"].items():
         print(f"  {kind:22s} {ms:8.3f}")
+    layers = by_layer(prediction["ms_by_label"])
+    if layers:
+        print("device ms by layer, both towers together (forward, backward):")
+        for layer, (forward, backward) in layers.items():
+            print(f"  {layer[:50]:50s} {forward:8.3f} {backward:8.3f}")
+        result["ms_by_layer"] = layers
     print("device ms by operation (top 15):")
     for name, ms, count in prediction["ms_by_name"][:15]:
         print(f"  {name[:60]:60s} {count:4d}x {ms:8.3f}")

@@ -8,6 +8,7 @@ does inside a call without the caller asking (matmul's contiguous copies).
 roofline.py turns entries into time; cuda.operation() and the synchronize
 calls write them.
 """
+import contextlib
 import dataclasses
 import threading
 
@@ -38,6 +39,7 @@ class Entry:
     stream: int
     hidden: bool = False
     pinned: bool = False
+    label: str = ""  # what the caller was doing (labelled()): a layer's forward or backward, the update
 
 
 class Ledger:
@@ -65,6 +67,21 @@ class Ledger:
 
 
 LEDGER = Ledger()
+_labels = threading.local()
+
+
+def current_label() -> str:
+    return getattr(_labels, "value", "")
+
+
+@contextlib.contextmanager
+def labelled(label: str):
+    """Entries this thread records inside get `label` (nested: the innermost)."""
+    previous, _labels.value = current_label(), label
+    try:
+        yield
+    finally:
+        _labels.value = previous
 
 
 _pinned = {}  # id of a page-locked host buffer -> (start, end) of its memory, and the buffer kept alive
@@ -117,9 +134,10 @@ def record(kind: str, reads: list, writes: list, device: int, stream: int, what:
     elif nbytes is None:
         nbytes = sum(a.nbytes for a in list(reads) + list(writes))
     flops = cost.flops or default_flops(kind, sum(a.size for a in reads), sum(a.size for a in writes))
-    LEDGER.add(Entry(kind, unit, cost.name or what or kind, flops, nbytes, device, stream, cost.hidden, cost.pinned))
+    LEDGER.add(Entry(kind, unit, cost.name or what or kind, flops, nbytes, device, stream, cost.hidden, cost.pinned,
+                     current_label()))
 
 
 def record_sync(device: int, stream: int, what: str) -> None:
     """The host waiting for the device: a blocking read (get, item, synchronize)."""
-    LEDGER.add(Entry("sync", "", what, 0, 0, device, stream))
+    LEDGER.add(Entry("sync", "", what, 0, 0, device, stream, label=current_label()))

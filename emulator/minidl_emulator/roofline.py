@@ -96,7 +96,7 @@ def _device_busy(entries: list, gpu: GPU) -> dict:
 
 
 def predict(entries: list, gpu: GPU) -> dict:
-    """Predicted milliseconds of the work in `entries` (one step), split by kind and by operation name."""
+    """Predicted milliseconds of the work in `entries` (one step); device time split by kind, name and label."""
     segments, current = [], []
     for entry in entries:
         current.append(entry)
@@ -112,15 +112,17 @@ def predict(entries: list, gpu: GPU) -> dict:
         syncs = sum(e.kind == "sync" for e in segment)
         total += max(busy, host) + SYNC_S * syncs
         device_total, host_total = device_total + busy, host_total + host
-    by_kind, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    by_kind, by_name, counts, by_label = (collections.Counter() for _ in range(4))
     for entry in entries:
         seconds = op_seconds(entry, gpu)
         by_kind[f"{entry.kind}:{entry.unit}" if entry.unit else entry.kind] += seconds
         by_name[entry.name] += seconds
         counts[entry.name] += 1
+        by_label[entry.label] += seconds
     return dict(gpu_name=gpu.name, ms_per_step=1e3 * total, device_ms=1e3 * device_total, host_ms=1e3 * host_total,
                 segments=len(segments), ms_by_kind={k: 1e3 * s for k, s in by_kind.most_common()},
-                ms_by_name=[(name, 1e3 * s, counts[name]) for name, s in by_name.most_common()])
+                ms_by_name=[(name, 1e3 * s, counts[name]) for name, s in by_name.most_common()],
+                ms_by_label={label: 1e3 * s for label, s in by_label.items()})
 
 
 def summarize(entries: list) -> dict:
