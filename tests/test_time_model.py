@@ -122,3 +122,19 @@ def test_roofline_reproduces_the_gemm_anchors(unit, anchor_ms):
     from minidl_emulator import roofline
     predicted = roofline.gemm_seconds(roofline.CALIBRATION_GEMMS, roofline.GPUS["h100"], unit)
     assert predicted * 1e3 == pytest.approx(anchor_ms, rel=0.03)
+
+
+def test_ledger_keeps_a_bounded_window():
+    from minidl_emulator.ledger import Entry, Ledger
+    ledger = Ledger(keep=3)
+    mark = ledger.mark()
+    entries = [Entry("copy", "d2d", str(i), 0, 8, 0, 0) for i in range(4)]
+    for entry in entries[:2]:
+        ledger.add(entry)
+    assert ledger.since(mark) == entries[:2]
+    later = ledger.mark()
+    for entry in entries[2:]:
+        ledger.add(entry)
+    assert ledger.since(later) == entries[2:]
+    with pytest.raises(ValueError, match="keeps the last 3"):
+        ledger.since(mark)

@@ -8,6 +8,7 @@ does inside a call without the caller asking (matmul's contiguous copies).
 roofline.py turns entries into time; cuda.operation() and the synchronize
 calls write them.
 """
+import collections
 import contextlib
 import dataclasses
 import threading
@@ -43,15 +44,18 @@ class Entry:
 
 
 class Ledger:
-    """Entries in the order they were enqueued (all threads, all devices)."""
+    """The latest `keep` entries in the order they were enqueued (all threads, all devices): a long run
+    on the emulated GPUs (a test session, `minidl train`) keeps a bounded window."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 100_000) -> None:
         self._lock = threading.Lock()
-        self.entries: list[Entry] = []
+        self.entries: collections.deque[Entry] = collections.deque(maxlen=keep)
+        self._count = 0  # entries ever added
 
     def add(self, entry: Entry) -> None:
         with self._lock:
             self.entries.append(entry)
+            self._count += 1
 
     def clear(self) -> None:
         with self._lock:
@@ -59,11 +63,15 @@ class Ledger:
 
     def mark(self) -> int:
         """A position to take the entries after, with since()."""
-        return len(self.entries)
+        return self._count
 
     def since(self, mark: int) -> list[Entry]:
         with self._lock:
-            return list(self.entries[mark:])
+            wanted = self._count - mark
+            if wanted > len(self.entries):
+                raise ValueError(f"{wanted:,} entries since the mark, but the ledger keeps the last "
+                                 f"{self.entries.maxlen:,} only")
+            return list(self.entries)[len(self.entries) - wanted:]
 
 
 LEDGER = Ledger()

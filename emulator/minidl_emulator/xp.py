@@ -241,7 +241,7 @@ def _method(name, kind):
     return method
 
 
-for _name in ("swapaxes", "ravel", "flatten", "squeeze", "repeat", "take", "clip", "dot", "argsort", "nonzero",
+for _name in ("swapaxes", "ravel", "flatten", "squeeze", "repeat", "take", "clip", "argsort", "nonzero",
               "view", "diagonal"):
     setattr(ndarray, _name, _method(_name, "copy" if _name != "clip" else "elementwise"))
 ndarray.dot = lambda self, b, out=None: dot(self, b, out=out)

@@ -218,8 +218,8 @@ class Event:
         self._time = time.perf_counter()
 
     def synchronize(self):
-        ledger.record_sync(current_device_id(), -1, "Event.synchronize")
         if self._known is not None:
+            ledger.record_sync(current_device_id(), -1, "Event.synchronize")
             streams.host_waits_for(self._known)
 
     @property
