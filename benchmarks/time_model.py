@@ -121,7 +121,8 @@ def report(prediction, entries, args) -> dict:
                                                     for unit, flops in summary["gemm_flops_by_unit"].items()))
     print("device ms by kind:")
     for kind, ms in prediction["ms_by_kind"].items():
-        print(f"  {kind:22s} {ms:8.3f}")
+        if kind != "sync":  # host time, in the segments
+            print(f"  {kind:22s} {ms:8.3f}")
     layers = by_layer(prediction["ms_by_label"])
     if layers:
         print("device ms by layer, both towers together (forward, backward):")
