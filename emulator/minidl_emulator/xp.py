@@ -5,15 +5,20 @@ device it lives on and the allocation it is a view of. Every operation follows
 CuPy's rules where bugs hide: a NumPy array operand, or turning an array into
 a NumPy array implicitly, is a TypeError; operands must be on the current
 device; each operation is enqueued on the current stream, checked against the
-stream order and counted (`cuda.operation`). The arithmetic itself is NumPy's,
-so results equal the CPU path's, not cuBLAS's (no TF32, no other summation order).
+stream order, counted (`cuda.operation`) and charged in the cost ledger
+(ledger.py) as CuPy runs it, GEMMs with their compute unit and hidden copies.
+The arithmetic itself is NumPy's, so results equal the CPU path's, not cuBLAS's
+(no TF32, no other summation order).
 """
+import builtins
 import numbers
+import os
 
 import numpy as np
 
 from minidl_emulator import cuda
 from minidl_emulator.cuda import Allocation, MemoryPointer, current_device_id, fill_uninitialised, operation
+from minidl_emulator.ledger import Cost, is_pinned
 
 
 _NOT_ALLOWED = ("Implicit conversion to a NumPy array is not allowed. "
@@ -52,7 +57,7 @@ def _wrap(result, sources, made):
     return made[-1]
 
 
-def _run(kind, fn, args, kwargs, writes=(), what=None):
+def _run(kind, fn, args, kwargs, writes=(), what=None, cost=None):
     """One device operation: unwrap, compute with NumPy, wrap, then check, enqueue and count it.
 
     A result that is only a view of an input (reshape, transpose, basic
@@ -70,7 +75,7 @@ def _run(kind, fn, args, kwargs, writes=(), what=None):
     made = []
     result = out if isinstance(out, ndarray) else _wrap(result, reads, made)
     if writes or made:
-        operation(kind, reads=reads, writes=list(writes) + made, what=what or getattr(fn, "__name__", kind))
+        operation(kind, reads=reads, writes=list(writes) + made, what=what or getattr(fn, "__name__", kind), cost=cost)
     return result
 
 
@@ -144,7 +149,9 @@ class ndarray:  # noqa: N801 -- CuPy's name
         """A host copy, copied on `stream` (default: the current stream of the array's device)."""
         with cuda.Device(self._allocation.device_id):
             stream = stream or cuda.get_current_stream()
-            operation("copy", reads=[self], stream=stream, what="a device-to-host copy")
+            pinned = out is not None and is_pinned(out)
+            operation("copy", reads=[self], stream=stream, what="a device-to-host copy",
+                      cost=Cost(unit="d2h", pinned=pinned))
             if blocking:
                 stream.synchronize()
             host = np.array(self._host, order=order)
@@ -156,7 +163,8 @@ class ndarray:  # noqa: N801 -- CuPy's name
     def set(self, host, stream=None):
         if not _is_host_array(host) or host.shape != self.shape:
             raise ValueError(f"set() takes a NumPy array of shape {self.shape}")
-        operation("copy", writes=[self], stream=stream, what="a host-to-device copy")
+        operation("copy", writes=[self], stream=stream, what="a host-to-device copy",
+                  cost=Cost(unit="h2d", pinned=is_pinned(host)))
         self._host[...] = host
 
     def item(self):
@@ -214,7 +222,7 @@ class ndarray:  # noqa: N801 -- CuPy's name
                                 "CuPy operation; move it to the device with cupy.asarray first")
             return NotImplemented
         args = (other, self) if reflected else (self, other)
-        return _run("gemm" if op is np.matmul else "elementwise", op, args, {})
+        return matmul(*args) if op is np.matmul else _run("elementwise", op, args, {})
 
     def _inplace(self, op, other):
         if _is_host_array(other):
@@ -233,9 +241,10 @@ def _method(name, kind):
     return method
 
 
-for _name in ("swapaxes", "ravel", "flatten", "squeeze", "repeat", "take", "clip", "dot", "argsort", "nonzero",
+for _name in ("swapaxes", "ravel", "flatten", "squeeze", "repeat", "take", "clip", "argsort", "nonzero",
               "view", "diagonal"):
-    setattr(ndarray, _name, _method(_name, "gemm" if _name == "dot" else "copy" if _name != "clip" else "elementwise"))
+    setattr(ndarray, _name, _method(_name, "copy" if _name != "clip" else "elementwise"))
+ndarray.dot = lambda self, b, out=None: dot(self, b, out=out)
 for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "prod", "var", "std", "cumsum"):
     setattr(ndarray, _name, _method(_name, "reduction"))
 
@@ -311,8 +320,102 @@ for _name in ("concatenate", "stack", "split", "array_split", "broadcast_to", "w
               "tile", "zeros_like", "ones_like", "full_like", "einsum", "tensordot", "ravel", "diag", "tril",
               "triu", "eye"):
     globals()[_name] = _function(_name, "elementwise")
-for _name in ("matmul", "dot"):
-    globals()[_name] = _function(_name, "gemm")
+
+# --- GEMMs, charged as CuPy runs them (cupy/_core/_routines_linalg.pyx, CuPy v14): which cuBLAS call, which
+# compute unit, and which copies it makes of operands cuBLAS cannot read as they are (ledger.py)
+
+def _gemm_unit(dtype, two_d):
+    """The batched path (matmul, ndim > 2) passes the data type as cuBLAS's compute type: plain FP32 on the
+    SIMT units (matmul: gemmStridedBatchedEx / sgemmBatched). The 2-D path (tensordot_core_v11) computes
+    float32 on TF32 tensor cores when CUPY_TF32 > 0 (get_compute_type; CuPy reads it once, here each call),
+    and float16 in CUBLAS_COMPUTE_32F with CUBLAS_GEMM_DEFAULT_TENSOR_OP: tensor cores."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return "fp64"
+    if two_d and dtype == np.float16:
+        return "fp16"
+    if two_d and dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0:
+        return "tf32"
+    return "fp32-simt"  # integers run CuPy's own SIMT kernel (_integral_tensordot_core): charged alike
+
+
+def _hidden_copy(array, dtype, name):
+    """A copy CuPy makes inside a GEMM call (ascontiguousarray, a dtype cast, a copy into out=)."""
+    nbytes = array.nbytes + array.size * np.dtype(dtype).itemsize
+    operation("copy", reads=[array], cost=Cost(unit="d2d", nbytes=nbytes, name=name, hidden=True))
+
+
+def _gemm_cost(m, n, k, batch, dtype, two_d, name):
+    itemsize = np.dtype(dtype).itemsize
+    return Cost(unit=_gemm_unit(dtype, two_d), flops=2 * m * n * k * batch,
+                nbytes=itemsize * batch * (m * k + k * n + m * n), name=name)
+
+
+def matmul(a, b, out=None):
+    """cupy.matmul: ndim <= 2 is dot (tensordot_core); above, ascontiguousarray of both operands (float16
+    upcast to float32), then one strided-batched FP32 GEMM (_routines_linalg.pyx: matmul)."""
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)) or 0 in (a.ndim, b.ndim):
+        return _run("gemm", np.matmul, (a, b), {} if out is None else dict(out=out), what="matmul")
+    ndim = builtins.max(a.ndim, b.ndim)  # cupy.max shadows the builtin here
+    if ndim <= 2:
+        copy_out = out is not None and not (out.flags.c_contiguous and out.dtype == np.result_type(a, b))
+        return _dot(a, b, out, np.matmul, copy_out)
+    dtype = np.promote_types(a.dtype, b.dtype)
+    compute = np.dtype(np.float32) if dtype == np.float16 else dtype
+    for operand, which in ((a, "a"), (b, "b")):
+        if not operand.flags.c_contiguous or operand.dtype != compute:
+            _hidden_copy(operand, compute, f"matmul: ascontiguousarray({which})")
+    m = a.shape[-2] if a.ndim > 1 else 1
+    k, n = a.shape[-1], (b.shape[-1] if b.ndim > 1 else 1)
+    lead_a, lead_b = (1,) * (ndim - a.ndim) + a.shape[:-2], (1,) * (ndim - b.ndim) + b.shape[:-2]
+    lead = np.broadcast_shapes(lead_a[:ndim - 2], lead_b[:ndim - 2])
+    batch = int(np.prod(lead))
+    if lead_a[:ndim - 2] != lead or lead_b[:ndim - 2] != lead:  # broadcast: pointer tables (_mat_ptrs), 3 kernels
+        for _ in range(3):
+            operation("elementwise", cost=Cost(nbytes=8 * batch, name="matmul: _mat_ptrs", hidden=True))
+    cost = _gemm_cost(m, n, k, batch, compute, False, "matmul (batched)")
+    direct = out is not None and out.dtype == compute and out.flags.c_contiguous
+    result = _run("gemm", np.matmul, (a, b), dict(out=out) if direct else {}, what="matmul", cost=cost)
+    if out is not None and not direct:
+        return _copy_into(result, out, "matmul: copy into out")
+    if compute != dtype:  # float16: computed in float32, then cast back (elementwise_copy)
+        return _run("copy", lambda c: c.astype(dtype), (result,), {}, cost=Cost(name="matmul: float16 result",
+                                                                                hidden=True))
+    return result
+
+
+def _copy_into(result, out, name):
+    """CuPy's elementwise_copy of a GEMM's temporary result into an `out` it could not write directly."""
+    operation("copy", reads=[result], writes=[out], cost=Cost(name=name, hidden=True))
+    out._host[...] = result._host
+    return out
+
+
+def dot(a, b, out=None):
+    """cupy.dot: operands as (k, n) and (k, m) matrices with transposes passed to cuBLAS as flags, a copy
+    only of one neither C- nor F-contiguous (tensordot_core, _mat_to_cublas_contiguous)."""
+    return _dot(a, b, out, np.dot, False)
+
+
+def _dot(a, b, out, fn, copy_out):
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)) or 0 in (a.ndim, b.ndim):
+        return _run("elementwise" if 0 in (np.ndim(a), np.ndim(b)) else "gemm", fn, (a, b),
+                    {} if out is None else dict(out=out), what="dot")
+    k = a.shape[-1]
+    n, m = a.size // builtins.max(k, 1), b.size // builtins.max(k, 1)
+    dtype = np.promote_types(a.dtype, b.dtype)
+    if n == 1 and m == 1:  # a vector product: one reduction kernel (_tensordot_core_mul_sum)
+        return _run("reduction", fn, (a, b), {} if out is None else dict(out=out), what="dot",
+                    cost=Cost(flops=2 * k, name="dot (vectors)"))
+    for operand, which in ((a, "a"), (b, "b")):
+        cublas_ready = operand.flags.c_contiguous or (operand.ndim <= 2 and operand.flags.f_contiguous)
+        if not cublas_ready or operand.dtype != dtype:
+            _hidden_copy(operand, dtype, f"dot: a contiguous copy of {which}")
+    cost = _gemm_cost(n, m, k, 1, dtype, True, "dot (2-D)")
+    if out is None or not copy_out:
+        return _run("gemm", fn, (a, b), {} if out is None else dict(out=out), what="dot", cost=cost)
+    return _copy_into(_run("gemm", fn, (a, b), {}, what="dot", cost=cost), out, "matmul: copy into out")
+
 
 newaxis = None
 float16, float32, float64 = np.float16, np.float32, np.float64
@@ -374,7 +477,8 @@ def array(obj, dtype=None, copy=True, order="K", ndmin=0):
     if host.dtype == object:
         raise ValueError(f"Unsupported dtype object: cannot make a device array from {type(obj).__name__}")
     array_ = ndarray._new(host)
-    operation("copy", writes=[array_], what="a host-to-device copy")
+    pinned = isinstance(obj, np.ndarray) and is_pinned(obj) and host.dtype == obj.dtype
+    operation("copy", writes=[array_], what="a host-to-device copy", cost=Cost(unit="h2d", pinned=pinned))
     return array_
 
 

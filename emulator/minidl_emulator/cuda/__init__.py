@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from minidl_emulator import streams
+from minidl_emulator import ledger, streams
 
 DEFAULT_MEMORY_GIB = 6.0
 _serial = itertools.count(16)  # stream and event handles; CUDA reserves 1 and 2 for default streams
@@ -33,6 +33,7 @@ def configure(gpus):
     _gpu_count = gpus
     streams.reset()
     work.clear()
+    ledger.LEDGER.clear()
     _used.clear()
 
 
@@ -97,6 +98,7 @@ class Device:
         return False
 
     def synchronize(self):
+        ledger.record_sync(self.id, -1, "Device.synchronize")
         for timeline in streams._timelines_of(self.id):
             streams.host_waits_for(timeline.snapshot())
 
@@ -171,6 +173,7 @@ class Stream:
             streams._merge(self.timeline.known, event._known)
 
     def synchronize(self):
+        ledger.record_sync(current_device_id() if self.is_null else self.device_id, self.ptr, "Stream.synchronize")
         streams.host_waits_for(self.timeline.snapshot())
 
     @property
@@ -216,6 +219,7 @@ class Event:
 
     def synchronize(self):
         if self._known is not None:
+            ledger.record_sync(current_device_id(), -1, "Event.synchronize")
             streams.host_waits_for(self._known)
 
     @property
@@ -412,12 +416,13 @@ class memory_hook:  # noqa: N801 -- cupy.cuda.memory_hook (also cupy.cuda.Memory
 work = collections.Counter()  # kind -> count, and "bytes": bytes read and written
 
 
-def operation(kind, reads=(), writes=(), stream=None, any_device=False, nbytes=None, what=None):
+def operation(kind, reads=(), writes=(), stream=None, any_device=False, nbytes=None, what=None, cost=None):
     """Enqueue one device operation of `kind` on the current (or given) stream; check and count it.
 
     Arrays must be on the current device, as in CuPy without peer access (a
     peer copy passes any_device). Returns nothing: the caller then computes
-    the result on the host, which is when a real GPU would.
+    the result on the host, which is when a real GPU would. `cost` (a
+    ledger.Cost) overrides what the ledger charges it.
     """
     device_id = current_device_id()
     arrays = list(reads) + list(writes)
@@ -437,3 +442,4 @@ def operation(kind, reads=(), writes=(), stream=None, any_device=False, nbytes=N
                        what or f"a {kind}")
     work[kind] += 1
     work["bytes"] += sum(a.nbytes for a in arrays) if nbytes is None else nbytes
+    ledger.record(kind, list(reads), list(writes), device_id, stream.ptr, what, nbytes, cost)
