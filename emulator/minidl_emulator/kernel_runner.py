@@ -1,21 +1,10 @@
 """Compile a CUDA source with g++ and run its kernels on the CPU, every block and thread.
 
-compile_module(source, name_expressions, options) builds the source, with
-cuda_emulation.h force-included, into a shared library. Of RawModule's
-options it takes the include folders (`-I<dir>`), so `#include "window.cuh"`
-is found only where NVRTC would find it; g++'s other flags are fixed (FLAGS).
-For each name expression (`im2col<float>`) a generated epilogue takes
-`&(expression)`, so the compiler resolves it exactly as C++ (and NVRTC) does,
-and adds two `extern "C"` functions: a launcher, which runs the grid one
-thread after another, and a describer, which reports the kernel's parameter
-types as the compiler sees them. So the Python side never parses C++ text.
-
-marshal(kernel, args, ...) applies CuPy's rules for kernel arguments (a Python
-int is a long long, a Python float a double, an array a pointer to its dtype)
-and checks them against those types: where a real GPU would read the wrong
-bytes and compute garbage, the emulator raises a TypeError. A table of
-pointers (`T* const*`, one kernel over many arrays) is an array of uint64
-device addresses; which arrays they name is the caller's (raw.py's) to check.
+`compile_module(source, name_expressions, options)` builds the source, cuda_emulation.h
+force-included, into a shared library with a launcher and a describer per name expression;
+`marshal(kernel, args, ...)` applies CuPy's argument rules and checks them against the
+kernel's C parameter types, raising TypeError where a GPU would read the wrong bytes
+(how, in emulator/README.md, "Compiling and running kernels").
 """
 import ctypes
 import functools

@@ -1,16 +1,10 @@
 """`cupy.RawModule` and `cupy.RawKernel` on emulated GPUs: the real .cu source, compiled by g++.
 
-A launch checks each argument against the kernel's C parameter type with
-CuPy's marshalling rules (kernel_runner.marshal), enqueues the kernel on the
-current stream (a `const T*` parameter is a read, a `T*` a read and write) and
-runs every block and thread on the host.
-
-A table of pointers (`T* const*`, an array of device addresses) is a read of
-the table and, through it, of every array it names (a write for `T* const*`,
-a read for `const T* const*`): each address must lie in live memory of the
-current device, as a real kernel would otherwise read freed or foreign memory.
-The addresses are mapped back to their allocations through the emulator's
-register of live allocations (cuda.live_allocations).
+A launch checks each argument against the kernel's C parameter type (kernel_runner.marshal),
+enqueues the kernel on the current stream (`const T*` a read, `T*` a read and write) and runs
+every block and thread on the host. A table of pointers (`T* const*`) is a read of the table
+and of every array it names, each of which must lie in live memory of the current device
+(emulator/README.md, "Raw kernels").
 """
 from minidl_emulator import cuda, kernel_runner
 from minidl_emulator.cuda import operation
