@@ -291,9 +291,9 @@ def test_an_unknown_name_expression_is_a_compile_error_naming_it():
     with open(lrn.CU.path) as f:
         source = f.read()
     with pytest.raises(kr.CompileError, match=r"name expression lrn_forward<half>:.*error: .half. was not declared"):
-        kr.compile_module(source, ("lrn_forward<float>", "lrn_forward<half>"))
+        kr.compile_module(source, ("lrn_forward<float>", "lrn_forward<half>"), kernels.compile_options(lrn.CU.path))
     with pytest.raises(kr.CompileError, match="name expression no_such_kernel<float>:"):
-        kr.compile_module(source, ("no_such_kernel<float>",))
+        kr.compile_module(source, ("no_such_kernel<float>",), kernels.compile_options(lrn.CU.path))
 
 
 def test_kernel_wants_a_compiled_name_expression():

@@ -9,6 +9,8 @@
 // result (no shared memory, no shuffles). Then each lane writes every 32nd log-probability,
 // so the warp's writes are coalesced. A launch of 32 threads per row; any other size is
 // still correct (the grid-stride loop), only slower.
+#include "window.cuh"
+
 template <typename T>
 __global__ void log_softmax_nll(const T* logits, const int* labels, T* log_p, T* row_loss, long long rows,
                                 long long classes) {
@@ -38,7 +40,8 @@ __global__ void softmax_nll_backward(const T* log_p, const int* labels, const T*
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         T p = exp(log_p[i]);
-        if (i % classes == labels[i / classes]) p -= T(1);
+        QuotientRemainder row_class = divide(i, classes);
+        if (row_class.remainder == labels[row_class.quotient]) p -= T(1);
         gx[i] = p * (gy[0] / T(rows));
     }
 }

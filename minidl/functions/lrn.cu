@@ -3,12 +3,15 @@
 // so each value is read a constant number of times whatever the window n.
 // Neighbouring threads hold neighbouring pixels: every load is coalesced.
 
+#include "window.cuh"
+
 template <typename T>
 __global__ void lrn_forward(const T* x, T* y, T* scale, long long pixels, long long C, long long HW,
                             long long half, T k, T alpha, T beta) {
     for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels;
          p += (long long)blockDim.x * gridDim.x) {
-        long long base = (p / HW) * C * HW + p % HW;  // channel 0 of this pixel
+        QuotientRemainder image_pixel = divide(p, HW);
+        long long base = image_pixel.quotient * C * HW + image_pixel.remainder;  // channel 0 of this pixel
         T sum = T(0);
         for (long long c = 0; c < half && c < C; ++c) {  // the window of channel 0, minus its last
             T v = x[base + c * HW];
@@ -44,7 +47,8 @@ __global__ void lrn_backward(const T* x, const T* scale, const T* gy, T* gx, lon
     T two_alpha_beta = T(2) * alpha * beta;
     for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels;
          p += (long long)blockDim.x * gridDim.x) {
-        long long base = (p / HW) * C * HW + p % HW;
+        QuotientRemainder image_pixel = divide(p, HW);
+        long long base = image_pixel.quotient * C * HW + image_pixel.remainder;
         T ring[kLrnRing];
         T sum = T(0);
         // step `enter` brings channel `enter` into the window, then finishes channel c = enter - half

@@ -11,9 +11,8 @@ __global__ void max_pool_forward(const T* x, T* y, int* argmax, long long total,
                                  long long pad) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        long long ow = i % OW;
-        long long oh = (i / OW) % OH;
-        long long nc = i / (OW * OH);
+        QuotientRemainder row_ow = divide(i, OW), nc_oh = divide(row_ow.quotient, OH);
+        long long ow = row_ow.remainder, oh = nc_oh.remainder, nc = nc_oh.quotient;
         const T* plane = x + nc * H * W;
         T best = T(0);
         int best_offset = -1;
@@ -43,9 +42,10 @@ __global__ void max_pool_backward(const T* gy, const int* argmax, T* gx, long lo
                                   long long stride, long long pad) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        long long w = i % W + pad;  // in padded coordinates
-        long long h = (i / W) % H + pad;
-        long long nc = i / (W * H);
+        QuotientRemainder row_w = divide(i, W), nc_h = divide(row_w.quotient, H);
+        long long w = row_w.remainder + pad;  // in padded coordinates
+        long long h = nc_h.remainder + pad;
+        long long nc = nc_h.quotient;
         CoveringOutputs rows = covering_outputs(h, K, stride, OH);
         CoveringOutputs columns = covering_outputs(w, K, stride, OW);
         T sum = T(0);

@@ -1,4 +1,4 @@
-// Index arithmetic shared by conv.cu and pooling.cu: a division that stays 32-bit
+// Index arithmetic shared by the kernels (conv.cu, pooling.cu, lrn.cu, loss.cu): a division that stays 32-bit
 // where it can, and the window arithmetic of the gathers (col2im, max_pool_backward),
 // where one thread per input element sums over the outputs whose windows cover it.
 #pragma once
