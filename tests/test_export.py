@@ -8,6 +8,8 @@ updates, for about the cost of building the network twice.
 import json
 import os
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -279,3 +281,55 @@ def test_onnx_without_the_onnx_package_is_one_line(alexnet_checkpoint, tmp_path,
     code, output = run("export", alexnet_checkpoint, "-o", tmp_path / "model.onnx")
     assert code == 1 and "pip install 'minidl[export]'" in output and output.count("\n") == 1, output
     assert not (tmp_path / "model.onnx").exists()
+
+
+def grouped_alexnet_in_onnx(state, helper, numpy_helper, TensorProto):
+    """The PyTorch model above as an ONNX graph over the state dict: grouped convolutions, LRN on each half."""
+    nodes, x = [], "x"
+
+    def add(op, inputs, **attributes):
+        nodes.append(helper.make_node(op, inputs, [f"t{len(nodes)}"], **attributes))
+        return nodes[-1].output[0]
+
+    def lrn_by_halves(x):
+        halves = [f"{x}_half0", f"{x}_half1"]
+        nodes.append(helper.make_node("Split", [x], halves, axis=1, num_outputs=2))
+        return add("Concat", [add("LRN", [h], size=5, alpha=5e-4, beta=0.75, bias=2.0) for h in halves], axis=1)
+
+    for layer, k, stride, pad, groups, then in (("conv1", 11, 4, 0, 1, "lrn pool"), ("conv2", 5, 1, 2, 2, "lrn pool"),
+                                                ("conv3", 3, 1, 1, 1, ""), ("conv4", 3, 1, 1, 2, ""),
+                                                ("conv5", 3, 1, 1, 2, "pool")):
+        x = add("Relu", [add("Conv", [x, f"{layer}.weight", f"{layer}.bias"], kernel_shape=[k, k], strides=[stride] * 2,
+                             pads=[pad] * 4, group=groups)])
+        x = lrn_by_halves(x) if "lrn" in then else x
+        x = add("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2]) if "pool" in then else x
+    x = add("Flatten", [x], axis=1)
+    for layer in ("fc6", "fc7", "fc8"):
+        x = add("Gemm", [x, f"{layer}.weight", f"{layer}.bias"], transB=1)
+        x = add("Relu", [x]) if layer != "fc8" else add("Softmax", [x], axis=1)
+    initializers = [numpy_helper.from_array(array, name) for name, array in state.items()]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def test_the_readmes_npz_mapping_gives_minidls_outputs_in_a_grouped_alexnet(data, alexnet_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    """Where PyTorch is missing: the README's code, with torch.from_numpy as the identity, fills the grouped
+    AlexNet above, run here by ONNX Runtime (Conv's group, LRN and Gemm are PyTorch's Conv2d, LocalResponseNorm
+    and Linear)."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'minidl[export]')")
+    from onnx import TensorProto, helper, numpy_helper
+    assert run("export", alexnet_checkpoint, "-o", tmp_path / "weights.npz")[0] == 0
+    state = {}
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(from_numpy=lambda array: array))
+    monkeypatch.chdir(tmp_path)
+    exec(readme_state_dict_code(), {"model": types.SimpleNamespace(load_state_dict=state.update)})
+    assert sorted(state) == sorted(f"{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6",
+                                                                   "fc7", "fc8") for kind in ("weight", "bias"))
+    model = grouped_alexnet_in_onnx(state, helper, numpy_helper, TensorProto)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    restored = Restored(str(alexnet_checkpoint), devices="cpu")
+    x = predict.TestInput(restored.checkpoint.mean_image, 227, restored.input_scale)(validation_images(data, 8))
+    assert_same_predictions(session.run(None, {"x": x})[0], probabilities(restored.model, x))

@@ -69,6 +69,11 @@ def test_rows_are_read_back_and_a_torn_last_line_is_left_out(tmp_path):
     rows = read_rows(str(tmp_path / METRICS_FILE))
     assert [r["kind"] for r in rows] == ["interval", "validation"] and rows[0]["loss"] == 2.5
     assert all(isinstance(r["time"], float) for r in rows)
+    resumed = MetricsLog(str(tmp_path), resume_at=(1, 0))  # the torn line goes, so the next row is whole
+    resumed.append("interval", step=2, epoch=2, batch=1)
+    resumed.close()
+    assert [r["step"] for r in read_rows(str(tmp_path / METRICS_FILE))] == [1, 1, 2]
+    assert (tmp_path / METRICS_FILE).read_text().count("\n") == 3
 
 
 def test_a_resumed_log_keeps_the_rows_up_to_the_checkpoint_and_a_new_one_starts_afresh(tmp_path):

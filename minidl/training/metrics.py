@@ -32,19 +32,31 @@ def position(row: dict) -> Tuple[int, int]:
 
 def read_rows(path: str) -> List[dict]:
     """The rows of a metrics log; a line that is no JSON object (a torn last line) is left out."""
-    rows = []
+    return _parse(_text(path))
+
+
+def _text(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
     except FileNotFoundError:
-        pass
+        return ""
+
+
+def _parse(text):
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def _lines(rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 class MetricsLog:
@@ -52,10 +64,12 @@ class MetricsLog:
 
     def __init__(self, folder: str, resume_at: Optional[Tuple[int, int]] = None):
         self.path = os.path.join(folder, METRICS_FILE)
-        self.rows = [r for r in read_rows(self.path) if position(r) <= resume_at] if resume_at else []
+        text = _text(self.path)
+        self.rows = [r for r in _parse(text) if position(r) <= resume_at] if resume_at else []
         try:
-            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in self.rows)
+            if text != _lines(self.rows):  # rows to drop, or a torn line: rewritten whole, never half
+                with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                    f.write(_lines(self.rows))
             self.file = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from None
@@ -63,7 +77,7 @@ class MetricsLog:
     def append(self, kind: str, **values) -> None:
         row = dict(kind=kind, **values, time=round(time.time(), 3))
         try:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(_lines([row]))
             self.file.flush()
             os.fsync(self.file.fileno())
         except OSError as e:
