@@ -23,7 +23,7 @@ from minidl.layers import Layer
 from minidl.training.checkpoint import Checkpoint, input_scale, load_checkpoint
 from minidl.training.restore import Restored
 
-OPSET = 17       # ONNX Runtime 1.10 and later run it
+OPSET = 17       # ONNX Runtime 1.12 and later run it
 IR_VERSION = 8   # the IR of opset 17: runtimes older than the onnx package still load the file
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 FORMATS = {".onnx": "onnx", ".npz": "npz"}
@@ -221,7 +221,7 @@ CONVERTERS = {
 }
 
 
-def onnx_model(model: Layer, checkpoint: Checkpoint, config: dict):
+def onnx_model(model: Layer, checkpoint: Checkpoint, config: dict) -> "onnx.ModelProto":  # noqa: F821
     """The ONNX ModelProto of `model` (on the CPU, holding `checkpoint`'s weights), preprocessing included."""
     onnx = _import_onnx()
     from onnx import TensorProto, helper, numpy_helper
