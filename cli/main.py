@@ -138,6 +138,13 @@ class ProgressLine:
             click.echo(f"{self.label}: {done}/{total} ({time.time() - self.start:.0f} s)", err=True)
 
 
+def _clock(seconds):
+    """Seconds as m:ss, or h:mm:ss from an hour."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class TrainingReport:
     """Prints the events minidl.training.train reports: a line per start, log interval, epoch and end."""
 
@@ -160,9 +167,11 @@ class TrainingReport:
             click.echo(f"resuming at epoch {event['start_epoch'] + 1}, batch {event['start_batch']}")
 
     def on_step(self, event):
+        eta = "" if event.get("eta_run_s") is None else \
+            f"  ETA epoch {_clock(event['eta_epoch_s'])}, run {_clock(event['eta_run_s'])}"
         click.echo(f"epoch {event['epoch'] + 1} batch {event['batch']}/{event['batches']}  "
                    f"loss {event['loss']:.4f}  top-1 {100 * event['top1']:5.1f}%  "
-                   f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}")
+                   f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}{eta}")
 
     def on_epoch(self, event):
         v = event["val"]
@@ -179,7 +188,7 @@ class TrainingReport:
             minutes, seconds = divmod(round(event["seconds"]), 60)
             click.echo(f"best validation top-1 {100 * max(history['val_top1']):.1f}% (this run: {minutes} min "
                        f"{seconds} s of training); checkpoints in {out_dir}/ (last.h5, best.h5), curves in "
-                       f"{out_dir}/curves.png")
+                       f"{out_dir}/curves.png, metrics in {out_dir}/metrics.jsonl")
 
 
 @click.group()
@@ -458,6 +467,25 @@ def retrieve(checkpoint, data, queries, query_images, k, output, as_json, model_
     draw_neighbours(pictures, names, neighbour_pictures, [[class_names[int(base_labels[i])] for i in row]
                                                           for row in indices], output)
     click.echo(f"wrote {output}", err=as_json)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", required=True, help="File to write: .onnx (an ONNX graph, preprocessing and "
+              "softmax inside; needs minidl[export]) or .npz (the weights and preprocessing as plain arrays).")
+@click.option("--model", "model_file", help="Model file to rebuild the network for ONNX (default: the built-in "
+              "AlexNet when the checkpoint was trained with it).")
+@friendly_errors
+def export(checkpoint, output, model_file):
+    """Write CHECKPOINT's network for other frameworks: ONNX Runtime (.onnx) or plain arrays (.npz)."""
+    from minidl.training.export import export as run_export
+    result = run_export(checkpoint, output, model_file)
+    if result["format"] == "onnx":
+        click.echo(f"wrote {output}: ONNX opset {result['opset']}, {result['nodes']} nodes; input "
+                   f"{result['input'][0]} (N, {', '.join(map(str, result['input'][1:]))}) float32 RGB 0..255, "
+                   "output probabilities")
+    else:
+        click.echo(f"wrote {output}: {result['arrays']} arrays")
 
 
 @main.command()

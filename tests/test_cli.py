@@ -352,7 +352,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(dataset, 
     code, output = run("train", tiny_model, "--resume", out / "last.h5", "--out", out, "--devices", "cpu")
     one_line_error(code, output, f"cannot write {out / 'last.h5'}: No space left on device")
     assert (out / "last.h5").read_bytes() == before
-    assert sorted(os.listdir(out)) == [".lock", "last.h5"]  # no temporary left
+    assert sorted(os.listdir(out)) == [".lock", "last.h5", "metrics.jsonl"]  # no temporary left
 
 
 def test_a_full_disk_in_the_other_writers_is_one_line(dataset, image_dir, tiny_model, tmp_path, monkeypatch):
@@ -369,7 +369,7 @@ def test_a_full_disk_in_the_other_writers_is_one_line(dataset, image_dir, tiny_m
         code, output = run(*args)
         one_line_error(code, output, f"cannot write {target}: No space left on device")
     assert old.read_bytes() == b"a dataset"
-    assert sorted(os.listdir(tmp_path)) == [".lock", "last.h5", "old.h5"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "last.h5", "metrics.jsonl", "old.h5"]
 
 
 def test_pictures_are_refused_before_the_work_where_they_cannot_be_written(tiny_model, dataset, image_dir, tmp_path):

@@ -32,6 +32,7 @@ from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_r
 from minidl.training.distributed import Solo, World, rank_device_map
 from minidl.training.evaluate import check_labels, evaluate, topk_correct
 from minidl.training.lock import lock_folder
+from minidl.training.metrics import METRICS_FILE, Eta, MetricsLog
 from minidl.training.model_file import ModelFile, load_model_file
 from minidl.training.restore import Restored
 from minidl.training.step import train_step
@@ -188,7 +189,7 @@ class Run:
 
     def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False):
         """The run's recipe and world only; `new` and `resume` add its data, model and output folder."""
-        self.recipe, self.world, self.lock = recipe, world, None
+        self.recipe, self.world, self.lock, self.metrics = recipe, world, None, None
         self.report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         if recipe.batch_size % world.size:
@@ -292,10 +293,14 @@ class Run:
         self.lock = lock_folder(out_dir) if self.world.rank == 0 else None
         try:
             if self.world.rank == 0:  # before the free-space check, which they would fail
-                for path in (self.last_path, self.best_path, self.curves_path):  # left by a run that was killed
+                # left by a run that was killed
+                for path in (self.last_path, self.best_path, self.curves_path, os.path.join(out_dir, METRICS_FILE)):
                     remove_stale_temporaries(path)
             check_before_training(self.model, out_dir, self.recipe.batch_size // self.world.size,
                                   self.recipe.config["input_size"])
+            if self.world.rank == 0:  # a resumed run keeps its rows up to where it stands; a new one starts afresh
+                self.metrics = MetricsLog(out_dir, (self.epoch, self.batch) if self.step else None)
+            self.eta = Eta(self.step)
         except BaseException:
             self.close()
             raise
@@ -308,6 +313,8 @@ class Run:
         """Let another run write to --out, and take the gradient buckets' hooks off the model."""
         if self.buckets:
             self.buckets.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -436,19 +443,32 @@ class Run:
                            seen=self.totals["seen"] + seen)
         self.history["interval_step"].append(self.step)
         self.history["interval_loss"].append(loss_sum / seen)
+        row = dict(step=self.step, epoch=self.epoch + 1, batch=self.batch, loss=loss_sum / seen, top1=correct / seen,
+                   images_per_s=seen / elapsed, lr=self.schedule.lr, seconds=round(elapsed, 3))
+        if self.metrics is not None:
+            self.metrics.append("interval", **row)
+        self.eta.stepped(self.step, elapsed)
+        eta_epoch, eta_run = self.eta.remaining(self.epoch, self.batch, len(self.train_loader), self.recipe.epochs,
+                                                len(self.val_loader))
         self.report(dict(kind="step", epoch=self.epoch, batch=self.batch, batches=len(self.train_loader),
                          step=self.step, loss=loss_sum / seen, top1=correct / seen, images_per_s=seen / elapsed,
-                         lr=self.schedule.lr))
+                         lr=self.schedule.lr, eta_epoch_s=eta_epoch, eta_run_s=eta_run))
 
     def end_epoch(self) -> None:
         """Validate, record the epoch, step the schedule, write the checkpoints and the curves."""
+        started = time.perf_counter()
         val = evaluate(self.model, self.val_loader, reduce=self.world.sum)
+        self.eta.validated(time.perf_counter() - started)
         previous_best = max(self.history["val_top1"], default=-1.0)
         seen = max(self.totals["seen"], 1)
         for key, value in (("train_loss", self.totals["loss_sum"] / seen),
                            ("train_top1", self.totals["correct"] / seen), ("val_loss", val["loss"]),
                            ("val_top1", val["top1"]), ("val_top5", val["top5"]), ("lr", self.schedule.lr)):
             self.history[key].append(value)
+        if self.metrics is not None:
+            self.metrics.append("validation", epoch=self.epoch + 1, step=self.step, loss=val["loss"],
+                                top1=val["top1"], top5=val["top5"],
+                                **{key: self.history[key][-1] for key in ("train_loss", "train_top1", "lr")})
         self.schedule.step(1.0 - val["top1"])
         self.totals = dict(loss_sum=0.0, correct=0, seen=0)
         finished = self.epoch
@@ -456,8 +476,10 @@ class Run:
         self.save(self.last_path)
         if val["top1"] > previous_best:
             self.save(self.best_path)
-        if self.world.rank == 0:
-            training_curves(self.history, self.curves_path)
+        if self.world.rank == 0:  # from the metrics log, unless it began after the run did (an older run's)
+            logged = self.metrics.history()
+            training_curves(logged if len(logged["val_top1"]) == len(self.history["val_top1"]) else self.history,
+                            self.curves_path)
         self.report(dict(kind="epoch", epoch=finished, val=val, history=self.history, next_lr=self.schedule.lr,
                          finished=self.schedule.finished, skipped=self.skipped))
 
