@@ -373,6 +373,7 @@ class Run:
         """After backward: average the ranks' gradients, and say whether to update (see _diverged)."""
         if self.buckets:
             self.buckets.average()
+            self.buckets.settle()
         return not self._diverged(loss)
 
     def _diverged(self, loss):
