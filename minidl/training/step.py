@@ -114,7 +114,8 @@ def read_together(hub: Device, arrays: list[tuple[Device, Any]]) -> list[np.ndar
 
 
 def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_seed: int, *, first_row: int = 0,
-               checked: bool = False, guard: Optional[StepGuard] = None, buckets=None, position: Any = None):
+               checked: bool = False, guard: Optional[StepGuard] = None, buckets=None,
+               position: Any = None) -> tuple[Tensor, Tensor]:
     """Dropout masks, forward, loss, backward, the ranks' averaging and the update; returns (logits, loss).
 
     `labels` are the loss's (a Tensor on the output device, or host integers it checks);
