@@ -334,6 +334,7 @@ class Run:
         model = self.model
         model.train()
         last_save = time.monotonic()
+        self.interval["start"] = time.perf_counter()  # empty here: the last epoch ended with a report
         for images, labels in batches:
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
