@@ -1,4 +1,6 @@
 """The training step reads nothing back from a GPU: it is judged on the devices, read once per interval."""
+import os
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,7 @@ def build_model(num_classes, devices, init, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not os.environ.get("MINIDL_EMULATE_GPUS"), reason="counts the emulator's waits: --emulate-gpus 2")
 def test_a_step_without_a_log_line_reads_nothing_back(dataset, tmp_path, monkeypatch):
     """Every host wait for a device (a blocking read, a synchronize) is counted: between two log lines,
     five steps make one, the interval's read."""
