@@ -5,35 +5,68 @@
 // their sizes: element i of the concatenation is element i - ends[k-1] of
 // parameter k, the first k with i < ends[k]. The order of the arithmetic is the
 // NumPy path's, (m*v - decay*w) - lr*g, so results agree (up to NVRTC's
-// contraction into FMAs on a real GPU). A finite gradient can still overflow
-// the update (a huge lr): nonfinite[k] is set to 1 where parameter k gets a
-// weight or velocity that is NaN or infinite (many threads may store the same
-// 1; the caller zeroed the row, a row of the same table, and reads it later).
+// contraction into FMAs on a real GPU).
+//
+// The step's verdict stays on the device: `halt` (one element, computed by the
+// caller on the device) leaves every parameter alone where it is not finite, and
+// find_nonfinite makes the gradients' share of it. A finite gradient can still
+// overflow the update (a huge lr): nonfinite[slots[k]] gets the step's number
+// where parameter k gets a weight or velocity that is NaN or infinite, unless an
+// earlier step already left its number there (many threads may store the same
+// number; the caller zeroes the row after reading it).
+
+// The parameter that element i of the concatenation belongs to: a binary search of the
+// running sizes (a device has tens of parameters).
+__device__ inline long long part_of(const unsigned long long* ends, long long count, long long i) {
+    long long lo = 0, hi = count - 1;
+    while (lo < hi) {
+        long long mid = (lo + hi) / 2;
+        if ((unsigned long long)i < ends[mid]) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
 
 template <typename T>
 __global__ void momentum_update(T* const* w, const T* const* g, T* const* v, const unsigned long long* ends,
-                                unsigned long long* nonfinite, long long count, long long total, T momentum,
-                                T decay, T lr) {
+                                const unsigned long long* slots, unsigned long long* nonfinite, const T* halt,
+                                long long step, long long count, long long total, T momentum, T decay, T lr) {
+    if (!isfinite(halt[0])) return;  // a skipped step
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        long long lo = 0, hi = count - 1;  // binary search: a device has tens of parameters
-        while (lo < hi) {
-            long long mid = (lo + hi) / 2;
-            if ((unsigned long long)i < ends[mid]) hi = mid;
-            else lo = mid + 1;
-        }
-        long long j = i - (lo ? (long long)ends[lo - 1] : 0);
-        T velocity = momentum * v[lo][j] - decay * w[lo][j] - lr * g[lo][j];
-        T weight = w[lo][j] + velocity;
-        v[lo][j] = velocity;
-        w[lo][j] = weight;
-        if (!isfinite(velocity) || !isfinite(weight)) nonfinite[lo] = 1;
+        long long k = part_of(ends, count, i);
+        long long j = i - (k ? (long long)ends[k - 1] : 0);
+        T velocity = momentum * v[k][j] - decay * w[k][j] - lr * g[k][j];
+        T weight = w[k][j] + velocity;
+        v[k][j] = velocity;
+        w[k][j] = weight;
+        if ((!isfinite(velocity) || !isfinite(weight)) && nonfinite[slots[k]] == 0)
+            nonfinite[slots[k]] = (unsigned long long)step;
+    }
+}
+
+// found[0] (zeroed by the caller) becomes NaN where any element of the gradients is NaN or
+// infinite (x - x: NaN for both; many threads may store it).
+template <typename T>
+__global__ void find_nonfinite(const T* const* g, const unsigned long long* ends, T* found, long long count,
+                               long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long k = part_of(ends, count, i);
+        T x = g[k][i - (k ? (long long)ends[k - 1] : 0)];
+        if (!isfinite(x)) found[0] = x - x;
     }
 }
 
 template __global__ void momentum_update<float>(float* const*, const float* const*, float* const*,
-                                                const unsigned long long*, unsigned long long*, long long,
+                                                const unsigned long long*, const unsigned long long*,
+                                                unsigned long long*, const float*, long long, long long,
                                                 long long, float, float, float);
 template __global__ void momentum_update<double>(double* const*, const double* const*, double* const*,
-                                                 const unsigned long long*, unsigned long long*, long long,
+                                                 const unsigned long long*, const unsigned long long*,
+                                                 unsigned long long*, const double*, long long, long long,
                                                  long long, double, double, double);
+template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, long long,
+                                               long long);
+template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*,
+                                                long long, long long);

@@ -4,21 +4,25 @@ MomentumSGD keeps the learning rate and the weight decay inside the velocity:
     v <- momentum * v - weight_decay * lr * w - lr * dL/dw;   w <- w + v
 (PyTorch's SGD keeps lr outside, v <- m*v + g; w <- w - lr*v, which differs once lr changes.)
 On a GPU one kernel (optim.cu) updates every parameter of a device and dtype; on the CPU NumPy
-updates in place, a block per core. Each step notes which parameters it left with a NaN or
-infinite weight or velocity (a finite gradient can still overflow lr * g); `nonfinite()` reads it.
+updates in place, a block per core. Each step notes, on the device, which parameters it left with
+a NaN or infinite weight or velocity (a finite gradient can still overflow lr * g); `nonfinite()`
+reads it. A caller may judge a step on the devices (`nonfinite_gradients`) and skip it there
+(`step(halt)`), so that nothing is read back each step.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from minidl import kernels
 from minidl.core import Tensor, no_grad
 from minidl.cpu.threads import in_parallel
+from minidl.device import Device
 
-CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update",))
+CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update", "find_nonfinite"))
+_STEP_TYPE = np.dtype(np.uint64)  # the kernel's row of step numbers (unsigned long long)
 
 
 class MomentumSGD:
@@ -28,25 +32,25 @@ class MomentumSGD:
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         # Tensors, made on each parameter's device on first use
         self.velocities = [None] * len(self.params)
-        # the last step's, unread: (device or None, params, flags nonzero where not finite)
-        self._verdicts = []
+        self.steps = 0  # step() calls so far: the numbers nonfinite() names steps by
+        # (device, dtype) -> (row of step numbers, its parameters): each parameter's first step since
+        # the last nonfinite() that left it NaN or infinite, 0 if none; on the parameters' device
+        self._flags = {}
+        self._go = {}  # (device, dtype) -> a zero: the halt of a step no caller judged
 
-    def step(self) -> None:
+    def step(self, halt: Mapping[Device, Any] | None = None) -> None:
+        """Update every parameter with a gradient (counted in `steps` either way).
+
+        `halt[d]`, a one-element array on device d, leaves the parameters of d alone where it is
+        not finite: a caller that judged the step on the devices skips it without a read back.
+        """
+        self.steps += 1
         with no_grad():
-            self._verdicts = []
-            # (device, dtype) -> launches, each [(p, (w, g, v)), ...]: made after the loop
-            on_gpus = {}
+            on_gpus = {}  # (device, dtype) -> launches, each [(p, (w, g, v)), ...]
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
-                v = self.velocities[i]
-                if v is None:
-                    with p.device:
-                        v = Tensor(p.device.xp.zeros_like(p.data), device=p.device)
-                # the layer was moved (Layer.to)
-                elif v.device is not p.device or v.dtype != p.dtype:
-                    v = Tensor(v.numpy().astype(p.dtype), device=p.device)
-                self.velocities[i] = v
+                v = self._velocity(i, p)
                 if p.device.is_cuda:
                     launches = on_gpus.setdefault((p.device, p.dtype), [[]])
                     if any(q is p for q, _ in launches[-1]):
@@ -54,16 +58,51 @@ class MomentumSGD:
                         # second launch, not by two threads of one writing the same weight
                         launches.append([])
                     launches[-1].append((p, (p.data, p.grad.data, v.data)))
-                else:
+                elif halt is None or np.isfinite(halt[p.device]).all():  # on the CPU a read costs nothing
                     with p.device:
-                        self._verdicts.append((None, [p],
-                                               [not self._update_cpu(p.data, p.grad.data, v.data)]))
+                        if not self._update_cpu(p.data, p.grad.data, v.data):
+                            self._flag_cpu(p)
             for (device, dtype), launches in on_gpus.items():
                 with device:
+                    stop = self._halt(device, dtype, halt)
+                    flags, members = self._flag_row(device, dtype)
+                    slots = {id(q): k for k, q in enumerate(members)}
                     for launch in launches:
                         params, arrays = zip(*launch)
-                        self._verdicts.append((device, params,
-                                               self._update_gpu(device.xp, dtype, arrays)))
+                        self._update_gpu(device.xp, dtype, arrays, stop, flags, [slots[id(q)] for q in params])
+
+    def _velocity(self, i, p):
+        v = self.velocities[i]
+        if v is None:
+            with p.device:
+                v = Tensor(p.device.xp.zeros_like(p.data), device=p.device)
+        elif v.device is not p.device or v.dtype != p.dtype:  # the layer was moved (Layer.to)
+            v = Tensor(v.numpy().astype(p.dtype), device=p.device)
+        self.velocities[i] = v
+        return v
+
+    def _halt(self, device, dtype, halt):
+        """halt[device] as the kernel reads it (one element of `dtype`), or a zero."""
+        if halt is not None:
+            return device.xp.asarray(halt[device], dtype=dtype)
+        if (device, dtype) not in self._go:
+            self._go[device, dtype] = device.xp.zeros(1, dtype=dtype)
+        return self._go[device, dtype]
+
+    def _flag_row(self, device, dtype):
+        """The row of step numbers of (device, dtype) and its parameters, made on first use."""
+        members = list({id(p): p for p in self.params if p.device is device and p.dtype == dtype}.values())
+        row = self._flags.get((device, dtype))
+        if row is None or len(row[1]) != len(members):  # first use, or a layer moved here (Layer.to)
+            with device:
+                row = self._flags[device, dtype] = (device.xp.zeros(len(members), dtype=_STEP_TYPE), members)
+        return row
+
+    def _flag_cpu(self, p):
+        flags, members = self._flag_row(p.device, p.dtype)
+        k = next(k for k, q in enumerate(members) if q is p)
+        if not flags[k]:
+            flags[k] = self.steps
 
     def _update_cpu(self, w, g, v):
         """Update in place; True if every new weight and velocity is finite."""
@@ -85,54 +124,60 @@ class MomentumSGD:
         in_parallel(update, w, blocks=True)
         return not nonfinite_blocks
 
-    def _update_gpu(self, xp, dtype, arrays):
-        """One kernel over every (w, g, v) of the current GPU, all of `dtype`; returns the device
-        row of flags it sets to 1 for each parameter it leaves with a weight or velocity that is not
-        finite."""
+    def _update_gpu(self, xp, dtype, arrays, halt, flags, slots):
+        """One kernel over every (w, g, v) of the current GPU, all of `dtype`, unless halt is not finite;
+        a parameter it leaves with a weight or velocity that is not finite gets its slot of `flags`."""
         ws, gs, vs = zip(*arrays)
         # the kernel reads each array flat: a gradient may be a view (copied here, kept alive by
         # `gs`), while w and v are whole arrays (address_table refuses a non-contiguous one)
         gs = [xp.ascontiguousarray(g) for g in gs]
         ends = np.cumsum([w.size for w in ws]).tolist()
-        # the last row: the flags, zeroed
-        table = kernels.address_table([ws, gs, vs, ends, [0] * len(ws)])
+        table = kernels.address_table([ws, gs, vs, ends, slots])
         # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in
         # _update_cpu
         kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2],
-                       table[3], table[4], len(ends), ends[-1], float(self.momentum),
-                       float(self.weight_decay * self.lr), float(self.lr))
-        return table[4]
+                       table[3], table[4], flags, halt, self.steps, len(ends), ends[-1],
+                       float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
 
-    # On a GPU the kernel writes the verdict into a row of the address table it reads anyway: no
-    # device work of its own, and the trainer reads it with the next step's loss, when the device
-    # has nothing left to do (a copy, not a wait).
-    def nonfinite(self) -> list[Tensor]:
-        """The parameters the last step left with a NaN or infinite weight or velocity (empty if
-        none, or if already read): one read per GPU launch, the flags the kernel wrote."""
-        verdicts, self._verdicts = self._verdicts, []
-        found = []
-        for device, params, flags in verdicts:
-            if device is not None:
-                with device:
-                    flags = flags.get()
-            found += [p for p, flag in zip(params, flags) if flag]
-        return found
-
-    def grad_norm(self) -> float:
-        """The L2 norm of all gradients, NaN or infinite if any gradient is: one read per device."""
-        squares = {}  # device -> sum of squares, kept on the device until the read
+    def nonfinite_gradients(self) -> dict:
+        """Per device with gradients, a one-element array, enqueued and not read back: 0 where every
+        gradient element there is finite, else NaN (its dtype the parameters')."""
+        groups = {}  # (device, dtype) -> {id: gradient array}: a shared parameter once
         for p in self.params:
             if p.grad is not None:
-                # overflow is the answer, not a warning
-                with p.device, np.errstate(over="ignore", invalid="ignore"):
-                    g = p.grad.data.reshape(-1)
-                    # BLAS: cheaper than isfinite
-                    squares[p.device] = squares.get(p.device, 0) + g.dot(g)
-        total = 0.0
-        for device, square in squares.items():
+                groups.setdefault((p.device, p.dtype), {})[id(p)] = p.grad.data
+        found = {}
+        for (device, dtype), grads in groups.items():
             with device:
-                total += float(square)
-        return math.sqrt(total)
+                if device.is_cuda:
+                    mark = _find_nonfinite_gpu(device.xp, dtype, list(grads.values()))
+                else:
+                    mark = np.array([0.0 if all(map(_all_finite, grads.values())) else np.nan], dtype=dtype)
+                found[device] = mark if device not in found else found[device] + mark
+        return found
+
+    def flag_arrays(self) -> list[tuple[Device, Any]]:
+        """(device, row) of each row of step numbers nonfinite() reads, for a caller that reads them
+        all at once and passes the host copies to nonfinite()."""
+        return [(device, flags) for (device, _), (flags, _) in self._flags.items()]
+
+    def nonfinite(self, values: Sequence[np.ndarray] | None = None) -> list[tuple[Tensor, int]]:
+        """The parameters the steps since the last call left with a NaN or infinite weight or velocity,
+        each with the number of the first step that did, in step order; then clears the rows.
+
+        `values` are the host copies of flag_arrays(), read by the caller; else one read each here.
+        """
+        rows = list(self._flags.items())
+        if values is None:
+            values = [_host_copy(device, flags) for (device, _), (flags, _) in rows]
+        found = []
+        for ((device, _), (flags, members)), host in zip(rows, values):
+            host = np.asarray(host).reshape(-1)
+            if host.any():
+                found += [(p, int(n)) for p, n in zip(members, host) if n]
+                with device:
+                    flags.fill(0)
+        return sorted(found, key=lambda pair: pair[1])
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -148,6 +193,30 @@ class MomentumSGD:
                 self.velocities[i] = None
                 continue
             self.velocities[i] = Tensor(np.asarray(v, dtype=p.dtype), device=p.device)
+
+
+def _host_copy(device, array):
+    with device:  # on the device's stream
+        return array.get() if device.is_cuda else array
+
+
+def _all_finite(g) -> bool:
+    """Whether every element of a host array is finite (BLAS's dot first: finite only if they all are)."""
+    flat = g.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(flat.dot(flat)):
+            return True
+    return bool(np.isfinite(flat).all())  # the squares overflowed, or an element is not finite
+
+
+def _find_nonfinite_gpu(xp, dtype, grads):
+    """find_nonfinite over `grads` (arrays of `dtype` on the current GPU): its one-element verdict."""
+    grads = [xp.ascontiguousarray(g) for g in grads]  # kept alive here until the launch is enqueued
+    ends = np.cumsum([g.size for g in grads]).tolist()
+    table = kernels.address_table([grads, ends])
+    found = xp.zeros(1, dtype=dtype)
+    kernels.launch(CU, "find_nonfinite", dtype, ends[-1], table[0], table[1], found, len(ends), ends[-1])
+    return found
 
 
 class PlateauSchedule:

@@ -3,10 +3,12 @@
 A model file (what `minidl train MODEL_FILE` reads) defines CONFIG, the training recipe (a dict);
 optionally BUILTIN_DATA, CONFIG's overrides for the built-in dataset; and build_model(num_classes,
 devices, init, seed) -> Layer, whose forward maps images (N, 3, S, S), S = CONFIG["input_size"], to
-logits (N, num_classes) on `model.output_device`; the trainer puts each batch on `model.input_device`.
+logits (N, num_classes) on `model.output_device`; the trainer puts each batch on `model.input_device`
+(here the host when the towers are on two devices: the image goes to each from there).
 The network is the paper's two towers, one per device (NETWORK is the whole device split).
 `init="he"` (the default) learns small data within minutes; `init="paper"` is the paper's own.
 """
+from minidl.device import device as as_device
 from minidl.functions import concat
 from minidl.layers import (LRN, Branches, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            init, stacked_conv2d)
@@ -122,12 +124,16 @@ class AlexNet(Layer):
         W_init, b_init = initialisers("fc8", init)
         self.fc8 = Linear(2 * self.tower0.out_features, num_classes, device=devices[0],
                           W_init=W_init, b_init=b_init, rng=rng)
-        self.input_device = self.output_device = self.fc8.device
+        self.output_device = self.fc8.device
+        # towers on two devices: each gets the image from the host, rather than the second from the first
+        # (a copy between GPUs, staged through the host where peer access is off)
+        one_device = self.tower0.device is self.tower1.device
+        self.input_device = self.fc8.device if one_device else as_device("cpu")
 
     def forward(self, image):
         # every crossing between the towers is one of these visible copies
         devices = [t.device for t in self.towers]
-        xs = [image.to(d) for d in devices]  # both towers read the image
+        xs = [image.to(d) for d in devices]  # both towers read the image (on one device, the same one)
         for name, kind, _, reads, _ in self.network:
             if reads == "both":
                 xs = [concat([x.to(d) for x in xs], axis=1) for d in devices]

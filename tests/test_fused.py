@@ -116,11 +116,14 @@ def test_a_parameter_listed_twice_is_updated_twice_as_on_the_cpu(rng):
 @pytest.fixture
 def table_kernel():
     """The momentum kernel of optim.cu for float32 on the current emulated GPU (the table's rows: w,
-    g, v, ends, and the flags it sets where an update is not finite)."""
+    g, v, ends, and each parameter's slot in the row of flags it sets where an update is not finite;
+    then that row, a halt of 0 and the step's number)."""
     from minidl import kernels
+    from minidl.device import cupy
     from minidl.optim import CU
-    return lambda *args: kernels.launch(CU, "momentum_update", np.float32, 4, *args, 1, 4, 0.5, 0.0,
-                                        1.0)
+    flags, halt = cupy().zeros(1, dtype=np.uint64), cupy().zeros(1, dtype=np.float32)
+    return lambda *rows: kernels.launch(CU, "momentum_update", np.float32, 4, *rows, flags, halt, 1, 1, 4,
+                                        0.5, 0.0, 1.0)
 
 
 @pytest.mark.skipif(not emulated(), reason="checks the GPU emulator: run with --emulate-gpus 2")

@@ -26,8 +26,8 @@ def test_momentum_sgd_follows_the_paper_formula(dev):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_step_names_the_parameters_it_left_non_finite_once(dev, dtype):
     """Finite gradients times a rate that overflows the update in one parameter (the gradient of b
-    is 1e12 times a's): the step names b, once; a finite step names none. A weight that overflows
-    while its velocity does not (w + v) counts too."""
+    is 1e12 times a's): the step names b, with its number, once; a finite step names none. A weight
+    that overflows while its velocity does not (w + v) counts too."""
     big = np.finfo(dtype).max
     a, b = (Parameter(np.ones(5, dtype), device=dev) for _ in range(2))
     c = Parameter(np.full(5, big, dtype), device=dev)  # finite, until a velocity is added
@@ -39,16 +39,52 @@ def test_a_step_names_the_parameters_it_left_non_finite_once(dev, dtype):
     opt.step()
     assert np.isfinite(a.numpy()).all() and not np.isfinite(b.numpy()).all()
     found = opt.nonfinite()
-    assert len(found) == 1 and found[0] is b
+    assert len(found) == 1 and found[0][0] is b and found[0][1] == 1
     assert opt.nonfinite() == []  # read once
     # c's velocity, big / 1e5, is finite; its weight, big + that, is not
     a.grad, b.grad, c.grad = None, None, Parameter(np.full(5, -1.0, dtype), device=dev)
     opt.step()
     found = opt.nonfinite()
-    assert len(found) == 1 and found[0] is c and np.isfinite(opt.state()[2]).all()
+    assert len(found) == 1 and found[0][0] is c and found[0][1] == 2 and np.isfinite(opt.state()[2]).all()
     opt.lr = 1e-3
     a.grad, c.grad = Parameter(np.ones(5, dtype), device=dev), None  # c, now infinite, left alone
     opt.step()
+    assert opt.nonfinite() == []
+
+
+def test_the_steps_unread_keep_the_first_step_that_overflowed_each_parameter(dev):
+    big = np.finfo(np.float32).max
+    a, b = Parameter(np.ones(3, np.float32), device=dev), Parameter(np.ones(3, np.float32), device=dev)
+    opt = MomentumSGD([a, b], lr=big / 1e5, momentum=0.0, weight_decay=0.0)
+    for grads in ((-1e-6, -1e-6), (-1e-6, -1e6), (-1e6, -1e6)):  # b overflows at step 2, a at step 3
+        a.grad, b.grad = (Parameter(np.full(3, g, np.float32), device=dev) for g in grads)
+        opt.step()
+    found = opt.nonfinite()
+    assert [(p is b, n) for p, n in found] == [(True, 2), (False, 3)]
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf])
+def test_a_halt_that_is_not_finite_leaves_every_parameter_alone(dev, bad):
+    """The step's verdict stays on the device: the gradients' share from nonfinite_gradients, the
+    halt that skips the update there, counted as a step all the same."""
+    a = Parameter(np.ones(4), device=dev)
+    opt = MomentumSGD([a], lr=0.1, momentum=0.9, weight_decay=0.0)
+    g = np.ones(4)
+    if bad is not None:
+        g[2] = bad
+    a.grad = Parameter(g, device=dev)
+    marks = opt.nonfinite_gradients()
+    assert list(marks) == [a.device]
+    mark = marks[a.device]
+    with a.device:  # read on its stream
+        host = mark.get() if a.device.is_cuda else mark
+    assert host.shape == (1,) and (np.isnan(host[0]) if bad is not None else host[0] == 0)
+    opt.step(halt=marks)
+    assert opt.steps == 1
+    if bad is None:
+        np.testing.assert_allclose(a.numpy(), 1 - 0.1 * g)
+    else:
+        assert np.array_equal(a.numpy(), np.ones(4)) and np.array_equal(opt.state()[0], np.zeros(4))
     assert opt.nonfinite() == []
 
 

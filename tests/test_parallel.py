@@ -399,3 +399,70 @@ def test_rank_device_map_refuses_more_gpus_than_the_host_has():
     from minidl.training.distributed import rank_device_map
     with pytest.raises(MinidlError, match="^2 ranks on this host with 2 GPU\\(s\\) each need 4 GPUs; it has 3: "):
         rank_device_map(Node(0, 2), "cuda:0,cuda:1", 3)
+
+
+def _rank1_poisoned():
+    from test_reliability import training_outputs_changed
+    return training_outputs_changed(TINY_MODEL, "\nimport math\nfrom mpi4py import MPI\n",
+                                    "y * math.nan if n == 3 and MPI.COMM_WORLD.Get_rank() == 1 else y")
+
+
+@pytest.mark.parametrize("devices", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_one_ranks_bad_loss_is_judged_alike_on_every_rank(tmp_path, dataset, devices):
+    """No rank reads its verdict back each step: a rank's NaN loss reaches the others through the summed
+    gradients, so every rank skips that step (--skip-nonfinite), or stops there naming it."""
+    if devices != "cpu" and gpu_count() < 2:
+        pytest.skip("two ranks on one host need a GPU each")
+    model = tmp_path / "poisoned.py"
+    model.write_text(_rank1_poisoned())
+    # two epochs of two batches: the third call is the second epoch's first batch
+    common = dict(model_path=str(model), data=str(dataset), devices=devices, batch_size=8, log_every=2)
+    done = mpirun(tmp_path, dict(out_dir=str(tmp_path / "skip"), skip_nonfinite=True, **common))
+    assert done.returncode == 0 and "stream hazard" not in done.stderr, done.stdout + done.stderr
+    ranks = [weights(tmp_path / "skip" / f"rank{r}.npz") for r in (0, 1)]
+    for a, b in zip(*ranks):
+        assert np.isfinite(a).all() and np.array_equal(a, b)
+    assert load_checkpoint(str(tmp_path / "skip" / "last.h5"))["step"] == 3
+    done = mpirun(tmp_path, dict(out_dir=str(tmp_path / "stop"), **common))
+    assert done.returncode != 0
+    assert "training stopped at epoch 2, batch 1: the loss of another rank's shard is not finite" in done.stderr
+    assert "training stopped at epoch 2, batch 1: the loss is nan" in done.stderr
+
+
+REDUCE_STREAM_SCRIPT = '''
+import json, sys
+import numpy as np
+import minidl
+from minidl.core import Tensor
+from minidl.layers import Linear
+from minidl.training.distributed import GradientBuckets, World, nccl_module
+
+world = World()
+dev = minidl.device("cuda:0")
+nccl = nccl_module()
+streams = []
+plain = nccl.NcclCommunicator.allReduce
+nccl.NcclCommunicator.allReduce = lambda self, *args: (streams.append(args[-1]), plain(self, *args))[1]
+layer = Linear(6, 3, device=dev, rng=1)
+with GradientBuckets(layer.params(), world) as buckets:
+    for step in range(2):
+        layer.zero_grad()
+        x = Tensor(np.full((4, 6), world.rank + 1.0, np.float32), device=dev)
+        (layer(x) ** 2).sum().backward()
+        buckets.average()
+        buckets.settle()
+with open(sys.argv[1] + f".{world.rank}.json", "w") as f:
+    json.dump(dict(streams=streams, compute=dev.stream.ptr, grad=layer.W.grad.numpy().tolist()), f)
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.environ.get("MINIDL_EMULATE_GPUS"), reason="the emulated NCCL: --emulate-gpus 2")
+def test_the_sums_run_on_a_stream_of_their_own(tmp_path):
+    """NCCL is enqueued on a reduce stream, not the compute stream, so it can overlap backward; the events
+    around it leave no hazard (the emulator would raise), and both ranks get the same mean."""
+    done, said = run_ranks(tmp_path, REDUCE_STREAM_SCRIPT)
+    assert "stream hazard" not in done.stderr
+    for rank in said:
+        assert len(rank["streams"]) >= 2 and rank["compute"] not in rank["streams"]
+    assert said[0]["grad"] == said[1]["grad"]

@@ -17,7 +17,7 @@ from minidl.cpu.memory import keep_freed_host_memory
 from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
 from minidl.training.model_file import ModelFile
-from minidl.training.step import train_step
+from minidl.training.step import StepGuard, train_step
 
 
 def _timer(device):
@@ -109,6 +109,7 @@ def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, 
     x = Tensor(rng.standard_normal((batch_size, 3, size, size)).astype(np.float32), device=model.input_device)
     # host labels, as the loader gives them: the loss checks them on the host and copies them each step
     y = rng.integers(0, num_classes, batch_size)
+    guard = StepGuard(model, optimizer, skip=False)  # the trainer's step: judged on the devices, read at the end
     start, stop = _timer(model.output_device)
     times = []
     peak = _PeakMemory(devices)
@@ -117,7 +118,7 @@ def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, 
             if i == warmup:
                 work_before = _device_work(devices)
             begin = start()
-            logits, loss, _ = train_step(model, optimizer, x, y, dropout_seed=i)
+            logits, loss = train_step(model, optimizer, x, y, dropout_seed=i, guard=guard)
             for d in devices:  # the step ends when every tower's stream is done
                 d.synchronize()
             elapsed = stop(begin)
@@ -126,6 +127,7 @@ def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, 
                 times.append(elapsed)
             if progress:
                 progress(i + 1, warmup + steps)
+    guard.read()
     median = statistics.median(times)
     result = dict(batch_size=batch_size, devices=[d.name for d in devices], steps=steps,
                   ms_per_step=1000 * median, images_per_s=batch_size / median, peak_memory_bytes=peak.bytes(),

@@ -4,7 +4,7 @@
 on its own devices (as ChainerMN and PyTorch DDP). Each step every rank trains on its
 shard of the global batch (Loader(shard=...)), the gradients are averaged over the
 ranks in a few flat buckets (GradientBuckets), and every rank applies the same update.
-Transports per bucket: MPI on the CPU; NCCL (cupy.cuda.nccl) on a GPU's stream, or
+Transports per bucket: MPI on the CPU; NCCL (cupy.cuda.nccl) on a reduce stream per GPU, or
 without NCCL, MPI on a host copy. Every wait is bounded (MINIDL_PARALLEL_TIMEOUT s,
 default 600): a hung rank ends the job in one line; a dead one, Open MPI ends it.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from minidl.core import Tensor
 from minidl.device import Device, cupy
 from minidl.errors import MinidlError
+from minidl.functions.transfer import copy_array
 
 BUCKET_BYTES = 25 * 2 ** 20  # DDP's default: few enough calls to amortise latency, small enough to pipeline
 TIMEOUT_ENV = "MINIDL_PARALLEL_TIMEOUT"
@@ -149,9 +150,11 @@ class GradientBuckets:
 
     A bucket's sum starts during backward, from the parameters' grad hooks, once each of its
     parameters has a gradient for every use in this step's forward (Tensor.uses). Buckets start
-    in one fixed order on every rank, the reverse of the parameters'. Every backward must be
-    followed by `average()`, which starts the rest (a missing gradient counts as zero), waits
-    (bounded) and leaves the means in the gradients. `close()` takes the hooks off.
+    in one fixed order on every rank, the reverse of the parameters'. On a GPU the sums run on a
+    stream of their own, ordered by events after the packing and before the unpacking. Every
+    backward must be followed by `average()`, which starts the rest (a missing gradient counts as
+    zero) and leaves the means in the gradients (on a GPU, ordered on its stream: `settle()` waits,
+    bounded, before a blocking read). `close()` takes the hooks off.
     """
 
     def __init__(self, params: Sequence[Tensor], world: World, bucket_bytes: int = BUCKET_BYTES,
@@ -163,6 +166,9 @@ class GradientBuckets:
                 self.buckets.append((dev, dev.xp.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype), members))
         # in the same order on every rank: making a NCCL communicator is a collective call
         self.reducers = {dev: reducer_for(dev, world) for dev, _, _ in self.buckets}
+        self.streams = {dev: _reduce_stream(dev) for dev in self.reducers if dev.is_cuda}
+        self.reduced = {}  # device -> an event on its reduce stream after the last averaging's sums
+        self.poison = None  # (device, array): added to the next step's first bucket (include())
         self.order = list(reversed(range(len(self.buckets))))  # the start order, the same on every rank
         self.bucket_of = {id(p): k for k, (_, _, members) in enumerate(self.buckets) for p, _ in members}
         self.hooked = [p for _, _, members in self.buckets for p, _ in members] if overlap else []
@@ -200,8 +206,15 @@ class GradientBuckets:
                 self._start(self.order[self.next])
                 self.next += 1
 
+    def include(self, value, device: Device) -> None:
+        """Make the next averaged gradients NaN on every rank if `value` (an array on `device`) is not
+        finite on this one: the ranks then judge a step alike without a read (a rank's bad loss)."""
+        with device:
+            self.poison = (device, value * 0)  # 0, or NaN
+
     def _start(self, k):
-        """Pack bucket k from its parameters' gradients and start its sum over the ranks."""
+        """Pack bucket k from its parameters' gradients on the compute stream, then start its sum over
+        the ranks on the device's reduce stream, after the packing: backward goes on meanwhile."""
         dev, flat, members = self.buckets[k]
         with dev:
             for p, offset in members:
@@ -210,7 +223,14 @@ class GradientBuckets:
                     part.fill(0)
                 else:
                     part[...] = p.grad.data.reshape(-1)
-            self.waits[k] = self.reducers[dev](flat)
+            if self.poison is not None:  # the step's first bucket carries it
+                where, value = self.poison
+                flat[:1] += value if where is dev else copy_array(value, where, dev)
+                self.poison = None
+            stream = self.streams.get(dev)
+            if stream is not None:
+                stream.wait_event(dev.stream.record())
+            self.waits[k] = self.reducers[dev](flat, stream)
 
     def average(self) -> None:
         """Replace each parameter's gradient by its mean over the ranks (a missing one counts as zero)."""
@@ -220,13 +240,24 @@ class GradientBuckets:
                 self.next += 1
             for k in list(self.waits):  # every rank started the same buckets in the same order
                 self.waits.pop(k)()
+            for dev, stream in self.streams.items():  # the unpacking, on the compute stream, after the sums
+                with dev:
+                    self.reduced[dev] = stream.record()
+                    dev.stream.wait_event(self.reduced[dev])
             self._unpack()
         finally:
+            self.poison = None
             self._new_step()
+
+    def settle(self) -> None:
+        """Wait (bounded) until the last averaging is done on the devices: call before a blocking read,
+        which would wait for ever on NCCL waiting for a rank that died or hangs."""
+        for dev, event in self.reduced.items():
+            self.world.wait_until(lambda: event.done, f"averaging the gradients on {dev}")
+        self.reduced = {}
 
     def _unpack(self):
         scale = 1.0 / self.world.size
-        reduced = []  # (device, event after its last bucket)
         for dev, flat, members in self.buckets:
             with dev:
                 flat *= flat.dtype.type(scale)
@@ -234,12 +265,6 @@ class GradientBuckets:
                     if p.grad is None:  # another rank may have one: this rank must update alike
                         p.grad = Tensor(dev.xp.zeros_like(p.data), device=dev)
                     p.grad.data[...] = flat[offset:offset + p.size].reshape(p.shape)
-                if dev.is_cuda:
-                    reduced.append((dev, dev.stream.record()))
-        # NCCL waits on the device for a peer that never comes: the host bounds that wait here,
-        # where the next step (the gradient norm) would block on the stream anyway
-        for dev, event in reduced:
-            self.world.wait_until(lambda: event.done, f"averaging the gradients on {dev}")
 
 
 def _groups(params, bucket_bytes):
@@ -254,14 +279,21 @@ def _groups(params, bucket_bytes):
     return groups
 
 
-Reducer = Callable[[object], Callable[[], None]]
+Reducer = Callable[[object, object], Callable[[], None]]
+
+
+def _reduce_stream(dev: Device):
+    """The stream a GPU's sums run on, beside its compute stream (non-blocking: ordered by events only)."""
+    with dev:
+        return dev.xp.cuda.Stream(non_blocking=True)
 
 
 def reducer_for(dev: Device, world: World) -> Reducer:
-    """A function starting the sum over the ranks of a flat buffer on `dev`, in place: the device's transport.
+    """A function starting the sum over the ranks of a flat buffer on `dev`, in place, on a stream (None
+    on the CPU): the device's transport.
 
-    It returns a function that waits (bounded) until the sum is in the buffer, or, for NCCL,
-    until it is ordered on the device's stream (the host bounds that wait after unpacking).
+    It returns a function that waits (bounded) until the sum is in the buffer, or, on a GPU,
+    until it is ordered on that stream (the host bounds that wait in settle()).
     """
     if not dev.is_cuda:
         return _over_mpi(world)
@@ -273,7 +305,7 @@ WHAT = "averaging the gradients"
 
 
 def _over_mpi(world):
-    def over_mpi(flat):
+    def over_mpi(flat, stream):
         request = world.comm.Iallreduce(world.MPI.IN_PLACE, flat, world.MPI.SUM)
         return lambda: world.wait(request, WHAT)
     return over_mpi
@@ -281,15 +313,15 @@ def _over_mpi(world):
 
 def _over_host(dev, world):
     """Without NCCL: MPI on a host copy (slower, but the job runs)."""
-    def over_host(flat):
-        with dev:  # read back on the stream that packed it
-            host = flat.get()
+    def over_host(flat, stream):
+        with dev:  # read back and written on the reduce stream, after the packing, before the unpacking
+            host = flat.get(stream=stream)
         request = world.comm.Iallreduce(world.MPI.IN_PLACE, host, world.MPI.SUM)
 
         def done():
             world.wait(request, WHAT)
-            with dev:  # on the stream that unpacks it: the legacy stream would be unordered with it
-                flat.set(host, stream=dev.stream)
+            with dev:  # never the legacy stream: it would be unordered with the non-blocking ones
+                flat.set(host, stream=stream)
         return done
     return over_host
 
@@ -300,9 +332,9 @@ def _over_nccl(dev, world, nccl):
         comm = nccl.NcclCommunicator(world.size, unique_id, world.rank)
     kinds = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
 
-    def over_nccl(flat):  # enqueued on the device's stream: ordered after the packing, before the unpacking
+    def over_nccl(flat, stream):  # enqueued on the reduce stream: after the packing, before the unpacking
         # (the emulated NCCL computes it here, blocking, as the emulator computes every operation when enqueued)
-        comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kinds[flat.dtype], nccl.NCCL_SUM, dev.stream.ptr)
+        comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kinds[flat.dtype], nccl.NCCL_SUM, stream.ptr)
         return lambda: None
     return over_nccl
 

@@ -1,27 +1,140 @@
-"""One training step, shared by the trainer (train.py) and the benchmark (bench.py)."""
-from typing import Callable, Optional
+"""One training step, shared by the trainer (train.py) and the benchmark (bench.py), and its judge.
+
+A step reads nothing back from a GPU: StepGuard judges it on the devices (is the loss or a
+gradient NaN or infinite?), the optimizer skips a bad one there, and the figures of the steps
+wait on the output device for one read per log interval (benchmarks/NOTES.md, the step).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
 
 from minidl.core import Tensor
+from minidl.device import Device
 from minidl.functions import softmax_cross_entropy
+from minidl.functions.transfer import copy_array
 from minidl.layers import Layer, seed_dropout
 from minidl.optim import MomentumSGD
+from minidl.training.evaluate import topk_correct
+
+
+class StepRecord(NamedTuple):
+    """One step as read back: where it was taken, its rows, loss, top-1 count, and whether it was bad."""
+    position: Any  # the caller's (e.g. (epoch, batch))
+    rows: int
+    number: int  # the optimizer's step number
+    loss: float
+    correct: int
+    bad: bool  # its loss or a gradient was not finite: no parameter was updated
+
+
+class StepsRead(NamedTuple):
+    """What StepGuard.read() found: every step since the last read, and the updates that overflowed."""
+    steps: list[StepRecord]
+    overflowed: list[tuple[Tensor, int]]  # (parameter, step number), as MomentumSGD.nonfinite()
+
+    def position_of(self, number: int) -> Any:
+        return next((s.position for s in self.steps if s.number == number), self.steps[-1].position)
+
+
+class StepGuard:
+    """Judges every step on the devices and keeps its figures there, for one blocking read per interval.
+
+    check(), after backward (and the ranks' averaging), enqueues the step's verdict, 0 or NaN (the loss
+    or a gradient not finite), on every device with parameters, for MomentumSGD.step(halt=...): a bad
+    step updates nothing. Unless `skip`, the verdict stays NaN for every later step until read, so the
+    weights keep the state before the first bad step. read() is the one blocking read of the steps
+    since the last: their records and the optimizer's flags of updates that overflowed.
+    """
+
+    def __init__(self, model: Layer, optimizer: MomentumSGD, *, skip: bool,
+                 before_read: Optional[Callable[[], None]] = None):
+        self.hub, self.optimizer, self.skip, self.before_read = model.output_device, optimizer, skip, before_read
+        self.pending = []  # (position, rows, optimizer step number) of each step not read yet
+        self.records = None  # on the hub: a row per pending step, (loss, top-1 count, verdict)
+        self.sticky = None  # without skip: the sum of the verdicts since the last read
+
+    def check(self, loss: Tensor, logits: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+              position: Any = None) -> dict[Device, Any]:
+        """Judge the step whose backward just ran: returns, per device, the halt for MomentumSGD.step."""
+        hub = self.hub
+        found = self.optimizer.nonfinite_gradients()
+        with hub:
+            verdict = loss.data * 0  # 0, or NaN where the loss is not finite
+            for device, mark in found.items():
+                verdict = verdict + (mark if device is hub else copy_array(mark, device, hub))
+            if not self.skip:
+                verdict = self.sticky = verdict if self.sticky is None else self.sticky + verdict
+            row = self._next_row()
+            row[0] = loss.data
+            if logits is not None and labels is not None:
+                row[1] = topk_correct(hub.xp, logits.data, labels.data, 1)
+            row[2:] = verdict
+        rows = len(logits.data) if logits is not None else 0
+        self.pending.append((position, rows, self.optimizer.steps + 1))  # the number step() gives it
+        return {device: verdict if device is hub else copy_array(verdict, hub, device) for device in found}
+
+    def _next_row(self):
+        """The hub's row for the next step (the records grow, by doubling, past an interval's steps)."""
+        n = len(self.pending)
+        if self.records is None or n == len(self.records):
+            grown = self.hub.xp.zeros((max(16, 2 * n), 3), dtype=np.float64)
+            if n:
+                grown[:n] = self.records
+            self.records = grown
+        return self.records[n]
+
+    def read(self) -> StepsRead:
+        """Every step since the last read, in order, and the overflowed updates: one blocking read."""
+        if not self.pending:
+            return StepsRead([], [])
+        if self.before_read is not None:
+            self.before_read()
+        flags = self.optimizer.flag_arrays()
+        host = read_together(self.hub, [(self.hub, self.records[:len(self.pending)])] + flags)
+        overflowed = self.optimizer.nonfinite(host[1:])
+        steps = [StepRecord(position, rows, number, float(loss), int(correct), not math.isfinite(verdict))
+                 for (position, rows, number), (loss, correct, verdict) in zip(self.pending, host[0].reshape(-1, 3))]
+        self.pending, self.sticky = [], None  # a NaN sticky verdict stops the run: nothing is left to carry
+        return StepsRead(steps, overflowed)
+
+
+def read_together(hub: Device, arrays: list[tuple[Device, Any]]) -> list[np.ndarray]:
+    """Host copies of arrays on several devices in one blocking read (gathered on `hub`, as float64)."""
+    if not hub.is_cuda:
+        return [np.asarray(copy_array(a, device, hub) if device is not hub else a) for device, a in arrays]
+    with hub:
+        parts = [(a if device is hub else copy_array(a, device, hub)).astype(np.float64).reshape(-1)
+                 for device, a in arrays]
+        host = hub.xp.concatenate(parts).get() if len(parts) > 1 else parts[0].get()
+    ends = np.cumsum([a.size for _, a in arrays])[:-1]
+    return [part.reshape(a.shape) for part, (_, a) in zip(np.split(host, ends), arrays)]
 
 
 def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_seed: int, *, first_row: int = 0,
-               checked: bool = False, accept: Optional[Callable[[Tensor], bool]] = None):
-    """Dropout masks, forward, loss, backward and update; returns (logits, loss, updated).
+               checked: bool = False, guard: Optional[StepGuard] = None, buckets=None,
+               position: Any = None) -> tuple[Tensor, Tensor]:
+    """Dropout masks, forward, loss, backward, the ranks' averaging and the update; returns (logits, loss).
 
     `labels` are the loss's (a Tensor on the output device, or host integers it checks);
     `checked` says they were checked against the classes already. `first_row` is the
     batch's first row in the global batch (the dropout masks are a function of it).
-    `accept(loss)`, called after backward, returns False to skip the update.
+    `guard` judges the step on the devices (a bad one updates nothing); `buckets`
+    (distributed.GradientBuckets) average the gradients over the ranks.
     """
     seed_dropout(model, dropout_seed, first_row=first_row)
     logits = model(x)
     loss = softmax_cross_entropy(logits, labels, checked=checked)
     optimizer.zero_grad()
+    if buckets is not None and guard is not None:  # a rank's bad loss makes every rank's step bad
+        buckets.include(loss.data, loss.device)
     loss.backward()
-    if accept is not None and not accept(loss):
-        return logits, loss, False
-    optimizer.step()
-    return logits, loss, True
+    if buckets is not None:
+        buckets.average()
+    halt = None
+    if guard is not None:
+        halt = guard.check(loss, logits, labels if isinstance(labels, Tensor) else None, position)
+    optimizer.step(halt)
+    return logits, loss

@@ -30,12 +30,12 @@ from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_recipe, input_scale,
                                         save_checkpoint)
 from minidl.training.distributed import Solo, World, rank_device_map
-from minidl.training.evaluate import check_labels, evaluate, topk_correct
+from minidl.training.evaluate import check_labels, evaluate
 from minidl.training.lock import lock_folder
 from minidl.training.metrics import METRICS_FILE, Eta, MetricsLog
 from minidl.training.model_file import ModelFile, load_model_file
 from minidl.training.restore import Restored
-from minidl.training.step import train_step
+from minidl.training.step import StepGuard, train_step
 from minidl.training.visualize import training_curves
 
 Devices = Union[None, str, Sequence[str]]
@@ -275,6 +275,9 @@ class Run:
         self.schedule = self.recipe.schedule()
         self.optimizer = ScheduledSGD(model.params(), self.schedule, self.recipe.config["momentum"],
                                       self.recipe.config["weight_decay"])
+        self.guard = StepGuard(model, self.optimizer, skip=self.skip_nonfinite,
+                               before_read=self.buckets.settle if self.buckets else None)
+        self.interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())  # the steps read, not reported
         self.history = {k: [] for k in HISTORY_KEYS}
         self.epoch, self.batch, self.step = 0, 0, 0
         self.totals = dict(loss_sum=0.0, correct=0, seen=0)  # of the unfinished epoch
@@ -320,7 +323,7 @@ class Run:
 
     def save(self, path: str) -> None:
         """Write a checkpoint of where the run stands to `path` (rank 0; every rank checks the last update)."""
-        self._check_update()  # on every rank (it decides together): never a checkpoint after a bad update
+        self._take_steps()  # on every rank (they judge alike): never a checkpoint after a bad update
         if self.world.rank != 0:  # the replicas are identical: one writer
             return
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
@@ -335,96 +338,67 @@ class Run:
             return self._train_batches(batches, log_every, checkpoint_seconds, max_steps)
 
     def _train_batches(self, batches, log_every, checkpoint_seconds, max_steps):
-        model, xp = self.model, self.model.output_device.xp
+        model = self.model
         model.train()
-        # running sums stay on the device; they are read once per log interval
-        interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
         last_save = time.monotonic()
+        self.interval["start"] = time.perf_counter()  # empty here: the last epoch ended with a report
         for images, labels in batches:
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
             # the dataset's reader checked every label against its classes, and check_labels those against the
             # model's: no per-step check, which on a GPU would wait for a read back. The masks are the global
             # batch's rows: this rank's start at rank * local batch (the Loader shard's even split)
-            logits, loss, updated = train_step(model, self.optimizer, x, y, step_seed(self.recipe.seed, self.epoch,
-                                               self.batch), first_row=self.world.rank * len(labels), checked=True,
-                                               accept=self._accept)
-            if not updated:  # a skipped batch: no update, nothing counted
-                self.batch += 1
-                del logits, loss
-                continue
-            # the optimizer's verdict on the new weights is read with the next step's loss, or below
-            self.updated_at = (self.epoch, self.batch)
+            train_step(model, self.optimizer, x, y, step_seed(self.recipe.seed, self.epoch, self.batch),
+                       first_row=self.world.rank * len(labels), checked=True, guard=self.guard, buckets=self.buckets,
+                       position=(self.epoch, self.batch))
+            # counted as taken: a step the guard skipped is taken back when read (_take_steps)
             self.step, self.batch = self.step + 1, self.batch + 1
-            with model.output_device:
-                interval["loss"] += loss.data.astype(xp.float64) * len(labels)
-                interval["correct"] += topk_correct(xp, logits.data, y.data, 1)
-            interval["seen"] += len(labels)
-            del logits, loss  # free the graph before the next batch is built
             finished_epoch = self.batch == len(self.train_loader)
             if self.step % log_every == 0 or finished_epoch or self.step == max_steps:
-                self._log(interval)
-                interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
-                if self.step == max_steps and not finished_epoch:
+                self._take_steps()
+                self._log()
+                if max_steps is not None and self.step >= max_steps and not finished_epoch:
                     self.save(self.last_path)
                     return False
                 if time.monotonic() - last_save > checkpoint_seconds and not finished_epoch:
                     self.save(self.last_path)
                     last_save = time.monotonic()
-        if interval["seen"]:  # the epoch's last batches were skipped after the last log
-            self._log(interval)
-        self._check_update()  # the epoch's last update, before validation runs on it
+        self._take_steps()  # nothing is left unread, unless the loader ended early
+        self._log()
         return True
 
-    def _accept(self, loss) -> bool:
-        """After backward: average the ranks' gradients, and say whether to update (see _diverged)."""
-        if self.buckets:
-            self.buckets.average()
-        return not self._diverged(loss)
+    def _take_steps(self):
+        """Read the steps since the last read (the one blocking read of an interval): count their figures,
+        take back the skipped ones, and stop on a bad one (unless skipped) or an update that overflowed."""
+        read = self.guard.read()
+        bad = [s for s in read.steps if s.bad]
+        first_bad = bad[0] if bad else None
+        if read.overflowed and (first_bad is None or self.skip_nonfinite or read.overflowed[0][1] < first_bad.number):
+            params = [p for p, _ in read.overflowed]
+            raise self._update_error(params, read.position_of(read.overflowed[0][1]))
+        if first_bad is not None:
+            # the ranks judged alike (a bad loss reaches every rank through the sums); the message says whose
+            another_rank = self.world.sum([0.0 if math.isfinite(first_bad.loss) else 1.0])[0] > 0
+            if not self.skip_nonfinite:
+                what = (f"loss is {first_bad.loss}" if not math.isfinite(first_bad.loss) else
+                        "loss of another rank's shard is not finite" if another_rank else
+                        "gradient is NaN or infinite")
+                raise self._stopped(*first_bad.position, f"the {what}")
+            self.skipped += len(bad)
+            self.step -= len(bad)
+        good = [s for s in read.steps if not s.bad]
+        self.interval["loss"] += sum(s.loss * s.rows for s in good)
+        self.interval["correct"] += sum(s.correct for s in good)
+        self.interval["seen"] += sum(s.rows for s in good)
 
-    def _diverged(self, loss):
-        """True to skip this batch; raises NonFiniteError to stop, before the update touches the weights.
-
-        One read of the loss and the gradient norm per step, and with it the
-        optimizer's verdict on the previous update: a non-finite value must stop
-        the run before it reaches the weights, or, made by the update itself
-        (a finite gradient times a huge rate), before a checkpoint holds it, so
-        that the last checkpoint written stays the last good state.
-        """
-        loss_value, grad_norm, updated = loss.item(), self.optimizer.grad_norm(), self.optimizer.nonfinite()
-        # the ranks decide together: one that skipped or stopped alone would leave the others waiting
-        bad_update, bad_step = self.world.sum([bool(updated), not (math.isfinite(loss_value) and
-                                                                   math.isfinite(grad_norm))])
-        if bad_update:
-            raise self._update_error(updated)
-        if not bad_step:
-            return False
-        if not math.isfinite(loss_value):
-            what = f"loss is {loss_value}"
-        elif not math.isfinite(grad_norm):
-            what = f"gradient norm is {grad_norm}"
-        else:
-            what = "loss of another rank's shard is not finite"
-        if self.skip_nonfinite:
-            self.skipped += 1
-            self.optimizer.zero_grad()
-            return True
-        raise self._stopped(self.epoch, self.batch, f"the {what}")
-
-    def _check_update(self):
-        """Stop if the last update left a weight or velocity NaN or infinite (nothing to read if already read)."""
-        updated = self.optimizer.nonfinite()
-        if self.world.any(updated):
-            raise self._update_error(updated)
-
-    def _update_error(self, params):
+    def _update_error(self, params, position):
         """The update is made: with --skip-nonfinite too, the run stops (the weights it would skip to are gone)."""
         names = [name for name, p in self.model.named_params() if any(p is q for q in params)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = f"the update of {shown or 'another rank'} overflowed to NaN or infinity (its gradient was finite)"
         if self.skip_nonfinite:
             what += "; --skip-nonfinite cannot skip it, the weights have changed"
-        return self._stopped(*self.updated_at, what)
+        return self._stopped(*position, what)
 
     def _stopped(self, epoch, batch, what):
         kept = (f"{self.last_path} holds the last good state (continue with --resume, at a lower rate)"
@@ -433,9 +407,12 @@ class Run:
             f"training stopped at epoch {epoch + 1}, batch {batch + 1}: {what}; the learning rate "
             f"({self.schedule.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
-    def _log(self, interval):
-        with self.model.output_device:  # the one read from the device per interval
-            local = [float(interval["loss"]), int(interval["correct"]), interval["seen"]]
+    def _log(self):
+        """Report the steps counted since the last report (nothing if none)."""
+        interval, self.interval = self.interval, dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
+        if not interval["seen"]:  # every step since the last report was skipped
+            return
+        local = [interval["loss"], interval["correct"], interval["seen"]]
         loss_sum, correct, seen = self.world.sum(local)  # over the ranks: the figures of the global batches
         loss_sum, correct, seen = float(loss_sum), int(correct), int(seen)
         elapsed = time.perf_counter() - interval["start"]
@@ -492,9 +469,10 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
           allow_model_change: bool = False) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
-    A non-finite loss or gradient stops the run (NonFiniteError) before the update; with
-    skip_nonfinite the batch is skipped instead, and counted. An update that makes a weight
-    or velocity non-finite stops the run in any case, before any checkpoint holds it. With
+    A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
+    the step; no update is made from that step on); with skip_nonfinite the batch is skipped
+    instead, and counted. An update that makes a weight or velocity non-finite stops the run in
+    any case, before any checkpoint holds it. With
     data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
     A resumed run refuses a model file other than its own unless allow_model_change.
     """
