@@ -111,20 +111,20 @@ def test_ten_crop(dataset):
         Loader(dataset, batch_size=4, ten_crop=True)
 
 
-def test_error_in_the_thread_reaches_the_caller(dataset, monkeypatch):
-    loader = Loader(dataset, batch_size=4)
-    calls = []
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_making_a_batch_reaches_the_caller(dataset, monkeypatch, workers):
+    loader = Loader(dataset, batch_size=4, workers=workers)
+    real_cut = loader.cut
 
-    def failing(images, rng):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("augmentation broke")
-        return np.zeros(1)
+    def failing(images, plan, out):
+        if plan.number == 1:
+            raise RuntimeError("cropping broke")
+        real_cut(images, plan, out)
 
-    monkeypatch.setattr(loader, "make_batch", failing)
+    monkeypatch.setattr(loader, "cut", failing)  # the workers are forked: they have it too
     batches = loader.epoch_batches(0)
     next(batches)
-    with pytest.raises(RuntimeError, match="augmentation broke"):
+    with pytest.raises(RuntimeError, match="cropping broke"):
         next(batches)
     with pytest.raises(StopIteration):
         next(batches)

@@ -21,6 +21,7 @@ from minidl.atomic import remove_stale_temporaries
 from minidl.core import Tensor
 from minidl.cpu.memory import keep_freed_host_memory
 from minidl.data import Loader, builtin_dataset
+from minidl.data.loader import default_workers
 from minidl.device import gpu_count, set_device_map
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.hdf5 import show
@@ -86,10 +87,12 @@ class Recipe:
     def init(self) -> str:
         return self.config["init"]
 
-    def loaders(self, data_path: str, shard: Optional[tuple] = None) -> tuple:
-        """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share."""
+    def loaders(self, data_path: str, shard: Optional[tuple] = None, workers: int = 0) -> tuple:
+        """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share; `workers`
+        processes each make their batches (0: a thread)."""
         c, scale = self.config, input_scale(self.config, self.init)
-        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale, shard=shard or (0, 1))
+        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale, shard=shard or (0, 1),
+                      workers=workers)
         return (Loader(data_path, split="train", augment=True, drop_last=True, **common),
                 Loader(data_path, split="val", augment=False, **common))
 
@@ -186,9 +189,12 @@ def join_world(data_parallel: bool, devices: Devices):
 class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step): made by new or resume."""
 
-    def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False):
-        """The run's recipe and world only; `new` and `resume` add its data, model and output folder."""
+    def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False,
+                 workers: Optional[int] = None):
+        """The run's recipe and world only; `new` and `resume` add its data, model and output folder. `workers`:
+        the loaders' processes (None: default_workers())."""
         self.recipe, self.world, self.lock = recipe, world, None
+        self.workers = default_workers() if workers is None else workers
         self.report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         if recipe.batch_size % world.size:
@@ -199,7 +205,7 @@ class Run:
     def new(cls, model_path: Optional[str], *, out_dir: str, data: Optional[str] = None, devices: Devices = None,
             epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
             init: Optional[str] = None, report: Report = lambda event: None, skip_nonfinite: bool = False,
-            data_parallel: bool = False) -> "Run":
+            data_parallel: bool = False, workers: Optional[int] = None) -> "Run":
         """A new run of the model file `model_path`, with the caller's options over its CONFIG."""
         world = join_world(data_parallel, devices)
         if model_path is None:
@@ -207,7 +213,7 @@ class Run:
         model_file = load_model_file(model_path)
         recipe = Recipe.new(model_file, builtin=data is None, epochs=epochs, batch_size=batch_size, init=init,
                             seed=seed)
-        run = cls(recipe, world, report, skip_nonfinite)
+        run = cls(recipe, world, report, skip_nonfinite, workers)
         devices = model_file.devices_for(devices)
         data_path = run._open_data(data, data_parallel)
         num_classes = run.train_loader.num_classes
@@ -221,7 +227,7 @@ class Run:
                data: Optional[str] = None, devices: Devices = None, epochs: Optional[int] = None,
                batch_size: Optional[int] = None, seed: Optional[int] = None, init: Optional[str] = None,
                report: Report = lambda event: None, skip_nonfinite: bool = False, data_parallel: bool = False,
-               allow_model_change: bool = False) -> "Run":
+               allow_model_change: bool = False, workers: Optional[int] = None) -> "Run":
         """The run of `checkpoint_path`, from where it stood: it may change its devices and epochs, and refuses
         in one line what would make it another run (batch size, init, seed, other data or model file)."""
         world = join_world(data_parallel, devices)
@@ -229,7 +235,7 @@ class Run:
         checkpoint = restored.checkpoint
         refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data,
                        model_file=restored.model_file, allow_model_change=allow_model_change)
-        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite)
+        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers)
         # the data given (checked by content), else the recorded path (checked too), else the built-in
         data = data or checkpoint["data"] or None
         data_path = run._open_data(data, data_parallel, checkpoint)
@@ -254,7 +260,7 @@ class Run:
         if data is None and world.rank == 0:
             world.barrier()
         shard = (world.rank, world.size) if data_parallel else None
-        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard)
+        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard, self.workers)
         if checkpoint is not None:
             refuse_other_data(checkpoint, data_path, self.train_loader.fingerprint)
         if len(self.train_loader) == 0:
@@ -269,6 +275,7 @@ class Run:
                num_classes: int):
         """The model (built by the caller once the data passed), its optimizer and schedule, at step 0."""
         self.model, self.devices = model, devices
+        self.train_loader.device = self.val_loader.device = model.input_device  # the input is made there
         self.world.broadcast_params(model.params())
         self.buckets = self.world.gradient_buckets(model.params())  # None in a single process
         self.schedule = self.recipe.schedule()
@@ -331,17 +338,19 @@ class Run:
         model, xp = self.model, self.model.output_device.xp
         model.train()
         # running sums stay on the device; they are read once per log interval
-        interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
+        interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter(), stepping=0.0)
         last_save = time.monotonic()
         for images, labels in batches:
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
+            step_start = time.perf_counter()
             # the dataset's reader checked every label against its classes, and check_labels those against the
             # model's: no per-step check, which on a GPU would wait for a read back. The masks are the global
             # batch's rows: this rank's start at rank * local batch (the Loader shard's even split)
             logits, loss, updated = train_step(model, self.optimizer, x, y, step_seed(self.recipe.seed, self.epoch,
                                                self.batch), first_row=self.world.rank * len(labels), checked=True,
                                                accept=self._accept)
+            interval["stepping"] += time.perf_counter() - step_start  # the step reads its loss: it has run
             if not updated:  # a skipped batch: no update, nothing counted
                 self.batch += 1
                 del logits, loss
@@ -356,8 +365,8 @@ class Run:
             del logits, loss  # free the graph before the next batch is built
             finished_epoch = self.batch == len(self.train_loader)
             if self.step % log_every == 0 or finished_epoch or self.step == max_steps:
-                self._log(interval)
-                interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
+                self._log(interval, batches)
+                interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter(), stepping=0.0)
                 if self.step == max_steps and not finished_epoch:
                     self.save(self.last_path)
                     return False
@@ -365,7 +374,7 @@ class Run:
                     self.save(self.last_path)
                     last_save = time.monotonic()
         if interval["seen"]:  # the epoch's last batches were skipped after the last log
-            self._log(interval)
+            self._log(interval, batches)
         self._check_update()  # the epoch's last update, before validation runs on it
         return True
 
@@ -426,7 +435,7 @@ class Run:
             f"training stopped at epoch {epoch + 1}, batch {batch + 1}: {what}; the learning rate "
             f"({self.schedule.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
-    def _log(self, interval):
+    def _log(self, interval, batches):
         with self.model.output_device:  # the one read from the device per interval
             local = [float(interval["loss"]), int(interval["correct"]), interval["seen"]]
         loss_sum, correct, seen = self.world.sum(local)  # over the ranks: the figures of the global batches
@@ -438,7 +447,7 @@ class Run:
         self.history["interval_loss"].append(loss_sum / seen)
         self.report(dict(kind="step", epoch=self.epoch, batch=self.batch, batches=len(self.train_loader),
                          step=self.step, loss=loss_sum / seen, top1=correct / seen, images_per_s=seen / elapsed,
-                         lr=self.schedule.lr))
+                         lr=self.schedule.lr, rates=rates(batches, interval, self.world.size)))
 
     def end_epoch(self) -> None:
         """Validate, record the epoch, step the schedule, write the checkpoints and the curves."""
@@ -462,26 +471,34 @@ class Run:
                          finished=self.schedule.finished, skipped=self.skipped))
 
 
+def rates(batches, interval: dict, ranks: int) -> dict:
+    """Images/s of the data (what the loaders could deliver: minidl.data.loader.Batches) and of the steps alone,
+    this rank's times `ranks` (each rank has its share of the global batch)."""
+    step = interval["seen"] / interval["stepping"] if interval["stepping"] else math.nan
+    return dict(data=ranks * batches.delivery_rate(), step=ranks * step)
+
+
 def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devices: Devices = None,
           epochs: Optional[int] = None, batch_size: Optional[int] = None, out_dir: str = "runs/alexnet",
           resume: Optional[str] = None, seed: Optional[int] = None, init: Optional[str] = None,
           progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
           max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
-          allow_model_change: bool = False) -> dict:
+          allow_model_change: bool = False, workers: Optional[int] = None) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError) before the update; with
     skip_nonfinite the batch is skipped instead, and counted. An update that makes a weight
     or velocity non-finite stops the run in any case, before any checkpoint holds it. With
     data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
-    A resumed run refuses a model file other than its own unless allow_model_change.
+    A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
+    processes (None: the cores available minus one; 0: a thread of this process).
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
     options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
                    out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
-                   data_parallel=data_parallel)
+                   data_parallel=data_parallel, workers=workers)
     if resume:
         run = Run.resume(resume, model_path, allow_model_change=allow_model_change, **options)
     else:
