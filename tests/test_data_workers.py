@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from minidl.data.augment import Crops
+from minidl.data.augment import Crops, crop_and_flip
 from minidl.data.dataset import write_dataset
 from minidl.data.loader import Loader, default_workers
 from minidl.device import device
@@ -74,17 +74,20 @@ def test_the_kernel_is_the_numpy_path_on_fresh_inputs(seed):
     rng = np.random.default_rng(seed)
     count, size = rng.integers(1, 6), rng.integers(8, 40)
     crop = rng.integers(1, size + 1)
-    crops = rng.integers(0, 256, (count, crop, crop, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     where = Crops(rng.integers(0, size - crop + 1, count), rng.integers(0, size - crop + 1, count),
                   rng.random(count) < 0.5)
+    windows = crop_and_flip(images, crop, where._replace(flips=np.zeros(count, bool)))  # the device mirrors them
     mean = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
     shift = None if seed % 2 else rng.normal(0, 20, (count, 3)).astype(np.float32)
     scale = float(rng.choice([1.0, 1 / 255, -0.3]))
+    expected = crops_to_input_cpu(crop_and_flip(images, crop, where), mean, where, shift, scale)
     feed = InputFeed("cuda:1", mean, scale)
     for _ in range(2):  # the second call reuses the pinned buffer
         with device("cuda:1"):
-            got = feed(crops, where, shift).get()
-        np.testing.assert_array_equal(got, crops_to_input_cpu(crops, mean, where, shift, scale))
+            got = feed(windows, where, shift).get()
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(InputFeed("cpu", mean, scale)(windows, where, shift), expected)
 
 
 def test_default_workers_leave_a_core_for_training():

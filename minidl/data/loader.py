@@ -5,8 +5,8 @@ epoch e comes from (seed, e), the augmentation of batch i of epoch e from (seed,
 So `epoch_batches(e, start=k)` yields exactly the batches k, k+1, ... of an
 uninterrupted epoch, whatever the number of workers, and a shard (one rank's rows) is
 exactly those rows of one process's batch. A batch's images are read in file order (a
-forward sweep). The CPU reads, crops and mirrors (uint8); the float conversion, mean,
-lighting and scale run on the loader's device (minidl.functions.to_input).
+forward sweep). The CPU reads and crops (uint8); the mirror, float conversion, mean, lighting
+and scale run on the loader's GPU (minidl.functions.to_input), or on a CPU device in the makers.
 """
 import atexit
 import contextlib
@@ -235,22 +235,23 @@ class Loader:
                     np.copyto(out[:x.nbytes].view(np.float32).reshape(x.shape), x)
                     return x.nbytes
                 crops = out[:np.prod(self.crops_shape(plan))].reshape(self.crops_shape(plan))
-                self.cut(images, plan, crops)
+                self.cut(images, plan, crops, mirror=False)  # the device mirrors (to_input.cu)
                 return crops.nbytes
             yield make
 
     def crops_shape(self, plan: BatchPlan) -> tuple:
         return (len(plan.where.tops), self.crop, self.crop, 3)
 
-    def cut(self, images, plan: BatchPlan, out: np.ndarray) -> None:
-        """Read the plan's images from the h5py dataset `images`, one by one, and cut their crops into `out`."""
+    def cut(self, images, plan: BatchPlan, out: np.ndarray, mirror: bool = True) -> None:
+        """Read the plan's images from the h5py dataset `images`, one by one, and cut their crops into `out`
+        (with mirror=False, the windows as the images hold them)."""
         buffer = np.empty((1,) + images.shape[1:], images.dtype)
         views = plan.views
+        where = plan.where if mirror else plan.where._replace(flips=np.zeros(len(plan.where.flips), bool))
         for i, position in enumerate(plan.file_positions):
             images.read_direct(buffer, np.s_[position:position + 1])
             rows = slice(i * views, (i + 1) * views)
-            crop_and_flip(buffer, self.crop, Crops(*(a[rows] for a in plan.where)), np.zeros(views, int),
-                          out[rows])
+            crop_and_flip(buffer, self.crop, Crops(*(a[rows] for a in where)), np.zeros(views, int), out[rows])
 
     def finished(self, images, plan: BatchPlan) -> np.ndarray:
         """The plan's crops as the network's float32 input (NumPy), flat: (crops, 3, crop, crop)."""
@@ -268,13 +269,13 @@ class Loader:
                     made = self.finished(f["images"], plan)
                 else:
                     made = np.empty(self.crops_shape(plan), np.uint8)
-                    self.cut(f["images"], plan, made)
+                    self.cut(f["images"], plan, made, mirror=False)
                 yield number, made, time.perf_counter() - start
 
 
 class Batches:
     """An epoch's batches (x on the loader's device, y int64) made ahead (by a WorkerPool or a BackgroundIterator):
-    uint8 crops finished by `feed` on a GPU, or float32 inputs when `feed` is None. close() stops their makers.
+    uint8 windows finished by `feed` on a GPU, or float32 inputs when `feed` is None. close() stops their makers.
     `delivery_rate()`: the images/s the makers and the feed could deliver since the last call (the makers'
     time shared among them), whatever the consumer's pace."""
 

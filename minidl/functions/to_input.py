@@ -2,18 +2,19 @@
 
     x[n, c, y, x] = ((crop[n, y, x, c] - mean[where's pixel, c]) + shift[n, c]) * scale   (float32 NCHW)
 
-The CPU cuts and mirrors the crops (minidl.data); this finishes them on their device. CPU: NumPy,
-the loader's arithmetic step by step (`crops_to_input_cpu`, the reference). GPU: to_input.cu,
-one thread per output value, the same roundings in the same order: the two agree bit for bit.
-`InputFeed` takes host crops to a device through one reused pinned buffer. An autograd-free
-function (an input has no gradient), kept here beside its kernel like every other.
+The CPU cuts the crops (minidl.data); this finishes them on their device. CPU: NumPy, the loader's
+arithmetic step by step on mirrored crops (`crops_to_input_cpu`, the reference). GPU: to_input.cu,
+one thread per output value, which also mirrors (the CPU then cuts plain windows, contiguous copies),
+with the same roundings in the same order: the two agree bit for bit. `InputFeed` takes host
+windows to a device through one reused pinned buffer. An autograd-free function (an input has no
+gradient), kept here beside its kernel like every other.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from minidl import kernels
-from minidl.data.augment import Crops, subtract_mean, to_nchw
+from minidl.data.augment import Crops, crop_and_flip, subtract_mean, to_nchw
 from minidl.device import Device, device as as_device
 
 CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",))
@@ -32,20 +33,20 @@ def crops_to_input_cpu(crops: np.ndarray, mean: np.ndarray, where: Crops, shift:
     return x
 
 
-def crops_to_input_gpu(crops, mean, where, shift, scale: float):
-    """The kernel, on device arrays of the current GPU: crops uint8 (N, crop, crop, 3), mean float32 (S, S, 3),
-    where int32 (N, 3) rows of (top, left, mirrored), shift float32 (N, 3)."""
-    count, crop = crops.shape[:2]
+def crops_to_input_gpu(windows, mean, where, shift, scale: float):
+    """The kernel, on device arrays of the current GPU: windows uint8 (N, crop, crop, 3), not mirrored, mean
+    float32 (S, S, 3), where int32 (N, 3) rows of (top, left, mirrored), shift float32 (N, 3)."""
+    count, crop = windows.shape[:2]
     out = kernels.empty((count, 3, crop, crop), np.float32)
-    kernels.launch(CU, "crops_to_input", np.float32, out.size, crops, mean, where, shift, out, out.size, crop,
+    kernels.launch(CU, "crops_to_input", np.float32, out.size, windows, mean, where, shift, out, out.size, crop,
                    mean.shape[0], float(scale))
     return out
 
 
 class InputFeed:
-    """Host uint8 crops -> the network's float32 input on `device` (a NumPy array on the CPU).
+    """Host uint8 windows (crops not yet mirrored) -> the network's float32 input on `device` (NumPy on the CPU).
 
-    A GPU's crops go through one pinned host buffer, reused (grown when a batch needs more):
+    A GPU's windows go through one pinned host buffer, reused (grown when a batch needs more):
     a call waits for the previous call's copy out of it before it writes there. Not for
     use by two threads at once.
     """
@@ -58,7 +59,9 @@ class InputFeed:
 
     def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None):
         if not self.device.is_cuda:
-            return crops_to_input_cpu(crops, self.mean, where, shift, self.scale)
+            zero = np.zeros(len(crops), int)
+            mirrored = crop_and_flip(crops, crops.shape[1], Crops(zero, zero, where.flips))
+            return crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale)
         xp = self.device.xp
         with self.device:
             if self._device_mean is None:

@@ -91,8 +91,8 @@ class Recipe:
         """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share; `workers`
         processes each make their batches (0: a thread)."""
         c, scale = self.config, input_scale(self.config, self.init)
-        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale, shard=shard or (0, 1),
-                      workers=workers)
+        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale,
+                      shard=shard or (0, 1), workers=workers)
         return (Loader(data_path, split="train", augment=True, drop_last=True, **common),
                 Loader(data_path, split="val", augment=False, **common))
 
