@@ -1,6 +1,7 @@
 """The loader's worker processes and device stage: the same batches whatever the workers and the device,
 errors and deaths in one line, no worker or shared memory left behind."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,69 @@ def test_workers_end_with_their_parent(dataset, how):
     while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(pid_alive(pid) for pid in pids)
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+    from minidl_cli.main import main
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_bench_data_reports_the_delivery(dataset, where):
+    code, output = run_cli("bench-data", dataset, "--workers", "2", "--batch-size", "4", "--batches", "3",
+                           "--devices", where)
+    assert code == 0, output
+    assert re.fullmatch(rf"3 batches of 4 \(227x227 crops\) to {where} with 2 worker\(s\): [\d,]+ images/s  "
+                        r"[\d.]+ ms CPU per image  peak memory [\d.]+ MiB \(this process\), [\d.]+ MiB \(largest "
+                        r"worker\)\n", output), output
+
+
+def test_bench_data_refuses_in_one_line(dataset, tmp_path):
+    code, output = run_cli("bench-data", dataset, "--devices", "cpu,cpu")
+    assert code == 1 and output == "error: --devices cpu,cpu: bench-data delivers to one device, e.g. cpu or cuda:0\n"
+    code, output = run_cli("bench-data", dataset, "--batch-size", "20")
+    assert code == 1 and output.startswith("error: ") and "needs two batches of 20" in output
+    code, output = run_cli("bench-data", tmp_path / "missing.h5")
+    assert code == 1 and output.count("\n") == 1 and "missing.h5" in output
+
+
+TINY_MODEL = '''
+from minidl.layers import Flatten, Layer, Linear
+CONFIG = dict(momentum=0.9, weight_decay=0.0005, lr_drop_factor=10, lr_drops=3, init="he", devices=("cpu",),
+              input_size=19, batch_size=4, epochs=1, lr=0.01, plateau_patience=5, input_scale=1 / 255)
+
+
+class Tiny(Layer):
+    def __init__(self, num_classes, devices):
+        super().__init__(device=None)
+        self.flat, self.fc = Flatten(device=devices[0]), Linear(3 * 19 * 19, num_classes, device=devices[0], rng=0)
+        self.input_device = self.output_device = self.fc.device
+
+    def forward(self, x):
+        return self.fc(self.flat(x))
+
+
+def build_model(num_classes, devices, init, seed):
+    return Tiny(num_classes, devices)
+'''
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_training_reports_the_rates_of_the_data_and_of_the_steps(dataset, tmp_path, where):
+    from minidl.training.train import train
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY_MODEL)
+    events = []
+    histories = [train(model, data=dataset, devices=(where,), out_dir=tmp_path / str(workers), log_every=2,
+                       workers=workers, progress=events.append) for workers in (0, 2)]
+    assert histories[0]["interval_loss"] == histories[1]["interval_loss"]  # the same batches, the same steps
+    steps = [e for e in events if e["kind"] == "step"]
+    assert steps and all(e["rates"]["data"] > 0 and e["rates"]["step"] > 0 for e in steps)
+
+
+def test_resuming_at_the_end_of_an_epoch_starts_no_worker(dataset):
+    loader = Loader(dataset, batch_size=4, workers=2)
+    batches = loader.epoch_batches(0, start=len(loader))
+    assert batches.worker_pids == [] and list(batches) == []

@@ -281,7 +281,7 @@ class Batches:
 
     def __init__(self, loader: Loader, epoch: int, made: Iterator, feed: InputFeed | None) -> None:
         self.loader, self.epoch, self._made, self._feed = loader, epoch, made, feed
-        self._makers = getattr(made, "count", 1)
+        self._makers = max(1, getattr(made, "count", 1))
         self._images, self._seconds = 0, 0.0
 
     def __iter__(self):

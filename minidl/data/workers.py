@@ -37,7 +37,7 @@ class WorkerPool:
 
     def __init__(self, open_worker: Callable[[], ContextManager[Callable[[int, np.ndarray], int]]],
                  numbers: Sequence[int], count: int, depth: int, slot_bytes: int) -> None:
-        self.numbers, self.count, self.depth = list(numbers), max(1, min(count, len(numbers))), depth
+        self.numbers, self.count, self.depth = list(numbers), min(count, len(numbers)), depth  # none: no batches
         self._ring = mmap.mmap(-1, max(1, self.count * depth * slot_bytes))
         self._slots = np.frombuffer(self._ring, np.uint8, self.count * depth * slot_bytes).reshape(
             self.count, depth, slot_bytes)
