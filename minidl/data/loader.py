@@ -136,13 +136,14 @@ class Loader:
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """For each batch of `epoch`, the sorted positions (within this split) of its images."""
-        if self._positions[0] != epoch:  # kept: every batch's plan asks for its epoch's
+        kept = self._positions  # the last epoch's, which every batch's plan asks for; one read: thread-safe
+        if kept[0] != epoch:
             order = np.arange(self.num_images)
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch, ORDER_STREAM]).permutation(self.num_images)
-            self._positions = (epoch, [np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
-                                       for i in range(len(self))])
-        return self._positions[1]
+            kept = self._positions = (epoch, [np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
+                                              for i in range(len(self))])
+        return kept[1]
 
     def shard_rows(self, count: int) -> np.ndarray:
         """The rows of a batch of `count` this shard holds: its contiguous run of an even split."""
@@ -298,6 +299,8 @@ class Batches:
             x = made.view(np.float32).reshape((shape[0], 3) + shape[1:3]).copy()
         else:
             x = made
+        if isinstance(self._made, WorkerPool):  # copied: the worker may fill its slot again while this trains
+            self._made.release()
         self._images += len(plan.labels)
         self._seconds += made_in / self._makers + time.perf_counter() - start
         return self.loader.shaped(x, len(plan.labels)), plan.labels

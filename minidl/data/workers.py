@@ -32,7 +32,7 @@ class WorkerPool:
 
     In each worker, `open_worker()` is a context manager giving `make(number, out)`, which writes batch
     `number` into the uint8 array `out` (`slot_bytes`) and returns how many bytes it filled. The bytes
-    yielded (a view of the slot) are valid until the next call; `seconds`: the worker's time making them.
+    yielded (a view of the slot) are valid until release() or the next call; `seconds`: the worker's time.
     """
 
     def __init__(self, open_worker: Callable[[], ContextManager[Callable[[int, np.ndarray], int]]],
@@ -61,7 +61,7 @@ class WorkerPool:
         return self
 
     def __next__(self) -> tuple[int, np.ndarray, float]:
-        self._release()
+        self.release()
         if self._pipes is None or self._next == len(self.numbers):
             self.close()
             raise StopIteration
@@ -74,8 +74,8 @@ class WorkerPool:
         self._held, self._next = k, self._next + 1
         return number, self._slots[k, n % self.depth, :filled], seconds
 
-    def _release(self):
-        """The slot the last batch came from may be filled again."""
+    def release(self) -> None:
+        """The slot the last batch came from may be filled again (its bytes are no longer read)."""
         if self._held is not None and self._pipes is not None:
             try:
                 self._pipes[self._held].send(None)
