@@ -232,8 +232,9 @@ class Loader:
             def make(number, out):
                 plan = self.plan(epoch, number)
                 if finish:
-                    x = self.finished(images, plan)
-                    np.copyto(out[:x.nbytes].view(np.float32).reshape(x.shape), x)
+                    shape = self.crops_shape(plan)
+                    x = out[:4 * np.prod(shape)].view(np.float32).reshape((shape[0], 3) + shape[1:3])
+                    self.finished(images, plan, x)
                     return x.nbytes
                 crops = out[:np.prod(self.crops_shape(plan))].reshape(self.crops_shape(plan))
                 self.cut(images, plan, crops, mirror=False)  # the device mirrors (to_input.cu)
@@ -254,11 +255,11 @@ class Loader:
             rows = slice(i * views, (i + 1) * views)
             crop_and_flip(buffer, self.crop, Crops(*(a[rows] for a in where)), np.zeros(views, int), out[rows])
 
-    def finished(self, images, plan: BatchPlan) -> np.ndarray:
-        """The plan's crops as the network's float32 input (NumPy), flat: (crops, 3, crop, crop)."""
+    def finished(self, images, plan: BatchPlan, out: np.ndarray | None = None) -> np.ndarray:
+        """The plan's crops as the network's float32 input (NumPy), flat: (crops, 3, crop, crop), into `out`."""
         crops = np.empty(self.crops_shape(plan), np.uint8)
         self.cut(images, plan, crops)
-        return crops_to_input_cpu(crops, self.mean_image, plan.where, plan.shift, self.scale)
+        return crops_to_input_cpu(crops, self.mean_image, plan.where, plan.shift, self.scale, out)
 
     def _made_in_thread(self, epoch, numbers, finish):
         # runs in the background thread, which opens its own file: h5py objects stay in one thread

@@ -21,16 +21,19 @@ CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",))
 
 
 def crops_to_input_cpu(crops: np.ndarray, mean: np.ndarray, where: Crops, shift: np.ndarray | None,
-                       scale: float) -> np.ndarray:
-    """uint8 (N, crop, crop, 3) crops cut at `where` -> float32 (N, 3, crop, crop); `mean` is (S, S, 3) or (3,),
-    `shift` float32 (N, 3) or None."""
+                       scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, crop, crop, 3) crops cut at `where` -> float32 (N, 3, crop, crop), into `out` if given; `mean`
+    is (S, S, 3) or (3,), `shift` float32 (N, 3) or None."""
     x = subtract_mean(crops, mean, crops.shape[1], where)
     if shift is not None:
         x += shift[:, None, None, :]
-    x = to_nchw(x)
+    if out is None:
+        out = to_nchw(x)
+    else:
+        np.copyto(out, x.transpose(0, 3, 1, 2))
     if scale != 1:
-        x *= np.float32(scale)
-    return x
+        out *= np.float32(scale)
+    return out
 
 
 def crops_to_input_gpu(windows, mean, where, shift, scale: float):
