@@ -59,8 +59,7 @@ class BatchPlan(NamedTuple):
 
 
 class Loader:
-    """Mini-batches (x float32 NCHW on `device`, y int64) of one split of a dataset file.
-
+    """Mini-batches (x float32 NCHW, y int64) of one split of a dataset file.
     augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off). augment=False:
     the centre crop, or with ten_crop the paper's 10 crops, x (B, 10, 3, crop, crop) in TEN_CROP_ORDER.
     mean="pixel" subtracts the dataset's mean image, "channel" its mean RGB, an (S, S, 3) array that.
@@ -68,8 +67,8 @@ class Loader:
     shuffle (default: as augment) draws a new image order each epoch.
     shard=(rank, size): this rank's contiguous run of each batch's rows, augmented as one
     process augments them (len() and num_images stay the global batches' and images').
-    workers: 0 cuts the crops in a thread of this process, N >= 1 in N processes; prefetch batches
-    ahead each. device (settable; None: the CPU) is where x is delivered.
+    workers: 0 cuts the crops in a thread, N >= 1 in N processes (prefetch batches ahead each); x is
+    delivered on `device` (settable; None: the CPU).
     """
 
     def __init__(self, path: str | os.PathLike, *, split: str = "train", batch_size: int, crop: int = 227,
