@@ -171,7 +171,8 @@ class TrainingReport:
             f"  ETA epoch {_clock(event['eta_epoch_s'])}, run {_clock(event['eta_run_s'])}"
         click.echo(f"epoch {event['epoch'] + 1} batch {event['batch']}/{event['batches']}  "
                    f"loss {event['loss']:.4f}  top-1 {100 * event['top1']:5.1f}%  "
-                   f"{event['images_per_s']:6.1f} img/s  lr {event['lr']:g}{eta}")
+                   f"{event['images_per_s']:6.1f} img/s (data {event['rates']['data']:.0f}, step "
+                   f"{event['rates']['step']:.0f})  lr {event['lr']:g}{eta}")
 
     def on_epoch(self, event):
         v = event["val"]
@@ -223,9 +224,11 @@ def main():
 @click.option("--data-parallel", is_flag=True, help="Be one rank of `mpirun -n N minidl train ...`: each rank "
               "trains a replica on its share of --batch-size (the global batch); --devices are relative to the "
               "rank's share of its host's GPUs. Needs minidl[mpi].")
+@click.option("--workers", type=click.IntRange(0), help="Processes reading and cropping the images (default: the "
+              "cores available minus one; 0: a thread of this process). Per rank with --data-parallel.")
 @friendly_errors
 def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_model_change, seed, init, log_every,
-          checkpoint_seconds, skip_nonfinite, data_parallel):
+          checkpoint_seconds, skip_nonfinite, data_parallel, workers):
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume it may be left out for a run of the built-in
     AlexNet. A checkpoint never chooses the code that runs: a model file comes from this command line only.
 
@@ -236,7 +239,7 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
         run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
                      resume=resume, seed=seed, init=init, progress=TrainingReport(out_dir), log_every=log_every,
                      checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
-                     data_parallel=data_parallel, allow_model_change=allow_model_change)
+                     data_parallel=data_parallel, allow_model_change=allow_model_change, workers=workers)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
@@ -527,6 +530,28 @@ def bench(model_file, batch_size, devices, steps):
                                                                         "gemm", "copy"))
         click.echo(f"device operations per step (emulated GPUs): {sum(v for k, v in work.items() if k != 'bytes'):.0f} "
                    f"({kinds}), moving {_size(work.get('bytes', 0))}")
+
+
+@main.command("bench-data")
+@click.argument("data", type=click.Path())
+@click.option("--workers", type=click.IntRange(0), help="Processes reading and cropping the images (default: the "
+              "cores available minus one; 0: a thread of this process).")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per batch.")
+@click.option("--devices", default="cpu", show_default=True, help="Where the batches are delivered: cpu or cuda:N.")
+@click.option("--batches", type=click.IntRange(2), default=30, show_default=True,
+              help="Batches to deliver (at most the training split's).")
+@friendly_errors
+def bench_data(data, workers, batch_size, devices, batches):
+    """Time the training loader on DATA (the paper's augmentation, as `minidl train` loads it): images/s
+    delivered to the device, CPU per image (every process), peak memory."""
+    from minidl.data.bench import bench_data as run_bench_data
+    if "," in devices:
+        raise MinidlError(f"--devices {devices}: bench-data delivers to one device, e.g. cpu or cuda:0")
+    r = run_bench_data(data, workers=workers, batch_size=batch_size, device=devices, batches=batches)
+    click.echo(f"{r['batches']} batches of {r['batch_size']} ({r['crop']}x{r['crop']} crops) to {r['device']} with "
+               f"{r['workers']} worker(s): {r['images_per_s']:,.0f} images/s  {r['cpu_ms_per_image']:.2f} ms CPU per "
+               f"image  peak memory {_size(r['peak_memory_bytes'])} (this process), "
+               f"{_size(r['worker_peak_memory_bytes'])} (largest worker)")
 
 
 def _size(nbytes):

@@ -24,6 +24,7 @@ from minidl.errors import MinidlError
 
 _CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
+_PIXEL_TYPE = np.dtype(np.uint8)  # image pixels (to_input's crops) are unsigned char*
 # address_table's rows: T* const* (device addresses) or unsigned long long*
 _TABLE_TYPE = np.dtype(np.uint64)
 _THREADS = 256
@@ -98,7 +99,7 @@ def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
     """Run `name<T>` (T from `dtype`) over `total` work items on the current stream.
 
     Each argument is packed as its C parameter's exact type: a device array is passed C-contiguous
-    and must hold T, or int32 for an index array, or uint64 for a row of an address_table; a
+    and must hold T, or int32 for an index array, uint8 for pixels, or uint64 for a row of an address_table; a
     Python int is a long long (np.int64); a Python float is a T. A non-contiguous array is copied,
     so an output must come from `empty`, or the kernel would write into the copy.
     """
@@ -112,9 +113,9 @@ def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
 def _pack(arg, dtype, what):
     cp = cupy()
     if isinstance(arg, cp.ndarray):
-        if arg.dtype not in (dtype, _INDEX_TYPE, _TABLE_TYPE):
+        if arg.dtype not in (dtype, _INDEX_TYPE, _PIXEL_TYPE, _TABLE_TYPE):
             raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} "
-                              "(or int32 indices, or a uint64 table) is needed")
+                              "(or int32 indices, uint8 pixels, or a uint64 table) is needed")
         return cp.ascontiguousarray(arg)
     # bool: an int, but never meant as one
     if isinstance(arg, bool) or not isinstance(arg, (int, float)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minidl.data.dataset import open_dataset, write_dataset
-from minidl.data.loader import Loader
+from minidl.data.loader import AUGMENT_STREAM, Loader
 from minidl.errors import DataError
 
 COUNT = 30
@@ -111,20 +111,20 @@ def test_ten_crop(dataset):
         Loader(dataset, batch_size=4, ten_crop=True)
 
 
-def test_error_in_the_thread_reaches_the_caller(dataset, monkeypatch):
-    loader = Loader(dataset, batch_size=4)
-    calls = []
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_making_a_batch_reaches_the_caller(dataset, monkeypatch, workers):
+    loader = Loader(dataset, batch_size=4, workers=workers)
+    real_cut = loader.cut
 
-    def failing(images, rng):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("augmentation broke")
-        return np.zeros(1)
+    def failing(images, plan, out):
+        if plan.number == 1:
+            raise RuntimeError("cropping broke")
+        real_cut(images, plan, out)
 
-    monkeypatch.setattr(loader, "make_batch", failing)
+    monkeypatch.setattr(loader, "cut", failing)  # the workers are forked: they have it too
     batches = loader.epoch_batches(0)
     next(batches)
-    with pytest.raises(RuntimeError, match="augmentation broke"):
+    with pytest.raises(RuntimeError, match="cropping broke"):
         next(batches)
     with pytest.raises(StopIteration):
         next(batches)
@@ -202,10 +202,61 @@ def test_crop_larger_than_the_images(dataset):
         Loader(dataset, batch_size=4, crop=300)
 
 
+def make_batch_as_before(loader, images, rng):
+    """The loader's make_batch before its input was finished on the device (frozen here): the loader's batches
+    must equal it bit for bit, so runs trained before and after see the same inputs."""
+    from minidl.data.augment import (centre_crops, crop_and_flip, pca_lighting, random_crops, subtract_mean,
+                                     ten_crops, to_nchw)
+
+    def cropped(where):
+        return subtract_mean(crop_and_flip(images, loader.crop, where), loader.mean, loader.crop, where)
+
+    def to_input(x):
+        x = to_nchw(x)
+        if loader.scale != 1:
+            x *= np.float32(loader.scale)
+        return x
+    if loader.augment:
+        x = cropped(random_crops(rng, len(images), loader.image_size, loader.crop))
+        if loader.pca_sigma > 0:
+            x = pca_lighting(x, loader.lighting_scales, loader.eigvecs, rng, loader.pca_sigma)
+        return to_input(x)
+    if loader.ten_crop:
+        views = ten_crops(len(images), loader.image_size, loader.crop)
+        return np.stack([to_input(cropped(where)) for where in views], axis=1)
+    return to_input(cropped(centre_crops(len(images), loader.image_size, loader.crop)))
+
+
+@pytest.fixture(scope="module")
+def random_dataset(tmp_path_factory):
+    """Random images: every crop position, mirror and mean window shows."""
+    path = tmp_path_factory.mktemp("data") / "random.h5"
+    rng = np.random.default_rng(1)
+    samples = ((rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), n % 3) for n in range(COUNT))
+    write_dataset(path, samples, ["zero", "one", "two"], count=COUNT, val_fraction=0.2)
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("options", [dict(), dict(mean="channel", scale=1 / 255), dict(pca_sigma=0, scale=0.5),
+                                     dict(split="val", augment=False), dict(split="val", augment=False,
+                                                                            ten_crop=True, crop=200)])
+def test_the_batches_are_those_of_before(random_dataset, options, workers):
+    loader = Loader(random_dataset, batch_size=4, seed=7, workers=workers, **options)
+    with open_dataset(random_dataset) as f:
+        for i, (x, y) in enumerate(loader.epoch_batches(2)):
+            positions = loader.batch_positions(2)[i]
+            images = np.stack([f["images"][index] for index in loader.indices[positions]])
+            expected = make_batch_as_before(loader, images, np.random.default_rng([7, 2, AUGMENT_STREAM, i]))
+            np.testing.assert_array_equal(x, expected)
+            same_draws = np.random.default_rng([7, 2, AUGMENT_STREAM, i])
+            np.testing.assert_array_equal(loader.make_batch(images, same_draws), expected)
+            np.testing.assert_array_equal(y, loader.labels[positions])
+
+
 def sharded_batches_as_before(loader, epoch, rank, size):
     """The batches the ShardedLoader subclass gave (its _read_batches, frozen here): shard=(rank, size) must
     give exactly these, so existing and resumed data-parallel runs see the same data."""
-    from minidl.data.loader import AUGMENT_STREAM
     batches = []
     with open_dataset(loader.path) as f:
         images = f["images"]
@@ -215,12 +266,12 @@ def sharded_batches_as_before(loader, epoch, rank, size):
                 np.zeros((0,) + images.shape[1:], images.dtype)
             if not loader.augment:
                 if len(mine):
-                    batches.append((loader.make_batch(own, None), loader.labels[positions[mine]]))
+                    batches.append((make_batch_as_before(loader, own, None), loader.labels[positions[mine]]))
                 continue
             batch = np.zeros((len(positions),) + images.shape[1:], images.dtype)
             batch[mine] = own
             rng = np.random.default_rng([loader.seed, epoch, AUGMENT_STREAM, i])
-            batches.append((loader.make_batch(batch, rng)[mine], loader.labels[positions[mine]]))
+            batches.append((make_batch_as_before(loader, batch, rng)[mine], loader.labels[positions[mine]]))
     return batches
 
 

@@ -1,7 +1,7 @@
 """The data pipeline: HDF5 datasets, prepare-data, augmentation, loading, the built-in dataset.
 
-See dataset.py for the file layout. This package knows no model and imports no
-minidl core: it hands out NumPy arrays.
+See dataset.py for the file layout. This package knows no model: it hands out NumPy arrays,
+or the device's arrays when a loader's input is finished on a GPU (minidl.functions.to_input).
 """
 from minidl.data.augment import (TEN_CROP_ORDER, Crops, centre_crops, crop_and_flip, fixed_crops,
                                  lighting_shift, pca_lighting, random_crops, subtract_mean,

@@ -66,14 +66,17 @@ def ten_crops(count: int, image_size: int, crop: int) -> list[Crops]:
     return [fixed_crops(count, top, left, flip) for flip in (False, True) for top, left in corners]
 
 
-def crop_and_flip(images: np.ndarray, crop: int, where: Crops) -> np.ndarray:
+def crop_and_flip(images: np.ndarray, crop: int, where: Crops, sources: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Cut the window `where` describes out of each image of (N, H, W, C); mirrored where flips is
-    set."""
+    set. Crop i comes from image sources[i] (default: image i), into `out` if given."""
     check_crop(crop, min(images.shape[1], images.shape[2]))
-    out = np.empty((len(images), crop, crop) + images.shape[3:], dtype=images.dtype)
+    if out is None:
+        out = np.empty((len(where.tops), crop, crop) + images.shape[3:], dtype=images.dtype)
+    sources = range(len(where.tops)) if sources is None else sources
     # a loop of slice copies: each is one contiguous block, faster than fancy indexing
-    for i, (top, left, flip) in enumerate(zip(where.tops, where.lefts, where.flips)):
-        window = images[i, top:top + crop, left:left + crop]
+    for i, (source, top, left, flip) in enumerate(zip(sources, where.tops, where.lefts, where.flips)):
+        window = images[source, top:top + crop, left:left + crop]
         out[i] = window[:, ::-1] if flip else window
     return out
 
@@ -106,9 +109,14 @@ def pca_lighting(images: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
     a_i ~ N(0, sigma^2) is drawn once per image; `eigvecs` holds the p_i as columns.
     The result is float32.
     """
-    alphas = rng.normal(0.0, sigma, size=(len(images), 3))
-    shift = lighting_shift(alphas, eigvals, eigvecs).astype(np.float32)
-    return images + shift[:, None, None, :]
+    return images + lighting_shifts(rng, len(images), eigvals, eigvecs, sigma)[:, None, None, :]
+
+
+def lighting_shifts(rng: np.random.Generator, count: int, eigvals: np.ndarray, eigvecs: np.ndarray,
+                    sigma: float = 0.1) -> np.ndarray:
+    """pca_lighting's float32 shifts (count, 3), drawn as it draws them, for images still to come."""
+    alphas = rng.normal(0.0, sigma, size=(count, 3))
+    return lighting_shift(alphas, eigvals, eigvecs).astype(np.float32)
 
 
 def to_nchw(images: np.ndarray) -> np.ndarray:

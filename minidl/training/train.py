@@ -21,6 +21,7 @@ from minidl.atomic import remove_stale_temporaries
 from minidl.core import Tensor
 from minidl.cpu.memory import keep_freed_host_memory
 from minidl.data import Loader, builtin_dataset
+from minidl.data.loader import default_workers
 from minidl.device import gpu_count, set_device_map
 from minidl.errors import MinidlError, NonFiniteError
 from minidl.hdf5 import show
@@ -87,10 +88,12 @@ class Recipe:
     def init(self) -> str:
         return self.config["init"]
 
-    def loaders(self, data_path: str, shard: Optional[tuple] = None) -> tuple:
-        """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share."""
+    def loaders(self, data_path: str, shard: Optional[tuple] = None, workers: int = 0) -> tuple:
+        """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share; `workers`
+        processes each make their batches (0: a thread)."""
         c, scale = self.config, input_scale(self.config, self.init)
-        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale, shard=shard or (0, 1))
+        common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale,
+                      shard=shard or (0, 1), workers=workers)
         return (Loader(data_path, split="train", augment=True, drop_last=True, **common),
                 Loader(data_path, split="val", augment=False, **common))
 
@@ -187,9 +190,12 @@ def join_world(data_parallel: bool, devices: Devices):
 class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step): made by new or resume."""
 
-    def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False):
-        """The run's recipe and world only; `new` and `resume` add its data, model and output folder."""
+    def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False,
+                 workers: Optional[int] = None):
+        """The run's recipe and world only; `new` and `resume` add its data, model and output folder. `workers`:
+        the loaders' processes (None: default_workers())."""
         self.recipe, self.world, self.lock, self.metrics = recipe, world, None, None
+        self.workers = default_workers() if workers is None else workers
         self.report = report if world.rank == 0 else (lambda event: None)
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         if recipe.batch_size % world.size:
@@ -200,7 +206,7 @@ class Run:
     def new(cls, model_path: Optional[str], *, out_dir: str, data: Optional[str] = None, devices: Devices = None,
             epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
             init: Optional[str] = None, report: Report = lambda event: None, skip_nonfinite: bool = False,
-            data_parallel: bool = False) -> "Run":
+            data_parallel: bool = False, workers: Optional[int] = None) -> "Run":
         """A new run of the model file `model_path`, with the caller's options over its CONFIG."""
         world = join_world(data_parallel, devices)
         if model_path is None:
@@ -208,7 +214,7 @@ class Run:
         model_file = load_model_file(model_path)
         recipe = Recipe.new(model_file, builtin=data is None, epochs=epochs, batch_size=batch_size, init=init,
                             seed=seed)
-        run = cls(recipe, world, report, skip_nonfinite)
+        run = cls(recipe, world, report, skip_nonfinite, workers)
         devices = model_file.devices_for(devices)
         data_path = run._open_data(data, data_parallel)
         num_classes = run.train_loader.num_classes
@@ -222,7 +228,7 @@ class Run:
                data: Optional[str] = None, devices: Devices = None, epochs: Optional[int] = None,
                batch_size: Optional[int] = None, seed: Optional[int] = None, init: Optional[str] = None,
                report: Report = lambda event: None, skip_nonfinite: bool = False, data_parallel: bool = False,
-               allow_model_change: bool = False) -> "Run":
+               allow_model_change: bool = False, workers: Optional[int] = None) -> "Run":
         """The run of `checkpoint_path`, from where it stood: it may change its devices and epochs, and refuses
         in one line what would make it another run (batch size, init, seed, other data or model file)."""
         world = join_world(data_parallel, devices)
@@ -230,7 +236,7 @@ class Run:
         checkpoint = restored.checkpoint
         refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data,
                        model_file=restored.model_file, allow_model_change=allow_model_change)
-        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite)
+        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers)
         # the data given (checked by content), else the recorded path (checked too), else the built-in
         data = data or checkpoint["data"] or None
         data_path = run._open_data(data, data_parallel, checkpoint)
@@ -255,7 +261,7 @@ class Run:
         if data is None and world.rank == 0:
             world.barrier()
         shard = (world.rank, world.size) if data_parallel else None
-        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard)
+        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard, self.workers)
         if checkpoint is not None:
             refuse_other_data(checkpoint, data_path, self.train_loader.fingerprint)
         if len(self.train_loader) == 0:
@@ -270,6 +276,7 @@ class Run:
                num_classes: int):
         """The model (built by the caller once the data passed), its optimizer and schedule, at step 0."""
         self.model, self.devices = model, devices
+        self.train_loader.device = self.val_loader.device = model.input_device  # the input is made there
         self.world.broadcast_params(model.params())
         self.buckets = self.world.gradient_buckets(model.params())  # None in a single process
         self.schedule = self.recipe.schedule()
@@ -277,7 +284,8 @@ class Run:
                                       self.recipe.config["weight_decay"])
         self.guard = StepGuard(model, self.optimizer, skip=self.skip_nonfinite,
                                before_read=self.buckets.settle if self.buckets else None)
-        self.interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())  # the steps read, not reported
+        # the steps read, not reported; `waiting`: seconds spent waiting for the loader
+        self.interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter(), waiting=0.0)
         self.history = {k: [] for k in HISTORY_KEYS}
         self.epoch, self.batch, self.step = 0, 0, 0
         self.totals = dict(loss_sum=0.0, correct=0, seen=0)  # of the unfinished epoch
@@ -342,7 +350,9 @@ class Run:
         model.train()
         last_save = time.monotonic()
         self.interval["start"] = time.perf_counter()  # empty here: the last epoch ended with a report
+        waiting_since = time.perf_counter()
         for images, labels in batches:
+            self.interval["waiting"] += time.perf_counter() - waiting_since  # for the data, not the steps
             x = Tensor(images, device=model.input_device)
             y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
             # the dataset's reader checked every label against its classes, and check_labels those against the
@@ -356,15 +366,16 @@ class Run:
             finished_epoch = self.batch == len(self.train_loader)
             if self.step % log_every == 0 or finished_epoch or self.step == max_steps:
                 self._take_steps()
-                self._log()
+                self._log(batches)
                 if max_steps is not None and self.step >= max_steps and not finished_epoch:
                     self.save(self.last_path)
                     return False
                 if time.monotonic() - last_save > checkpoint_seconds and not finished_epoch:
                     self.save(self.last_path)
                     last_save = time.monotonic()
+            waiting_since = time.perf_counter()
         self._take_steps()  # nothing is left unread, unless the loader ended early
-        self._log()
+        self._log(batches)
         return True
 
     def _take_steps(self):
@@ -407,9 +418,10 @@ class Run:
             f"training stopped at epoch {epoch + 1}, batch {batch + 1}: {what}; the learning rate "
             f"({self.schedule.lr:g}) is likely too high, or the input badly scaled (CONFIG input_scale); {kept}")
 
-    def _log(self):
+    def _log(self, batches):
         """Report the steps counted since the last report (nothing if none)."""
-        interval, self.interval = self.interval, dict(loss=0.0, correct=0, seen=0, start=time.perf_counter())
+        interval, self.interval = self.interval, dict(loss=0.0, correct=0, seen=0, start=time.perf_counter(),
+                                                      waiting=0.0)
         if not interval["seen"]:  # every step since the last report was skipped
             return
         local = [interval["loss"], interval["correct"], interval["seen"]]
@@ -429,7 +441,8 @@ class Run:
                                                 len(self.val_loader))
         self.report(dict(kind="step", epoch=self.epoch, batch=self.batch, batches=len(self.train_loader),
                          step=self.step, loss=loss_sum / seen, top1=correct / seen, images_per_s=seen / elapsed,
-                         lr=self.schedule.lr, eta_epoch_s=eta_epoch, eta_run_s=eta_run))
+                         lr=self.schedule.lr, eta_epoch_s=eta_epoch, eta_run_s=eta_run,
+                         rates=rates(batches, seen, elapsed - interval["waiting"], self.world.size)))
 
     def end_epoch(self) -> None:
         """Validate, record the epoch, step the schedule, write the checkpoints and the curves."""
@@ -461,12 +474,19 @@ class Run:
                          finished=self.schedule.finished, skipped=self.skipped))
 
 
+def rates(batches, seen: int, stepping_seconds: float, ranks: int) -> dict:
+    """Images/s of the data (what the loaders could deliver: minidl.data.loader.Batches) and of the steps alone
+    (`seen` global images over the interval's time not spent waiting for the loader)."""
+    step = seen / stepping_seconds if stepping_seconds > 0 else math.nan
+    return dict(data=ranks * batches.delivery_rate(), step=step)
+
+
 def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devices: Devices = None,
           epochs: Optional[int] = None, batch_size: Optional[int] = None, out_dir: str = "runs/alexnet",
           resume: Optional[str] = None, seed: Optional[int] = None, init: Optional[str] = None,
           progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
           max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
-          allow_model_change: bool = False) -> dict:
+          allow_model_change: bool = False, workers: Optional[int] = None) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
@@ -474,14 +494,15 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     instead, and counted. An update that makes a weight or velocity non-finite stops the run in
     any case, before any checkpoint holds it. With
     data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
-    A resumed run refuses a model file other than its own unless allow_model_change.
+    A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
+    processes (None: the cores available minus one; 0: a thread of this process).
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
     keep_freed_host_memory()
     options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
                    out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
-                   data_parallel=data_parallel)
+                   data_parallel=data_parallel, workers=workers)
     if resume:
         run = Run.resume(resume, model_path, allow_model_change=allow_model_change, **options)
     else:

@@ -401,6 +401,19 @@ class MemoryHook:
         pass
 
 
+class PinnedMemoryPointer(bytearray):
+    """`cupy.cuda.alloc_pinned_memory`'s block: host memory a NumPy array is made over (np.frombuffer).
+    Here it is plain host memory; a copy from it runs when it is enqueued, as every operation does."""
+
+    @property
+    def size(self):
+        return len(self)
+
+
+def alloc_pinned_memory(size):
+    return PinnedMemoryPointer(size)
+
+
 class memory:  # noqa: N801 -- cupy.cuda.memory
     OutOfMemoryError = OutOfMemoryError
     MemoryPool = MemoryPool

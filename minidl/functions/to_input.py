@@ -1,0 +1,88 @@
+"""The network's input from uint8 crops: float conversion, mean subtraction, PCA lighting and scale, one pass.
+
+    x[n, c, y, x] = ((crop[n, y, x, c] - mean[where's pixel, c]) + shift[n, c]) * scale   (float32 NCHW)
+
+The CPU cuts the crops (minidl.data); this finishes them on their device. CPU: NumPy, the loader's
+arithmetic step by step on mirrored crops (`crops_to_input_cpu`, the reference). GPU: to_input.cu,
+one thread per output value, which also mirrors (the CPU then cuts plain windows, contiguous copies),
+with the same roundings in the same order: the two agree bit for bit. `InputFeed` takes host
+windows to a device through one reused pinned buffer. An autograd-free function (an input has no
+gradient), kept here beside its kernel like every other.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minidl import kernels
+from minidl.data.augment import Crops, crop_and_flip, subtract_mean, to_nchw
+from minidl.device import Device, device as as_device
+
+CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",))
+
+
+def crops_to_input_cpu(crops: np.ndarray, mean: np.ndarray, where: Crops, shift: np.ndarray | None,
+                       scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, crop, crop, 3) crops cut at `where` -> float32 (N, 3, crop, crop), into `out` if given; `mean`
+    is (S, S, 3) or (3,), `shift` float32 (N, 3) or None."""
+    x = subtract_mean(crops, mean, crops.shape[1], where)
+    if shift is not None:
+        x += shift[:, None, None, :]
+    if out is None:
+        out = to_nchw(x)
+    else:
+        np.copyto(out, x.transpose(0, 3, 1, 2))
+    if scale != 1:
+        out *= np.float32(scale)
+    return out
+
+
+def crops_to_input_gpu(windows, mean, where, shift, scale: float):
+    """The kernel, on device arrays of the current GPU: windows uint8 (N, crop, crop, 3), not mirrored, mean
+    float32 (S, S, 3), where int32 (N, 3) rows of (top, left, mirrored), shift float32 (N, 3)."""
+    count, crop = windows.shape[:2]
+    out = kernels.empty((count, 3, crop, crop), np.float32)
+    kernels.launch(CU, "crops_to_input", np.float32, out.size, windows, mean, where, shift, out, out.size, crop,
+                   mean.shape[0], float(scale))
+    return out
+
+
+class InputFeed:
+    """Host uint8 windows (crops not yet mirrored) -> the network's float32 input on `device` (NumPy on the CPU).
+
+    A GPU's windows go through one pinned host buffer, reused (grown when a batch needs more):
+    a call waits for the previous call's copy out of it before it writes there. Not for
+    use by two threads at once.
+    """
+
+    def __init__(self, device: Device | str | None, mean: np.ndarray, scale: float) -> None:
+        """`mean`: the (S, S, 3) mean image the crops were cut from (a per-channel mean spread over it)."""
+        self.device, self.scale = as_device(device), scale
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        self._pinned, self._copied, self._device_mean = None, None, None
+
+    def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None):
+        if not self.device.is_cuda:
+            zero = np.zeros(len(crops), int)
+            mirrored = crop_and_flip(crops, crops.shape[1], Crops(zero, zero, where.flips))
+            return crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale)
+        xp = self.device.xp
+        with self.device:
+            if self._device_mean is None:
+                self._device_mean = xp.asarray(self.mean)
+            on_device = xp.empty(crops.shape, np.uint8)
+            on_device.set(self._staged(crops), stream=self.device.stream)
+            self._copied = self.device.stream.record()
+            table = xp.asarray(np.stack([where.tops, where.lefts, where.flips], axis=1).astype(np.int32))
+            lighting = xp.asarray(np.zeros((len(crops), 3), np.float32) if shift is None else shift)
+            return crops_to_input_gpu(on_device, self._device_mean, table, lighting, self.scale)
+
+    def _staged(self, crops):
+        """`crops` copied into the pinned buffer, once the last copy from it is done."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._pinned is None or self._pinned.nbytes < crops.nbytes:
+            memory = self.device.xp.cuda.alloc_pinned_memory(crops.nbytes)
+            self._pinned = np.frombuffer(memory, np.uint8, crops.nbytes)
+        staged = self._pinned[:crops.nbytes].reshape(crops.shape)
+        np.copyto(staged, crops)
+        return staged

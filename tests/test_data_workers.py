@@ -1,0 +1,250 @@
+"""The loader's worker processes and device stage: the same batches whatever the workers and the device,
+errors and deaths in one line, no worker or shared memory left behind."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from minidl.data.augment import Crops, crop_and_flip
+from minidl.data.dataset import write_dataset
+from minidl.data.loader import Loader, default_workers
+from minidl.device import device
+from minidl.errors import DataError, MinidlError
+from minidl.functions.to_input import InputFeed, crops_to_input_cpu
+
+COUNT = 40
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Random images (so every crop, mirror and mean window shows), 3 classes, 8 validation images."""
+    path = tmp_path_factory.mktemp("data") / "d.h5"
+    rng = np.random.default_rng(0)
+    samples = ((rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), n % 3) for n in range(COUNT))
+    write_dataset(path, samples, ["zero", "one", "two"], count=COUNT, val_fraction=0.2)
+    return path
+
+
+def batches_of(loader, epoch=1, start=0):
+    with device(loader.device or "cpu"):
+        return [(x if isinstance(x, np.ndarray) else x.get(), y) for x, y in loader.epoch_batches(epoch, start)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xa.dtype == xb.dtype == np.float32
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+CASES = {"train": dict(batch_size=6, scale=1 / 255), "channel-mean": dict(batch_size=5, mean="channel", pca_sigma=0),
+         "ten-crop": dict(split="val", augment=False, ten_crop=True, crop=200, batch_size=3),
+         "shard": dict(batch_size=7, shard=(1, 3)), "val-shard": dict(split="all", augment=False, batch_size=7,
+                                                                      shard=(2, 3))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_workers_give_the_thread_s_batches(dataset, case):
+    """Order, augmentation and resume: a pure function of (seed, epoch, batch), whatever the workers."""
+    expected = batches_of(Loader(dataset, seed=4, **CASES[case]))
+    for workers in (1, 3):
+        loader = Loader(dataset, seed=4, workers=workers, **CASES[case])
+        assert_same(batches_of(loader), expected)
+        assert_same(batches_of(loader, start=2), expected[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_a_gpu_gets_the_cpu_s_batches_bit_for_bit(dataset, case):
+    expected = batches_of(Loader(dataset, seed=4, **CASES[case]))
+    for workers in (0, 2):
+        assert_same(batches_of(Loader(dataset, seed=4, workers=workers, device="cuda:0", **CASES[case])), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(4))
+def test_the_kernel_is_the_numpy_path_on_fresh_inputs(seed):
+    rng = np.random.default_rng(seed)
+    count, size = rng.integers(1, 6), rng.integers(8, 40)
+    crop = rng.integers(1, size + 1)
+    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    where = Crops(rng.integers(0, size - crop + 1, count), rng.integers(0, size - crop + 1, count),
+                  rng.random(count) < 0.5)
+    windows = crop_and_flip(images, crop, where._replace(flips=np.zeros(count, bool)))  # the device mirrors them
+    mean = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
+    shift = None if seed % 2 else rng.normal(0, 20, (count, 3)).astype(np.float32)
+    scale = float(rng.choice([1.0, 1 / 255, -0.3]))
+    expected = crops_to_input_cpu(crop_and_flip(images, crop, where), mean, where, shift, scale)
+    feed = InputFeed("cuda:1", mean, scale)
+    for _ in range(2):  # the second call reuses the pinned buffer
+        with device("cuda:1"):
+            got = feed(windows, where, shift).get()
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(InputFeed("cpu", mean, scale)(windows, where, shift), expected)
+
+
+def test_default_workers_leave_a_core_for_training():
+    assert default_workers() == max(1, len(os.sched_getaffinity(0)) - 1)
+    with pytest.raises(ValueError, match="workers must be"):
+        Loader("unused.h5", batch_size=1, workers=-1)
+
+
+def test_a_damaged_image_is_refused_in_one_line_by_a_worker(dataset, tmp_path):
+    path = tmp_path / "copy.h5"
+    path.write_bytes(dataset.read_bytes())
+    with h5py.File(path, "r") as f:
+        chunk = f["images"].id.get_chunk_info(5)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(b"\xff" * chunk.size)
+    batches = Loader(path, split="all", batch_size=4, augment=False, workers=2).epoch_batches(0)
+    next(batches)
+    with pytest.raises(DataError, match=r" is damaged or truncated \(.*\)$"):
+        next(batches)
+        next(batches)
+
+
+def test_a_killed_worker_ends_the_iteration_in_one_line(dataset):
+    batches = Loader(dataset, split="all", batch_size=2, workers=2, prefetch=1).epoch_batches(0)
+    next(batches)
+    victim = batches.worker_pids[1]
+    os.kill(victim, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(MinidlError, match=rf"^data loader worker 2 of 2 \(pid {victim}\) died: killed by SIGKILL "
+                                          r"\(out of memory\?\); the run stops here"):
+        for _ in batches:
+            pass
+    assert time.monotonic() - start < 10
+    assert not any(pid_alive(pid) for pid in batches.worker_pids)
+
+
+def pid_alive(pid):
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def shm_names():
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_closing_stops_the_workers_and_frees_the_shared_memory(dataset):
+    before = shm_names()
+    batches = Loader(dataset, batch_size=4, workers=2).epoch_batches(0)
+    next(batches)
+    pids, pool = batches.worker_pids, batches._made
+    assert all(pid_alive(pid) for pid in pids)
+    batches.close()
+    assert pool._ring.closed and not any(pid_alive(pid) for pid in pids)
+    assert shm_names() <= before
+    for _ in Loader(dataset, batch_size=4, workers=2).epoch_batches(0):  # an epoch to its end
+        pass
+    assert shm_names() <= before
+
+
+SCRIPT = """
+import sys, time
+from minidl.data.loader import Loader
+batches = Loader(sys.argv[1], split="all", batch_size=1, workers=2, prefetch=1).epoch_batches(0)
+next(batches)
+print(*batches.worker_pids, flush=True)
+try:
+    for _ in batches:
+        time.sleep(0.5)
+finally:
+    batches.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_workers_end_with_their_parent(dataset, how):
+    """Killed (no chance to clean up) or interrupted (Ctrl-C), the parent leaves no worker behind."""
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT), str(dataset)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+    parent.send_signal(getattr(signal, how))
+    _, err = parent.communicate(timeout=30)
+    if how == "SIGINT":
+        assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(pid) for pid in pids)
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+    from minidl_cli.main import main
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_bench_data_reports_the_delivery(dataset, where):
+    code, output = run_cli("bench-data", dataset, "--workers", "2", "--batch-size", "4", "--batches", "3",
+                           "--devices", where)
+    assert code == 0, output
+    assert re.fullmatch(rf"3 batches of 4 \(227x227 crops\) to {where} with 2 worker\(s\): [\d,]+ images/s  "
+                        r"[\d.]+ ms CPU per image  peak memory [\d.]+ MiB \(this process\), [\d.]+ MiB \(largest "
+                        r"worker\)\n", output), output
+
+
+def test_bench_data_refuses_in_one_line(dataset, tmp_path):
+    code, output = run_cli("bench-data", dataset, "--devices", "cpu,cpu")
+    assert code == 1 and output == "error: --devices cpu,cpu: bench-data delivers to one device, e.g. cpu or cuda:0\n"
+    code, output = run_cli("bench-data", dataset, "--batch-size", "20")
+    assert code == 1 and output.startswith("error: ") and "needs two batches of 20" in output
+    code, output = run_cli("bench-data", tmp_path / "missing.h5")
+    assert code == 1 and output.count("\n") == 1 and "missing.h5" in output
+
+
+TINY_MODEL = '''
+from minidl.layers import Flatten, Layer, Linear
+CONFIG = dict(momentum=0.9, weight_decay=0.0005, lr_drop_factor=10, lr_drops=3, init="he", devices=("cpu",),
+              input_size=19, batch_size=4, epochs=1, lr=0.01, plateau_patience=5, input_scale=1 / 255)
+
+
+class Tiny(Layer):
+    def __init__(self, num_classes, devices):
+        super().__init__(device=None)
+        self.flat, self.fc = Flatten(device=devices[0]), Linear(3 * 19 * 19, num_classes, device=devices[0], rng=0)
+        self.input_device = self.output_device = self.fc.device
+
+    def forward(self, x):
+        return self.fc(self.flat(x))
+
+
+def build_model(num_classes, devices, init, seed):
+    return Tiny(num_classes, devices)
+'''
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_training_reports_the_rates_of_the_data_and_of_the_steps(dataset, tmp_path, where):
+    from minidl.training.train import train
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY_MODEL)
+    events = []
+    histories = [train(model, data=dataset, devices=(where,), out_dir=tmp_path / str(workers), log_every=2,
+                       workers=workers, progress=events.append) for workers in (0, 2)]
+    assert histories[0]["interval_loss"] == histories[1]["interval_loss"]  # the same batches, the same steps
+    steps = [e for e in events if e["kind"] == "step"]
+    assert steps and all(e["rates"]["data"] > 0 and e["rates"]["step"] > 0 for e in steps)
+
+
+def test_resuming_at_the_end_of_an_epoch_starts_no_worker(dataset):
+    loader = Loader(dataset, batch_size=4, workers=2)
+    batches = loader.epoch_batches(0, start=len(loader))
+    assert batches.worker_pids == [] and list(batches) == []
