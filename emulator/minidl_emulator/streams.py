@@ -97,6 +97,15 @@ def legacy_timeline(device_id):
 
 def host_waits_for(known):
     """The host blocked until everything in `known` finished (synchronize)."""
+    _host_learns(known)
+
+
+def host_sees_done(known):
+    """The host asked, without blocking, whether `known` finished, and was told yes (an event's query)."""
+    _host_learns(known)
+
+
+def _host_learns(known):
     with _lock:
         _merge(host_known, known)
 

@@ -49,16 +49,18 @@ def crops_to_input_gpu(windows, mean, where, shift, scale: float):
 class InputFeed:
     """Host uint8 windows (crops not yet mirrored) -> the network's float32 input on `device` (NumPy on the CPU).
 
-    A GPU's windows go through one pinned host buffer, reused (grown when a batch needs more):
-    a call waits for the previous call's copy out of it before it writes there. Not for
-    use by two threads at once.
+    A GPU's windows go through two pinned host buffers in turn (grown when a batch needs more):
+    a call waits for the copy out of its buffer two calls ago only if it has not finished. Not
+    for use by two threads at once.
     """
 
     def __init__(self, device: Device | str | None, mean: np.ndarray, scale: float) -> None:
         """`mean`: the (S, S, 3) mean image the crops were cut from (a per-channel mean spread over it)."""
         self.device, self.scale = as_device(device), scale
         self.mean = np.ascontiguousarray(mean, dtype=np.float32)
-        self._pinned, self._copied, self._device_mean = None, None, None
+        # two pinned buffers in turn, each with the event after its last copy out: a batch is staged while
+        # the previous one's copy may still run
+        self._pinned, self._copied, self._device_mean, self._turn = [None, None], [None, None], None, 0
 
     def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None):
         if not self.device.is_cuda:
@@ -70,19 +72,22 @@ class InputFeed:
             if self._device_mean is None:
                 self._device_mean = xp.asarray(self.mean)
             on_device = xp.empty(crops.shape, np.uint8)
-            on_device.set(self._staged(crops), stream=self.device.stream)
-            self._copied = self.device.stream.record()
+            staged, turn = self._staged(crops)
+            on_device.set(staged, stream=self.device.stream)
+            self._copied[turn] = self.device.stream.record()
             table = xp.asarray(np.stack([where.tops, where.lefts, where.flips], axis=1).astype(np.int32))
             lighting = xp.asarray(np.zeros((len(crops), 3), np.float32) if shift is None else shift)
             return crops_to_input_gpu(on_device, self._device_mean, table, lighting, self.scale)
 
     def _staged(self, crops):
         """`crops` copied into the pinned buffer, once the last copy from it is done."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        if self._pinned is None or self._pinned.nbytes < crops.nbytes:
+        turn, self._turn = self._turn, 1 - self._turn
+        copied = self._copied[turn]
+        if copied is not None and not copied.done:  # a query first: a blocking wait only when it must
+            copied.synchronize()
+        if self._pinned[turn] is None or self._pinned[turn].nbytes < crops.nbytes:
             memory = self.device.xp.cuda.alloc_pinned_memory(crops.nbytes)
-            self._pinned = np.frombuffer(memory, np.uint8, crops.nbytes)
-        staged = self._pinned[:crops.nbytes].reshape(crops.shape)
+            self._pinned[turn] = np.frombuffer(memory, np.uint8, crops.nbytes)
+        staged = self._pinned[turn][:crops.nbytes].reshape(crops.shape)
         np.copyto(staged, crops)
-        return staged
+        return staged, turn
