@@ -86,11 +86,14 @@ class Tower(Layer):
         for name, kind, spec, reads, then in network:
             in_channels = 2 * channels if reads == "both" else channels  # features, for a fully connected layer
             W_init, b_init = initialisers(name, scheme)
+            # a ReLU right after the layer runs in the layer's own pass, with its bias
+            activation, then = ("relu", then[len("relu"):]) if then.split()[:1] == ["relu"] else (None, then)
             if kind == "conv":
                 layer = Conv2d(in_channels, spec["out"], spec["ksize"], spec.get("stride", 1), spec.get("pad", 0),
-                               device=device, W_init=W_init, b_init=b_init, rng=rng)
+                               device=device, W_init=W_init, b_init=b_init, rng=rng, activation=activation)
             else:
-                layer = Linear(in_channels, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng)
+                layer = Linear(in_channels, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng,
+                               activation=activation)
             channels = spec["out"]
             if "flatten" in then:
                 channels *= pooled_size * pooled_size
