@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from minidl import kernels
-from minidl.core import Function, Tensor
+from minidl.core import Array, Function, Tensor
 from minidl.device import cupy
 from minidl.errors import MinidlError
 
@@ -27,14 +27,14 @@ def check_activation(activation: str | None) -> str | None:
     return activation
 
 
-def relu_array(x):
+def relu_array(x: Array) -> Array:
     """max(x, 0) as a new C-contiguous array on x's device (NaN propagates)."""
     if isinstance(x, np.ndarray):
         return np.maximum(x, 0)
     return cupy().maximum(x, 0, out=kernels.empty(x.shape, x.dtype))
 
 
-def relu_grad(y, gy):
+def relu_grad(y: Array, gy: Array) -> Array:
     """gy * (y > 0): ReLU's backward from its output y."""
     if isinstance(y, np.ndarray):
         return gy * (y > 0)
@@ -43,7 +43,7 @@ def relu_grad(y, gy):
     return gx
 
 
-def bias_relu_rows(y, b):
+def bias_relu_rows(y: Array, b: Array) -> Array:
     """relu(y + b) for a (rows, features) y, in place; returns y."""
     if isinstance(y, np.ndarray):
         y += b
@@ -52,7 +52,7 @@ def bias_relu_rows(y, b):
     return y
 
 
-def bias_relu_cnl_to_nchw(cnl, b, n, c, oh, ow):
+def bias_relu_cnl_to_nchw(cnl: Array, b: Array, n: int, c: int, oh: int, ow: int) -> Array:
     """relu(y + b) as a new (N, C, OH, OW) array, from a GEMM's (C, N, OH*OW)-ordered output."""
     if isinstance(cnl, np.ndarray):
         y = cnl.reshape(c, n, oh, ow).transpose(1, 0, 2, 3) + b.reshape(1, c, 1, 1)
@@ -62,7 +62,7 @@ def bias_relu_cnl_to_nchw(cnl, b, n, c, oh, ow):
     return y
 
 
-def relu_grad_to_cnl(y, gy):
+def relu_grad_to_cnl(y: Array, gy: Array) -> Array:
     """ReLU's backward of NCHW y and gy, laid out (C, N*H*W) for a convolution's GEMMs."""
     n, c, h, w = y.shape
     if isinstance(y, np.ndarray):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from minidl import kernels
+from minidl.core import Array
 from minidl.device import cupy
 from minidl.errors import MinidlError
 from minidl.precision import precision
@@ -36,14 +37,14 @@ def _cupy_matmul(a, b, out=None):
     return cp.matmul(a, b, out=out)
 
 
-def matmul(a, b):
+def matmul(a: Array, b: Array) -> Array:
     """a @ b for 2-D arrays on one device: NumPy's on the CPU; on a GPU one cuBLAS GEMM (above)."""
     if a.ndim != 2 or b.ndim != 2:
         raise MinidlError(f"gemm.matmul takes 2-D arrays, got shapes {a.shape} and {b.shape}")
     return a @ b if isinstance(a, np.ndarray) else _cupy_matmul(a, b)
 
 
-def grouped_matmul(a, b):
+def grouped_matmul(a: Array, b: Array) -> Array:
     """a @ b for (G, m, k) and (G, k, n) arrays, a C-contiguous (G, m, n) result.
 
     The CPU computes NumPy's a @ b. A GPU runs G 2-D GEMMs of the views a[g] and b[g] (each C- or
