@@ -54,8 +54,10 @@ POOLED_SIZE = 6  # conv5's maps after the last pool: 256 x 6 x 6 = 9216 inputs t
 
 
 # Training keeps about this many bytes per byte of layer output (Layer.training_bytes_per_output_byte):
-# measured at batch 32 on the CPU, a 2.15 GiB peak = 3 x the parameters + about 6 x the outputs.
-TRAINING_BYTES_PER_OUTPUT_BYTE = 6
+# measured at batch 32 on the CPU, a 2.15 GiB peak = 3 x the parameters + about 6 x the outputs when each ReLU
+# was a layer of its own; with ReLU inside the conv and fc layers (activation="relu") the same memory is about
+# 9 x the outputs of the layers that remain.
+TRAINING_BYTES_PER_OUTPUT_BYTE = 9
 
 
 def initialisers(name, scheme):
