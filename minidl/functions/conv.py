@@ -92,7 +92,7 @@ def requested_algorithm(algorithm: str | None = None) -> str:
 
 
 class Conv2d(Function):
-    """conv2d as a Function: the direct path (saving cols and W) or Winograd's (winograd.py).
+    """conv2d as a Function: the direct path (saving cols, W, and y under a ReLU) or Winograd's (winograd.py).
 
     Winograd is taken when the algorithm is "winograd", or on the CPU when it is "auto" and
     Winograd applies and pays (winograd.applies, winograd.pays); "direct" keeps the direct path.
@@ -193,13 +193,11 @@ def conv2d(x: Tensor, W: Tensor, b: Tensor | None = None, stride: int = 1, pad: 
            groups: int = 1, algorithm: str | None = None, activation: str | None = None) -> Tensor:
     """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
 
-    algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for
-    strided ones that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16
-    or more channels in and out per group, the input's counted in blocks,
-    C * stride^2; im2col + GEMM otherwise),
-    "direct" (im2col + GEMM always) or "winograd" (on either device; a
-    MinidlError where it does not apply); None reads the environment
-    variable MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
+    algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for strided ones
+    that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16 or more channels in and out
+    per group, the input's counted in blocks, C * stride^2; im2col + GEMM otherwise), "direct"
+    (im2col + GEMM always) or "winograd" (on either device; a MinidlError where it does not
+    apply); None reads MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
     activation "relu": relu(conv2d(...)), the bias and the ReLU in one pass (None: none).
     """
     f = Conv2d(stride, pad, groups, algorithm, activation)
