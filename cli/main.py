@@ -17,6 +17,7 @@ import numpy as np
 
 from minidl.errors import MinidlError
 from minidl.hdf5 import MAX_CLASSES, MAX_SEED
+from minidl.precision import DEFAULT_PRECISION, PRECISIONS
 
 OTHER_RANKS_WAIT = 3  # seconds (see _say_error)
 
@@ -79,6 +80,10 @@ class NumberRange(click.FloatRange):
 
 
 SEED = click.IntRange(0, MAX_SEED)  # what a checkpoint keeps (a 64-bit integer)
+PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
+    help="What float32 matrix products compute in on GPUs: tf32 (tensor cores, inputs rounded to 10 mantissa "
+         "bits, as PyTorch's convolutions) or fp32 (exact FP32, slower). No effect on the CPU.")
 
 
 def _redeliver_interrupts(previous_hook, unraisable):
@@ -226,9 +231,11 @@ def main():
               "rank's share of its host's GPUs. Needs minidl[mpi].")
 @click.option("--workers", type=click.IntRange(0), help="Processes reading and cropping the images (default: the "
               "cores available minus one; 0: a thread of this process). Per rank with --data-parallel.")
+@PRECISION
 @friendly_errors
 def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_model_change, seed, init, log_every,
-          checkpoint_seconds, skip_nonfinite, data_parallel, workers):
+          checkpoint_seconds, skip_nonfinite, data_parallel, workers,
+          precision):
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume it may be left out for a run of the built-in
     AlexNet. A checkpoint never chooses the code that runs: a model file comes from this command line only.
 
@@ -239,7 +246,8 @@ def train(model_file, data, devices, epochs, batch_size, out_dir, resume, allow_
         run_training(model_file, data=data, devices=devices, epochs=epochs, batch_size=batch_size, out_dir=out_dir,
                      resume=resume, seed=seed, init=init, progress=TrainingReport(out_dir), log_every=log_every,
                      checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
-                     data_parallel=data_parallel, allow_model_change=allow_model_change, workers=workers)
+                     data_parallel=data_parallel, allow_model_change=allow_model_change, workers=workers,
+                     precision=precision)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole
@@ -293,11 +301,14 @@ def _print_neighbours(rows, k, as_json):
               "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per forward pass.")
+@PRECISION
 @friendly_errors
-def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size):
+def evaluate(checkpoint, data, split, ten_crop, model_file, devices, batch_size, precision):
     """Top-1 and top-5 accuracy of CHECKPOINT on a dataset."""
+    from minidl.precision import set_precision
     from minidl.training.evaluate import check_labels, evaluate as run_evaluation
     from minidl.training.restore import Restored
+    set_precision(precision)
     restored = Restored(checkpoint, model_file, devices)
     loader = restored.loader(data, split=split, batch_size=batch_size, ten_crop=ten_crop)
     check_labels(restored.checkpoint["num_classes"], loader.num_classes, data)
@@ -514,13 +525,14 @@ def summary(model_file, classes, devices):
 @click.option("--devices", help="Devices for the two towers (default: what is here).")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True,
               help="Timed steps (after 3 warm-up steps).")
+@PRECISION
 @friendly_errors
-def bench(model_file, batch_size, devices, steps):
+def bench(model_file, batch_size, devices, steps, precision):
     """Time full training steps of MODEL_FILE on synthetic data."""
     from minidl.training.bench import bench as run_bench
     from minidl.training.model_file import load_model_file
     result = run_bench(load_model_file(model_file), batch_size=batch_size, steps=steps, devices=devices,
-                       progress=ProgressLine("steps"))
+                       progress=ProgressLine("steps"), precision=precision)
     click.echo(f"devices {','.join(result['devices'])}  batch {result['batch_size']}  "
                f"median of {result['steps']} steps: {result['ms_per_step']:.1f} ms/step  "
                f"{result['images_per_s']:.1f} images/s  peak memory {_size(result['peak_memory_bytes'])}")

@@ -13,6 +13,7 @@ from minidl.errors import MinidlError
 from minidl.functions import concat, local_response_norm, softmax_cross_entropy, split
 from minidl.layers import (Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            summary)
+from minidl.precision import DEFAULT_PRECISION, set_precision
 from minidl.training.model_file import load_model_file
 
 MODEL_PATH = os.path.join(os.path.dirname(__file__), "..", "models", "alexnet.py")
@@ -188,6 +189,7 @@ def test_gpu_alexnet_matches_cpu(devices, device_map):
     if device_map is None and len(set(devices)) == 2 and minidl.gpu_count() < 2:
         pytest.skip("needs two GPUs")
     minidl.set_device_map(device_map)
+    set_precision("fp32")  # exact FP32 GEMMs: TF32's own tolerance is tests/test_gemm.py's
     try:
         cpu = alexnet.build_model(1000, ("cpu", "cpu"), seed=2).eval()
         gpu = alexnet.build_model(1000, devices, seed=9).eval()
@@ -212,6 +214,7 @@ def test_gpu_alexnet_matches_cpu(devices, device_map):
             assert np.linalg.norm(gb - ga) <= 2e-3 * np.linalg.norm(ga) + 3 * cpu_error + 1e-7, name
     finally:
         minidl.set_device_map(None)
+        set_precision(DEFAULT_PRECISION)
 
 
 @pytest.mark.gpu

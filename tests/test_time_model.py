@@ -52,13 +52,41 @@ def test_batched_float16_is_upcast_and_copied_back(cp, charged):
     assert entries[0].nbytes == a.nbytes + a.size * 4  # float16 read, float32 written
 
 
+@pytest.fixture
+def compute_type(cp):
+    """compute_type(t) sets CuPy's compute type of float32 for the test (COMPUTE_TYPE_TBD: CUPY_TF32 decides);
+    the one before is restored after (minidl sets it at each GEMM)."""
+    before = cp._core.get_compute_type(cp.float32)
+    yield lambda t: cp._core.set_compute_type(cp.float32, t)
+    cp._core.set_compute_type(cp.float32, before)
+
+
 @pytest.mark.parametrize("tf32, unit", [("0", "fp32-simt"), ("1", "tf32")])
-def test_2d_matmul_and_dot_use_tf32_only_with_cupy_tf32(cp, charged, monkeypatch, tf32, unit):
+def test_2d_matmul_and_dot_use_tf32_only_with_cupy_tf32(cp, charged, monkeypatch, compute_type, tf32, unit):
+    compute_type(cp._core._routines_linalg.COMPUTE_TYPE_TBD)
     monkeypatch.setenv("CUPY_TF32", tf32)
     x, w = _device(cp, 3, 4), _device(cp, 5, 4)
     start = len(charged())
     x @ w.T, cp.dot(x, w.T), x.dot(w.T), cp.matmul(x, w.T)
     assert [(e.kind, e.unit) for e in charged()[start:]] == [("gemm", unit)] * 4
+
+
+@pytest.mark.parametrize("name, unit", [("COMPUTE_TYPE_TF32", "tf32"), ("COMPUTE_TYPE_DEFAULT", "fp32-simt"),
+                                        ("COMPUTE_TYPE_PEDANTIC", "fp32-simt")])
+def test_the_compute_type_set_decides_2d_float32_gemms_and_tf32_rounds_their_inputs(cp, charged, monkeypatch,
+                                                                                     compute_type, name, unit):
+    monkeypatch.setenv("CUPY_TF32", "0")  # a compute type set wins over the variable, as in CuPy
+    compute_type(getattr(cp._core._routines_linalg, name))
+    x = cp.asarray(np.full((2, 3), 1 + 2 ** -11 + 2 ** -13, np.float32))  # 1.0 + 1.5 TF32 half-ulps
+    w = cp.asarray(np.ones((3, 2), np.float32))
+    start = len(charged())
+    product = (x @ w).get()
+    assert [(e.kind, e.unit) for e in charged()[start:] if e.kind == "gemm"] == [("gemm", unit)]
+    expected = 3 * (1 + 2 ** -10) if unit == "tf32" else 3 * (1 + 2 ** -11 + 2 ** -13)
+    np.testing.assert_allclose(product, expected, rtol=1e-7)
+    start = len(charged())
+    x[None] @ w[None]  # batched: the data type as compute type, whatever is set
+    assert [e.unit for e in charged()[start:] if e.kind == "gemm"] == ["fp32-simt"]
 
 
 def test_2d_float16_runs_on_tensor_cores(cp, charged):

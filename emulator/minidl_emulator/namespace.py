@@ -8,7 +8,7 @@ import sys
 from minidl_emulator import cuda
 from minidl_emulator.raw import RawKernel, RawModule
 from minidl_emulator.xp import *  # noqa: F401,F403 -- the array API, as cupy's top level offers it
-from minidl_emulator.xp import ndarray
+from minidl_emulator.xp import _core, ndarray  # noqa: F401 -- cupy._core: the compute types
 
 
 def get_array_module(*args):

@@ -8,11 +8,13 @@ device; each operation is enqueued on the current stream, checked against the
 stream order, counted (`cuda.operation`) and charged in the cost ledger
 (ledger.py) as CuPy runs it, GEMMs with their compute unit and hidden copies.
 The arithmetic itself is NumPy's, so results equal the CPU path's, not cuBLAS's
-(no TF32, no other summation order).
+(no other summation order), except that a 2-D float32 GEMM under the TF32 compute
+type first rounds its inputs to TF32 (round_to_tf32), as tensor cores read them.
 """
 import builtins
 import numbers
 import os
+import types
 
 import numpy as np
 
@@ -324,19 +326,72 @@ for _name in ("concatenate", "stack", "split", "array_split", "broadcast_to", "w
 # --- GEMMs, charged as CuPy runs them (cupy/_core/_routines_linalg.pyx, CuPy v14): which cuBLAS call, which
 # compute unit, and which copies it makes of operands cuBLAS cannot read as they are (ledger.py)
 
+# CuPy's compute types (_routines_linalg.pxd) and its process-wide choice per dtype (get_compute_type,
+# set_compute_type): TBD until the first 2-D GEMM of the dtype reads CUPY_TF32. Here TBD re-reads it on every
+# GEMM (CuPy fixes it then), so a test can set the variable; set_compute_type(dtype, COMPUTE_TYPE_TBD) resets.
+COMPUTE_TYPES = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
+                     COMPUTE_TYPE_FP32=4, COMPUTE_TYPE_FP64=5, COMPUTE_TYPE_BF16=6, COMPUTE_TYPE_TF32=7)
+_compute_types = {}  # dtype char ("e", "f", "d") -> compute type, TBD when absent
+
+
+def _compute_type_key(dtype):
+    char = np.dtype(dtype).char
+    key = dict(e="e", f="f", F="f", d="d", D="d").get(char)
+    if key is None:
+        raise TypeError(f"dtype is not supported: {dtype}")
+    return key
+
+
+def set_compute_type(dtype, compute_type):
+    """cupy._core.set_compute_type: the compute type of `dtype`'s 2-D GEMMs from now on, process-wide."""
+    if compute_type not in COMPUTE_TYPES.values():
+        raise ValueError(f"Unknown compute type: {compute_type}")
+    _compute_types[_compute_type_key(dtype)] = compute_type
+
+
+def get_compute_type(dtype):
+    """cupy._core.get_compute_type: the type set, else DEFAULT, or TF32 for float32 when CUPY_TF32 > 0."""
+    key = _compute_type_key(dtype)
+    chosen = _compute_types.get(key, 0)
+    if chosen:
+        return chosen
+    tf32 = key == "f" and int(os.environ.get("CUPY_TF32", "0")) > 0
+    return COMPUTE_TYPES["COMPUTE_TYPE_TF32" if tf32 else "COMPUTE_TYPE_DEFAULT"]
+
+
+# cupy._core, the part of it minidl uses, with _routines_linalg's names of the compute types
+_core = types.SimpleNamespace(set_compute_type=set_compute_type, get_compute_type=get_compute_type,
+                              _routines_linalg=types.SimpleNamespace(**COMPUTE_TYPES))
+
+
 def _gemm_unit(dtype, two_d):
     """The batched path (matmul, ndim > 2) passes the data type as cuBLAS's compute type: plain FP32 on the
     SIMT units (matmul: gemmStridedBatchedEx / sgemmBatched). The 2-D path (tensordot_core_v11) computes
-    float32 on TF32 tensor cores when CUPY_TF32 > 0 (get_compute_type; CuPy reads it once, here each call),
+    float32 on TF32 tensor cores when get_compute_type(float32) is COMPUTE_TYPE_TF32 (CUBLAS_COMPUTE_32F_FAST_TF32),
     and float16 in CUBLAS_COMPUTE_32F with CUBLAS_GEMM_DEFAULT_TENSOR_OP: tensor cores."""
     dtype = np.dtype(dtype)
     if dtype == np.float64:
         return "fp64"
     if two_d and dtype == np.float16:
         return "fp16"
-    if two_d and dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0:
+    if two_d and dtype == np.float32 and get_compute_type(dtype) == COMPUTE_TYPES["COMPUTE_TYPE_TF32"]:
         return "tf32"
     return "fp32-simt"  # integers run CuPy's own SIMT kernel (_integral_tensordot_core): charged alike
+
+
+def round_to_tf32(host):
+    """float32 values rounded to TF32's 10-bit mantissa (to nearest, ties away from zero, as cvt.rna.tf32.f32),
+    the form in which tensor cores read GEMM inputs under CUBLAS_COMPUTE_32F_FAST_TF32; non-finite kept."""
+    bits = np.ascontiguousarray(host, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isfinite(host), rounded, host).astype(np.float32, copy=False)
+
+
+def _on_tf32(fn):
+    """fn(a, b, ...) on the operands as TF32 tensor cores read them; products and sums stay float32."""
+    def product(a, b, **kwargs):
+        return fn(round_to_tf32(a), round_to_tf32(b), **kwargs)
+    return product
 
 
 def _hidden_copy(array, dtype, name):
@@ -358,7 +413,7 @@ def matmul(a, b, out=None):
         return _run("gemm", np.matmul, (a, b), {} if out is None else dict(out=out), what="matmul")
     ndim = builtins.max(a.ndim, b.ndim)  # cupy.max shadows the builtin here
     if ndim <= 2:
-        copy_out = out is not None and not (out.flags.c_contiguous and out.dtype == np.result_type(a, b))
+        copy_out = out is not None and not (out.flags.c_contiguous and out.dtype == np.result_type(a.dtype, b.dtype))
         return _dot(a, b, out, np.matmul, copy_out)
     dtype = np.promote_types(a.dtype, b.dtype)
     compute = np.dtype(np.float32) if dtype == np.float16 else dtype
@@ -412,6 +467,8 @@ def _dot(a, b, out, fn, copy_out):
         if not cublas_ready or operand.dtype != dtype:
             _hidden_copy(operand, dtype, f"dot: a contiguous copy of {which}")
     cost = _gemm_cost(n, m, k, 1, dtype, True, "dot (2-D)")
+    if cost.unit == "tf32":
+        fn = _on_tf32(fn)
     if out is None or not copy_out:
         return _run("gemm", fn, (a, b), {} if out is None else dict(out=out), what="dot", cost=cost)
     return _copy_into(_run("gemm", fn, (a, b), {}, what="dot", cost=cost), out, "matmul: copy into out")

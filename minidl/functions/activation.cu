@@ -13,3 +13,76 @@ __global__ void relu_backward(const T* y, const T* gy, T* gx, long long total) {
 
 template __global__ void relu_backward<float>(const float*, const float*, float*, long long);
 template __global__ void relu_backward<double>(const double*, const double*, double*, long long);
+
+// Bias + ReLU in one pass after a GEMM (activation.py, bias_relu_*): each reads the GEMM's
+// output once and writes the activation once, where CuPy would launch the add and the maximum
+// apart. NaN propagates as np.maximum(v, 0) does. Indices in 32 bits where they fit (no 64-bit
+// division per element).
+
+template <typename T>
+__device__ __forceinline__ T relu_of(T v) {
+    return (v > T(0) || v != v) ? v : T(0);
+}
+
+// Element i of an (N, C, L) array as (n, c, l)
+__device__ __forceinline__ void split_nchw(long long i, long long c, long long l, long long total,
+                                           long long& ni, long long& ci, long long& li) {
+    if (total <= 0xFFFFFFFFLL) {
+        unsigned row = (unsigned)i / (unsigned)l;
+        li = (unsigned)i - row * (unsigned)l;
+        ni = row / (unsigned)c;
+        ci = row - (unsigned)ni * (unsigned)c;
+    } else {
+        long long row = i / l;
+        li = i - row * l;
+        ni = row / c;
+        ci = row - ni * c;
+    }
+}
+
+// A fully connected layer's (rows, features) output, in place: y = relu(y + b[feature])
+template <typename T>
+__global__ void bias_relu_rows(T* y, const T* b, long long features, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long f = total <= 0xFFFFFFFFLL ? (long long)((unsigned)i % (unsigned)features) : i % features;
+        y[i] = relu_of(y[i] + b[f]);
+    }
+}
+
+// A convolution's GEMM output, (C, N, L) with L = OH*OW, into a new NCHW array:
+// y[n, c, l] = relu(cnl[c, n, l] + b[c]). A thread per element of y, read in y's order.
+template <typename T>
+__global__ void bias_relu_cnl_to_nchw(const T* cnl, const T* b, T* y, long long n, long long c,
+                                      long long l, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long ni, ci, li;
+        split_nchw(i, c, l, total, ni, ci, li);
+        y[i] = relu_of(cnl[(ci * n + ni) * l + li] + b[ci]);
+    }
+}
+
+// ReLU's backward fused with the transposition a convolution's backward needs: the NCHW
+// gradient gy masked by y > 0, written as (C, N, L), the layout of the weight-gradient GEMM.
+template <typename T>
+__global__ void relu_backward_nchw_to_cnl(const T* y, const T* gy, T* g_cnl, long long n, long long c,
+                                          long long l, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long ni, ci, li;
+        split_nchw(i, c, l, total, ni, ci, li);
+        g_cnl[(ci * n + ni) * l + li] = gy[i] * (y[i] > T(0) ? T(1) : T(0));
+    }
+}
+
+template __global__ void bias_relu_rows<float>(float*, const float*, long long, long long);
+template __global__ void bias_relu_rows<double>(double*, const double*, long long, long long);
+template __global__ void bias_relu_cnl_to_nchw<float>(const float*, const float*, float*, long long,
+                                                      long long, long long, long long);
+template __global__ void bias_relu_cnl_to_nchw<double>(const double*, const double*, double*, long long,
+                                                       long long, long long, long long);
+template __global__ void relu_backward_nchw_to_cnl<float>(const float*, const float*, float*, long long,
+                                                          long long, long long, long long);
+template __global__ void relu_backward_nchw_to_cnl<double>(const double*, const double*, double*,
+                                                           long long, long long, long long, long long);

@@ -1,42 +1,87 @@
-"""ReLU.
+"""ReLU, and bias + ReLU in one pass for the layers that a ReLU follows.
 
 Forward is one elementwise maximum on both devices; on a GPU into a C-contiguous
 array, whatever the layout of x (a convolution's output is a transposed view),
 so that the kernels that read y (this backward, LRN, pooling, im2col) take it
 without a copy. Backward on a GPU is one kernel (activation.cu) where CuPy
-would launch two, the mask and the product.
+would launch two, the mask and the product. The bias_relu_* functions and
+relu_grad_to_cnl are the fused passes of conv.py and linear.py (activation="relu").
 """
 from __future__ import annotations
 
 import numpy as np
 
 from minidl import kernels
-from minidl.core import Function, Tensor
+from minidl.core import Array, Function, Tensor
+from minidl.device import cupy
+from minidl.errors import MinidlError
 
-CU = kernels.KernelFile.beside(__file__, "activation.cu", ("relu_backward",))
+CU = kernels.KernelFile.beside(__file__, "activation.cu", (
+    "relu_backward", "bias_relu_rows", "bias_relu_cnl_to_nchw", "relu_backward_nchw_to_cnl"))
+ACTIVATIONS = (None, "relu")  # what a Conv2d or Linear layer may apply to its output in the same pass
+
+
+def check_activation(activation: str | None) -> str | None:
+    if activation not in ACTIVATIONS:
+        raise MinidlError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
+def relu_array(x: Array) -> Array:
+    """max(x, 0) as a new C-contiguous array on x's device (NaN propagates)."""
+    if isinstance(x, np.ndarray):
+        return np.maximum(x, 0)
+    return cupy().maximum(x, 0, out=kernels.empty(x.shape, x.dtype))
+
+
+def relu_grad(y: Array, gy: Array) -> Array:
+    """gy * (y > 0): ReLU's backward from its output y."""
+    if isinstance(y, np.ndarray):
+        return gy * (y > 0)
+    gx = kernels.empty(y.shape, y.dtype)
+    kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx, y.size)
+    return gx
+
+
+def bias_relu_rows(y: Array, b: Array) -> Array:
+    """relu(y + b) for a (rows, features) y, in place; returns y."""
+    if isinstance(y, np.ndarray):
+        y += b
+        return np.maximum(y, 0, out=y)
+    kernels.launch(CU, "bias_relu_rows", y.dtype, y.size, y, b, y.shape[1], y.size)
+    return y
+
+
+def bias_relu_cnl_to_nchw(cnl: Array, b: Array, n: int, c: int, oh: int, ow: int) -> Array:
+    """relu(y + b) as a new (N, C, OH, OW) array, from a GEMM's (C, N, OH*OW)-ordered output."""
+    if isinstance(cnl, np.ndarray):
+        y = cnl.reshape(c, n, oh, ow).transpose(1, 0, 2, 3) + b.reshape(1, c, 1, 1)
+        return np.maximum(y, 0, out=y)
+    y = kernels.empty((n, c, oh, ow), cnl.dtype)
+    kernels.launch(CU, "bias_relu_cnl_to_nchw", cnl.dtype, y.size, cnl, b, y, n, c, oh * ow, y.size)
+    return y
+
+
+def relu_grad_to_cnl(y: Array, gy: Array) -> Array:
+    """ReLU's backward of NCHW y and gy, laid out (C, N*H*W) for a convolution's GEMMs."""
+    n, c, h, w = y.shape
+    if isinstance(y, np.ndarray):
+        return (gy * (y > 0)).transpose(1, 0, 2, 3).reshape(c, n * h * w)
+    g = kernels.empty((c, n * h * w), y.dtype)
+    kernels.launch(CU, "relu_backward_nchw_to_cnl", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), g,
+                   n, c, h * w, y.size)
+    return g
 
 
 class ReLU(Function):
-    def forward_cpu(self, x):
-        y = np.maximum(x, 0)
+    def forward(self, x):
+        y = relu_array(x)
         self.save(y)
         return y
 
-    def forward_gpu(self, x):
-        y = self.device.xp.maximum(x, 0, out=kernels.empty(x.shape, x.dtype))
-        self.save(y)
-        return y
-
-    def backward_cpu(self, gy):
+    def backward(self, gy):
         (y,) = self.saved
-        return gy * (y > 0)
-
-    def backward_gpu(self, gy):
-        (y,) = self.saved
-        gx = kernels.empty(y.shape, y.dtype)
-        kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx,
-                       y.size)
-        return gx
+        return relu_grad(y, gy)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from minidl import kernels
 from minidl.core import Function, Tensor
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
-from minidl.functions import winograd
+from minidl.functions import activation as activations, gemm, winograd
 # output_size stays importable as conv.output_size (tests use it)
 from minidl.functions.conv_arguments import check_arguments, output_size  # noqa: F401
 
@@ -92,7 +92,7 @@ def requested_algorithm(algorithm: str | None = None) -> str:
 
 
 class Conv2d(Function):
-    """conv2d as a Function: the direct path (saving cols and W) or Winograd's (winograd.py).
+    """conv2d as a Function: the direct path (saving cols, W, and y under a ReLU) or Winograd's (winograd.py).
 
     Winograd is taken when the algorithm is "winograd", or on the CPU when it is "auto" and
     Winograd applies and pays (winograd.applies, winograd.pays); "direct" keeps the direct path.
@@ -100,9 +100,10 @@ class Conv2d(Function):
     "auto" takes the direct path (benchmarks/NOTES.md, "Winograd for the 3x3 convolutions").
     """
 
-    def __init__(self, stride, pad, groups, algorithm=None):
+    def __init__(self, stride, pad, groups, algorithm=None, activation=None):
         self.stride, self.pad, self.groups = stride, pad, groups
         self.algorithm = requested_algorithm(algorithm)
+        self.activation = activations.check_activation(activation)
         self.uses_winograd = False  # whether forward took the Winograd path; backward follows it
 
     def forward_cpu(self, x, W, b=None):
@@ -134,11 +135,15 @@ class Conv2d(Function):
             return self._forward(im2col, x, W, b, oh, ow)
         y, saved = winograd.winograd_conv_forward(x, W, b, self.pad, self.groups,
                                                   stride=self.stride)
-        self.save(saved, W.shape)
+        if self.activation:  # a second pass: the fused one is the direct path's
+            y = activations.relu_array(y)
+        self.save(saved, W.shape, y)
         return y
 
     def _winograd_backward(self, gy):
-        saved, W_shape = self.saved
+        saved, W_shape, y = self.saved
+        if self.activation:
+            gy = activations.relu_grad(y, gy)
         needs = (*self.needs_grad, False)[:3]  # the bias, when there is one, is the third input
         gx, gW, gb = winograd.winograd_conv_backward(gy, W_shape, saved, needs)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
@@ -149,27 +154,35 @@ class Conv2d(Function):
         g = self.groups
         cols = im2col(x, kh, kw, self.stride, self.pad, oh, ow)
         cols = cols.reshape(g, cg * kh * kw, n * oh * ow)
-        y = W.reshape(g, out // g, cg * kh * kw) @ cols  # (G, out/G, N*OH*OW)
-        y = y.reshape(out, n, oh, ow).transpose(1, 0, 2, 3)
-        # either way a new NCHW array
-        y = y + b.reshape(1, out, 1, 1) if b is not None else y.copy()
-        self.save(cols, W)
+        y = gemm.grouped_matmul(W.reshape(g, out // g, cg * kh * kw), cols)  # (G, out/G, N*OH*OW)
+        if self.activation and b is not None:
+            y = activations.bias_relu_cnl_to_nchw(y, b, n, out, oh, ow)  # one pass, a new NCHW array
+        else:
+            y = y.reshape(out, n, oh, ow).transpose(1, 0, 2, 3)
+            # either way a new NCHW array
+            y = y + b.reshape(1, out, 1, 1) if b is not None else y.copy()
+            if self.activation:
+                y = activations.relu_array(y)
+        self.save(cols, W, y if self.activation else None)
         self.in_shape = x.shape
         return y
 
     def _backward(self, col2im, gy):
-        cols, W = self.saved
+        cols, W, y = self.saved
         n, c, h, w = self.in_shape
         out, cg, kh, kw = W.shape
         g = self.groups
         oh, ow = gy.shape[2:]
-        # one copy, the batch inside
-        gy_groups = gy.transpose(1, 0, 2, 3).reshape(g, out // g, n * oh * ow)
+        if self.activation:  # the mask and the transposition in one pass
+            gy_groups = activations.relu_grad_to_cnl(y, gy).reshape(g, out // g, n * oh * ow)
+        else:  # one copy, the batch inside
+            gy_groups = gy.transpose(1, 0, 2, 3).reshape(g, out // g, n * oh * ow)
         gx = gW = gb = None
         if self.needs_grad[1]:
-            gW = (gy_groups @ cols.swapaxes(-1, -2)).reshape(W.shape)
+            gW = gemm.grouped_matmul(gy_groups, cols.swapaxes(-1, -2)).reshape(W.shape)
         if self.needs_grad[0]:  # skipped for the first layer, whose input is the image
-            gcols = W.reshape(g, out // g, -1).swapaxes(-1, -2) @ gy_groups  # (G, cg*kh*kw, N*L)
+            # (G, cg*kh*kw, N*L)
+            gcols = gemm.grouped_matmul(W.reshape(g, out // g, -1).swapaxes(-1, -2), gy_groups)
             gx = col2im(gcols.reshape(c, kh, kw, n, oh, ow), h, w, self.stride, self.pad)
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
             gb = gy_groups.sum(axis=2).reshape(out)
@@ -177,16 +190,15 @@ class Conv2d(Function):
 
 
 def conv2d(x: Tensor, W: Tensor, b: Tensor | None = None, stride: int = 1, pad: int = 0,
-           groups: int = 1, algorithm: str | None = None) -> Tensor:
+           groups: int = 1, algorithm: str | None = None, activation: str | None = None) -> Tensor:
     """Convolution of NCHW x with W (out, in/groups, kh, kw), plus a bias per output channel.
 
-    algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for
-    strided ones that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16
-    or more channels in and out per group, the input's counted in blocks,
-    C * stride^2; im2col + GEMM otherwise),
-    "direct" (im2col + GEMM always) or "winograd" (on either device; a
-    MinidlError where it does not apply); None reads the environment
-    variable MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
+    algorithm: "auto" (Winograd for 3x3 and 5x5 convolutions on the CPU, and for strided ones
+    that are 3x3 or 5x5 in stride x stride blocks of pixels, with 16 or more channels in and out
+    per group, the input's counted in blocks, C * stride^2; im2col + GEMM otherwise), "direct"
+    (im2col + GEMM always) or "winograd" (on either device; a MinidlError where it does not
+    apply); None reads MINIDL_CONV_ALGORITHM, and takes "auto" when that is unset.
+    activation "relu": relu(conv2d(...)), the bias and the ReLU in one pass (None: none).
     """
-    f = Conv2d(stride, pad, groups, algorithm)
+    f = Conv2d(stride, pad, groups, algorithm, activation)
     return f(x, W) if b is None else f(x, W, b)

@@ -1,8 +1,10 @@
-"""Matrix products: matmul and the fully connected layer's linear map."""
+"""Matrix products: matmul and the fully connected layer's linear map (GEMMs: gemm.py)."""
 from __future__ import annotations
 
 from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
+from minidl.functions import activation as activations
+from minidl.functions.gemm import matmul as gemm
 
 
 class MatMul(Function):
@@ -12,16 +14,20 @@ class MatMul(Function):
         if a.ndim != 2 or b.ndim != 2:
             raise MinidlError(f"matmul supports 2-D operands, got {a.shape} and {b.shape}")
         self.save(a, b)
-        return a @ b
+        return gemm(a, b)
 
     def backward(self, gy):
         a, b = self.saved
-        return (gy @ b.T if self.needs_grad[0] else None,
-                a.T @ gy if self.needs_grad[1] else None)
+        return (gemm(gy, b.T) if self.needs_grad[0] else None,
+                gemm(a.T, gy) if self.needs_grad[1] else None)
 
 
 class Linear(Function):
-    """y = x W^T + b, with W of shape (out, in) as in PyTorch and Chainer."""
+    """y = x W^T + b, with W of shape (out, in) as in PyTorch and Chainer; activation "relu": relu(y),
+    the bias and the ReLU in one pass."""
+
+    def __init__(self, activation: str | None = None):
+        self.activation = activations.check_activation(activation)
 
     def forward(self, x, W, b=None):
         if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
@@ -30,16 +36,23 @@ class Linear(Function):
                               f"{W.shape}, got x of shape {x.shape}")
         if b is not None and b.shape != W.shape[:1]:
             raise MinidlError(f"linear: bias of shape {b.shape} for {W.shape[0]} outputs")
-        self.save(x, W)
-        y = x @ W.T
-        if b is not None:
-            y += b
+        y = gemm(x, W.T)
+        if self.activation and b is not None:
+            y = activations.bias_relu_rows(y, b)
+        else:
+            if b is not None:
+                y += b
+            if self.activation:
+                y = activations.relu_array(y)
+        self.save(x, W, y if self.activation else None)
         return y
 
     def backward(self, gy):
-        x, W = self.saved
-        gx = gy @ W if self.needs_grad[0] else None
-        gW = gy.T @ x if self.needs_grad[1] else None
+        x, W, y = self.saved
+        if self.activation:
+            gy = activations.relu_grad(y, gy)
+        gx = gemm(gy, W) if self.needs_grad[0] else None
+        gW = gemm(gy.T, x) if self.needs_grad[1] else None
         if len(self.needs_grad) == 2:
             return gx, gW
         return gx, gW, gy.sum(axis=0) if self.needs_grad[2] else None
@@ -49,5 +62,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return MatMul()(a, b)
 
 
-def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
-    return Linear()(x, W) if b is None else Linear()(x, W, b)
+def linear(x: Tensor, W: Tensor, b: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """x W^T + b for x (batch, in) and W (out, in); activation "relu" applies ReLU in the same pass."""
+    f = Linear(activation)
+    return f(x, W) if b is None else f(x, W, b)

@@ -1,4 +1,4 @@
-"""Linear: the fully connected layer y = x W^T + b, W of shape (out, in)."""
+"""Linear: the fully connected layer y = x W^T + b, W of shape (out, in), optionally relu(y) in the same pass."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -8,6 +8,7 @@ import numpy as np
 from minidl.core import Tensor
 from minidl.device import Device
 from minidl.functions import linear
+from minidl.functions.activation import check_activation
 from minidl.layers import init
 from minidl.layers.layer import Layer, Parameter, make_rng
 
@@ -15,8 +16,10 @@ from minidl.layers.layer import Layer, Parameter, make_rng
 class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: Union[Device, str, None] = "cpu", W_init: Optional[init.Initialiser] = None,
-                 b_init: init.Initialiser = init.zeros, rng: Union[np.random.Generator, int, None] = None):
+                 b_init: init.Initialiser = init.zeros, rng: Union[np.random.Generator, int, None] = None,
+                 activation: Optional[str] = None):
         super().__init__(device)
+        self.activation = check_activation(activation)  # "relu": the bias and ReLU in one pass
         self.in_features, self.out_features = in_features, out_features
         rng = make_rng(rng)
         W_init = W_init or init.he_normal()
@@ -24,7 +27,7 @@ class Linear(Layer):
         self.b = Parameter(b_init((out_features,), rng), device=self.device) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.W, self.b)
+        return linear(x, self.W, self.b, activation=self.activation)
 
     def describe(self) -> str:
-        return f"Linear({self.in_features}->{self.out_features})"
+        return f"Linear({self.in_features}->{self.out_features})" + (" + ReLU" if self.activation else "")

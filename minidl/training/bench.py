@@ -16,6 +16,7 @@ from minidl.core import Tensor
 from minidl.cpu.memory import keep_freed_host_memory
 from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
+from minidl.precision import set_precision
 from minidl.training.model_file import ModelFile
 from minidl.training.step import StepGuard, train_step
 
@@ -96,9 +97,13 @@ def _device_work(devices):
 
 def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, str, Sequence[str]] = None,
           steps: int = 20, warmup: int = 3, num_classes: int = 1000, seed: int = 0,
-          progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Time `steps` training steps; returns a dict of medians and the peak memory."""
+          progress: Optional[Callable[[int, int], None]] = None, precision: Optional[str] = None) -> dict:
+    """Time `steps` training steps; returns a dict of medians and the peak memory.
+
+    precision: minidl.precision.set_precision's, for the process (None: as it is)."""
     keep_freed_host_memory()
+    if precision is not None:
+        set_precision(precision)
     config = model_file.config
     devices = model_file.devices_for(devices)
     model = model_file.build(num_classes, devices, config["init"], seed)

@@ -28,6 +28,7 @@ from minidl.hdf5 import show
 from minidl.layers import Layer
 from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD, PlateauSchedule
+from minidl.precision import set_precision
 from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_recipe, input_scale,
                                         save_checkpoint)
 from minidl.training.distributed import Solo, World, rank_device_map
@@ -486,7 +487,8 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
           resume: Optional[str] = None, seed: Optional[int] = None, init: Optional[str] = None,
           progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
           max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
-          allow_model_change: bool = False, workers: Optional[int] = None) -> dict:
+          allow_model_change: bool = False, workers: Optional[int] = None,
+          precision: Optional[str] = None) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
@@ -496,9 +498,12 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
     A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
     processes (None: the cores available minus one; 0: a thread of this process).
+    precision: minidl.precision.set_precision's, for the process (None: as it is); any on a resume.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
+    if precision is not None:
+        set_precision(precision)
     keep_freed_host_memory()
     options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
                    out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
