@@ -20,7 +20,10 @@ def cupy_module(gpus):
 
 def _print_hazards_left():
     import gc
+    import signal
     from minidl_emulator import streams
+    # the process is ending: a Ctrl-C now would only turn this check into a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.collect()  # arrays in reference cycles are freed, and checked, now rather than never
     printed = _in_uncaught_error(streams.StreamHazard)
     found = [hazard for hazard in streams.take_hazards() if not any(hazard is shown for shown in printed)]
