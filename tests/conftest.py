@@ -87,3 +87,12 @@ def dev(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def exact_fp32():
+    """GPU GEMMs in exact FP32 for the test (the default is TF32), for comparisons with the CPU's float32."""
+    from minidl.precision import DEFAULT_PRECISION, set_precision
+    set_precision("fp32")
+    yield
+    set_precision(DEFAULT_PRECISION)

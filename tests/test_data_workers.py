@@ -197,7 +197,7 @@ def test_bench_data_reports_the_delivery(dataset, where):
                            "--devices", where)
     assert code == 0, output
     assert re.fullmatch(rf"3 batches of 4 \(227x227 crops\) to {where} with 2 worker\(s\): [\d,]+ images/s  "
-                        r"[\d.]+ ms CPU per image  peak memory [\d.]+ MiB \(this process\), [\d.]+ MiB \(largest "
+                        r"[\d.]+ ms CPU per image  peak memory [\d.]+ [MG]iB \(this process\), [\d.]+ [MG]iB \(largest "
                         r"worker\)\n", output), output
 
 

@@ -174,7 +174,7 @@ def test_a_network_with_both_lrn_conventions(data, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_checkpoint_trained_on_two_gpus(data, tmp_path):
+def test_a_checkpoint_trained_on_two_gpus(data, tmp_path, exact_fp32):
     pytest.importorskip("onnx", reason="onnx is not installed (pip install 'minidl[export]')")
     checkpoint, model = trained(SMALL_ALEXNET, data, tmp_path, "cuda:0,cuda:1")
     code, output = run("export", checkpoint, "-o", tmp_path / "gpu.onnx", "--model", model)

@@ -10,7 +10,7 @@ from test_alexnet import SMALL_NETWORK, alexnet
 @pytest.mark.gpu
 @pytest.mark.parametrize("devices, input_device", [(("cuda:0", "cuda:1"), "cpu"), (("cuda:0", "cuda:0"), "cuda:0"),
                                                    (("cpu", "cpu"), "cpu")])
-def test_each_tower_gets_the_image_from_the_host(devices, input_device, monkeypatch):
+def test_each_tower_gets_the_image_from_the_host(devices, input_device, monkeypatch, exact_fp32):
     if "cuda:1" in devices and minidl.gpu_count() < 2:
         pytest.skip("needs two GPUs")
     net = alexnet.AlexNet(4, devices, seed=3, network=SMALL_NETWORK, pooled_size=1).eval()

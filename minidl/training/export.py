@@ -176,9 +176,26 @@ class _Graph:
         self.nodes.append(self.helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attributes))
 
 
+def _activated(convert: Callable) -> Callable:
+    """A converter for a function that may carry its ReLU (activation="relu"): its node, then a Relu."""
+    def converted(g, f, ins, outs):
+        if not getattr(f, "activation", None):
+            return convert(g, f, ins, outs)
+        before = [name + "_before_relu" for name in outs]
+        convert(g, f, ins, before)
+        g.node("Relu", before, outs)
+    return converted
+
+
+@_activated
 def _conv(g, f, ins, outs):
     kh, kw = f.inputs[1].shape[2:]
     g.node("Conv", ins, outs, kernel_shape=[kh, kw], strides=[f.stride] * 2, pads=[f.pad] * 4, group=f.groups)
+
+
+@_activated
+def _gemm(g, f, ins, outs):
+    g.node("Gemm", ins, outs, transB=1)
 
 
 def _lrn(g, f, ins, outs):
@@ -212,7 +229,7 @@ def _plain(op: str) -> Callable:
 # each minidl function the export knows, and how it becomes ONNX nodes
 CONVERTERS = {
     conv.Conv2d: _conv, lrn.LocalResponseNorm: _lrn, pooling.MaxPool2d: _pool, activation.ReLU: _plain("Relu"),
-    LinearFunction: lambda g, f, ins, outs: g.node("Gemm", ins, outs, transB=1), MatMul: _plain("MatMul"),
+    LinearFunction: _gemm, MatMul: _plain("MatMul"),
     shape.Concat: lambda g, f, ins, outs: g.node("Concat", ins, outs, axis=f.axis), shape.Split: _split,
     shape.Reshape: _reshape, shape.Transpose: _transpose, transfer.Copy: _plain("Identity"),
     arithmetic.Add: _plain("Add"), arithmetic.Sub: _plain("Sub"), arithmetic.Mul: _plain("Mul"),
