@@ -86,21 +86,27 @@ def _replacing(path, suffix):
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-        _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
-        os.replace(tmp, path)
-        try:
-            _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
-        # some file systems (network, FUSE) cannot flush a folder: the rename stands
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-                raise
+        replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def replace_durably(tmp: str, path: str) -> None:
+    """Give the finished file `tmp` a normal file's mode, flush it to disk and rename it onto `path`
+    (in the same folder), then flush the folder: `path` is the old file or the whole new one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+    _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
+    os.replace(tmp, path)
+    try:
+        _fsync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    # some file systems (network, FUSE) cannot flush a folder: the rename stands
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 def _fsync(path, flags):
