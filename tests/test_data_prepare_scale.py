@@ -16,7 +16,8 @@ from minidl.errors import DataError
 
 def smooth_image(rng, width, height):
     down, across = np.mgrid[0:1:height * 1j, 0:1:width * 1j]
-    return ((down[..., None] * rng.uniform(0, 255, 3) + across[..., None] * rng.uniform(0, 255, 3)) / 2).astype(np.uint8)
+    image = (down[..., None] * rng.uniform(0, 255, 3) + across[..., None] * rng.uniform(0, 255, 3)) / 2
+    return image.astype(np.uint8)
 
 
 @pytest.fixture
