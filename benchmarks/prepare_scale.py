@@ -45,16 +45,27 @@ def tree_rss(pid):
     return total
 
 
+def cpu_seconds(pid):
+    """CPU seconds (user + system) of one process so far, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 def run(folder, out, workers, storage):
     command = [sys.executable, "-m", "minidl_cli.main", "prepare-data", folder, out, "--overwrite",
                "--workers", str(workers), "--storage", storage]
-    start, peak = time.perf_counter(), 0
+    start, peak, parent_cpu = time.perf_counter(), 0, 0.0
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None:
         peak = max(peak, tree_rss(process.pid))
+        parent_cpu = cpu_seconds(process.pid) or parent_cpu  # the last reading before it ended
         time.sleep(0.05)
     assert process.returncode == 0
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, parent_cpu
 
 
 def main():
@@ -67,9 +78,11 @@ def main():
     for size in args.sizes:
         folder = make_folder(os.path.join(args.cache, str(size)), size)
         for workers in args.workers:
-            seconds, peak = run(folder, os.path.join(args.cache, f"out-{size}.h5"), workers, args.storage)
+            seconds, peak, parent_cpu = run(folder, os.path.join(args.cache, f"out-{size}.h5"), workers,
+                                            args.storage)
             print(f"{size:6d} images, {workers} worker(s), {args.storage}: {size / seconds:6.1f} images/s, "
-                  f"peak memory {peak / 2**20:6.0f} MiB (all processes)")
+                  f"peak memory {peak / 2**20:6.0f} MiB (all processes), the parent's CPU "
+                  f"{1000 * parent_cpu / size:.2f} ms per image (start-up included)")
 
 
 if __name__ == "__main__":

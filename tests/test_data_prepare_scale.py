@@ -166,3 +166,30 @@ def test_a_bad_labels_file_is_refused_in_one_line(image_folder, validation_folde
 def test_a_labels_file_needs_its_classes(validation_folder, tmp_path):
     with pytest.raises(DataError, match="a labels file needs the training dataset"):
         prepare_image_folder(validation_folder, tmp_path / "val.h5", labels_file=tmp_path / "labels.txt")
+
+
+def _prepare_then_die(image_folder, out, storage):
+    """In a forked child: prepare-data, checkpointing after every task, killed outright (SIGKILL) midway."""
+    import minidl.data.prepare
+    minidl.data.prepare.CHECKPOINT_SECONDS = 0
+
+    def die(stage, done, total):
+        if done >= 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    prepare_image_folder(image_folder, out, workers=1, storage=storage, progress=die)
+
+
+@pytest.mark.parametrize("storage", ["raw", "jpeg"])
+def test_a_run_killed_outright_resumes_to_the_same_file(image_folder, tmp_path, storage):
+    out = tmp_path / "d.h5"
+    child = multiprocessing.get_context("fork").Process(target=_prepare_then_die, args=(image_folder, out, storage))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL and not out.exists() and os.path.exists(partial_path(out))
+    calls = []
+    prepare_image_folder(image_folder, out, workers=2, storage=storage, progress=lambda *call: calls.append(call))
+    assert 0 < calls[0][1] < 13  # it went on from the last checkpoint
+    whole = tmp_path / "whole.h5"
+    prepare_image_folder(image_folder, whole, workers=1, storage=storage)
+    assert_same_file(whole, out)
