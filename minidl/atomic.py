@@ -36,12 +36,17 @@ def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
     except WriteError:
         raise
     except OSError as err:
-        # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
-        reason = (os.strerror(err.errno) if err.errno
-                  else (str(err).splitlines() or [type(err).__name__])[0])
-        error = WriteError(f"cannot write {path}: {reason}")
-        error.errno = err.errno
-        raise error from None
+        raise write_error(path, err) from None
+
+
+def write_error(path: str, err: OSError) -> WriteError:
+    """The one-line WriteError for an OSError met writing `path`."""
+    # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
+    reason = (os.strerror(err.errno) if err.errno
+              else (str(err).splitlines() or [type(err).__name__])[0])
+    error = WriteError(f"cannot write {path}: {reason}")
+    error.errno = err.errno
+    return error
 
 
 @contextlib.contextmanager
@@ -58,7 +63,7 @@ def atomic_hdf5(path: str) -> Iterator[h5py.File]:
             yield f
             f.close()
         except OSError:
-            _failed_files.append(f)
+            hold_failed_file(f)
             raise
         except BaseException:
             f.close()
@@ -66,6 +71,11 @@ def atomic_hdf5(path: str) -> Iterator[h5py.File]:
 
 
 _failed_files = []  # h5py files whose write failed: kept from being freed
+
+
+def hold_failed_file(f: h5py.File) -> None:
+    """Keep `f`, an h5py file whose write failed, from ever being freed (see atomic_hdf5)."""
+    _failed_files.append(f)
 
 
 def hdf5_write_failed():

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from minidl.atomic import remove_stale_temporaries, replace_durably
+from minidl.atomic import hold_failed_file, remove_stale_temporaries, replace_durably, write_error
 from minidl.data.dataset import (DEFAULT_STORAGE, IMAGE_SIZE, ImageWriter, Moments, check_storage,
                                  check_val_fraction, check_writable, choose_validation, encode_image,
                                  finish_dataset, read_dataset, statistics)
@@ -181,6 +181,10 @@ def read_labels_file(labels_file: str, image_dir: str, class_names: tuple) -> li
     return sorted(files)
 
 
+class WorkerDied(DataError):
+    """A decoding process ended without its result (killed, out of memory): the run stops, resumable."""
+
+
 @dataclass
 class _Job:
     """What one prepare-data run decodes and writes, decided before any image is decoded."""
@@ -249,11 +253,14 @@ class _Partial:
     """The partial file: the images written so far and, at each checkpoint, where the run stands."""
 
     def __init__(self, job: _Job, out_path: str):
-        self.job, self.path = job, partial_path(out_path)
-        self.f = self._open_or_begin()
+        self.job, self.path, self.f = job, partial_path(out_path), None
+
+    def open(self) -> None:
+        """Open the partial file to resume, or begin one; self.f is set as soon as a file is open."""
+        self._open_or_begin()
         begun = "jpeg" in self.f or "images" in self.f
-        self.writer = ImageWriter.reopen(self.f, job.storage) if begun else \
-            ImageWriter(self.f, job.storage, len(job.files))
+        self.writer = ImageWriter.reopen(self.f, self.job.storage) if begun else \
+            ImageWriter(self.f, self.job.storage, len(self.job.files))
 
     def _open_or_begin(self):
         """The partial file of this same job, to resume; else a new one (another job's is replaced)."""
@@ -270,19 +277,16 @@ class _Partial:
             self.skipped = [tuple(item) for item in json.loads(state["skipped"][()])]
             self.moments.count = int(state.attrs["train_count"])
             self.moments.image_sum, self.moments.rgb_products = state["image_sum"][()], state["rgb_products"][()]
-            return f
+            self.f = f
+            return
         if f is not None:
             f.close()
-        try:
-            f = h5py.File(self.path, "w")
-        except OSError as err:
-            raise DataError(f"cannot write {self.path}: {(str(err).splitlines() or [''])[0]}") from None
+        self.f = f = h5py.File(self.path, "w")
         state = f.create_group("prepare")
         state.attrs["job"] = self.job.digest()
         state.create_dataset("image_sum", data=self.moments.image_sum)
         state.create_dataset("rgb_products", data=self.moments.rgb_products)
         state.create_dataset("skipped", data="[]", dtype=h5py.string_dtype("utf-8"))
-        return f
 
     def checkpoint(self) -> None:
         """Record where the run stands, and flush: what a resumed run continues from."""
@@ -311,6 +315,7 @@ def _run(job, image_dir, out_path, workers, progress, result):
     """Decode what the partial file lacks, then finish it and rename it onto `out_path`."""
     partial = _Partial(job, out_path)
     try:
+        partial.open()
         progress("decoding images", partial.done, len(job.files))
         last_checkpoint = time.monotonic()
         for start, decoded, moments in _decoded_tasks(job, partial.done, workers):
@@ -319,22 +324,39 @@ def _run(job, image_dir, out_path, workers, progress, result):
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 partial.checkpoint()
                 last_checkpoint = time.monotonic()
-    except BaseException:  # Ctrl-C, a worker that died, a full disk: what was written is kept
+        _finish(partial, image_dir, progress, result)
+        replace_durably(partial.path, out_path)
+    except OSError as err:  # a full disk: what was written is in doubt, and dropped
+        _drop(partial, failed=bool(partial.f))
+        raise write_error(out_path, err) from None
+    except DataError as err:  # the input refused: nothing to resume; a worker that died: go on later
+        _keep(partial) if isinstance(err, WorkerDied) else _drop(partial)
+        raise
+    except BaseException:  # Ctrl-C: what was written is kept
+        _keep(partial)
+        raise
+    progress("finishing", 1, 1)
+
+
+def _keep(partial):
+    """Record where the run stands in the partial file and close it, for the next run to go on from."""
+    if partial.f:
         with contextlib.suppress(Exception):
             partial.checkpoint()
         partial.f.close()
-        raise
-    try:
-        _finish(partial, image_dir, progress, result)
-    except DataError:  # the input is refused: nothing to resume
+
+
+def _drop(partial, failed=False):
+    """Remove the partial file (if this run opened it); one whose write failed is never freed (h5py would
+    crash: minidl.atomic)."""
+    if partial.f is None:
+        return
+    if failed:
+        hold_failed_file(partial.f)
+    elif partial.f:
         partial.f.close()
+    with contextlib.suppress(FileNotFoundError):
         os.remove(partial.path)
-        raise
-    except BaseException:
-        partial.f.close()
-        raise
-    replace_durably(partial.path, out_path)
-    progress("finishing", 1, 1)
 
 
 def _finish(partial, image_dir, progress, result):
@@ -411,7 +433,7 @@ def _decoded_tasks(job, start, workers):
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool:
-            raise DataError("a decoding worker process died (killed, or out of memory): run the same "
+            raise WorkerDied("a decoding worker process died (killed, or out of memory): run the same "
                             "command again to continue") from None
         finally:
             for future in pending:
