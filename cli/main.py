@@ -140,7 +140,8 @@ class ProgressLine:
 
 class PassProgress:
     """Progress of a job's passes, reported as (pass, done, total): on a terminal a bar with the count, rate
-    and time left (click.progressbar), elsewhere a line a minute and one at the end of each pass."""
+    and time left (click.progressbar), elsewhere a line at the start of each pass, a line a minute and one
+    at its end."""
 
     LINE_SECONDS = 60
 
@@ -157,7 +158,7 @@ class PassProgress:
         now = time.monotonic()
         if stage != self.stage:
             self._end_bar()
-            self.stage, self.first, self.start, self.last_line, self.done = stage, done, now, now, done
+            self.stage, self.first, self.start, self.last_line, self.done = stage, done, now, -math.inf, done
             if self.tty:
                 self.bar = click.progressbar(length=total, label=stage, show_pos=True, show_eta=True, file=sys.stderr,
                                              item_show_func=lambda rate: rate)
@@ -168,9 +169,9 @@ class PassProgress:
             self.bar.update(done - self.done, f"{rate:,.0f}/s")
         elif now - self.last_line >= self.LINE_SECONDS or done >= total:
             self.last_line = now
+            speed = f", {rate:,.0f}/s" if done > self.first else ""
             left = f", about {_duration((total - done) / rate)} left" if 0 < rate and done < total else ""
-            click.echo(f"{stage}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%), {rate:,.0f}/s{left}",
-                       err=True)
+            click.echo(f"{stage}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%){speed}{left}", err=True)
         self.done = done
 
     def _end_bar(self):

@@ -21,7 +21,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -316,9 +318,9 @@ def _run(job, image_dir, out_path, workers, progress, result):
     partial = _Partial(job, out_path)
     try:
         partial.open()
-        progress("decoding images", partial.done, len(job.files))
         last_checkpoint = time.monotonic()
-        for start, decoded, moments in _decoded_tasks(job, partial.done, workers):
+        begin = functools.partial(progress, "decoding images", partial.done, len(job.files))
+        for start, decoded, moments in _decoded_tasks(job, partial.done, workers, begin):
             partial.add(start, decoded, moments)
             progress("decoding images", partial.done, len(job.files))
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
@@ -414,24 +416,48 @@ def _decode_task(start, paths, is_val, storage):
     return start, decoded, moments
 
 
-def _decoded_tasks(job, start, workers):
-    """The decoded tasks from file `start` on, in order; at most 2 tasks a worker in flight."""
+def _decode_task_to_file(start, paths, is_val, storage, folder):
+    """_decode_task in a worker, its result left in a file of `folder`; returns the file's path. Only that
+    short line goes through the pool's pipe: a worker killed while it sent megabytes would leave the
+    parent waiting forever for the rest (concurrent.futures cannot tell)."""
+    path = os.path.join(folder, f"{start}.pickle")
+    with open(path + ".part", "wb") as f:
+        pickle.dump(_decode_task(start, paths, is_val, storage), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".part", path)
+    return path
+
+
+def _task_result(future):
+    """The result a worker left in its file (see _decode_task_to_file), the file removed."""
+    path = future.result()
+    with open(path, "rb") as f:
+        result = pickle.load(f)  # written by this run's own workers, a moment ago
+    os.remove(path)
+    return result
+
+
+def _decoded_tasks(job, start, workers, begin):
+    """The decoded tasks from file `start` on, in order; at most 2 tasks a worker in flight. begin() is
+    called once the workers are started."""
     paths = [path for path, _ in job.files]
     chunk = max(1, min(CHUNK, (len(paths) - start) // (4 * workers)))
     tasks = ((i, paths[i:i + chunk], job.is_val[i:i + chunk], job.storage)
              for i in range(start, len(paths), chunk))
     if workers == 1:
+        begin()
         yield from (_decode_task(*task) for task in tasks)
         return
-    with _decoding_pool(workers) as pool:  # on any way out, Ctrl-C included, the workers end
+    # on any way out, Ctrl-C included, the workers end and their files are removed
+    with tempfile.TemporaryDirectory(prefix="minidl-prepare-") as folder, _decoding_pool(workers) as pool:
+        begin()
         pending = collections.deque()
         try:
             for task in tasks:
-                pending.append(pool.submit(_decode_task, *task))
+                pending.append(pool.submit(_decode_task_to_file, *task, folder))
                 if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
+                    yield _task_result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield _task_result(pending.popleft())
         except BrokenProcessPool:
             raise WorkerDied("a decoding worker process died (killed, or out of memory): run the same "
                             "command again to continue") from None
@@ -459,7 +485,8 @@ def _decoding_pool(workers):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the few milliseconds the workers take to start
     try:
         pool = start()
-        pool.submit(int).result()  # the executor starts its processes on the first task
+        for _ in range(workers):  # the executor starts a process for each task submitted while none is idle
+            pool.submit(time.sleep, 0)
         return pool
     finally:
         signal.signal(signal.SIGINT, previous)
