@@ -1,15 +1,12 @@
 """prepare-data: an ImageNet-style folder of images -> a minidl dataset file.
 
-One subfolder per class (class names = the sorted subfolder names, labels their positions);
-every file below a class folder that Pillow can read is an image of that class, converted to RGB,
-its shorter side rescaled to 256 and its central 256x256 square kept (the paper's preprocessing).
-Or a flat folder and a labels file (ILSVRC2012's validation set; see read_labels_file), with the
-classes of a training dataset: a validation file. Worker processes decode, encode (the storage)
-and sum the statistics, a bounded number of images ahead; the parent only writes, in order,
-into a partial file beside OUT that an interrupted run resumes and a finished one renames onto
-OUT. Undecodable files and empty class folders are skipped and listed in the result. Refused
-first: a class folder name that is not UTF-8 or holds control characters, an existing OUT
-(unless overwrite), an OUT that is one of the images, no class to validate on.
+One subfolder per class (class names = the sorted subfolder names, labels their positions); every
+file below a class folder that Pillow can read is an image of that class, converted to RGB, its
+shorter side rescaled to 256 and its central 256x256 square kept (the paper's preprocessing). Or a
+flat folder and a labels file (read_labels_file) with a training dataset's classes: a validation
+file. Workers decode, encode and sum the statistics; the parent only writes, into a partial file
+that an interrupted run resumes and a finished one is renamed from. Undecodable files and empty
+class folders are skipped and listed in the result; bad input is refused before decoding.
 """
 from __future__ import annotations
 
