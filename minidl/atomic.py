@@ -36,12 +36,17 @@ def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
     except WriteError:
         raise
     except OSError as err:
-        # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
-        reason = (os.strerror(err.errno) if err.errno
-                  else (str(err).splitlines() or [type(err).__name__])[0])
-        error = WriteError(f"cannot write {path}: {reason}")
-        error.errno = err.errno
-        raise error from None
+        raise write_error(path, err) from None
+
+
+def write_error(path: str, err: OSError) -> WriteError:
+    """The one-line WriteError for an OSError met writing `path`."""
+    # h5py words its OSErrors itself ("Can't write data (...)"); the errno's words are plainer
+    reason = (os.strerror(err.errno) if err.errno
+              else (str(err).splitlines() or [type(err).__name__])[0])
+    error = WriteError(f"cannot write {path}: {reason}")
+    error.errno = err.errno
+    return error
 
 
 @contextlib.contextmanager
@@ -58,7 +63,7 @@ def atomic_hdf5(path: str) -> Iterator[h5py.File]:
             yield f
             f.close()
         except OSError:
-            _failed_files.append(f)
+            hold_failed_file(f)
             raise
         except BaseException:
             f.close()
@@ -66,6 +71,11 @@ def atomic_hdf5(path: str) -> Iterator[h5py.File]:
 
 
 _failed_files = []  # h5py files whose write failed: kept from being freed
+
+
+def hold_failed_file(f: h5py.File) -> None:
+    """Keep `f`, an h5py file whose write failed, from ever being freed (see atomic_hdf5)."""
+    _failed_files.append(f)
 
 
 def hdf5_write_failed():
@@ -86,21 +96,27 @@ def _replacing(path, suffix):
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-        _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
-        os.replace(tmp, path)
-        try:
-            _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # and so is the new name
-        # some file systems (network, FUSE) cannot flush a folder: the rename stands
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-                raise
+        replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def replace_durably(tmp: str, path: str) -> None:
+    """Give the finished file `tmp` a normal file's mode, flush it to disk and rename it onto `path`
+    (in the same folder), then flush the folder: `path` is the old file or the whole new one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+    _fsync(tmp, os.O_RDONLY)  # the content is on disk before the name points at it
+    os.replace(tmp, path)
+    try:
+        _fsync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    # some file systems (network, FUSE) cannot flush a folder: the rename stands
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 def _fsync(path, flags):

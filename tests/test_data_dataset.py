@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from minidl.data.dataset import choose_validation, dataset_info, open_dataset, write_dataset
+from minidl.data.dataset import (choose_validation, dataset_info, open_dataset, storage_of, stored_images,
+                                 write_dataset)
 from minidl.errors import DataError
 
 
@@ -16,25 +17,44 @@ def random_samples(count, num_classes, seed=0):
              i % num_classes) for i in range(count)]
 
 
-def test_write_dataset_layout_and_statistics(tmp_path):
-    samples = random_samples(20, 3)
+def smooth_samples(count, num_classes, seed=0):
+    """Images a JPEG keeps closely (random noise it does not): two colour gradients crossed."""
+    rng = np.random.default_rng(seed)
+    down, across = np.mgrid[0:1:256j, 0:1:256j]
+    samples = []
+    for i in range(count):
+        image = (down[..., None] * rng.uniform(0, 255, 3) + across[..., None] * rng.uniform(0, 255, 3)) / 2
+        samples.append((image.astype(np.uint8), i % num_classes))
+    return samples
+
+
+@pytest.mark.parametrize("storage, version, compression", [("raw", 1, None), ("gzip", 1, "gzip"),
+                                                            ("jpeg", 2, None)])
+def test_write_dataset_layout_and_statistics(tmp_path, storage, version, compression):
+    samples = smooth_samples(20, 3) if storage == "jpeg" else random_samples(20, 3)
     path = tmp_path / "d.h5"
     calls = []
     written = write_dataset(path, iter(samples), ["a", "b", "c"], count=20, val_fraction=0.25,
-                            progress=lambda done, total: calls.append((done, total)))
+                            progress=lambda done, total: calls.append((done, total)), storage=storage)
     assert written == 20 and calls[-1] == (20, 20) and len(calls) == 20
     with open_dataset(path) as f:
-        assert dict(f.attrs) == {"format": "minidl-dataset", "version": 1, "image_size": 256}
-        images = f["images"]
+        assert dict(f.attrs) == {"format": "minidl-dataset", "version": version, "image_size": 256}
+        assert storage_of(f) == storage
+        images = stored_images(f)
         assert images.dtype == np.uint8 and images.shape == (20, 256, 256, 3)
-        assert images.chunks == (1, 256, 256, 3) and images.compression == "gzip"
-        np.testing.assert_array_equal(images[()], np.stack([image for image, _ in samples]))
+        stored = np.stack([images[i] for i in range(20)])
+        expected = np.stack([image for image, _ in samples])
+        if storage == "jpeg":  # lossy, slightly: the statistics are of what is read back
+            assert np.abs(stored.astype(int) - expected).mean() < 2
+        else:
+            assert f["images"].chunks == (1, 256, 256, 3) and f["images"].compression == compression
+            assert f["images"].fletcher32 == (storage == "raw")
+            np.testing.assert_array_equal(stored, expected)
         np.testing.assert_array_equal(f["labels"][()], [label for _, label in samples])
         assert f["labels"].dtype == np.int64
         assert [n.decode() for n in f["class_names"][()]] == ["a", "b", "c"]
         is_val = f["is_val"][()].astype(bool)
-        train = np.stack([image for (image, _), val in zip(samples, is_val)
-                          if not val]).astype(np.float64)
+        train = stored[~is_val].astype(np.float64)
         np.testing.assert_allclose(f["mean_image"][()], train.mean(axis=0), rtol=1e-6)
         np.testing.assert_allclose(f["mean_rgb"][()], train.mean(axis=(0, 1, 2)), rtol=1e-6)
         covariance = np.cov(train.reshape(-1, 3).T, bias=True)
@@ -45,6 +65,68 @@ def test_write_dataset_layout_and_statistics(tmp_path):
                                    atol=1e-5 * covariance.max())
         np.testing.assert_allclose(eigvecs.T @ eigvecs, np.eye(3), atol=1e-6)
     assert is_val.sum() == 5
+
+
+def test_a_file_written_before_storages_is_read(tmp_path):
+    """Files of format version 1 (gzip, no storage choice) as minidl wrote them: read as they are."""
+    path = tmp_path / "old.h5"
+    samples = random_samples(4, 2)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=np.stack([s for s, _ in samples]), chunks=(1, 256, 256, 3),
+                         compression="gzip", compression_opts=4)
+        f["labels"] = np.array([label for _, label in samples], np.int64)
+        f.create_dataset("class_names", data=["a", "b"], dtype=h5py.string_dtype("utf-8"))
+        f["is_val"] = np.array([0, 0, 1, 1], np.uint8)
+        f["mean_image"] = np.zeros((256, 256, 3), np.float32)
+        f["mean_rgb"], f["pca_eigvals"], f["pca_eigvecs"] = np.zeros(3), np.ones(3), np.eye(3)
+        f.attrs.update(format="minidl-dataset", version=1, image_size=256)
+    with open_dataset(path) as f:
+        assert storage_of(f) == "gzip"
+        np.testing.assert_array_equal(stored_images(f)[2], samples[2][0])
+
+
+def test_a_damaged_jpeg_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, smooth_samples(2, 1), ["a"], count=2, storage="jpeg")
+    with h5py.File(path, "a") as f:
+        f["jpeg"][1] = np.frombuffer(b"\xff\xd8 not a picture", np.uint8)
+    with open_dataset(path) as f:
+        stored_images(f)[0]
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))} is damaged or truncated \\(a stored JPEG"):
+            stored_images(f)[1]
+
+
+def test_a_jpeg_of_another_size_is_refused_before_decoding(tmp_path):
+    import io
+
+    from PIL import Image
+    path = tmp_path / "d.h5"
+    write_dataset(path, smooth_samples(2, 1), ["a"], count=2, storage="jpeg")
+    big = io.BytesIO()
+    Image.new("RGB", (300, 256)).save(big, "JPEG")
+    with h5py.File(path, "a") as f:
+        f["jpeg"][0] = np.frombuffer(big.getvalue(), np.uint8)
+    with open_dataset(path) as f, pytest.raises(DataError, match="is corrupt: a stored JPEG is RGB 300x256"):
+        stored_images(f)[0]
+
+
+def test_a_damaged_raw_image_is_refused_by_its_checksum(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(path, random_samples(3, 1), ["a"], count=3)
+    with h5py.File(path, "r") as f:
+        chunk = f["images"].id.get_chunk_info(1)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset + 1000)
+        f.write(b"\x00\x01\x02")
+    from minidl.hdf5 import FileCheck
+    with open_dataset(path) as f, pytest.raises(DataError, match="is damaged or truncated"):
+        with FileCheck(str(path), "dataset", DataError).reading():
+            stored_images(f)[1]
+
+
+def test_unknown_storage(tmp_path):
+    with pytest.raises(DataError, match="^unknown storage 'lzf': use one of raw, gzip, jpeg$"):
+        write_dataset(tmp_path / "d.h5", random_samples(1, 1), ["a"], count=1, storage="lzf")
 
 
 def test_split_is_seeded_and_stratified():
@@ -204,7 +286,7 @@ def _set_attr(key, value):
      "is corrupt: attribute 'image_size' is 128, expected a whole number in 256..256"),
     (_set_attr("version", "one"),
      "is corrupt: attribute 'version' is 'one', expected a whole number >= 1"),
-    (_set_attr("version", 2), "is a version 2 dataset; this minidl reads version 1"),
+    (_set_attr("version", 3), "is a version 3 dataset; this minidl reads version 2"),
     (_instead("mean_rgb", lambda f, name: f.create_group(name)),
      "is corrupt: 'mean_rgb' is not a dataset"),
     (_instead("labels",

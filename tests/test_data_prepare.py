@@ -38,11 +38,13 @@ def test_prepare_image_folder(image_folder, tmp_path, workers):
     out = tmp_path / "out" / "data.h5"
     calls = []
     result = prepare_image_folder(image_folder, out, workers=workers, val_fraction=0.25,
-                                  progress=lambda done, total: calls.append((done, total)))
+                                  progress=lambda *call: calls.append(call))
     assert result.written == 8
     assert result.class_counts == {"cat": 3, "dog": 4, "emu": 1}
     assert [path for path, _ in result.skipped] == [str(image_folder / "dog" / "broken.jpg")]
-    assert calls[-1] == (9, 9)
+    decoding = [call for call in calls if call[0] == "decoding images"]
+    assert decoding[0] == ("decoding images", 0, 9) and decoding[-1] == ("decoding images", 9, 9)
+    assert calls[-2:] == [("finishing", 0, 1), ("finishing", 1, 1)]
     with open_dataset(out) as f:
         assert [n.decode() for n in f["class_names"][()]] == ["cat", "dog", "emu"]
         np.testing.assert_array_equal(f["labels"][()], [0, 0, 0, 1, 1, 1, 1, 2])

@@ -185,9 +185,9 @@ def test_ctrl_c_in_prepare_data_ends_every_worker_in_one_line(tmp_path):
     assert wait_for(lambda: not alive(-process.pid), EXIT_SECONDS), "a worker outlived the command"
     assert process.returncode == 130
     lines = stderr().splitlines()
-    assert all(line.startswith("decoding images: ") for line in lines[:-2]) and lines[-2:] == ["", "interrupted"], \
-        stderr()
-    assert list(out.parent.iterdir()) == []  # neither the dataset nor its temporary file
+    assert all(line.startswith("decoding images: ") for line in lines[:-2]) and lines[-2:] == [
+        "", "interrupted; what was written is kept: the same command continues from it"], stderr()
+    assert [p.name for p in out.parent.iterdir()] == [".d.h5.partial"]  # no dataset: what it wrote, to resume
 
 
 def children(pid):

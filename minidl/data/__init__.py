@@ -7,11 +7,11 @@ from minidl.data.augment import (TEN_CROP_ORDER, Crops, centre_crops, crop_and_f
                                  lighting_shift, pca_lighting, random_crops, subtract_mean,
                                  ten_crops, to_nchw)
 from minidl.data.builtin import builtin_dataset
-from minidl.data.dataset import DatasetInfo, dataset_info, open_dataset, write_dataset
+from minidl.data.dataset import DatasetInfo, dataset_info, open_dataset, stored_images, write_dataset
 from minidl.data.loader import Loader
 from minidl.data.prepare import PrepareResult, prepare_image_folder
 
 __all__ = ["Crops", "DatasetInfo", "Loader", "PrepareResult", "TEN_CROP_ORDER", "builtin_dataset",
            "centre_crops", "crop_and_flip", "dataset_info", "fixed_crops", "lighting_shift",
            "open_dataset", "pca_lighting", "prepare_image_folder", "random_crops", "subtract_mean",
-           "ten_crops", "to_nchw", "write_dataset"]
+           "stored_images", "ten_crops", "to_nchw", "write_dataset"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from minidl.data.augment import (Crops, centre_crops, check_crop, crop_and_flip, lighting_shifts, random_crops,
                                  ten_crops)
-from minidl.data.dataset import open_dataset, read_dataset
+from minidl.data.dataset import open_dataset, read_dataset, stored_images
 from minidl.data.workers import WorkerPool
 from minidl.device import Device, device as as_device
 from minidl.errors import DataError
@@ -226,7 +226,7 @@ class Loader:
         or with `finish` its float32 input) and returns how many it filled, reading the file this opens
         (an unreadable image refused in one line naming it)."""
         with FileCheck(self.path, "dataset", DataError).reading(errors=OSError), open_dataset(self.path) as f:
-            images = f["images"]
+            images = stored_images(f)
 
             def make(number, out):
                 plan = self.plan(epoch, number)
@@ -267,10 +267,10 @@ class Loader:
                 start = time.perf_counter()
                 plan = self.plan(epoch, number)
                 if finish:
-                    made = self.finished(f["images"], plan)
+                    made = self.finished(stored_images(f), plan)
                 else:
                     made = np.empty(self.crops_shape(plan), np.uint8)
-                    self.cut(f["images"], plan, made, mirror=False)
+                    self.cut(stored_images(f), plan, made, mirror=False)
                 yield number, made, time.perf_counter() - start
 
 

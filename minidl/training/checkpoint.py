@@ -95,7 +95,8 @@ ATTRS = dict(model_file=STRING, model_source=STRING, model_sha256=SHA256, data=S
              config=_json(dict),
              class_names=_json(list, _all_strings, " of strings"),
              devices=_json(list, _device_names, f" of 1 to {MAX_DEVICES} device names"),
-             num_classes=whole(1, MAX_CLASSES), seed=whole(0, MAX_SEED), epoch=whole(), batch=whole(), step=whole())
+             num_classes=whole(1, MAX_CLASSES), seed=whole(0, MAX_SEED), epoch=whole(), batch=whole(), step=whole(),
+             val_data=STRING, val_data_sha256=SHA256)
 CONFIG = dict(input_size=whole(1, MAX_IMAGE_SIZE), batch_size=whole(1), epochs=whole(1), lr=FINITE, momentum=FINITE,
               weight_decay=FINITE, lr_drop_factor=POSITIVE, lr_drops=whole(), plateau_patience=whole(), init=STRING,
               devices=Rule(_device_names, f"a list of 1 to {MAX_DEVICES} device names"))
@@ -103,7 +104,8 @@ RECIPE_KEYS = tuple(CONFIG) + ("input_scale",)  # what a model file's CONFIG giv
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
-OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256")  # what older checkpoints lack
+# what older checkpoints lack; val_data*: a run that validated on its training file's split
+OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256", "val_data", "val_data_sha256")
 
 
 def source_sha256(source: str) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from minidl.core import Tensor, no_grad
-from minidl.data import centre_crops, crop_and_flip, open_dataset, subtract_mean, ten_crops, to_nchw
+from minidl.data import centre_crops, crop_and_flip, open_dataset, stored_images, subtract_mean, ten_crops, to_nchw
 from minidl.data.prepare import decode_file
 from minidl.errors import DataError, MinidlError
 from minidl.training.feature_cache import CacheError, cache_key, read_cache, write_cache
@@ -189,4 +189,5 @@ def dataset_features(restored, data: str, split: str = "train", batch_size: int 
 def dataset_images(data: str, positions: np.ndarray) -> np.ndarray:
     """The stored 256x256 images at these file positions."""
     with open_dataset(data) as f:
-        return np.stack([f["images"][int(i)] for i in positions])
+        images = stored_images(f)
+        return np.stack([images[int(i)] for i in positions])

@@ -89,14 +89,25 @@ class Recipe:
     def init(self) -> str:
         return self.config["init"]
 
-    def loaders(self, data_path: str, shard: Optional[tuple] = None, workers: int = 0) -> tuple:
+    def loaders(self, data_path: str, shard: Optional[tuple] = None, val_path: Optional[str] = None,
+                workers: int = 0) -> tuple:
         """(train, val) loaders of `data_path`; `shard` = (rank, size) reads a data-parallel rank's share; `workers`
-        processes each make their batches (0: a thread)."""
+        processes each make their batches (0: a thread).
+
+        With `val_path` (a dataset of the same classes), training takes every image of `data_path` and
+        validation every image of `val_path`, centred on the training mean."""
         c, scale = self.config, input_scale(self.config, self.init)
         common = dict(batch_size=c["batch_size"], crop=c["input_size"], seed=self.seed, scale=scale,
                       shard=shard or (0, 1), workers=workers)
-        return (Loader(data_path, split="train", augment=True, drop_last=True, **common),
-                Loader(data_path, split="val", augment=False, **common))
+        train = Loader(data_path, split="all" if val_path else "train", augment=True, drop_last=True, **common)
+        if not val_path:
+            return train, Loader(data_path, split="val", augment=False, **common)
+        val = Loader(val_path, split="all", augment=False, mean=train.mean, **common)
+        if val.class_names != train.class_names:
+            raise MinidlError(f"--val-data {val_path} does not have the classes of {data_path} ({val.num_classes} "
+                              f"against {train.num_classes}, or in another order): make it with prepare-data "
+                              f"--labels ... --classes-from {data_path}")
+        return train, val
 
     def schedule(self) -> PlateauSchedule:
         c = self.config
@@ -144,6 +155,16 @@ def refuse_changes(checkpoint: Checkpoint, *, batch_size: Optional[int], init: O
         raise MinidlError(f"{model_file.path} is not the model file {checkpoint.path} was trained with (sha256 "
                           f"{model_file.sha256[:16]}..., the run's {checkpoint.model_sha256[:16]}...): resume with "
                           "that file, or pass --allow-model-change to go on with this one")
+
+
+def resumed_val_data(checkpoint: Checkpoint, val_data: Optional[str]) -> Optional[str]:
+    """The validation dataset a resumed run goes on with: the one it recorded (or the same content, given
+    again); a run that validated on its training file's split keeps doing so."""
+    saved = checkpoint.attrs.get("val_data") or None
+    if val_data is not None and saved is None:
+        raise MinidlError(f"--val-data {val_data}: the resumed run validated on a split of its training data "
+                          "and keeps doing so; start a new run to change it")
+    return val_data or saved
 
 
 def refuse_other_data(checkpoint: Checkpoint, data_path: str, fingerprint: str) -> None:
@@ -207,7 +228,7 @@ class Run:
     def new(cls, model_path: Optional[str], *, out_dir: str, data: Optional[str] = None, devices: Devices = None,
             epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
             init: Optional[str] = None, report: Report = lambda event: None, skip_nonfinite: bool = False,
-            data_parallel: bool = False, workers: Optional[int] = None) -> "Run":
+            data_parallel: bool = False, workers: Optional[int] = None, val_data: Optional[str] = None) -> "Run":
         """A new run of the model file `model_path`, with the caller's options over its CONFIG."""
         world = join_world(data_parallel, devices)
         if model_path is None:
@@ -217,7 +238,7 @@ class Run:
                             seed=seed)
         run = cls(recipe, world, report, skip_nonfinite, workers)
         devices = model_file.devices_for(devices)
-        data_path = run._open_data(data, data_parallel)
+        data_path = run._open_data(data, data_parallel, val_data=val_data)
         num_classes = run.train_loader.num_classes
         model = model_file.build(num_classes, devices, recipe.init, recipe.seed)
         run._start(model, devices, model_file, data, data_path, num_classes)
@@ -229,7 +250,8 @@ class Run:
                data: Optional[str] = None, devices: Devices = None, epochs: Optional[int] = None,
                batch_size: Optional[int] = None, seed: Optional[int] = None, init: Optional[str] = None,
                report: Report = lambda event: None, skip_nonfinite: bool = False, data_parallel: bool = False,
-               allow_model_change: bool = False, workers: Optional[int] = None) -> "Run":
+               allow_model_change: bool = False, workers: Optional[int] = None,
+               val_data: Optional[str] = None) -> "Run":
         """The run of `checkpoint_path`, from where it stood: it may change its devices and epochs, and refuses
         in one line what would make it another run (batch size, init, seed, other data or model file)."""
         world = join_world(data_parallel, devices)
@@ -240,7 +262,7 @@ class Run:
         run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers)
         # the data given (checked by content), else the recorded path (checked too), else the built-in
         data = data or checkpoint["data"] or None
-        data_path = run._open_data(data, data_parallel, checkpoint)
+        data_path = run._open_data(data, data_parallel, checkpoint, resumed_val_data(checkpoint, val_data))
         check_labels(checkpoint["num_classes"], run.train_loader.num_classes, data_path)  # before the model is built
         run._start(restored.model, restored.devices, restored.model_file, data, data_path, checkpoint["num_classes"])
         run.optimizer.load_state(checkpoint.velocities(run.model))
@@ -251,7 +273,8 @@ class Run:
         run._open_out(out_dir, data_path)
         return run
 
-    def _open_data(self, data: Optional[str], data_parallel: bool, checkpoint: Optional[Checkpoint] = None) -> str:
+    def _open_data(self, data: Optional[str], data_parallel: bool, checkpoint: Optional[Checkpoint] = None,
+                   val_data: Optional[str] = None) -> str:
         """The loaders of `data` (else the built-in data, made once by rank 0), refused in one line if they
         cannot train a run (or are not the data `checkpoint`'s run was trained on); returns their path."""
         world = self.world
@@ -262,9 +285,14 @@ class Run:
         if data is None and world.rank == 0:
             world.barrier()
         shard = (world.rank, world.size) if data_parallel else None
-        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard, self.workers)
+        self.train_loader, self.val_loader = self.recipe.loaders(data_path, shard, val_data, self.workers)
+        self.val_data = val_data
         if checkpoint is not None:
             refuse_other_data(checkpoint, data_path, self.train_loader.fingerprint)
+            saved_val = checkpoint.attrs.get("val_data_sha256")
+            if val_data and saved_val and self.val_loader.fingerprint != saved_val:
+                raise MinidlError(f"{val_data} is not the validation dataset {checkpoint.path} was validated on "
+                                  f"({show(checkpoint['val_data'])}); resume with that dataset, or start a new run")
         if len(self.train_loader) == 0:
             raise MinidlError(f"{data_path} has fewer training images ({self.train_loader.num_images}) "
                               f"than one batch ({self.recipe.batch_size})")
@@ -295,6 +323,8 @@ class Run:
                          num_classes=num_classes, devices=[d.name for d in devices],
                          data="" if data is None else os.path.abspath(data_path),
                          data_sha256=self.train_loader.fingerprint, seed=self.recipe.seed)
+        if self.val_data:  # what a resumed run validates on again
+            self.meta.update(val_data=os.path.abspath(self.val_data), val_data_sha256=self.val_loader.fingerprint)
 
     def _open_out(self, out_dir: str, data_path: str):
         """Hold --out (the one writer, until close), clear what a killed run left there, check it can take the
@@ -488,7 +518,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
           progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
           max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
           allow_model_change: bool = False, workers: Optional[int] = None,
-          precision: Optional[str] = None) -> dict:
+          precision: Optional[str] = None, val_data: Optional[str] = None) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
@@ -499,6 +529,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
     processes (None: the cores available minus one; 0: a thread of this process).
     precision: minidl.precision.set_precision's, for the process (None: as it is); any on a resume.
+    val_data: a dataset of the same classes to validate on (then training takes every image of `data`).
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
@@ -507,7 +538,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     keep_freed_host_memory()
     options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
                    out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
-                   data_parallel=data_parallel, workers=workers)
+                   data_parallel=data_parallel, workers=workers, val_data=val_data)
     if resume:
         run = Run.resume(resume, model_path, allow_model_change=allow_model_change, **options)
     else:
