@@ -1,4 +1,5 @@
 """The dataset file: layout, statistics, split, atomic writing and the checks on opening."""
+import contextlib
 import os
 import re
 
@@ -310,3 +311,21 @@ def test_a_truncated_dataset_is_refused_in_one_line(tmp_path):
                        match=f"^{re.escape(str(path))} is not a readable HDF5 file \\(.*truncated "
                              "file"):
         open_dataset(path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_reads_every_storage_alike(tmp_path, workers):
+    """The training loader delivers the same batches from raw, gzip and jpeg files, up to JPEG's loss."""
+    from minidl.data import Loader
+    samples = smooth_samples(8, 2)
+    batches = {}
+    for storage in ("raw", "gzip", "jpeg"):
+        path = tmp_path / f"{storage}.h5"
+        write_dataset(path, samples, ["a", "b"], count=8, storage=storage)
+        loader = Loader(path, split="all", batch_size=4, augment=True, seed=3, workers=workers)
+        with contextlib.closing(loader.epoch_batches(0)) as epoch:
+            batches[storage] = [(x.copy(), y.copy()) for x, y in epoch]
+    for (raw_x, raw_y), (gzip_x, gzip_y), (jpeg_x, jpeg_y) in zip(*batches.values()):
+        np.testing.assert_array_equal(raw_x, gzip_x)
+        np.testing.assert_array_equal(raw_y, jpeg_y)
+        assert np.abs(jpeg_x - raw_x).mean() < 1.0  # under one level of 0..255 on average: quality 90, smooth images
