@@ -5,8 +5,9 @@
 The step is the trainer's (minidl.training.train): the input fed as the loader feeds it,
 forward, loss, backward, the verdict on the devices, the update; then the guard's read of
 a log interval, counted apart. One warm-up step, then one measured (the ledger is
-deterministic). Device time is attributed to layers, backward included (attribute_to_layers). `--ledger FILE` saves the measured step's ledger, and
-`--from-ledger FILE` models a saved one again (another --gpu) without the emulator.
+deterministic). Device time is attributed to layers, backward included (attribute_to_layers).
+`--ledger FILE` saves the measured step's ledger, and `--from-ledger FILE` models a saved
+one again (another --gpu) without the emulator.
 The model and its assumptions: emulator/minidl_emulator/roofline.py and benchmarks/NOTES.md.
 """
 import argparse
