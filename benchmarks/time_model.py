@@ -2,12 +2,12 @@
 
     python benchmarks/time_model.py --devices cuda:0,cuda:0 --batch-size 128 --gpu h100 [--json FILE]
 
-The step is the trainer's (minidl.training.train): forward, loss, backward, the
-per-step reads of the loss, gradient norm and non-finite verdict, the update,
-and the running sums. One warm-up step, then one measured (the ledger is
-deterministic). Device time is attributed to layers, backward included
-(attribute_to_layers). `--ledger FILE` saves the measured step's ledger, and
-`--from-ledger FILE` models a saved one again (another --gpu) without the emulator.
+The step is the trainer's (minidl.training.train): the input fed as the loader feeds it,
+forward, loss, backward, the verdict on the devices, the update; then the guard's read of
+a log interval, counted apart. One warm-up step, then one measured (the ledger is
+deterministic). Device time is attributed to layers, backward included (attribute_to_layers).
+`--ledger FILE` saves the measured step's ledger, and `--from-ledger FILE` models a saved
+one again (another --gpu) without the emulator.
 The model and its assumptions: emulator/minidl_emulator/roofline.py and benchmarks/NOTES.md.
 """
 import argparse
@@ -52,47 +52,50 @@ def attribute_to_layers(model) -> None:
     Layer.__call__, Function.__call__ = call_layer, call_function
 
 
+READ_LABEL = "the interval's read"  # the guard's one blocking read, once per log interval
+
+
 def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
-    """The ledger entries of one training step, after one warm-up step."""
+    """The ledger entries of one training step as the trainer takes it, after one warm-up step.
+
+    The batch comes as training feeds it (minidl.training.train): uint8 crops through the loader's
+    InputFeed (pinned, finished on the input device), int32 labels uploaded to the output device,
+    then minidl.training.step.train_step judged by a StepGuard, and the guard's one blocking read
+    (once per log interval; taken after this step, so the prediction counts it every step).
+    """
     os.environ["MINIDL_EMULATE_GPUS"] = str(max(int(d.split(":")[1]) for d in devices) + 1)
     import numpy as np
 
     from minidl.core import Tensor
-    from minidl.functions import softmax_cross_entropy
-    from minidl.layers import seed_dropout
+    from minidl.data.augment import Crops
+    from minidl.functions.to_input import InputFeed
     from minidl.optim import MomentumSGD
-    from minidl.training.evaluate import topk_correct
     from minidl.training.model_file import load_model_file
+    from minidl.training.step import StepGuard, train_step
     from minidl_emulator.ledger import LEDGER, labelled
 
     model_file = load_model_file(model_path)
     config = model_file.config
     model = model_file.build(1000, devices, config["init"], 0)
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
+    guard = StepGuard(model, optimizer, skip=False)
     rng = np.random.default_rng(0)
     size = config["input_size"]
-    images = rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
-    labels = rng.integers(0, 1000, batch_size).astype(np.int32)
-    out = model.output_device
+    feed = InputFeed(model.input_device, rng.uniform(0, 255, (size + 32, size + 32, 3)).astype(np.float32), 1 / 64)
     attribute_to_layers(model)
     for step in range(2):
+        crops = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        where = Crops(*(rng.integers(0, 33, batch_size) for _ in range(2)), rng.integers(0, 2, batch_size))
+        shift = rng.standard_normal((batch_size, 3)).astype(np.float32)
+        labels = rng.integers(0, 1000, batch_size).astype(np.int32)
         mark = LEDGER.mark()
-        seed_dropout(model, step)
         with labelled("input"):
-            x, y = Tensor(images, device=model.input_device), Tensor(labels, device=out)
-        logits = model(x)
-        with labelled("loss"):
-            loss = softmax_cross_entropy(logits, y, checked=True)
-        optimizer.zero_grad()
-        with labelled("autograd"):
-            loss.backward()
-        with labelled("step reads"):
-            loss.item(), optimizer.grad_norm(), optimizer.nonfinite()  # Trainer._diverged: every step
-        with labelled("optimizer"):
-            optimizer.step()
-        with out, labelled("running sums"):  # the trainer's, read once per log interval
-            0.0 + loss.data.astype(out.xp.float64) * batch_size
-            topk_correct(out.xp, logits.data, y.data, 1)
+            x = Tensor(feed(crops, where, shift), device=model.input_device)
+            y = Tensor(labels, device=model.output_device)
+        with labelled("loss, verdict, update"):  # the layers' own labels inside
+            logits, loss = train_step(model, optimizer, x, y, step, checked=True, guard=guard, position=step)
+        with labelled(READ_LABEL):
+            guard.read()
         entries = LEDGER.since(mark)
         del logits, loss
     return entries
@@ -115,7 +118,10 @@ def report(prediction, entries, args) -> dict:
           f"predicted {prediction['ms_per_step']:.2f} ms a step "
           f"(device busy {prediction['device_ms']:.2f} ms, host issue {prediction['host_ms']:.2f} ms, "
           f"{prediction['segments']} segment(s) between blocking reads)")
-    print(f"device operations a step: {summary['device_operations']}, blocking reads: {summary['blocking_reads']}, "
+    read = sum(e.kind != "sync" for e in entries if e.label == READ_LABEL)
+    result["read_operations"] = read
+    print(f"device operations a step: {summary['device_operations'] - read}, and {read} in the read of a log "
+          f"interval; blocking reads: {summary['blocking_reads']} (that read), "
           f"hidden copies: {summary['hidden_copies']} ({summary['hidden_copy_bytes'] / 1e9:.2f} GB)")
     print("GEMM GFLOP by compute unit: " + ", ".join(f"{unit} {flops / 1e9:.1f}"
                                                     for unit, flops in summary["gemm_flops_by_unit"].items()))

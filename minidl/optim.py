@@ -139,21 +139,43 @@ class MomentumSGD:
                        table[3], table[4], flags, halt, self.steps, len(ends), ends[-1],
                        float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
 
-    def nonfinite_gradients(self) -> dict:
+    def nonfinite_gradients(self, also: Sequence[tuple[Device, Any]] = (),
+                            into: Mapping[Device, Any] | None = None) -> dict:
         """Per device with gradients, a one-element array, enqueued and not read back: 0 where every
-        gradient element there is finite, else NaN (its dtype the parameters')."""
-        groups = {}  # (device, dtype) -> {id: gradient array}: a shared parameter once
+        gradient element there is finite, else NaN (its dtype the parameters').
+
+        `also`: (device, array) pairs judged with that device's gradients (e.g. the loss), in the same
+        pass. `into[d]`, a one-element array of d, takes d's verdict in place of a new zero: a NaN
+        already there stays (a verdict kept over several steps).
+        """
+        groups = {}  # (device, dtype) -> {id: array}: a shared parameter once
         for p in self.params:
             if p.grad is not None:
                 groups.setdefault((p.device, p.dtype), {})[id(p)] = p.grad.data
+        for device, array in also:
+            groups.setdefault((device, array.dtype), {})[id(array)] = array
         found = {}
-        for (device, dtype), grads in groups.items():
+        for (device, dtype), arrays in groups.items():
+            cell = None if into is None or device in found else into.get(device)
+            if cell is not None and cell.dtype != dtype:
+                cell = None  # added in below
             with device:
                 if device.is_cuda:
-                    mark = _find_nonfinite_gpu(device.xp, dtype, list(grads.values()))
+                    mark = _find_nonfinite_gpu(device.xp, dtype, list(arrays.values()), cell)
                 else:
-                    mark = np.array([0.0 if all(map(_all_finite, grads.values())) else np.nan], dtype=dtype)
-                found[device] = mark if device not in found else found[device] + mark
+                    mark = np.array([0.0 if all(map(_all_finite, arrays.values())) else np.nan], dtype=dtype)
+                    if cell is not None:
+                        cell += mark
+                        mark = cell
+                if device in found:  # another dtype on the device: into its verdict, in place
+                    found[device] += mark
+                else:
+                    found[device] = mark
+        for device, cell in (into or {}).items():
+            if device in found and found[device] is not cell:
+                with device:
+                    cell += found[device]
+                found[device] = cell
         return found
 
     def flag_arrays(self) -> list[tuple[Device, Any]]:
@@ -209,12 +231,14 @@ def _all_finite(g) -> bool:
     return bool(np.isfinite(flat).all())  # the squares overflowed, or an element is not finite
 
 
-def _find_nonfinite_gpu(xp, dtype, grads):
-    """find_nonfinite over `grads` (arrays of `dtype` on the current GPU): its one-element verdict."""
+def _find_nonfinite_gpu(xp, dtype, grads, found=None):
+    """find_nonfinite over `grads` (arrays of `dtype` on the current GPU): its one-element verdict, made
+    NaN in `found` if given (a zero otherwise)."""
     grads = [xp.ascontiguousarray(g) for g in grads]  # kept alive here until the launch is enqueued
     ends = np.cumsum([g.size for g in grads]).tolist()
     table = kernels.address_table([grads, ends])
-    found = xp.zeros(1, dtype=dtype)
+    if found is None:
+        found = xp.zeros(1, dtype=dtype)
     kernels.launch(CU, "find_nonfinite", dtype, ends[-1], table[0], table[1], found, len(ends), ends[-1])
     return found
 

@@ -4,11 +4,10 @@ A model file (what `minidl train MODEL_FILE` reads) defines CONFIG, the training
 optionally BUILTIN_DATA, CONFIG's overrides for the built-in dataset; and build_model(num_classes,
 devices, init, seed) -> Layer, whose forward maps images (N, 3, S, S), S = CONFIG["input_size"], to
 logits (N, num_classes) on `model.output_device`; the trainer puts each batch on `model.input_device`
-(here the host when the towers are on two devices: the image goes to each from there).
+(here the first tower's device: the second tower gets the image from it, GPU to GPU).
 The network is the paper's two towers, one per device (NETWORK is the whole device split).
 `init="he"` (the default) learns small data within minutes; `init="paper"` is the paper's own.
 """
-from minidl.device import device as as_device
 from minidl.functions import concat
 from minidl.layers import (LRN, Branches, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            init, stacked_conv2d)
@@ -130,21 +129,23 @@ class AlexNet(Layer):
         self.fc8 = Linear(2 * self.tower0.out_features, num_classes, device=devices[0],
                           W_init=W_init, b_init=b_init, rng=rng)
         self.output_device = self.fc8.device
-        # towers on two devices: each gets the image from the host, rather than the second from the first
-        # (a copy between GPUs, staged through the host where peer access is off)
-        one_device = self.tower0.device is self.tower1.device
-        self.input_device = self.fc8.device if one_device else as_device("cpu")
+        # the loader uploads 1 byte a value (pinned) and makes the float input there; the second tower's copy
+        # goes GPU to GPU (CuPy enables peer access where the GPUs allow it: NVLink on an H100 board)
+        self.input_device = self.tower0.device
 
     def forward(self, image):
         # every crossing between the towers is one of these visible copies
         devices = [t.device for t in self.towers]
         xs = [image.to(d) for d in devices]  # both towers read the image (on one device, the same one)
         for name, kind, _, reads, _ in self.network:
-            if reads == "both":
-                xs = [concat([x.to(d) for x in xs], axis=1) for d in devices]
-            if kind == "conv" and reads == "image" and len(set(devices)) == 1:
-                # one device: both towers' filters over the image as one convolution (its patches
-                # gathered once, one product twice as tall; benchmarks/NOTES.md)
+            if reads == "both":  # made once per device: on one device both towers read the same maps
+                joined = {d: concat([x.to(d) for x in xs], axis=1) for d in dict.fromkeys(devices)}
+                xs = [joined[d] for d in devices]
+            stacked = reads == "image" or (reads == "both" and devices[0].is_cuda)
+            if kind == "conv" and len(set(devices)) == 1 and stacked:
+                # one device, both towers reading the same maps: their filters as one convolution (the
+                # patches gathered once, one product twice as tall, one input gradient; benchmarks/NOTES.md).
+                # conv3 only on a GPU, where it saves launches: the CPU runs its towers side by side, a core each
                 ys = stacked_conv2d([getattr(t, name) for t in self.towers], xs[0])
                 xs = self.towers.map(lambda tower, y: tower.after(name, y), ys)
             else:

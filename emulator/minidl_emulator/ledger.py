@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import threading
+import weakref
 
 GEMM_UNITS = ("fp32-simt", "tf32", "fp16", "bf16", "fp64")
 COPY_LINKS = ("h2d", "d2h", "d2d", "peer")
@@ -92,17 +93,23 @@ def labelled(label: str):
         _labels.value = previous
 
 
-_pinned = {}  # id of a page-locked host buffer -> (start, end) of its memory, and the buffer kept alive
+_pinned = {}  # id of a page-locked host buffer -> (start, end) of its memory, and the buffer if kept alive here
 
 
 def register_pinned(buffer) -> None:
     """Mark a host buffer (a NumPy array or anything with a buffer) as page-locked: copies from or into
     NumPy arrays over its memory are then charged at pinned PCIe bandwidth. The emulation of
-    cupy.cuda.alloc_pinned_memory calls this; the emulator allocates nothing page-locked itself."""
+    cupy.cuda.alloc_pinned_memory calls this; the emulator allocates nothing page-locked itself.
+    The mark goes with the buffer (kept alive here if it cannot be referred to weakly)."""
     import numpy as np
     array = np.frombuffer(buffer, dtype=np.uint8) if not isinstance(buffer, np.ndarray) else buffer
     start = array.__array_interface__["data"][0]
-    _pinned[id(buffer)] = (start, start + array.nbytes, buffer)
+    key = id(buffer)
+    try:
+        weakref.finalize(buffer, _pinned.pop, key, None)
+        _pinned[key] = (start, start + array.nbytes, None)
+    except TypeError:
+        _pinned[key] = (start, start + array.nbytes, buffer)
 
 
 def is_pinned(host) -> bool:

@@ -113,8 +113,10 @@ def _index_on(xp, index):
 
 
 def _split_array(xp, x, sizes, axis):
+    """The pieces, each C-contiguous: a piece that already is stays a view (gradients are never written in
+    place, so a view is safe; an axis-0 split of a whole array is one), any other is copied."""
     bounds = np.cumsum(sizes)[:-1].tolist()
-    return [part.copy() for part in xp.split(x, bounds, axis=axis)]
+    return [part if part.flags.c_contiguous else part.copy() for part in xp.split(x, bounds, axis=axis)]
 
 
 def reshape(x: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -75,9 +75,13 @@ class InputFeed:
             staged, turn = self._staged(crops)
             on_device.set(staged, stream=self.device.stream)
             self._copied[turn] = self.device.stream.record()
-            table = xp.asarray(np.stack([where.tops, where.lefts, where.flips], axis=1).astype(np.int32))
-            lighting = xp.asarray(np.zeros((len(crops), 3), np.float32) if shift is None else shift)
-            return crops_to_input_gpu(on_device, self._device_mean, table, lighting, self.scale)
+            # the crops' places and their lighting in one upload: int32 and float32 rows of one 4-byte array
+            rows = np.zeros((2, len(crops), 3), np.int32)
+            rows[0] = np.stack([where.tops, where.lefts, where.flips], axis=1)
+            if shift is not None:
+                rows[1] = np.asarray(shift, np.float32).view(np.int32)
+            rows = xp.asarray(rows)
+            return crops_to_input_gpu(on_device, self._device_mean, rows[0], rows[1].view(np.float32), self.scale)
 
     def _staged(self, crops):
         """`crops` copied into the pinned buffer, once the last copy from it is done."""

@@ -1,4 +1,4 @@
-"""Benchmark a full training step: forward, loss, backward, momentum update.
+"""Benchmark a full training step: the input as the trainer feeds it, forward, loss, backward, update.
 
 On synthetic data, after warm-up; each step is timed with device events on a
 GPU (the host clock after a synchronize on the CPU), and the median is
@@ -14,6 +14,8 @@ import numpy as np
 
 from minidl.core import Tensor
 from minidl.cpu.memory import keep_freed_host_memory
+from minidl.data.augment import Crops
+from minidl.functions.to_input import InputFeed
 from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
 from minidl.precision import set_precision
@@ -95,6 +97,22 @@ def _device_work(devices):
     return None if work is None else dict(work)
 
 
+def _batches(model, batch_size: int, size: int, num_classes: int, seed: int) -> Callable[[], tuple]:
+    """next_batch() -> (x, y) as the trainer gets them: on a GPU, uint8 crops through the loader's pinned
+    InputFeed, finished there, each step; on the CPU the loader's workers finish them, so x is made once."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, batch_size).astype(np.int32)  # the loader checked them
+    if not model.input_device.is_cuda:
+        x = Tensor(rng.standard_normal((batch_size, 3, size, size)).astype(np.float32), device=model.input_device)
+        return lambda: (x, Tensor(labels, device=model.output_device))
+    crops = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    where = Crops(np.zeros(batch_size, int), np.zeros(batch_size, int), rng.integers(0, 2, batch_size))
+    shift = rng.standard_normal((batch_size, 3)).astype(np.float32)
+    feed = InputFeed(model.input_device, np.full((size, size, 3), 128, np.float32), 1 / 64)
+    return lambda: (Tensor(feed(crops, where, shift), device=model.input_device),
+                    Tensor(labels, device=model.output_device))
+
+
 def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, str, Sequence[str]] = None,
           steps: int = 20, warmup: int = 3, num_classes: int = 1000, seed: int = 0,
           progress: Optional[Callable[[int, int], None]] = None, precision: Optional[str] = None) -> dict:
@@ -109,11 +127,7 @@ def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, 
     model = model_file.build(num_classes, devices, config["init"], seed)
     check_training_memory(model, batch_size, config["input_size"])  # before the batch is allocated
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
-    rng = np.random.default_rng(seed)
-    size = config["input_size"]
-    x = Tensor(rng.standard_normal((batch_size, 3, size, size)).astype(np.float32), device=model.input_device)
-    # host labels, as the loader gives them: the loss checks them on the host and copies them each step
-    y = rng.integers(0, num_classes, batch_size)
+    next_batch = _batches(model, batch_size, config["input_size"], num_classes, seed)
     guard = StepGuard(model, optimizer, skip=False)  # the trainer's step: judged on the devices, read at the end
     start, stop = _timer(model.output_device)
     times = []
@@ -123,7 +137,8 @@ def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, 
             if i == warmup:
                 work_before = _device_work(devices)
             begin = start()
-            logits, loss = train_step(model, optimizer, x, y, dropout_seed=i, guard=guard)
+            x, y = next_batch()
+            logits, loss = train_step(model, optimizer, x, y, dropout_seed=i, checked=True, guard=guard)
             for d in devices:  # the step ends when every tower's stream is done
                 d.synchronize()
             elapsed = stop(begin)

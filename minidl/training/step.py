@@ -54,19 +54,20 @@ class StepGuard:
         self.hub, self.optimizer, self.skip, self.before_read = model.output_device, optimizer, skip, before_read
         self.pending = []  # (position, rows, optimizer step number) of each step not read yet
         self.records = None  # on the hub: a row per pending step, (loss, top-1 count, verdict)
-        self.sticky = None  # without skip: the sum of the verdicts since the last read
+        self.sticky = {}  # without skip: per device, its verdict since the last read (a NaN stays)
 
     def check(self, loss: Tensor, logits: Optional[Tensor] = None, labels: Optional[Tensor] = None,
               position: Any = None) -> dict[Device, Any]:
         """Judge the step whose backward just ran: returns, per device, the halt for MomentumSGD.step."""
         hub = self.hub
-        found = self.optimizer.nonfinite_gradients()
+        # one pass per device over its gradients (the hub's with the loss), into the kept verdicts unless skip
+        found = self.optimizer.nonfinite_gradients(also=[(hub, loss.data.reshape(1))],
+                                                   into=None if self.skip else self._sticky(loss.dtype))
         with hub:
-            verdict = loss.data * 0  # 0, or NaN where the loss is not finite
+            verdict = found[hub]
             for device, mark in found.items():
-                verdict = verdict + (mark if device is hub else copy_array(mark, device, hub))
-            if not self.skip:
-                verdict = self.sticky = verdict if self.sticky is None else self.sticky + verdict
+                if device is not hub:
+                    verdict = verdict + copy_array(mark, device, hub)
             row = self._next_row()
             row[0] = loss.data
             if logits is not None and labels is not None:
@@ -75,6 +76,15 @@ class StepGuard:
         rows = len(logits.data) if logits is not None else 0
         self.pending.append((position, rows, self.optimizer.steps + 1))  # the number step() gives it
         return {device: verdict if device is hub else copy_array(verdict, hub, device) for device in found}
+
+    def _sticky(self, dtype):
+        """Per device with parameters (and the hub), a zero made once, the verdict kept until read."""
+        devices = dict.fromkeys([self.hub] + [p.device for p in self.optimizer.params])
+        for device in devices:
+            if device not in self.sticky:
+                with device:
+                    self.sticky[device] = device.xp.zeros(1, dtype=dtype)
+        return self.sticky
 
     def _next_row(self):
         """The hub's row for the next step (the records grow, by doubling, past an interval's steps)."""
@@ -97,7 +107,10 @@ class StepGuard:
         overflowed = self.optimizer.nonfinite(host[1:])
         steps = [StepRecord(position, rows, number, float(loss), int(correct), not math.isfinite(verdict))
                  for (position, rows, number), (loss, correct, verdict) in zip(self.pending, host[0].reshape(-1, 3))]
-        self.pending, self.sticky = [], None  # a NaN sticky verdict stops the run: nothing is left to carry
+        self.pending = []
+        for device, kept in self.sticky.items():  # a NaN kept verdict stops the run: nothing is left to carry
+            with device:
+                kept.fill(0)
         return StepsRead(steps, overflowed)
 
 

@@ -415,7 +415,9 @@ class PinnedMemoryPointer(bytearray):
 
 
 def alloc_pinned_memory(size):
-    return PinnedMemoryPointer(size)
+    block = PinnedMemoryPointer(size)
+    ledger.register_pinned(block)  # page-locked in CuPy (cudaHostAlloc): copies from it are charged as pinned
+    return block
 
 
 class memory:  # noqa: N801 -- cupy.cuda.memory
