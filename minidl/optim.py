@@ -6,8 +6,7 @@ MomentumSGD keeps the learning rate and the weight decay inside the velocity:
 On a GPU one kernel (optim.cu) updates every parameter of a device and dtype; on the CPU NumPy
 updates in place, a block per core. Each step notes, on the device, which parameters it left with
 a NaN or infinite weight or velocity (a finite gradient can still overflow lr * g); `nonfinite()`
-reads it. A caller may judge a step on the devices (`nonfinite_gradients`) and skip it there
-(`step(halt)`), so that nothing is read back each step.
+reads it; `nonfinite_gradients` and `step(halt)` judge and skip a step on the devices.
 """
 from __future__ import annotations
 

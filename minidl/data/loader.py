@@ -67,8 +67,7 @@ class Loader:
     shuffle (default: as augment) draws a new image order each epoch.
     shard=(rank, size): this rank's contiguous run of each batch's rows, augmented as one
     process augments them (len() and num_images stay the global batches' and images').
-    workers: 0 cuts the crops in a thread, N >= 1 in N processes (prefetch batches ahead each); x is
-    delivered on `device` (settable; None: the CPU).
+    workers: 0 cuts the crops in a thread, N >= 1 in N processes; x is delivered on `device` (or the CPU).
     """
 
     def __init__(self, path: str | os.PathLike, *, split: str = "train", batch_size: int, crop: int = 227,

@@ -6,8 +6,7 @@ The CPU cuts the crops (minidl.data); this finishes them on their device. CPU: N
 arithmetic step by step on mirrored crops (`crops_to_input_cpu`, the reference). GPU: to_input.cu,
 one thread per output value, which also mirrors (the CPU then cuts plain windows, contiguous copies),
 with the same roundings in the same order: the two agree bit for bit. `InputFeed` takes host
-windows to a device through one reused pinned buffer. An autograd-free function (an input has no
-gradient), kept here beside its kernel like every other.
+windows to a device through pinned buffers. Autograd-free (an input has no gradient).
 """
 from __future__ import annotations
 

@@ -524,8 +524,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
     the step; no update is made from that step on); with skip_nonfinite the batch is skipped
     instead, and counted. An update that makes a weight or velocity non-finite stops the run in
-    any case, before any checkpoint holds it. With
-    data_parallel, this process is one rank of an mpirun job (minidl.training.distributed).
+    any case, before any checkpoint holds it. With data_parallel, this is one rank of an mpirun job.
     A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
     processes (None: the cores available minus one; 0: a thread of this process).
     precision: minidl.precision.set_precision's, for the process (None: as it is); any on a resume.
