@@ -526,8 +526,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     instead, and counted. An update that makes a weight or velocity non-finite stops the run in
     any case, before any checkpoint holds it. With data_parallel, this is one rank of an mpirun job.
     A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
-    processes (None: the cores available minus one; 0: a thread of this process).
-    precision: minidl.precision.set_precision's, for the process (None: as it is); any on a resume.
+    processes (None: the cores available minus one; 0: a thread). precision: set_precision's, for the process.
     val_data: a dataset of the same classes to validate on (then training takes every image of `data`).
     """
     if log_every < 1:
