@@ -20,8 +20,8 @@ from minidl.functions.gemm import grouped_matmul, matmul
 from minidl.errors import MinidlError
 from minidl.precision import DEFAULT_PRECISION, PRECISIONS, precision, set_precision
 from minidl.training.checkpoint import load_checkpoint
-from test_cli import dataset, image_dir, run  # noqa: F401 -- the CLI runner and the 3-class dataset fixtures
-from test_gpu_end_to_end import SMALL_ALEXNET, _losses
+from test_cli import dataset, image_dir  # noqa: F401 -- the 3-class dataset fixtures
+from test_gpu_end_to_end import train_on_the_cpu_and_two_gpus
 
 EMULATED = bool(os.environ.get("MINIDL_EMULATE_GPUS"))
 emulated_only = pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator's ledger: run with --emulate-gpus 2")
@@ -188,16 +188,8 @@ def test_the_layers_take_the_activation_and_refuse_others():
 
 @pytest.mark.gpu
 def test_train_on_two_gpus_in_tf32_agrees_with_the_cpu_within_tf32s_tolerance(dataset, tmp_path, at_precision):
-    model = tmp_path / "small_alexnet.py"
-    model.write_text(SMALL_ALEXNET)
-    runs = {}
-    for devices in ("cpu,cpu", "cuda:0,cuda:1"):
-        out = tmp_path / devices.replace(",", "_").replace(":", "")
-        code, output = run("train", model, "--data", dataset, "--devices", devices, "--out", out, "--log-every", "1",
-                           "--precision", "tf32")
-        assert code == 0, output
-        runs[devices] = load_checkpoint(out / "last.h5"), _losses(output)
-    (cpu_ckpt, cpu_losses), (gpu_ckpt, gpu_losses) = runs["cpu,cpu"], runs["cuda:0,cuda:1"]
+    (cpu_out, cpu_losses), (gpu_out, gpu_losses) = train_on_the_cpu_and_two_gpus(dataset, tmp_path, "tf32")
+    cpu_ckpt, gpu_ckpt = load_checkpoint(cpu_out / "last.h5"), load_checkpoint(gpu_out / "last.h5")
     assert len(gpu_losses) == len(cpu_losses) >= 3
     # the first loss is one forward pass of the same weights: a few u per layer
     assert gpu_losses[0] == pytest.approx(cpu_losses[0], rel=20 * U, abs=2e-4)

@@ -42,19 +42,25 @@ def _losses(output):
     return [float(x) for x in re.findall(r"batch \d+/\d+  loss (\d+\.\d+)", output)]
 
 
+def train_on_the_cpu_and_two_gpus(dataset, tmp_path, precision):
+    """The small AlexNet trained by the CLI on cpu,cpu and on cuda:0,cuda:1: [(out folder, losses), ...]."""
+    model = tmp_path / "small_alexnet.py"
+    model.write_text(SMALL_ALEXNET)
+    runs = []
+    for devices in ("cpu,cpu", "cuda:0,cuda:1"):
+        out = tmp_path / devices.replace(",", "_").replace(":", "")
+        code, output = run("train", model, "--data", dataset, "--devices", devices, "--out", out, "--log-every", "1",
+                           "--precision", precision)
+        assert code == 0, output
+        runs.append((out, _losses(output)))
+    return runs
+
+
 @pytest.mark.gpu
 def test_train_on_two_gpus_equals_the_cpu_then_evaluate_visualize_bench(dataset, tmp_path):
     model = tmp_path / "small_alexnet.py"
-    model.write_text(SMALL_ALEXNET)
-    runs = {}
-    for devices in ("cpu,cpu", "cuda:0,cuda:1"):
-        out = tmp_path / devices.replace(",", "_").replace(":", "")
-        # exact FP32 GEMMs: TF32's agreement is tests/test_gemm.py's
-        code, output = run("train", model, "--data", dataset, "--devices", devices, "--out", out, "--log-every", "1",
-                           "--precision", "fp32")
-        assert code == 0, output
-        runs[devices] = out, _losses(output)
-    (cpu_out, cpu_losses), (gpu_out, gpu_losses) = runs["cpu,cpu"], runs["cuda:0,cuda:1"]
+    # exact FP32 GEMMs: TF32's agreement is tests/test_gemm.py's
+    (cpu_out, cpu_losses), (gpu_out, gpu_losses) = train_on_the_cpu_and_two_gpus(dataset, tmp_path, "fp32")
     assert len(gpu_losses) == len(cpu_losses) >= 3
     np.testing.assert_allclose(gpu_losses, cpu_losses, atol=2e-4)  # printed to 4 decimals
     cpu_ckpt, gpu_ckpt = load_checkpoint(cpu_out / "last.h5"), load_checkpoint(gpu_out / "last.h5")

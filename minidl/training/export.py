@@ -22,6 +22,7 @@ from minidl.functions.linear import Linear as LinearFunction, MatMul
 from minidl.layers import Layer
 from minidl.training.checkpoint import Checkpoint, input_scale, load_checkpoint
 from minidl.training.restore import Restored
+from minidl.training.visualize import format_by_suffix
 
 OPSET = 17       # ONNX Runtime 1.12 and later run it
 IR_VERSION = 8   # the IR of opset 17: runtimes older than the onnx package still load the file
@@ -33,11 +34,8 @@ TRACE_BATCH = 2  # a batch that is not 1, so a reshape's batch dimension is told
 
 def export_format(path: str) -> str:
     """'onnx' or 'npz' by the suffix of `path`; MinidlError for any other."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix not in FORMATS:
-        raise MinidlError(f"cannot export to {path}: unknown format {suffix or '(no suffix)'!r}; "
-                          f"the name chooses it: {', '.join(FORMATS)}")
-    return FORMATS[suffix]
+    return format_by_suffix(path, FORMATS, lambda suffix: f"cannot export to {path}: unknown format "
+                            f"{suffix or '(no suffix)'!r}; the name chooses it: {', '.join(FORMATS)}")
 
 
 def check_output(path: str) -> str:

@@ -7,6 +7,7 @@ renamed over the target when complete). The file name's suffix chooses the forma
 (.png, .jpg or .jpeg); another suffix is refused (`picture_format`).
 """
 import os
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -29,14 +30,19 @@ CURVES_SIZE = (1000, 400)
 PICTURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 
+def format_by_suffix(path: str, formats: dict, refusal: Callable[[str], str]) -> str:
+    """formats[the suffix of `path`, lower case]; MinidlError(refusal(suffix)) for any other suffix."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in formats:
+        raise MinidlError(refusal(suffix))
+    return formats[suffix]
+
+
 def picture_format(path: str) -> str:
     """The format of the picture file `path` by its suffix ('png', 'jpeg'); MinidlError for any other,
     which would otherwise get PNG bytes under a name that says JPEG, or a format no viewer expects."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix not in PICTURE_FORMATS:
-        raise MinidlError(f"cannot write {os.fspath(path)}: a picture's name ends in "
-                          f"{', '.join(PICTURE_FORMATS)} (it chooses the format)")
-    return PICTURE_FORMATS[suffix]
+    return format_by_suffix(path, PICTURE_FORMATS, lambda suffix: f"cannot write {os.fspath(path)}: a picture's "
+                            f"name ends in {', '.join(PICTURE_FORMATS)} (it chooses the format)")
 
 
 def shown_name(name: str) -> str:
