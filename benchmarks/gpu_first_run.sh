@@ -102,7 +102,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
     if ! cupy_works; then
         stage install_nvrtc 120 "$PY" -m pip install -q nvidia-cuda-nvrtc-cu12
         cupy_works || { stage install_cuda13 180 bash -c "'$PY' -m pip uninstall -y -q cupy-cuda12x; \
-            '$PY' -m pip install -q cupy-cuda13x"; }
+            '$PY' -m pip install -q 'cupy-cuda13x[ctk]'"; }
     fi
 fi
 cupy_works && echo "CuPy works" || echo "CuPy does not work: the GPU stages will fail (see install.log)"
