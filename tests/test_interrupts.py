@@ -33,7 +33,7 @@ EXIT_SECONDS = 5
 # random moments fall in the command, not in Python's start-up and imports, where no handler is in place yet
 LAUNCHER = '''
 import sys
-from minidl_cli.main import friendly_errors, main
+from minidl_cli.main import friendly_errors, main, program
 command = main.commands[sys.argv[1]]
 original = command.callback.__wrapped__
 def started(*args, **kwargs):
@@ -41,7 +41,8 @@ def started(*args, **kwargs):
     sys.stderr.flush()
     return original(*args, **kwargs)
 command.callback = friendly_errors(started)
-main(sys.argv[1:], prog_name="minidl")
+sys.argv[0] = "minidl"
+program()  # as the `minidl` program runs main, its exit bounded
 '''
 
 
