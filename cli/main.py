@@ -677,7 +677,7 @@ def program():
     try:
         main()
     except SystemExit as done:
-        if done.code:
+        if done.code and not _world():  # a data-parallel rank's exit is MPI's to end (see _say_error)
             _end_within(EXIT_GRACE_SECONDS, done.code)
         raise
 
