@@ -268,7 +268,6 @@ def test_an_exit_that_hangs_after_ctrl_c_or_an_error_still_ends_with_its_status(
     ends within EXIT_GRACE_SECONDS with the status it was exiting with, its line said."""
     script = ("import atexit, time\n"
               "from minidl.errors import MinidlError\n"
-              "import click\n"
               "from minidl_cli.main import friendly_errors, main, program\n"
               "atexit.register(time.sleep, 600)\n"
               f"@main.command()\n@friendly_errors\ndef hang():\n    {ending}\n"
@@ -277,5 +276,5 @@ def test_an_exit_that_hangs_after_ctrl_c_or_an_error_still_ends_with_its_status(
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == status, done.stderr
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 20  # the grace and Python's start-up; the hang itself is 600 s
     assert "Traceback" not in done.stderr and done.stderr.strip(), done.stderr
