@@ -89,14 +89,18 @@ class Tower(Layer):
         for name, kind, spec, reads, then in network:
             in_channels = 2 * channels if reads == "both" else channels  # features, for a fully connected layer
             W_init, b_init = initialisers(name, scheme)
-            # a ReLU right after the layer runs in the layer's own pass, with its bias
-            activation, then = ("relu", then[len("relu"):]) if then.split()[:1] == ["relu"] else (None, then)
+            # a ReLU right after the layer runs in the layer's own pass, with its bias; after a fully connected
+            # layer's ReLU, dropout too (one kernel each way for the three)
+            ops = then.split()
+            activation = "relu" if ops[:1] == ["relu"] else None
+            drops = kind == "fc" and ops[:2] == ["relu", "dropout"]
+            then = " ".join(ops[2 if drops else 1 if activation else 0:])
             if kind == "conv":
                 layer = Conv2d(in_channels, spec["out"], spec["ksize"], spec.get("stride", 1), spec.get("pad", 0),
                                device=device, W_init=W_init, b_init=b_init, rng=rng, activation=activation)
             else:
                 layer = Linear(in_channels, spec["out"], device=device, W_init=W_init, b_init=b_init, rng=rng,
-                               activation=activation)
+                               activation=activation, dropout=dropout if drops else 0.0)
             channels = spec["out"]
             if "flatten" in then:
                 channels *= pooled_size * pooled_size

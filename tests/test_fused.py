@@ -10,6 +10,7 @@ import pytest
 import minidl.functions as F
 from minidl import MinidlError, Tensor
 from minidl.functions.dropout import MaskGenerator
+from minidl.gradcheck import gradcheck
 from minidl.layers import Parameter
 from minidl.optim import MomentumSGD
 
@@ -252,6 +253,75 @@ def test_dropout_masks_keep_about_one_minus_p_and_differ_between_calls():
     # neighbouring elements are not correlated (the hash of consecutive indices)
     kept = (first > 0).reshape(-1).astype(float)
     assert abs(np.corrcoef(kept[:-1], kept[1:])[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_a_fully_connected_layers_relu_and_dropout_in_its_pass_are_the_three_layers(rng, dtype, p, exact_fp32):
+    """linear(..., activation="relu", dropout=p) against linear + ReLU + dropout under the same key, on the
+    CPU and the GPU, forward and backward, bit for bit; on the GPU one kernel each way after the GEMMs where
+    the three take three (the backward's ReLU mask needs no hash: y > 0 exactly where kept and positive)."""
+    for _ in range(2):
+        rows, features, outputs = (int(n) for n in rng.integers(2, 40, 3))
+        seed, first_row = [int(n) for n in rng.integers(0, 2 ** 62, 2)], int(rng.integers(0, 10 ** 6))
+        x_host = away_from_zero(rng, (rows, features), dtype)
+        W_host = away_from_zero(rng, (outputs, features), dtype)
+        b_host = away_from_zero(rng, (outputs,), dtype)
+        gy_host = away_from_zero(rng, (rows, outputs), dtype)
+        grads = {}
+        for dev in ("cpu", GPU):
+            for fused in (True, False):
+                x, W, b = (Tensor(a, requires_grad=True, device=dev) for a in (x_host, W_host, b_host))
+                generator = MaskGenerator(seed, first_row)
+                if fused:
+                    y = F.linear(x, W, b, activation="relu", dropout=p, generator=generator)
+                else:
+                    y = F.dropout(F.linear(x, W, b, activation="relu"), p, generator=generator)
+                y.backward(Tensor(gy_host, device=dev))
+                grads[dev, fused] = [y.numpy()] + [t.grad.numpy() for t in (x, W, b)]
+        for key, got in grads.items():
+            for a, b in zip(got, grads["cpu", False]):
+                np.testing.assert_array_equal(a, b, err_msg=str(key))
+        assert (grads["cpu", True][0] == 0).mean() > 0.1  # some elements dropped, some kept
+        assert (grads["cpu", True][0] > 0).mean() > 0.1
+
+
+def test_fused_dropout_costs_one_kernel_each_way_after_the_gemms(rng):
+    x = Tensor(away_from_zero(rng, (8, 6), np.float32), requires_grad=True, device=GPU)
+    W = Tensor(away_from_zero(rng, (5, 6), np.float32), requires_grad=True, device=GPU)
+    b = Tensor(away_from_zero(rng, (5,), np.float32), requires_grad=True, device=GPU)
+    with operations({"gemm": 1, "kernel": 1}):
+        y = F.linear(x, W, b, activation="relu", dropout=0.5, generator=MaskGenerator(3))
+    gy = Tensor(away_from_zero(rng, (8, 5), np.float32), device=GPU)
+    with operations({"kernel": 1, "gemm": 2, "reduction": 1}):  # ReLU and dropout's backward, dx, dW, db
+        y.backward(gy)
+
+
+def test_linear_dropout_in_its_pass_passes_the_gradient_check(rng, exact_fp32):
+    """float64, on the CPU and the GPU: the same masks on every evaluation (the generator reseeded)."""
+    x_host, W_host, b_host = (away_from_zero(rng, s, np.float64) for s in ((4, 5), (3, 5), (3,)))
+    for dev in ("cpu", GPU):
+        generator = MaskGenerator(11)
+
+        def fn(x, W, b):
+            generator.seed(11)
+            return F.linear(x, W, b, activation="relu", dropout=0.4, generator=generator)
+
+        assert gradcheck(fn, *(Tensor(a, requires_grad=True, device=dev) for a in (x_host, W_host, b_host)))
+
+
+def test_linear_dropout_needs_relu_and_a_bias_and_a_probability_below_one():
+    from minidl.layers import Linear
+    with pytest.raises(MinidlError, match="needs a bias and activation='relu'"):
+        Linear(4, 3, dropout=0.5)
+    with pytest.raises(MinidlError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
+        F.linear(Tensor(np.ones((2, 4))), Tensor(np.ones((3, 4))), Tensor(np.ones(3)), activation="relu",
+                 dropout=1.0)
+    layer = Linear(4, 3, activation="relu", dropout=0.5)
+    x = Tensor(np.ones((2, 4), np.float32))
+    assert np.array_equal(layer.eval()(x).numpy(),
+                          F.linear(x, layer.W, layer.b, activation="relu").numpy())  # eval(): no dropout
+    assert "Dropout(0.5)" in layer.describe()
 
 
 # --- softmax cross-entropy: a kernel each way

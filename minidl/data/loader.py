@@ -26,7 +26,9 @@ from minidl.data.dataset import open_dataset, read_dataset, stored_images
 from minidl.data.workers import WorkerPool
 from minidl.device import Device, device as as_device
 from minidl.errors import DataError
-from minidl.functions.to_input import InputFeed, crops_to_input_cpu
+# the module, not its names: to_input imports minidl.data.augment, so importing to_input first reaches here
+# while it is still being made
+from minidl.functions import to_input
 from minidl.hdf5 import FileCheck
 
 SPLITS = ("train", "val", "all")
@@ -183,7 +185,7 @@ class Loader:
         reference the loader's batches equal."""
         where, shift = self.draw(rng, len(images)) if self.augment else (self.test_crops(len(images)), None)
         crops = crop_and_flip(images, self.crop, where, np.repeat(np.arange(len(images)), TEN if self.ten_crop else 1))
-        return self.shaped(crops_to_input_cpu(crops, self.mean_image, where, shift, self.scale), len(images))
+        return self.shaped(to_input.crops_to_input_cpu(crops, self.mean_image, where, shift, self.scale), len(images))
 
     def shaped(self, x: np.ndarray, count: int) -> np.ndarray:
         """Ten-crop inputs as (count, 10, 3, crop, crop)."""
@@ -216,7 +218,7 @@ class Loader:
         """This loader's InputFeed for its device: one per device, so its pinned buffer is reused."""
         device = as_device(self.device)
         if device.name not in self._feeds:
-            self._feeds[device.name] = InputFeed(device, self.mean_image, self.scale)
+            self._feeds[device.name] = to_input.InputFeed(device, self.mean_image, self.scale)
         return self._feeds[device.name]
 
     @contextlib.contextmanager
@@ -257,7 +259,7 @@ class Loader:
         """The plan's crops as the network's float32 input (NumPy), flat: (crops, 3, crop, crop), into `out`."""
         crops = np.empty(self.crops_shape(plan), np.uint8)
         self.cut(images, plan, crops)
-        return crops_to_input_cpu(crops, self.mean_image, plan.where, plan.shift, self.scale, out)
+        return to_input.crops_to_input_cpu(crops, self.mean_image, plan.where, plan.shift, self.scale, out)
 
     def _made_in_thread(self, epoch, numbers, finish):
         # runs in the background thread, which opens its own file: h5py objects stay in one thread
@@ -279,7 +281,7 @@ class Batches:
     `delivery_rate()`: the images/s the makers and the feed could deliver since the last call (the makers'
     time shared among them), whatever the consumer's pace."""
 
-    def __init__(self, loader: Loader, epoch: int, made: Iterator, feed: InputFeed | None) -> None:
+    def __init__(self, loader: Loader, epoch: int, made: Iterator, feed: "to_input.InputFeed | None") -> None:
         self.loader, self.epoch, self._made, self._feed = loader, epoch, made, feed
         self._makers = max(1, getattr(made, "count", 1))
         self._images, self._seconds = 0, 0.0

@@ -1,18 +1,21 @@
-// ReLU's backward for activation.py: gx = gy * (y > 0) in one pass, where CuPy
-// would launch two elementwise kernels (the comparison, then the product) and
-// write a mask in between. The product, not a select, so a NaN or infinite
-// gradient where y <= 0 gives NaN as on the NumPy path.
+// ReLU's backward for activation.py: gx = gy * (y > 0 ? scale : 0) in one pass, where CuPy
+// would launch two elementwise kernels (the comparison, then the product) and write a mask
+// in between. scale is 1, or dropout's 1/(1-p) after the fused bias + ReLU + dropout: there
+// y > 0 exactly where the element was kept and positive, so the mask needs no hash. The
+// product, not a select, so a NaN or infinite gradient where y <= 0 gives NaN as on the NumPy path.
+
+#include "dropout.cuh"
 
 template <typename T>
-__global__ void relu_backward(const T* y, const T* gy, T* gx, long long total) {
+__global__ void relu_backward(const T* y, const T* gy, T* gx, long long total, T scale) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        gx[i] = gy[i] * (y[i] > T(0) ? T(1) : T(0));
+        gx[i] = gy[i] * (y[i] > T(0) ? scale : T(0));
     }
 }
 
-template __global__ void relu_backward<float>(const float*, const float*, float*, long long);
-template __global__ void relu_backward<double>(const double*, const double*, double*, long long);
+template __global__ void relu_backward<float>(const float*, const float*, float*, long long, float);
+template __global__ void relu_backward<double>(const double*, const double*, double*, long long, double);
 
 // Bias + ReLU in one pass after a GEMM (activation.py, bias_relu_*): each reads the GEMM's
 // output once and writes the activation once, where CuPy would launch the add and the maximum
@@ -50,6 +53,20 @@ __global__ void bias_relu_rows(T* y, const T* b, long long features, long long t
     }
 }
 
+// The same, then inverted dropout (dropout.cu's mask of the call's key; start: the global
+// index of y[0]): y = relu(y + b[feature]) * (u >= p ? scale : 0), the product as in
+// dropout_apply, so the result is the unfused layers' bit for bit.
+template <typename T>
+__global__ void bias_relu_dropout_rows(T* y, const T* b, long long features, long long total, long long key,
+                                       long long start, T p, T scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long f = total <= 0xFFFFFFFFLL ? (long long)((unsigned)i % (unsigned)features) : i % features;
+        T mask = dropout_uniform((unsigned long long)key, start + i) >= (float)p ? scale : T(0);
+        y[i] = relu_of(y[i] + b[f]) * mask;
+    }
+}
+
 // A convolution's GEMM output, (C, N, L) with L = OH*OW, into a new NCHW array:
 // y[n, c, l] = relu(cnl[c, n, l] + b[c]). A thread per element of y, read in y's order.
 template <typename T>
@@ -78,6 +95,10 @@ __global__ void relu_backward_nchw_to_cnl(const T* y, const T* gy, T* g_cnl, lon
 
 template __global__ void bias_relu_rows<float>(float*, const float*, long long, long long);
 template __global__ void bias_relu_rows<double>(double*, const double*, long long, long long);
+template __global__ void bias_relu_dropout_rows<float>(float*, const float*, long long, long long, long long,
+                                                     long long, float, float);
+template __global__ void bias_relu_dropout_rows<double>(double*, const double*, long long, long long, long long,
+                                                      long long, double, double);
 template __global__ void bias_relu_cnl_to_nchw<float>(const float*, const float*, float*, long long,
                                                       long long, long long, long long);
 template __global__ void bias_relu_cnl_to_nchw<double>(const double*, const double*, double*, long long,

@@ -15,9 +15,11 @@ from minidl import kernels
 from minidl.core import Array, Function, Tensor
 from minidl.device import cupy
 from minidl.errors import MinidlError
+from minidl.functions.dropout import scaled_mask
 
 CU = kernels.KernelFile.beside(__file__, "activation.cu", (
-    "relu_backward", "bias_relu_rows", "bias_relu_cnl_to_nchw", "relu_backward_nchw_to_cnl"))
+    "relu_backward", "bias_relu_rows", "bias_relu_dropout_rows", "bias_relu_cnl_to_nchw",
+    "relu_backward_nchw_to_cnl"))
 ACTIVATIONS = (None, "relu")  # what a Conv2d or Linear layer may apply to its output in the same pass
 
 
@@ -34,21 +36,33 @@ def relu_array(x: Array) -> Array:
     return cupy().maximum(x, 0, out=kernels.empty(x.shape, x.dtype))
 
 
-def relu_grad(y: Array, gy: Array) -> Array:
-    """gy * (y > 0): ReLU's backward from its output y."""
+def relu_grad(y: Array, gy: Array, scale: float = 1.0) -> Array:
+    """gy * (y > 0): ReLU's backward from its output y. After bias_relu_rows with dropout, y is the
+    dropped output and scale dropout's 1/(1-p): y > 0 exactly where the element was kept and positive."""
     if isinstance(y, np.ndarray):
-        return gy * (y > 0)
+        return gy * (y > 0) if scale == 1.0 else gy * np.where(y > 0, y.dtype.type(scale), y.dtype.type(0))
     gx = kernels.empty(y.shape, y.dtype)
-    kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx, y.size)
+    kernels.launch(CU, "relu_backward", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), gx, y.size,
+                   float(scale))
     return gx
 
 
-def bias_relu_rows(y: Array, b: Array) -> Array:
-    """relu(y + b) for a (rows, features) y, in place; returns y."""
+def bias_relu_rows(y: Array, b: Array, dropout: tuple[float, int, int] | None = None) -> Array:
+    """relu(y + b) for a (rows, features) y, in place; returns y. dropout (p, key, start): then inverted
+    dropout with the mask of (key, start) (functions/dropout.py), in the same pass."""
     if isinstance(y, np.ndarray):
         y += b
-        return np.maximum(y, 0, out=y)
-    kernels.launch(CU, "bias_relu_rows", y.dtype, y.size, y, b, y.shape[1], y.size)
+        np.maximum(y, 0, out=y)
+        if dropout:
+            p, key, start = dropout
+            y *= scaled_mask(key, start, y.shape, p, y.dtype)
+        return y
+    if dropout:
+        p, key, start = dropout
+        kernels.launch(CU, "bias_relu_dropout_rows", y.dtype, y.size, y, b, y.shape[1], y.size, key, start,
+                       float(p), 1.0 / (1.0 - p))
+    else:
+        kernels.launch(CU, "bias_relu_rows", y.dtype, y.size, y, b, y.shape[1], y.size)
     return y
 
 

@@ -45,6 +45,13 @@ def uniforms(key, start, count):
     return z.astype(np.float32) * np.float32(2.0 ** -24)
 
 
+def scaled_mask(key, start, shape, p, dtype):
+    """The mask of the elements start, ... under `key`: 1/(1-p) where kept, 0 where dropped, in `dtype`."""
+    dtype = np.dtype(dtype)
+    keep = uniforms(key, start, math.prod(shape)).reshape(shape) >= np.float32(p)
+    return keep.astype(dtype) * dtype.type(1.0 / (1.0 - p))
+
+
 # The paper halved the outputs at test time instead; the expectation is the same. The trainer
 # reseeds each layer's generator every step from where the run stands, so a resumed run draws
 # the same masks, and two models or two towers never share masks.
@@ -70,8 +77,18 @@ class MaskGenerator:
         state = np.random.SeedSequence(self._entropy + [n]).generate_state(1, np.uint64)[0]
         return int(state >> np.uint64(1))
 
+    def draw(self, device: Device, shape: Sequence[int]) -> tuple[int, int]:
+        """(key, start) of the next call on `device` for an array of `shape`: start is the global
+        index of its first element."""
+        return self.key(device), self.first_row * math.prod(shape[1:])
+
 
 _default = MaskGenerator(0)
+
+
+def default_generator() -> MaskGenerator:
+    """The generator dropout() and linear(dropout=p) use when given none."""
+    return _default
 
 
 def seed(n: int | Sequence[int], first_row: int = 0) -> None:
@@ -87,14 +104,11 @@ class Dropout(Function):
         self.p, self.generator = p, generator
 
     def _draw(self, x):
-        self.key = self.generator.key(self.device)
-        # the global index of x's first element
-        self.start = self.generator.first_row * math.prod(x.shape[1:])
+        self.key, self.start = self.generator.draw(self.device, x.shape)
 
     def forward_cpu(self, x):
         self._draw(x)
-        keep = uniforms(self.key, self.start, x.size).reshape(x.shape) >= np.float32(self.p)
-        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        mask = scaled_mask(self.key, self.start, x.shape, self.p, x.dtype)
         self.save(mask)
         return x * mask
 

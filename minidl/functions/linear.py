@@ -4,6 +4,7 @@ from __future__ import annotations
 from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
 from minidl.functions import activation as activations
+from minidl.functions.dropout import MaskGenerator, default_generator
 from minidl.functions.gemm import matmul as gemm
 
 
@@ -24,10 +25,12 @@ class MatMul(Function):
 
 class Linear(Function):
     """y = x W^T + b, with W of shape (out, in) as in PyTorch and Chainer; activation "relu": relu(y),
-    the bias and the ReLU in one pass."""
+    the bias and the ReLU in one pass; dropout (p, generator) with it: then inverted dropout in that pass
+    (AlexNet's fc6 and fc7: one kernel each way where three layers take three)."""
 
-    def __init__(self, activation: str | None = None):
+    def __init__(self, activation: str | None = None, dropout: tuple[float, MaskGenerator] | None = None):
         self.activation = activations.check_activation(activation)
+        self.dropout = dropout
 
     def forward(self, x, W, b=None):
         if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
@@ -36,9 +39,12 @@ class Linear(Function):
                               f"{W.shape}, got x of shape {x.shape}")
         if b is not None and b.shape != W.shape[:1]:
             raise MinidlError(f"linear: bias of shape {b.shape} for {W.shape[0]} outputs")
+        if self.dropout and not (self.activation and b is not None):
+            raise MinidlError("linear: dropout in the same pass needs a bias and activation='relu'")
         y = gemm(x, W.T)
         if self.activation and b is not None:
-            y = activations.bias_relu_rows(y, b)
+            p, generator = self.dropout or (None, None)
+            y = activations.bias_relu_rows(y, b, (p, *generator.draw(self.device, y.shape)) if p else None)
         else:
             if b is not None:
                 y += b
@@ -50,7 +56,7 @@ class Linear(Function):
     def backward(self, gy):
         x, W, y = self.saved
         if self.activation:
-            gy = activations.relu_grad(y, gy)
+            gy = activations.relu_grad(y, gy, 1.0 / (1.0 - self.dropout[0]) if self.dropout else 1.0)
         gx = gemm(gy, W) if self.needs_grad[0] else None
         gW = gemm(gy.T, x) if self.needs_grad[1] else None
         if len(self.needs_grad) == 2:
@@ -62,7 +68,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return MatMul()(a, b)
 
 
-def linear(x: Tensor, W: Tensor, b: Tensor | None = None, activation: str | None = None) -> Tensor:
-    """x W^T + b for x (batch, in) and W (out, in); activation "relu" applies ReLU in the same pass."""
-    f = Linear(activation)
+def linear(x: Tensor, W: Tensor, b: Tensor | None = None, activation: str | None = None,
+           dropout: float = 0.0, generator: MaskGenerator | None = None) -> Tensor:
+    """x W^T + b for x (batch, in) and W (out, in); activation "relu" applies ReLU in the same pass, and
+    dropout p > 0 (with a bias and ReLU) then inverted dropout, its masks from `generator` as
+    functions.dropout draws them."""
+    if not 0.0 <= dropout < 1.0:
+        raise MinidlError(f"dropout probability must be in [0, 1), got {dropout}")
+    f = Linear(activation, (dropout, generator or default_generator()) if dropout else None)
     return f(x, W) if b is None else f(x, W, b)

@@ -50,6 +50,12 @@ UNSEEDED = 0x5EED  # a tag in the entropy: an unseeded layer never draws Dropout
 _unseeded_layers = itertools.count()
 
 
+def mask_generator(seed: Union[int, Sequence[int], None] = None) -> MaskGenerator:
+    """A dropout layer's generator (Dropout, or Linear with dropout): without a seed, a distinct one per
+    layer in the order they are made."""
+    return MaskGenerator([UNSEEDED, next(_unseeded_layers)] if seed is None else seed)
+
+
 class Dropout(Layer):
     """Inverted dropout: active in train(), the identity in eval(). It draws its masks from
     its own generator; `seed_dropout(model, n)` reseeds every Dropout of a model. Without
@@ -60,7 +66,7 @@ class Dropout(Layer):
                  seed: Union[int, Sequence[int], None] = None):
         super().__init__(device)
         self.p = p
-        self.generator = MaskGenerator([UNSEEDED, next(_unseeded_layers)] if seed is None else seed)
+        self.generator = mask_generator(seed)
 
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, train=self.training, generator=self.generator)
@@ -75,9 +81,9 @@ class Flatten(Layer):
 
 
 def seed_dropout(model: Layer, seed: int, first_row: int = 0) -> None:
-    """Reseed every Dropout layer of `model` from `seed` and the layer's dotted name, so the
-    masks are a pure function of (seed, layer, global row) and differ between layers.
-    first_row: the global row of this process's row 0 (a data-parallel rank's share)."""
+    """Reseed every layer of `model` that drops out (Dropout, Linear with dropout) from `seed` and the
+    layer's dotted name, so the masks are a pure function of (seed, layer, global row) and differ between
+    layers. first_row: the global row of this process's row 0 (a data-parallel rank's share)."""
     for name, layer in model.named_layers():
-        if isinstance(layer, Dropout):
+        if isinstance(getattr(layer, "generator", None), MaskGenerator):
             layer.generator.seed([int(seed), zlib.crc32(name.encode())], first_row)

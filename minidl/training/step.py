@@ -53,8 +53,19 @@ class StepGuard:
                  before_read: Optional[Callable[[], None]] = None):
         self.hub, self.optimizer, self.skip, self.before_read = model.output_device, optimizer, skip, before_read
         self.pending = []  # (position, rows, optimizer step number) of each step not read yet
-        self.records = None  # on the hub: a row per pending step, (loss, top-1 count, verdict)
+        # on the hub, per pending step: its loss and top-1 count as the step made them (kept, not copied: two
+        # launches less a step), and its verdict in a row of `verdicts` (the kept one changes until read)
+        self.losses, self.corrects = [], []
+        self.verdicts = None
         self.sticky = {}  # without skip: per device, its verdict since the last read (a NaN stays)
+        self.seed = None  # backward's seed, a 1 kept on the hub (made once, not once a step)
+
+    def gradient_seed(self, loss: Tensor):
+        """The gradient backward starts from, d(loss)/d(loss) = 1: one array kept on the loss's device."""
+        if self.seed is None or self.seed.shape != loss.shape or self.seed.dtype != loss.dtype:
+            with loss.device:
+                self.seed = loss.device.xp.ones(loss.shape, loss.dtype)
+        return self.seed
 
     def check(self, loss: Tensor, logits: Optional[Tensor] = None, labels: Optional[Tensor] = None,
               position: Any = None) -> dict[Device, Any]:
@@ -68,11 +79,10 @@ class StepGuard:
             for device, mark in found.items():
                 if device is not hub:
                     verdict = verdict + copy_array(mark, device, hub)
-            row = self._next_row()
-            row[0] = loss.data
-            if logits is not None and labels is not None:
-                row[1] = topk_correct(hub.xp, logits.data, labels.data, 1)
-            row[2:] = verdict
+            self._next_verdict()[...] = verdict
+            self.losses.append(loss.data.reshape(1))
+            self.corrects.append(topk_correct(hub.xp, logits.data, labels.data, 1).reshape(1)
+                                 if logits is not None and labels is not None else None)
         rows = len(logits.data) if logits is not None else 0
         self.pending.append((position, rows, self.optimizer.steps + 1))  # the number step() gives it
         return {device: verdict if device is hub else copy_array(verdict, hub, device) for device in found}
@@ -86,15 +96,15 @@ class StepGuard:
                     self.sticky[device] = device.xp.zeros(1, dtype=dtype)
         return self.sticky
 
-    def _next_row(self):
-        """The hub's row for the next step (the records grow, by doubling, past an interval's steps)."""
+    def _next_verdict(self):
+        """The hub's place for the next step's verdict (the array grows, by doubling, past an interval's steps)."""
         n = len(self.pending)
-        if self.records is None or n == len(self.records):
-            grown = self.hub.xp.zeros((max(16, 2 * n), 3), dtype=np.float64)
+        if self.verdicts is None or n == len(self.verdicts):
+            grown = self.hub.xp.zeros(max(16, 2 * n), dtype=np.float64)
             if n:
-                grown[:n] = self.records
-            self.records = grown
-        return self.records[n]
+                grown[:n] = self.verdicts
+            self.verdicts = grown
+        return self.verdicts[n:n + 1]
 
     def read(self) -> StepsRead:
         """Every step since the last read, in order, and the overflowed updates: one blocking read."""
@@ -103,11 +113,17 @@ class StepGuard:
         if self.before_read is not None:
             self.before_read()
         flags = self.optimizer.flag_arrays()
-        host = read_together(self.hub, [(self.hub, self.records[:len(self.pending)])] + flags)
-        overflowed = self.optimizer.nonfinite(host[1:])
-        steps = [StepRecord(position, rows, number, float(loss), int(correct), not math.isfinite(verdict))
-                 for (position, rows, number), (loss, correct, verdict) in zip(self.pending, host[0].reshape(-1, 3))]
-        self.pending = []
+        xp, counted = self.hub.xp, [c for c in self.corrects if c is not None]
+        with self.hub:
+            figures = [self.verdicts[:len(self.pending)], xp.concatenate(self.losses)]
+            figures += [xp.concatenate(counted)] if counted else []
+        host = read_together(self.hub, [(self.hub, a) for a in figures] + flags)
+        overflowed = self.optimizer.nonfinite(host[len(figures):])
+        corrects = iter(host[2] if counted else [])
+        steps = [StepRecord(position, rows, number, float(loss), 0 if c is None else int(next(corrects)),
+                            not math.isfinite(verdict))
+                 for (position, rows, number), verdict, loss, c in zip(self.pending, host[0], host[1], self.corrects)]
+        self.pending, self.losses, self.corrects = [], [], []
         for device, kept in self.sticky.items():  # a NaN kept verdict stops the run: nothing is left to carry
             with device:
                 kept.fill(0)
@@ -143,7 +159,7 @@ def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_
     optimizer.zero_grad()
     if buckets is not None and guard is not None:  # a rank's bad loss makes every rank's step bad
         buckets.include(loss.data, loss.device)
-    loss.backward()
+    loss.backward(guard.gradient_seed(loss) if guard is not None else None)
     if buckets is not None:
         buckets.average()
     halt = None
