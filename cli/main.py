@@ -294,10 +294,13 @@ def main():
               "rank's share of its host's GPUs. Needs minidl[mpi].")
 @click.option("--workers", type=click.IntRange(0), help="Processes reading and cropping the images (default: the "
               "cores available minus one; 0: a thread of this process). Per rank with --data-parallel.")
+@click.option("--loss-scale/--no-loss-scale", default=None, help="Dynamic loss scaling (PyTorch's GradScaler): "
+              "backward starts from a scale S (2^16 at first), the update divides by it; a step whose gradients "
+              "overflow is skipped and S halves, 2000 clean steps double it. A resumed run keeps its setting.")
 @PRECISION
 @friendly_errors
 def train(model_file, data, val_data, devices, epochs, batch_size, out_dir, resume, allow_model_change, seed, init,
-          log_every, checkpoint_seconds, skip_nonfinite, data_parallel, workers, precision):
+          log_every, checkpoint_seconds, skip_nonfinite, data_parallel, workers, loss_scale, precision):
     """Train MODEL_FILE (e.g. models/alexnet.py); with --resume it may be left out for a run of the built-in
     AlexNet. A checkpoint never chooses the code that runs: a model file comes from this command line only.
 
@@ -309,7 +312,7 @@ def train(model_file, data, val_data, devices, epochs, batch_size, out_dir, resu
                      resume=resume, seed=seed, init=init, progress=TrainingReport(out_dir), log_every=log_every,
                      checkpoint_seconds=checkpoint_seconds, skip_nonfinite=skip_nonfinite,
                      data_parallel=data_parallel, allow_model_change=allow_model_change, workers=workers, val_data=val_data,
-                     precision=precision)
+                     precision=precision, loss_scale=loss_scale)
     except KeyboardInterrupt:
         last = os.path.join(out_dir, "last.h5")
         if os.path.exists(last):  # checkpoints are written atomically: the last one is whole

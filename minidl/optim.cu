@@ -7,6 +7,9 @@
 // NumPy path's, (m*v - decay*w) - lr*g, so results agree (up to NVRTC's
 // contraction into FMAs on a real GPU).
 //
+// `multiplier` (one element on the device) scales every gradient first: 1, or 1/S under
+// dynamic loss scaling (loss_scale.py), a power of two, so exact.
+//
 // The step's verdict stays on the device: `halt` (one element, computed by the
 // caller on the device) leaves every parameter alone where it is not finite, and
 // find_nonfinite makes the gradients' share of it. A finite gradient can still
@@ -30,13 +33,15 @@ __device__ inline long long part_of(const unsigned long long* ends, long long co
 template <typename T>
 __global__ void momentum_update(T* const* w, const T* const* g, T* const* v, const unsigned long long* ends,
                                 const unsigned long long* slots, unsigned long long* nonfinite, const T* halt,
-                                long long step, long long count, long long total, T momentum, T decay, T lr) {
+                                const T* multiplier, long long step, long long count, long long total, T momentum,
+                                T decay, T lr) {
     if (!isfinite(halt[0])) return;  // a skipped step
+    T unscale = multiplier[0];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         long long k = part_of(ends, count, i);
         long long j = i - (k ? (long long)ends[k - 1] : 0);
-        T velocity = momentum * v[k][j] - decay * w[k][j] - lr * g[k][j];
+        T velocity = momentum * v[k][j] - decay * w[k][j] - lr * (g[k][j] * unscale);
         T weight = w[k][j] + velocity;
         v[k][j] = velocity;
         w[k][j] = weight;
@@ -60,12 +65,12 @@ __global__ void find_nonfinite(const T* const* g, const unsigned long long* ends
 
 template __global__ void momentum_update<float>(float* const*, const float* const*, float* const*,
                                                 const unsigned long long*, const unsigned long long*,
-                                                unsigned long long*, const float*, long long, long long,
-                                                long long, float, float, float);
+                                                unsigned long long*, const float*, const float*, long long,
+                                                long long, long long, float, float, float);
 template __global__ void momentum_update<double>(double* const*, const double* const*, double* const*,
                                                  const unsigned long long*, const unsigned long long*,
-                                                 unsigned long long*, const double*, long long, long long,
-                                                 long long, double, double, double);
+                                                 unsigned long long*, const double*, const double*, long long,
+                                                 long long, long long, double, double, double);
 template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, long long,
                                                long long);
 template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*,

@@ -36,12 +36,15 @@ class MomentumSGD:
         # the last nonfinite() that left it NaN or infinite, 0 if none; on the parameters' device
         self._flags = {}
         self._go = {}  # (device, dtype) -> a zero: the halt of a step no caller judged
+        self._one = {}  # (device, dtype) -> a one: the multiplier of gradients not scaled
 
-    def step(self, halt: Mapping[Device, Any] | None = None) -> None:
+    def step(self, halt: Mapping[Device, Any] | None = None, multiplier: Mapping[Device, Any] | None = None) -> None:
         """Update every parameter with a gradient (counted in `steps` either way).
 
         `halt[d]`, a one-element array on device d, leaves the parameters of d alone where it is
         not finite: a caller that judged the step on the devices skips it without a read back.
+        `multiplier[d]`, a one-element array on d, multiplies d's gradients first (1/S under dynamic
+        loss scaling: minidl.loss_scale).
         """
         self.steps += 1
         with no_grad():
@@ -59,16 +62,19 @@ class MomentumSGD:
                     launches[-1].append((p, (p.data, p.grad.data, v.data)))
                 elif halt is None or np.isfinite(halt[p.device]).all():  # on the CPU a read costs nothing
                     with p.device:
-                        if not self._update_cpu(p.data, p.grad.data, v.data):
+                        unscale = None if multiplier is None else float(multiplier[p.device][0])
+                        if not self._update_cpu(p.data, p.grad.data, v.data, unscale):
                             self._flag_cpu(p)
             for (device, dtype), launches in on_gpus.items():
                 with device:
                     stop = self._halt(device, dtype, halt)
+                    scale = self._multiplier(device, dtype, multiplier)
                     flags, members = self._flag_row(device, dtype)
                     slots = {id(q): k for k, q in enumerate(members)}
                     for launch in launches:
                         params, arrays = zip(*launch)
-                        self._update_gpu(device.xp, dtype, arrays, stop, flags, [slots[id(q)] for q in params])
+                        self._update_gpu(device.xp, dtype, arrays, stop, scale, flags,
+                                         [slots[id(q)] for q in params])
 
     def _velocity(self, i, p):
         v = self.velocities[i]
@@ -88,6 +94,14 @@ class MomentumSGD:
             self._go[device, dtype] = device.xp.zeros(1, dtype=dtype)
         return self._go[device, dtype]
 
+    def _multiplier(self, device, dtype, multiplier):
+        """multiplier[device] as the kernel reads it (one element of `dtype`), or a one made once."""
+        if multiplier is not None:
+            return device.xp.asarray(multiplier[device], dtype=dtype)
+        if (device, dtype) not in self._one:
+            self._one[device, dtype] = device.xp.ones(1, dtype=dtype)
+        return self._one[device, dtype]
+
     def _flag_row(self, device, dtype):
         """The row of step numbers of (device, dtype) and its parameters, made on first use."""
         members = list({id(p): p for p in self.params if p.device is device and p.dtype == dtype}.values())
@@ -103,8 +117,9 @@ class MomentumSGD:
         if not flags[k]:
             flags[k] = self.steps
 
-    def _update_cpu(self, w, g, v):
-        """Update in place; True if every new weight and velocity is finite."""
+    def _update_cpu(self, w, g, v, unscale=None):
+        """Update in place (the gradient times `unscale` if given); True if every new weight and velocity is
+        finite."""
         momentum, decay, lr = (w.dtype.type(c) for c in (self.momentum, self.weight_decay * self.lr,
                                                          self.lr))
         nonfinite_blocks = []
@@ -115,7 +130,7 @@ class MomentumSGD:
             with np.errstate(over="ignore", invalid="ignore"):
                 v_part *= momentum
                 v_part -= decay * w_part
-                v_part -= lr * g[part]
+                v_part -= lr * (g[part] if unscale is None else g[part] * w.dtype.type(unscale))
                 w_part += v_part
             # while the block is in the cache
             if not (np.isfinite(v_part).all() and np.isfinite(w_part).all()):
@@ -123,7 +138,7 @@ class MomentumSGD:
         in_parallel(update, w, blocks=True)
         return not nonfinite_blocks
 
-    def _update_gpu(self, xp, dtype, arrays, halt, flags, slots):
+    def _update_gpu(self, xp, dtype, arrays, halt, multiplier, flags, slots):
         """One kernel over every (w, g, v) of the current GPU, all of `dtype`, unless halt is not finite;
         a parameter it leaves with a weight or velocity that is not finite gets its slot of `flags`."""
         ws, gs, vs = zip(*arrays)
@@ -135,7 +150,7 @@ class MomentumSGD:
         # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in
         # _update_cpu
         kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2],
-                       table[3], table[4], flags, halt, self.steps, len(ends), ends[-1],
+                       table[3], table[4], flags, halt, multiplier, self.steps, len(ends), ends[-1],
                        float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
 
     def nonfinite_gradients(self, also: Sequence[tuple[Device, Any]] = (),

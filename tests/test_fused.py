@@ -118,12 +118,13 @@ def test_a_parameter_listed_twice_is_updated_twice_as_on_the_cpu(rng):
 def table_kernel():
     """The momentum kernel of optim.cu for float32 on the current emulated GPU (the table's rows: w,
     g, v, ends, and each parameter's slot in the row of flags it sets where an update is not finite;
-    then that row, a halt of 0 and the step's number)."""
+    then that row, a halt of 0, a gradient multiplier of 1 and the step's number)."""
     from minidl import kernels
     from minidl.device import cupy
     from minidl.optim import CU
     flags, halt = cupy().zeros(1, dtype=np.uint64), cupy().zeros(1, dtype=np.float32)
-    return lambda *rows: kernels.launch(CU, "momentum_update", np.float32, 4, *rows, flags, halt, 1, 1, 4,
+    one = cupy().ones(1, dtype=np.float32)
+    return lambda *rows: kernels.launch(CU, "momentum_update", np.float32, 4, *rows, flags, halt, one, 1, 1, 4,
                                         0.5, 0.0, 1.0)
 
 

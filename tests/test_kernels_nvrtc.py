@@ -23,12 +23,12 @@ MANGLED_TYPE = {"float": "f", "double": "d"}
 
 
 def launched_kernels():
-    """{.cu path: its KernelFile} from every module that launches kernels (its CU): functions and
-    optim."""
+    """{.cu path: its KernelFile} from every module that launches kernels (its CU): functions, optim and
+    loss_scale."""
     found = {}
     names = [f"minidl.functions.{info.name}"
              for info in pkgutil.iter_modules(minidl.functions.__path__)]
-    for name in names + ["minidl.optim"]:
+    for name in names + ["minidl.optim", "minidl.loss_scale"]:
         module = importlib.import_module(name)
         if isinstance(getattr(module, "CU", None), kernels.KernelFile):
             found[module.CU.path] = module.CU
@@ -38,7 +38,7 @@ def launched_kernels():
 def test_every_source_is_launched_and_every_launcher_has_a_source():
     launched = launched_kernels()
     assert {"conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu",
-            "optim.cu"} <= {
+            "optim.cu", "loss_scale.cu"} <= {
         os.path.basename(p) for p in launched}
     assert set(launched) == {os.path.abspath(p) for p in kernels.kernel_sources()}
 

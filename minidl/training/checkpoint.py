@@ -33,6 +33,8 @@ line naming the file and the problem (weights with NaN or infinity: a diverged r
 #     momentum/NAME    the optimizer's velocities (absent before the first step)
 #     mean_image       the training set's mean image (S, S, 3), which predict subtracts
 #     schedule         attrs: the learning-rate schedule's state
+#     loss_scale       attrs: scale, clean_steps, growth_interval: dynamic loss scaling's state
+#                      (minidl.loss_scale; absent in a run without it)
 #     epoch_totals     attrs: running loss sum, correct and seen count of the
 #                      unfinished epoch (so a resumed epoch reports the same numbers)
 #     history/KEY      one value per finished epoch: train_loss, train_top1,
@@ -104,6 +106,7 @@ RECIPE_KEYS = tuple(CONFIG) + ("input_scale",)  # what a model file's CONFIG giv
 SCHEDULE = dict(lr=FINITE, factor=POSITIVE, patience=whole(), max_drops=whole(), best=NOT_NAN, bad_epochs=whole(),
                 drops=whole(), finished=Rule(lambda v: isinstance(v, bool), "true or false"))
 EPOCH_TOTALS = dict(loss_sum=FINITE, correct=whole(), seen=whole())
+LOSS_SCALE = dict(scale=POSITIVE, clean_steps=whole(), growth_interval=whole(1))
 # what older checkpoints lack; val_data*: a run that validated on its training file's split
 OPTIONAL_ATTRS = ("class_names", "model_sha256", "data_sha256", "val_data", "val_data_sha256")
 
@@ -120,7 +123,7 @@ def input_scale(config: dict, init: str) -> float:
 
 
 def save_checkpoint(path: str, *, model, optimizer, schedule, meta: dict, history: dict, epoch_totals: dict,
-                    mean_image: Optional[np.ndarray] = None) -> None:
+                    mean_image: Optional[np.ndarray] = None, loss_scale: Optional[dict] = None) -> None:
     """Write atomically: a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
     with atomic_hdf5(path) as f:
         f.attrs["format"], f.attrs["version"] = FORMAT, VERSION
@@ -136,6 +139,8 @@ def save_checkpoint(path: str, *, model, optimizer, schedule, meta: dict, histor
             f["mean_image"] = mean_image
         f.create_group("schedule").attrs.update(schedule.state())
         f.create_group("epoch_totals").attrs.update(epoch_totals)
+        if loss_scale is not None:
+            f.create_group("loss_scale").attrs.update(loss_scale)
         hist = f.create_group("history")
         for key in HISTORY_KEYS:
             hist[key] = np.asarray(history.get(key, []), dtype=np.float64)
@@ -144,9 +149,11 @@ def save_checkpoint(path: str, *, model, optimizer, schedule, meta: dict, histor
 class Checkpoint:
     """A loaded checkpoint: attributes plus arrays, all in host memory."""
 
-    def __init__(self, path, attrs, params, momentum, schedule, epoch_totals, history, mean_image=None):
+    def __init__(self, path, attrs, params, momentum, schedule, epoch_totals, history, mean_image=None,
+                 loss_scale=None):
         self.path, self.attrs, self.params, self.momentum = path, attrs, params, momentum
         self.mean_image = mean_image  # None in checkpoints older than predict/retrieve
+        self.loss_scale = loss_scale  # LOSS_SCALE's fields, or None: a run without loss scaling
         self.schedule, self.epoch_totals, self.history = schedule, epoch_totals, history
 
     def __getitem__(self, key: str):
@@ -204,7 +211,10 @@ def load_checkpoint(path: str, wanted: Optional[Callable[[str, tuple], bool]] = 
         epoch_totals = check.fields(check.member(f, "epoch_totals", h5py.Group).attrs, EPOCH_TOTALS,
                                     "epoch_totals attribute ")
         history = _history(check, check.member(f, "history", h5py.Group))
-    return Checkpoint(path, attrs, params.arrays, momentum.arrays, schedule, epoch_totals, history, mean_image)
+        scaling = check.member(f, "loss_scale", h5py.Group, required=False)
+        loss_scale = None if scaling is None else check.fields(scaling.attrs, LOSS_SCALE, "loss_scale attribute ")
+    return Checkpoint(path, attrs, params.arrays, momentum.arrays, schedule, epoch_totals, history, mean_image,
+                      loss_scale)
 
 
 def _check_config(check, config):

@@ -6,6 +6,7 @@ wait on the output device for one read per log interval (benchmarks/NOTES.md, th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -16,6 +17,7 @@ from minidl.device import Device
 from minidl.functions import softmax_cross_entropy
 from minidl.functions.transfer import copy_array
 from minidl.layers import Layer, seed_dropout
+from minidl.loss_scale import DynamicLossScale
 from minidl.optim import MomentumSGD
 from minidl.training.evaluate import topk_correct
 
@@ -50,8 +52,11 @@ class StepGuard:
     """
 
     def __init__(self, model: Layer, optimizer: MomentumSGD, *, skip: bool,
-                 before_read: Optional[Callable[[], None]] = None):
+                 before_read: Optional[Callable[[], None]] = None, loss_scale: Optional[DynamicLossScale] = None):
+        # under loss scaling an overflow is expected now and then: that step is skipped and the scale backs off
+        self.loss_scale, skip = loss_scale, skip or loss_scale is not None
         self.hub, self.optimizer, self.skip, self.before_read = model.output_device, optimizer, skip, before_read
+        self.verdict = None  # the last step's, on the hub
         self.pending = []  # (position, rows, optimizer step number) of each step not read yet
         # on the hub, per pending step: its loss and top-1 count as the step made them (kept, not copied: two
         # launches less a step), and its verdict in a row of `verdicts` (the kept one changes until read)
@@ -61,7 +66,10 @@ class StepGuard:
         self.seed = None  # backward's seed, a 1 kept on the hub (made once, not once a step)
 
     def gradient_seed(self, loss: Tensor):
-        """The gradient backward starts from, d(loss)/d(loss) = 1: one array kept on the loss's device."""
+        """The gradient backward starts from: d(loss)/d(loss) = 1, one array kept on the loss's device; under
+        loss scaling, the scale S."""
+        if self.loss_scale is not None:
+            return self.loss_scale.seed(loss)
         if self.seed is None or self.seed.shape != loss.shape or self.seed.dtype != loss.dtype:
             with loss.device:
                 self.seed = loss.device.xp.ones(loss.shape, loss.dtype)
@@ -85,7 +93,17 @@ class StepGuard:
                                  if logits is not None and labels is not None else None)
         rows = len(logits.data) if logits is not None else 0
         self.pending.append((position, rows, self.optimizer.steps + 1))  # the number step() gives it
+        self.verdict = verdict
         return {device: verdict if device is hub else copy_array(verdict, hub, device) for device in found}
+
+    def multipliers(self, devices) -> Optional[dict[Device, Any]]:
+        """MomentumSGD.step's gradient multipliers: 1/S on each device under loss scaling, else None."""
+        return None if self.loss_scale is None else self.loss_scale.multipliers(devices)
+
+    def stepped(self) -> None:
+        """After the update: the loss scale from the step's verdict (backs off on a skipped step)."""
+        if self.loss_scale is not None:
+            self.loss_scale.update(self.verdict)
 
     def _sticky(self, dtype):
         """Per device with parameters (and the hub), a zero made once, the verdict kept until read."""
@@ -159,11 +177,16 @@ def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_
     optimizer.zero_grad()
     if buckets is not None and guard is not None:  # a rank's bad loss makes every rank's step bad
         buckets.include(loss.data, loss.device)
-    loss.backward(guard.gradient_seed(loss) if guard is not None else None)
+    scaled = guard is not None and guard.loss_scale is not None
+    with np.errstate(over="ignore", invalid="ignore") if scaled else contextlib.nullcontext():
+        loss.backward(guard.gradient_seed(loss) if guard is not None else None)  # scaled: may overflow, then skipped
     if buckets is not None:
         buckets.average()
-    halt = None
+    halt = multiplier = None
     if guard is not None:
         halt = guard.check(loss, logits, labels if isinstance(labels, Tensor) else None, position)
-    optimizer.step(halt)
+        multiplier = guard.multipliers(halt)
+    optimizer.step(halt, multiplier)
+    if guard is not None:
+        guard.stepped()
     return logits, loss

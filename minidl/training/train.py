@@ -27,6 +27,7 @@ from minidl.errors import MinidlError, NonFiniteError
 from minidl.hdf5 import show
 from minidl.layers import Layer
 from minidl.layers.summary import check_training_memory
+from minidl.loss_scale import DynamicLossScale
 from minidl.optim import MomentumSGD, PlateauSchedule
 from minidl.precision import set_precision
 from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_recipe, input_scale,
@@ -213,9 +214,10 @@ class Run:
     """Everything one training run holds, and where it stands (epoch, batch, step): made by new or resume."""
 
     def __init__(self, recipe: Recipe, world, report: Report, skip_nonfinite: bool = False,
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None, loss_scale: bool = False):
         """The run's recipe and world only; `new` and `resume` add its data, model and output folder. `workers`:
-        the loaders' processes (None: default_workers())."""
+        the loaders' processes (None: default_workers()); loss_scale: dynamic loss scaling (minidl.loss_scale)."""
+        self.loss_scaling = loss_scale
         self.recipe, self.world, self.lock, self.metrics = recipe, world, None, None
         self.workers = default_workers() if workers is None else workers
         self.report = report if world.rank == 0 else (lambda event: None)
@@ -228,7 +230,8 @@ class Run:
     def new(cls, model_path: Optional[str], *, out_dir: str, data: Optional[str] = None, devices: Devices = None,
             epochs: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
             init: Optional[str] = None, report: Report = lambda event: None, skip_nonfinite: bool = False,
-            data_parallel: bool = False, workers: Optional[int] = None, val_data: Optional[str] = None) -> "Run":
+            data_parallel: bool = False, workers: Optional[int] = None, val_data: Optional[str] = None,
+            loss_scale: Optional[bool] = None) -> "Run":
         """A new run of the model file `model_path`, with the caller's options over its CONFIG."""
         world = join_world(data_parallel, devices)
         if model_path is None:
@@ -236,7 +239,7 @@ class Run:
         model_file = load_model_file(model_path)
         recipe = Recipe.new(model_file, builtin=data is None, epochs=epochs, batch_size=batch_size, init=init,
                             seed=seed)
-        run = cls(recipe, world, report, skip_nonfinite, workers)
+        run = cls(recipe, world, report, skip_nonfinite, workers, bool(loss_scale))
         devices = model_file.devices_for(devices)
         data_path = run._open_data(data, data_parallel, val_data=val_data)
         num_classes = run.train_loader.num_classes
@@ -251,15 +254,18 @@ class Run:
                batch_size: Optional[int] = None, seed: Optional[int] = None, init: Optional[str] = None,
                report: Report = lambda event: None, skip_nonfinite: bool = False, data_parallel: bool = False,
                allow_model_change: bool = False, workers: Optional[int] = None,
-               val_data: Optional[str] = None) -> "Run":
+               val_data: Optional[str] = None, loss_scale: Optional[bool] = None) -> "Run":
         """The run of `checkpoint_path`, from where it stood: it may change its devices and epochs, and refuses
-        in one line what would make it another run (batch size, init, seed, other data or model file)."""
+        in one line what would make it another run (batch size, init, seed, other data or model file).
+        loss_scale None: dynamic loss scaling as the run had it, from the scale it had reached."""
         world = join_world(data_parallel, devices)
         restored = Restored(checkpoint_path, model_path, devices, how="as MODEL_FILE")
         checkpoint = restored.checkpoint
         refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data,
                        model_file=restored.model_file, allow_model_change=allow_model_change)
-        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers)
+        saved_scale = checkpoint.loss_scale
+        scaling = saved_scale is not None if loss_scale is None else loss_scale
+        run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers, scaling)
         # the data given (checked by content), else the recorded path (checked too), else the built-in
         data = data or checkpoint["data"] or None
         data_path = run._open_data(data, data_parallel, checkpoint, resumed_val_data(checkpoint, val_data))
@@ -267,6 +273,8 @@ class Run:
         run._start(restored.model, restored.devices, restored.model_file, data, data_path, checkpoint["num_classes"])
         run.optimizer.load_state(checkpoint.velocities(run.model))
         run.schedule.load_state(checkpoint.schedule)
+        if scaling and saved_scale is not None:
+            run.guard.loss_scale.load_state(saved_scale["scale"], saved_scale["clean_steps"])
         run.history = checkpoint.history
         run.epoch, run.batch, run.step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         run.totals.update(checkpoint.epoch_totals)
@@ -312,7 +320,8 @@ class Run:
         self.optimizer = ScheduledSGD(model.params(), self.schedule, self.recipe.config["momentum"],
                                       self.recipe.config["weight_decay"])
         self.guard = StepGuard(model, self.optimizer, skip=self.skip_nonfinite,
-                               before_read=self.buckets.settle if self.buckets else None)
+                               before_read=self.buckets.settle if self.buckets else None,
+                               loss_scale=DynamicLossScale() if self.loss_scaling else None)
         # the steps read, not reported; `waiting`: seconds spent waiting for the loader
         self.interval = dict(loss=0.0, correct=0, seen=0, start=time.perf_counter(), waiting=0.0)
         self.history = {k: [] for k in HISTORY_KEYS}
@@ -365,9 +374,14 @@ class Run:
         self._take_steps()  # on every rank (they judge alike): never a checkpoint after a bad update
         if self.world.rank != 0:  # the replicas are identical: one writer
             return
+        scaling = self.guard.loss_scale
+        if scaling is not None:
+            scale, clean_steps = scaling.state()
+            scaling = dict(scale=scale, clean_steps=clean_steps, growth_interval=scaling.growth_interval)
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
                         meta={**self.meta, "epoch": self.epoch, "batch": self.batch, "step": self.step},
-                        history=self.history, epoch_totals=self.totals, mean_image=self.train_loader.mean)
+                        history=self.history, epoch_totals=self.totals, mean_image=self.train_loader.mean,
+                        loss_scale=scaling)
         self.report(dict(kind="checkpoint", path=path, epoch=self.epoch, batch=self.batch))
 
     def train_epoch(self, *, log_every: int, checkpoint_seconds: float, max_steps: Optional[int]) -> bool:
@@ -421,7 +435,10 @@ class Run:
         if first_bad is not None:
             # the ranks judged alike (a bad loss reaches every rank through the sums); the message says whose
             another_rank = self.world.sum([0.0 if math.isfinite(first_bad.loss) else 1.0])[0] > 0
-            if not self.skip_nonfinite:
+            # under loss scaling, scaled gradients that overflowed (every rank's loss finite) only cost their steps
+            scale_overflow = self.loss_scaling and self.world.sum(
+                [float(sum(not math.isfinite(s.loss) for s in bad))])[0] == 0
+            if not (self.skip_nonfinite or scale_overflow):
                 what = (f"loss is {first_bad.loss}" if not math.isfinite(first_bad.loss) else
                         "loss of another rank's shard is not finite" if another_rank else
                         "gradient is NaN or infinite")
@@ -518,7 +535,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
           progress: Optional[Report] = None, log_every: int = 10, checkpoint_seconds: float = 300.0,
           max_steps: Optional[int] = None, skip_nonfinite: bool = False, data_parallel: bool = False,
           allow_model_change: bool = False, workers: Optional[int] = None,
-          precision: Optional[str] = None, val_data: Optional[str] = None) -> dict:
+          precision: Optional[str] = None, val_data: Optional[str] = None, loss_scale: Optional[bool] = None) -> dict:
     """Train a model file's network (or resume a checkpoint); returns the history dict.
 
     A non-finite loss or gradient stops the run (NonFiniteError, at the next log interval, naming
@@ -528,6 +545,8 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     A resumed run refuses a model file other than its own unless allow_model_change. `workers`: the loaders'
     processes (None: the cores available minus one; 0: a thread). precision: set_precision's, for the process.
     val_data: a dataset of the same classes to validate on (then training takes every image of `data`).
+    loss_scale: dynamic loss scaling (minidl.loss_scale: a step whose scaled gradients overflow is skipped and
+    the scale backs off); None: off in a new run, as the checkpoint had it in a resumed one.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
@@ -536,7 +555,7 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     keep_freed_host_memory()
     options = dict(data=data, devices=devices, epochs=epochs, batch_size=batch_size, seed=seed, init=init,
                    out_dir=out_dir, report=progress or (lambda event: None), skip_nonfinite=skip_nonfinite,
-                   data_parallel=data_parallel, workers=workers, val_data=val_data)
+                   data_parallel=data_parallel, workers=workers, val_data=val_data, loss_scale=loss_scale)
     if resume:
         run = Run.resume(resume, model_path, allow_model_change=allow_model_change, **options)
     else:
