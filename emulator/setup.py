@@ -8,6 +8,7 @@ setup(
     description="Emulated CUDA GPUs for minidl's tests: CuPy's API on the CPU, kernels through g++",
     python_requires=">=3.9",
     packages=["minidl_emulator", "minidl_emulator.cuda"],
-    package_data={"minidl_emulator": ["*.h"]},
-    install_requires=["numpy"],
+    # include/: the emulator's cuda_fp16.h and cuda_bf16.h for g++
+    package_data={"minidl_emulator": ["*.h", "include/*.h"]},
+    install_requires=["numpy", "ml_dtypes"],
 )

@@ -15,9 +15,13 @@ import tempfile
 import threading
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation.h")
+# g++ has no <cuda_fp16.h> or <cuda_bf16.h>: this folder holds the emulator's (__half, __nv_bfloat16;
+# include/minidl_emu_half.h says how they round), on the include path after the source's own folders
+SHIM_INCLUDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 CXX = "g++"
 # Real CuPy compiles with NVRTC, which flushes float denormals to zero (-ftz)
 # and contracts a*b+c into FMAs; g++ here does neither, so float results may
@@ -33,6 +37,8 @@ DTYPES = {
     "unsigned short": np.uint16, "int": np.int32, "unsigned int": np.uint32, "long": np.int64,
     "unsigned long": np.uint64, "long long": np.int64, "unsigned long long": np.uint64,
     "float": np.float32, "double": np.float64,
+    # the 16-bit floats of cuda_fp16.h and cuda_bf16.h: NumPy's float16 and ml_dtypes' bfloat16 in memory
+    "__half": np.float16, "__nv_bfloat16": ml_dtypes.bfloat16,
 }
 DTYPES = {name: np.dtype(t) for name, t in DTYPES.items()}
 # The element type of an array passed for a table of pointers (`float* const*`): device addresses.
@@ -54,6 +60,12 @@ MINIDL_EMU_SCALAR(bool) MINIDL_EMU_SCALAR(signed char) MINIDL_EMU_SCALAR(unsigne
 MINIDL_EMU_SCALAR(short) MINIDL_EMU_SCALAR(unsigned short) MINIDL_EMU_SCALAR(int) MINIDL_EMU_SCALAR(unsigned int)
 MINIDL_EMU_SCALAR(long) MINIDL_EMU_SCALAR(unsigned long) MINIDL_EMU_SCALAR(long long)
 MINIDL_EMU_SCALAR(unsigned long long) MINIDL_EMU_SCALAR(float) MINIDL_EMU_SCALAR(double)
+#ifdef MINIDL_EMU_HAVE_HALF  // the source included <cuda_fp16.h> (the emulator's, include/)
+MINIDL_EMU_SCALAR(__half)
+#endif
+#ifdef MINIDL_EMU_HAVE_BF16
+MINIDL_EMU_SCALAR(__nv_bfloat16)
+#endif
 #undef MINIDL_EMU_SCALAR
 
 // A parameter's element type name and flags: 1 = a pointer, 2 = to const, 4 = a table of
@@ -195,7 +207,8 @@ class CompiledModule:
         for i in range(count):
             if names[i] is None:
                 raise TypeError(f"kernel {name_expression}: parameter {i} has a type the emulator does not "
-                                f"support; it runs bool, integer, float and double parameters, and pointers to them")
+                                f"support; it runs bool, integer, float, double, __half and __nv_bfloat16 "
+                                f"parameters, and pointers to them")
             name, pointer, table = names[i].decode(), bool(flags[i] & 1), bool(flags[i] & 4)
             const = bool(flags[i] & 8) if table else bool(flags[i] & 2)
             ctype = ("const " if const else "") + name + ("* const*" if table else "*" if pointer else "")
@@ -227,7 +240,7 @@ def compile_module(source, name_expressions, options=()):
         header = f.read()
     # the included headers are part of what is built: a library built before one was edited is stale
     key = hashlib.sha256("\0".join((code, header, _compiler_version(), *FLAGS, *include_dirs,
-                                     *_headers(include_dirs))).encode()).hexdigest()
+                                     *_headers(include_dirs + (SHIM_INCLUDE,)))).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"{key[:40]}.so")
     with _lock:  # one build at a time in this process; other processes are safe through the rename
         if path not in _modules:
@@ -277,7 +290,7 @@ def _build(code, path, include_dirs):
             with open(os.path.join(work, "source.cu"), "w") as f:
                 f.write(code)
             # Run in `work` so the diagnostics say `source.cu:12:5: error: ...`, in plain ASCII (LC_ALL=C).
-            includes = [f"-I{d}" for d in include_dirs]
+            includes = [f"-I{d}" for d in include_dirs + (SHIM_INCLUDE,)]
             result = _gxx(*FLAGS, *includes, "-x", "c++", "-include", HEADER, "source.cu", "-o", partial, cwd=work)
         if result.returncode != 0:
             raise CompileError(f"g++ could not compile the CUDA source for the emulator:\n{result.stderr.strip()}")

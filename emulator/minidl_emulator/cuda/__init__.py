@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 
+import ml_dtypes
 import numpy as np
 
 from minidl_emulator import ledger, streams
@@ -248,11 +249,14 @@ _used = collections.Counter()  # device id -> bytes allocated
 _hooks = []
 
 _SENTINEL = {"f": np.nan, "c": np.nan, "b": True}  # integers get their type's largest value
+_ML_FLOATS = (np.dtype(ml_dtypes.bfloat16),)  # ml_dtypes' floats are NumPy kind "V": NaN too
 
 
 def fill_uninitialised(array):
     """What fresh device memory holds here: NaN, or an integer sentinel no computation expects."""
     kind = array.dtype.kind
+    if array.dtype in _ML_FLOATS:
+        kind = "f"
     array.fill(_SENTINEL[kind] if kind in _SENTINEL else np.iinfo(array.dtype).max)
 
 
