@@ -4,6 +4,11 @@
 CuPy's order (-ftz=true, -arch=sm_XX, --device-as-default-execution-space, ...; the list,
 and where in CuPy's source each comes from, is in emulator/README.md). libnvrtc comes
 from the PyPI wheel nvidia-cuda-nvrtc-cu12 (the `test` extra); it needs no GPU.
+
+CuPy 14 also passes `-I` the CUDA runtime headers (cuda.pathfinder finds the folder
+nvidia/cuda_runtime/include of the nvidia-cuda-runtime-cu12 wheel), where cuda_fp16.h and
+cuda_bf16.h are: NVRTC has no built-in copy of them. compile_like_cupy adds that folder
+where the wheel is installed (`cuda_include_dir`), after the caller's own -I folders.
 """
 import ctypes
 import functools
@@ -26,6 +31,10 @@ class NvrtcCompileError(MinidlError):
     """NVRTC rejected a source; the message holds its program log."""
 
 
+class CudaHeadersUnavailable(MinidlError):
+    """The CUDA runtime headers (cuda_fp16.h, cuda_bf16.h) are not installed."""
+
+
 def find_libnvrtc():
     """The path of libnvrtc.so from the installed `nvidia` wheel (cu12 or cu13 layout)."""
     try:
@@ -40,6 +49,30 @@ def find_libnvrtc():
             return found[-1]
     raise NvrtcUnavailable(f"no libnvrtc.so.* under {list(nvidia.__path__)}: "
                            "pip install nvidia-cuda-nvrtc-cu12")
+
+
+def cuda_include_dir():
+    """The folder of the CUDA runtime headers that CuPy 14 passes to NVRTC: nvidia/cuda_runtime/include of
+    the nvidia-cuda-runtime-cu12 wheel (or nvidia/cu13/include of CUDA 13's); CudaHeadersUnavailable if none."""
+    try:
+        import nvidia
+    except ImportError:
+        nvidia = None
+    for root in getattr(nvidia, "__path__", ()):  # a namespace package: one entry per site-packages
+        for layout in ("cuda_runtime", "cu13"):
+            folder = os.path.join(root, layout, "include")
+            if all(os.path.isfile(os.path.join(folder, h)) for h in ("cuda_fp16.h", "cuda_bf16.h")):
+                return folder
+    raise CudaHeadersUnavailable("no CUDA runtime headers (cuda_fp16.h, cuda_bf16.h): "
+                                 "pip install nvidia-cuda-runtime-cu12 (or pip install -e '.[test]')")
+
+
+def cuda_header_options():
+    """(-I the CUDA runtime headers,) as CuPy 14 adds it, or () where they are not installed."""
+    try:
+        return (f"-I{cuda_include_dir()}",)
+    except CudaHeadersUnavailable:
+        return ()
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +141,8 @@ def compile_like_cupy(source_path, name_expressions, arch="compute_90", extra_op
     """Compile `source_path` as cupy.RawModule does; {name expression: lowered (mangled) name}.
 
     `extra_options` follow CuPy's: minidl passes the source's include folder there
-    (kernels.include_options).
+    (kernels.include_options). Then, as CuPy 14 adds it, -I the CUDA runtime headers where they
+    are installed (cuda_header_options); without them a source including cuda_fp16.h fails.
 
     `arch` is what follows -arch=: CuPy passes "sm_XX" (a cubin, its default) or
     "compute_XX" (PTX, under CUPY_COMPILE_WITH_PTX=1); both are accepted. Raises
@@ -124,7 +158,7 @@ def compile_like_cupy(source_path, name_expressions, arch="compute_90", extra_op
     try:
         for expression in name_expressions:
             _check(lib.nvrtcAddNameExpression(prog, expression.encode()), f"nvrtcAddNameExpression({expression})")
-        options = cupy_options(arch) + tuple(extra_options)
+        options = cupy_options(arch) + tuple(extra_options) + cuda_header_options()
         array, count = _strings(options)
         if lib.nvrtcCompileProgram(prog, count, array) != 0:
             raise NvrtcCompileError(f"NVRTC could not compile {source_path} with {' '.join(options)}:\n{_log(prog)}")
