@@ -9,13 +9,16 @@ stream order, counted (`cuda.operation`) and charged in the cost ledger
 (ledger.py) as CuPy runs it, GEMMs with their compute unit and hidden copies.
 The arithmetic itself is NumPy's, so results equal the CPU path's, not cuBLAS's
 (no other summation order), except that a 2-D float32 GEMM under the TF32 compute
-type first rounds its inputs to TF32 (round_to_tf32), as tensor cores read them.
+type first rounds its inputs to TF32 (round_to_tf32), as tensor cores read them, and
+a 2-D float16 or bfloat16 GEMM is computed in float32 and rounded once to its dtype
+(gemmEx under CUBLAS_COMPUTE_32F). bfloat16 is ml_dtypes' dtype, as in CuPy 14.
 """
 import builtins
 import numbers
 import os
 import types
 
+import ml_dtypes
 import numpy as np
 
 from minidl_emulator import cuda
@@ -331,12 +334,14 @@ for _name in ("concatenate", "stack", "split", "array_split", "broadcast_to", "w
 # GEMM (CuPy fixes it then), so a test can set the variable; set_compute_type(dtype, COMPUTE_TYPE_TBD) resets.
 COMPUTE_TYPES = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
                      COMPUTE_TYPE_FP32=4, COMPUTE_TYPE_FP64=5, COMPUTE_TYPE_BF16=6, COMPUTE_TYPE_TF32=7)
-_compute_types = {}  # dtype char ("e", "f", "d") -> compute type, TBD when absent
+_compute_types = {}  # dtype char ("e", "E" for bfloat16, "f", "d") -> compute type, TBD when absent
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+HALF_DTYPES = (np.dtype(np.float16), BFLOAT16)  # the 16-bit floats: GEMMs computed in float32
 
 
 def _compute_type_key(dtype):
-    char = np.dtype(dtype).char
-    key = dict(e="e", f="f", F="f", d="d", D="d").get(char)
+    char = "E" if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype).char
+    key = dict(e="e", E="E", f="f", F="f", d="d", D="d").get(char)
     if key is None:
         raise TypeError(f"dtype is not supported: {dtype}")
     return key
@@ -368,12 +373,15 @@ def _gemm_unit(dtype, two_d):
     """The batched path (matmul, ndim > 2) passes the data type as cuBLAS's compute type: plain FP32 on the
     SIMT units (matmul: gemmStridedBatchedEx / sgemmBatched). The 2-D path (tensordot_core_v11) computes
     float32 on TF32 tensor cores when get_compute_type(float32) is COMPUTE_TYPE_TF32 (CUBLAS_COMPUTE_32F_FAST_TF32),
-    and float16 in CUBLAS_COMPUTE_32F with CUBLAS_GEMM_DEFAULT_TENSOR_OP: tensor cores."""
+    and float16 and bfloat16 (gemmEx, CUDA_R_16F / CUDA_R_16BF) in CUBLAS_COMPUTE_32F with
+    CUBLAS_GEMM_DEFAULT_TENSOR_OP: tensor cores (roofline's fp16 and bf16 units)."""
     dtype = np.dtype(dtype)
     if dtype == np.float64:
         return "fp64"
     if two_d and dtype == np.float16:
         return "fp16"
+    if two_d and dtype == BFLOAT16:
+        return "bf16"
     if two_d and dtype == np.float32 and get_compute_type(dtype) == COMPUTE_TYPES["COMPUTE_TYPE_TF32"]:
         return "tf32"
     return "fp32-simt"  # integers run CuPy's own SIMT kernel (_integral_tensordot_core): charged alike
@@ -394,6 +402,18 @@ def _on_tf32(fn):
     return product
 
 
+def _in_float32(fn, dtype):
+    """fn(a, b) of 16-bit operands as gemmEx computes it under CUBLAS_COMPUTE_32F: products and sums in
+    float32, the result rounded once to `dtype` (into `out` where given)."""
+    def product(a, b, out=None):
+        result = fn(a.astype(np.float32), b.astype(np.float32)).astype(dtype)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    return product
+
+
 def _hidden_copy(array, dtype, name):
     """A copy CuPy makes inside a GEMM call (ascontiguousarray, a dtype cast, a copy into out=)."""
     nbytes = array.nbytes + array.size * np.dtype(dtype).itemsize
@@ -408,7 +428,8 @@ def _gemm_cost(m, n, k, batch, dtype, two_d, name):
 
 def matmul(a, b, out=None):
     """cupy.matmul: ndim <= 2 is dot (tensordot_core); above, ascontiguousarray of both operands (float16
-    upcast to float32), then one strided-batched FP32 GEMM (_routines_linalg.pyx: matmul)."""
+    upcast to float32), then one strided-batched FP32 GEMM (_routines_linalg.pyx: matmul). bfloat16 is
+    taken as float16 there (an assumption: not read in CuPy's source)."""
     if not (isinstance(a, ndarray) and isinstance(b, ndarray)) or 0 in (a.ndim, b.ndim):
         return _run("gemm", np.matmul, (a, b), {} if out is None else dict(out=out), what="matmul")
     ndim = builtins.max(a.ndim, b.ndim)  # cupy.max shadows the builtin here
@@ -416,7 +437,7 @@ def matmul(a, b, out=None):
         copy_out = out is not None and not (out.flags.c_contiguous and out.dtype == np.result_type(a.dtype, b.dtype))
         return _dot(a, b, out, np.matmul, copy_out)
     dtype = np.promote_types(a.dtype, b.dtype)
-    compute = np.dtype(np.float32) if dtype == np.float16 else dtype
+    compute = np.dtype(np.float32) if dtype in HALF_DTYPES else dtype
     for operand, which in ((a, "a"), (b, "b")):
         if not operand.flags.c_contiguous or operand.dtype != compute:
             _hidden_copy(operand, compute, f"matmul: ascontiguousarray({which})")
@@ -430,11 +451,14 @@ def matmul(a, b, out=None):
             operation("elementwise", cost=Cost(nbytes=8 * batch, name="matmul: _mat_ptrs", hidden=True))
     cost = _gemm_cost(m, n, k, batch, compute, False, "matmul (batched)")
     direct = out is not None and out.dtype == compute and out.flags.c_contiguous
-    result = _run("gemm", np.matmul, (a, b), dict(out=out) if direct else {}, what="matmul", cost=cost)
+
+    def batched(x, y, **kwargs):  # on the operands as copied: float16 and bfloat16 upcast to float32
+        return np.matmul(x.astype(compute, copy=False), y.astype(compute, copy=False), **kwargs)
+    result = _run("gemm", batched, (a, b), dict(out=out) if direct else {}, what="matmul", cost=cost)
     if out is not None and not direct:
         return _copy_into(result, out, "matmul: copy into out")
-    if compute != dtype:  # float16: computed in float32, then cast back (elementwise_copy)
-        return _run("copy", lambda c: c.astype(dtype), (result,), {}, cost=Cost(name="matmul: float16 result",
+    if compute != dtype:  # float16, bfloat16: computed in float32, then cast back (elementwise_copy)
+        return _run("copy", lambda c: c.astype(dtype), (result,), {}, cost=Cost(name=f"matmul: {dtype} result",
                                                                                 hidden=True))
     return result
 
@@ -469,6 +493,8 @@ def _dot(a, b, out, fn, copy_out):
     cost = _gemm_cost(n, m, k, 1, dtype, True, "dot (2-D)")
     if cost.unit == "tf32":
         fn = _on_tf32(fn)
+    elif dtype in HALF_DTYPES:
+        fn = _in_float32(fn, dtype)
     if out is None or not copy_out:
         return _run("gemm", fn, (a, b), {} if out is None else dict(out=out), what="dot", cost=cost)
     return _copy_into(_run("gemm", fn, (a, b), {}, what="dot", cost=cost), out, "matmul: copy into out")
