@@ -1,11 +1,20 @@
 """The loader and launcher for minidl's CUDA kernels.
 
 Kernels are C++ templates in `.cu` files beside the Python module that launches them,
-instantiated for float and double, compiled by CuPy's NVRTC once per GPU (all of a file's kernels
+instantiated for float and double (and, where a KernelFile says so, for the 16-bit floats
+__half and __nv_bfloat16), compiled by CuPy's NVRTC once per GPU (all of a file's kernels
 at once) and cached; the file's folder is on the include path (window.cuh). Every kernel uses a
 64-bit grid-stride loop, so tensors beyond 2^31 elements work. `launch` is the one way a kernel
 runs: it packs every argument as its parameter's exact C type. A kernel over many arrays at once
 takes tables of pointers (`T* const*`) made by `address_table`.
+
+16-bit kernels: a .cu file that instantiates its templates for __half (NumPy's float16) or
+__nv_bfloat16 (ml_dtypes' bfloat16) includes <cuda_fp16.h> / <cuda_bf16.h> (CuPy 14 puts the
+CUDA headers on NVRTC's include path) and is declared with `types=HALF_TYPES` (or any tuple of
+_CUDA_TYPES' dtypes); a launch with a dtype its KernelFile does not list is a MinidlError. Such
+kernels load and store T but compute in float, and their floating-point scalar parameters are
+`float`: a Python float argument is packed as float32 for them (`scalar_dtype`), as a T for
+float32 and float64 kernels.
 """
 from __future__ import annotations
 
@@ -17,12 +26,19 @@ import functools
 import os
 from typing import Iterable, NamedTuple, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from minidl.device import cupy
 from minidl.errors import MinidlError
 
-_CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_CUDA_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+               np.dtype(np.float16): "__half", np.dtype(ml_dtypes.bfloat16): "__nv_bfloat16"}
+# what a KernelFile is compiled for unless it says otherwise; HALF_TYPES adds the 16-bit floats
+FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
+HALF_TYPES = FLOAT_TYPES + (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+# the C type of a kernel's floating-point scalar parameters, per T: float for the 16-bit types
+_SCALAR_TYPES = {np.dtype(np.float16): np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16): np.dtype(np.float32)}
 _INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
 _PIXEL_TYPE = np.dtype(np.uint8)  # image pixels (to_input's crops) are unsigned char*
 # address_table's rows: T* const* (device addresses) or unsigned long long*
@@ -32,19 +48,31 @@ _MAX_BLOCKS = 65535 * 8  # enough to fill any GPU; the grid-stride loop covers t
 
 
 class KernelFile(NamedTuple):
-    """A .cu file and the kernels launched from it (all compiled together, for float and double)."""
+    """A .cu file and the kernels launched from it (all compiled together, for each of `types`: float
+    and double unless it says otherwise)."""
     path: str
     names: tuple
+    types: tuple = FLOAT_TYPES  # NumPy dtypes, each a key of _CUDA_TYPES
 
     @classmethod
-    def beside(cls, module_file: str, cu_name: str, names: Iterable[str]) -> KernelFile:
-        """The .cu file `cu_name` in the folder of the Python module `module_file`."""
+    def beside(cls, module_file: str, cu_name: str, names: Iterable[str], types=FLOAT_TYPES) -> KernelFile:
+        """The .cu file `cu_name` in the folder of the Python module `module_file`, its kernels compiled
+        for the dtypes `types` (HALF_TYPES: also float16 and bfloat16)."""
+        types = tuple(dict.fromkeys(np.dtype(t) for t in types))
+        for t in types:
+            if t not in _CUDA_TYPES:
+                raise MinidlError(f"{cu_name}: no CUDA type for {t}; kernels are compiled for "
+                                  f"{_type_names(_CUDA_TYPES)}")
         return cls(os.path.join(os.path.dirname(os.path.abspath(module_file)), cu_name),
-                   tuple(names))
+                   tuple(names), types)
 
     def name_expressions(self):
-        """What RawModule compiles: every kernel for every type, `im2col<float>` and so on."""
-        return tuple(f"{n}<{t}>" for n in self.names for t in _CUDA_TYPES.values())
+        """What RawModule compiles: every kernel for each of its types, `im2col<float>` and so on."""
+        return tuple(f"{n}<{_CUDA_TYPES[t]}>" for n in self.names for t in self.types)
+
+
+def _type_names(dtypes) -> str:
+    return ", ".join(str(np.dtype(t)) for t in dtypes)
 
 
 def compile_options(cu_path: str) -> tuple[str, ...]:
@@ -69,11 +97,16 @@ def _module(cu_file, physical_gpu):
 
 
 def get_kernel(cu_file: KernelFile, name: str, dtype):
-    """The kernel `name<T>` of the KernelFile `cu_file` for the current GPU, T from `dtype`."""
+    """The kernel `name<T>` of the KernelFile `cu_file` for the current GPU, T from `dtype`: a
+    MinidlError if the file has no such kernel, or is not compiled for `dtype`."""
     if name not in cu_file.names:
         raise MinidlError(f"{os.path.basename(cu_file.path)} has no kernel {name!r} among "
                           f"{cu_file.names}")
-    return _function(cu_file, cupy().cuda.Device().id, name, cuda_type(dtype))
+    c_type = cuda_type(dtype)
+    if np.dtype(dtype) not in cu_file.types:
+        raise MinidlError(f"kernel {name} of {os.path.basename(cu_file.path)} is compiled for "
+                          f"{_type_names(cu_file.types)}, not {np.dtype(dtype)}")
+    return _function(cu_file, cupy().cuda.Device().id, name, c_type)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,8 +119,15 @@ def _function(cu_file, physical_gpu, name, c_type):
 def cuda_type(dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype not in _CUDA_TYPES:
-        raise MinidlError(f"the CUDA kernels take float32 or float64, got {dtype}")
+        raise MinidlError(f"the CUDA kernels take {_type_names(_CUDA_TYPES)}, got {dtype}")
     return _CUDA_TYPES[dtype]
+
+
+def scalar_dtype(dtype) -> np.dtype:
+    """The dtype a Python float argument is packed as for a kernel on `dtype`: T itself for float32
+    and float64, float32 (the kernels' accumulation type) for float16 and bfloat16."""
+    dtype = np.dtype(dtype)
+    return _SCALAR_TYPES.get(dtype, dtype)
 
 
 def empty(shape: tuple[int, ...], dtype):
@@ -100,7 +140,8 @@ def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
 
     Each argument is packed as its C parameter's exact type: a device array is passed C-contiguous
     and must hold T, or int32 for an index array, uint8 for pixels, or uint64 for a row of an address_table; a
-    Python int is a long long (np.int64); a Python float is a T. A non-contiguous array is copied,
+    Python int is a long long (np.int64); a Python float is a T, or a float for a float16 or bfloat16
+    kernel (scalar_dtype). A non-contiguous array is copied,
     so an output must come from `empty`, or the kernel would write into the copy.
     """
     dtype = np.dtype(dtype)
@@ -121,7 +162,7 @@ def _pack(arg, dtype, what):
     if isinstance(arg, bool) or not isinstance(arg, (int, float)):
         raise MinidlError(f"kernel {what}: a device array, int or float is needed, got "
                           f"{type(arg).__name__}")
-    return np.int64(arg) if isinstance(arg, int) else dtype.type(arg)
+    return np.int64(arg) if isinstance(arg, int) else scalar_dtype(dtype).type(arg)
 
 
 def address_table(rows: Sequence[Sequence]):
