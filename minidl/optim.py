@@ -35,8 +35,7 @@ class MomentumSGD:
         # (device, dtype) -> (row of step numbers, its parameters): each parameter's first step since
         # the last nonfinite() that left it NaN or infinite, 0 if none; on the parameters' device
         self._flags = {}
-        self._go = {}  # (device, dtype) -> a zero: the halt of a step no caller judged
-        self._one = {}  # (device, dtype) -> a one: the multiplier of gradients not scaled
+        self._fills = {}  # (device, dtype, value) -> one element: the halt or multiplier no caller gave
 
     def step(self, halt: Mapping[Device, Any] | None = None, multiplier: Mapping[Device, Any] | None = None) -> None:
         """Update every parameter with a gradient (counted in `steps` either way).
@@ -67,8 +66,8 @@ class MomentumSGD:
                             self._flag_cpu(p)
             for (device, dtype), launches in on_gpus.items():
                 with device:
-                    stop = self._halt(device, dtype, halt)
-                    scale = self._multiplier(device, dtype, multiplier)
+                    stop = self._scalar(device, dtype, halt, 0)
+                    scale = self._scalar(device, dtype, multiplier, 1)
                     flags, members = self._flag_row(device, dtype)
                     slots = {id(q): k for k, q in enumerate(members)}
                     for launch in launches:
@@ -86,21 +85,14 @@ class MomentumSGD:
         self.velocities[i] = v
         return v
 
-    def _halt(self, device, dtype, halt):
-        """halt[device] as the kernel reads it (one element of `dtype`), or a zero."""
-        if halt is not None:
-            return device.xp.asarray(halt[device], dtype=dtype)
-        if (device, dtype) not in self._go:
-            self._go[device, dtype] = device.xp.zeros(1, dtype=dtype)
-        return self._go[device, dtype]
-
-    def _multiplier(self, device, dtype, multiplier):
-        """multiplier[device] as the kernel reads it (one element of `dtype`), or a one made once."""
-        if multiplier is not None:
-            return device.xp.asarray(multiplier[device], dtype=dtype)
-        if (device, dtype) not in self._one:
-            self._one[device, dtype] = device.xp.ones(1, dtype=dtype)
-        return self._one[device, dtype]
+    def _scalar(self, device, dtype, given, fill):
+        """given[device] as the kernel reads it (one element of `dtype`), or a `fill` made once: a halt of 0 (a
+        step no caller judged), a multiplier of 1 (gradients not scaled)."""
+        if given is not None:
+            return device.xp.asarray(given[device], dtype=dtype)
+        if (device, dtype, fill) not in self._fills:
+            self._fills[device, dtype, fill] = device.xp.full(1, fill, dtype=dtype)
+        return self._fills[device, dtype, fill]
 
     def _flag_row(self, device, dtype):
         """The row of step numbers of (device, dtype) and its parameters, made on first use."""

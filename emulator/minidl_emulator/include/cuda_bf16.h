@@ -84,20 +84,4 @@ inline int __hisinf(const __nv_bfloat16 a) {
     return (bits & 0x7fffu) == 0x7f80u ? ((bits & 0x8000u) ? -1 : 1) : 0;
 }
 
-inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hadd(a, b); }
-inline __nv_bfloat16 operator-(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hsub(a, b); }
-inline __nv_bfloat16 operator*(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hmul(a, b); }
-inline __nv_bfloat16 operator/(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hdiv(a, b); }
-inline __nv_bfloat16& operator+=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hadd(a, b); }
-inline __nv_bfloat16& operator-=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hsub(a, b); }
-inline __nv_bfloat16& operator*=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hmul(a, b); }
-inline __nv_bfloat16& operator/=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = __hdiv(a, b); }
-inline __nv_bfloat16 operator+(const __nv_bfloat16& a) { return a; }
-inline __nv_bfloat16 operator-(const __nv_bfloat16& a) { return __hneg(a); }
-#define MINIDL_EMU_BF16_COMPARISON(OP)                                         \
-    inline bool operator OP(const __nv_bfloat16& a, const __nv_bfloat16& b) { \
-        return __bfloat162float(a) OP __bfloat162float(b);                     \
-    }
-MINIDL_EMU_BF16_COMPARISON(==) MINIDL_EMU_BF16_COMPARISON(!=) MINIDL_EMU_BF16_COMPARISON(<)
-MINIDL_EMU_BF16_COMPARISON(>) MINIDL_EMU_BF16_COMPARISON(<=) MINIDL_EMU_BF16_COMPARISON(>=)
-#undef MINIDL_EMU_BF16_COMPARISON
+MINIDL_EMU_16BIT_OPERATORS(__nv_bfloat16, __bfloat162float)

@@ -86,18 +86,4 @@ inline int __hisinf(const __half a) {
     return (bits & 0x7fffu) == 0x7c00u ? ((bits & 0x8000u) ? -1 : 1) : 0;
 }
 
-inline __half operator+(const __half& a, const __half& b) { return __hadd(a, b); }
-inline __half operator-(const __half& a, const __half& b) { return __hsub(a, b); }
-inline __half operator*(const __half& a, const __half& b) { return __hmul(a, b); }
-inline __half operator/(const __half& a, const __half& b) { return __hdiv(a, b); }
-inline __half& operator+=(__half& a, const __half& b) { return a = __hadd(a, b); }
-inline __half& operator-=(__half& a, const __half& b) { return a = __hsub(a, b); }
-inline __half& operator*=(__half& a, const __half& b) { return a = __hmul(a, b); }
-inline __half& operator/=(__half& a, const __half& b) { return a = __hdiv(a, b); }
-inline __half operator+(const __half& a) { return a; }
-inline __half operator-(const __half& a) { return __hneg(a); }
-#define MINIDL_EMU_HALF_COMPARISON(OP)                                                                       \
-    inline bool operator OP(const __half& a, const __half& b) { return __half2float(a) OP __half2float(b); }
-MINIDL_EMU_HALF_COMPARISON(==) MINIDL_EMU_HALF_COMPARISON(!=) MINIDL_EMU_HALF_COMPARISON(<)
-MINIDL_EMU_HALF_COMPARISON(>) MINIDL_EMU_HALF_COMPARISON(<=) MINIDL_EMU_HALF_COMPARISON(>=)
-#undef MINIDL_EMU_HALF_COMPARISON
+MINIDL_EMU_16BIT_OPERATORS(__half, __half2float)

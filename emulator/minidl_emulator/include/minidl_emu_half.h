@@ -46,3 +46,24 @@ inline unsigned short round_to_16(double value, int mantissa, int bias) {
     return static_cast<unsigned short>(sign | bits);
 }
 }  // namespace minidl_emu
+
+// The operators CUDA's headers define on a 16-bit type T (cuda_fp16.h and cuda_bf16.h each instantiate
+// them): arithmetic through the type's intrinsics (__hadd ... __hneg, overloaded on T), comparisons in float
+// through TO_FLOAT (a NaN compares unequal, and false otherwise).
+#define MINIDL_EMU_16BIT_OPERATORS(T, TO_FLOAT)                                           \
+    inline T operator+(const T& a, const T& b) { return __hadd(a, b); }                  \
+    inline T operator-(const T& a, const T& b) { return __hsub(a, b); }                  \
+    inline T operator*(const T& a, const T& b) { return __hmul(a, b); }                  \
+    inline T operator/(const T& a, const T& b) { return __hdiv(a, b); }                  \
+    inline T& operator+=(T& a, const T& b) { return a = __hadd(a, b); }                  \
+    inline T& operator-=(T& a, const T& b) { return a = __hsub(a, b); }                  \
+    inline T& operator*=(T& a, const T& b) { return a = __hmul(a, b); }                  \
+    inline T& operator/=(T& a, const T& b) { return a = __hdiv(a, b); }                  \
+    inline T operator+(const T& a) { return a; }                                         \
+    inline T operator-(const T& a) { return __hneg(a); }                                 \
+    inline bool operator==(const T& a, const T& b) { return TO_FLOAT(a) == TO_FLOAT(b); } \
+    inline bool operator!=(const T& a, const T& b) { return TO_FLOAT(a) != TO_FLOAT(b); } \
+    inline bool operator<(const T& a, const T& b) { return TO_FLOAT(a) < TO_FLOAT(b); }   \
+    inline bool operator>(const T& a, const T& b) { return TO_FLOAT(a) > TO_FLOAT(b); }   \
+    inline bool operator<=(const T& a, const T& b) { return TO_FLOAT(a) <= TO_FLOAT(b); } \
+    inline bool operator>=(const T& a, const T& b) { return TO_FLOAT(a) >= TO_FLOAT(b); }
