@@ -78,7 +78,7 @@ try:
 except OSError:
     pass
 result = dict(gpu=gpu, batch_size=batch, stages=stages,
-              bench={k: load(f"bench_{k}.json") for k in ("one_gpu", "two_gpus")},
+              bench={k: load(f"bench_{k}.json") for k in ("one_gpu", "two_gpus", "one_gpu_fp16", "one_gpu_bf16")},
               step_ms=dict(measured=(measured or {}).get("ms_per_step"),
                            predicted=(predicted or {}).get("ms_per_step")),
               predicted_source=(predicted or {}).get("source"), vs_torch_log="vs_torch.log" if "vs_torch" in stages else None,
@@ -112,10 +112,12 @@ cupy_works && echo "CuPy works" || echo "CuPy does not work: the GPU stages will
 stage gpu_tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} tests
 
 # 3. minidl bench: both towers on one GPU, and on two where there are two
-bench_json() {  # bench_json NAME DEVICES: the bench's dict as JSON
+bench_json() {  # bench_json NAME DEVICES [PRECISION]: the bench's dict as JSON
     "$PY" -c "import json, sys
+from minidl.precision import set_precision
 from minidl.training.bench import bench
 from minidl.training.model_file import load_model_file
+set_precision('${3:-tf32}')
 result = bench(load_model_file('models/alexnet.py'), batch_size=$BATCH, steps=$STEPS, devices='$2')
 result.pop('step_seconds', None)
 json.dump(result, open(sys.argv[1], 'w'), indent=1)
@@ -125,6 +127,9 @@ export -f bench_json
 export PY BATCH STEPS OUT
 stage bench_one_gpu 90 bash -c 'bench_json one_gpu cuda:0,cuda:0'
 if [ "${GPUS:-0}" -ge 2 ]; then stage bench_two_gpus 90 bash -c 'bench_json two_gpus cuda:0,cuda:1'; fi
+# mixed precision (issue 28): one GPU in fp16 and bf16
+stage bench_one_gpu_fp16 60 bash -c 'bench_json one_gpu_fp16 cuda:0,cuda:0 fp16'
+stage bench_one_gpu_bf16 60 bash -c 'bench_json one_gpu_bf16 cuda:0,cuda:0 bf16'
 
 # 4. each layer's GEMMs and kernels, forward and backward, timed with device events
 stage layer_times 90 "$PY" benchmarks/gpu_layer_times.py --batch-size "$BATCH" --json "$OUT/layers_measured.json"

@@ -55,13 +55,14 @@ def attribute_to_layers(model) -> None:
 READ_LABEL = "the interval's read"  # the guard's one blocking read, once per log interval
 
 
-def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
+def run_step(devices: list[str], batch_size: int, model_path: str, precision: str = "tf32") -> list:
     """The ledger entries of one training step as the trainer takes it, after one warm-up step.
 
     The batch comes as training feeds it (minidl.training.train): uint8 crops through the loader's
     InputFeed (pinned, finished on the input device), int32 labels uploaded to the output device,
     then minidl.training.step.train_step judged by a StepGuard, and the guard's one blocking read
-    (once per log interval; taken after this step, so the prediction counts it every step).
+    (once per log interval; taken after this step, so the prediction counts it every step). `precision`:
+    minidl.precision's; fp16 steps with loss scaling, as the trainer takes them.
     """
     os.environ["MINIDL_EMULATE_GPUS"] = str(max(int(d.split(":")[1]) for d in devices) + 1)
     import numpy as np
@@ -69,16 +70,21 @@ def run_step(devices: list[str], batch_size: int, model_path: str) -> list:
     from minidl.core import Tensor
     from minidl.data.augment import Crops
     from minidl.functions.to_input import InputFeed
+    from minidl.loss_scale import DynamicLossScale
     from minidl.optim import MomentumSGD
+    from minidl.precision import set_precision
     from minidl.training.model_file import load_model_file
     from minidl.training.step import StepGuard, train_step
+    from minidl.training.train import fp16_needs_scaling
     from minidl_emulator.ledger import LEDGER, labelled
+
+    set_precision(precision)
 
     model_file = load_model_file(model_path)
     config = model_file.config
     model = model_file.build(1000, devices, config["init"], 0)
     optimizer = MomentumSGD(model.params(), config["lr"], config["momentum"], config["weight_decay"])
-    guard = StepGuard(model, optimizer, skip=False)
+    guard = StepGuard(model, optimizer, skip=False, loss_scale=DynamicLossScale() if fp16_needs_scaling() else None)
     rng = np.random.default_rng(0)
     size = config["input_size"]
     feed = InputFeed(model.input_device, rng.uniform(0, 255, (size + 32, size + 32, 3)).astype(np.float32), 1 / 64)
@@ -113,8 +119,10 @@ def by_layer(ms_by_label: dict) -> dict:
 def report(prediction, entries, args) -> dict:
     from minidl_emulator import roofline
     summary = roofline.summarize(entries)
-    result = dict(gpu=args.gpu, devices=args.devices, batch_size=args.batch_size, **prediction, **summary)
-    print(f"{args.gpu.upper()}, devices {args.devices}, batch {args.batch_size}: "
+    precision = getattr(args, "precision", "tf32")
+    result = dict(gpu=args.gpu, devices=args.devices, batch_size=args.batch_size, precision=precision,
+                  **prediction, **summary)
+    print(f"{args.gpu.upper()}, devices {args.devices}, batch {args.batch_size}, {precision}: "
           f"predicted {prediction['ms_per_step']:.2f} ms a step "
           f"(device busy {prediction['device_ms']:.2f} ms, host issue {prediction['host_ms']:.2f} ms, "
           f"{prediction['segments']} segment(s) between blocking reads)")
@@ -149,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--model", default=os.path.join(os.path.dirname(HERE), "models", "alexnet.py"))
     parser.add_argument("--json", help="write the prediction and the ledger's summary here")
     parser.add_argument("--ledger", help="save the measured step's ledger here (JSON)")
+    parser.add_argument("--precision", default="tf32", choices=("tf32", "fp32", "fp16", "bf16"))
     parser.add_argument("--from-ledger", help="model this saved ledger instead of running a step")
     args = parser.parse_args(argv)
     from minidl_emulator import ledger, roofline
@@ -157,13 +166,14 @@ def main(argv=None):
             saved = json.load(f)
         entries = [ledger.Entry(**e) for e in saved["entries"]]
         args.devices, args.batch_size = saved["devices"], saved["batch_size"]
+        args.precision = saved.get("precision", "tf32")
     else:
         started = time.perf_counter()
-        entries = run_step(args.devices.split(","), args.batch_size, args.model)
+        entries = run_step(args.devices.split(","), args.batch_size, args.model, args.precision)
         print(f"(emulated in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
         if args.ledger:
             with open(args.ledger, "w") as f:
-                json.dump(dict(devices=args.devices, batch_size=args.batch_size,
+                json.dump(dict(devices=args.devices, batch_size=args.batch_size, precision=args.precision,
                                entries=[dataclasses.asdict(e) for e in entries]), f)
     prediction = roofline.predict(entries, roofline.GPUS[args.gpu])
     result = report(prediction, entries, args)

@@ -96,8 +96,11 @@ class NumberRange(click.FloatRange):
 SEED = click.IntRange(0, MAX_SEED)  # what a checkpoint keeps (a 64-bit integer)
 PRECISION = click.option(
     "--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
-    help="What float32 matrix products compute in on GPUs: tf32 (tensor cores, inputs rounded to 10 mantissa "
-         "bits, as PyTorch's convolutions) or fp32 (exact FP32, slower). No effect on the CPU.")
+    help="The network's arithmetic: tf32 (float32, GEMMs on tensor cores with inputs rounded to 10 mantissa "
+         "bits, as PyTorch's convolutions), fp32 (exact FP32 GEMMs, slower), or fp16 / bf16 (mixed precision as "
+         "PyTorch's autocast: convolutions and fully connected layers in 16 bits, float32 master weights and "
+         "loss; train turns on --loss-scale for fp16). On the CPU fp32 and tf32 are the same, and fp16 / bf16 "
+         "are computed in float32 and rounded: for testing, not faster.")
 
 
 def _redeliver_interrupts(previous_hook, unraisable):
@@ -456,17 +459,21 @@ def _what_the_run_saw(restored, data):
 @click.option("--model", "model_file", help="Model file to rebuild the network (default: the built-in AlexNet when "
               "the checkpoint was trained with it).")
 @click.option("--devices", help="Devices for the two towers (default: the run's, fitted to this machine).")
+@PRECISION
 @friendly_errors
-def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file, devices):
+def predict(checkpoint, images, output, top, ten_crop, as_json, data, model_file, devices, precision):
     """The top classes of IMAGES (files or folders) under CHECKPOINT, drawn as the paper's Figure 4 (left)."""
     import json
 
     import numpy as np
 
+    from minidl.precision import set_precision
+
     from minidl.training.predict import TestInput, find_images, probabilities, read_image, top_k, true_label
     from minidl.training.restore import Restored
     from minidl.training.visualize import draw_predictions, shown_name
     _writable_output(output)
+    set_precision(precision)
     restored = Restored(checkpoint, model_file, devices)
     class_names, mean = _what_the_run_saw(restored, data)
     paths = find_images(images)

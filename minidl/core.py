@@ -17,6 +17,7 @@ import threading
 import weakref
 from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
+import ml_dtypes
 import numpy as np
 
 from minidl.cpu import threads as cpu_threads
@@ -61,6 +62,12 @@ def in_this_grad_mode(call: Callable[[], T]) -> Callable[[], T]:
     return run
 
 
+# 16-bit floats: NumPy's float16 and ml_dtypes' bfloat16. On the CPU a Function computes them in float32 and
+# rounds each output once, as the GPU kernels accumulate in float: NumPy would round after every operation
+# (float16), and has next to no bfloat16 arithmetic. Storage for testing, not a speed-up on a CPU.
+HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
 def _as_array(data, dev):
     """An ndarray on `dev` from an array, a list or a scalar (floats become float32)."""
     if is_array(data):
@@ -71,7 +78,7 @@ def _as_array(data, dev):
         array = np.asarray(data)
         if array.dtype == np.float64:
             array = array.astype(np.float32)  # like PyTorch: Python floats are float32
-    if array.dtype == object or array.dtype.kind not in "biuf":
+    if array.dtype == object or (array.dtype.kind not in "biuf" and array.dtype not in HALF_DTYPES):
         raise MinidlError(f"a Tensor holds numbers, not dtype {array.dtype}")
     if dev.is_cuda:
         with dev:
@@ -301,6 +308,8 @@ def _backward_chain(function, output_grads, retain_grad):
 def _input_gradients(function, output_grads):
     """[(input, gradient)] from function's backward for the inputs that need one, each in its input's dtype."""
     _check_not_released(function)
+    if function.widened is not None:
+        output_grads = _widen(output_grads)  # rounded back to each input's dtype below
     with function.device:
         input_grads = function.backward(*output_grads)
     if not isinstance(input_grads, tuple):
@@ -317,6 +326,11 @@ def _input_gradients(function, output_grads):
                 gx = gx.astype(x.dtype)  # a gradient has its tensor's dtype, as in PyTorch
         pairs.append((x, gx))
     return pairs
+
+
+def _widen(arrays):
+    """16-bit host arrays as float32 (others as they are)."""
+    return [a.astype(np.float32) if a is not None and a.dtype in HALF_DTYPES else a for a in arrays]
 
 
 def _chain_next(function, pairs):
@@ -378,14 +392,25 @@ class Function:
     device: Optional[Device] = None  # set per call: the device whose arrays this function computes on
     saved: Optional[Tuple[Array, ...]] = None
     released = False
+    # On the CPU, 16-bit inputs are computed in float32 (HALF_DTYPES); `widened` is their dtype, for backward.
+    # False for operations exact in any dtype (a cast, a copy); keeps_float32: float32 outputs stay so (a loss).
+    widens_half, keeps_float32, widened = True, False, None
 
     def __call__(self, *inputs: Union[Tensor, Array, float]) -> Union[Tensor, List[Tensor]]:
         inputs = [as_tensor(x, like=_first_tensor(inputs)) for x in inputs]
         self.device = self._device_of(inputs)
+        arrays = [x.data for x in inputs]
+        if self.widens_half and not self.device.is_cuda:
+            self.widened = next((a.dtype for a in arrays if a.dtype in HALF_DTYPES), None)
+            if self.widened is not None:
+                arrays = _widen(arrays)
         with self.device:
-            outputs = self.forward(*[x.data for x in inputs])
+            outputs = self.forward(*arrays)
         single = not isinstance(outputs, tuple)
-        outputs = [Tensor(y, device=self.output_device()) for y in ((outputs,) if single else outputs)]
+        outputs = (outputs,) if single else outputs
+        if self.widened is not None and not self.keeps_float32:
+            outputs = [y.astype(self.widened) if y.dtype == np.float32 else y for y in outputs]
+        outputs = [Tensor(y, device=self.output_device()) for y in outputs]
         if grad_enabled() and any(x.requires_grad for x in inputs):
             self.needs_grad = [x.requires_grad for x in inputs]
             self.generation = max(x.generation for x in inputs)

@@ -50,8 +50,8 @@ def _grouped_on_gpu(a, b_transposed):
 
 
 def test_tf32_is_the_default_and_a_precision_is_checked():
-    assert precision() == DEFAULT_PRECISION == "tf32" and PRECISIONS == ("tf32", "fp32")
-    with pytest.raises(MinidlError, match=r"precision must be one of tf32, fp32; got 'fp64'"):
+    assert precision() == DEFAULT_PRECISION == "tf32" and PRECISIONS == ("tf32", "fp32", "fp16", "bf16")
+    with pytest.raises(MinidlError, match=r"precision must be one of tf32, fp32, fp16, bf16; got 'fp64'"):
         set_precision("fp64")
 
 

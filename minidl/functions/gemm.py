@@ -17,7 +17,9 @@ from minidl.precision import precision
 
 # CuPy's compute type per precision (cupy/_core/_routines_linalg.pxd, COMPUTE_TYPE_*): DEFAULT is
 # CUBLAS_COMPUTE_32F for float32, TF32 is CUBLAS_COMPUTE_32F_FAST_TF32 (tensordot_core_v11)
-_COMPUTE_TYPE_NAMES = dict(tf32="COMPUTE_TYPE_TF32", fp32="COMPUTE_TYPE_DEFAULT")
+# (under fp16 and bf16 a float32 GEMM, if any is left, takes TF32; 16-bit ones always sum in float32)
+_COMPUTE_TYPE_NAMES = dict(tf32="COMPUTE_TYPE_TF32", fp32="COMPUTE_TYPE_DEFAULT", fp16="COMPUTE_TYPE_TF32",
+                           bf16="COMPUTE_TYPE_TF32")
 
 
 def _cupy_matmul(a, b, out=None):

@@ -44,7 +44,9 @@ def _check(logits, labels, read_labels):
 
 
 class SoftmaxCrossEntropy(Function):
-    """Mean over the batch of -log softmax(logits)[label]."""
+    """Mean over the batch of -log softmax(logits)[label]; of 16-bit logits, in float32 (as autocast does)."""
+
+    keeps_float32 = True
 
     def __init__(self, labels_checked=False):
         self.labels_checked = labels_checked  # on a GPU: whether to skip reading the labels back

@@ -49,6 +49,8 @@ def copy_array(array, src, dst):
 
 
 class Copy(Function):
+    widens_half = False  # a copy keeps its dtype
+
     def __init__(self, dst):
         self.dst = dst
 
@@ -63,6 +65,8 @@ class Copy(Function):
 
 
 class AsType(Function):
+    widens_half = False  # a cast is its own rounding
+
     def __init__(self, dtype):
         self.dtype = dtype
 

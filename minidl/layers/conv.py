@@ -12,7 +12,7 @@ from minidl.functions import concat, split
 from minidl.functions.activation import check_activation
 from minidl.functions.conv import conv2d
 from minidl.layers import init
-from minidl.layers.layer import Layer, Parameter, make_rng
+from minidl.layers.layer import Layer, Parameter, in_compute_dtype, make_rng
 
 
 class Conv2d(Layer):
@@ -35,7 +35,8 @@ class Conv2d(Layer):
         self.b = Parameter(b_init((out_channels,), rng), device=self.device) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv2d(x, self.W, self.b, stride=self.stride, pad=self.pad, groups=self.groups,
+        x, W, b = in_compute_dtype(x, self.W, self.b)
+        return conv2d(x, W, b, stride=self.stride, pad=self.pad, groups=self.groups,
                       algorithm=self.algorithm, activation=self.activation)
 
     def describe(self) -> str:
@@ -64,6 +65,7 @@ def stacked_conv2d(convs: Sequence[Conv2d], x: Tensor) -> List[Tensor]:
         return [conv(x) for conv in convs]
     W = concat([conv.W for conv in convs], axis=0)
     b = None if first.b is None else concat([conv.b for conv in convs], axis=0)
+    x, W, b = in_compute_dtype(x, W, b)  # the stacked weights cast once
     ys = split(conv2d(x, W, b, stride=first.stride, pad=first.pad, algorithm=first.algorithm,
                       activation=first.activation),
                [conv.out_channels for conv in convs], axis=1)

@@ -15,6 +15,8 @@ import numpy as np
 from minidl.core import Tensor
 from minidl.device import Device, device as as_device
 from minidl.errors import MinidlError
+from minidl.functions.transfer import astype
+from minidl.precision import compute_dtype
 
 
 class Parameter(Tensor):
@@ -158,3 +160,13 @@ class Sequential(Layer):
 def make_rng(rng: Union[np.random.Generator, int, None]) -> np.random.Generator:
     """A NumPy Generator from a Generator, a seed or None."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def in_compute_dtype(*tensors: Tensor | None) -> list:
+    """The tensors a convolution or fully connected layer computes with: under "fp16" or "bf16"
+    (minidl.precision), each float32 one cast to that 16-bit dtype by an autograd-visible cast, whose gradient
+    comes back float32 (a float32 master weight gets a float32 gradient); otherwise, and for None, as given."""
+    dtype = compute_dtype()
+    if dtype is None:
+        return list(tensors)
+    return [t if t is None or t.dtype != np.float32 else astype(t, dtype) for t in tensors]

@@ -12,7 +12,7 @@ from minidl.errors import MinidlError
 from minidl.functions import linear
 from minidl.functions.activation import check_activation
 from minidl.layers import init
-from minidl.layers.layer import Layer, Parameter, make_rng
+from minidl.layers.layer import Layer, Parameter, in_compute_dtype, make_rng
 from minidl.layers.simple import mask_generator
 
 
@@ -39,7 +39,8 @@ class Linear(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
-        return linear(x, self.W, self.b, activation=self.activation, dropout=p, generator=self.generator)
+        x, W, b = in_compute_dtype(x, self.W, self.b)
+        return linear(x, W, b, activation=self.activation, dropout=p, generator=self.generator)
 
     def describe(self) -> str:
         return (f"Linear({self.in_features}->{self.out_features})" + (" + ReLU" if self.activation else "")

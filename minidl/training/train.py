@@ -29,7 +29,7 @@ from minidl.layers import Layer
 from minidl.layers.summary import check_training_memory
 from minidl.loss_scale import DynamicLossScale
 from minidl.optim import MomentumSGD, PlateauSchedule
-from minidl.precision import set_precision
+from minidl.precision import precision, set_precision
 from minidl.training.checkpoint import (ATTRS, HISTORY_KEYS, Checkpoint, check_recipe, input_scale,
                                         save_checkpoint)
 from minidl.training.distributed import Solo, World, rank_device_map
@@ -239,7 +239,8 @@ class Run:
         model_file = load_model_file(model_path)
         recipe = Recipe.new(model_file, builtin=data is None, epochs=epochs, batch_size=batch_size, init=init,
                             seed=seed)
-        run = cls(recipe, world, report, skip_nonfinite, workers, bool(loss_scale))
+        run = cls(recipe, world, report, skip_nonfinite, workers,
+                  fp16_needs_scaling() if loss_scale is None else loss_scale)
         devices = model_file.devices_for(devices)
         data_path = run._open_data(data, data_parallel, val_data=val_data)
         num_classes = run.train_loader.num_classes
@@ -264,7 +265,7 @@ class Run:
         refuse_changes(checkpoint, batch_size=batch_size, init=init, seed=seed, data=data,
                        model_file=restored.model_file, allow_model_change=allow_model_change)
         saved_scale = checkpoint.loss_scale
-        scaling = saved_scale is not None if loss_scale is None else loss_scale
+        scaling = (saved_scale is not None or fp16_needs_scaling()) if loss_scale is None else loss_scale
         run = cls(Recipe.resumed(checkpoint, epochs), world, report, skip_nonfinite, workers, scaling)
         # the data given (checked by content), else the recorded path (checked too), else the built-in
         data = data or checkpoint["data"] or None
@@ -522,6 +523,12 @@ class Run:
                          finished=self.schedule.finished, skipped=self.skipped))
 
 
+def fp16_needs_scaling() -> bool:
+    """Whether the precision set is fp16: its gradients underflow without loss scaling (bf16 has float32's
+    exponent range and needs none)."""
+    return precision() == "fp16"
+
+
 def rates(batches, seen: int, stepping_seconds: float, ranks: int) -> dict:
     """Images/s of the data (what the loaders could deliver: minidl.data.loader.Batches) and of the steps alone
     (`seen` global images over the interval's time not spent waiting for the loader)."""
@@ -546,7 +553,8 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     processes (None: the cores available minus one; 0: a thread). precision: set_precision's, for the process.
     val_data: a dataset of the same classes to validate on (then training takes every image of `data`).
     loss_scale: dynamic loss scaling (minidl.loss_scale: a step whose scaled gradients overflow is skipped and
-    the scale backs off); None: off in a new run, as the checkpoint had it in a resumed one.
+    the scale backs off); None: on under precision "fp16" (whose gradients would underflow without it), else
+    off in a new run and as the checkpoint had it in a resumed one.
     """
     if log_every < 1:
         raise MinidlError(f"log_every must be at least 1, got {log_every}")
