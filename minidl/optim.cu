@@ -18,6 +18,9 @@
 // earlier step already left its number there (many threads may store the same
 // number; the caller zeroes the row after reading it).
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 // The parameter that element i of the concatenation belongs to: a binary search of the
 // running sizes (a device has tens of parameters).
 __device__ inline long long part_of(const unsigned long long* ends, long long count, long long i) {
@@ -30,11 +33,14 @@ __device__ inline long long part_of(const unsigned long long* ends, long long co
     return lo;
 }
 
-template <typename T>
-__global__ void momentum_update(T* const* w, const T* const* g, T* const* v, const unsigned long long* ends,
-                                const unsigned long long* slots, unsigned long long* nonfinite, const T* halt,
-                                const T* multiplier, long long step, long long count, long long total, T momentum,
-                                T decay, T lr) {
+// The update of every element; where `copy` is not null, each new weight is also stored there in the
+// 16-bit dtype its layers compute in (mixed precision: the copy the next forward reads, made in this
+// pass instead of by a cast per parameter; on a skipped step neither changes).
+template <typename T, typename Copy>
+__device__ inline void momentum_pass(T* const* w, const T* const* g, T* const* v, Copy* const* copy,
+                                     const unsigned long long* ends, const unsigned long long* slots,
+                                     unsigned long long* nonfinite, const T* halt, const T* multiplier,
+                                     long long step, long long count, long long total, T momentum, T decay, T lr) {
     if (!isfinite(halt[0])) return;  // a skipped step
     T unscale = multiplier[0];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -45,9 +51,40 @@ __global__ void momentum_update(T* const* w, const T* const* g, T* const* v, con
         T weight = w[k][j] + velocity;
         v[k][j] = velocity;
         w[k][j] = weight;
+        if (copy != nullptr) copy[k][j] = Copy(static_cast<float>(weight));
         if ((!isfinite(velocity) || !isfinite(weight)) && nonfinite[slots[k]] == 0)
             nonfinite[slots[k]] = (unsigned long long)step;
     }
+}
+
+template <typename T>
+__global__ void momentum_update(T* const* w, const T* const* g, T* const* v, const unsigned long long* ends,
+                                const unsigned long long* slots, unsigned long long* nonfinite, const T* halt,
+                                const T* multiplier, long long step, long long count, long long total, T momentum,
+                                T decay, T lr) {
+    momentum_pass<T, T>(w, g, v, nullptr, ends, slots, nonfinite, halt, multiplier, step, count, total, momentum,
+                        decay, lr);
+}
+
+// The same, also writing each weight's float16 (or bfloat16) copy: `copy` is a table like w's.
+template <typename T>
+__global__ void momentum_update_to_half(T* const* w, const T* const* g, T* const* v, __half* const* copy,
+                                        const unsigned long long* ends, const unsigned long long* slots,
+                                        unsigned long long* nonfinite, const T* halt, const T* multiplier,
+                                        long long step, long long count, long long total, T momentum, T decay,
+                                        T lr) {
+    momentum_pass<T, __half>(w, g, v, copy, ends, slots, nonfinite, halt, multiplier, step, count, total,
+                             momentum, decay, lr);
+}
+
+template <typename T>
+__global__ void momentum_update_to_bfloat16(T* const* w, const T* const* g, T* const* v,
+                                            __nv_bfloat16* const* copy, const unsigned long long* ends,
+                                            const unsigned long long* slots, unsigned long long* nonfinite,
+                                            const T* halt, const T* multiplier, long long step, long long count,
+                                            long long total, T momentum, T decay, T lr) {
+    momentum_pass<T, __nv_bfloat16>(w, g, v, copy, ends, slots, nonfinite, halt, multiplier, step, count, total,
+                                    momentum, decay, lr);
 }
 
 // found[0] (zeroed by the caller) becomes NaN where any element of the gradients is NaN or
@@ -71,6 +108,22 @@ template __global__ void momentum_update<double>(double* const*, const double* c
                                                  const unsigned long long*, const unsigned long long*,
                                                  unsigned long long*, const double*, const double*, long long,
                                                  long long, long long, double, double, double);
+template __global__ void momentum_update_to_half<float>(
+    float* const*, const float* const*, float* const*, __half* const*, const unsigned long long*,
+    const unsigned long long*, unsigned long long*, const float*, const float*, long long, long long, long long,
+    float, float, float);
+template __global__ void momentum_update_to_bfloat16<float>(
+    float* const*, const float* const*, float* const*, __nv_bfloat16* const*, const unsigned long long*,
+    const unsigned long long*, unsigned long long*, const float*, const float*, long long, long long, long long,
+    float, float, float);
+template __global__ void momentum_update_to_half<double>(
+    double* const*, const double* const*, double* const*, __half* const*, const unsigned long long*,
+    const unsigned long long*, unsigned long long*, const double*, const double*, long long, long long, long long,
+    double, double, double);
+template __global__ void momentum_update_to_bfloat16<double>(
+    double* const*, const double* const*, double* const*, __nv_bfloat16* const*, const unsigned long long*,
+    const unsigned long long*, unsigned long long*, const double*, const double*, long long, long long, long long,
+    double, double, double);
 template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, long long,
                                                long long);
 template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*,

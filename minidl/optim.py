@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from minidl import kernels
@@ -20,7 +21,11 @@ from minidl.core import Tensor, no_grad
 from minidl.cpu.threads import in_parallel
 from minidl.device import Device
 
-CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update", "find_nonfinite"))
+CU = kernels.KernelFile.beside(__file__, "optim.cu", ("momentum_update", "momentum_update_to_half",
+                                                     "momentum_update_to_bfloat16", "find_nonfinite"))
+# the update that also writes the weights' kept 16-bit casts (minidl.layers.Parameter.cast), by their dtype
+_CAST_KERNELS = {np.dtype(np.float16): "momentum_update_to_half",
+                 np.dtype(ml_dtypes.bfloat16): "momentum_update_to_bfloat16"}
 _STEP_TYPE = np.dtype(np.uint64)  # the kernel's row of step numbers (unsigned long long)
 
 
@@ -47,24 +52,30 @@ class MomentumSGD:
         """
         self.steps += 1
         with no_grad():
-            on_gpus = {}  # (device, dtype) -> launches, each [(p, (w, g, v)), ...]
+            # (device, dtype, dtype of the kept 16-bit casts or None) -> launches, each [(p, (w, g, v, cast)), ...]
+            on_gpus = {}
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
                 v = self._velocity(i, p)
                 if p.device.is_cuda:
-                    launches = on_gpus.setdefault((p.device, p.dtype), [[]])
+                    # a layers.Parameter's kept cast (mixed precision) is written in the same pass
+                    cast = p.current_cast() if hasattr(p, "current_cast") else None
+                    key = (p.device, p.dtype, None if cast is None else cast.dtype)
+                    launches = on_gpus.setdefault(key, [[]])
                     if any(q is p for q, _ in launches[-1]):
                         # listed twice (a shared layer): updated twice, as on the CPU, so in a
                         # second launch, not by two threads of one writing the same weight
                         launches.append([])
-                    launches[-1].append((p, (p.data, p.grad.data, v.data)))
+                    launches[-1].append((p, (p.data, p.grad.data, v.data, cast)))
                 elif halt is None or np.isfinite(halt[p.device]).all():  # on the CPU a read costs nothing
                     with p.device:
                         unscale = None if multiplier is None else float(multiplier[p.device][0])
                         if not self._update_cpu(p.data, p.grad.data, v.data, unscale):
                             self._flag_cpu(p)
-            for (device, dtype), launches in on_gpus.items():
+                    if hasattr(p, "written"):
+                        p.written()  # its kept cast, if any, is stale: the next forward casts again
+            for (device, dtype, cast_dtype), launches in on_gpus.items():
                 with device:
                     stop = self._scalar(device, dtype, halt, 0)
                     scale = self._scalar(device, dtype, multiplier, 1)
@@ -72,8 +83,11 @@ class MomentumSGD:
                     slots = {id(q): k for k, q in enumerate(members)}
                     for launch in launches:
                         params, arrays = zip(*launch)
-                        self._update_gpu(device.xp, dtype, arrays, stop, scale, flags,
+                        self._update_gpu(device.xp, dtype, cast_dtype, arrays, stop, scale, flags,
                                          [slots[id(q)] for q in params])
+                        for p, (_, _, _, cast) in launch:
+                            if hasattr(p, "written"):
+                                p.written(cast)  # updated with the weights (unless the step is skipped: neither)
 
     def _velocity(self, i, p):
         v = self.velocities[i]
@@ -130,20 +144,22 @@ class MomentumSGD:
         in_parallel(update, w, blocks=True)
         return not nonfinite_blocks
 
-    def _update_gpu(self, xp, dtype, arrays, halt, multiplier, flags, slots):
-        """One kernel over every (w, g, v) of the current GPU, all of `dtype`, unless halt is not finite;
-        a parameter it leaves with a weight or velocity that is not finite gets its slot of `flags`."""
-        ws, gs, vs = zip(*arrays)
+    def _update_gpu(self, xp, dtype, cast_dtype, arrays, halt, multiplier, flags, slots):
+        """One kernel over every (w, g, v, cast) of the current GPU, all of `dtype`, unless halt is not finite;
+        a parameter it leaves with a weight or velocity that is not finite gets its slot of `flags`. Where
+        `cast_dtype` (float16 or bfloat16) is given, the kernel also writes each weight into its cast."""
+        ws, gs, vs, casts = zip(*arrays)
         # the kernel reads each array flat: a gradient may be a view (copied here, kept alive by
         # `gs`), while w and v are whole arrays (address_table refuses a non-contiguous one)
         gs = [xp.ascontiguousarray(g) for g in gs]
         ends = np.cumsum([w.size for w in ws]).tolist()
-        table = kernels.address_table([ws, gs, vs, ends, slots])
+        rows = [ws, gs, vs] + ([casts] if cast_dtype is not None else []) + [ends, slots]
+        table = kernels.address_table(rows)
+        name = "momentum_update" if cast_dtype is None else _CAST_KERNELS[np.dtype(cast_dtype)]
         # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in
         # _update_cpu
-        kernels.launch(CU, "momentum_update", dtype, ends[-1], table[0], table[1], table[2],
-                       table[3], table[4], flags, halt, multiplier, self.steps, len(ends), ends[-1],
-                       float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
+        kernels.launch(CU, name, dtype, ends[-1], *table, flags, halt, multiplier, self.steps, len(ends),
+                       ends[-1], float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
 
     def nonfinite_gradients(self, also: Sequence[tuple[Device, Any]] = (),
                             into: Mapping[Device, Any] | None = None) -> dict:

@@ -105,3 +105,39 @@ def test_checkpoints_stay_float32_and_a_run_resumes_in_another_precision(dataset
 def test_a_bad_precision_gets_one_line(tiny_model, tmp_path):
     code, output = run("train", tiny_model, "--precision", "fp8", "--out", tmp_path / "run")
     assert code != 0 and "fp8" in output and "fp16" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_optimizer_writes_each_weights_16_bit_copy_in_its_update(device, precision):
+    """A weight's 16-bit cast is kept (Parameter.cast); on a GPU the momentum kernel writes it with the weight in
+    the same pass, so the next forward casts nothing, and the copy is the new weight rounded, bit for bit; a
+    skipped step leaves both alone. On the CPU, and after any other write (a loaded checkpoint), the copy is
+    stale and the next cast makes a new one."""
+    from minidl.layers import Parameter
+    dtype = HALF[precision]
+    rng = np.random.default_rng(4)
+    p = Parameter(rng.standard_normal((3, 50)).astype(np.float32), device=device)
+    opt = MomentumSGD([p], lr=0.1)
+    first = p.cast(dtype)
+    assert first.dtype == dtype and p.current_cast() is first.data
+    for halt in (0.0, np.nan):
+        p.grad = Tensor(rng.standard_normal((3, 50)).astype(np.float32), device=device)
+        before = p.numpy().copy()
+        opt.step({p.device: Tensor(np.array([halt], np.float32), device=device).data})
+        if device == "cpu":
+            assert p.current_cast() is None  # the CPU updated it in the first step: it casts again when used
+            continue
+        kept = p.current_cast()
+        assert kept is not None
+        with p.device:
+            np.testing.assert_array_equal(kept.get(), p.numpy().astype(dtype))
+        assert np.array_equal(p.numpy(), before) == (halt != 0.0)
+    if device != "cpu":
+        from minidl_emulator.cuda import work
+        done = dict(work)
+        again = p.cast(dtype)
+        assert again.data is p.current_cast() and {k: work[k] - done.get(k, 0) for k in work if k != "bytes"
+                                                    and work[k] != done.get(k, 0)} == {}  # no operation
+    p.written()  # what loading a checkpoint does
+    assert p.current_cast() is None

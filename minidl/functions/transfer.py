@@ -65,14 +65,17 @@ class Copy(Function):
 
 
 class AsType(Function):
+    """x as `dtype`; the gradient cast back. `kept`: x's cast made before (a weight's 16-bit copy that its
+    optimizer wrote with it), returned instead of a new one."""
+
     widens_half = False  # a cast is its own rounding
 
-    def __init__(self, dtype):
-        self.dtype = dtype
+    def __init__(self, dtype, kept=None):
+        self.dtype, self.kept = dtype, kept
 
     def forward(self, x):
         self.in_dtype = x.dtype
-        return x.astype(self.dtype)
+        return x.astype(self.dtype) if self.kept is None else self.kept
 
     def backward(self, gy):
         return gy.astype(self.in_dtype)
@@ -83,5 +86,5 @@ def copy(x: Tensor, device: str | Device) -> Tensor:
     return Copy(as_device(device))(x)
 
 
-def astype(x: Tensor, dtype) -> Tensor:
-    return AsType(dtype)(x)
+def astype(x: Tensor, dtype, kept=None) -> Tensor:
+    return AsType(dtype, kept)(x)

@@ -63,9 +63,10 @@ def stacked_conv2d(convs: Sequence[Conv2d], x: Tensor) -> List[Tensor]:
     if len(convs) < 2 or first.groups != 1 or x.device is not first.device or \
             any(geometry(conv) != geometry(first) for conv in convs):
         return [conv(x) for conv in convs]
-    W = concat([conv.W for conv in convs], axis=0)
-    b = None if first.b is None else concat([conv.b for conv in convs], axis=0)
-    x, W, b = in_compute_dtype(x, W, b)  # the stacked weights cast once
+    # each layer's weights as it computes with them (in 16 bits, their kept casts), then stacked
+    W = concat(in_compute_dtype(*[conv.W for conv in convs]), axis=0)
+    b = None if first.b is None else concat(in_compute_dtype(*[conv.b for conv in convs]), axis=0)
+    (x,) = in_compute_dtype(x)
     ys = split(conv2d(x, W, b, stride=first.stride, pad=first.pad, algorithm=first.algorithm,
                       activation=first.activation),
                [conv.out_channels for conv in convs], axis=1)

@@ -25,6 +25,32 @@ class Parameter(Tensor):
     def __init__(self, data: Any, device: Union[Device, str, None] = None):
         super().__init__(data, requires_grad=True, device=device)
         self.grad_hooks = []  # called with the parameter after backward adds to its .grad (see Tensor.grad_hooks)
+        # mixed precision: the parameter cast to the 16-bit dtype its layers compute in, kept as (array, the data
+        # it was made from, version); the optimizer writes it with the weights (optim.cu), so a step needs no cast
+        self._cast = None
+        self.version = 0  # counts the writes of data (written()): a cast of an older version is stale
+
+    def cast(self, dtype) -> Tensor:
+        """This parameter as `dtype` for a forward (an autograd-visible cast): the kept copy while it is current,
+        else a cast made now, and kept."""
+        current = self.current_cast()
+        if current is not None and current.dtype == dtype:
+            return astype(self, dtype, kept=current)
+        y = astype(self, dtype)
+        self._cast = (y.data, self.data, self.version)
+        return y
+
+    def current_cast(self):
+        """The kept cast, if it is of the data as it is now; else None."""
+        if self._cast is None:
+            return None
+        array, data, version = self._cast
+        return array if data is self.data and version == self.version else None
+
+    def written(self, cast=None) -> None:
+        """Note that data was written (an update, a loaded checkpoint); `cast`: the copy written with it."""
+        self.version += 1
+        self._cast = None if cast is None else (cast, self.data, self.version)
 
 
 ForwardHook = Callable[["Layer", Tuple[Any, ...], Any], None]
@@ -165,8 +191,10 @@ def make_rng(rng: Union[np.random.Generator, int, None]) -> np.random.Generator:
 def in_compute_dtype(*tensors: Tensor | None) -> list:
     """The tensors a convolution or fully connected layer computes with: under "fp16" or "bf16"
     (minidl.precision), each float32 one cast to that 16-bit dtype by an autograd-visible cast, whose gradient
-    comes back float32 (a float32 master weight gets a float32 gradient); otherwise, and for None, as given."""
+    comes back float32 (a float32 master weight gets a float32 gradient; a Parameter's cast is kept,
+    Parameter.cast); otherwise, and for None, as given."""
     dtype = compute_dtype()
     if dtype is None:
         return list(tensors)
-    return [t if t is None or t.dtype != np.float32 else astype(t, dtype) for t in tensors]
+    return [t if t is None or t.dtype != np.float32 else t.cast(dtype) if isinstance(t, Parameter)
+            else astype(t, dtype) for t in tensors]

@@ -182,6 +182,7 @@ class Checkpoint:
                                       f"{saved.shape} in the checkpoint and {p.shape} in the model")
             with p.device:
                 p.data[...] = p.device.xp.asarray(saved, dtype=p.dtype)
+            p.written()  # a kept 16-bit cast of the old weights is stale
 
     def velocities(self, model) -> list:
         """The optimizer's velocities in the order of model.params() (None where there is none yet)."""
