@@ -185,7 +185,8 @@ class Conv2d(Function):
             gcols = gemm.grouped_matmul(W.reshape(g, out // g, -1).swapaxes(-1, -2), gy_groups)
             gx = col2im(gcols.reshape(c, kh, kw, n, oh, ow), h, w, self.stride, self.pad)
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = gy_groups.sum(axis=2).reshape(out)
+            # summed in float32 at least (16-bit gradients: a sum over N*L terms would lose too much)
+            gb = gy_groups.sum(axis=2, dtype=np.promote_types(gy.dtype, np.float32)).reshape(out)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)
 
 

@@ -1,6 +1,8 @@
 """Matrix products: matmul and the fully connected layer's linear map (GEMMs: gemm.py)."""
 from __future__ import annotations
 
+import numpy as np
+
 from minidl.core import Function, Tensor
 from minidl.errors import MinidlError
 from minidl.functions import activation as activations
@@ -61,7 +63,8 @@ class Linear(Function):
         gW = gemm(gy.T, x) if self.needs_grad[1] else None
         if len(self.needs_grad) == 2:
             return gx, gW
-        return gx, gW, gy.sum(axis=0) if self.needs_grad[2] else None
+        # the bias's sum in float32 at least (of 16-bit gradients, a sum over the batch would lose too much)
+        return gx, gW, gy.sum(axis=0, dtype=np.promote_types(gy.dtype, np.float32)) if self.needs_grad[2] else None
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
