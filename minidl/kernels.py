@@ -139,7 +139,8 @@ def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
     """Run `name<T>` (T from `dtype`) over `total` work items on the current stream.
 
     Each argument is packed as its C parameter's exact type: a device array is passed C-contiguous
-    and must hold T, or int32 for an index array, uint8 for pixels, or uint64 for a row of an address_table; a
+    and must hold T (or, for a float16 or bfloat16 kernel, float32: its accumulation type, for the parameters
+    the .cu declares so), or int32 for an index array, uint8 for pixels, or uint64 for a row of an address_table; a
     Python int is a long long (np.int64); a Python float is a T, or a float for a float16 or bfloat16
     kernel (scalar_dtype). A non-contiguous array is copied,
     so an output must come from `empty`, or the kernel would write into the copy.
@@ -154,8 +155,10 @@ def launch(cu_file: KernelFile, name: str, dtype, total: int, *args) -> None:
 def _pack(arg, dtype, what):
     cp = cupy()
     if isinstance(arg, cp.ndarray):
-        if arg.dtype not in (dtype, _INDEX_TYPE, _PIXEL_TYPE, _TABLE_TYPE):
-            raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype} "
+        # a 16-bit kernel may also take float arrays of its accumulation type (loss.cu's log-probabilities)
+        if arg.dtype not in (dtype, scalar_dtype(dtype), _INDEX_TYPE, _PIXEL_TYPE, _TABLE_TYPE):
+            accumulated = "" if scalar_dtype(dtype) == dtype else f", {scalar_dtype(dtype)}"
+            raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype}{accumulated} "
                               "(or int32 indices, uint8 pixels, or a uint64 table) is needed")
         return cp.ascontiguousarray(arg)
     # bool: an int, but never meant as one

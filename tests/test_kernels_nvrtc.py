@@ -19,7 +19,8 @@ except NvrtcUnavailable as e:
 
 # -arch=sm_XX is CuPy's default (a cubin); -arch=compute_XX its CUPY_COMPILE_WITH_PTX=1 path
 ARCHS = ("sm_80", "sm_90", "compute_80", "compute_90")
-MANGLED_TYPE = {"float": "f", "double": "d"}
+# the Itanium mangling of each type a KernelFile may declare (__half and __nv_bfloat16: class names)
+MANGLED_TYPE = {"float": "f", "double": "d", "__half": "6__half", "__nv_bfloat16": "13__nv_bfloat16"}
 
 
 def launched_kernels():
@@ -41,6 +42,12 @@ def test_every_source_is_launched_and_every_launcher_has_a_source():
             "optim.cu", "loss_scale.cu"} <= {
         os.path.basename(p) for p in launched}
     assert set(launched) == {os.path.abspath(p) for p in kernels.kernel_sources()}
+    # issue 28: minidl's own layer kernels also run on float16 and bfloat16; the rest stay float and double
+    by_name = {os.path.basename(p): cu for p, cu in launched.items()}
+    for name in ("conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu"):
+        assert by_name[name].types == kernels.HALF_TYPES, name
+    for name in ("winograd.cu", "to_input.cu", "optim.cu", "loss_scale.cu"):
+        assert by_name[name].types == kernels.FLOAT_TYPES, name
 
 
 def test_options_are_cupys():
@@ -56,7 +63,7 @@ def test_options_are_cupys():
 
 def test_a_shared_header_is_not_found_without_its_include_folder():
     source = next(s for s in kernels.kernel_sources() if os.path.basename(s) == "conv.cu")
-    with pytest.raises(NvrtcCompileError, match="window.cuh"):
+    with pytest.raises(NvrtcCompileError, match=r'cannot open source file "(half|window)\.cuh"'):
         compile_like_cupy(source, launched_kernels()[source].name_expressions())
 
 
@@ -70,7 +77,8 @@ def test_kernel_compiles_like_cupy(source, arch):
                                 extra_options=kernels.include_options(source))
     assert set(lowered) == set(expressions)
     for n in cu.names:
-        for t, code in MANGLED_TYPE.items():
+        for t in (kernels.cuda_type(d) for d in cu.types):
+            code = MANGLED_TYPE[t]
             # the Itanium mangling of a template instance n<T>: _Z <len(n)> n I <T> E ...
             mangled = f"_Z{len(n)}{n}I{code}E"
             assert lowered[f"{n}<{t}>"].startswith(mangled), (source, arch, lowered)

@@ -19,7 +19,8 @@ from minidl.functions.dropout import scaled_mask
 
 CU = kernels.KernelFile.beside(__file__, "activation.cu", (
     "relu_backward", "bias_relu_rows", "bias_relu_dropout_rows", "bias_relu_cnl_to_nchw",
-    "relu_backward_nchw_to_cnl"))
+    "relu_backward_nchw_to_cnl"),
+    types=kernels.HALF_TYPES)
 ACTIVATIONS = (None, "relu")  # what a Conv2d or Linear layer may apply to its output in the same pass
 
 

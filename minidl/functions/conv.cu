@@ -4,6 +4,7 @@
 // divisions that split an index into coordinates are 32-bit wherever the sizes allow
 // (window.cuh's divide), and im2col splits one index per patch, not per element.
 
+#include "half.cuh"
 #include "window.cuh"
 
 // One thread per patch (c, n, oh, ow) copies its KH*KW elements, which lie N*OH*OW apart in
@@ -27,14 +28,15 @@ __global__ void im2col(const T* x, T* cols, long long total, long long N, long l
             bool row_inside = h >= 0 && h < H;
             for (long long kw = 0; kw < KW; ++kw, out += patch_stride) {
                 long long w = left + kw;
-                *out = row_inside && w >= 0 && w < W ? plane[h * W + w] : T(0);
+                *out = row_inside && w >= 0 && w < W ? plane[h * W + w] : from_acc<T>(0);
             }
         }
     }
 }
 
 // One thread per input element: it gathers every patch entry that copied it, so
-// no two threads write one address (no atomics, the same sum order every run).
+// no two threads write one address (no atomics, the same sum order every run). A 16-bit sum is
+// in float, rounded once.
 template <typename T>
 __global__ void col2im(const T* cols, T* x, long long total, long long N, long long C, long long H,
                        long long W, long long KH, long long KW, long long stride, long long pad, long long OH,
@@ -49,15 +51,15 @@ __global__ void col2im(const T* cols, T* x, long long total, long long N, long l
         CoveringOutputs columns = covering_outputs(w, KW, stride, OW);
         const T* patches = cols + (n.remainder * KH * KW * N + n.quotient) * OH * OW;  // cols[c, 0, 0, n]
         long long tap_stride = N * OH * OW;  // between (kh, kw) and the next kw in cols
-        T sum = T(0);
+        typename Acc<T>::type sum = 0;
         for (long long oh = rows.first; oh <= rows.last; ++oh) {
             long long kh = h - oh * stride;
             for (long long ow = columns.first; ow <= columns.last; ++ow) {
                 long long kw = w - ow * stride;
-                sum += patches[(kh * KW + kw) * tap_stride + oh * OW + ow];
+                sum += to_acc(patches[(kh * KW + kw) * tap_stride + oh * OW + ow]);
             }
         }
-        x[i] = sum;
+        x[i] = from_acc<T>(sum);
     }
 }
 
@@ -68,3 +70,5 @@ __global__ void col2im(const T* cols, T* x, long long total, long long N, long l
                                        long long, long long, long long, long long, long long, long long);
 MINIDL_CONV_KERNELS(float)
 MINIDL_CONV_KERNELS(double)
+MINIDL_CONV_KERNELS(__half)
+MINIDL_CONV_KERNELS(__nv_bfloat16)

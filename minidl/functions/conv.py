@@ -22,7 +22,7 @@ from minidl.functions import activation as activations, gemm, winograd
 # output_size stays importable as conv.output_size (tests use it)
 from minidl.functions.conv_arguments import check_arguments, output_size  # noqa: F401
 
-CU = kernels.KernelFile.beside(__file__, "conv.cu", ("im2col", "col2im"))
+CU = kernels.KernelFile.beside(__file__, "conv.cu", ("im2col", "col2im"), types=kernels.HALF_TYPES)
 
 
 # --- im2col: (N, C, H, W) -> patches (C, kh, kw, N, OH, OW), contiguous

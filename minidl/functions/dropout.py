@@ -21,7 +21,7 @@ from minidl.core import Function, Tensor
 from minidl.device import Device
 from minidl.errors import MinidlError
 
-CU = kernels.KernelFile.beside(__file__, "dropout.cu", ("dropout_apply",))
+CU = kernels.KernelFile.beside(__file__, "dropout.cu", ("dropout_apply",), types=kernels.HALF_TYPES)
 
 # splitmix64 (dropout.cu has the same constants): the increment, the golden ratio, and the two
 # mixing multipliers

@@ -2,7 +2,8 @@
 
 On a GPU the loss is two kernels (loss.cu), forward (a warp per row) and
 backward (a thread per element), instead of about twenty whole-array
-operations. Labels given as a host array are checked on the host, before they
+operations; for float16 or bfloat16 logits they compute in float32, and the
+loss (and the log-probabilities kept for backward) are float32. Labels given as a host array are checked on the host, before they
 are copied to the device. Labels already on a GPU are checked there, which
 reads two numbers back to the host (a wait for the device every step), unless
 the caller vouches for them (`checked=True`, as for labels the loader checked
@@ -17,7 +18,8 @@ from minidl.core import Function, Tensor
 from minidl.device import is_array
 from minidl.errors import MinidlError
 
-CU = kernels.KernelFile.beside(__file__, "loss.cu", ("log_softmax_nll", "softmax_nll_backward"))
+CU = kernels.KernelFile.beside(__file__, "loss.cu", ("log_softmax_nll", "softmax_nll_backward"),
+                               types=kernels.HALF_TYPES)
 
 
 def log_softmax_array(xp, logits):
@@ -70,17 +72,21 @@ class SoftmaxCrossEntropy(Function):
         n, classes = logits.shape
         # in 0..classes-1 (checked or vouched for): they fit
         labels = labels.astype(np.int32, copy=False)
-        log_p = kernels.empty(logits.shape, logits.dtype)
-        row_loss = kernels.empty((n,), logits.dtype)
+        # the log-probabilities and losses in the kernels' accumulation type: the logits' dtype, or
+        # float32 for float16 and bfloat16 logits (loss.cu)
+        accumulated = kernels.scalar_dtype(logits.dtype)
+        log_p = kernels.empty(logits.shape, accumulated)
+        row_loss = kernels.empty((n,), accumulated)
         kernels.launch(CU, "log_softmax_nll", logits.dtype, n * 32,  # a warp (32 threads) per row
                        logits, labels, log_p, row_loss, n, classes)
+        self.logits_dtype = logits.dtype
         self.save(log_p, labels)
         return row_loss.mean()
 
     def backward_gpu(self, gy):
         log_p, labels = self.saved
-        gx = kernels.empty(log_p.shape, log_p.dtype)
-        kernels.launch(CU, "softmax_nll_backward", log_p.dtype, log_p.size, log_p, labels,
+        gx = kernels.empty(log_p.shape, self.logits_dtype)
+        kernels.launch(CU, "softmax_nll_backward", self.logits_dtype, log_p.size, log_p, labels,
                        gy.astype(log_p.dtype, copy=False), gx, log_p.size, log_p.shape[1],
                        log_p.shape[0])
         return gx, None

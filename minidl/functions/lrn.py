@@ -17,7 +17,8 @@ from minidl.core import Function, Tensor
 from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 
-CU = kernels.KernelFile.beside(__file__, "lrn.cu", ("lrn_forward", "lrn_backward"))
+CU = kernels.KernelFile.beside(__file__, "lrn.cu", ("lrn_forward", "lrn_backward"),
+                               types=kernels.HALF_TYPES)
 
 
 def window_sum(values, n, out):

@@ -1,8 +1,10 @@
 // Max pooling for pooling.py; x (N, C, H, W), y and argmax (N, C, OH, OW).
 // argmax holds the window offset kh*K + kw of the maximum, the first in scan
 // order on ties (strict >), the same rule as the NumPy path. A NaN is the
-// maximum of its window (the first NaN), as in PyTorch.
+// maximum of its window (the first NaN), as in PyTorch. A 16-bit x is compared in float (half.cuh),
+// its maximum stored as it was read; backward sums a 16-bit gradient in float, rounded once.
 
+#include "half.cuh"
 #include "window.cuh"
 
 template <typename T>
@@ -14,21 +16,21 @@ __global__ void max_pool_forward(const T* x, T* y, int* argmax, long long total,
         QuotientRemainder row_ow = divide(i, OW), nc_oh = divide(row_ow.quotient, OH);
         long long ow = row_ow.remainder, oh = nc_oh.remainder, nc = nc_oh.quotient;
         const T* plane = x + nc * H * W;
-        T best = T(0);
+        typename Acc<T>::type best = 0;
         int best_offset = -1;
         for (long long kh = 0; kh < K; ++kh) {
             long long h = oh * stride - pad + kh;
             for (long long kw = 0; kw < K; ++kw) {
                 long long w = ow * stride - pad + kw;
                 if (h < 0 || h >= H || w < 0 || w >= W) continue;  // padding: -infinity
-                T v = plane[h * W + w];
+                typename Acc<T>::type v = to_acc(plane[h * W + w]);
                 if (best_offset < 0 || v > best || (isnan(v) && !isnan(best))) {
                     best = v;
                     best_offset = (int)(kh * K + kw);
                 }
             }
         }
-        y[i] = best;
+        y[i] = from_acc<T>(best);  // exact: a value of T
         argmax[i] = best_offset;
     }
 }
@@ -48,26 +50,24 @@ __global__ void max_pool_backward(const T* gy, const int* argmax, T* gx, long lo
         long long nc = nc_h.quotient;
         CoveringOutputs rows = covering_outputs(h, K, stride, OH);
         CoveringOutputs columns = covering_outputs(w, K, stride, OW);
-        T sum = T(0);
+        typename Acc<T>::type sum = 0;
         for (long long oh = rows.first; oh <= rows.last; ++oh) {
             for (long long ow = columns.first; ow <= columns.last; ++ow) {
                 long long o = (nc * OH + oh) * OW + ow;
-                if (argmax[o] == (int)((h - oh * stride) * K + (w - ow * stride))) sum += gy[o];
+                if (argmax[o] == (int)((h - oh * stride) * K + (w - ow * stride))) sum += to_acc(gy[o]);
             }
         }
-        gx[i] = sum;
+        gx[i] = from_acc<T>(sum);
     }
 }
 
-template __global__ void max_pool_forward<float>(const float*, float*, int*, long long, long long, long long,
-                                                 long long, long long, long long, long long, long long,
-                                                 long long);
-template __global__ void max_pool_forward<double>(const double*, double*, int*, long long, long long, long long,
-                                                  long long, long long, long long, long long, long long,
+#define MINIDL_POOLING_KERNELS(T)                                                                           \
+    template __global__ void max_pool_forward<T>(const T*, T*, int*, long long, long long, long long, long long, \
+                                                 long long, long long, long long, long long, long long);         \
+    template __global__ void max_pool_backward<T>(const T*, const int*, T*, long long, long long, long long,     \
+                                                  long long, long long, long long, long long, long long,         \
                                                   long long);
-template __global__ void max_pool_backward<float>(const float*, const int*, float*, long long, long long,
-                                                  long long, long long, long long, long long, long long,
-                                                  long long, long long);
-template __global__ void max_pool_backward<double>(const double*, const int*, double*, long long, long long,
-                                                   long long, long long, long long, long long, long long,
-                                                   long long, long long);
+MINIDL_POOLING_KERNELS(float)
+MINIDL_POOLING_KERNELS(double)
+MINIDL_POOLING_KERNELS(__half)
+MINIDL_POOLING_KERNELS(__nv_bfloat16)

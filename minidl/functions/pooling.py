@@ -18,7 +18,8 @@ from minidl.cpu.threads import in_parallel
 from minidl.errors import MinidlError
 from minidl.functions.conv_arguments import output_size
 
-CU = kernels.KernelFile.beside(__file__, "pooling.cu", ("max_pool_forward", "max_pool_backward"))
+CU = kernels.KernelFile.beside(__file__, "pooling.cu", ("max_pool_forward", "max_pool_backward"),
+                               types=kernels.HALF_TYPES)
 
 
 def _strided(array, axis, ksize, stride, count):
