@@ -45,7 +45,7 @@ class LocalResponseNorm(Function):
     def _check(x):
         if x.ndim != 4:
             raise MinidlError(f"local_response_norm wants x of shape (N, C, H, W), got {x.shape}")
-        if x.dtype.kind != "f":
+        if x.dtype.kind != "f" and x.dtype not in kernels.HALF_TYPES:  # bfloat16 is kind "V"
             raise MinidlError(f"local_response_norm needs floating-point x, got {x.dtype}")
 
     def forward_cpu(self, x):

@@ -90,7 +90,8 @@ class MaxPool2d(Function):
         """(OH, OW) for x, checked as both paths need it."""
         if x.ndim != 4:
             raise MinidlError(f"max_pool2d wants x of shape (N, C, H, W), got {x.shape}")
-        if x.dtype.kind != "f":  # as in PyTorch; padding is -infinity, which no integer holds
+        # as in PyTorch; padding is -infinity, which no integer holds (bfloat16 is of kind "V")
+        if x.dtype.kind != "f" and x.dtype not in kernels.HALF_TYPES:
             raise MinidlError(f"max_pool2d needs floating-point x, got {x.dtype}")
         if self.pad * 2 >= self.ksize:
             raise MinidlError(f"max_pool2d padding {self.pad} must be less than half the window "
