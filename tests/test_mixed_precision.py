@@ -18,9 +18,10 @@ HALF = dict(fp16=np.dtype(np.float16), bf16=np.dtype(ml_dtypes.bfloat16))
 # The largest difference of a 30-step loss curve from float32's, relative to max(loss, 0.1) (below 0.1 the
 # loss is near its floor and its relative error grows without meaning). A 16-bit value carries a relative
 # rounding error of up to 2^-11 (fp16) or 2^-8 (bf16); a step rounds a few tens of times along its longest
-# path, and 30 steps compound it: measured on the CPU, at most 0.27% (fp16) and 3.1% (bf16) over three seeds.
-# The bounds leave about 4x (fp16) and 2x (bf16) of that.
-TRACKS_WITHIN = dict(fp16=0.01, bf16=0.06)
+# path, and training compounds it (two runs' curves part like any two nearby trajectories). Measured over
+# three seeds: at most 0.27% (fp16) and 3.1% (bf16) on the CPU, 2.0% and 3.2% on an emulated GPU (which
+# rounds the saved activations too). The bounds are twice the largest.
+TRACKS_WITHIN = dict(fp16=0.04, bf16=0.07)
 
 
 @pytest.fixture
