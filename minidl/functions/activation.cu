@@ -21,7 +21,8 @@ __global__ void relu_backward(const T* y, const T* gy, T* gx, long long total, t
 // Bias + ReLU in one pass after a GEMM (activation.py, bias_relu_*): each reads the GEMM's
 // output once and writes the activation once, where CuPy would launch the add and the maximum
 // apart. NaN propagates as np.maximum(v, 0) does. Indices in 32 bits where they fit (no 64-bit
-// division per element).
+// division per element). The bias b is in the accumulation type: a 16-bit layer keeps its bias
+// float32 (mixed precision: the bias is not cast, its gradient's sum stays float32).
 
 template <typename A>
 __device__ __forceinline__ A relu_of(A v) {
@@ -46,7 +47,7 @@ __device__ __forceinline__ void split_nchw(long long i, long long c, long long l
 
 // A fully connected layer's (rows, features) output, in place: y = relu(y + b[feature])
 template <typename T>
-__global__ void bias_relu_rows(T* y, const T* b, long long features, long long total) {
+__global__ void bias_relu_rows(T* y, const typename Acc<T>::type* b, long long features, long long total) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         long long f = total <= 0xFFFFFFFFLL ? (long long)((unsigned)i % (unsigned)features) : i % features;
@@ -59,8 +60,9 @@ __global__ void bias_relu_rows(T* y, const T* b, long long features, long long t
 // dropout_apply, so the result is the unfused layers' bit for bit: for a 16-bit T the ReLU's
 // value is rounded to T before the product, as bias_relu_rows then dropout_apply round it.
 template <typename T>
-__global__ void bias_relu_dropout_rows(T* y, const T* b, long long features, long long total, long long key,
-                                       long long start, typename Acc<T>::type p, typename Acc<T>::type scale) {
+__global__ void bias_relu_dropout_rows(T* y, const typename Acc<T>::type* b, long long features, long long total,
+                                       long long key, long long start, typename Acc<T>::type p,
+                                       typename Acc<T>::type scale) {
     typedef typename Acc<T>::type A;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
@@ -74,7 +76,7 @@ __global__ void bias_relu_dropout_rows(T* y, const T* b, long long features, lon
 // A convolution's GEMM output, (C, N, L) with L = OH*OW, into a new NCHW array:
 // y[n, c, l] = relu(cnl[c, n, l] + b[c]). A thread per element of y, read in y's order.
 template <typename T>
-__global__ void bias_relu_cnl_to_nchw(const T* cnl, const T* b, T* y, long long n, long long c,
+__global__ void bias_relu_cnl_to_nchw(const T* cnl, const typename Acc<T>::type* b, T* y, long long n, long long c,
                                       long long l, long long total) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
@@ -101,10 +103,10 @@ __global__ void relu_backward_nchw_to_cnl(const T* y, const T* gy, T* g_cnl, lon
 // T, and A = Acc<T>::type: the type of the floating-point scalars
 #define MINIDL_ACTIVATION_KERNELS(T, A)                                                                          \
     template __global__ void relu_backward<T>(const T*, const T*, T*, long long, A);                             \
-    template __global__ void bias_relu_rows<T>(T*, const T*, long long, long long);                              \
-    template __global__ void bias_relu_dropout_rows<T>(T*, const T*, long long, long long, long long, long long, \
+    template __global__ void bias_relu_rows<T>(T*, const A*, long long, long long);                              \
+    template __global__ void bias_relu_dropout_rows<T>(T*, const A*, long long, long long, long long, long long, \
                                                        A, A);                                                    \
-    template __global__ void bias_relu_cnl_to_nchw<T>(const T*, const T*, T*, long long, long long, long long,   \
+    template __global__ void bias_relu_cnl_to_nchw<T>(const T*, const A*, T*, long long, long long, long long,   \
                                                       long long);                                                \
     template __global__ void relu_backward_nchw_to_cnl<T>(const T*, const T*, T*, long long, long long,          \
                                                           long long, long long);

@@ -58,6 +58,7 @@ def bias_relu_rows(y: Array, b: Array, dropout: tuple[float, int, int] | None = 
             p, key, start = dropout
             y *= scaled_mask(key, start, y.shape, p, y.dtype)
         return y
+    b = b.astype(kernels.scalar_dtype(y.dtype), copy=False)  # the kernels' bias: float for a 16-bit y
     if dropout:
         p, key, start = dropout
         kernels.launch(CU, "bias_relu_dropout_rows", y.dtype, y.size, y, b, y.shape[1], y.size, key, start,
@@ -73,6 +74,7 @@ def bias_relu_cnl_to_nchw(cnl: Array, b: Array, n: int, c: int, oh: int, ow: int
         y = cnl.reshape(c, n, oh, ow).transpose(1, 0, 2, 3) + b.reshape(1, c, 1, 1)
         return np.maximum(y, 0, out=y)
     y = kernels.empty((n, c, oh, ow), cnl.dtype)
+    b = b.astype(kernels.scalar_dtype(cnl.dtype), copy=False)  # the kernels' bias: float for a 16-bit y
     kernels.launch(CU, "bias_relu_cnl_to_nchw", cnl.dtype, y.size, cnl, b, y, n, c, oh * ow, y.size)
     return y
 

@@ -160,7 +160,8 @@ class Conv2d(Function):
         else:
             y = y.reshape(out, n, oh, ow).transpose(1, 0, 2, 3)
             # either way a new NCHW array
-            y = y + b.reshape(1, out, 1, 1) if b is not None else y.copy()
+            # (a float32 bias of a 16-bit y: added in float32, rounded to y's dtype)
+            y = (y + b.reshape(1, out, 1, 1)).astype(y.dtype, copy=False) if b is not None else y.copy()
             if self.activation:
                 y = activations.relu_array(y)
         self.save(cols, W, y if self.activation else None)

@@ -35,8 +35,8 @@ class Conv2d(Layer):
         self.b = Parameter(b_init((out_channels,), rng), device=self.device) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x, W, b = in_compute_dtype(x, self.W, self.b)
-        return conv2d(x, W, b, stride=self.stride, pad=self.pad, groups=self.groups,
+        x, W = in_compute_dtype(x, self.W)  # the bias stays float32 (functions/activation.cu)
+        return conv2d(x, W, self.b, stride=self.stride, pad=self.pad, groups=self.groups,
                       algorithm=self.algorithm, activation=self.activation)
 
     def describe(self) -> str:
@@ -65,7 +65,7 @@ def stacked_conv2d(convs: Sequence[Conv2d], x: Tensor) -> List[Tensor]:
         return [conv(x) for conv in convs]
     # each layer's weights as it computes with them (in 16 bits, their kept casts), then stacked
     W = concat(in_compute_dtype(*[conv.W for conv in convs]), axis=0)
-    b = None if first.b is None else concat(in_compute_dtype(*[conv.b for conv in convs]), axis=0)
+    b = None if first.b is None else concat([conv.b for conv in convs], axis=0)  # float32 in any precision
     (x,) = in_compute_dtype(x)
     ys = split(conv2d(x, W, b, stride=first.stride, pad=first.pad, algorithm=first.algorithm,
                       activation=first.activation),

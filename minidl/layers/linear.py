@@ -39,8 +39,8 @@ class Linear(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
-        x, W, b = in_compute_dtype(x, self.W, self.b)
-        return linear(x, W, b, activation=self.activation, dropout=p, generator=self.generator)
+        x, W = in_compute_dtype(x, self.W)  # the bias stays float32 (functions/activation.cu)
+        return linear(x, W, self.b, activation=self.activation, dropout=p, generator=self.generator)
 
     def describe(self) -> str:
         return (f"Linear({self.in_features}->{self.out_features})" + (" + ReLU" if self.activation else "")
