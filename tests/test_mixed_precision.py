@@ -142,3 +142,23 @@ def test_the_optimizer_writes_each_weights_16_bit_copy_in_its_update(device, pre
                                                     and work[k] != done.get(k, 0)} == {}  # no operation
     p.written()  # what loading a checkpoint does
     assert p.current_cast() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_minidl_train_and_evaluate_in_16_bits_on_a_gpu(dataset, tiny_model, tmp_path, precision, precision_restored):
+    """The trainer's whole step on a GPU in 16 bits (the uint8 input finished in float32 and cast, the loss
+    float32, fp16 with loss scaling): its interval losses within TRACKS_WITHIN of an fp32 run's, its checkpoint
+    float32 and finite; evaluate in the same precision."""
+    common = dict(data=dataset, devices="cuda:0", max_steps=4, log_every=1, epochs=1)
+    reference = train(tiny_model, out_dir=tmp_path / "fp32", precision="fp32", **common)["interval_loss"]
+    half = train(tiny_model, out_dir=tmp_path / precision, precision=precision, **common)["interval_loss"]
+    assert len(half) == len(reference) >= 3
+    gap = np.abs(np.array(half) - reference) / np.maximum(reference, 0.1)
+    assert gap.max() <= TRACKS_WITHIN[precision], gap
+    checkpoint = load_checkpoint(str(tmp_path / precision / "last.h5"))
+    assert (checkpoint.loss_scale is not None) == (precision == "fp16")
+    assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in checkpoint.params.values())
+    code, output = run("evaluate", tmp_path / precision / "last.h5", "--data", dataset, "--model", tiny_model,
+                       "--devices", "cuda:0", "--precision", precision)
+    assert code == 0 and "top-1" in output, output
