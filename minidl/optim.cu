@@ -108,22 +108,16 @@ template __global__ void momentum_update<double>(double* const*, const double* c
                                                  const unsigned long long*, const unsigned long long*,
                                                  unsigned long long*, const double*, const double*, long long,
                                                  long long, long long, double, double, double);
-template __global__ void momentum_update_to_half<float>(
-    float* const*, const float* const*, float* const*, __half* const*, const unsigned long long*,
-    const unsigned long long*, unsigned long long*, const float*, const float*, long long, long long, long long,
-    float, float, float);
-template __global__ void momentum_update_to_bfloat16<float>(
-    float* const*, const float* const*, float* const*, __nv_bfloat16* const*, const unsigned long long*,
-    const unsigned long long*, unsigned long long*, const float*, const float*, long long, long long, long long,
-    float, float, float);
-template __global__ void momentum_update_to_half<double>(
-    double* const*, const double* const*, double* const*, __half* const*, const unsigned long long*,
-    const unsigned long long*, unsigned long long*, const double*, const double*, long long, long long, long long,
-    double, double, double);
-template __global__ void momentum_update_to_bfloat16<double>(
-    double* const*, const double* const*, double* const*, __nv_bfloat16* const*, const unsigned long long*,
-    const unsigned long long*, unsigned long long*, const double*, const double*, long long, long long, long long,
-    double, double, double);
+// the updates that write 16-bit copies, for master weights T
+#define MINIDL_MOMENTUM_COPY(NAME, T, COPY)                                                                     \
+    template __global__ void NAME<T>(T* const*, const T* const*, T* const*, COPY* const*,                      \
+                                     const unsigned long long*, const unsigned long long*, unsigned long long*, \
+                                     const T*, const T*, long long, long long, long long, T, T, T);
+MINIDL_MOMENTUM_COPY(momentum_update_to_half, float, __half)
+MINIDL_MOMENTUM_COPY(momentum_update_to_bfloat16, float, __nv_bfloat16)
+MINIDL_MOMENTUM_COPY(momentum_update_to_half, double, __half)
+MINIDL_MOMENTUM_COPY(momentum_update_to_bfloat16, double, __nv_bfloat16)
+#undef MINIDL_MOMENTUM_COPY
 template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, long long,
                                                long long);
 template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*,
