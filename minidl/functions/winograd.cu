@@ -3,8 +3,11 @@
 // products are one GEMM, as on the CPU. Tile (i, j) covers the rows i*m - pad ..
 // i*m - pad + t - 1 of x and the columns likewise; t = m + r - 1 for input tiles of
 // r x r filters (neighbours overlap by r - 1), t = m for output blocks. Indices are
-// 64-bit and every kernel is a grid-stride loop.
+// 64-bit and every kernel is a grid-stride loop. T is float, double, __half or __nv_bfloat16: gather_tiles
+// copies (exact in any T), scatter_tiles sums in Acc<T> (float for the 16-bit types, half.cuh) and rounds
+// once when it stores, so its float and double instantiations are the code of before.
 
+#include "half.cuh"
 #include "window.cuh"
 
 // One thread per tile element: a copy of its pixel, zero outside the maps.
@@ -21,7 +24,7 @@ __global__ void gather_tiles(const T* x, T* tiles, long long total, long long N,
         long long a = i / (C * TW * TH * N * t);
         long long h = th * m - pad + a;
         long long w = tw * m - pad + b;
-        tiles[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((n * C + c) * H + h) * W + w] : T(0);
+        tiles[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((n * C + c) * H + h) * W + w] : from_acc<T>(0);
     }
 }
 
@@ -38,15 +41,15 @@ __global__ void scatter_tiles(const T* tiles, T* x, long long total, long long N
         long long n = i / (W * H * C);
         CoveringOutputs rows = covering_outputs(h, t, m, TH);
         CoveringOutputs columns = covering_outputs(w, t, m, TW);
-        T sum = T(0);
+        typename Acc<T>::type sum = 0;
         for (long long th = rows.first; th <= rows.last; ++th) {
             long long a = h - th * m;
             for (long long tw = columns.first; tw <= columns.last; ++tw) {
                 long long b = w - tw * m;
-                sum += tiles[((((a * t + b) * N + n) * TH + th) * TW + tw) * C + c];
+                sum += to_acc(tiles[((((a * t + b) * N + n) * TH + th) * TW + tw) * C + c]);
             }
         }
-        x[i] = sum;
+        x[i] = from_acc<T>(sum);
     }
 }
 
@@ -59,3 +62,5 @@ __global__ void scatter_tiles(const T* tiles, T* x, long long total, long long N
                                               long long);
 MINIDL_WINOGRAD_KERNELS(float)
 MINIDL_WINOGRAD_KERNELS(double)
+MINIDL_WINOGRAD_KERNELS(__half)
+MINIDL_WINOGRAD_KERNELS(__nv_bfloat16)
