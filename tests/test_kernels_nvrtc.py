@@ -42,12 +42,14 @@ def test_every_source_is_launched_and_every_launcher_has_a_source():
             "optim.cu", "loss_scale.cu"} <= {
         os.path.basename(p) for p in launched}
     assert set(launched) == {os.path.abspath(p) for p in kernels.kernel_sources()}
-    # issue 28: minidl's own layer kernels also run on float16 and bfloat16; the rest stay float and double
+    # issue 28: minidl's own layer kernels (and Winograd's tile copies) also run on float16 and bfloat16; the
+    # input's kernel writes float32, float16 or bfloat16; the rest stay float and double
     by_name = {os.path.basename(p): cu for p, cu in launched.items()}
-    for name in ("conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu"):
+    for name in ("conv.cu", "lrn.cu", "pooling.cu", "activation.cu", "dropout.cu", "loss.cu", "winograd.cu"):
         assert by_name[name].types == kernels.HALF_TYPES, name
-    for name in ("winograd.cu", "to_input.cu", "optim.cu", "loss_scale.cu"):
+    for name in ("optim.cu", "loss_scale.cu"):
         assert by_name[name].types == kernels.FLOAT_TYPES, name
+    assert [str(t) for t in by_name["to_input.cu"].types] == ["float32", "float16", "bfloat16"]
 
 
 def test_options_are_cupys():

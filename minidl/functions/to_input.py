@@ -2,6 +2,8 @@
 
     x[n, c, y, x] = ((crop[n, y, x, c] - mean[where's pixel, c]) + shift[n, c]) * scale   (float32 NCHW)
 
+computed in float32; an output of float16 or bfloat16 (the compute dtype under the "fp16" and "bf16"
+precisions, so that the first layer needs no cast of its own) is that float32 value rounded once.
 The CPU cuts the crops (minidl.data); this finishes them on their device. CPU: NumPy, the loader's
 arithmetic step by step on mirrored crops (`crops_to_input_cpu`, the reference). GPU: to_input.cu,
 one thread per output value, which also mirrors (the CPU then cuts plain windows, contiguous copies),
@@ -12,20 +14,44 @@ from __future__ import annotations
 
 import numpy as np
 
+import ml_dtypes
+
 from minidl import kernels
 from minidl.data.augment import Crops, crop_and_flip, subtract_mean, to_nchw
 from minidl.device import Device, device as as_device
+from minidl.errors import MinidlError
+from minidl.precision import compute_dtype
 
-CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",))
+# the input's dtypes: float32, or a 16-bit compute dtype (mean, shift and scale stay float32 for all)
+OUTPUT_TYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",), types=OUTPUT_TYPES)
+
+
+def output_dtype(dtype) -> np.dtype:
+    """`dtype` as a NumPy dtype, if it is one of OUTPUT_TYPES; else a MinidlError naming them."""
+    dtype = np.dtype(dtype)
+    if dtype not in OUTPUT_TYPES:
+        names = ", ".join(str(t) for t in OUTPUT_TYPES)
+        raise MinidlError(f"the network's input is {names}, not {dtype}")
+    return dtype
 
 
 def crops_to_input_cpu(crops: np.ndarray, mean: np.ndarray, where: Crops, shift: np.ndarray | None,
-                       scale: float, out: np.ndarray | None = None) -> np.ndarray:
+                       scale: float, out: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
     """uint8 (N, crop, crop, 3) crops cut at `where` -> float32 (N, 3, crop, crop), into `out` if given; `mean`
-    is (S, S, 3) or (3,), `shift` float32 (N, 3) or None."""
+    is (S, S, 3) or (3,), `shift` float32 (N, 3) or None. `dtype` (out's own if given): float32, or float16 or
+    bfloat16, the float32 result rounded once."""
+    dtype = output_dtype(dtype if out is None else out.dtype)
     x = subtract_mean(crops, mean, crops.shape[1], where)
     if shift is not None:
         x += shift[:, None, None, :]
+    if dtype != np.float32:  # the same float32 operations (an elementwise product: its order is free), one rounding
+        if scale != 1:
+            x *= np.float32(scale)
+        if out is None:
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=dtype)
+        out[...] = x.transpose(0, 3, 1, 2)
+        return out
     if out is None:
         out = to_nchw(x)
     else:
@@ -35,27 +61,35 @@ def crops_to_input_cpu(crops: np.ndarray, mean: np.ndarray, where: Crops, shift:
     return out
 
 
-def crops_to_input_gpu(windows, mean, where, shift, scale: float):
+def crops_to_input_gpu(windows, mean, where, shift, scale: float, dtype=np.float32):
     """The kernel, on device arrays of the current GPU: windows uint8 (N, crop, crop, 3), not mirrored, mean
-    float32 (S, S, 3), where int32 (N, 3) rows of (top, left, mirrored), shift float32 (N, 3)."""
+    float32 (S, S, 3), where int32 (N, 3) rows of (top, left, mirrored), shift float32 (N, 3). The input's
+    `dtype`: float32, or float16 or bfloat16 (the float32 value rounded once)."""
+    dtype = output_dtype(dtype)
     count, crop = windows.shape[:2]
-    out = kernels.empty((count, 3, crop, crop), np.float32)
-    kernels.launch(CU, "crops_to_input", np.float32, out.size, windows, mean, where, shift, out, out.size, crop,
+    out = kernels.empty((count, 3, crop, crop), dtype)
+    kernels.launch(CU, "crops_to_input", dtype, out.size, windows, mean, where, shift, out, out.size, crop,
                    mean.shape[0], float(scale))
     return out
 
 
 class InputFeed:
-    """Host uint8 windows (crops not yet mirrored) -> the network's float32 input on `device` (NumPy on the CPU).
+    """Host uint8 windows (crops not yet mirrored) -> the network's input on `device` (NumPy on the CPU).
+
+    The input's dtype: `dtype` if given (float32, float16 or bfloat16); else, on a GPU, the precision's 16-bit
+    compute dtype under "fp16" and "bf16" (minidl.precision.compute_dtype, read at each call: the input is
+    uploaded and finished in 16 bits, and the first layer has nothing to cast) and float32 otherwise; on the
+    CPU float32 (its Functions compute 16-bit arrays in float32 anyway).
 
     A GPU's windows go through two pinned host buffers in turn (grown when a batch needs more):
     a call waits for the copy out of its buffer two calls ago only if it has not finished. Not
     for use by two threads at once.
     """
 
-    def __init__(self, device: Device | str | None, mean: np.ndarray, scale: float) -> None:
+    def __init__(self, device: Device | str | None, mean: np.ndarray, scale: float, dtype=None) -> None:
         """`mean`: the (S, S, 3) mean image the crops were cut from (a per-channel mean spread over it)."""
         self.device, self.scale = as_device(device), scale
+        self.dtype = None if dtype is None else output_dtype(dtype)
         self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         # two pinned buffers in turn, each with the event after its last copy out: a batch is staged while
         # the previous one's copy may still run
@@ -65,7 +99,8 @@ class InputFeed:
         if not self.device.is_cuda:
             zero = np.zeros(len(crops), int)
             mirrored = crop_and_flip(crops, crops.shape[1], Crops(zero, zero, where.flips))
-            return crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale)
+            return crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale,
+                                      dtype=np.float32 if self.dtype is None else self.dtype)
         xp = self.device.xp
         with self.device:
             if self._device_mean is None:
@@ -80,7 +115,15 @@ class InputFeed:
             if shift is not None:
                 rows[1] = np.asarray(shift, np.float32).view(np.int32)
             rows = xp.asarray(rows)
-            return crops_to_input_gpu(on_device, self._device_mean, rows[0], rows[1].view(np.float32), self.scale)
+            return crops_to_input_gpu(on_device, self._device_mean, rows[0], rows[1].view(np.float32), self.scale,
+                                      self.output_dtype())
+
+    def output_dtype(self) -> np.dtype:
+        """The dtype of a GPU call's input now: `dtype` if given, else the precision's compute dtype or float32."""
+        if self.dtype is not None:
+            return self.dtype
+        dtype = compute_dtype()  # (a dtype's truth is its count of fields: compared with None, not by `or`)
+        return np.dtype(np.float32 if dtype is None else dtype)
 
     def _staged(self, crops):
         """`crops` copied into the pinned buffer, once the last copy from it is done."""
