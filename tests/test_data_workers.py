@@ -18,6 +18,7 @@ from minidl.data.loader import Loader, default_workers
 from minidl.device import device
 from minidl.errors import DataError, MinidlError
 from minidl.functions.to_input import InputFeed, crops_to_input_cpu
+from minidl.precision import DEFAULT_PRECISION, compute_dtype, set_precision
 
 COUNT = 40
 
@@ -67,6 +68,33 @@ def test_a_gpu_gets_the_cpu_s_batches_bit_for_bit(dataset, case):
     expected = batches_of(Loader(dataset, seed=4, **CASES[case]))
     for workers in (0, 2):
         assert_same(batches_of(Loader(dataset, seed=4, workers=workers, device="cuda:0", **CASES[case])), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_under_a_16_bit_precision_a_gpu_gets_the_cpu_s_batches_rounded_once(dataset, precision):
+    """The GPU's InputFeed finishes the input in the compute dtype (to_input.cu rounds its float32 value once);
+    the CPU's loader stays float32."""
+    expected = batches_of(Loader(dataset, seed=4, **CASES["train"]))
+    try:
+        set_precision(precision)
+        got = batches_of(Loader(dataset, seed=4, device="cuda:0", **CASES["train"]))
+        assert [x.dtype for x, _ in batches_of(Loader(dataset, seed=4, **CASES["train"]))] == [np.float32] * len(got)
+    finally:
+        set_precision(DEFAULT_PRECISION)
+    assert len(got) == len(expected)
+    for (xa, ya), (xb, yb) in zip(got, expected):
+        assert xa.dtype == compute_dtype_of(precision)
+        np.testing.assert_array_equal(xa.view(np.uint16), xb.astype(xa.dtype).view(np.uint16))
+        np.testing.assert_array_equal(ya, yb)
+
+
+def compute_dtype_of(precision):
+    try:
+        set_precision(precision)
+        return compute_dtype()
+    finally:
+        set_precision(DEFAULT_PRECISION)
 
 
 @pytest.mark.gpu

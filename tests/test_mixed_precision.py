@@ -147,7 +147,7 @@ def test_the_optimizer_writes_each_weights_16_bit_copy_in_its_update(device, pre
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_minidl_train_and_evaluate_in_16_bits_on_a_gpu(dataset, tiny_model, tmp_path, precision, precision_restored):
-    """The trainer's whole step on a GPU in 16 bits (the uint8 input finished in float32 and cast, the loss
+    """The trainer's whole step on a GPU in 16 bits (the uint8 input finished in 16 bits by to_input.cu, the loss
     float32, fp16 with loss scaling): its interval losses within TRACKS_WITHIN of an fp32 run's, its checkpoint
     float32 and finite; evaluate in the same precision."""
     common = dict(data=dataset, devices="cuda:0", max_steps=4, log_every=1, epochs=1)

@@ -61,7 +61,8 @@ class BatchPlan(NamedTuple):
 
 
 class Loader:
-    """Mini-batches (x float32 NCHW, y int64) of one split of a dataset file.
+    """Mini-batches (x float32 NCHW, y int64) of one split of a dataset file; on a GPU under the "fp16" and
+    "bf16" precisions x is in their 16-bit compute dtype (to_input.InputFeed), the float32 values rounded once.
     augment=True: random crop + mirror, PCA lighting (pca_sigma; 0 turns it off). augment=False:
     the centre crop, or with ten_crop the paper's 10 crops, x (B, 10, 3, crop, crop) in TEN_CROP_ORDER.
     mean="pixel" subtracts the dataset's mean image, "channel" its mean RGB, an (S, S, 3) array that.
@@ -277,7 +278,8 @@ class Loader:
 
 class Batches:
     """An epoch's batches (x on the loader's device, y int64) made ahead (by a WorkerPool or a BackgroundIterator):
-    uint8 windows finished by `feed` on a GPU, or float32 inputs when `feed` is None. close() stops their makers.
+    uint8 windows finished by `feed` on a GPU (float32, or the precision's 16-bit compute dtype: InputFeed),
+    or float32 inputs when `feed` is None. close() stops their makers.
     `delivery_rate()`: the images/s the makers and the feed could deliver since the last call (the makers'
     time shared among them), whatever the consumer's pace."""
 
