@@ -1,18 +1,17 @@
 """float16 and bfloat16 in the two kernel files that test_kernels_half.py leaves out (issue 28): winograd.cu's
 tile copies and the Winograd convolution on a GPU, and to_input.cu's network input in the compute dtype.
 
-- gather_tiles copies and scatter_tiles sums in float and rounds once (half.cuh): the 16-bit kernels equal,
-  bit for bit, the float kernels on the same values (exact in float) with their results rounded once.
+- gather_tiles widens 16-bit maps into float32 tiles (exact) and scatter_tiles sums float32 tiles in float and
+  rounds once (half.cuh): bit for bit the float kernels on the same values, their results rounded once.
+- The Winograd convolution of 16-bit x, W and gy computes in float32 (winograd.py): y without a bias, gx and gW
+  are bit for bit the float32 path's on the same values rounded once; a float32 bias is then added in float32
+  and rounded once more. Against the exact convolution (float64) of the same 16-bit values, rounded once to the
+  16-bit dtype, an output is then within u |y| (y's rounding) + u |y + b| (the bias's) + u |y + b| (the
+  reference's), u = 2^-11 for float16 and 2^-8 for bfloat16, plus the float32 path's error, at most
+  2^-16 S here (S = |A^T| (|B^T| |d| |B|) |U| |A| with absolute values throughout, computed with winograd.py's
+  CPU transforms; float32's error is a few hundred 2^-24 S at most for these sums of at most ~100 terms).
 - crops_to_input computes in float exactly as its float32 instantiation and rounds once when it stores: its
   16-bit output is the float32 output rounded to the 16-bit dtype, bit for bit, and so is the NumPy path's.
-- The Winograd convolution stores its tiles V = B^T d B, products M = V U and output blocks Y = A^T M A in
-  16 bits, each a float32 result rounded once (relative error u: 2^-11 for float16, 2^-8 for bfloat16), and
-  adds the float32 bias with one more rounding. Against the exact convolution of the same 16-bit inputs
-  (float64, rounded once to the 16-bit dtype), the error of an output is then at most
-  3u S + 2u |y| (+ float32's own error, ~2^-24 S), S = |A^T| (|B^T| |d| |B|) |U| |A| with absolute values
-  throughout (the bound of |Y| and of every intermediate that feeds it): V's rounding reaches M as u |V||U|,
-  M's own is u |M|, both carried by |A^T| . |A| (2u S); Y's rounding is u |Y| <= u S; the bias's rounding and
-  the reference's are u |y| each. S is computed with winograd.py's CPU transforms on |d| and |B^T|, |A^T|.
 """
 import ml_dtypes
 import numpy as np
@@ -80,19 +79,21 @@ def test_gather_and_scatter_tiles_are_the_float_kernels_rounded_once(dtype, t, m
     size = t * t * n * tiles_h * tiles_w * c
 
     def gather(a):
-        out = kernels.empty((size,), a.dtype)
+        out = kernels.empty((size,), np.float32)  # the tiles: float32 for 16-bit maps too
         kernels.launch(winograd.CU, "gather_tiles", a.dtype, size, to_gpu(a), out, size, *shape)
         return host(out)
-    assert_exact(gather(x), gather(f32(x)).astype(dtype))  # a copy, zeros past the edges
+    gathered = gather(x)
+    assert gathered.dtype == np.float32
+    np.testing.assert_array_equal(gathered, gather(f32(x)))  # a widening copy, zeros past the edges
 
-    tiles = rng.normal(0, 1, size).astype(dtype)
+    tiles = rng.normal(0, 1, size).astype(np.float32)
 
-    def scatter(a):
-        out = kernels.empty((n, c, h, w), a.dtype)
-        kernels.launch(winograd.CU, "scatter_tiles", a.dtype, out.size, to_gpu(a), out, out.size, *shape)
+    def scatter(dtype):
+        out = kernels.empty((n, c, h, w), dtype)
+        kernels.launch(winograd.CU, "scatter_tiles", dtype, out.size, to_gpu(tiles), out, out.size, *shape)
         return host(out)
     # the same float sums in the same order, then one rounding
-    assert_exact(scatter(tiles), scatter(f32(tiles)).astype(dtype))
+    assert_exact(scatter(dtype), scatter(np.float32).astype(dtype))
 
 
 # --- the Winograd convolution on a GPU in 16 bits
@@ -132,42 +133,79 @@ def winograd_bound_scale(x, W, pad, groups, m, r):
                                 (n, out, oh, ow), tiles_h, tiles_w)
 
 
-@pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("m, r, groups, bias", [(2, 3, 1, True), (4, 3, 2, False), (5, 3, 1, True),
-                                                (3, 5, 1, True), (4, 5, 1, False)])
-def test_the_winograd_convolution_in_16_bits_is_within_its_rounding_bound(dtype, m, r, groups, bias, gpu, rng):
-    pad = r // 2
-    x = rng.normal(0, 1, (2, 4, 11, 10)).astype(dtype)
-    W = rng.normal(0, 0.3, (6, 4 // groups, r, r)).astype(dtype)
+CONVOLUTIONS = [(2, 3, 1, 1, True), (4, 3, 2, 1, False), (5, 3, 1, 1, True), (3, 5, 1, 1, True),
+                (4, 5, 1, 1, False), (None, 11, 1, 4, True)]  # (tile, k, groups, stride, bias)
+
+
+def winograd_on(x, W, b, pad, groups, tile, stride, gy):
+    """winograd_conv_forward and _backward on the GPU: (y, gx, gW, gb) on the host."""
+    y, saved = winograd.winograd_conv_forward(to_gpu(x), to_gpu(W), None if b is None else to_gpu(b), pad, groups,
+                                              tile, stride)
+    gx, gW, gb = winograd.winograd_conv_backward(to_gpu(gy), W.shape, saved, (True, True, b is not None))
+    return [None if a is None else host(a) for a in (y, gx, gW, gb)]
+
+
+def case_values(rng, dtype, k, groups, stride, bias):
+    pad = 1 if stride > 1 else k // 2
+    x = rng.normal(0, 1, (2, 4, 19, 17)).astype(dtype)
+    W = rng.normal(0, 0.3, (6, 4 // groups, k, k)).astype(dtype)
     b = rng.normal(0, 1, 6).astype(np.float32) if bias else None
-    y, saved = winograd.winograd_conv_forward(to_gpu(x), to_gpu(W), None if b is None else to_gpu(b), pad, groups, m)
-    assert y.dtype == dtype and y.shape == (2, 6, 11, 10)
+    oh, ow = (19 + 2 * pad - k) // stride + 1, (17 + 2 * pad - k) // stride + 1
+    gy = rng.normal(0, 1, (2, 6, oh, ow)).astype(dtype)
+    return x, W, b, pad, gy
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("tile, k, groups, stride, bias", CONVOLUTIONS)
+def test_the_16_bit_winograd_convolution_is_the_float32_one_rounded_once(dtype, tile, k, groups, stride, bias,
+                                                                          gpu, rng):
+    x, W, b, pad, gy = case_values(rng, dtype, k, groups, stride, bias)
+    y, gx, gW, gb = winograd_on(x, W, b, pad, groups, tile, stride, gy)
+    y32, gx32, gW32, gb32 = winograd_on(f32(x), f32(W), None, pad, groups, tile, stride, f32(gy))
+    expected_y = y32.astype(dtype) if b is None else (f32(y32.astype(dtype)) + b.reshape(1, -1, 1, 1)).astype(dtype)
+    assert_exact(y, expected_y)
+    assert_exact(gx, gx32.astype(dtype))
+    assert_exact(gW, gW32.astype(dtype))
+    if b is not None:  # float32 sums of the same values (in the order the reduction takes)
+        assert gb.dtype == np.float32
+        np.testing.assert_allclose(gb, f32(gy).sum(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("tile, k, groups, bias", [c[:3] + c[4:] for c in CONVOLUTIONS if c[3] == 1])
+def test_the_16_bit_winograd_convolution_is_within_its_rounding_bound(dtype, tile, k, groups, bias, gpu, rng):
+    x, W, b, pad, gy = case_values(rng, dtype, k, groups, 1, bias)
+    y = winograd_on(x, W, b, pad, groups, tile, 1, gy)[0]
+    assert y.dtype == dtype
     exact = direct_conv64(x, W, b, pad, groups)
-    got, expected = f32(host(y)), f32(exact.astype(np.float32).astype(dtype))
+    expected = exact.astype(np.float32).astype(dtype)
     u = UNIT_ROUNDOFF[dtype]
-    S = winograd_bound_scale(x, W, pad, groups, m, r)
-    bound = 3 * u * S + 2 * u * np.abs(exact) + 2.0 ** -20 * S
-    error = np.abs(got - expected)
+    S = winograd_bound_scale(x, W, pad, groups, tile, k)
+    without_bias = exact - (0 if b is None else b.reshape(1, -1, 1, 1))
+    bound = u * np.abs(without_bias) + 2 * u * np.abs(exact) + 2.0 ** -16 * S
+    error = np.abs(f32(y) - f32(expected))
     assert np.all(error <= bound), f"{(error / bound).max():.2f} times the bound"
 
 
-@pytest.mark.parametrize("dtype", HALVES)
-def test_the_winograd_gradients_in_16_bits_track_float32(dtype, gpu, rng):
-    """gx and gW come back in the 16-bit dtype, gb in float32, each near the float32 path's on the same values
-    (a sanity check: each value is a sum of many rounded ones, so relative to the largest value, not a bound)."""
-    x = rng.normal(0, 1, (2, 4, 9, 9)).astype(dtype)
-    W = rng.normal(0, 0.3, (6, 4, 3, 3)).astype(dtype)
-    gy = rng.normal(0, 1, (2, 6, 9, 9)).astype(dtype)
-    results = []
-    for cast in (lambda a: a, f32):
-        y, saved = winograd.winograd_conv_forward(to_gpu(cast(x)), to_gpu(cast(W)), None, 1, 1, 4)
-        results.append([host(g) for g in winograd.winograd_conv_backward(to_gpu(cast(gy)), W.shape, saved,
-                                                                          (True, True, True))])
-    (gx, gW, gb), (gx32, gW32, gb32) = results
-    assert gx.dtype == gW.dtype == dtype and gb.dtype == np.float32
-    u = UNIT_ROUNDOFF[dtype]
-    for got, want in ((gx, gx32), (gW, gW32), (gb, gb32)):
-        assert np.abs(f32(got) - want).max() <= 16 * u * np.abs(want).max()
+@pytest.mark.parametrize("stride, k", [(1, 3), (4, 11)])
+def test_float16_winograd_through_conv2d(stride, k, rng):
+    """conv2d(algorithm="winograd") on float16 Tensors with a float32 bias (the layers' mixed precision): float16
+    y, gx and gW and a float32 gb, each within a few float16 ulps of the direct path's (both round float32
+    results: 8 u of the largest value)."""
+    import minidl.functions as F
+    from minidl import Tensor
+    x = rng.normal(0, 1, (2, 3, 19, 19)).astype(F16)
+    W = rng.normal(0, 0.2, (4, 3, k, k)).astype(F16)
+    b = rng.normal(0, 1, 4).astype(np.float32)
+    outputs = []
+    for algorithm in ("winograd", "direct"):
+        t, w, bias = (Tensor(a, device="cuda:0", requires_grad=True) for a in (x, W, b))
+        y = F.conv2d(t, w, bias, stride, 1, algorithm=algorithm)  # (no ReLU: its mask would differ where y ~ 0)
+        F.sum(y).backward()
+        outputs.append([f32(a.numpy()) for a in (y, t.grad, w.grad, bias.grad)])
+        assert y.dtype == t.grad.dtype == w.grad.dtype == F16 and bias.grad.dtype == np.float32
+    for got, want in zip(*outputs):
+        assert np.abs(got - want).max() <= 8 * UNIT_ROUNDOFF[F16] * np.abs(want).max()
 
 
 # --- to_input.cu: the network's input in 16 bits
@@ -224,3 +262,4 @@ def test_another_input_dtype_is_refused(gpu, rng):
         to_input.InputFeed("cuda:0", mean, 1.0, dtype=np.float64)
     with pytest.raises(MinidlError, match="not float64"):
         to_input.crops_to_input_cpu(windows, mean, where, shift, 1.0, dtype=np.float64)
+

@@ -5,10 +5,14 @@ F(m x m, r x r) over t x t tiles, t = m + r - 1, one matrix product per transfor
 winograd_conv_backward gives the exact adjoints. A stride-s convolution runs as a stride-1 one
 over s x s blocks of pixels taken as channels (11x11 at stride 4: 3x3 over 48 channels). NumPy
 arrays run on the CPU, CuPy arrays on their GPU (the tile copies as winograd.cu's kernels).
-On a GPU, float16 and bfloat16 x and W (the "fp16" and "bf16" precisions) are stored in 16 bits and computed
-in float32: each stored 16-bit value (the transformed tiles, the products, the output blocks, y) is a float32
-result rounded once; the filter transform kron(G, G), which no 16-bit type holds exactly, stays float32, and
-so do the transformed filters. The derivation, float32 error and timings: benchmarks/NOTES.md, "Winograd".
+On a GPU, float16 and bfloat16 x, W and gy (the "fp16" and "bf16" precisions) are computed in float32: the
+tiles, their transforms and products are float32 (winograd.cu widens the 16-bit maps as it copies them into
+tiles and rounds each output value once as it sums them back), so y, gx and gW are the float32 path's results
+on the same values rounded once (y's float32 bias added after, rounded again, as on the direct path). 16-bit
+intermediates would be rounded at each step, and the transforms amplify those roundings (F(5, 3) in float16:
+10 to 50 float16 ulps of gx's largest value, measured; under one here). The tiles are float32 then, twice the memory
+of 16-bit ones: on a GPU Winograd runs only when asked for. The derivation, float32 error and timings:
+benchmarks/NOTES.md, "Winograd".
 """
 from fractions import Fraction
 from math import prod
@@ -185,12 +189,12 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     # B^T d B of every t x t input tile d (the tiles overlap), as (t*t, tiles, C)
     V = gather(x, f.factor("input"), f.t, f.m, pad, tiles_h, tiles_w).reshape(positions, -1, c)
     U = transform_filters(f, W, groups, xp)
-    M = xp.empty((positions, V.shape[1], out), dtype=x.dtype)
+    M = xp.empty((positions, V.shape[1], out), dtype=V.dtype)
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
-    batched_matmul(xp, by_group(V, groups), U.swapaxes(-1, -2), by_group(M, groups))
+    xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
     # A^T M A of every tile: the m x m output blocks, the overhang past the maps cut off
     y = scatter(M.reshape(positions, -1), f.factor("output"), f.m, f.m, 0, (n, out, oh, ow),
-                tiles_h, tiles_w, b)
+                tiles_h, tiles_w, b, x.dtype)
     return y, Saved(V, U, x.shape, pad, groups, f)
 
 
@@ -223,16 +227,16 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     if needs[1]:
         # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the
         # product
-        gU = batched_matmul(xp, by_group(gM, groups).swapaxes(-1, -2), by_group(V, groups))
+        gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
         # G^T gU G (for 16-bit gy: in float32, rounded once to gy's dtype)
         gW = (gU.reshape(positions, -1).T @ f.filter_matrix(xp, gU.dtype)).reshape(W_shape)
         gW = gW.astype(gy.dtype, copy=False)
     if needs[0]:
         gV = xp.empty_like(V)
-        batched_matmul(xp, by_group(gM, groups), U, by_group(gV, groups))  # (t*t, tiles, C)
+        xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
         # B gV B^T of every tile, summed where the tiles overlap
         gx = scatter(gV.reshape(positions, -1), f.factor("input", adjoint=True), f.t, f.m,
-                     saved.pad, saved.x_shape, tiles_h, tiles_w)
+                     saved.pad, saved.x_shape, tiles_h, tiles_w, None, gy.dtype)
     return gx, gW, gb
 
 
@@ -248,30 +252,19 @@ def transform_filters(f, W, groups, xp=np):
     """U = G g G^T of every filter, as (t*t, groups, out/groups, in/groups): in W's dtype, float32 for 16-bit
     W (kron(G, G) is not exact in 16 bits)."""
     out, cg = W.shape[:2]
-    dtype = np.float32 if W.dtype in HALF_DTYPES else W.dtype
+    dtype = accumulation_dtype(W.dtype)
     # (t*t, out*C/G), contiguous
     U = f.filter_matrix(xp, dtype) @ W.reshape(out * cg, f.r * f.r).T.astype(dtype, copy=False)
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
-# float16 and bfloat16: stored in 16 bits, computed in float32
+# float16 and bfloat16: computed in float32 (their accumulation type, half.cuh's Acc)
 HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
-def batched_matmul(xp, a, b, out=None):
-    """a @ b of (..., m, k) and (..., k, n) stacks, into `out` if given. With a 16-bit operand: in float32 (16-bit
-    values are exact there), each value stored in `out` rounded once to its dtype, a result without `out` left in
-    float32. (CuPy's batched matmul, ndim > 2, upcasts float16 to float32 itself, and its bfloat16 is not
-    documented: the float32 operands are made here, so both 16-bit types take one path.)"""
-    if a.dtype not in HALF_DTYPES and b.dtype not in HALF_DTYPES:
-        if out is None:
-            return a @ b
-        return xp.matmul(a, b, out=out)
-    product = xp.matmul(a.astype(np.float32), b.astype(np.float32))
-    if out is None:
-        return product
-    out[...] = product
-    return out
+def accumulation_dtype(dtype) -> np.dtype:
+    """The dtype of the tiles, transforms and products for maps of `dtype`: float32 for 16-bit ones."""
+    return np.dtype(np.float32) if np.dtype(dtype) in HALF_DTYPES else np.dtype(dtype)
 
 
 def by_group(a, groups):
@@ -363,33 +356,25 @@ CU = kernels.KernelFile.beside(__file__, "winograd.cu", ("gather_tiles", "scatte
                                types=kernels.HALF_TYPES)
 
 
-def transform_gpu(P, a):
-    """kron(P, P) @ a on the GPU, in a's dtype. For 16-bit a: the product in float32 (2-D GEMMs of 16-bit arrays
-    sum in float32), each value rounded once; kron(P, P) is taken in a's dtype where that holds it exactly (every
-    B^T and A^T of TRANSFORMS in float16, all but F(4, 5)'s B^T in bfloat16), else in float32."""
-    K = np.kron(P, P)
-    dtype = a.dtype
-    if dtype in HALF_DTYPES and not np.array_equal(K.astype(dtype).astype(K.dtype), K):
-        dtype = np.float32
-    return (cupy().asarray(K, dtype=dtype) @ a).astype(a.dtype, copy=False)
-
-
 def gather_gpu(x, P, t, m, pad, tiles_h, tiles_w):
     """kron(P, P) @ the t x t windows at stride m of x padded by `pad` (zeros past its edges), for P
-    (side, t): (side*side, tiles*C)."""
+    (side, t): (side*side, tiles*C), in x's accumulation dtype (float32 for 16-bit x, widened exactly)."""
     n, c, h, w = x.shape
-    windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), acc)
     kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w,
                    t, m, pad, tiles_h, tiles_w)
-    return transform_gpu(P, windows)
+    return cupy().asarray(np.kron(P, P), dtype=acc) @ windows
 
 
-def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
+def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None, dtype=None):
     """The adjoint of gather_gpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W),
-    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
-    windows = transform_gpu(P, tiles)
-    out = kernels.empty(shape, tiles.dtype)
-    kernels.launch(CU, "scatter_tiles", tiles.dtype, out.size, windows, out, out.size, *shape, t, m,
+    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel. The maps'
+    `dtype`: tiles' own, or a 16-bit one for float32 tiles (each sum rounded once)."""
+    dtype = tiles.dtype if dtype is None else np.dtype(dtype)
+    windows = cupy().asarray(np.kron(P, P), dtype=tiles.dtype) @ tiles
+    out = kernels.empty(shape, dtype)
+    kernels.launch(CU, "scatter_tiles", dtype, out.size, windows, out, out.size, *shape, t, m,
                    pad, tiles_h, tiles_w)
     if b is not None and b.dtype != out.dtype:  # a float32 bias of 16-bit maps: added in float32, rounded once
         out = (out + b.reshape(1, -1, 1, 1)).astype(out.dtype)
@@ -421,9 +406,10 @@ def gather_cpu(x, P, t, m, pad, tiles_h, tiles_w):
     return out.reshape(side * side, -1)
 
 
-def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None):
+def scatter_cpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None, dtype=None):
     """The adjoint of gather_cpu for P (t, a), tiles (a*a, tiles*C): maps of `shape` (N, C, H, W),
-    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel."""
+    each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel. `dtype` is
+    ignored: the CPU computes in the tiles' dtype (its Functions widen 16-bit arrays to float32)."""
     n, c, h, w = shape
     a = P.shape[1]
     P = P.astype(tiles.dtype)
