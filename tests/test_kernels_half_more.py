@@ -13,42 +13,20 @@ tile copies and the Winograd convolution on a GPU, and to_input.cu's network inp
 - crops_to_input computes in float exactly as its float32 instantiation and rounds once when it stores: its
   16-bit output is the float32 output rounded to the 16-bit dtype, bit for bit, and so is the NumPy path's.
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from minidl import kernels
-from minidl.device import cupy, device
+from minidl.data.augment import Crops, crop_and_flip
 from minidl.errors import MinidlError
 from minidl.functions import to_input, winograd
-from minidl.data.augment import Crops, crop_and_flip
 from minidl.precision import DEFAULT_PRECISION, set_precision
+
+from test_kernels_half import BF16, F16, HALVES, f32, gpu, host, to_gpu  # noqa: F401 -- gpu: a fixture
 
 pytestmark = pytest.mark.gpu
 
-F16 = np.dtype(np.float16)
-BF16 = np.dtype(ml_dtypes.bfloat16)
-HALVES = [pytest.param(F16, id="float16"), pytest.param(BF16, id="bfloat16")]
 UNIT_ROUNDOFF = {F16: 2.0 ** -11, BF16: 2.0 ** -8}
-
-
-@pytest.fixture
-def gpu():
-    dev = device("cuda:0")
-    with dev:
-        yield dev
-
-
-def to_gpu(a):
-    return cupy().asarray(np.ascontiguousarray(a))
-
-
-def host(a):
-    return cupy().asnumpy(a)
-
-
-def f32(a):
-    return np.asarray(a).astype(np.float32)
 
 
 def assert_exact(got, expected):
