@@ -131,18 +131,18 @@ def test_a_16_bit_parameter_takes_only_its_dtype():
 
 
 def test_a_float_and_double_kernel_refuses_16_bit_dtypes():
-    from minidl.functions import winograd  # read only: its kernels are float and double
-    assert winograd.CU.types == kernels.FLOAT_TYPES
-    assert all(e.endswith(("<float>", "<double>")) for e in winograd.CU.name_expressions())
-    name = winograd.CU.names[0]
+    from minidl import loss_scale  # read only: its kernel is float and double (the scale of a float32 loss)
+    assert loss_scale.CU.types == kernels.FLOAT_TYPES
+    assert all(e.endswith(("<float>", "<double>")) for e in loss_scale.CU.name_expressions())
+    name = loss_scale.CU.names[0]
     for dtype in (np.float16, ml_dtypes.bfloat16):
         with pytest.raises(MinidlError) as raised:
-            kernels.launch(winograd.CU, name, dtype, 4)
+            kernels.launch(loss_scale.CU, name, dtype, 4)
         message = str(raised.value)
-        assert "\n" not in message and f"kernel {name} of winograd.cu" in message
+        assert "\n" not in message and f"kernel {name} of loss_scale.cu" in message
         assert f"float32, float64, not {np.dtype(dtype)}" in message
     with pytest.raises(MinidlError, match="the CUDA kernels take float32, float64, float16, bfloat16, got int32"):
-        kernels.launch(winograd.CU, name, np.int32, 4)
+        kernels.launch(loss_scale.CU, name, np.int32, 4)
     with pytest.raises(MinidlError, match="no CUDA type for int8"):
         kernels.KernelFile.beside(__file__, "x.cu", ("k",), types=(np.float32, np.int8))
 
