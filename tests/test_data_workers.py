@@ -276,3 +276,77 @@ def test_resuming_at_the_end_of_an_epoch_starts_no_worker(dataset):
     loader = Loader(dataset, batch_size=4, workers=2)
     batches = loader.epoch_batches(0, start=len(loader))
     assert batches.worker_pids == [] and list(batches) == []
+
+
+EMULATED = bool(os.environ.get("MINIDL_EMULATE_GPUS"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator's ledger: run with --emulate-gpus 2")
+@pytest.mark.parametrize("ends", ["at the epoch's end", "closed early"])
+def test_a_gpu_uploads_each_batch_straight_from_the_workers_page_locked_slots(dataset, monkeypatch, ends):
+    """No host copy into a pinned buffer at ImageNet rates: the workers' slots are page-locked for the epoch, each
+    batch is one pinned copy out of its slot, the slot goes back to its worker only once that copy is done, and
+    the slots are unregistered before they are unmapped."""
+    from minidl_emulator import ledger
+    from minidl_emulator.ledger import LEDGER
+    from minidl.data.workers import WorkerPool
+
+    events = []  # what happened, in order: a slot given back, an upload waited for
+    released = WorkerPool.release
+    monkeypatch.setattr(WorkerPool, "release", lambda pool: (events.append("slot back") if pool._held is not None
+                                                            else None, released(pool))[1])
+    monkeypatch.setattr(np, "copyto", lambda *a, **k: pytest.fail("a batch was copied on the host"))
+
+    class CopyStillRunning:  # the copy engine not yet done: the slot must stay held until synchronize()
+        done = False
+
+        def synchronize(self):
+            events.append("waited")
+
+    loader = Loader(dataset, seed=4, workers=2, device="cuda:0", batch_size=6)
+    expected = batches_of(Loader(dataset, seed=4, batch_size=6))
+    mark = LEDGER.mark()
+    with device("cuda:0"):
+        batches = loader.epoch_batches(1)
+        memory = batches._made.memory
+        assert ledger.is_pinned(memory)
+        got = []
+        for x, y in batches:
+            got.append((x.get(), y))
+            loader._feed().last_upload = batches._uploading = CopyStillRunning()
+            if ends == "closed early" and len(got) == 2:
+                break
+        batches.close()
+    assert_same(got, expected[:len(got)])
+    assert not ledger.is_pinned(memory)  # unregistered, then unmapped
+    window_bytes = [len(x) * 227 * 227 * 3 for x, _ in got]
+    uploads = [e for e in LEDGER.since(mark) if e.unit == "h2d" and e.nbytes % (227 * 227 * 3) == 0]
+    assert [e.nbytes for e in uploads] == window_bytes and all(e.pinned for e in uploads)
+    assert events[:2 * (len(got) - 1)] == ["waited", "slot back"] * (len(got) - 1)  # each slot back after its copy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not EMULATED, reason="checks the GPU emulator's runtime: run with --emulate-gpus 2")
+def test_the_emulated_runtime_refuses_what_cuda_refuses_of_host_registration():
+    from minidl.device import cupy
+    runtime = cupy().cuda.runtime
+    host = np.zeros(4096, np.uint8)
+    start = host.__array_interface__["data"][0]
+    runtime.hostRegister(start, host.nbytes, 1)
+    try:
+        with pytest.raises(runtime.CUDARuntimeError, match="AlreadyRegistered"):
+            runtime.hostRegister(start + 1024, 100, 1)
+    finally:
+        runtime.hostUnregister(start)
+    with pytest.raises(runtime.CUDARuntimeError, match="NotRegistered"):
+        runtime.hostUnregister(start)
+
+
+@pytest.mark.gpu
+def test_where_the_slots_cannot_be_page_locked_each_batch_is_copied_into_a_pinned_buffer(dataset, monkeypatch):
+    expected = batches_of(Loader(dataset, seed=4, batch_size=6))
+    monkeypatch.setattr(InputFeed, "register", lambda feed, host: False)  # e.g. the driver's locked-memory limit
+    loader = Loader(dataset, seed=4, workers=2, device="cuda:0", batch_size=6)
+    assert_same(batches_of(loader), expected)
+    assert loader._feed()._pinned[0] is not None  # the staging buffer was used

@@ -112,6 +112,21 @@ def register_pinned(buffer) -> None:
         _pinned[key] = (start, start + array.nbytes, buffer)
 
 
+def register_pinned_range(start: int, nbytes: int) -> None:
+    """Mark host memory [start, start + nbytes) as page-locked: the emulation of cudaHostRegister."""
+    _pinned[("range", start)] = (start, start + nbytes, None)
+
+
+def unregister_pinned_range(start: int) -> bool:
+    """Undo register_pinned_range(start, ...); False when no range starts there."""
+    return _pinned.pop(("range", start), None) is not None
+
+
+def pinned_range_overlaps(start: int, nbytes: int) -> bool:
+    """Whether [start, start + nbytes) overlaps memory already marked page-locked."""
+    return any(low < start + nbytes and start < high for low, high, _ in _pinned.values())
+
+
 def is_pinned(host) -> bool:
     """Whether a host NumPy array lies inside a buffer given to register_pinned."""
     start = host.__array_interface__["data"][0]

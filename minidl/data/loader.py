@@ -287,11 +287,21 @@ class Batches:
         self.loader, self.epoch, self._made, self._feed = loader, epoch, made, feed
         self._makers = max(1, getattr(made, "count", 1))
         self._images, self._seconds = 0, 0.0
+        # the workers' slots page-locked: each batch is uploaded straight from its slot, which is given back
+        # once that copy is done (at the next batch), not copied on the host first
+        self._uploading = None
+        self._in_place = isinstance(made, WorkerPool) and feed is not None and feed.register(made.memory)
+        if self._in_place:
+            made.before_unmap = feed.unregister
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple:
+        if self._uploading is not None:  # next(made) gives the last batch's slot back: its copy must be done
+            if not self._uploading.done:
+                self._uploading.synchronize()
+            self._uploading = None
         number, made, made_in = next(self._made)
         start = time.perf_counter()
         plan = self.loader.plan(self.epoch, number)
@@ -302,8 +312,10 @@ class Batches:
             x = made.view(np.float32).reshape((shape[0], 3) + shape[1:3]).copy()
         else:
             x = made
-        if isinstance(self._made, WorkerPool):  # copied: the worker may fill its slot again while this trains
+        if isinstance(self._made, WorkerPool) and not self._in_place:  # copied: the worker may fill it again
             self._made.release()
+        elif self._in_place:  # the slot goes back at the next batch, once this copy out of it is done
+            self._uploading = self._feed.last_upload
         self._images += len(plan.labels)
         self._seconds += made_in / self._makers + time.perf_counter() - start
         return self.loader.shaped(x, len(plan.labels)), plan.labels

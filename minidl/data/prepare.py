@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from minidl.atomic import hold_failed_file, remove_stale_temporaries, replace_durably, write_error
+from minidl.data.allocator import keep_freed_memory
 from minidl.data.dataset import (DEFAULT_STORAGE, IMAGE_SIZE, ImageWriter, Moments, check_storage,
                                  check_val_fraction, check_writable, choose_validation, encode_image,
                                  finish_dataset, read_dataset, statistics)
@@ -312,6 +313,7 @@ class _Partial:
 
 def _run(job, image_dir, out_path, workers, progress, result):
     """Decode what the partial file lacks, then finish it and rename it onto `out_path`."""
+    keep_freed_memory()  # this process decodes too (workers=1) or unpickles the workers' images
     partial = _Partial(job, out_path)
     try:
         partial.open()
@@ -463,6 +465,11 @@ def _decoded_tasks(job, start, workers, begin):
                 future.cancel()
 
 
+def _start_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
+
+
 def _decoding_pool(workers):
     """A pool of `workers` processes that ignore Ctrl-C.
 
@@ -475,8 +482,7 @@ def _decoding_pool(workers):
     signal's handling; elsewhere the initializer alone.
     """
     start = functools.partial(concurrent.futures.ProcessPoolExecutor, workers,
-                              mp_context=multiprocessing.get_context("spawn"),
-                              initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+                              mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
     if threading.current_thread() is not threading.main_thread():
         return start()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the few milliseconds the workers take to start

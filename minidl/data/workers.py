@@ -33,6 +33,7 @@ class WorkerPool:
     In each worker, `open_worker()` is a context manager giving `make(number, out)`, which writes batch
     `number` into the uint8 array `out` (`slot_bytes`) and returns how many bytes it filled. The bytes
     yielded (a view of the slot) are valid until release() or the next call; `seconds`: the worker's time.
+    `memory` is every slot, one flat uint8 array; `before_unmap`, if set, is called before it goes.
     """
 
     def __init__(self, open_worker: Callable[[], ContextManager[Callable[[int, np.ndarray], int]]],
@@ -42,6 +43,7 @@ class WorkerPool:
         self._slots = np.frombuffer(self._ring, np.uint8, self.count * depth * slot_bytes).reshape(
             self.count, depth, slot_bytes)
         self._next, self._held, self.workers, self._pipes = 0, None, [], []
+        self.before_unmap = None
         context = multiprocessing.get_context("fork")
         try:
             for k in range(self.count):
@@ -56,6 +58,10 @@ class WorkerPool:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def memory(self) -> np.ndarray:
+        return self._slots.reshape(-1)
 
     def __iter__(self):
         return self
@@ -115,6 +121,8 @@ class WorkerPool:
             worker.join()
         for pipe in self._pipes or ():
             pipe.close()
+        if self.before_unmap is not None and self._slots is not None:
+            self.before_unmap(self.memory)
         self._pipes, self._slots = None, None
         try:
             self._ring.close()

@@ -24,6 +24,7 @@ from minidl.precision import compute_dtype
 
 # the input's dtypes: float32, or a 16-bit compute dtype (mean, shift and scale stay float32 for all)
 OUTPUT_TYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable (cuda_runtime_api.h): CuPy's runtime has no name for it
 CU = kernels.KernelFile.beside(__file__, "to_input.cu", ("crops_to_input",), types=OUTPUT_TYPES)
 
 
@@ -82,8 +83,10 @@ class InputFeed:
     CPU float32 (its Functions compute 16-bit arrays in float32 anyway).
 
     A GPU's windows go through two pinned host buffers in turn (grown when a batch needs more):
-    a call waits for the copy out of its buffer two calls ago only if it has not finished. Not
-    for use by two threads at once.
+    a call waits for the copy out of its buffer two calls ago only if it has not finished. Windows
+    lying in host memory given to register() (the loader workers' shared slots) are uploaded
+    straight from it, with no copy on the host: their memory must then stay unwritten until
+    `last_upload` is done. Not for use by two threads at once.
     """
 
     def __init__(self, device: Device | str | None, mean: np.ndarray, scale: float, dtype=None) -> None:
@@ -94,6 +97,8 @@ class InputFeed:
         # two pinned buffers in turn, each with the event after its last copy out: a batch is staged while
         # the previous one's copy may still run
         self._pinned, self._copied, self._device_mean, self._turn = [None, None], [None, None], None, 0
+        self._registered = {}  # start address -> bytes of host memory page-locked by register()
+        self.last_upload = None  # the event after the last call's host-to-device copy (GPU)
 
     def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None):
         if not self.device.is_cuda:
@@ -108,7 +113,9 @@ class InputFeed:
             on_device = xp.empty(crops.shape, np.uint8)
             staged, turn = self._staged(crops)
             on_device.set(staged, stream=self.device.stream)
-            self._copied[turn] = self.device.stream.record()
+            self.last_upload = self.device.stream.record()
+            if turn is not None:
+                self._copied[turn] = self.last_upload
             # the crops' places and their lighting in one upload: int32 and float32 rows of one 4-byte array
             rows = np.zeros((2, len(crops), 3), np.int32)
             rows[0] = np.stack([where.tops, where.lefts, where.flips], axis=1)
@@ -125,8 +132,39 @@ class InputFeed:
         dtype = compute_dtype()  # (a dtype's truth is its count of fields: compared with None, not by `or`)
         return np.dtype(np.float32 if dtype is None else dtype)
 
+    def register(self, host: np.ndarray) -> bool:
+        """Page-lock the C-contiguous host array `host` (cudaHostRegister), so that windows lying in it are
+        uploaded from it directly; False on the CPU, or where the driver refuses (the windows are then
+        copied into a pinned buffer, as any others). unregister() it before its memory goes."""
+        if not self.device.is_cuda:
+            return False
+        runtime = self.device.xp.cuda.runtime
+        start = _address(host)
+        try:  # portable: page-locked for every GPU's context, not only the current one's
+            runtime.hostRegister(start, host.nbytes, HOST_REGISTER_PORTABLE)
+        except runtime.CUDARuntimeError:  # e.g. already registered, or the driver's limit on locked memory
+            return False
+        self._registered[start] = host.nbytes
+        return True
+
+    def unregister(self, host: np.ndarray) -> None:
+        """Undo register(host) once the last upload is done (nothing may still read it); a no-op if not registered."""
+        start = _address(host)
+        if self._registered.pop(start, None) is None:
+            return
+        if self.last_upload is not None:
+            self.last_upload.synchronize()
+        self.device.xp.cuda.runtime.hostUnregister(start)
+
+    def _in_registered(self, crops):
+        start = _address(crops)
+        return any(low <= start and start + crops.nbytes <= low + size for low, size in self._registered.items())
+
     def _staged(self, crops):
-        """`crops` copied into the pinned buffer, once the last copy from it is done."""
+        """`crops` itself where it lies in registered memory (turn None); else `crops` copied into the pinned
+        buffer of this turn, once the last copy from it is done."""
+        if self._in_registered(crops):
+            return crops, None
         turn, self._turn = self._turn, 1 - self._turn
         copied = self._copied[turn]
         if copied is not None and not copied.done:  # a query first: a blocking wait only when it must
@@ -137,3 +175,7 @@ class InputFeed:
         staged = self._pinned[turn][:crops.nbytes].reshape(crops.shape)
         np.copyto(staged, crops)
         return staged, turn
+
+
+def _address(host: np.ndarray) -> int:
+    return host.__array_interface__["data"][0]

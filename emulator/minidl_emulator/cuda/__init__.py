@@ -57,6 +57,22 @@ class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serve
     def memGetInfo():  # noqa: N802 -- CuPy's name: (free, total) bytes of the current device
         return memory_limit() - _used[current_device_id()], memory_limit()
 
+    @staticmethod
+    def hostRegister(ptr, size, flags):  # noqa: N802 -- CuPy's name
+        """Page-lock existing host memory: copies from or into it are then charged as pinned. As CUDA does,
+        refuse an empty range and memory that is already registered (cudaErrorHostMemoryAlreadyRegistered)."""
+        if size <= 0:
+            raise CUDARuntimeError("cudaErrorInvalidValue: hostRegister of an empty range")
+        if ledger.pinned_range_overlaps(ptr, size):
+            raise CUDARuntimeError("cudaErrorHostMemoryAlreadyRegistered: part of this host memory is "
+                                   "already page-locked")
+        ledger.register_pinned_range(ptr, size)
+
+    @staticmethod
+    def hostUnregister(ptr):  # noqa: N802 -- CuPy's name
+        if not ledger.unregister_pinned_range(ptr):
+            raise CUDARuntimeError("cudaErrorHostMemoryNotRegistered: this host memory was not registered")
+
 
 # --- devices
 
