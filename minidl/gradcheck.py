@@ -1,9 +1,12 @@
 """Numerical gradient checking: the test every Function must pass."""
-from typing import Callable
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from minidl.core import Tensor, no_grad
+if TYPE_CHECKING:
+    from minidl.core import Tensor
 
 
 def gradcheck(fn: Callable[..., Tensor], *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-4,
@@ -15,6 +18,7 @@ def gradcheck(fn: Callable[..., Tensor], *inputs, eps: float = 1e-6, atol: float
     Inputs that are Tensors with requires_grad are checked; use float64. Raises
     AssertionError naming the input, the worst element and both values.
     """
+    from minidl.core import Tensor, no_grad  # here: `import minidl` loads no engine (minidl/__init__.py)
     inputs = [x if isinstance(x, Tensor) else Tensor(x, requires_grad=True) for x in inputs]
     checked = [i for i, x in enumerate(inputs) if x.requires_grad]
     if not checked:

@@ -11,13 +11,11 @@ minidl.functions.gemm and the layers read it at each call; a run may resume with
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from minidl.errors import MinidlError
 
 PRECISIONS = ("tf32", "fp32", "fp16", "bf16")
-_COMPUTE_DTYPES = dict(fp16=np.dtype(np.float16), bf16=np.dtype(ml_dtypes.bfloat16))
 DEFAULT_PRECISION = "tf32"
 _precision = DEFAULT_PRECISION
 
@@ -38,4 +36,9 @@ def precision() -> str:
 def compute_dtype():
     """The 16-bit dtype layers compute in under "fp16" or "bf16"; None under "tf32" and "fp32" (their inputs'
     own dtype)."""
-    return _COMPUTE_DTYPES.get(_precision)
+    if _precision == "fp16":
+        return np.dtype(np.float16)
+    if _precision == "bf16":
+        import ml_dtypes  # here: its import takes about a second, which only a bf16 run needs to pay
+        return np.dtype(ml_dtypes.bfloat16)
+    return None

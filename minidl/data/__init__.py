@@ -2,16 +2,24 @@
 
 See dataset.py for the file layout. This package knows no model: it hands out NumPy arrays,
 or the device's arrays when a loader's input is finished on a GPU (minidl.functions.to_input).
+Its names load on first use, so that prepare-data's decoding workers import only what they run
+(not the loader, which brings the framework's kernels and ml_dtypes).
 """
-from minidl.data.augment import (TEN_CROP_ORDER, Crops, centre_crops, crop_and_flip, fixed_crops,
-                                 lighting_shift, pca_lighting, random_crops, subtract_mean,
-                                 ten_crops, to_nchw)
-from minidl.data.builtin import builtin_dataset
-from minidl.data.dataset import DatasetInfo, dataset_info, open_dataset, stored_images, write_dataset
-from minidl.data.loader import Loader
-from minidl.data.prepare import PrepareResult, prepare_image_folder
+import importlib
 
-__all__ = ["Crops", "DatasetInfo", "Loader", "PrepareResult", "TEN_CROP_ORDER", "builtin_dataset",
-           "centre_crops", "crop_and_flip", "dataset_info", "fixed_crops", "lighting_shift",
-           "open_dataset", "pca_lighting", "prepare_image_folder", "random_crops", "subtract_mean",
-           "stored_images", "ten_crops", "to_nchw", "write_dataset"]
+_MODULES = {"augment": ["TEN_CROP_ORDER", "Crops", "centre_crops", "crop_and_flip", "fixed_crops", "lighting_shift",
+                        "pca_lighting", "random_crops", "subtract_mean", "ten_crops", "to_nchw"],
+            "builtin": ["builtin_dataset"],
+            "dataset": ["DatasetInfo", "dataset_info", "open_dataset", "stored_images", "write_dataset"],
+            "loader": ["Loader"],
+            "prepare": ["PrepareResult", "prepare_image_folder"]}
+_MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'minidl.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"minidl.data.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
