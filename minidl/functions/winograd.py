@@ -25,6 +25,7 @@ from minidl.cpu import openblas
 from minidl.cpu import threads as cpu_threads
 from minidl.device import cupy
 from minidl.errors import MinidlError
+from minidl.functions import gemm
 from minidl.functions.conv_arguments import check_arguments
 
 
@@ -191,7 +192,8 @@ def winograd_conv_forward(x, W, b=None, pad=0, groups=1, tile=None, stride=1):
     U = transform_filters(f, W, groups, xp)
     M = xp.empty((positions, V.shape[1], out), dtype=V.dtype)
     # the products, one per (position, group): (tiles, C/G) @ (C/G, out/G)
-    xp.matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups))
+    gemm.batched_matmul(by_group(V, groups), U.swapaxes(-1, -2), out=by_group(M, groups),
+                        at_precision=gemm_precision(x.dtype))
     # A^T M A of every tile: the m x m output blocks, the overhang past the maps cut off
     y = scatter(M.reshape(positions, -1), f.factor("output"), f.m, f.m, 0, (n, out, oh, ow),
                 tiles_h, tiles_w, b, x.dtype)
@@ -219,6 +221,7 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     V, U, groups = saved.V, saved.U, saved.groups
 
     gx = gW = gb = None
+    at = gemm_precision(gy.dtype)
     if needs[2]:  # a 16-bit gy's sum in float32, as the direct path's (a float32 bias's gradient)
         gb = gy.sum(axis=(0, 2, 3), dtype=np.float32 if gy.dtype in HALF_DTYPES else None)
     # A gY A^T of gy's m x m blocks gY, with zeros on the overhang (the adjoint of cutting it off)
@@ -227,13 +230,13 @@ def _stride_1_backward(gy, W_shape, saved, needs):
     if needs[1]:
         # (t*t, G, out/G, C/G): (out/G, tiles) @ (tiles, C/G), the sum over the tiles inside the
         # product
-        gU = by_group(gM, groups).swapaxes(-1, -2) @ by_group(V, groups)
+        gU = gemm.batched_matmul(by_group(gM, groups).swapaxes(-1, -2), by_group(V, groups), at_precision=at)
         # G^T gU G (for 16-bit gy: in float32, rounded once to gy's dtype)
-        gW = (gU.reshape(positions, -1).T @ f.filter_matrix(xp, gU.dtype)).reshape(W_shape)
+        gW = gemm.matmul(gU.reshape(positions, -1).T, f.filter_matrix(xp, gU.dtype), at).reshape(W_shape)
         gW = gW.astype(gy.dtype, copy=False)
     if needs[0]:
         gV = xp.empty_like(V)
-        xp.matmul(by_group(gM, groups), U, out=by_group(gV, groups))  # (t*t, tiles, C)
+        gemm.batched_matmul(by_group(gM, groups), U, out=by_group(gV, groups), at_precision=at)  # (t*t, tiles, C)
         # B gV B^T of every tile, summed where the tiles overlap
         gx = scatter(gV.reshape(positions, -1), f.factor("input", adjoint=True), f.t, f.m,
                      saved.pad, saved.x_shape, tiles_h, tiles_w, None, gy.dtype)
@@ -254,7 +257,8 @@ def transform_filters(f, W, groups, xp=np):
     out, cg = W.shape[:2]
     dtype = accumulation_dtype(W.dtype)
     # (t*t, out*C/G), contiguous
-    U = f.filter_matrix(xp, dtype) @ W.reshape(out * cg, f.r * f.r).T.astype(dtype, copy=False)
+    U = gemm.matmul(f.filter_matrix(xp, dtype), W.reshape(out * cg, f.r * f.r).T.astype(dtype, copy=False),
+                    gemm_precision(W.dtype))
     return U.reshape(f.t * f.t, groups, out // groups, cg)
 
 
@@ -265,6 +269,15 @@ HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 def accumulation_dtype(dtype) -> np.dtype:
     """The dtype of the tiles, transforms and products for maps of `dtype`: float32 for 16-bit ones."""
     return np.dtype(np.float32) if np.dtype(dtype) in HALF_DTYPES else np.dtype(dtype)
+
+
+def gemm_precision(dtype):
+    """The precision of the GEMMs on the tiles of maps of `dtype` (gemm's at_precision): exact FP32 for 16-bit
+    maps, whose float32 tiles TF32 would round to about the maps' own 11 bits, which the transforms amplify
+    (F(4, 3) to F(5, 3) and F(3, 5) under "fp16" with TF32 GEMMs: 10 to 40 float16 ulps of the largest value,
+    measured, against under one with FP32: benchmarks/NOTES.md, "Winograd"); None, minidl.precision's, for
+    the others."""
+    return "fp32" if np.dtype(dtype) in HALF_DTYPES else None
 
 
 def by_group(a, groups):
@@ -364,7 +377,7 @@ def gather_gpu(x, P, t, m, pad, tiles_h, tiles_w):
     windows = kernels.empty((t * t, n * tiles_h * tiles_w * c), acc)
     kernels.launch(CU, "gather_tiles", x.dtype, windows.size, x, windows, windows.size, n, c, h, w,
                    t, m, pad, tiles_h, tiles_w)
-    return cupy().asarray(np.kron(P, P), dtype=acc) @ windows
+    return gemm.matmul(cupy().asarray(np.kron(P, P), dtype=acc), windows, gemm_precision(x.dtype))
 
 
 def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None, dtype=None):
@@ -372,7 +385,7 @@ def scatter_gpu(tiles, P, t, m, pad, shape, tiles_h, tiles_w, b=None, dtype=None
     each pixel the sum of the t x t windows kron(P, P) @ tiles that hold it; plus b per channel. The maps'
     `dtype`: tiles' own, or a 16-bit one for float32 tiles (each sum rounded once)."""
     dtype = tiles.dtype if dtype is None else np.dtype(dtype)
-    windows = cupy().asarray(np.kron(P, P), dtype=tiles.dtype) @ tiles
+    windows = gemm.matmul(cupy().asarray(np.kron(P, P), dtype=tiles.dtype), tiles, gemm_precision(dtype))
     out = kernels.empty(shape, dtype)
     kernels.launch(CU, "scatter_tiles", dtype, out.size, windows, out, out.size, *shape, t, m,
                    pad, tiles_h, tiles_w)

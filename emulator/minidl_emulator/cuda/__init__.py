@@ -1,4 +1,5 @@
-"""`cupy.cuda` on emulated GPUs: devices, streams, events, the memory pool and its hooks.
+"""`cupy.cuda` on emulated GPUs: devices, streams, events, the memory pool and its hooks, and cuBLAS's
+strided-batched GEMM (cuda.cublas, imported on first use as in CuPy).
 
 Like CuPy, the current device and each device's current stream are per thread,
 a stream belongs to the device that was current when it was made, and every
@@ -73,6 +74,17 @@ class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serve
         if not ledger.unregister_pinned_range(ptr):
             raise CUDARuntimeError("cudaErrorHostMemoryNotRegistered: this host memory was not registered")
 
+    # cudaDataType codes (cupy_backends/cuda/api/_runtime_enum.pxd), which cuBLAS's Ex calls take
+    CUDA_R_32F, CUDA_R_64F, CUDA_R_16F, CUDA_R_16BF = 0, 1, 2, 14
+
+
+def __getattr__(name):
+    """cupy.cuda.cublas, imported when first asked for, as CuPy's cupy/cuda/__init__.py does."""
+    if name == "cublas":  # importing the submodule sets the attribute, so this runs once
+        import importlib
+        return importlib.import_module(f"{__name__}.cublas")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # --- devices
 
@@ -118,6 +130,20 @@ class Device:
         ledger.record_sync(self.id, -1, "Device.synchronize")
         for timeline in streams._timelines_of(self.id):
             streams.host_waits_for(timeline.snapshot())
+
+
+CUBLAS_HANDLE_BASE = 0xCB1A5000  # the cuBLAS handle of GPU d is CUBLAS_HANDLE_BASE + d (CuPy keeps one per device)
+
+
+def get_cublas_handle():
+    """cupy.cuda.device.get_cublas_handle (also cupy.cuda.get_cublas_handle): the current GPU's handle."""
+    _check_device(current_device_id())
+    return CUBLAS_HANDLE_BASE + current_device_id()
+
+
+class device:  # noqa: N801 -- cupy.cuda.device, the part of it used
+    Device = Device
+    get_cublas_handle = staticmethod(get_cublas_handle)
 
 
 # --- streams and events
