@@ -3,8 +3,9 @@ tile copies and the Winograd convolution on a GPU, and to_input.cu's network inp
 
 - gather_tiles widens 16-bit maps into float32 tiles (exact) and scatter_tiles sums float32 tiles in float and
   rounds once (half.cuh): bit for bit the float kernels on the same values, their results rounded once.
-- The Winograd convolution of 16-bit x, W and gy computes in float32 (winograd.py): y without a bias, gx and gW
-  are bit for bit the float32 path's on the same values rounded once; a float32 bias is then added in float32
+- The Winograd convolution of 16-bit x, W and gy computes in float32 (winograd.py), its GEMMs in exact FP32 whatever
+  the precision (winograd.gemm_precision): y without a bias, gx and gW are bit for bit the float32 path's under the
+  "fp32" precision on the same values rounded once; a float32 bias is then added in float32
   and rounded once more. Against the exact convolution (float64) of the same 16-bit values, rounded once to the
   16-bit dtype, an output is then within u |y| (y's rounding) + u |y + b| (the bias's) + u |y + b| (the
   reference's), u = 2^-11 for float16 and 2^-8 for bfloat16, plus the float32 path's error, at most
@@ -138,8 +139,12 @@ def case_values(rng, dtype, k, groups, stride, bias):
 def test_the_16_bit_winograd_convolution_is_the_float32_one_rounded_once(dtype, tile, k, groups, stride, bias,
                                                                           gpu, rng):
     x, W, b, pad, gy = case_values(rng, dtype, k, groups, stride, bias)
-    y, gx, gW, gb = winograd_on(x, W, b, pad, groups, tile, stride, gy)
-    y32, gx32, gW32, gb32 = winograd_on(f32(x), f32(W), None, pad, groups, tile, stride, f32(gy))
+    y, gx, gW, gb = winograd_on(x, W, b, pad, groups, tile, stride, gy)  # under the default precision, tf32
+    set_precision("fp32")  # the float32 path in exact FP32, as 16-bit maps' tiles are multiplied at any precision
+    try:
+        y32, gx32, gW32, gb32 = winograd_on(f32(x), f32(W), None, pad, groups, tile, stride, f32(gy))
+    finally:
+        set_precision(DEFAULT_PRECISION)
     expected_y = y32.astype(dtype) if b is None else (f32(y32.astype(dtype)) + b.reshape(1, -1, 1, 1)).astype(dtype)
     assert_exact(y, expected_y)
     assert_exact(gx, gx32.astype(dtype))

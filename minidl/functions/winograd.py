@@ -11,8 +11,11 @@ tiles and rounds each output value once as it sums them back), so y, gx and gW a
 on the same values rounded once (y's float32 bias added after, rounded again, as on the direct path). 16-bit
 intermediates would be rounded at each step, and the transforms amplify those roundings (F(5, 3) in float16:
 10 to 50 float16 ulps of gx's largest value, measured; under one here). The tiles are float32 then, twice the memory
-of 16-bit ones: on a GPU Winograd runs only when asked for. The derivation, float32 error and timings:
-benchmarks/NOTES.md, "Winograd".
+of 16-bit ones: on a GPU Winograd runs only when asked for. On a GPU every product goes through
+minidl.functions.gemm (the transforms 2-D, the per-position products gemm.batched_matmul's cuBLAS strided-batched
+GEMMs), at minidl.precision's compute type (TF32 tensor cores for float32 under "tf32"), except that the float32
+tiles of 16-bit maps are multiplied in exact FP32 whatever the precision (gemm_precision). The derivation,
+float32 error and timings: benchmarks/NOTES.md, "Winograd".
 """
 from fractions import Fraction
 from math import prod
