@@ -41,21 +41,17 @@ CUDA_R_32F, CUDA_R_64F, CUDA_R_16F, CUDA_R_16BF = (cuda.runtime.CUDA_R_32F, cuda
 
 _DTYPES = {CUDA_R_32F: np.dtype(np.float32), CUDA_R_64F: np.dtype(np.float64), CUDA_R_16F: np.dtype(np.float16),
            CUDA_R_16BF: np.dtype(ml_dtypes.bfloat16)}
-_TYPE_NAMES = {CUDA_R_32F: "CUDA_R_32F", CUDA_R_64F: "CUDA_R_64F", CUDA_R_16F: "CUDA_R_16F",
-               CUDA_R_16BF: "CUDA_R_16BF"}
 # cuBLAS's table of gemmEx's (and gemmStridedBatchedEx's) real-valued combinations, those emulated:
 # compute type -> {A and B type: the C types allowed}; its scale type (alpha, beta): float, or double
 # for the 64F ones
 _FLOAT32 = {CUDA_R_16F: (CUDA_R_16F, CUDA_R_32F), CUDA_R_16BF: (CUDA_R_16BF, CUDA_R_32F), CUDA_R_32F: (CUDA_R_32F,)}
 _COMBINATIONS = {CUBLAS_COMPUTE_32F: _FLOAT32, CUBLAS_COMPUTE_32F_PEDANTIC: _FLOAT32,
                  CUBLAS_COMPUTE_32F_FAST_TF32: {CUDA_R_32F: (CUDA_R_32F,)},
-                 CUBLAS_COMPUTE_64F: {CUDA_R_64F: (CUDA_R_64F,)}, CUBLAS_COMPUTE_64F_PEDANTIC: {CUDA_R_64F: (CUDA_R_64F,)}}
-_COMPUTE_NAMES = {CUBLAS_COMPUTE_32F: "CUBLAS_COMPUTE_32F", CUBLAS_COMPUTE_32F_PEDANTIC: "CUBLAS_COMPUTE_32F_PEDANTIC",
-                  CUBLAS_COMPUTE_32F_FAST_TF32: "CUBLAS_COMPUTE_32F_FAST_TF32", CUBLAS_COMPUTE_64F: "CUBLAS_COMPUTE_64F",
-                  CUBLAS_COMPUTE_64F_PEDANTIC: "CUBLAS_COMPUTE_64F_PEDANTIC"}
-_NOT_EMULATED = {CUBLAS_COMPUTE_16F: "CUBLAS_COMPUTE_16F", CUBLAS_COMPUTE_16F_PEDANTIC: "CUBLAS_COMPUTE_16F_PEDANTIC",
-                 CUBLAS_COMPUTE_32F_FAST_16F: "CUBLAS_COMPUTE_32F_FAST_16F",
-                 CUBLAS_COMPUTE_32F_FAST_16BF: "CUBLAS_COMPUTE_32F_FAST_16BF"}
+                 CUBLAS_COMPUTE_64F: {CUDA_R_64F: (CUDA_R_64F,)}}
+_COMBINATIONS[CUBLAS_COMPUTE_64F_PEDANTIC] = _COMBINATIONS[CUBLAS_COMPUTE_64F]
+# the codes' names, for messages; the compute types with no entry above are not emulated
+_TYPE_NAMES = {value: name for name, value in list(globals().items()) if name.startswith("CUDA_R_")}
+_COMPUTE_NAMES = {value: name for name, value in list(globals().items()) if name.startswith("CUBLAS_COMPUTE_")}
 
 
 class CUBLASError(RuntimeError):
@@ -108,15 +104,16 @@ def _check(condition, status, detail):
         raise CUBLASError(status, detail)
 
 
-def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB,  # noqa: N802,N803
+def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha,  # noqa: N802,N803 -- CuPy's names
+                         A, Atype, lda, strideA, B, Btype, ldb, strideB,
                          beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
     """cublasGemmStridedBatchedEx through CuPy's binding (see the module's docstring)."""
     device_id = _device_of(handle)
     if device_id != cuda.current_device_id():
         raise ValueError(f"gemmStridedBatchedEx: the handle is emulated GPU {device_id}'s, but GPU "
                          f"{cuda.current_device_id()} is current (a handle works on the device it was made on)")
-    if computeType in _NOT_EMULATED:
-        raise NotImplementedError(f"gemmStridedBatchedEx: {_NOT_EMULATED[computeType]} is not emulated")
+    if computeType in _COMPUTE_NAMES and computeType not in _COMBINATIONS:
+        raise NotImplementedError(f"gemmStridedBatchedEx: {_COMPUTE_NAMES[computeType]} is not emulated")
     _check(computeType in _COMBINATIONS, "CUBLAS_STATUS_INVALID_VALUE",
            f"computeType {computeType} is no cublasComputeType_t (CuPy's matmul passes a cudaDataType there, "
            "cuBLAS's legacy form, which the emulator does not take)")
