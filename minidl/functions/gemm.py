@@ -189,7 +189,7 @@ def _cublas_batched(a, b, out, chosen):
     batch, (stride_a, stride_b, stride_c), loops = _batch_loops(shape[:-2], first, second, c_matrices)
 
     cublas = cp.cuda.cublas
-    types = [getattr(cp.cuda.runtime, _CUDA_TYPE_NAMES[dtype])] * 3
+    cuda_type = getattr(cp.cuda.runtime, _CUDA_TYPE_NAMES[dtype])  # A's, B's and C's
     compute = _cublas_compute_type(cublas, dtype, chosen)
     scale = np.float64 if dtype == np.float64 else np.float32  # float for the 32F compute types
     one, zero = np.ones((), scale), np.zeros((), scale)  # host scalars, alive through the calls
@@ -199,9 +199,9 @@ def _cublas_batched(a, b, out, chosen):
     for offset_a, offset_b, offset_c in loops:
         cublas.gemmStridedBatchedEx(
             handle, flags[0], flags[1], m, n, k, one.ctypes.data,
-            first.data.ptr + offset_a * item, types[0], lda, stride_a,
-            second.data.ptr + offset_b * item, types[1], ldb, stride_b,
-            zero.ctypes.data, c_matrices.data.ptr + offset_c * item, types[2], ldc, stride_c,
+            first.data.ptr + offset_a * item, cuda_type, lda, stride_a,
+            second.data.ptr + offset_b * item, cuda_type, ldb, stride_b,
+            zero.ctypes.data, c_matrices.data.ptr + offset_c * item, cuda_type, ldc, stride_c,
             batch, compute, cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP)  # as tensordot_core_v11 on compute capability 8+
     if c is not out:
         out[...] = c
