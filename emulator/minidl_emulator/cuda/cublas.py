@@ -29,9 +29,7 @@ from minidl_emulator.ledger import Cost
 
 # cupy_backends/cuda/libs/cublas.pxd and cupy_backends/cuda/api/_runtime_enum.pxd (CuPy v14)
 CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_OP_C = 0, 1, 2
-CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
 CUBLAS_GEMM_DEFAULT, CUBLAS_GEMM_DEFAULT_TENSOR_OP = -1, 99
-CUBLAS_DEFAULT_MATH, CUBLAS_TENSOR_OP_MATH = 0, 1
 CUBLAS_COMPUTE_16F, CUBLAS_COMPUTE_16F_PEDANTIC = 64, 65
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC = 68, 69
 CUBLAS_COMPUTE_32F_FAST_16F, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F_FAST_TF32 = 74, 75, 77
@@ -60,11 +58,6 @@ class CUBLASError(RuntimeError):
     def __init__(self, status, detail):
         self.status = status
         super().__init__(f"{status}: {detail}")
-
-
-def getPointerMode(handle):  # noqa: N802 -- CuPy's name
-    _device_of(handle)
-    return CUBLAS_POINTER_MODE_HOST  # CuPy's handles keep cuBLAS's default (cupy.cublas restores it after a change)
 
 
 def _device_of(handle):
@@ -175,9 +168,11 @@ def _check_distinct(c_host, m, n, ldc, stride, batch):
 
 def _unit(data, compute_type):
     """The ledger's compute unit: TF32 tensor cores under FAST_TF32, the 16-bit ones for 16-bit inputs (their
-    products summed in float32 on tensor cores), else FP32 on the SIMT units or FP64."""
+    products summed in float32 on tensor cores) unless PEDANTIC keeps them off, else FP32 on the SIMT units or FP64."""
     if compute_type == CUBLAS_COMPUTE_32F_FAST_TF32:
         return "tf32"
+    if compute_type == CUBLAS_COMPUTE_32F_PEDANTIC:
+        return "fp32-simt"
     if data == np.float16:
         return "fp16"
     if data == ml_dtypes.bfloat16:
