@@ -146,8 +146,10 @@ def test_bad_shapes_and_dtypes_are_refused():
             batched_matmul(a, cp.zeros((3, 4, 5), np.float32))
         with pytest.raises(MinidlError, match=r"out must be float32 of shape \(2, 3, 5\), got float64"):
             batched_matmul(a, b, out=cp.zeros((2, 3, 5), np.float64))
-        with pytest.raises(MinidlError, match="multiplies float32, float64, float16, bfloat16 arrays, got int32"):
+        with pytest.raises(MinidlError, match="one dtype, float32, float64, float16, bfloat16; got int32 and int32"):
             batched_matmul(a.astype(np.int32), b.astype(np.int32))
+        with pytest.raises(MinidlError, match="one dtype, .*; got float32 and float16"):
+            batched_matmul(a, b.astype(np.float16))
         with pytest.raises(MinidlError, match="at_precision must be None or one of tf32, fp32, fp16, bf16"):
             batched_matmul(a, b, at_precision="fp8")
 

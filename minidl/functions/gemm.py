@@ -158,10 +158,10 @@ def _cublas_batched(a, b, out, chosen):
     if a.ndim < 3 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
         raise MinidlError(f"batched_matmul takes (..., m, k) and (..., k, n) arrays of the same leading shape, "
                           f"got shapes {a.shape} and {b.shape}")
-    dtype = np.result_type(a.dtype, b.dtype)
-    if dtype not in _CUDA_TYPE_NAMES:
-        raise MinidlError(f"batched_matmul on a GPU multiplies {', '.join(map(str, _CUDA_TYPE_NAMES))} arrays, "
-                          f"got {a.dtype} and {b.dtype}")
+    dtype = a.dtype
+    if dtype != b.dtype or dtype not in _CUDA_TYPE_NAMES:  # cuBLAS takes one type for A and B
+        raise MinidlError(f"batched_matmul on a GPU multiplies two arrays of one dtype, "
+                          f"{', '.join(map(str, _CUDA_TYPE_NAMES))}; got {a.dtype} and {b.dtype}")
     shape = a.shape[:-1] + b.shape[-1:]
     if out is None:
         out = kernels.empty(shape, dtype)
@@ -172,8 +172,6 @@ def _cublas_batched(a, b, out, chosen):
     if a.shape[-1] == 0:
         out.fill(0)
         return out
-    # a mixed pair: the narrower operand widened, a copy (cuBLAS takes one type for A and B)
-    a, b = (x if x.dtype == dtype else x.astype(dtype) for x in (a, b))
     # an `out` cuBLAS cannot write (matrices with no unit stride, leading strides going backwards) gets the
     # result copied in (a copy)
     c = out if _strided_forwards(out) else kernels.empty(shape, dtype)
