@@ -34,7 +34,7 @@ def _cupy_matmul(a, b, out=None, at_precision=None):
     cuBLAS as a transpose flag, copying only one that is neither C- nor F-contiguous
     (_mat_to_cublas_contiguous), and tensordot_core_v11 calls gemmEx with get_compute_type(dtype)
     (cupy/_core/_routines_linalg.pyx, CuPy v14). Batched matmul (ndim > 2) would copy both operands
-    and ignore the compute type, so it is never called here.
+    and ignore the compute type, so it is never called here (batched_matmul calls cuBLAS itself).
     """
     cp = cupy()
     if a.dtype == np.float32:

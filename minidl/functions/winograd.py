@@ -277,8 +277,8 @@ def accumulation_dtype(dtype) -> np.dtype:
 def gemm_precision(dtype):
     """The precision of the GEMMs on the tiles of maps of `dtype` (gemm's at_precision): exact FP32 for 16-bit
     maps, whose float32 tiles TF32 would round to about the maps' own 11 bits, which the transforms amplify
-    (F(4, 3) to F(5, 3) and F(3, 5) under "fp16" with TF32 GEMMs: 10 to 40 float16 ulps of the largest value,
-    measured, against under one with FP32: benchmarks/NOTES.md, "Winograd's products"); None, minidl.precision's, for
+    (F(4, 3), F(5, 3), F(3, 5), F(4, 5) with TF32 GEMMs: 10 to 41 float16 ulps of the largest value, measured,
+    against under one with FP32: benchmarks/NOTES.md, "Winograd's products"); None (minidl.precision's) for
     the others."""
     return "fp32" if np.dtype(dtype) in HALF_DTYPES else None
 
