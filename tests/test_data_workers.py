@@ -350,3 +350,17 @@ def test_where_the_slots_cannot_be_page_locked_each_batch_is_copied_into_a_pinne
     loader = Loader(dataset, seed=4, workers=2, device="cuda:0", batch_size=6)
     assert_same(batches_of(loader), expected)
     assert loader._feed()._pinned[0] is not None  # the staging buffer was used
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_loader_scaling_benchmark_runs_the_gpu_path_s_cpu_side(dataset, staged):
+    """benchmarks/loader_scaling.py: the real Loader, WorkerPool and Batches with a stand-in device; one line per
+    worker count, with its images/s, CPU per image and speed-up over the first."""
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "loader_scaling.py")
+    command = [sys.executable, script, str(dataset), "--workers", "1", "2", "--repeats", "1", "--batches", "4",
+               "--batch-size", "4"] + (["--staged"] if staged else [])
+    lines = subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split(" worker")[0] for line in lines] == ["1", "2"]
+    assert all(re.search(r"images/s \(runs: .*\), CPU \d+\.\d{3} ms per image, \d+\.\d\dx 1 worker", line)
+               for line in lines)
+    assert lines[0].split(", ")[-1].startswith("1.00x") and (" (staged on the host)" in lines[1]) == staged
