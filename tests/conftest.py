@@ -96,3 +96,19 @@ def exact_fp32():
     set_precision("fp32")
     yield
     set_precision(DEFAULT_PRECISION)
+
+
+@pytest.fixture
+def at_precision():
+    """at_precision(name) sets the process's precision for the test; the default is restored after."""
+    from minidl.precision import DEFAULT_PRECISION, set_precision
+    yield set_precision
+    set_precision(DEFAULT_PRECISION)
+
+
+@pytest.fixture
+def charged():
+    """charged() -> the emulated GPUs' ledger entries since the test's start (run with --emulate-gpus 2)."""
+    from minidl_emulator.ledger import LEDGER
+    mark = LEDGER.mark()
+    return lambda: LEDGER.since(mark)

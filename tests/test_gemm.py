@@ -28,20 +28,6 @@ emulated_only = pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator'
 U = 2.0 ** -11  # TF32's unit roundoff
 
 
-@pytest.fixture
-def at_precision():
-    """at_precision(name) sets the process's precision for the test; the default is restored after."""
-    yield set_precision
-    set_precision(DEFAULT_PRECISION)
-
-
-@pytest.fixture
-def charged():
-    from minidl_emulator.ledger import LEDGER
-    mark = LEDGER.mark()
-    return lambda: LEDGER.since(mark)
-
-
 def _grouped_on_gpu(a, b_transposed):
     """grouped_matmul(a, b) on cuda:0's stream, b given as its transpose (so the operand is an F-contiguous view)."""
     with device("cuda:0") as gpu:

@@ -16,12 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from minidl import Tensor
 from minidl.device import cupy, device
 from minidl.errors import MinidlError
 from minidl.functions import conv2d, winograd
 from minidl.functions.gemm import batched_matmul, matmul
-from minidl.precision import DEFAULT_PRECISION, set_precision
-from minidl import Tensor
 
 EMULATED = bool(os.environ.get("MINIDL_EMULATE_GPUS"))
 emulated_only = pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator's ledger or calls its cuBLAS: "
@@ -34,19 +33,6 @@ ROUNDOFF = {np.dtype(np.float64): 2.0 ** -53, np.dtype(np.float32): 2.0 ** -24, 
 # the layouts of (a, b, out) tried: how each operand's matrices lie
 LAYOUTS = ["contiguous", "a transposed", "b transposed", "both transposed", "a strided", "out transposed",
            "by group"]
-
-
-@pytest.fixture
-def at_precision():
-    yield set_precision
-    set_precision(DEFAULT_PRECISION)
-
-
-@pytest.fixture
-def charged():
-    from minidl_emulator.ledger import LEDGER
-    mark = LEDGER.mark()
-    return lambda: LEDGER.since(mark)
 
 
 def f64(a):

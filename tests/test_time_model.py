@@ -18,14 +18,6 @@ def cp():
     return cupy()
 
 
-@pytest.fixture
-def charged():
-    """charged() -> the ledger entries since the test's start."""
-    from minidl_emulator.ledger import LEDGER
-    mark = LEDGER.mark()
-    return lambda: LEDGER.since(mark)
-
-
 def _device(cp, *shape, dtype=np.float32):
     return cp.asarray(np.arange(np.prod(shape), dtype=dtype).reshape(shape) / 7)
 
