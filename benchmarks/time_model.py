@@ -11,6 +11,7 @@ one again (another --gpu) without the emulator.
 The model and its assumptions: emulator/minidl_emulator/roofline.py and benchmarks/NOTES.md.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -128,7 +129,10 @@ def report(prediction, entries, args) -> dict:
           f"{prediction['segments']} segment(s) between blocking reads)")
     read = sum(e.kind != "sync" for e in entries if e.label == READ_LABEL)
     result["read_operations"] = read
-    print(f"device operations a step: {summary['device_operations'] - read}, and {read} in the read of a log "
+    per_gpu = collections.Counter(e.device for e in entries if e.kind != "sync" and e.label != READ_LABEL)
+    result["device_operations_per_gpu"] = {f"cuda:{d}": n for d, n in sorted(per_gpu.items())}
+    split = "" if len(per_gpu) < 2 else " (" + ", ".join(f"{n} on cuda:{d}" for d, n in sorted(per_gpu.items())) + ")"
+    print(f"device operations a step: {summary['device_operations'] - read}{split}, and {read} in the read of a log "
           f"interval; blocking reads: {summary['blocking_reads']} (that read), "
           f"hidden copies: {summary['hidden_copies']} ({summary['hidden_copy_bytes'] / 1e9:.2f} GB)")
     print("GEMM GFLOP by compute unit: " + ", ".join(f"{unit} {flops / 1e9:.1f}"
