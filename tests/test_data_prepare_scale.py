@@ -200,9 +200,9 @@ def test_a_run_killed_outright_resumes_to_the_same_file(image_folder, tmp_path, 
 FAULTS_SCRIPT = """
 import resource, sys
 import numpy as np
-from minidl.data.allocator import keep_freed_memory
+from minidl.cpu.memory import keep_freed_host_memory
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    keep_freed_host_memory()
 def image_buffers():  # two 3 MB buffers freed together, as decoding one image allocates and frees
     a, b = np.ones(3 * 2**20, np.uint8), np.ones(3 * 2**20, np.uint8)
     del a, b
@@ -217,7 +217,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_decoding_processes_reuse_freed_memory_instead_of_faulting_it_back_in():
     """glibc gives freed multi-megabyte buffers back to the kernel and faults them in again, zeroed, for the next
-    image (a third of prepare-data's CPU); with keep_freed_memory() the next image reuses the same pages."""
+    image (a third of prepare-data's CPU); with keep_freed_host_memory(), which prepare-data's processes call, the
+    next image reuses the same pages."""
     def page_faults(how):
         return int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, how], capture_output=True, text=True,
                                   check=True).stdout)

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from minidl.atomic import hold_failed_file, remove_stale_temporaries, replace_durably, write_error
-from minidl.data.allocator import keep_freed_memory
+from minidl.cpu.memory import keep_freed_host_memory
 from minidl.data.dataset import (DEFAULT_STORAGE, IMAGE_SIZE, ImageWriter, Moments, check_storage,
                                  check_val_fraction, check_writable, choose_validation, encode_image,
                                  finish_dataset, read_dataset, statistics)
@@ -313,7 +313,9 @@ class _Partial:
 
 def _run(job, image_dir, out_path, workers, progress, result):
     """Decode what the partial file lacks, then finish it and rename it onto `out_path`."""
-    keep_freed_memory()  # this process decodes too (workers=1) or unpickles the workers' images
+    # decoding an image allocates and frees buffers of 0.2-2 MB, which glibc would give back to the kernel and
+    # fault in again, zeroed, for the next one (a third of the CPU); this process decodes too with one worker
+    keep_freed_host_memory()
     partial = _Partial(job, out_path)
     try:
         partial.open()
@@ -467,7 +469,7 @@ def _decoded_tasks(job, start, workers, begin):
 
 def _start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    keep_freed_memory()
+    keep_freed_host_memory()  # as the parent (_run)
 
 
 def _decoding_pool(workers):
