@@ -7,6 +7,7 @@ made once under --cache. Figures in benchmarks/NOTES.md.
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,15 +75,25 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--storage", default="raw")
     parser.add_argument("--cache", default="/tmp/minidl-prepare-scale")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each worker count, interleaved (1, 2, 1, 2, ...): drift falls on both")
     args = parser.parse_args()
     for size in args.sizes:
         folder = make_folder(os.path.join(args.cache, str(size)), size)
-        for workers in args.workers:
-            seconds, peak, parent_cpu = run(folder, os.path.join(args.cache, f"out-{size}.h5"), workers,
-                                            args.storage)
-            print(f"{size:6d} images, {workers} worker(s), {args.storage}: {size / seconds:6.1f} images/s, "
-                  f"peak memory {peak / 2**20:6.0f} MiB (all processes), the parent's CPU "
-                  f"{1000 * parent_cpu / size:.2f} ms per image (start-up included)")
+        rates = {workers: [] for workers in args.workers}
+        for _ in range(args.repeats):
+            for workers in args.workers:
+                seconds, peak, parent_cpu = run(folder, os.path.join(args.cache, f"out-{size}.h5"), workers,
+                                                args.storage)
+                rates[workers].append(size / seconds)
+                print(f"{size:6d} images, {workers} worker(s), {args.storage}: {size / seconds:6.1f} images/s, "
+                      f"peak memory {peak / 2**20:6.0f} MiB (all processes), the parent's CPU "
+                      f"{1000 * parent_cpu / size:.2f} ms per image (start-up included)", flush=True)
+        if args.repeats > 1:
+            base = statistics.median(rates[args.workers[0]])
+            print(f"{size:6d} images, medians: " + ", ".join(
+                f"{w} worker(s) {statistics.median(r):.1f} images/s ({statistics.median(r) / base:.2f}x)"
+                for w, r in rates.items()))
 
 
 if __name__ == "__main__":
