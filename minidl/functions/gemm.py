@@ -144,6 +144,24 @@ def _batch_loops(shape, *operands):
     return axes[batched][0], axes[batched][1], loops
 
 
+def _checked_out(a, b, out):
+    """batched_matmul's result array on a GPU: `out` checked, or a new one; a one-line error for operands it
+    cannot take."""
+    if a.ndim < 3 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise MinidlError(f"batched_matmul takes (..., m, k) and (..., k, n) arrays of the same leading shape, "
+                          f"got shapes {a.shape} and {b.shape}")
+    dtype = a.dtype
+    if dtype != b.dtype or dtype not in _CUDA_TYPE_NAMES:  # cuBLAS takes one type for A and B
+        raise MinidlError(f"batched_matmul on a GPU multiplies two arrays of one dtype, "
+                          f"{', '.join(map(str, _CUDA_TYPE_NAMES))}; got {a.dtype} and {b.dtype}")
+    shape = a.shape[:-1] + b.shape[-1:]
+    if out is None:
+        return kernels.empty(shape, dtype)
+    if out.shape != shape or out.dtype != dtype:
+        raise MinidlError(f"batched_matmul's out must be {dtype} of shape {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
 def _cublas_batched(a, b, out, chosen):
     """batched_matmul on a GPU, by CuPy's binding of cublasGemmStridedBatchedEx (cupy_backends/cuda/libs/cublas.pyx,
     CuPy v14), as CuPy's matmul calls it (cupy/_core/_routines_linalg.pyx) but with the precision's compute type:
@@ -155,23 +173,12 @@ def _cublas_batched(a, b, out, chosen):
     (0 included); other leading axes are a loop of calls.
     """
     cp = cupy()
-    if a.ndim < 3 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise MinidlError(f"batched_matmul takes (..., m, k) and (..., k, n) arrays of the same leading shape, "
-                          f"got shapes {a.shape} and {b.shape}")
-    dtype = a.dtype
-    if dtype != b.dtype or dtype not in _CUDA_TYPE_NAMES:  # cuBLAS takes one type for A and B
-        raise MinidlError(f"batched_matmul on a GPU multiplies two arrays of one dtype, "
-                          f"{', '.join(map(str, _CUDA_TYPE_NAMES))}; got {a.dtype} and {b.dtype}")
-    shape = a.shape[:-1] + b.shape[-1:]
-    if out is None:
-        out = kernels.empty(shape, dtype)
-    elif out.shape != shape or out.dtype != dtype:
-        raise MinidlError(f"batched_matmul's out must be {dtype} of shape {shape}, got {out.dtype} {out.shape}")
-    if out.size == 0:
+    out = _checked_out(a, b, out)
+    if out.size == 0 or a.shape[-1] == 0:  # nothing to multiply
+        if out.size:
+            out.fill(0)  # an empty sum
         return out
-    if a.shape[-1] == 0:
-        out.fill(0)
-        return out
+    dtype, shape = out.dtype, out.shape
     # an `out` cuBLAS cannot write (matrices with no unit stride, leading strides going backwards) gets the
     # result copied in (a copy)
     c = out if _strided_forwards(out) else kernels.empty(shape, dtype)

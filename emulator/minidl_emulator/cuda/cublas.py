@@ -101,6 +101,37 @@ def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha,  # noqa: N802,N
                          A, Atype, lda, strideA, B, Btype, ldb, strideB,
                          beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
     """cublasGemmStridedBatchedEx through CuPy's binding (see the module's docstring)."""
+    (rows_a, cols_a), (rows_b, cols_b) = _checked_call(handle, transa, transb, m, n, k, Atype, Btype, Ctype,
+                                                       lda, ldb, ldc, batchCount, computeType, algo)
+    if m == 0 or n == 0 or batchCount == 0:
+        return  # cuBLAS returns at once: nothing is read or written
+    scale = np.dtype(np.float64 if computeType in (CUBLAS_COMPUTE_64F, CUBLAS_COMPUTE_64F_PEDANTIC) else np.float32)
+    alpha_value, beta_value = _scalar(alpha, scale, "alpha"), _scalar(beta, scale, "beta")
+    data, out_dtype = _DTYPES[Atype], _DTYPES[Ctype]
+    c_host, c_array, c_range = _matrices(C, out_dtype, m, n, ldc, strideC, batchCount, "C")
+    reads, a_host, b_host = [], None, None
+    if k > 0:
+        a_host, a_array, a_range = _matrices(A, data, rows_a, cols_a, lda, strideA, batchCount, "A")
+        b_host, b_array, b_range = _matrices(B, data, rows_b, cols_b, ldb, strideB, batchCount, "B")
+        for name, (low, high) in (("A", a_range), ("B", b_range)):
+            if low < c_range[1] and c_range[0] < high:
+                raise ValueError(f"gemmStridedBatchedEx: C's memory overlaps {name}'s (cuBLAS leaves the result "
+                                 "undefined)")
+        reads = [a_array, b_array]
+    _check_distinct(c_host, m, n, ldc, strideC, batchCount)
+    if beta_value != 0:
+        reads.append(c_array)
+    item, c_item = data.itemsize, out_dtype.itemsize
+    nbytes = batchCount * (item * (m * k + k * n) + c_item * m * n * (2 if beta_value != 0 else 1))
+    cost = Cost(unit=_unit(data, computeType), flops=2 * m * n * k * batchCount, nbytes=nbytes,
+                name=f"cublas gemmStridedBatchedEx ({_COMPUTE_NAMES[computeType]})")
+    cuda.operation("gemm", reads=reads, writes=[c_array], nbytes=nbytes, what="cublas gemmStridedBatchedEx", cost=cost)
+    c_host[...] = _compute(a_host, b_host, transa, transb, c_host, alpha_value, beta_value, computeType, scale)
+
+
+def _checked_call(handle, transa, transb, m, n, k, Atype, Btype, Ctype, lda, ldb, ldc, batchCount,  # noqa: N803
+                  computeType, algo):
+    """Refuse what cuBLAS refuses of a gemmStridedBatchedEx call; the stored shapes of A's and B's matrices."""
     device_id = _device_of(handle)
     if device_id != cuda.current_device_id():
         raise ValueError(f"gemmStridedBatchedEx: the handle is emulated GPU {device_id}'s, but GPU "
@@ -129,30 +160,7 @@ def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha,  # noqa: N802,N
         _check(ld >= max(1, rows), "CUBLAS_STATUS_INVALID_VALUE",
                f"{name} {ld} < max(1, {rows}), the rows of the stored column-major matrix"
                + ("" if op is None else f" ({'not ' if op == CUBLAS_OP_N else ''}transposed)"))
-    if m == 0 or n == 0 or batchCount == 0:
-        return  # cuBLAS returns at once: nothing is read or written
-    scale = np.dtype(np.float64 if computeType in (CUBLAS_COMPUTE_64F, CUBLAS_COMPUTE_64F_PEDANTIC) else np.float32)
-    alpha_value, beta_value = _scalar(alpha, scale, "alpha"), _scalar(beta, scale, "beta")
-    data, out_dtype = _DTYPES[Atype], _DTYPES[Ctype]
-    c_host, c_array, c_range = _matrices(C, out_dtype, m, n, ldc, strideC, batchCount, "C")
-    reads, a_host, b_host = [], None, None
-    if k > 0:
-        a_host, a_array, a_range = _matrices(A, data, rows_a, cols_a, lda, strideA, batchCount, "A")
-        b_host, b_array, b_range = _matrices(B, data, rows_b, cols_b, ldb, strideB, batchCount, "B")
-        for name, (low, high) in (("A", a_range), ("B", b_range)):
-            if low < c_range[1] and c_range[0] < high:
-                raise ValueError(f"gemmStridedBatchedEx: C's memory overlaps {name}'s (cuBLAS leaves the result "
-                                 "undefined)")
-        reads = [a_array, b_array]
-    _check_distinct(c_host, m, n, ldc, strideC, batchCount)
-    if beta_value != 0:
-        reads.append(c_array)
-    item, c_item = data.itemsize, out_dtype.itemsize
-    nbytes = batchCount * (item * (m * k + k * n) + c_item * m * n * (2 if beta_value != 0 else 1))
-    cost = Cost(unit=_unit(data, computeType), flops=2 * m * n * k * batchCount, nbytes=nbytes,
-                name=f"cublas gemmStridedBatchedEx ({_COMPUTE_NAMES[computeType]})")
-    cuda.operation("gemm", reads=reads, writes=[c_array], nbytes=nbytes, what="cublas gemmStridedBatchedEx", cost=cost)
-    c_host[...] = _compute(a_host, b_host, transa, transb, c_host, alpha_value, beta_value, computeType, scale)
+    return (rows_a, cols_a), (rows_b, cols_b)
 
 
 def _check_distinct(c_host, m, n, ldc, stride, batch):
