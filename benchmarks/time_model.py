@@ -75,7 +75,7 @@ def run_step(devices: list[str], batch_size: int, model_path: str, precision: st
     from minidl.optim import MomentumSGD
     from minidl.precision import set_precision
     from minidl.training.model_file import load_model_file
-    from minidl.training.step import StepGuard, train_step
+    from minidl.training.step import StepGuard, labels_on_output, train_step
     from minidl.training.train import fp16_needs_scaling
     from minidl_emulator.ledger import LEDGER, labelled
 
@@ -97,8 +97,8 @@ def run_step(devices: list[str], batch_size: int, model_path: str, precision: st
         labels = rng.integers(0, 1000, batch_size).astype(np.int32)
         mark = LEDGER.mark()
         with labelled("input"):
-            x = Tensor(feed(crops, where, shift), device=model.input_device)
-            y = Tensor(labels, device=model.output_device)
+            x, y = feed(crops, where, shift, labels)  # the labels with the crops, as the trainer's loader sends them
+            x, y = Tensor(x, device=model.input_device), labels_on_output(y, model)
         with labelled("loss, verdict, update"):  # the layers' own labels inside
             logits, loss = train_step(model, optimizer, x, y, step, checked=True, guard=guard, position=step)
         with labelled(READ_LABEL):

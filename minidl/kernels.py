@@ -176,8 +176,25 @@ def address_table(rows: Sequence[Sequence]):
     The arrays must be C-contiguous (the kernel indexes them flat) and the
     caller keeps them alive until the kernel has run.
     """
+    return cupy().asarray(address_rows(rows))
+
+
+def upload_tables(tables: Sequence[np.ndarray]) -> list:
+    """Host tables (address_rows) as device tables on the current GPU, all in one copy: each a view of one
+    array, its rows padded to the widest table's with their last entry (a kernel reads only its own count of
+    each row; an address repeated is still one of its arrays, never a null one)."""
+    width = max((t.shape[1] for t in tables), default=0)
+    host = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1])), mode="edge") for t in tables])
+    starts = np.cumsum([0] + [len(t) for t in tables]).tolist()
+    device = cupy().asarray(host)
+    return [device[start:start + len(table)] for table, start in zip(tables, starts)]
+
+
+def address_rows(rows: Sequence[Sequence]) -> np.ndarray:
+    """address_table's rows on the host (rows shorter than the longest padded with zeros): several kernels'
+    tables stacked are uploaded in one copy."""
     cp = cupy()
-    host = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=_TABLE_TYPE)
+    host = np.zeros((len(rows), max(map(len, rows), default=0)), dtype=_TABLE_TYPE)
     for i, row in enumerate(rows):
         for j, item in enumerate(row):
             if isinstance(item, cp.ndarray):
@@ -185,7 +202,7 @@ def address_table(rows: Sequence[Sequence]):
                     raise MinidlError(f"address_table: row {i} item {j} is not C-contiguous")
                 item = item.data.ptr
             host[i, j] = item
-    return cp.asarray(host)
+    return host
 
 
 def kernel_sources() -> list[str]:

@@ -87,16 +87,17 @@ __global__ void momentum_update_to_bfloat16(T* const* w, const T* const* g, T* c
                                     momentum, decay, lr);
 }
 
-// found[0] (zeroed by the caller) becomes NaN where any element of the gradients is NaN or
-// infinite (x - x: NaN for both; many threads may store it).
+// found[0] and noted[0] (zeroed by the caller, or kept NaN) become NaN where any element of the gradients
+// is NaN or infinite (x - x: NaN for both; many threads may store it). Two cells, so that a verdict kept
+// over several steps and the step's own one are both made in this pass, not by a copy after it.
 template <typename T>
-__global__ void find_nonfinite(const T* const* g, const unsigned long long* ends, T* found, long long count,
-                               long long total) {
+__global__ void find_nonfinite(const T* const* g, const unsigned long long* ends, T* found, T* noted,
+                               long long count, long long total) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         long long k = part_of(ends, count, i);
         T x = g[k][i - (k ? (long long)ends[k - 1] : 0)];
-        if (!isfinite(x)) found[0] = x - x;
+        if (!isfinite(x)) found[0] = noted[0] = x - x;
     }
 }
 
@@ -118,7 +119,7 @@ MINIDL_MOMENTUM_COPY(momentum_update_to_bfloat16, float, __nv_bfloat16)
 MINIDL_MOMENTUM_COPY(momentum_update_to_half, double, __half)
 MINIDL_MOMENTUM_COPY(momentum_update_to_bfloat16, double, __nv_bfloat16)
 #undef MINIDL_MOMENTUM_COPY
-template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, long long,
-                                               long long);
-template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*,
+template __global__ void find_nonfinite<float>(const float* const*, const unsigned long long*, float*, float*,
+                                               long long, long long);
+template __global__ void find_nonfinite<double>(const double* const*, const unsigned long long*, double*, double*,
                                                 long long, long long);

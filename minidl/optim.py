@@ -41,6 +41,7 @@ class MomentumSGD:
         # the last nonfinite() that left it NaN or infinite, 0 if none; on the parameters' device
         self._flags = {}
         self._fills = {}  # (device, dtype, value) -> one element: the halt or multiplier no caller gave
+        self._prepared = {}  # device -> [(host table, device table)] of this step's updates, uploaded with its check
 
     def step(self, halt: Mapping[Device, Any] | None = None, multiplier: Mapping[Device, Any] | None = None) -> None:
         """Update every parameter with a gradient (counted in `steps` either way).
@@ -52,42 +53,45 @@ class MomentumSGD:
         """
         self.steps += 1
         with no_grad():
-            # (device, dtype, dtype of the kept 16-bit casts or None) -> launches, each [(p, (w, g, v, cast)), ...]
-            on_gpus = {}
             for i, p in enumerate(self.params):
-                if p.grad is None:
+                if p.grad is None or p.device.is_cuda:
                     continue
                 v = self._velocity(i, p)
-                if p.device.is_cuda:
-                    # a layers.Parameter's kept cast (mixed precision) is written in the same pass
-                    cast = p.current_cast() if hasattr(p, "current_cast") else None
-                    key = (p.device, p.dtype, None if cast is None else cast.dtype)
-                    launches = on_gpus.setdefault(key, [[]])
-                    if any(q is p for q, _ in launches[-1]):
-                        # listed twice (a shared layer): updated twice, as on the CPU, so in a
-                        # second launch, not by two threads of one writing the same weight
-                        launches.append([])
-                    launches[-1].append((p, (p.data, p.grad.data, v.data, cast)))
-                elif halt is None or np.isfinite(halt[p.device]).all():  # on the CPU a read costs nothing
+                if halt is None or np.isfinite(halt[p.device]).all():  # on the CPU a read costs nothing
                     with p.device:
                         unscale = None if multiplier is None else float(multiplier[p.device][0])
                         if not self._update_cpu(p.data, p.grad.data, v.data, unscale):
                             self._flag_cpu(p)
                     if hasattr(p, "written"):
                         p.written()  # its kept cast, if any, is stale: the next forward casts again
-            for (device, dtype, cast_dtype), launches in on_gpus.items():
+            for (device, dtype, cast_dtype), launches in self._gpu_launches().items():
                 with device:
                     stop = self._scalar(device, dtype, halt, 0)
                     scale = self._scalar(device, dtype, multiplier, 1)
-                    flags, members = self._flag_row(device, dtype)
-                    slots = {id(q): k for k, q in enumerate(members)}
                     for launch in launches:
-                        params, arrays = zip(*launch)
-                        self._update_gpu(device.xp, dtype, cast_dtype, arrays, stop, scale, flags,
-                                         [slots[id(q)] for q in params])
+                        self._update_gpu(device, dtype, cast_dtype, launch, stop, scale)
                         for p, (_, _, _, cast) in launch:
                             if hasattr(p, "written"):
                                 p.written(cast)  # updated with the weights (unless the step is skipped: neither)
+        self._prepared = {}
+
+    def _gpu_launches(self) -> dict:
+        """(device, dtype, dtype of the kept 16-bit casts or None) -> launches of the update, each
+        [(p, (w, g, v, cast)), ...], for the parameters on GPUs with a gradient."""
+        on_gpus = {}
+        for i, p in enumerate(self.params):
+            if p.grad is None or not p.device.is_cuda:
+                continue
+            v = self._velocity(i, p)
+            # a layers.Parameter's kept cast (mixed precision) is written in the same pass
+            cast = p.current_cast() if hasattr(p, "current_cast") else None
+            launches = on_gpus.setdefault((p.device, p.dtype, None if cast is None else cast.dtype), [[]])
+            if any(q is p for q, _ in launches[-1]):
+                # listed twice (a shared layer): updated twice, as on the CPU, so in a
+                # second launch, not by two threads of one writing the same weight
+                launches.append([])
+            launches[-1].append((p, (p.data, p.grad.data, v.data, cast)))
+        return on_gpus
 
     def _velocity(self, i, p):
         v = self.velocities[i]
@@ -144,51 +148,76 @@ class MomentumSGD:
         in_parallel(update, w, blocks=True)
         return not nonfinite_blocks
 
-    def _update_gpu(self, xp, dtype, cast_dtype, arrays, halt, multiplier, flags, slots):
-        """One kernel over every (w, g, v, cast) of the current GPU, all of `dtype`, unless halt is not finite;
-        a parameter it leaves with a weight or velocity that is not finite gets its slot of `flags`. Where
-        `cast_dtype` (float16 or bfloat16) is given, the kernel also writes each weight into its cast."""
-        ws, gs, vs, casts = zip(*arrays)
-        # the kernel reads each array flat: a gradient may be a view (copied here, kept alive by
-        # `gs`), while w and v are whole arrays (address_table refuses a non-contiguous one)
-        gs = [xp.ascontiguousarray(g) for g in gs]
-        ends = np.cumsum([w.size for w in ws]).tolist()
-        rows = [ws, gs, vs] + ([casts] if cast_dtype is not None else []) + [ends, slots]
-        table = kernels.address_table(rows)
+    def _update_gpu(self, device, dtype, cast_dtype, launch, halt, multiplier):
+        """One kernel over every (w, g, v, cast) of the launch (all of `dtype`, on the current GPU), unless halt is
+        not finite; a parameter it leaves with a weight or velocity that is not finite gets its slot of the
+        device's flags. Where `cast_dtype` (float16 or bfloat16) is given, the kernel also writes each weight into
+        its cast."""
+        host, kept = self._update_table(device, dtype, cast_dtype, launch)
+        # the table uploaded with the step's check (nonfinite_gradients) where it holds the same addresses
+        table = next((t for h, t in self._prepared.get(device, ()) if np.array_equal(h, host)), None)
+        table = kernels.upload_tables([host])[0] if table is None else table
         name = "momentum_update" if cast_dtype is None else _CAST_KERNELS[np.dtype(cast_dtype)]
-        # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in
-        # _update_cpu
-        kernels.launch(CU, name, dtype, ends[-1], *table, flags, halt, multiplier, self.steps, len(ends),
-                       ends[-1], float(self.momentum), float(self.weight_decay * self.lr), float(self.lr))
+        ends = host[-2, :len(launch)]
+        # Python floats: launch makes each the kernel's T, the same rounding as w.dtype.type in _update_cpu
+        kernels.launch(CU, name, dtype, int(ends[-1]), *table, self._flag_row(device, dtype)[0], halt, multiplier,
+                       self.steps, len(launch), int(ends[-1]), float(self.momentum),
+                       float(self.weight_decay * self.lr), float(self.lr))
+        del kept  # the contiguous gradients stay alive until the launch is enqueued
+
+    def _update_table(self, device, dtype, cast_dtype, launch):
+        """The update's table on the host (address_rows: w, g, v, cast, ends, flag slots), and the contiguous
+        gradients it points to, to keep alive."""
+        params, arrays = zip(*launch)
+        ws, gs, vs, casts = zip(*arrays)
+        # the kernel reads each array flat: a gradient may be a view (copied here), while w and v are whole
+        # arrays (address_rows refuses a non-contiguous one)
+        gs = [device.xp.ascontiguousarray(g) for g in gs]
+        slots = {id(q): k for k, q in enumerate(self._flag_row(device, dtype)[1])}
+        rows = [ws, gs, vs] + ([casts] if cast_dtype is not None else [])
+        rows += [np.cumsum([w.size for w in ws]).tolist(), [slots[id(q)] for q in params]]
+        return kernels.address_rows(rows), gs
+
+    def _update_tables(self, device) -> list[np.ndarray]:
+        """The host tables of the updates step() will launch on `device`, as its gradients stand now."""
+        return [self._update_table(device, dtype, cast_dtype, launch)[0]
+                for (on, dtype, cast_dtype), launches in self._gpu_launches().items() if on is device
+                for launch in launches]
 
     def nonfinite_gradients(self, also: Sequence[tuple[Device, Any]] = (),
-                            into: Mapping[Device, Any] | None = None) -> dict:
+                            into: Mapping[Device, Any] | None = None, noted: Mapping[Device, Any] | None = None,
+                            devices: Sequence[Device] | None = None) -> dict:
         """Per device with gradients, a one-element array, enqueued and not read back: 0 where every
         gradient element there is finite, else NaN (its dtype the parameters').
 
         `also`: (device, array) pairs judged with that device's gradients (e.g. the loss), in the same
         pass. `into[d]`, a one-element array of d, takes d's verdict in place of a new zero: a NaN
-        already there stays (a verdict kept over several steps).
+        already there stays (a verdict kept over several steps). `noted[d]`, a zeroed one-element array of d
+        and its gradients' dtype, is made NaN too in the same pass (a step's own record). `devices`: only
+        these devices' gradients (and `also`), e.g. the others' first, to be judged with the last.
         """
         groups = {}  # (device, dtype) -> {id: array}: a shared parameter once
         for p in self.params:
-            if p.grad is not None:
+            if p.grad is not None and (devices is None or p.device in devices):
                 groups.setdefault((p.device, p.dtype), {})[id(p)] = p.grad.data
         for device, array in also:
             groups.setdefault((device, array.dtype), {})[id(array)] = array
-        found = {}
+        found, noted_by = {}, {}  # noted_by: the device's pass that made its `noted` cell
         for (device, dtype), arrays in groups.items():
             cell = None if into is None or device in found else into.get(device)
-            if cell is not None and cell.dtype != dtype:
-                cell = None  # added in below
+            cell = cell if cell is None or cell.dtype == dtype else None  # then added in below
+            note = (noted or {}).get(device)
+            note = note if note is not None and note.dtype == dtype and device not in noted_by else None
             with device:
-                if device.is_cuda:
-                    mark = _find_nonfinite_gpu(device.xp, dtype, list(arrays.values()), cell)
-                else:
-                    mark = np.array([0.0 if all(map(_all_finite, arrays.values())) else np.nan], dtype=dtype)
-                    if cell is not None:
-                        cell += mark
-                        mark = cell
+                # the device's update tables go up with its first pass's, in one copy (step() finds them)
+                updates = self._update_tables(device) if device.is_cuda and device not in found else []
+                mark, uploaded = _find_nonfinite(device, dtype, list(arrays.values()), cell, note, updates)
+                if updates:
+                    self._prepared[device] = list(zip(updates, uploaded))
+                if note is not None:
+                    noted_by[device] = mark
+                elif device in (noted or {}):  # a pass of another dtype: added in (rare: one dtype a device)
+                    noted[device] += mark
                 if device in found:  # another dtype on the device: into its verdict, in place
                     found[device] += mark
                 else:
@@ -253,16 +282,25 @@ def _all_finite(g) -> bool:
     return bool(np.isfinite(flat).all())  # the squares overflowed, or an element is not finite
 
 
-def _find_nonfinite_gpu(xp, dtype, grads, found=None):
-    """find_nonfinite over `grads` (arrays of `dtype` on the current GPU): its one-element verdict, made
-    NaN in `found` if given (a zero otherwise)."""
-    grads = [xp.ascontiguousarray(g) for g in grads]  # kept alive here until the launch is enqueued
-    ends = np.cumsum([g.size for g in grads]).tolist()
-    table = kernels.address_table([grads, ends])
+def _find_nonfinite(device, dtype, arrays, found=None, noted=None, tables=()):
+    """The one-element verdict of `arrays` (of `dtype`, on the current device): NaN if any element is not
+    finite, made in `found` if given (else in a new zero), and in `noted` too if given; and on a GPU the host
+    `tables` on the device, uploaded in the same copy as the pass's own table."""
+    if not device.is_cuda:
+        mark = np.array([0.0 if all(map(_all_finite, arrays)) else np.nan], dtype=dtype)
+        for cell in (found, noted):
+            if cell is not None:
+                cell += mark
+        return (mark if found is None else found), []
+    xp = device.xp
+    arrays = [xp.ascontiguousarray(g) for g in arrays]  # kept alive here until the launch is enqueued
+    ends = np.cumsum([g.size for g in arrays]).tolist()
+    table, *uploaded = kernels.upload_tables([kernels.address_rows([arrays, ends])] + list(tables))
     if found is None:
         found = xp.zeros(1, dtype=dtype)
-    kernels.launch(CU, "find_nonfinite", dtype, ends[-1], table[0], table[1], found, len(ends), ends[-1])
-    return found
+    kernels.launch(CU, "find_nonfinite", dtype, ends[-1], table[0], table[1], found,
+                   found if noted is None else noted, len(ends), ends[-1])
+    return found, uploaded
 
 
 class PlateauSchedule:

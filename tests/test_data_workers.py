@@ -17,6 +17,7 @@ from minidl.data.dataset import write_dataset
 from minidl.data.loader import Loader, default_workers
 from minidl.device import device
 from minidl.errors import DataError, MinidlError
+from minidl.functions import to_input
 from minidl.functions.to_input import InputFeed, crops_to_input_cpu
 from minidl.precision import DEFAULT_PRECISION, compute_dtype, set_precision
 
@@ -364,3 +365,60 @@ def test_the_loader_scaling_benchmark_runs_the_gpu_path_s_cpu_side(dataset, stag
     assert all(re.search(r"images/s \(runs: .*\), CPU \d+\.\d{3} ms per image, \d+\.\d\dx 1 worker", line)
                for line in lines)
     assert lines[0].split(", ")[-1].startswith("1.00x") and (" (staged on the host)" in lines[1]) == staged
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator's ledger: run with --emulate-gpus 2")
+@pytest.mark.parametrize("seed", range(3))
+def test_the_places_lighting_and_labels_go_up_with_the_crops_in_one_copy(seed):
+    """InputFeed with labels: the same input as without, the labels on the device as int32, and one pinned copy a
+    call for all of it (crops staged; a room after crops in registered memory; else crops then the rest)."""
+    from minidl_emulator.ledger import LEDGER
+    rng = np.random.default_rng(seed)
+    count, size, crop = int(rng.integers(1, 6)), 21, int(rng.integers(5, 21))  # odd byte counts: the alignment
+    windows = rng.integers(0, 256, (count, crop, crop, 3), dtype=np.uint8)
+    where = Crops(rng.integers(0, size - crop + 1, count), rng.integers(0, size - crop + 1, count),
+                  rng.random(count) < 0.5)
+    mean = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
+    shift, labels = rng.normal(0, 20, (count, 3)).astype(np.float32), rng.integers(0, 1000, count)
+    feed = InputFeed("cuda:1", mean, 1 / 255)
+    slot = np.zeros(windows.nbytes + to_input.trailer_bytes(count) + 5, np.uint8)
+    slot[:windows.nbytes] = windows.reshape(-1)
+    in_slot = slot[:windows.nbytes].reshape(windows.shape)
+    with device("cuda:1"):
+        expected = feed(windows, where, shift).get()
+        assert feed.register(slot)
+        try:
+            for crops, room, copies in [(windows, None, 1), (in_slot, slot, 1), (in_slot, None, 2)]:
+                mark = LEDGER.mark()
+                x, y = feed(crops, where, shift, labels, room=room)
+                uploads = [e for e in LEDGER.since(mark) if e.unit == "h2d"]
+                assert len(uploads) == copies and uploads[0].pinned
+                np.testing.assert_array_equal(x.get(), expected)
+                assert y.dtype == np.int32 and np.array_equal(y.get(), labels)
+        finally:
+            feed.unregister(slot)
+    x, y = InputFeed("cpu", mean, 1 / 255)(windows, where, shift, labels)
+    np.testing.assert_array_equal(x, expected)
+    assert y.dtype == np.int32 and np.array_equal(y, labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not EMULATED, reason="reads the GPU emulator's ledger: run with --emulate-gpus 2")
+@pytest.mark.parametrize("locked", [True, False])
+def test_a_gpu_trainer_s_batches_bring_their_labels_in_the_batch_s_one_copy(dataset, monkeypatch, locked):
+    """epoch_batches(labels_on_device=True): the CPU's batches, the labels int32 on the loader's GPU, and one
+    host-to-device copy a batch, out of the page-locked slot or the pinned buffer."""
+    from minidl_emulator.ledger import LEDGER
+    if not locked:
+        monkeypatch.setattr(InputFeed, "register", lambda feed, host: False)
+    expected = batches_of(Loader(dataset, seed=4, batch_size=6))
+    loader = Loader(dataset, seed=4, workers=2, device="cuda:0", batch_size=6)
+    mark = LEDGER.mark()
+    with device("cuda:0"):
+        got = [(x.get(), y.get()) for x, y in loader.epoch_batches(1, labels_on_device=True)]
+    assert_same(got, expected)
+    assert all(y.dtype == np.int32 for _, y in got)
+    mean_bytes = loader._feed().mean.nbytes  # (uploaded once)
+    uploads = [e for e in LEDGER.since(mark) if e.unit == "h2d" and e.nbytes != mean_bytes]
+    assert len(uploads) == len(got) and all(e.pinned for e in uploads)

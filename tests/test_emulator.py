@@ -70,6 +70,18 @@ def test_views_share_their_allocation_and_copies_do_not(cp):
     assert a[0, 0].item() == 42.0 and copy[0, 0].item() == 0.0
 
 
+def test_an_element_taken_by_integers_is_a_zero_d_view_as_in_cupy(cp):
+    """CuPy's a[i] (every axis indexed by an integer) is a 0-d view, no launch; NumPy's would be a scalar."""
+    from minidl_emulator.ledger import LEDGER
+    a = cp.arange(6.0).reshape(2, 3)
+    mark = LEDGER.mark()
+    element, row_element = a[1, 2], a[1][np.int64(0)]
+    assert LEDGER.since(mark) == []
+    assert isinstance(element, cp.ndarray) and element.shape == () and row_element.shape == ()
+    a[1, 2] = 7.0
+    assert element.item() == 7.0  # a view of a's memory
+
+
 # --- memory
 
 

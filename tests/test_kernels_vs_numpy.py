@@ -226,13 +226,31 @@ def test_log_softmax_nll_matches_numpy(dtype, rows, classes, grid, block, rng):
     labels = rng.integers(0, classes, rows).astype(np.int32)
     labels[0] = classes  # out of range: that row's loss is NaN
     log_p = np.full(logits.shape, np.nan, dtype=dtype)
-    row_loss = np.full(rows, -7.0, dtype=dtype)
-    run(loss.CU, "log_softmax_nll", dtype, [logits, labels, log_p, row_loss, rows, classes], grid, block)
+    labels[1:rows // 2] = logits[1:rows // 2].argmax(axis=1)  # half the rows right, for the top-1 flags
+    row_loss, row_top1 = np.full(rows, -7.0, dtype=dtype), np.full(rows, -7.0, dtype=dtype)
+    run(loss.CU, "log_softmax_nll", dtype, [logits, labels, log_p, row_loss, row_top1, rows, classes], grid, block)
     expected = loss.log_softmax_array(np, logits)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(log_p, expected, **tolerance)
     assert np.isnan(row_loss[0])
     np.testing.assert_array_equal(row_loss[1:], -log_p[np.arange(1, rows), labels[1:]])  # the same arithmetic
+    np.testing.assert_array_equal(row_top1, logits.argmax(axis=1) == labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_softmax_nll_top1_takes_argmax_first_maximum_and_nan(dtype):
+    """Ties go to the first maximum, and a NaN scores highest, as argmax rules; one row each way."""
+    from minidl.functions import loss
+    logits = np.array([[1, 5, 5, 2], [5, 5, 1, 2], [1, np.nan, 9, 2], [np.nan, 3, 9, np.nan],
+                       [-np.inf, -np.inf, -np.inf, -3]], dtype=dtype)
+    rows, classes = logits.shape
+    for labels in ([1, 1, 2, 0, 3], [2, 0, 1, 2, 0]):
+        labels = np.array(labels, dtype=np.int32)
+        log_p, row_loss = np.empty_like(logits), np.empty(rows, dtype)
+        row_top1 = np.full(rows, -7.0, dtype=dtype)
+        run(loss.CU, "log_softmax_nll", dtype, [logits, labels, log_p, row_loss, row_top1, rows, classes],
+            (2, 1, 1), (64, 1, 1))
+        np.testing.assert_array_equal(row_top1, logits.argmax(axis=1) == labels)
 
 
 @pytest.mark.gpu
@@ -240,16 +258,20 @@ def test_log_softmax_nll_matches_numpy(dtype, rows, classes, grid, block, rng):
 def test_softmax_cross_entropy_on_a_gpu_agrees_with_the_cpu(dtype, rng):
     logits = (rng.standard_normal((45, 300)) * 4).astype(dtype)
     labels = rng.integers(0, 300, 45)
+    labels[:17] = logits[:17].argmax(axis=1)  # 17 rows right
     results = []
     for device in ("cpu", "cuda:0"):
         z = Tensor(logits, requires_grad=True, device=device)
-        value = softmax_cross_entropy(z, labels)
+        value, top1 = softmax_cross_entropy(z, labels, top1=True)
         value.backward()
-        results.append((value.item(), z.grad.numpy()))
-    (loss_cpu, g_cpu), (loss_gpu, g_gpu) = results
+        results.append((value.item(), z.grad.numpy(), top1.get() if hasattr(top1, "get") else top1))
+    (loss_cpu, g_cpu, top1_cpu), (loss_gpu, g_gpu, top1_gpu) = results
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(loss_gpu, loss_cpu, rtol=rtol)
     np.testing.assert_allclose(g_gpu, g_cpu, rtol=rtol, atol=rtol * 1e-3)
+    expected = (logits.argmax(axis=1) == labels).mean()
+    assert top1_cpu.shape == top1_gpu.shape == (1,) and 17 <= round(expected * 45) < 45
+    np.testing.assert_allclose([top1_cpu[0], top1_gpu[0]], expected, rtol=1e-6)
 
 
 @pytest.mark.gpu

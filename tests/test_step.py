@@ -93,3 +93,29 @@ def test_train_step_with_a_guard_judges_and_updates_on_the_cpu():
     step, = guard.read().steps
     assert not step.bad and step.rows == 2 and np.isfinite(step.loss) and step.correct in (0, 1, 2)
     assert not np.array_equal(layer.W.numpy(), before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.environ.get("MINIDL_EMULATE_GPUS"), reason="counts the emulator's copies: --emulate-gpus 2")
+def test_the_check_uploads_each_devices_tables_once_and_notes_each_steps_verdict(charged):
+    """The check's pass on each device uploads the update's table with its own, in one copy, and the step's
+    verdict is made in its row of the kept verdicts by the hub's pass: no add, no assignment after it."""
+    dev0, dev1 = device("cuda:0"), device("cuda:1")
+    a, b = Parameter(np.ones(3, np.float32), device=dev0), Parameter(np.ones(5, np.float32), device=dev1)
+    opt = MomentumSGD([a, b], lr=0.1, momentum=0.0, weight_decay=0.0)
+    guard = StepGuard(_Hub(dev0), opt, skip=True)
+    for interval, bads in enumerate([(False, True, False), (False, False)]):
+        for step, bad in enumerate(bads):
+            a.grad = Parameter(np.ones(3, np.float32), device=dev0)
+            b.grad = Parameter(np.array([1, np.inf if bad else 1, 1, 1, 1], np.float32), device=dev1)
+            loss = Tensor(np.float32(0.5), device=dev0)
+            before = len(charged())
+            opt.step(guard.check(loss, position=(interval, step)))
+            ops = charged()[before:]
+            uploads = [e for e in ops if e.kind == "copy" and e.unit == "h2d"]
+            assert sorted(e.device for e in uploads) == [0, 1], ops  # one table copy a device
+            if (interval, step) != (0, 0):  # the first step also makes the velocities and the flags
+                # with skip, the second device's verdict starts from a new zero; the hub's is its kept row
+                assert [(e.name, e.device) for e in ops if e.kind == "elementwise"] == [("zeros", 1)], ops
+        assert [s.bad for s in guard.read().steps] == list(bads)
+    np.testing.assert_allclose(a.numpy(), 1 - 0.1 * 4, rtol=1e-6)  # 4 of the 5 steps updated

@@ -212,6 +212,10 @@ class ndarray:  # noqa: N801 -- CuPy's name
         self._host.fill(value)
 
     def __getitem__(self, index):
+        integers = index if isinstance(index, tuple) else (index,)
+        if integers and builtins.all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in integers):
+            # CuPy gives a 0-d view where NumPy gives a scalar (a copy): a view here too, no operation
+            index = integers + (Ellipsis,)
         return _run("elementwise", lambda a, i: a[i], (self, index), {}, what="indexing")
 
     def __setitem__(self, index, value):

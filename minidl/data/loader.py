@@ -197,11 +197,12 @@ class Loader:
         return [i for i in range(start, len(self)) if self.augment or len(self.shard_rows(
             len(self.batch_positions(epoch)[i])))]
 
-    def epoch_batches(self, epoch: int, start: int = 0) -> "Batches":
+    def epoch_batches(self, epoch: int, start: int = 0, labels_on_device: bool = False) -> "Batches":
         """An iterator over the batches start, start+1, ... of `epoch`, made ahead by the workers.
 
         Use it in `with contextlib.closing(...)`: the workers then stop on any way out of the
         loop. An error in a worker is raised here, in the caller, and so is a worker's death.
+        `labels_on_device`: on a GPU, the labels come as int32 on the loader's device, uploaded with the batch.
         """
         numbers = self.batch_numbers(epoch, start)
         # on a CPU device the makers finish the input too, as the one thread did: the loop's core only trains
@@ -211,9 +212,11 @@ class Loader:
                                       self.prefetch)
         else:
             crop_bytes = self.batch_size * (TEN if self.ten_crop else 1) * self.crop * self.crop * 3
+            rows = self.batch_size * (TEN if self.ten_crop else 1)
             made = WorkerPool(lambda: self._maker(epoch, finish), numbers, self.workers, self.prefetch,
-                              crop_bytes * (np.dtype(np.float32).itemsize if finish else 1))
-        return Batches(self, epoch, made, None if finish else self._feed())
+                              crop_bytes * (np.dtype(np.float32).itemsize if finish else 1),
+                              spare_bytes=0 if finish else to_input.trailer_bytes(rows))
+        return Batches(self, epoch, made, None if finish else self._feed(), labels_on_device)
 
     def _feed(self):
         """This loader's InputFeed for its device: one per device, so its pinned buffer is reused."""
@@ -283,8 +286,10 @@ class Batches:
     `delivery_rate()`: the images/s the makers and the feed could deliver since the last call (the makers'
     time shared among them), whatever the consumer's pace."""
 
-    def __init__(self, loader: Loader, epoch: int, made: Iterator, feed: "to_input.InputFeed | None") -> None:
+    def __init__(self, loader: Loader, epoch: int, made: Iterator, feed: "to_input.InputFeed | None",
+                 labels_on_device: bool = False) -> None:
         self.loader, self.epoch, self._made, self._feed = loader, epoch, made, feed
+        self._labels_on_device = labels_on_device and feed is not None
         self._makers = max(1, getattr(made, "count", 1))
         self._images, self._seconds = 0, 0.0
         # the workers' slots page-locked: each batch is uploaded straight from its slot, which is given back
@@ -306,7 +311,11 @@ class Batches:
         start = time.perf_counter()
         plan = self.loader.plan(self.epoch, number)
         shape = self.loader.crops_shape(plan)
-        if self._feed is not None:
+        labels = plan.labels
+        if self._labels_on_device:  # the labels go up with the batch, from its slot where it is uploaded in place
+            x, labels = self._feed(made.reshape(shape), plan.where, plan.shift, plan.labels,
+                                   room=self._made.room() if self._in_place else None)
+        elif self._feed is not None:
             x = self._feed(made.reshape(shape), plan.where, plan.shift)
         elif made.dtype == np.uint8:  # a worker's slot: copied out, as the slot is filled again
             x = made.view(np.float32).reshape((shape[0], 3) + shape[1:3]).copy()
@@ -318,7 +327,7 @@ class Batches:
             self._uploading = self._feed.last_upload
         self._images += len(plan.labels)
         self._seconds += made_in / self._makers + time.perf_counter() - start
-        return self.loader.shaped(x, len(plan.labels)), plan.labels
+        return self.loader.shaped(x, len(plan.labels)), labels
 
     def delivery_rate(self) -> float:
         rate = self._images / self._seconds if self._seconds > 0 else float("nan")

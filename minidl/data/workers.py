@@ -34,22 +34,25 @@ class WorkerPool:
     `number` into the uint8 array `out` (`slot_bytes`) and returns how many bytes it filled. The bytes
     yielded (a view of the slot) are valid until release() or the next call; `seconds`: the worker's time.
     `memory` is every slot, one flat uint8 array; `before_unmap`, if set, is called before it goes.
+    `spare_bytes` more a slot, after the worker's: `room()` is the held batch's whole slot, which the caller
+    may write past the batch's bytes (e.g. to upload what goes with them in the same copy).
     """
 
     def __init__(self, open_worker: Callable[[], ContextManager[Callable[[int, np.ndarray], int]]],
-                 numbers: Sequence[int], count: int, depth: int, slot_bytes: int) -> None:
+                 numbers: Sequence[int], count: int, depth: int, slot_bytes: int, spare_bytes: int = 0) -> None:
         self.numbers, self.count, self.depth = list(numbers), min(count, len(numbers)), depth  # none: no batches
-        self._ring = mmap.mmap(-1, max(1, self.count * depth * slot_bytes))
-        self._slots = np.frombuffer(self._ring, np.uint8, self.count * depth * slot_bytes).reshape(
-            self.count, depth, slot_bytes)
-        self._next, self._held, self.workers, self._pipes = 0, None, [], []
+        whole = slot_bytes + spare_bytes
+        self._ring = mmap.mmap(-1, max(1, self.count * depth * whole))
+        self._slots = np.frombuffer(self._ring, np.uint8, self.count * depth * whole).reshape(self.count, depth, whole)
+        self._next, self._held, self._room, self.workers, self._pipes = 0, None, None, [], []
         self.before_unmap = None
         context = multiprocessing.get_context("fork")
         try:
             for k in range(self.count):
                 ours, theirs = context.Pipe()
                 worker = context.Process(target=_work, name=f"minidl loader worker {k + 1}", daemon=True,
-                                         args=(open_worker, self.numbers[k::self.count], self._slots[k], theirs,
+                                         args=(open_worker, self.numbers[k::self.count],
+                                               self._slots[k, :, :slot_bytes], theirs,
                                                os.getpid(), self._pipes + [ours]))
                 _fork(worker)
                 theirs.close()
@@ -77,8 +80,12 @@ class WorkerPool:
             self.close()
             raise message[1]
         _, number, filled, seconds = message
-        self._held, self._next = k, self._next + 1
-        return number, self._slots[k, n % self.depth, :filled], seconds
+        self._held, self._next, self._room = k, self._next + 1, self._slots[k, n % self.depth]
+        return number, self._room[:filled], seconds
+
+    def room(self) -> np.ndarray:
+        """The whole slot of the batch last given (its bytes first), until release() or the next call."""
+        return self._room
 
     def release(self) -> None:
         """The slot the last batch came from may be filled again (its bytes are no longer read)."""
@@ -123,7 +130,7 @@ class WorkerPool:
             pipe.close()
         if self.before_unmap is not None and self._slots is not None:
             self.before_unmap(self.memory)
-        self._pipes, self._slots = None, None
+        self._pipes, self._slots, self._room = None, None, None
         try:
             self._ring.close()
         except BufferError:  # a view of a slot is still held somewhere: the mapping goes with it

@@ -10,6 +10,10 @@
 // so the warp's writes are coalesced. A launch of 32 threads per row; any other size is
 // still correct (the grid-stride loop), only slower.
 //
+// Lane 0 also writes whether the row's label scored highest (1 or 0), the training step's top-1 count:
+// the first maximum, as argmax takes it, found in the walk that finds the max, and a NaN scores highest
+// (argmax's rule) so that a NaN row never counts as right. The count then costs no launch of its own.
+//
 // 16-bit logits (half.cuh) are read as floats: the log-probabilities, the per-row losses and the
 // loss's gradient gy are floats (Acc<T>::type), only the logits' gradient gx is rounded to T. A
 // log-probability rounded to 16 bits would lose |log p| * 2^-11 of p's relative accuracy (0.3% at
@@ -19,7 +23,8 @@
 
 template <typename T>
 __global__ void log_softmax_nll(const T* logits, const int* labels, typename Acc<T>::type* log_p,
-                                typename Acc<T>::type* row_loss, long long rows, long long classes) {
+                                typename Acc<T>::type* row_loss, typename Acc<T>::type* row_top1, long long rows,
+                                long long classes) {
     typedef typename Acc<T>::type A;
     const long long lanes = 32;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < rows * lanes;
@@ -27,7 +32,12 @@ __global__ void log_softmax_nll(const T* logits, const int* labels, typename Acc
         long long r = t / lanes, lane = t % lanes;
         const T* x = logits + r * classes;
         A top = to_acc(x[0]);
-        for (long long c = 1; c < classes; ++c) top = to_acc(x[c]) > top ? to_acc(x[c]) : top;
+        long long first_top = 0, first_nan = isnan(top) ? 0 : -1;
+        for (long long c = 1; c < classes; ++c) {
+            A v = to_acc(x[c]);
+            if (v > top) top = v, first_top = c;
+            if (first_nan < 0 && isnan(v)) first_nan = c;
+        }
         A sum = A(0);
         for (long long c = 0; c < classes; ++c) sum += exp(to_acc(x[c]) - top);
         A log_sum = log(sum);
@@ -37,6 +47,7 @@ __global__ void log_softmax_nll(const T* logits, const int* labels, typename Acc
         // check) gives a NaN loss, never a read outside the row
         int label = labels[r];
         row_loss[r] = label >= 0 && label < classes ? -((to_acc(x[label]) - top) - log_sum) : A(nan(""));
+        row_top1[r] = A((first_nan < 0 ? first_top : first_nan) == label ? 1 : 0);
     }
 }
 
@@ -57,7 +68,7 @@ __global__ void softmax_nll_backward(const typename Acc<T>::type* log_p, const i
 
 // T, and A = Acc<T>::type: the type of the log-probabilities, the losses and their gradient
 #define MINIDL_LOSS_KERNELS(T, A)                                                                            \
-    template __global__ void log_softmax_nll<T>(const T*, const int*, A*, A*, long long, long long);         \
+    template __global__ void log_softmax_nll<T>(const T*, const int*, A*, A*, A*, long long, long long);       \
     template __global__ void softmax_nll_backward<T>(const A*, const int*, const A*, T*, long long, long long, \
                                                      long long);
 MINIDL_LOSS_KERNELS(float, float)

@@ -46,7 +46,10 @@ def _check(logits, labels, read_labels):
 
 
 class SoftmaxCrossEntropy(Function):
-    """Mean over the batch of -log softmax(logits)[label]; of 16-bit logits, in float32 (as autocast does)."""
+    """Mean over the batch of -log softmax(logits)[label]; of 16-bit logits, in float32 (as autocast does).
+
+    Forward also leaves `top1`, the fraction of rows whose label scored highest (argmax's first maximum), a
+    one-element array on the logits' device: the training step's accuracy, made in the loss's own passes."""
 
     keeps_float32 = True
 
@@ -58,6 +61,7 @@ class SoftmaxCrossEntropy(Function):
         n = logits.shape[0]
         log_p = log_softmax_array(np, logits)
         self.save(log_p, labels)
+        self.top1 = (logits.argmax(axis=1) == labels).mean(keepdims=True, dtype=log_p.dtype)
         return -log_p[np.arange(n), labels].mean()
 
     def backward_cpu(self, gy):
@@ -76,12 +80,14 @@ class SoftmaxCrossEntropy(Function):
         # float32 for float16 and bfloat16 logits (loss.cu)
         accumulated = kernels.scalar_dtype(logits.dtype)
         log_p = kernels.empty(logits.shape, accumulated)
-        row_loss = kernels.empty((n,), accumulated)
+        rows = kernels.empty((2, n), accumulated)  # each row's loss, and whether its label scored highest
         kernels.launch(CU, "log_softmax_nll", logits.dtype, n * 32,  # a warp (32 threads) per row
-                       logits, labels, log_p, row_loss, n, classes)
+                       logits, labels, log_p, rows[0], rows[1], n, classes)
         self.logits_dtype = logits.dtype
         self.save(log_p, labels)
-        return row_loss.mean()
+        means = rows.mean(axis=1)  # the loss and the top-1 fraction in one reduction
+        self.top1 = means[1:]
+        return means[0]
 
     def backward_gpu(self, gy):
         log_p, labels = self.saved
@@ -92,23 +98,27 @@ class SoftmaxCrossEntropy(Function):
         return gx, None
 
 
-def softmax_cross_entropy(logits: Tensor, labels, checked: bool = False) -> Tensor:
-    """The loss of `logits` (N, C) for integer `labels` (N,).
+def softmax_cross_entropy(logits: Tensor, labels, checked: bool = False, top1: bool = False):
+    """The loss of `logits` (N, C) for integer `labels` (N,); with `top1`, (loss, top-1 fraction): the
+    fraction of rows whose label scored highest, a one-element array on the logits' device, not read back.
 
     Labels are a host array or list (checked here, on the host), or a Tensor or
     device array, checked on its device unless `checked` says they are known to
     be in 0..C-1 already: a GPU then computes without reading them back.
     """
     if isinstance(labels, Tensor):
-        return SoftmaxCrossEntropy(checked)(logits, labels)
-    if is_array(labels) and not isinstance(labels, np.ndarray):
-        return SoftmaxCrossEntropy(checked)(logits, Tensor(labels, device=logits.device))
-    labels = np.asarray(labels)
-    _check(logits.data, labels, read_labels=True)
-    if logits.device.is_cuda:
-        labels = labels.astype(np.int32)  # what the kernels read: in range, so they fit
-    # copied to the logits' device on its stream (Tensor does that)
-    return SoftmaxCrossEntropy(labels_checked=True)(logits, Tensor(labels, device=logits.device))
+        function = SoftmaxCrossEntropy(checked)
+    elif is_array(labels) and not isinstance(labels, np.ndarray):
+        function, labels = SoftmaxCrossEntropy(checked), Tensor(labels, device=logits.device)
+    else:
+        labels = np.asarray(labels)
+        _check(logits.data, labels, read_labels=True)
+        if logits.device.is_cuda:
+            labels = labels.astype(np.int32)  # what the kernels read: in range, so they fit
+        # copied to the logits' device on its stream (Tensor does that)
+        function, labels = SoftmaxCrossEntropy(labels_checked=True), Tensor(labels, device=logits.device)
+    loss = function(logits, labels)
+    return (loss, function.top1) if top1 else loss
 
 
 def softmax(logits: Tensor) -> Tensor:

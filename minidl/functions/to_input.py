@@ -100,30 +100,49 @@ class InputFeed:
         self._registered = {}  # start address -> bytes of host memory page-locked by register()
         self.last_upload = None  # the event after the last call's host-to-device copy (GPU)
 
-    def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None):
+    def __call__(self, crops: np.ndarray, where: Crops, shift: np.ndarray | None, labels: np.ndarray | None = None,
+                 room: np.ndarray | None = None):
+        """The input from `crops`; with `labels`, (input, labels as int32 on the device). On a GPU the crops,
+        their places, their lighting and the labels go up in one copy. `room`: the crops' slot of registered
+        memory (a uint8 array starting with them), which this may write past the crops (the places, lighting and
+        labels) to upload from it in that one copy; without it, crops in registered memory take two copies."""
         if not self.device.is_cuda:
             zero = np.zeros(len(crops), int)
             mirrored = crop_and_flip(crops, crops.shape[1], Crops(zero, zero, where.flips))
-            return crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale,
-                                      dtype=np.float32 if self.dtype is None else self.dtype)
-        xp = self.device.xp
+            x = crops_to_input_cpu(mirrored, self.mean, where, shift, self.scale,
+                                   dtype=np.float32 if self.dtype is None else self.dtype)
+            return x if labels is None else (x, np.asarray(labels, np.int32))
         with self.device:
             if self._device_mean is None:
-                self._device_mean = xp.asarray(self.mean)
+                self._device_mean = self.device.xp.asarray(self.mean)
+            uploaded = self._upload(crops, _trailer(where, shift, labels), room)
+            n = len(crops)
+            places, lighting, on_device_labels = uploaded[1][:3 * n], uploaded[1][3 * n:6 * n], uploaded[1][6 * n:]
+            x = crops_to_input_gpu(uploaded[0], self._device_mean, places.reshape(n, 3),
+                                   lighting.view(np.float32).reshape(n, 3), self.scale, self.output_dtype())
+            return x if labels is None else (x, on_device_labels)
+
+    def _upload(self, crops, trailer, room):
+        """(crops, trailer) on the device: in one copy where the crops are staged, or lie in `room` with space for
+        the trailer after them (4-byte aligned); else the crops from registered memory, then the trailer."""
+        xp, stream = self.device.xp, self.device.stream
+        offset = -(-crops.nbytes // 4) * 4
+        together = offset + trailer.nbytes
+        in_room = room is not None and room.nbytes >= together and self._in_registered(room[:together])
+        staged, turn = self._staged(crops, together) if not in_room else (room[:together], None)
+        if in_room or turn is not None:  # the trailer after the crops, one upload
+            staged.reshape(-1)[offset:together] = trailer.view(np.uint8)
+            flat = xp.empty(together, np.uint8)
+            flat.set(staged.reshape(-1)[:together], stream=stream)
+            on_device, rows = flat[:crops.nbytes].reshape(crops.shape), flat[offset:].view(np.int32)
+        else:
             on_device = xp.empty(crops.shape, np.uint8)
-            staged, turn = self._staged(crops)
-            on_device.set(staged, stream=self.device.stream)
-            self.last_upload = self.device.stream.record()
-            if turn is not None:
-                self._copied[turn] = self.last_upload
-            # the crops' places and their lighting in one upload: int32 and float32 rows of one 4-byte array
-            rows = np.zeros((2, len(crops), 3), np.int32)
-            rows[0] = np.stack([where.tops, where.lefts, where.flips], axis=1)
-            if shift is not None:
-                rows[1] = np.asarray(shift, np.float32).view(np.int32)
-            rows = xp.asarray(rows)
-            return crops_to_input_gpu(on_device, self._device_mean, rows[0], rows[1].view(np.float32), self.scale,
-                                      self.output_dtype())
+            on_device.set(staged, stream=stream)
+            rows = xp.asarray(trailer)
+        self.last_upload = stream.record()
+        if turn is not None:
+            self._copied[turn] = self.last_upload
+        return on_device, rows
 
     def output_dtype(self) -> np.dtype:
         """The dtype of a GPU call's input now: `dtype` if given, else the precision's compute dtype or float32."""
@@ -160,21 +179,39 @@ class InputFeed:
         start = _address(crops)
         return any(low <= start and start + crops.nbytes <= low + size for low, size in self._registered.items())
 
-    def _staged(self, crops):
-        """`crops` itself where it lies in registered memory (turn None); else `crops` copied into the pinned
-        buffer of this turn, once the last copy from it is done."""
+    def _staged(self, crops, nbytes):
+        """`crops` itself where it lies in registered memory (turn None); else `crops` copied into the start of the
+        pinned buffer of this turn (`nbytes` long: room after them), once the last copy from it is done."""
         if self._in_registered(crops):
             return crops, None
         turn, self._turn = self._turn, 1 - self._turn
         copied = self._copied[turn]
         if copied is not None and not copied.done:  # a query first: a blocking wait only when it must
             copied.synchronize()
-        if self._pinned[turn] is None or self._pinned[turn].nbytes < crops.nbytes:
-            memory = self.device.xp.cuda.alloc_pinned_memory(crops.nbytes)
-            self._pinned[turn] = np.frombuffer(memory, np.uint8, crops.nbytes)
-        staged = self._pinned[turn][:crops.nbytes].reshape(crops.shape)
-        np.copyto(staged, crops)
+        if self._pinned[turn] is None or self._pinned[turn].nbytes < nbytes:
+            memory = self.device.xp.cuda.alloc_pinned_memory(nbytes)
+            self._pinned[turn] = np.frombuffer(memory, np.uint8, nbytes)
+        staged = self._pinned[turn][:nbytes]
+        np.copyto(staged[:crops.nbytes].reshape(crops.shape), crops)
         return staged, turn
+
+
+def trailer_bytes(rows: int) -> int:
+    """The most bytes a batch of `rows` crops needs after them to go up in one copy (alignment, places,
+    lighting, labels): the room a loader's slot keeps for it."""
+    return 3 + 7 * 4 * rows
+
+
+def _trailer(where: Crops, shift: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
+    """The crops' places (top, left, mirrored), their lighting (float32 bits) and the labels: one int32 array."""
+    n = len(where.tops)
+    trailer = np.zeros(7 * n if labels is not None else 6 * n, np.int32)
+    trailer[:3 * n] = np.stack([where.tops, where.lefts, where.flips], axis=1).reshape(-1)
+    if shift is not None:
+        trailer[3 * n:6 * n] = np.asarray(shift, np.float32).reshape(-1).view(np.int32)
+    if labels is not None:
+        trailer[6 * n:] = labels  # checked against the classes when read: they fit
+    return trailer
 
 
 def _address(host: np.ndarray) -> int:

@@ -20,7 +20,7 @@ from minidl.layers.summary import check_training_memory
 from minidl.optim import MomentumSGD
 from minidl.precision import set_precision
 from minidl.training.model_file import ModelFile
-from minidl.training.step import StepGuard, train_step
+from minidl.training.step import StepGuard, labels_on_output, train_step
 
 
 def _timer(device):
@@ -109,8 +109,11 @@ def _batches(model, batch_size: int, size: int, num_classes: int, seed: int) -> 
     where = Crops(np.zeros(batch_size, int), np.zeros(batch_size, int), rng.integers(0, 2, batch_size))
     shift = rng.standard_normal((batch_size, 3)).astype(np.float32)
     feed = InputFeed(model.input_device, np.full((size, size, 3), 128, np.float32), 1 / 64)
-    return lambda: (Tensor(feed(crops, where, shift), device=model.input_device),
-                    Tensor(labels, device=model.output_device))
+
+    def next_batch():  # the labels go up with the crops, as the trainer's loader sends them
+        x, y = feed(crops, where, shift, labels)
+        return Tensor(x, device=model.input_device), labels_on_output(y, model)
+    return next_batch
 
 
 def bench(model_file: ModelFile, *, batch_size: int = 128, devices: Union[None, str, Sequence[str]] = None,

@@ -19,7 +19,6 @@ from minidl.functions.transfer import copy_array
 from minidl.layers import Layer, seed_dropout
 from minidl.loss_scale import DynamicLossScale
 from minidl.optim import MomentumSGD
-from minidl.training.evaluate import topk_correct
 
 
 class StepRecord(NamedTuple):
@@ -75,23 +74,26 @@ class StepGuard:
                 self.seed = loss.device.xp.ones(loss.shape, loss.dtype)
         return self.seed
 
-    def check(self, loss: Tensor, logits: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-              position: Any = None) -> dict[Device, Any]:
-        """Judge the step whose backward just ran: returns, per device, the halt for MomentumSGD.step."""
+    def check(self, loss: Tensor, top1: Any = None, rows: int = 0, position: Any = None) -> dict[Device, Any]:
+        """Judge the step whose backward just ran: returns, per device, the halt for MomentumSGD.step.
+        `top1`: the loss's top-1 fraction of its `rows` (softmax_cross_entropy(top1=True)), kept unread."""
         hub = self.hub
-        # one pass per device over its gradients (the hub's with the loss), into the kept verdicts unless skip
-        found = self.optimizer.nonfinite_gradients(also=[(hub, loss.data.reshape(1))],
-                                                   into=None if self.skip else self._sticky(loss.dtype))
+        into = None if self.skip else self._sticky(loss.dtype)
+        # one pass per device over its gradients, into the kept verdicts unless skip: the other devices' first,
+        # then the hub's, which judges their verdicts and the loss with its own gradients and notes the result
+        # in the step's row of `verdicts` in the same pass
+        others = [d for d in self._devices() if d is not hub]
+        found = self.optimizer.nonfinite_gradients(into=into, devices=others) if others else {}
+        also = [(hub, loss.data.reshape(1))] + [(hub, copy_array(mark, d, hub)) for d, mark in found.items()]
         with hub:
-            verdict = found[hub]
-            for device, mark in found.items():
-                if device is not hub:
-                    verdict = verdict + copy_array(mark, device, hub)
-            self._next_verdict()[...] = verdict
+            noted = self._next_verdict(loss.dtype)
+        # with skip the step's row is the hub's verdict itself; else the kept verdict, and the row noted with it
+        found.update(self.optimizer.nonfinite_gradients(also=also, into={hub: noted} if self.skip else into,
+                                                        noted=None if self.skip else {hub: noted}, devices=[hub]))
+        verdict = found[hub]
+        with hub:
             self.losses.append(loss.data.reshape(1))
-            self.corrects.append(topk_correct(hub.xp, logits.data, labels.data, 1).reshape(1)
-                                 if logits is not None and labels is not None else None)
-        rows = len(logits.data) if logits is not None else 0
+            self.corrects.append(top1)
         self.pending.append((position, rows, self.optimizer.steps + 1))  # the number step() gives it
         self.verdict = verdict
         return {device: verdict if device is hub else copy_array(verdict, hub, device) for device in found}
@@ -105,20 +107,24 @@ class StepGuard:
         if self.loss_scale is not None:
             self.loss_scale.update(self.verdict)
 
+    def _devices(self):
+        """The hub and every device with parameters."""
+        return list(dict.fromkeys([self.hub] + [p.device for p in self.optimizer.params]))
+
     def _sticky(self, dtype):
         """Per device with parameters (and the hub), a zero made once, the verdict kept until read."""
-        devices = dict.fromkeys([self.hub] + [p.device for p in self.optimizer.params])
-        for device in devices:
+        for device in self._devices():
             if device not in self.sticky:
                 with device:
                     self.sticky[device] = device.xp.zeros(1, dtype=dtype)
         return self.sticky
 
-    def _next_verdict(self):
-        """The hub's place for the next step's verdict (the array grows, by doubling, past an interval's steps)."""
+    def _next_verdict(self, dtype):
+        """The hub's zeroed cell for the next step's own verdict (the array grows, by doubling, past an
+        interval's steps; read() zeroes it again)."""
         n = len(self.pending)
-        if self.verdicts is None or n == len(self.verdicts):
-            grown = self.hub.xp.zeros(max(16, 2 * n), dtype=np.float64)
+        if self.verdicts is None or n == len(self.verdicts) or self.verdicts.dtype != dtype:
+            grown = self.hub.xp.zeros(max(16, 2 * n), dtype=dtype)
             if n:
                 grown[:n] = self.verdicts
             self.verdicts = grown
@@ -138,10 +144,16 @@ class StepGuard:
         host = read_together(self.hub, [(self.hub, a) for a in figures] + flags)
         overflowed = self.optimizer.nonfinite(host[len(figures):])
         corrects = iter(host[2] if counted else [])
-        steps = [StepRecord(position, rows, number, float(loss), 0 if c is None else int(next(corrects)),
-                            not math.isfinite(verdict))
-                 for (position, rows, number), verdict, loss, c in zip(self.pending, host[0], host[1], self.corrects)]
+        bad = [not math.isfinite(verdict) for verdict in host[0]]
+        if not self.skip:  # the kept verdicts halted every step after a bad one, until this read
+            bad = [any(bad[:k + 1]) for k in range(len(bad))]
+        # a fraction of the rows, back to a count (exact: the fraction's error is far below half a row)
+        steps = [StepRecord(position, rows, number, float(loss), 0 if c is None else round(next(corrects) * rows),
+                            was_bad)
+                 for (position, rows, number), was_bad, loss, c in zip(self.pending, bad, host[1], self.corrects)]
         self.pending, self.losses, self.corrects = [], [], []
+        with self.hub:
+            self.verdicts.fill(0)  # the steps' own verdicts are made NaN in place (check)
         for device, kept in self.sticky.items():  # a NaN kept verdict stops the run: nothing is left to carry
             with device:
                 kept.fill(0)
@@ -173,7 +185,7 @@ def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_
     """
     seed_dropout(model, dropout_seed, first_row=first_row)
     logits = model(x)
-    loss = softmax_cross_entropy(logits, labels, checked=checked)
+    loss, top1 = softmax_cross_entropy(logits, labels, checked=checked, top1=True)
     optimizer.zero_grad()
     if buckets is not None and guard is not None:  # a rank's bad loss makes every rank's step bad
         buckets.include(loss.data, loss.device)
@@ -184,9 +196,18 @@ def train_step(model: Layer, optimizer: MomentumSGD, x: Tensor, labels, dropout_
         buckets.average()
     halt = multiplier = None
     if guard is not None:
-        halt = guard.check(loss, logits, labels if isinstance(labels, Tensor) else None, position)
+        halt = guard.check(loss, top1, len(logits.data), position)
         multiplier = guard.multipliers(halt)
     optimizer.step(halt, multiplier)
     if guard is not None:
         guard.stepped()
     return logits, loss
+
+
+def labels_on_output(labels, model: Layer) -> Tensor:
+    """A batch's labels as the loss kernels read them, int32 on the model's output device: from the host, or from
+    the input device, where the loader uploaded them with the batch (a visible copy where the devices differ)."""
+    if isinstance(labels, np.ndarray):
+        return Tensor(labels.astype(np.int32), device=model.output_device)
+    on_input = Tensor(labels, device=model.input_device)
+    return on_input if model.input_device is model.output_device else on_input.to(model.output_device)

@@ -38,7 +38,7 @@ from minidl.training.lock import lock_folder
 from minidl.training.metrics import METRICS_FILE, Eta, MetricsLog
 from minidl.training.model_file import ModelFile, load_model_file
 from minidl.training.restore import Restored
-from minidl.training.step import StepGuard, train_step
+from minidl.training.step import StepGuard, labels_on_output, train_step
 from minidl.training.visualize import training_curves
 
 Devices = Union[None, str, Sequence[str]]
@@ -388,7 +388,8 @@ class Run:
     def train_epoch(self, *, log_every: int, checkpoint_seconds: float, max_steps: Optional[int]) -> bool:
         """Train from where the run stands to the end of its epoch; False if max_steps stopped it first."""
         # closing: an error or Ctrl-C during the steps stops the loader's thread (see BackgroundIterator)
-        with contextlib.closing(self.train_loader.epoch_batches(self.epoch, start=self.batch)) as batches:
+        with contextlib.closing(self.train_loader.epoch_batches(self.epoch, start=self.batch,
+                                                                labels_on_device=True)) as batches:
             return self._train_batches(batches, log_every, checkpoint_seconds, max_steps)
 
     def _train_batches(self, batches, log_every, checkpoint_seconds, max_steps):
@@ -400,7 +401,7 @@ class Run:
         for images, labels in batches:
             self.interval["waiting"] += time.perf_counter() - waiting_since  # for the data, not the steps
             x = Tensor(images, device=model.input_device)
-            y = Tensor(labels.astype(np.int32), device=model.output_device)  # what the loss kernels read
+            y = labels_on_output(labels, model)
             # the dataset's reader checked every label against its classes, and check_labels those against the
             # model's: no per-step check, which on a GPU would wait for a read back. The masks are the global
             # batch's rows: this rank's start at rank * local batch (the Loader shard's even split)
@@ -580,3 +581,4 @@ def train(model_path: Optional[str] = None, *, data: Optional[str] = None, devic
     finally:
         run.close()
     return run.history
+
