@@ -8,7 +8,7 @@ logits (N, num_classes) on `model.output_device`; the trainer puts each batch on
 The network is the paper's two towers, one per device (NETWORK is the whole device split).
 `init="he"` (the default) learns small data within minutes; `init="paper"` is the paper's own.
 """
-from minidl.functions import concat
+from minidl.functions import concat_to
 from minidl.layers import (LRN, Branches, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            init, stacked_conv2d)
 from minidl.layers.layer import make_rng
@@ -37,8 +37,8 @@ CONFIG = dict(
 BUILTIN_DATA = dict(batch_size=32, epochs=4)
 
 # Each row is one layer in each tower; "reads" is its input: "image" the input image (each tower gets its
-# own copy), "own" only the tower's own maps, "both" both towers' maps, a crossing between devices (an
-# explicit copy). fc8 is one layer on the first device reading both towers.
+# own copy), "own" only the tower's own maps, "both" both towers' maps, a crossing between devices (a
+# concat_to). fc8 is one layer on the first device reading both towers.
 #  name     kind  per tower (x2)                                reads    then
 NETWORK = [
     ("conv1", "conv", dict(out=48, ksize=11, stride=4, pad=0), "image", "relu lrn pool"),
@@ -138,12 +138,14 @@ class AlexNet(Layer):
         self.input_device = self.tower0.device
 
     def forward(self, image):
-        # every crossing between the towers is one of these visible copies
+        # every crossing between the towers is a concat_to onto one device: each tower's maps go by one copy
+        # straight into their slice of the joined maps (a pitched copy from the other GPU), and their gradient
+        # back by one; on one device, one concatenate
         devices = [t.device for t in self.towers]
         xs = [image.to(d) for d in devices]  # both towers read the image (on one device, the same one)
         for name, kind, _, reads, _ in self.network:
             if reads == "both":  # made once per device: on one device both towers read the same maps
-                joined = {d: concat([x.to(d) for x in xs], axis=1) for d in dict.fromkeys(devices)}
+                joined = {d: concat_to(xs, d, axis=1) for d in dict.fromkeys(devices)}
                 xs = [joined[d] for d in devices]
             stacked = reads == "image" or (reads == "both" and devices[0].is_cuda)
             if kind == "conv" and len(set(devices)) == 1 and stacked:
@@ -154,7 +156,7 @@ class AlexNet(Layer):
                 xs = self.towers.map(lambda tower, y: tower.after(name, y), ys)
             else:
                 xs = self.towers.map(lambda tower, x: tower.stage(name, x), xs)
-        return self.fc8(concat([x.to(self.fc8.device) for x in xs], axis=1))
+        return self.fc8(concat_to(xs, self.fc8.device, axis=1))
 
 
 def build_model(num_classes=1000, devices=("cuda:0", "cuda:1"), init="he", seed=0):

@@ -1,5 +1,6 @@
-"""`cupy.cuda` on emulated GPUs: devices, streams, events, the memory pool and its hooks, and cuBLAS's
-strided-batched GEMM (cuda.cublas, imported on first use as in CuPy).
+"""`cupy.cuda` on emulated GPUs: devices, streams, events, the memory pool and its hooks, the runtime's pitched
+copy between device arrays (runtime.memcpy2DAsync), and cuBLAS's strided-batched GEMM (cuda.cublas, imported on
+first use as in CuPy).
 
 Like CuPy, the current device and each device's current stream are per thread,
 a stream belongs to the device that was current when it was made, and every
@@ -74,8 +75,29 @@ class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serve
         if not ledger.unregister_pinned_range(ptr):
             raise CUDARuntimeError("cudaErrorHostMemoryNotRegistered: this host memory was not registered")
 
+    @staticmethod
+    def deviceCanAccessPeer(device, peerDevice):  # noqa: N802,N803 -- CuPy's names
+        """0: emulated GPUs have no peer access (a kernel's operand on another GPU is an error); copies between
+        them run, as CUDA stages them through host memory."""
+        _check_device(device)
+        _check_device(peerDevice)
+        return 0
+
+    @staticmethod
+    def deviceEnablePeerAccess(peerDevice):  # noqa: N802,N803 -- CuPy's names
+        _check_device(peerDevice)
+        raise CUDARuntimeError("cudaErrorPeerAccessUnsupported: emulated GPUs have no peer access")
+
+    @staticmethod
+    def memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802 -- CuPy's name
+        """cudaMemcpy2DAsync: `height` rows of `width` bytes from address `src` (rows `spitch` bytes apart) to
+        `dst` (rows `dpitch` apart), on the stream whose handle is `stream` (see memcpy_2d)."""
+        memcpy_2d(dst, dpitch, src, spitch, width, height, kind, stream)
+
     # cudaDataType codes (cupy_backends/cuda/api/_runtime_enum.pxd), which cuBLAS's Ex calls take
     CUDA_R_32F, CUDA_R_64F, CUDA_R_16F, CUDA_R_16BF = 0, 1, 2, 14
+    # cudaMemcpyKind (cupy_backends/cuda/api/runtime.pxd)
+    memcpyHostToHost, memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice, memcpyDefault = 0, 1, 2, 3, 4
 
 
 def __getattr__(name):
@@ -412,6 +434,49 @@ class MemoryPointer:
                   nbytes=2 * size, what="a device-to-device copy")
         dst = dst_array._host.reshape(-1).view(np.uint8)
         dst[:size] = src_array._host.reshape(-1).view(np.uint8)[:size]
+
+
+def memcpy_2d(dst, dpitch, src, spitch, width, height, kind, stream):
+    """cudaMemcpy2DAsync between device arrays: one copy on the stream whose handle is `stream` (of the current
+    GPU), charged as a peer copy when the two are on different GPUs, of width x height bytes each way. Refused
+    as CUDA refuses it (a row wider than a pitch, a kind that is no cudaMemcpyKind), and what a GPU would get
+    wrong: rows outside one live allocation (freed, foreign or overrun memory) and overlapping source and
+    destination. Host memory (the other kinds) is not emulated."""
+    if kind not in range(runtime.memcpyHostToHost, runtime.memcpyDefault + 1):
+        raise CUDARuntimeError(f"cudaErrorInvalidMemcpyDirection: kind {kind} is no cudaMemcpyKind")
+    if kind not in (runtime.memcpyDeviceToDevice, runtime.memcpyDefault):
+        raise NotImplementedError(f"memcpy2DAsync of kind {kind}: the emulator copies between device arrays only "
+                                  "(cudaMemcpyDeviceToDevice or cudaMemcpyDefault)")
+    if width > dpitch or width > spitch:
+        raise CUDARuntimeError(f"cudaErrorInvalidPitchValue: rows of {width} bytes wider than dpitch {dpitch} "
+                               f"or spitch {spitch}")
+    if width == 0 or height == 0:
+        return  # CUDA returns at once: nothing is read or written
+    on = stream_at(stream)
+    dst_rows = _pitched(dst, dpitch, width, height, "memcpy2DAsync's dst is address")
+    src_rows = _pitched(src, spitch, width, height, "memcpy2DAsync's src is address")
+    if np.shares_memory(dst_rows._host, src_rows._host):
+        raise ValueError("memcpy2DAsync: the source's rows overlap the destination's (CUDA leaves the result "
+                         "undefined)")
+    operation("copy", reads=[src_rows], writes=[dst_rows], stream=on, any_device=True, nbytes=2 * width * height,
+              what="a 2-D copy (memcpy2DAsync)")
+    dst_rows._host[...] = src_rows._host
+
+
+class _Rows:
+    """Rows of bytes inside one allocation, which a copy given raw addresses reads or writes: what operation()
+    reads of an array (its allocation and sizes)."""
+
+    def __init__(self, host, allocation):
+        self._host, self._allocation = host, allocation
+        self.nbytes = self.size = host.nbytes
+
+
+def _pitched(address, pitch, width, height, what):
+    """The `height` rows of `width` bytes at `address`, `pitch` bytes apart, as _Rows over a (height, width) uint8
+    host view."""
+    allocation, raw = memory_at(address, (height - 1) * pitch + width, what)
+    return _Rows(np.lib.stride_tricks.as_strided(raw, shape=(height, width), strides=(pitch, 1)), allocation)
 
 
 class MemoryPool:
