@@ -41,6 +41,7 @@ HALF_TYPES = FLOAT_TYPES + (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 _SCALAR_TYPES = {np.dtype(np.float16): np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16): np.dtype(np.float32)}
 _INDEX_TYPE = np.dtype(np.int32)  # the kernels' index arrays (pooling's argmax) are int*
 _PIXEL_TYPE = np.dtype(np.uint8)  # image pixels (to_input's crops) are unsigned char*
+_COUNTER_TYPE = np.dtype(np.uint32)  # zeroed_counters: unsigned int*
 # address_table's rows: T* const* (device addresses) or unsigned long long*
 _TABLE_TYPE = np.dtype(np.uint64)
 _THREADS = 256
@@ -156,16 +157,34 @@ def _pack(arg, dtype, what):
     cp = cupy()
     if isinstance(arg, cp.ndarray):
         # a 16-bit kernel may also take float arrays of its accumulation type (loss.cu's log-probabilities)
-        if arg.dtype not in (dtype, scalar_dtype(dtype), _INDEX_TYPE, _PIXEL_TYPE, _TABLE_TYPE):
+        if arg.dtype not in (dtype, scalar_dtype(dtype), _INDEX_TYPE, _PIXEL_TYPE, _TABLE_TYPE, _COUNTER_TYPE):
             accumulated = "" if scalar_dtype(dtype) == dtype else f", {scalar_dtype(dtype)}"
             raise MinidlError(f"kernel {what}: an array of {arg.dtype} where {dtype}{accumulated} "
-                              "(or int32 indices, uint8 pixels, or a uint64 table) is needed")
+                              "(or int32 indices, uint8 pixels, a uint64 table or uint32 counters) is needed")
         return cp.ascontiguousarray(arg)
     # bool: an int, but never meant as one
     if isinstance(arg, bool) or not isinstance(arg, (int, float)):
         raise MinidlError(f"kernel {what}: a device array, int or float is needed, got "
                           f"{type(arg).__name__}")
     return np.int64(arg) if isinstance(arg, int) else scalar_dtype(dtype).type(arg)
+
+
+_counters = {}  # (GPU, stream) -> its zeroed_counters array
+
+
+def zeroed_counters(count: int):
+    """At least `count` uint32 counters, all 0, for a kernel on the current GPU and stream that leaves them 0
+    when it ends (each group's last thread resets its own: activation.cu's last_of_group). Allocated zeroed
+    once per GPU and stream and grown when a launch needs more, so a launch pays no fill; kernels of one
+    stream run in order, so they can share the array."""
+    cp = cupy()
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    counters = _counters.get(key)
+    if counters is None or counters.size < count:
+        # doubling: a few growths at most while the first step meets its layers
+        size = max(count, 2 * counters.size if counters is not None else 0)
+        counters = _counters[key] = cp.zeros(size, dtype=_COUNTER_TYPE)
+    return counters
 
 
 def address_table(rows: Sequence[Sequence]):

@@ -375,3 +375,32 @@ def test_device_math_functions():
     np.testing.assert_allclose(y[[0, 1, 2, 4]], expected, rtol=1e-6)
     assert y[3] == -1
     np.testing.assert_allclose(z[[0, 1, 2, 4]], np.exp(v) + v ** 2 + np.minimum([0, 1, 2, 4], 3) + 3, rtol=1e-12)
+
+
+ATOMICS = """
+__global__ void atomics(unsigned* inc, unsigned* add, int* signed_add, unsigned long long* wide, unsigned* old,
+                        unsigned* last, long long total, unsigned wrap) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
+        old[i] = atomicInc(inc, wrap);
+        atomicAdd(add, 2u);
+        atomicAdd(signed_add, -3);
+        atomicAdd(wide, 1ull << 40);
+        __threadfence();
+        if (old[i] == wrap) {
+            atomicAdd(last, 1u);  // the last of each run of wrap + 1 arrivals
+        }
+    }
+}
+"""
+
+
+def test_atomics_and_threadfence_as_cuda_defines_them():
+    # atomicInc(p, v) stores (old >= v ? 0 : old + 1) and returns old: with v = n - 1 every n-th arrival finds
+    # n - 1 and leaves 0, so a counter of n arrivals is zero again after them (activation.cu's last_of_group)
+    inc, add, last = (np.zeros(1, np.uint32) for _ in range(3))
+    signed_add, wide, old = np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(20, np.uint32)
+    kernel = kr.compile_module(ATOMICS, ("atomics",)).kernel("atomics")
+    kernel.run((2, 1, 1), (3, 1, 1), kr.marshal(kernel, (inc, add, signed_add, wide, old, last, 20, np.uint32(4)),
+                                                **ARRAYS))
+    np.testing.assert_array_equal(np.bincount(old), [4] * 5)  # 0, 1, ..., 4 four times, in the threads' order
+    assert (inc[0], add[0], signed_add[0], wide[0], last[0]) == (0, 40, -60, 20 << 40, 4)

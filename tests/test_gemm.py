@@ -145,21 +145,74 @@ def test_fused_float32_matches_the_cpu_and_propagates_nan(rng, at_precision):
     assert np.isnan(results[1][0]).sum() == np.isnan(results[0][0]).sum() > 0
 
 
+def _backward_names(charged, function, arrays):
+    """The names of the device operations of function(*tensors).sum().backward() on cuda:0 (syncs left out)."""
+    tensors = [Tensor(a, device="cuda:0", requires_grad=True) for a in arrays]
+    start = len(charged())
+    function(*tensors).sum().backward()
+    return [e.name for e in charged()[start:] if e.kind != "sync"]
+
+
 @pytest.mark.gpu
 @emulated_only
 def test_bias_and_relu_are_one_pass_each_way(rng, charged):
     arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((2, 3, 6, 6), (4, 3, 3, 3), (4,))]
-    names = []
-    for fused in (True, False):
-        x, W, b = (Tensor(a, device="cuda:0", requires_grad=True) for a in arrays)
-        start = len(charged())
-        y = conv2d(x, W, b, activation="relu") if fused else relu(conv2d(x, W, b))
-        y.sum().backward()
-        names.append([e.name for e in charged()[start:] if e.kind != "sync"])
-    # the add and the maximum in one kernel; ReLU's mask and the transposition for the GEMMs in another
-    assert "kernel bias_relu_cnl_to_nchw<float>" in names[0] and "add" not in names[0]
-    assert "kernel relu_backward_nchw_to_cnl<float>" in names[0] and "reshape" not in names[0]
-    assert len(names[0]) == len(names[1]) - 2
+    fused = _backward_names(charged, lambda x, W, b: conv2d(x, W, b, activation="relu"), arrays)
+    apart = _backward_names(charged, lambda x, W, b: relu(conv2d(x, W, b)), arrays)
+    # the add and the maximum in one kernel; ReLU's mask, the transposition for the GEMMs and the bias's sum in
+    # another
+    assert "kernel bias_relu_cnl_to_nchw<float>" in fused and "add" not in fused
+    assert "kernel relu_backward_nchw_to_cnl<float>" in fused and "reshape" not in fused
+    assert fused.count("sum") == 1 and apart.count("sum") == 2  # the loss's; apart, the bias's gradient's too
+    assert len(fused) == len(apart) - 3
+
+
+@pytest.mark.gpu
+@emulated_only
+def test_a_linear_layers_relu_backward_sums_its_bias_in_the_same_launch(rng, charged):
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((6, 5), (7, 5), (7,))]
+    fused = _backward_names(charged, lambda x, W, b: linear(x, W, b, activation="relu"), arrays)
+    apart = _backward_names(charged, lambda x, W, b: relu(linear(x, W, b)), arrays)
+    assert "kernel relu_backward_bias_rows<float>" in fused
+    assert fused.count("sum") == 1 and apart.count("sum") == 2  # the loss's; apart, the bias's gradient's too
+    assert len(fused) == len(apart) - 2  # one kernel for the add and the maximum, one for the mask and the sum
+
+
+ODD_SHAPES = [  # N*OH*OW not a multiple of 32, one output channel; rows not a multiple of ROWS_PER_THREAD
+    pytest.param((3, 2, 5, 4), (1, 2, 3, 3), (5, 7), (1, 7), id="one channel, 3x20 outputs, 5 rows"),
+    pytest.param((1, 3, 6, 6), (5, 3, 3, 3), (9, 3), (2, 3), id="one image, 36 outputs, 9 rows"),
+]
+
+
+@pytest.mark.parametrize("x_shape, W_shape, fc_x_shape, fc_W_shape", ODD_SHAPES)
+def test_relu_layers_with_a_bias_pass_gradcheck_at_odd_shapes(dev, rng, x_shape, W_shape, fc_x_shape, fc_W_shape):
+    x, W, b = (_t(dev, rng.standard_normal(s)) for s in (x_shape, W_shape, W_shape[:1]))
+    gradcheck(lambda *a: conv2d(*a, pad=1, activation="relu"), x, W, b)
+    x, W, b = (_t(dev, rng.standard_normal(s)) for s in (fc_x_shape, fc_W_shape, fc_W_shape[:1]))
+    gradcheck(lambda *a: linear(*a, activation="relu"), x, W, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, W_shape, fc_x_shape, fc_W_shape", ODD_SHAPES)
+def test_bias_gradients_match_the_cpu_and_repeat_bit_for_bit(dtype, x_shape, W_shape, fc_x_shape, fc_W_shape,
+                                                             at_precision):
+    at_precision("fp32")
+    rng = np.random.default_rng()  # fresh inputs every run
+    layers = ((lambda *a: conv2d(*a, pad=1, activation="relu"), x_shape, W_shape),
+              (lambda *a: linear(*a, activation="relu"), fc_x_shape, fc_W_shape))
+    for function, shape_x, shape_W in layers:
+        arrays = [rng.standard_normal(s).astype(dtype) for s in (shape_x, shape_W, shape_W[:1])]
+        gb, weights = [], None
+        # twice on cuda:0, in a row: the counters the first launch used are zero again for the second
+        for dev in ("cpu", "cuda:0", "cuda:0"):
+            tensors = [Tensor(a, device=dev, requires_grad=True) for a in arrays]
+            y = function(*tensors)
+            weights = rng.uniform(0.5, 1.5, y.shape).astype(dtype) if weights is None else weights
+            (y * Tensor(weights, device=dev)).sum().backward()  # a gradient of many values, not ones
+            gb.append(tensors[2].grad.numpy())
+        np.testing.assert_array_equal(gb[2], gb[1])  # the same bits every run
+        np.testing.assert_allclose(gb[1], gb[0], rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 def test_the_layers_take_the_activation_and_refuse_others():

@@ -152,13 +152,35 @@ def test_bias_relu_cnl_to_nchw(dtype, gpu, rng):
     assert_exact(y, expected.astype(dtype))
 
 
+def assert_float32_sum(got, terms, axis):
+    """got: float32 sums of float32 `terms` along `axis`, each within float32's accumulation bound (count *
+    2^-24 of the sum of magnitudes) of the exact sum."""
+    assert got.dtype == np.float32
+    exact = terms.astype(np.float64).sum(axis=axis)
+    bound = terms.shape[axis] * 2.0 ** -24 * np.abs(terms.astype(np.float64)).sum(axis=axis)
+    assert np.all(np.abs(got - exact) <= bound)
+
+
 @pytest.mark.parametrize("dtype", HALVES)
-def test_relu_backward_to_cnl(dtype, gpu, rng):
-    n, c, h, w = 3, 5, 6, 7
-    y, gy = away_from_zero(rng, (n, c, h, w), dtype), away_from_zero(rng, (n, c, h, w), dtype)
-    g = host(activation.relu_grad_to_cnl(to_gpu(y), to_gpu(gy)))
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (1, 1, 5, 5), (7, 2, 9, 11)], ids=str)
+def test_relu_backward_to_cnl_and_its_bias_sum(dtype, shape, gpu, rng):
+    n, c, h, w = shape  # N*H*W: 210, 25 and 693, none a multiple of 32
+    y, gy = away_from_zero(rng, shape, dtype), away_from_zero(rng, shape, dtype)
+    g, gb = activation.relu_grad_to_cnl(to_gpu(y), to_gpu(gy))
     expected = (f32(gy) * (f32(y) > 0)).transpose(1, 0, 2, 3).reshape(c, n * h * w)
-    assert_exact(g, expected.astype(dtype))
+    assert_exact(host(g), expected.astype(dtype))
+    assert_float32_sum(host(gb), expected, axis=1)  # in float32, from the 16-bit gradient's values
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("scale", [1.0, 1.0 / 0.7])
+@pytest.mark.parametrize("shape", [(37, 29), (1, 3), (128, 65)], ids=str)
+def test_relu_backward_rows_and_its_bias_sum(dtype, scale, shape, gpu, rng):
+    y, gy = away_from_zero(rng, shape, dtype), away_from_zero(rng, shape, dtype)
+    gx, gb = activation.relu_grad_rows(to_gpu(y), to_gpu(gy), scale)
+    expected = (f32(gy) * np.where(f32(y) > 0, np.float32(scale), np.float32(0))).astype(dtype)
+    assert_exact(host(gx), expected)
+    assert_float32_sum(host(gb), f32(expected), axis=0)  # the sum of the gradient as stored, rounded
 
 
 @pytest.mark.parametrize("dtype", HALVES)

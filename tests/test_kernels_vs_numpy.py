@@ -1,7 +1,7 @@
 """The CUDA kernels of issue 27's fixes against their NumPy paths, on fresh random inputs:
 im2col/col2im with 32-bit index arithmetic (bit-identical results), lrn_backward with one
 power per channel, max pooling that propagates NaN as PyTorch does, and the loss kernel
-with a warp per row. The kernels run on the emulator's runner with NumPy arrays (small
+with a warp per row, and ReLU's backward kernels that also sum the bias's gradient (activation.cu). The kernels run on the emulator's runner with NumPy arrays (small
 grids, so the grid-stride loops turn) and, marked gpu, through the functions on a GPU."""
 import os
 
@@ -10,7 +10,7 @@ import pytest
 
 import minidl
 from minidl import Tensor, kernels
-from minidl.functions import conv, lrn, max_pool2d, pooling, softmax_cross_entropy
+from minidl.functions import activation, conv, lrn, max_pool2d, pooling, softmax_cross_entropy
 from minidl_emulator import kernel_runner as kr
 
 ARRAYS = dict(is_array=lambda a: isinstance(a, np.ndarray), array_dtype=lambda a: a.dtype,
@@ -282,3 +282,76 @@ def test_a_kernel_object_is_made_once_per_file_gpu_name_and_type():
         assert kernels.get_kernel(CU, "max_pool_forward", np.float32) is first
         assert kernels.get_kernel(CU, "max_pool_forward", np.float64) is not first
         assert kernels.get_kernel(CU, "max_pool_backward", np.float32) is not first
+
+
+# --- ReLU's backward with the bias's gradient in the same launch (activation.cu, last_of_group)
+
+def away_from_zero(rng, shape, dtype):
+    """Random magnitudes in [0.1, 2), random signs (no zeros: y > 0 is never a tie)."""
+    return (rng.uniform(0.1, 2.0, shape) * rng.choice([-1.0, 1.0], shape)).astype(dtype)
+
+
+def in_order(a, axis):
+    """a summed along `axis` one term after another, in a's dtype: the kernels' order (np.sum's is pairwise)."""
+    return np.take(np.cumsum(a, axis=axis), -1, axis=axis)
+
+
+def run_with_bias(name, dtype, args, outputs, counters, grid, block):
+    """Run `name` on NumPy arrays; its outputs (the arrays in `outputs`, all NaN before) and a check that every
+    counter is 0 again."""
+    for out in outputs:
+        out.fill(np.nan)
+    run(activation.CU, name, dtype, args, grid, block)
+    assert not counters.any()  # the last of each group reset its counter: ready for the next launch
+    return [out.copy() for out in outputs]
+
+
+GRIDS = [((3, 1, 1), (32, 1, 1)), ((7, 1, 1), (64, 1, 1)), ((400, 1, 1), (256, 1, 1))]  # loops turn; a thread each
+CNL_SHAPES = [(3, 5, 6, 7), (1, 1, 1, 1), (2, 1, 5, 9), (4, 3, 8, 8), (5, 2, 1, 3), (1, 4, 13, 13)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CNL_SHAPES, ids=str)
+def test_relu_backward_to_cnl_sums_the_bias_in_its_order_the_same_bits_on_every_grid(dtype, shape, rng):
+    n, c, h, w = shape
+    l = h * w
+    y, gy = away_from_zero(rng, shape, dtype), away_from_zero(rng, shape, dtype)
+    g, gb = np.empty((c, n * l), dtype), np.empty(c, dtype)
+    partials, counters = np.empty(c * n * 33, dtype), np.zeros(c * n + c, np.uint32)
+    args = (y, gy, g, gb, partials, counters, n, c, l, c * n * 32)
+    results = [run_with_bias("relu_backward_nchw_to_cnl", dtype, args, (g, gb), counters, grid, block)
+               for grid, block in GRIDS]
+    expected = (gy * (y > 0)).transpose(1, 0, 2, 3).reshape(c, n, l)
+    np.testing.assert_array_equal(results[0][0], expected.reshape(c, n * l))
+    # thread (c, n, j) adds l = j, j + 32, ...; the last of (c, n)'s 32 adds their sums, the last of c's N those
+    padded = np.concatenate([expected, np.zeros((c, n, -l % 32), dtype)], axis=2).reshape(c, n, -1, 32)
+    np.testing.assert_array_equal(results[0][1], in_order(in_order(in_order(padded, 2), 2), 1))
+    for other in results[1:]:  # whichever thread finishes a group last, the same bits
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
+
+
+ROWS_SHAPES = [(5, 7), (1, 1), (128, 33), (9, 3), (4, 1), (13, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, features", ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("scale", [1.0, 1.0 / 0.7])
+def test_relu_backward_bias_rows_sums_the_bias_in_its_order_the_same_bits_on_every_grid(dtype, rows, features,
+                                                                                         scale, rng):
+    per = activation.ROWS_PER_THREAD
+    chunks = -(-rows // per)
+    y, gy = away_from_zero(rng, (rows, features), dtype), away_from_zero(rng, (rows, features), dtype)
+    gx, gb = np.empty((rows, features), dtype), np.empty(features, dtype)
+    partials, counters = np.empty(chunks * features, dtype), np.zeros(features, np.uint32)
+    args = (y, gy, gx, gb, partials, counters, rows, features, per, chunks * features, dtype(scale))
+    results = [run_with_bias("relu_backward_bias_rows", dtype, args, (gx, gb), counters, grid, block)
+               for grid, block in GRIDS]
+    expected = gy * np.where(y > 0, dtype(scale), dtype(0))
+    np.testing.assert_array_equal(results[0][0], expected)
+    # thread (k, f) adds rows k * per, ... of feature f; the last of f's chunks adds their sums
+    padded = np.concatenate([expected, np.zeros((chunks * per - rows, features), dtype)]).reshape(chunks, per, -1)
+    np.testing.assert_array_equal(results[0][1], in_order(in_order(padded, 1), 0))
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)

@@ -28,6 +28,30 @@ static_assert(sizeof(long) == 8, "the CUDA emulator needs an LP64 host (64-bit l
     _Pragma("GCC error \"__syncthreads() is not supported: the CUDA emulator runs threads one after another\"") \
     ((void)0)
 
+// Atomics and fences, as CUDA defines them (each returns the old value). Threads run one after another, so
+// a plain read-modify-write would do for one launch; GCC's atomic builtins keep them atomic should two host
+// threads ever share memory. What a kernel builds on them (the last thread of a group to arrive, found with
+// a counter after __threadfence(), as in CUDA's threadFenceReduction sample) runs as it would on a GPU.
+// No floating-point atomicAdd: on a GPU the order of the additions, so the result, varies from run to run,
+// which threads run in order here would hide.
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* address, int val) { return __atomic_fetch_add(address, val, __ATOMIC_SEQ_CST); }
+inline unsigned int atomicAdd(unsigned int* address, unsigned int val) {
+    return __atomic_fetch_add(address, val, __ATOMIC_SEQ_CST);
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
+    return __atomic_fetch_add(address, val, __ATOMIC_SEQ_CST);
+}
+// ((old >= val) ? 0 : (old + 1)), stored; the old value returned
+inline unsigned int atomicInc(unsigned int* address, unsigned int val) {
+    unsigned int old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+    while (!__atomic_compare_exchange_n(address, &old, old >= val ? 0u : old + 1u, false, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+    }
+    return old;
+}
+
 // CUDA's index types: uint3 for indices, dim3 for sizes (1 where not given).
 struct uint3 {
     unsigned int x, y, z;

@@ -5,7 +5,9 @@ array, whatever the layout of x (a convolution's output is a transposed view),
 so that the kernels that read y (this backward, LRN, pooling, im2col) take it
 without a copy. Backward on a GPU is one kernel (activation.cu) where CuPy
 would launch two, the mask and the product. The bias_relu_* functions and
-relu_grad_to_cnl are the fused passes of conv.py and linear.py (activation="relu").
+relu_grad_to_cnl and relu_grad_rows are the fused passes of conv.py and linear.py (activation="relu"); the
+two backward ones also sum the bias's gradient in their launch (no separate sum: activation.cu, last_of_group),
+in float32 for a 16-bit gradient (kernels.scalar_dtype), in the gradient's dtype otherwise.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from minidl.functions.dropout import scaled_mask
 
 CU = kernels.KernelFile.beside(__file__, "activation.cu", (
     "relu_backward", "bias_relu_rows", "bias_relu_dropout_rows", "bias_relu_cnl_to_nchw",
-    "relu_backward_nchw_to_cnl"),
+    "relu_backward_nchw_to_cnl", "relu_backward_bias_rows"),
     types=kernels.HALF_TYPES)
+# relu_backward_bias_rows: rows a thread takes. A few, so a batch of 128 rows makes 32 threads per feature
+# (65,536 for 2,048 features: every SM of an H100 busy) where a thread per feature would leave most idle
+ROWS_PER_THREAD = 4
 ACTIVATIONS = (None, "relu")  # what a Conv2d or Linear layer may apply to its output in the same pass
 
 
@@ -79,15 +84,45 @@ def bias_relu_cnl_to_nchw(cnl: Array, b: Array, n: int, c: int, oh: int, ow: int
     return y
 
 
-def relu_grad_to_cnl(y: Array, gy: Array) -> Array:
-    """ReLU's backward of NCHW y and gy, laid out (C, N*H*W) for a convolution's GEMMs."""
+def relu_grad_rows(y: Array, gy: Array, scale: float = 1.0, bias: bool = True) -> tuple[Array, Array | None]:
+    """relu_grad(y, gy, scale) of a (rows, features) y, and with `bias` the bias's gradient, its sum over the
+    rows, in the same pass (None without)."""
+    if not bias:
+        return relu_grad(y, gy, scale), None
+    if isinstance(y, np.ndarray):
+        gx = relu_grad(y, gy, scale)
+        return gx, gx.sum(axis=0, dtype=kernels.scalar_dtype(gx.dtype))
+    rows, features = y.shape
+    threads = max(1, -(-rows // ROWS_PER_THREAD)) * features  # a batch of 0 rows still zeroes gb
+    gx = kernels.empty(y.shape, y.dtype)
+    gb, partials = _bias_sums(features, threads, y.dtype)
+    kernels.launch(CU, "relu_backward_bias_rows", y.dtype, threads, y, gy.astype(y.dtype, copy=False), gx, gb,
+                   partials, kernels.zeroed_counters(features), rows, features, ROWS_PER_THREAD, threads,
+                   float(scale))
+    return gx, gb
+
+
+def relu_grad_to_cnl(y: Array, gy: Array, bias: bool = True) -> tuple[Array, Array | None]:
+    """ReLU's backward of NCHW y and gy, laid out (C, N*H*W) for a convolution's GEMMs, and with `bias` the
+    bias's gradient, its sum over N*H*W, from the same pass (None without; a GPU sums it anyway, at 1/(H*W)
+    of the pass's traffic)."""
     n, c, h, w = y.shape
     if isinstance(y, np.ndarray):
-        return (gy * (y > 0)).transpose(1, 0, 2, 3).reshape(c, n * h * w)
+        g = (gy * (y > 0)).transpose(1, 0, 2, 3).reshape(c, n * h * w)
+        return g, g.sum(axis=1, dtype=kernels.scalar_dtype(g.dtype)) if bias else None
+    threads = c * n * 32  # a warp per (channel, sample)
     g = kernels.empty((c, n * h * w), y.dtype)
-    kernels.launch(CU, "relu_backward_nchw_to_cnl", y.dtype, y.size, y, gy.astype(y.dtype, copy=False), g,
-                   n, c, h * w, y.size)
-    return g
+    gb, partials = _bias_sums(c, threads + c * n, y.dtype)
+    kernels.launch(CU, "relu_backward_nchw_to_cnl", y.dtype, threads, y, gy.astype(y.dtype, copy=False), g, gb,
+                   partials, kernels.zeroed_counters(c * n + c), n, c, h * w, threads)
+    return g, gb if bias else None
+
+
+def _bias_sums(features: int, partials: int, dtype) -> tuple[Array, Array]:
+    """A bias gradient of `features` and scratch for `partials` partial sums, both of the kernels' accumulation
+    type (float32 for a 16-bit dtype)."""
+    acc = kernels.scalar_dtype(dtype)
+    return kernels.empty((features,), acc), kernels.empty((partials,), acc)
 
 
 class ReLU(Function):

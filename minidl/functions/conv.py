@@ -174,18 +174,20 @@ class Conv2d(Function):
         out, cg, kh, kw = W.shape
         g = self.groups
         oh, ow = gy.shape[2:]
-        if self.activation:  # the mask and the transposition in one pass
-            gy_groups = activations.relu_grad_to_cnl(y, gy).reshape(g, out // g, n * oh * ow)
+        needs_bias = len(self.needs_grad) == 3 and self.needs_grad[2]
+        gx = gW = gb = None
+        if self.activation:  # the mask, the transposition and the bias's sum in one pass
+            masked, gb = activations.relu_grad_to_cnl(y, gy, bias=needs_bias)
+            gy_groups = masked.reshape(g, out // g, n * oh * ow)
         else:  # one copy, the batch inside
             gy_groups = gy.transpose(1, 0, 2, 3).reshape(g, out // g, n * oh * ow)
-        gx = gW = gb = None
         if self.needs_grad[1]:
             gW = gemm.grouped_matmul(gy_groups, cols.swapaxes(-1, -2)).reshape(W.shape)
         if self.needs_grad[0]:  # skipped for the first layer, whose input is the image
             # (G, cg*kh*kw, N*L)
             gcols = gemm.grouped_matmul(W.reshape(g, out // g, -1).swapaxes(-1, -2), gy_groups)
             gx = col2im(gcols.reshape(c, kh, kw, n, oh, ow), h, w, self.stride, self.pad)
-        if len(self.needs_grad) == 3 and self.needs_grad[2]:
+        if needs_bias and gb is None:
             # summed in float32 at least (16-bit gradients: a sum over N*L terms would lose too much)
             gb = gy_groups.sum(axis=2, dtype=np.promote_types(gy.dtype, np.float32)).reshape(out)
         return (gx, gW) if len(self.needs_grad) == 2 else (gx, gW, gb)

@@ -57,14 +57,19 @@ class Linear(Function):
 
     def backward(self, gy):
         x, W, y = self.saved
-        if self.activation:
-            gy = activations.relu_grad(y, gy, 1.0 / (1.0 - self.dropout[0]) if self.dropout else 1.0)
+        needs_bias = len(self.needs_grad) == 3 and self.needs_grad[2]
+        gb = None
+        if self.activation:  # the mask (dropout's scale with it) and the bias's sum in one pass
+            scale = 1.0 / (1.0 - self.dropout[0]) if self.dropout else 1.0
+            gy, gb = activations.relu_grad_rows(y, gy, scale, bias=needs_bias)
         gx = gemm(gy, W) if self.needs_grad[0] else None
         gW = gemm(gy.T, x) if self.needs_grad[1] else None
         if len(self.needs_grad) == 2:
             return gx, gW
-        # the bias's sum in float32 at least (of 16-bit gradients, a sum over the batch would lose too much)
-        return gx, gW, gy.sum(axis=0, dtype=np.promote_types(gy.dtype, np.float32)) if self.needs_grad[2] else None
+        if needs_bias and gb is None:
+            # the bias's sum in float32 at least (of 16-bit gradients, a sum over the batch would lose too much)
+            gb = gy.sum(axis=0, dtype=np.promote_types(gy.dtype, np.float32))
+        return gx, gW, gb
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
