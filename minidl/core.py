@@ -410,7 +410,7 @@ class Function:
         outputs = (outputs,) if single else outputs
         if self.widened is not None and not self.keeps_float32:
             outputs = [y.astype(self.widened) if y.dtype == np.float32 else y for y in outputs]
-        outputs = [Tensor(y, device=self.output_device()) for y in outputs]
+        outputs = [Tensor(y, device=d) for y, d in zip(outputs, self.output_devices(len(outputs)))]
         if grad_enabled() and any(x.requires_grad for x in inputs):
             self.needs_grad = [x.requires_grad for x in inputs]
             self.generation = max(x.generation for x in inputs)
@@ -436,6 +436,11 @@ class Function:
 
     def output_device(self) -> Device:
         return self.device
+
+    def output_devices(self, count: int) -> List[Device]:
+        """Each output's device: output_device() for all, except where a function's outputs are on several
+        (transfer.Exchange)."""
+        return [self.output_device()] * count
 
     def save(self, *arrays: Array) -> None:
         self.saved = arrays

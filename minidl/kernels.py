@@ -199,14 +199,11 @@ def address_table(rows: Sequence[Sequence]):
 
 
 def upload_tables(tables: Sequence[np.ndarray]) -> list:
-    """Host tables (address_rows) as device tables on the current GPU, all in one copy: each a view of one
-    array, its rows padded to the widest table's with their last entry (a kernel reads only its own count of
-    each row; an address repeated is still one of its arrays, never a null one)."""
-    width = max((t.shape[1] for t in tables), default=0)
-    host = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1])), mode="edge") for t in tables])
-    starts = np.cumsum([0] + [len(t) for t in tables]).tolist()
-    device = cupy().asarray(host)
-    return [device[start:start + len(table)] for table, start in zip(tables, starts)]
+    """Host tables (address_rows) as device tables on the current GPU, all in one copy: each a view, of its own
+    shape, of one flat array (each row contiguous, as a kernel's `T* const*` reads it)."""
+    ends = np.cumsum([0] + [t.size for t in tables]).tolist()
+    device = cupy().asarray(np.concatenate([t.reshape(-1) for t in tables]) if tables else np.zeros(0, _TABLE_TYPE))
+    return [device[start:end].reshape(t.shape) for t, start, end in zip(tables, ends, ends[1:])]
 
 
 def address_rows(rows: Sequence[Sequence]) -> np.ndarray:

@@ -8,7 +8,7 @@ logits (N, num_classes) on `model.output_device`; the trainer puts each batch on
 The network is the paper's two towers, one per device (NETWORK is the whole device split).
 `init="he"` (the default) learns small data within minutes; `init="paper"` is the paper's own.
 """
-from minidl.functions import concat_to
+from minidl.functions import concat_to, exchange
 from minidl.layers import (LRN, Branches, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Sequential,
                            init, stacked_conv2d)
 from minidl.layers.layer import make_rng
@@ -138,15 +138,14 @@ class AlexNet(Layer):
         self.input_device = self.tower0.device
 
     def forward(self, image):
-        # every crossing between the towers is a concat_to onto one device: each tower's maps go by one copy
-        # straight into their slice of the joined maps (a pitched copy from the other GPU), and their gradient
-        # back by one; on one device, one concatenate
+        # every crossing between the towers is visible here: an exchange (on two GPUs that reach each other's
+        # memory, one kernel a GPU each way, reading across NVLink; else a copy into each slice), and a concat_to
+        # onto fc8's device; on one device, one concatenate
         devices = [t.device for t in self.towers]
         xs = [image.to(d) for d in devices]  # both towers read the image (on one device, the same one)
         for name, kind, _, reads, _ in self.network:
             if reads == "both":  # made once per device: on one device both towers read the same maps
-                joined = {d: concat_to(xs, d, axis=1) for d in dict.fromkeys(devices)}
-                xs = [joined[d] for d in devices]
+                xs = exchange(xs, axis=1)
             stacked = reads == "image" or (reads == "both" and devices[0].is_cuda)
             if kind == "conv" and len(set(devices)) == 1 and stacked:
                 # one device, both towers reading the same maps: their filters as one convolution (the

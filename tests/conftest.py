@@ -112,3 +112,18 @@ def charged():
     from minidl_emulator.ledger import LEDGER
     mark = LEDGER.mark()
     return lambda: LEDGER.since(mark)
+
+
+@pytest.fixture
+def fresh_peer_access(monkeypatch):
+    """The emulated GPUs with no peer access enabled yet, and minidl's record of it cleared (restored after)."""
+    from minidl.functions import transfer
+    from minidl_emulator import cuda
+    monkeypatch.setattr(cuda, "_peer_enabled", set())
+    monkeypatch.setattr(transfer, "_peer_pairs", {})
+
+
+@pytest.fixture
+def no_peer_access(fresh_peer_access, monkeypatch):
+    """Emulated GPUs that cannot reach each other's memory (a PCIe board without peer access)."""
+    monkeypatch.setenv("MINIDL_EMULATE_PEER_ACCESS", "0")

@@ -13,7 +13,7 @@ import pytest
 import minidl
 from minidl import Tensor
 from minidl.errors import MinidlError
-from minidl.functions import concat_to
+from minidl.functions import concat_to, exchange
 from minidl.gradcheck import gradcheck
 
 EMULATED = bool(os.environ.get("MINIDL_EMULATE_GPUS"))
@@ -65,8 +65,11 @@ def _crossings(values, places, gradients):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("peer", [True, False], ids=["peer-access", "no-peer-access"])
 @pytest.mark.parametrize("places", list(PLACES.values()), ids=list(PLACES))
-def test_equals_the_cpu_exactly(rng, places):
+def test_equals_the_cpu_exactly(rng, places, peer, request):
+    if not peer and EMULATED:
+        request.getfixturevalue("no_peer_access")
     values = _values(rng)
     grads = {d: rng.standard_normal((2, 5, 4, 5)) for d in places}
     joined, input_grads = _crossings(values, places, grads)
@@ -98,7 +101,7 @@ def _ops(entries):
 
 @pytest.mark.gpu
 @emulated_only
-def test_one_operation_per_slice_each_way_on_two_gpus(rng, charged):
+def test_one_operation_per_slice_each_way_on_two_gpus_without_peer_access(rng, charged, no_peer_access):
     a, b = (Tensor(v, device=p, requires_grad=True) for v, p in zip(_values(rng), ("cuda:0", "cuda:1")))
     g = Tensor(rng.standard_normal((2, 5, 4, 5)), device="cuda:0")
     start = len(charged())
@@ -114,7 +117,7 @@ def test_one_operation_per_slice_each_way_on_two_gpus(rng, charged):
 
 @pytest.mark.gpu
 @emulated_only
-def test_a_gradient_that_autograd_adds_is_a_view(rng, charged):
+def test_a_gradient_that_autograd_adds_is_a_view(rng, charged, no_peer_access):
     a, b = (Tensor(v, device=p, requires_grad=True) for v, p in zip(_values(rng), ("cuda:0", "cuda:1")))
     ys = [concat_to([a, b], d) for d in ("cuda:0", "cuda:1")]  # a and b have two uses each
     start = len(charged())
@@ -137,17 +140,82 @@ def test_on_one_device_one_concatenate(rng, charged):
 
 @pytest.mark.gpu
 @emulated_only
-def test_two_logical_devices_on_one_gpu_cross_by_pitched_copies(rng, charged):
+def test_two_logical_devices_on_one_gpu_join_in_one_kernel(rng, charged):
     minidl.set_device_map({"cuda:1": 0})
     try:
         a, b = (Tensor(v, device=p, requires_grad=True) for v, p in zip(_values(rng), ("cuda:0", "cuda:1")))
         start = len(charged())
         y = concat_to([a, b], "cuda:0")
-        assert _ops(charged()[start:]) == [("elementwise", "", 0, 2 * a.data.nbytes),
-                                           ("copy", "d2d", 0, 2 * b.data.nbytes)]
+        assert _ops(charged()[start:]) == [("kernel", "", 0, 2 * (a.data.nbytes + b.data.nbytes))]
         np.testing.assert_array_equal(y.numpy(), np.concatenate([a.numpy(), b.numpy()], axis=1))
     finally:
         minidl.set_device_map(None)
+
+
+# --- exchange: the two towers' maps joined on both GPUs, across NVLink where the GPUs reach each other
+
+
+def _exchanged(values, places, gradients):
+    """exchange() of values[i] on places[i], each joined output then taking its gradient (None: unused).
+    (joined outputs as NumPy, the inputs' gradients as NumPy)"""
+    xs = [Tensor(v, device=p, requires_grad=True) for v, p in zip(values, places)]
+    joined = exchange(xs, axis=1)
+    used = [(y * Tensor(g, device=y.device)).sum() for y, g in zip(joined, gradients) if g is not None]
+    loss = used[0] if len(used) == 1 else used[0] + used[1].to(used[0].device)
+    loss.backward()  # each joined output's gradient: its given one
+    return [y.numpy() for y in joined], [x.grad.numpy() for x in xs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("peer", [True, False], ids=["peer-access", "no-peer-access"])
+@pytest.mark.parametrize("unused", [None, 0, 1])
+def test_exchange_equals_the_cpu(rng, peer, unused, request):
+    if not peer and EMULATED:
+        request.getfixturevalue("no_peer_access")
+    values = _values(rng)
+    grads = [None if i == unused else rng.standard_normal((2, 5, 4, 5)) for i in range(2)]
+    joined, input_grads = _exchanged(values, ("cuda:0", "cuda:1"), grads)
+    want = np.concatenate(values, axis=1)
+    assert all(np.array_equal(y, want) for y in joined)
+    total = sum(g for g in grads if g is not None)
+    for got, part in zip(input_grads, np.split(total, [3], axis=1)):
+        np.testing.assert_allclose(got, part, rtol=1e-15, atol=0)  # one sum each: exact but for its rounding
+
+
+@pytest.mark.gpu
+@emulated_only
+def test_exchange_is_one_kernel_a_gpu_each_way_reading_across_the_link(rng, charged, fresh_peer_access):
+    a, b = (Tensor(v, device=p, requires_grad=True) for v, p in zip(_values(rng), ("cuda:0", "cuda:1")))
+    start = len(charged())
+    ys = exchange([a, b], axis=1)
+    forward = [e for e in charged()[start:] if e.kind != "sync"]
+    assert [(e.name, e.device) for e in forward] == [("kernel join_rows<double>", 0), ("kernel join_rows<double>", 1)]
+    assert [e.peer_nbytes for e in forward] == [b.data.nbytes, a.data.nbytes]  # the other's part, across NVLink
+    gs = [Tensor(np.ones(y.shape), device=y.device) for y in ys]
+    start = len(charged())
+    ((ys[0] * gs[0]).sum() + (ys[1] * gs[1]).sum().to("cuda:0")).backward()
+    names = [(e.name, e.device) for e in charged()[start:] if "add_row_parts" in e.name]
+    assert sorted(names) == [("kernel add_row_parts<double>", 0), ("kernel add_row_parts<double>", 1)]
+    np.testing.assert_array_equal(a.grad.numpy(), 2 * np.ones(a.shape))
+
+
+@pytest.mark.gpu
+@emulated_only
+def test_a_kernel_reads_another_gpu_only_once_peer_access_is_enabled(fresh_peer_access):
+    from minidl.device import cupy
+    cp = cupy()
+    with cp.cuda.Device(1):
+        there = cp.ones(3)
+    cp.cuda.Device(1).synchronize()  # made before GPU 0's stream reads it
+    with cp.cuda.Device(0):
+        with pytest.raises(ValueError, match=r"resides \(1\) is different from the current device \(0\)"):
+            there + 1
+        assert cp.cuda.runtime.deviceCanAccessPeer(0, 1) == 1
+        cp.cuda.runtime.deviceEnablePeerAccess(1)
+        assert (there + 1).get().tolist() == [2, 2, 2]
+        with pytest.raises(cp.cuda.runtime.CUDARuntimeError) as error:
+            cp.cuda.runtime.deviceEnablePeerAccess(1)
+        assert error.value.status == cp.cuda.runtime.errorPeerAccessAlreadyEnabled
 
 
 # --- the emulated cudaMemcpy2DAsync
@@ -274,7 +342,7 @@ def test_peer_access_is_enabled_both_ways_once_per_pair():
 
 
 @emulated_only
-def test_emulated_gpus_have_no_peer_access(cp):
+def test_emulated_gpus_without_peer_access_refuse_it(cp, no_peer_access):
     assert cp.cuda.runtime.deviceCanAccessPeer(0, 1) == 0
     with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="cudaErrorPeerAccessUnsupported"):
         cp.cuda.runtime.deviceEnablePeerAccess(1)

@@ -55,7 +55,7 @@ def test_implicit_conversion_is_a_type_error(cp):
     assert float(a.sum()) == 3.0  # so is a scalar
 
 
-def test_operands_on_two_gpus_are_refused(cp):
+def test_operands_on_two_gpus_are_refused(cp, fresh_peer_access):  # (none enabled)
     a = cp.ones(3)
     with cp.cuda.Device(1):
         b = cp.ones(3)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import minidl
 import minidl.functions as F
 from minidl import MinidlError, Tensor
 from minidl.functions.dropout import MaskGenerator
@@ -129,7 +130,24 @@ def table_kernel():
 
 
 @pytest.mark.skipif(not emulated(), reason="checks the GPU emulator: run with --emulate-gpus 2")
-def test_the_emulator_follows_a_table_to_its_arrays(table_kernel):
+def test_several_tables_go_up_in_one_copy_each_a_view_of_its_own_shape(charged):
+    """kernels.upload_tables: one host-to-device copy for all, each table a view of its own rows and width (no
+    padding: a kernel's table names only its own arrays, which the ledger charges)."""
+    from minidl import kernels
+    from minidl.device import cupy
+    with minidl.device("cuda:0"):
+        arrays = [cupy().ones(n, dtype=np.float32) for n in (3, 5, 7)]
+        tables = [kernels.address_rows([arrays, [3, 8, 15]]), kernels.address_rows([arrays[:1], [3]])]
+        start = len(charged())
+        uploaded = kernels.upload_tables(tables)
+        assert [e.unit for e in charged()[start:]] == ["h2d"]
+        assert [t.shape for t in uploaded] == [(2, 3), (2, 1)] and all(t[0].flags.c_contiguous for t in uploaded)
+        for host, device in zip(tables, uploaded):
+            np.testing.assert_array_equal(device.get(), host)
+
+
+@pytest.mark.skipif(not emulated(), reason="checks the GPU emulator: run with --emulate-gpus 2")
+def test_the_emulator_follows_a_table_to_its_arrays(table_kernel, fresh_peer_access):
     """A table's arrays are checked as the kernel's own arguments: written on another stream
     without an event, a hazard; freed, or on another GPU, refused."""
     from minidl import kernels

@@ -355,3 +355,16 @@ def test_relu_backward_bias_rows_sums_the_bias_in_its_order_the_same_bits_on_eve
     for other in results[1:]:
         for got, first in zip(other, results[0]):
             np.testing.assert_array_equal(got, first)
+
+
+@pytest.mark.gpu
+def test_relu_backward_of_an_empty_batch_gives_zero_bias_gradients():
+    """No (channel, sample) thread to add anything: the bias gradients are the empty sums, zeros, as NumPy's."""
+    from minidl.functions import activation
+    with minidl.device("cuda:0") as dev:
+        y = dev.xp.ones((0, 3, 4, 4), np.float32)
+        g, gb = activation.relu_grad_to_cnl(y, y)
+        assert g.shape == (3, 0) and gb.get().tolist() == [0, 0, 0]
+        rows = dev.xp.ones((0, 5), np.float32)
+        g, gb = activation.relu_grad_rows(rows, rows)
+        assert g.shape == (0, 5) and gb.get().tolist() == [0] * 5

@@ -42,6 +42,7 @@ class Entry:
     hidden: bool = False
     pinned: bool = False
     label: str = ""  # what the caller was doing (labelled()): a layer's forward or backward, the update
+    peer_nbytes: int = 0  # of nbytes, those a kernel read or wrote in another GPU's memory (peer access, NVLink)
 
 
 class Ledger:
@@ -164,8 +165,10 @@ def record(kind: str, reads: list, writes: list, device: int, stream: int, what:
     elif nbytes is None:
         nbytes = sum(a.nbytes for a in list(reads) + list(writes))
     flops = cost.flops or default_flops(kind, sum(a.size for a in reads), sum(a.size for a in writes))
+    remote = 0 if kind == "copy" else sum(a.nbytes for a in list(reads) + list(writes)
+                                          if a._allocation.device_id != device)
     LEDGER.add(Entry(kind, unit, cost.name or what or kind, flops, nbytes, device, stream, cost.hidden, cost.pinned,
-                     current_label()))
+                     current_label(), remote))
 
 
 def record_sync(device: int, stream: int, what: str) -> None:

@@ -74,7 +74,9 @@ def op_seconds(entry: Entry, gpu: GPU) -> float:
         return LAUNCH_S + entry.nbytes / 2 / (gpu.nvlink * NVLINK_EFFICIENCY)  # charged read + written
     if entry.kind == "collective":  # two GPUs' ring all-reduce: each sends and receives its buffer once
         return LAUNCH_S + entry.nbytes / 2 / (gpu.nvlink * NVLINK_EFFICIENCY)
-    memory = entry.nbytes / (gpu.hbm * MEMORY_EFFICIENCY)
+    # a kernel's reads and writes of another GPU's memory cross NVLink (peer access), the rest HBM
+    memory = max((entry.nbytes - entry.peer_nbytes) / (gpu.hbm * MEMORY_EFFICIENCY),
+                 entry.peer_nbytes / (gpu.nvlink * NVLINK_EFFICIENCY))
     if entry.kind == "gemm":
         return LAUNCH_S + max(entry.flops / (gpu.peak[entry.unit] * GEMM_EFFICIENCY[entry.unit]), memory)
     return LAUNCH_S + memory

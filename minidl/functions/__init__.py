@@ -23,7 +23,7 @@ from minidl.functions.linear import linear, matmul
 from minidl.functions.loss import softmax, softmax_cross_entropy
 from minidl.functions.reduction import max, mean, sum
 from minidl.functions.shape import broadcast_to, concat, flatten, getitem, reshape, split, transpose
-from minidl.functions.transfer import astype, concat_to, copy
+from minidl.functions.transfer import astype, concat_to, copy, exchange
 
 
 def _rpow(x, base):

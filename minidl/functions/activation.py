@@ -112,6 +112,8 @@ def relu_grad_to_cnl(y: Array, gy: Array, bias: bool = True) -> tuple[Array, Arr
         return g, g.sum(axis=1, dtype=kernels.scalar_dtype(g.dtype)) if bias else None
     threads = c * n * 32  # a warp per (channel, sample)
     g = kernels.empty((c, n * h * w), y.dtype)
+    if n == 0:  # no thread would write the sums: of no terms, zero
+        return g, cupy().zeros(c, kernels.scalar_dtype(y.dtype)) if bias else None
     gb, partials = _bias_sums(c, threads + c * n, y.dtype)
     kernels.launch(CU, "relu_backward_nchw_to_cnl", y.dtype, threads, y, gy.astype(y.dtype, copy=False), g, gb,
                    partials, kernels.zeroed_counters(c * n + c), n, c, h * w, threads)

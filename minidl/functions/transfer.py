@@ -1,11 +1,13 @@
 """Moving a tensor between devices or dtypes where autograd sees it.
 
-`copy(x, device)` moves one tensor (Chainer's F.copy) and `concat_to(xs, device, axis)` joins
-tensors from several devices on one; they are the only ways a tensor crosses devices, and
-their backwards send each gradient back to its source. On CUDA the two logical devices may
-share a GPU but never a stream, so each crossing is ordered by events (_ordered): the
-destination stream waits until the source stream has produced the data, and the source
-stream waits until the copy has read it before its memory can be reused.
+`copy(x, device)` moves one tensor (Chainer's F.copy), `concat_to(xs, device, axis)` joins
+tensors from several devices on one, and `exchange(xs, axis)` joins two GPUs' tensors on both;
+they are the only ways a tensor crosses devices, and their backwards send each gradient back to
+its source. Where two GPUs reach each other's memory (peer access: NVLink), a crossing is one
+kernel a GPU reading across the link (transfer.cu), not a copy followed by a pass. On CUDA the
+two logical devices may share a GPU but never a stream, so each crossing is ordered by events
+(_ordered): the destination stream waits until the source stream has produced the data, and
+the source stream waits until the copy has read it before its memory can be reused.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import itertools
 import math
 from typing import Sequence
 
+from minidl import kernels
 from minidl.core import Function, Tensor
 from minidl.device import Device, device as as_device
 from minidl.errors import MinidlError
 
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the copy's direction from the addresses (unified addressing)
+CU = kernels.KernelFile.beside(__file__, "transfer.cu", ("join_rows", "add_row_parts"), types=kernels.HALF_TYPES)
 
 
 @contextlib.contextmanager
@@ -101,6 +105,8 @@ class ConcatTo(Function):
         self.starts = list(itertools.accumulate((x.shape[self.axis] for x in xs), initial=0))  # and the total
         if all(src is self.dst for src in self.sources):
             return self.dst.xp.concatenate(xs, axis=self.axis)
+        if len(xs) == 2 and _reaches(self.dst, self.sources):  # one kernel reads both, one across the link
+            return _join_on(self.dst, xs, self.sources, self.axis)
         shape = list(xs[0].shape)
         shape[self.axis] = self.starts[-1]
         out = self.dst.xp.empty(tuple(shape), dtype=xs[0].dtype)
@@ -136,6 +142,44 @@ class ConcatTo(Function):
         return gx
 
 
+class Exchange(Function):
+    """Two tensors on two GPUs that reach each other's memory (peer access: NVLink), each joined with the other
+    along `axis` on both: AlexNet's crossing between its towers, an all-gather. Forward: on each GPU one kernel
+    reads its own part and the other's across the link. Backward: each input's gradient is the sum of its slices of
+    the two joined gradients, one kernel on its GPU reading the other's across the link (where concat_to per GPU
+    takes a copy across and autograd's add for each)."""
+
+    widens_half = False  # copies and one sum per element, in the kernels' precision
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def _device_of(self, inputs):
+        self.sources = [x.device for x in inputs]
+        return self.sources[0]
+
+    def output_devices(self, count):
+        return self.sources
+
+    def forward(self, a, b):
+        self.axis = _checked_axis((a, b), self.axis)
+        self.sizes = (a.shape[self.axis], b.shape[self.axis])
+        return tuple(_join_on(dst, (a, b), self.sources, self.axis) for dst in self.sources)
+
+    def backward(self, *gys):
+        if any(g is None for g in gys):  # a joined map nobody used: its gradient is zero
+            gys = tuple(g if g is not None else _zeros_on(dst, next(h for h in gys if h is not None))
+                        for g, dst in zip(gys, self.sources))
+        starts = (0, self.sizes[0])
+        return tuple(_add_parts_on(dst, gys, self.sources, start, size, self.axis) if needed else None
+                     for dst, start, size, needed in zip(self.sources, starts, self.sizes, self.needs_grad))
+
+
+def _zeros_on(device, like):
+    with device:
+        return device.xp.zeros(like.shape, like.dtype)
+
+
 def _checked_axis(xs, axis):
     """`axis` as an index from 0, once the arrays are seen to join along it: one dtype, one shape elsewhere."""
     first = xs[0]
@@ -154,23 +198,76 @@ def _along(axis, start, stop):
     return (slice(None),) * axis + (slice(start, stop),)
 
 
-_peer_pairs = set()  # (GPU, peer) pairs whose peer access was asked for
+_peer_pairs = {}  # (GPU, peer) -> whether GPU reaches peer's memory (its peer access asked for once)
 
 
-def peer_access(cuda, a, b):
+def peer_access(cuda, a, b) -> bool:
     """Let GPUs a and b reach each other's memory where they can (NVLink), once per pair: without it CUDA stages
-    a copy between them through host memory. CuPy does so for its own copies (copy_from_device_async)."""
+    a copy between them through host memory (CuPy enables it for its own copies, copy_from_device_async), and a
+    kernel cannot read the other's memory. Whether they reach each other both ways."""
     for gpu, peer in ((a, b), (b, a)):
         if gpu == peer or (gpu, peer) in _peer_pairs:
             continue
-        _peer_pairs.add((gpu, peer))
-        if cuda.runtime.deviceCanAccessPeer(gpu, peer):
+        _peer_pairs[gpu, peer] = bool(cuda.runtime.deviceCanAccessPeer(gpu, peer))
+        if _peer_pairs[gpu, peer]:
             with cuda.Device(gpu):
                 try:
                     cuda.runtime.deviceEnablePeerAccess(peer)
                 except cuda.runtime.CUDARuntimeError as e:  # enabled already, by CuPy
                     if e.status != cuda.runtime.errorPeerAccessAlreadyEnabled:
                         raise
+    return a == b or (_peer_pairs[a, b] and _peer_pairs[b, a])
+
+
+def _reaches(device, others) -> bool:
+    """Whether a kernel on GPU `device` can read and write the memory of every one of the GPUs `others`."""
+    return device.is_cuda and all(o.is_cuda and peer_access(device.xp.cuda, device.physical, o.physical)
+                                  for o in others)
+
+
+def _rows(shape, axis):
+    """A C-contiguous array of `shape` as rows for joining along `axis`: (rows, elements a row)."""
+    return math.prod(shape[:axis]), math.prod(shape[axis:])
+
+
+def _join_on(dst, xs, sources, axis):
+    """Two arrays (on GPUs `dst` reaches) joined along `axis` on dst in one kernel (transfer.cu, join_rows), each
+    read where it lies, ordered after its device's work and before that device reuses its memory."""
+    arrays = []
+    for x, src in zip(xs, sources):
+        with src:
+            arrays.append(src.xp.ascontiguousarray(x))  # rows, made on their own device before the ordering
+    a, b = arrays
+    shape = list(a.shape)
+    shape[axis] += b.shape[axis]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dst)
+        for src in dict.fromkeys(s for s in sources if s is not dst):
+            stack.enter_context(_ordered(src, dst))
+        out = dst.xp.empty(tuple(shape), dtype=a.dtype)
+        kernels.launch(CU, "join_rows", a.dtype, out.size, a, _rows(a.shape, axis)[1], b, _rows(b.shape, axis)[1],
+                       out, out.size)
+    return out
+
+
+def _add_parts_on(device, gys, sources, start, size, axis):
+    """On `device`, the sum of the slices [start, start + size) along `axis` of the two joined gradients `gys`
+    (one on `device`, one on a GPU it reaches), in one kernel (transfer.cu, add_row_parts)."""
+    contiguous = []
+    for gy, src in zip(gys, sources):
+        with src:
+            contiguous.append(src.xp.ascontiguousarray(gy))  # rows, made on their own device before the ordering
+    a, b = contiguous if sources[0] is device else contiguous[::-1]
+    other = sources[1] if sources[0] is device else sources[0]
+    inner = math.prod(a.shape[axis + 1:])
+    shape = list(a.shape)
+    shape[axis] = size
+    with _ordered(other, device):
+        out = device.xp.empty(tuple(shape), dtype=a.dtype)
+        pitch = a.shape[axis] * inner
+        kernels.launch(CU, "add_row_parts", a.dtype, out.size, a, start * inner, pitch, b, start * inner, pitch, out,
+                       size * inner, out.size)
+    return out
 
 
 def _pitched_copy(on, dst, dst_start, src, src_start, axis, size):
@@ -211,6 +308,17 @@ def copy(x: Tensor, device: str | Device) -> Tensor:
 
 def astype(x: Tensor, dtype, kept=None) -> Tensor:
     return AsType(dtype, kept)(x)
+
+
+def exchange(xs: Sequence[Tensor], axis: int = 1) -> list[Tensor]:
+    """xs, one tensor per device, joined along `axis` on each of their devices: [the joined maps on xs[i]'s device
+    for each i]. Two GPUs that reach each other's memory: Exchange (a kernel a GPU each way); else concat_to onto
+    each device (on one device, one concatenate for all)."""
+    devices = [x.device for x in xs]
+    if len(xs) == 2 and devices[0] is not devices[1] and _reaches(devices[0], devices[1:]):
+        return Exchange(axis)(*xs)
+    joined = {d: concat_to(xs, d, axis) for d in dict.fromkeys(devices)}
+    return [joined[d] for d in devices]
 
 
 def concat_to(xs: Sequence[Tensor], device: str | Device, axis: int = 1) -> Tensor:

@@ -45,7 +45,19 @@ def memory_limit():
 
 
 class CUDARuntimeError(RuntimeError):
-    pass
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status  # the cudaError_t, as CuPy's error carries it
+
+
+ERROR_PEER_ACCESS_ALREADY_ENABLED = 704  # cudaErrorPeerAccessAlreadyEnabled
+_peer_enabled = set()  # (device, peer): `device` may read and write memory of `peer` (deviceEnablePeerAccess)
+
+
+def peer_access_possible() -> bool:
+    """Whether the emulated GPUs reach each other's memory (an NVLink board): yes, unless
+    MINIDL_EMULATE_PEER_ACCESS=0 (GPUs on a PCIe bus without peer access)."""
+    return os.environ.get("MINIDL_EMULATE_PEER_ACCESS", "1") != "0"
 
 
 class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serves
@@ -75,18 +87,27 @@ class runtime:  # noqa: N801 -- cupy.cuda.runtime is a module; a namespace serve
         if not ledger.unregister_pinned_range(ptr):
             raise CUDARuntimeError("cudaErrorHostMemoryNotRegistered: this host memory was not registered")
 
+    errorPeerAccessAlreadyEnabled = ERROR_PEER_ACCESS_ALREADY_ENABLED
+
     @staticmethod
     def deviceCanAccessPeer(device, peerDevice):  # noqa: N802,N803 -- CuPy's names
-        """0: emulated GPUs have no peer access (a kernel's operand on another GPU is an error); copies between
-        them run, as CUDA stages them through host memory."""
+        """1 between two emulated GPUs (NVLink), unless peer_access_possible() says not: then 0, and a kernel's
+        operand on another GPU is an error (copies between them still run, staged through host memory)."""
         _check_device(device)
         _check_device(peerDevice)
-        return 0
+        return int(device != peerDevice and peer_access_possible())
 
     @staticmethod
     def deviceEnablePeerAccess(peerDevice):  # noqa: N802,N803 -- CuPy's names
+        """The current GPU may now read and write memory of `peerDevice` in its operations, as CUDA allows."""
         _check_device(peerDevice)
-        raise CUDARuntimeError("cudaErrorPeerAccessUnsupported: emulated GPUs have no peer access")
+        device = current_device_id()
+        if not runtime.deviceCanAccessPeer(device, peerDevice):
+            raise CUDARuntimeError("cudaErrorPeerAccessUnsupported: no peer access between these emulated GPUs")
+        if (device, peerDevice) in _peer_enabled:
+            raise CUDARuntimeError("cudaErrorPeerAccessAlreadyEnabled: peer access has already been enabled",
+                                   ERROR_PEER_ACCESS_ALREADY_ENABLED)
+        _peer_enabled.add((device, peerDevice))
 
     @staticmethod
     def memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802 -- CuPy's name
@@ -558,10 +579,11 @@ def operation(kind, reads=(), writes=(), stream=None, any_device=False, nbytes=N
     arrays = list(reads) + list(writes)
     if not any_device:
         for array in arrays:
-            if array._allocation.device_id != device_id:
-                raise ValueError(f"The device where the array resides ({array._allocation.device_id}) is different "
-                                 f"from the current device ({device_id}). Peer access is unavailable between "
-                                 "these devices (emulated GPUs have none)")
+            owner = array._allocation.device_id
+            if owner != device_id and (device_id, owner) not in _peer_enabled:
+                raise ValueError(f"The device where the array resides ({owner}) is different from the current "
+                                 f"device ({device_id}). Peer access is unavailable between these devices "
+                                 "(not enabled: runtime.deviceEnablePeerAccess)")
     stream = stream or get_current_stream()
     with streams._lock:
         timeline = stream.timeline
