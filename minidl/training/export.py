@@ -230,6 +230,8 @@ CONVERTERS = {
     LinearFunction: _gemm, MatMul: _plain("MatMul"),
     shape.Concat: lambda g, f, ins, outs: g.node("Concat", ins, outs, axis=f.axis), shape.Split: _split,
     shape.Reshape: _reshape, shape.Transpose: _transpose, transfer.Copy: _plain("Identity"),
+    transfer.ConcatTo: lambda g, f, ins, outs: g.node("Concat", ins, outs, axis=f.axis),
+    transfer.Exchange: lambda g, f, ins, outs: [g.node("Concat", ins, [out], axis=f.axis) for out in outs],
     arithmetic.Add: _plain("Add"), arithmetic.Sub: _plain("Sub"), arithmetic.Mul: _plain("Mul"),
     arithmetic.Div: _plain("Div"), arithmetic.Neg: _plain("Neg"), arithmetic.Exp: _plain("Exp"),
     arithmetic.Log: _plain("Log"),
