@@ -179,10 +179,11 @@ class MomentumSGD:
         return kernels.address_rows(rows), gs
 
     def _update_tables(self, device) -> list[np.ndarray]:
-        """The host tables of the updates step() will launch on `device`, as its gradients stand now."""
+        """The host tables of the updates step() will launch on `device`, as its gradients stand now (not those
+        with a gradient to copy first: step() makes that copy, at another address)."""
         return [self._update_table(device, dtype, cast_dtype, launch)[0]
                 for (on, dtype, cast_dtype), launches in self._gpu_launches().items() if on is device
-                for launch in launches]
+                for launch in launches if all(g.flags.c_contiguous for _, (_, g, _, _) in launch)]
 
     def nonfinite_gradients(self, also: Sequence[tuple[Device, Any]] = (),
                             into: Mapping[Device, Any] | None = None, noted: Mapping[Device, Any] | None = None,
@@ -202,12 +203,12 @@ class MomentumSGD:
                 groups.setdefault((p.device, p.dtype), {})[id(p)] = p.grad.data
         for device, array in also:
             groups.setdefault((device, array.dtype), {})[id(array)] = array
-        found, noted_by = {}, {}  # noted_by: the device's pass that made its `noted` cell
+        found, noted_in = {}, set()  # noted_in: the devices whose `noted` cell a pass has made
         for (device, dtype), arrays in groups.items():
             cell = None if into is None or device in found else into.get(device)
             cell = cell if cell is None or cell.dtype == dtype else None  # then added in below
             note = (noted or {}).get(device)
-            note = note if note is not None and note.dtype == dtype and device not in noted_by else None
+            note = note if note is not None and note.dtype == dtype and device not in noted_in else None
             with device:
                 # the device's update tables go up with its first pass's, in one copy (step() finds them)
                 updates = self._update_tables(device) if device.is_cuda and device not in found else []
@@ -215,7 +216,7 @@ class MomentumSGD:
                 if updates:
                     self._prepared[device] = list(zip(updates, uploaded))
                 if note is not None:
-                    noted_by[device] = mark
+                    noted_in.add(device)
                 elif device in (noted or {}):  # a pass of another dtype: added in (rare: one dtype a device)
                     noted[device] += mark
                 if device in found:  # another dtype on the device: into its verdict, in place
