@@ -422,3 +422,11 @@ def test_a_gpu_trainer_s_batches_bring_their_labels_in_the_batch_s_one_copy(data
     mean_bytes = loader._feed().mean.nbytes  # (uploaded once)
     uploads = [e for e in LEDGER.since(mark) if e.unit == "h2d" and e.nbytes != mean_bytes]
     assert len(uploads) == len(got) and all(e.pinned for e in uploads)
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_labels_that_do_not_match_the_crops_are_refused_in_one_line(where):
+    windows = np.zeros((3, 4, 4, 3), np.uint8)
+    crops = Crops(np.zeros(3, int), np.zeros(3, int), np.zeros(3, bool))
+    with device(where), pytest.raises(MinidlError, match=r"^2 labels for 3 crops: want one label per crop$"):
+        InputFeed(where, np.zeros((4, 4, 3), np.float32), 1.0)(windows, crops, None, np.array([0, 1]))

@@ -106,6 +106,8 @@ class InputFeed:
         their places, their lighting and the labels go up in one copy. `room`: the crops' slot of registered
         memory (a uint8 array starting with them), which this may write past the crops (the places, lighting and
         labels) to upload from it in that one copy; without it, crops in registered memory take two copies."""
+        if labels is not None and len(labels) != len(crops):
+            raise MinidlError(f"{len(labels)} labels for {len(crops)} crops: want one label per crop")
         if not self.device.is_cuda:
             zero = np.zeros(len(crops), int)
             mirrored = crop_and_flip(crops, crops.shape[1], Crops(zero, zero, where.flips))
@@ -128,7 +130,9 @@ class InputFeed:
         xp, stream = self.device.xp, self.device.stream
         offset = -(-crops.nbytes // 4) * 4
         together = offset + trailer.nbytes
-        in_room = room is not None and room.nbytes >= together and self._in_registered(room[:together])
+        # a room that starts with the crops, has space for the trailer, and is page-locked
+        in_room = (room is not None and _address(room) == _address(crops) and room.nbytes >= together
+                   and self._in_registered(room[:together]))
         staged, turn = self._staged(crops, together) if not in_room else (room[:together], None)
         if in_room or turn is not None:  # the trailer after the crops, one upload
             staged.reshape(-1)[offset:together] = trailer.view(np.uint8)

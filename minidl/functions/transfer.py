@@ -225,9 +225,9 @@ def _reaches(device, others) -> bool:
                                   for o in others)
 
 
-def _rows(shape, axis):
-    """A C-contiguous array of `shape` as rows for joining along `axis`: (rows, elements a row)."""
-    return math.prod(shape[:axis]), math.prod(shape[axis:])
+def _row_width(shape, axis):
+    """A C-contiguous array of `shape` as rows for joining along `axis`: the elements of a row."""
+    return math.prod(shape[axis:])
 
 
 def _join_on(dst, xs, sources, axis):
@@ -245,7 +245,7 @@ def _join_on(dst, xs, sources, axis):
         for src in dict.fromkeys(s for s in sources if s is not dst):
             stack.enter_context(_ordered(src, dst))
         out = dst.xp.empty(tuple(shape), dtype=a.dtype)
-        kernels.launch(CU, "join_rows", a.dtype, out.size, a, _rows(a.shape, axis)[1], b, _rows(b.shape, axis)[1],
+        kernels.launch(CU, "join_rows", a.dtype, out.size, a, _row_width(a.shape, axis), b, _row_width(b.shape, axis),
                        out, out.size)
     return out
 
